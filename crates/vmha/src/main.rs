@@ -1,0 +1,2 @@
+//! vmha: the command-line interface.
+fn main() {}

@@ -1,0 +1,2 @@
+//! vmhad: the host daemon.
+fn main() {}
