@@ -1,0 +1,733 @@
+//! Turns the raw file schema into a [`Config`], applying defaults and checking every rule.
+//! This is the only way to build a `Config`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::{Range, RangeInclusive};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use crate::config::*;
+use crate::defaults as d;
+use crate::error::{ConfigError, ErrorKind, Source};
+use crate::name::Name;
+use crate::raw::*;
+
+const SEC: Duration = Duration::from_secs(1);
+const MS100: Duration = Duration::from_millis(100);
+const HOUR: Duration = Duration::from_secs(3600);
+const WEEK: Duration = Duration::from_secs(7 * 86_400);
+
+impl Config {
+    /// Parses and checks a configuration. `file` is only used in error messages.
+    pub fn from_toml_str(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let src = Source { file, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| src.from_toml(&e))?;
+        Resolver { src: &src }.config(raw)
+    }
+
+    /// Reads, parses and checks a configuration file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            file: file.clone(),
+            source,
+        })?;
+        Config::from_toml_str(&text, &file)
+    }
+}
+
+struct Resolver<'a> {
+    src: &'a Source<'a>,
+}
+
+type R<T> = Result<T, ConfigError>;
+
+impl Resolver<'_> {
+    fn err(
+        &self,
+        span: Range<usize>,
+        kind: ErrorKind,
+        msg: String,
+        hint: Option<String>,
+    ) -> ConfigError {
+        self.src.error(span, kind, msg, hint)
+    }
+
+    fn duration(
+        &self,
+        key: &str,
+        value: Option<Spanned<DurationValue>>,
+        default: Duration,
+        range: RangeInclusive<Duration>,
+    ) -> R<Duration> {
+        let Some(v) = value else { return Ok(default) };
+        let dur = v.get_ref().0;
+        if !range.contains(&dur) {
+            return Err(self.err(
+                v.span(),
+                ErrorKind::OutOfRange,
+                format!(
+                    "`{key}` = \"{}\" is out of range",
+                    crate::duration::format(dur)
+                ),
+                Some(format!(
+                    "allowed: {} to {}",
+                    crate::duration::format(*range.start()),
+                    crate::duration::format(*range.end())
+                )),
+            ));
+        }
+        Ok(dur)
+    }
+
+    fn integer(
+        &self,
+        key: &str,
+        value: Option<Spanned<i64>>,
+        default: u64,
+        range: RangeInclusive<u64>,
+    ) -> R<u64> {
+        let Some(v) = value else { return Ok(default) };
+        let n = *v.get_ref();
+        match u64::try_from(n) {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(self.err(
+                v.span(),
+                ErrorKind::OutOfRange,
+                format!("`{key}` = {n} is out of range"),
+                Some(format!("allowed: {} to {}", range.start(), range.end())),
+            )),
+        }
+    }
+
+    fn integer_u32(
+        &self,
+        key: &str,
+        value: Option<Spanned<i64>>,
+        default: u32,
+        range: RangeInclusive<u32>,
+    ) -> R<u32> {
+        let wide = (*range.start()).into()..=(*range.end()).into();
+        let n = self.integer(key, value, default.into(), wide)?;
+        // In range of a u32 range, so it fits.
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    /// Rejects a repeated name among `names` (what: "host", "VM", "app of VM db01", …).
+    fn unique(&self, what: &str, scope: &str, names: &[&Spanned<Name>]) -> R<()> {
+        let mut seen: HashMap<&str, ()> = HashMap::new();
+        for n in names {
+            if seen.insert(n.get_ref().as_str(), ()).is_some() {
+                return Err(self.err(
+                    n.span(),
+                    ErrorKind::DuplicateName,
+                    format!("duplicate {what} name `{}`{scope}", n.get_ref()),
+                    Some(format!("each {what} needs its own name")),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn config(&self, raw: RawConfig) -> R<Config> {
+        let cluster = self.cluster(raw.cluster)?;
+        if raw.host.is_empty() {
+            return Err(self.err(
+                0..0,
+                ErrorKind::Empty,
+                "the configuration declares no host".into(),
+                Some("add at least one [[host]] table with a `name`".into()),
+            ));
+        }
+        self.unique(
+            "host",
+            "",
+            &raw.host
+                .iter()
+                .map(|h| &h.get_ref().name)
+                .collect::<Vec<_>>(),
+        )?;
+        let hosts = raw
+            .host
+            .into_iter()
+            .map(|h| self.host(h.into_inner()))
+            .collect::<R<Vec<_>>>()?;
+        let api = self.api(raw.api)?;
+        self.unique(
+            "VM",
+            "",
+            &raw.vm.iter().map(|v| &v.get_ref().name).collect::<Vec<_>>(),
+        )?;
+        let vm_names: Vec<String> = raw
+            .vm
+            .iter()
+            .map(|v| v.get_ref().name.get_ref().to_string())
+            .collect();
+        let host_names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+        // VM-level requires: references, then cycles.
+        let mut vm_edges: BTreeMap<String, Vec<Spanned<Name>>> = BTreeMap::new();
+        for v in &raw.vm {
+            let v = v.get_ref();
+            self.references(
+                "VM",
+                &v.requires,
+                &vm_names.iter().map(String::as_str).collect::<Vec<_>>(),
+                "VM-level `requires` names other VMs",
+            )?;
+            vm_edges.insert(v.name.get_ref().to_string(), v.requires.clone());
+        }
+        self.acyclic("VM", &vm_edges)?;
+        let vms = raw
+            .vm
+            .into_iter()
+            .map(|v| self.vm(v, &host_names))
+            .collect::<R<Vec<_>>>()?;
+        Ok(Config {
+            cluster,
+            hosts,
+            api,
+            vms,
+        })
+    }
+
+    fn cluster(&self, raw: Spanned<RawCluster>) -> R<Cluster> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let kind = raw
+            .store
+            .as_ref()
+            .map_or(StoreKind::Embedded, |s| *s.get_ref());
+        let store = match kind {
+            StoreKind::Embedded => {
+                for (key, present) in [
+                    ("endpoints", raw.endpoints.as_ref().map(Spanned::span)),
+                    ("ttl", raw.ttl.as_ref().map(Spanned::span)),
+                    ("fence_margin", raw.fence_margin.as_ref().map(Spanned::span)),
+                ] {
+                    if let Some(s) = present {
+                        return Err(self.err(
+                            s,
+                            ErrorKind::Conflict,
+                            format!("`{key}` only applies to store = \"etcd\""),
+                            Some("remove it, or set store = \"etcd\"".into()),
+                        ));
+                    }
+                }
+                Store::Embedded
+            }
+            StoreKind::Etcd => {
+                let Some(endpoints) = raw.endpoints else {
+                    return Err(self.err(
+                        raw.store.map_or(span, |s| s.span()),
+                        ErrorKind::Missing,
+                        "store = \"etcd\" needs `endpoints`".into(),
+                        Some("e.g. endpoints = [\"http://10.0.0.1:2379\"]".into()),
+                    ));
+                };
+                if endpoints.get_ref().is_empty() {
+                    return Err(self.err(
+                        endpoints.span(),
+                        ErrorKind::Empty,
+                        "`endpoints` is empty".into(),
+                        Some("list at least one etcd client URL".into()),
+                    ));
+                }
+                let mut urls = Vec::new();
+                for e in endpoints.into_inner() {
+                    let url = e.get_ref();
+                    let rest = url
+                        .strip_prefix("http://")
+                        .or_else(|| url.strip_prefix("https://"));
+                    if rest.is_none_or(|r| r.is_empty() || r.contains(char::is_whitespace)) {
+                        return Err(self.err(
+                            e.span(),
+                            ErrorKind::BadValue,
+                            format!("`endpoints` entry \"{url}\" is not an http(s) URL"),
+                            Some("write it as \"http://HOST:2379\"".into()),
+                        ));
+                    }
+                    urls.push(e.into_inner());
+                }
+                let ttl = self.duration("ttl", raw.ttl, d::TTL, 2 * SEC..=HOUR)?;
+                let margin_span = raw.fence_margin.as_ref().map(Spanned::span);
+                let fence_margin = self.duration(
+                    "fence_margin",
+                    raw.fence_margin,
+                    d::FENCE_MARGIN,
+                    MS100..=HOUR,
+                )?;
+                if fence_margin >= ttl {
+                    return Err(self.err(
+                        margin_span.unwrap_or(span),
+                        ErrorKind::OutOfRange,
+                        format!(
+                            "`fence_margin` ({}) must be shorter than `ttl` ({})",
+                            crate::duration::format(fence_margin),
+                            crate::duration::format(ttl)
+                        ),
+                        Some(
+                            "a host fences itself `ttl - fence_margin` after its last renewal"
+                                .into(),
+                        ),
+                    ));
+                }
+                Store::Etcd {
+                    endpoints: urls,
+                    ttl,
+                    fence_margin,
+                }
+            }
+        };
+        Ok(Cluster {
+            name: raw.name.into_inner(),
+            store,
+            state_dir: raw.state_dir.unwrap_or_else(|| PathBuf::from(d::STATE_DIR)),
+            runtime_dir: raw
+                .runtime_dir
+                .unwrap_or_else(|| PathBuf::from(d::RUNTIME_DIR)),
+        })
+    }
+
+    fn host(&self, raw: RawHost) -> R<Host> {
+        let memory_mb = match raw.memory_mb {
+            None => None,
+            Some(m) => Some(self.integer("memory_mb", Some(m), 0, 16..=u64::from(u32::MAX))?),
+        };
+        Ok(Host {
+            name: raw.name.into_inner(),
+            address: raw.address,
+            memory_mb,
+        })
+    }
+
+    fn api(&self, raw: Option<RawApi>) -> R<ApiConfig> {
+        let Some(raw) = raw else {
+            return Ok(ApiConfig::default());
+        };
+        let mut listen = Vec::new();
+        for l in raw.listen {
+            if l.get_ref().parse::<std::net::SocketAddr>().is_err() {
+                return Err(self.err(
+                    l.span(),
+                    ErrorKind::BadValue,
+                    format!(
+                        "`listen` entry \"{}\" is not an IP:port address",
+                        l.get_ref()
+                    ),
+                    Some("e.g. listen = [\"127.0.0.1:7070\"]".into()),
+                ));
+            }
+            listen.push(l.into_inner());
+        }
+        self.unique(
+            "API token",
+            "",
+            &raw.token
+                .iter()
+                .map(|t| &t.get_ref().name)
+                .collect::<Vec<_>>(),
+        )?;
+        let tokens = raw
+            .token
+            .into_iter()
+            .map(|t| {
+                let t = t.into_inner();
+                ApiToken {
+                    name: t.name.into_inner(),
+                    role: t.role,
+                    secret_file: t.secret_file,
+                }
+            })
+            .collect();
+        Ok(ApiConfig { listen, tokens })
+    }
+
+    fn references(&self, what: &str, refs: &[Spanned<Name>], known: &[&str], hint: &str) -> R<()> {
+        for r in refs {
+            if !known.contains(&r.get_ref().as_str()) {
+                let suggestion = crate::error::suggest(r.get_ref().as_str(), known)
+                    .map(|s| format!("did you mean `{s}`? "))
+                    .unwrap_or_default();
+                return Err(self.err(
+                    r.span(),
+                    ErrorKind::UnknownReference,
+                    format!("unknown {what} `{}`", r.get_ref()),
+                    Some(format!(
+                        "{suggestion}{hint}; known: {}",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    )),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rejects a cycle in `edges` (name → required names), printing it.
+    fn acyclic(&self, what: &str, edges: &BTreeMap<String, Vec<Spanned<Name>>>) -> R<()> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            New,
+            Active,
+            Done,
+        }
+        let mut marks: HashMap<&str, Mark> =
+            edges.keys().map(|k| (k.as_str(), Mark::New)).collect();
+        // Iterative DFS keeping the path so a found cycle can be printed.
+        for start in edges.keys() {
+            if marks.get(start.as_str()) != Some(&Mark::New) {
+                continue;
+            }
+            let mut path: Vec<(&str, usize)> = vec![(start.as_str(), 0)];
+            marks.insert(start, Mark::Active);
+            while let Some((node, idx)) = path.last().copied() {
+                let next = edges.get(node).and_then(|v| v.get(idx));
+                let Some(next) = next else {
+                    marks.insert(node, Mark::Done);
+                    path.pop();
+                    continue;
+                };
+                if let Some(top) = path.last_mut() {
+                    top.1 += 1;
+                }
+                let n = next.get_ref().as_str();
+                match marks.get(n).copied() {
+                    Some(Mark::Active) => {
+                        let from = path.iter().position(|(p, _)| *p == n).unwrap_or(0);
+                        let mut cycle: Vec<&str> = path[from..].iter().map(|(p, _)| *p).collect();
+                        cycle.push(n);
+                        return Err(self.err(
+                            next.span(),
+                            ErrorKind::Cycle,
+                            format!("`requires` cycle between {what}s: {}", cycle.join(" → ")),
+                            Some("remove one of these `requires` entries".into()),
+                        ));
+                    }
+                    Some(Mark::New) => {
+                        marks.insert(n, Mark::Active);
+                        path.push((n, 0));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn vm(&self, raw: Spanned<RawVm>, host_names: &[&str]) -> R<Vm> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let vm_name = raw.name.get_ref().clone();
+        if raw.hosts.get_ref().is_empty() {
+            return Err(self.err(
+                raw.hosts.span(),
+                ErrorKind::Empty,
+                format!("VM `{vm_name}` has an empty `hosts` list"),
+                Some(format!(
+                    "list the hosts it may run on, e.g. hosts = [\"{}\"]",
+                    host_names.first().copied().unwrap_or("kvm1")
+                )),
+            ));
+        }
+        self.references(
+            "host",
+            raw.hosts.get_ref(),
+            host_names,
+            "`hosts` names [[host]] entries",
+        )?;
+        self.unique(
+            "host",
+            &format!(" in `hosts` of VM `{vm_name}`"),
+            &raw.hosts.get_ref().iter().collect::<Vec<_>>(),
+        )?;
+        let driver = self.driver(&vm_name, span.clone(), raw.driver, raw.qemu, raw.libvirt)?;
+        self.unique(
+            "app",
+            &format!(" in VM `{vm_name}`"),
+            &raw.app
+                .iter()
+                .map(|a| &a.get_ref().name)
+                .collect::<Vec<_>>(),
+        )?;
+        let app_names: Vec<String> = raw
+            .app
+            .iter()
+            .map(|a| a.get_ref().name.get_ref().to_string())
+            .collect();
+        let app_refs: Vec<&str> = app_names.iter().map(String::as_str).collect();
+        let mut edges = BTreeMap::new();
+        for a in &raw.app {
+            let a = a.get_ref();
+            self.references(
+                &format!("app (in VM `{vm_name}`)"),
+                &a.requires,
+                &app_refs,
+                "an app can only require apps of its own VM",
+            )?;
+            if let Some(me) = a.requires.iter().find(|r| r.get_ref() == a.name.get_ref()) {
+                return Err(self.err(
+                    me.span(),
+                    ErrorKind::Cycle,
+                    format!(
+                        "`requires` cycle between apps: app `{}` requires itself",
+                        a.name.get_ref()
+                    ),
+                    Some("remove it from its own `requires`".into()),
+                ));
+            }
+            edges.insert(a.name.get_ref().to_string(), a.requires.clone());
+        }
+        self.acyclic("app", &edges)?;
+        let apps = raw
+            .app
+            .into_iter()
+            .map(|a| self.app(a.into_inner()))
+            .collect::<R<Vec<_>>>()?;
+        Ok(Vm {
+            name: raw.name.into_inner(),
+            hosts: raw
+                .hosts
+                .into_inner()
+                .into_iter()
+                .map(Spanned::into_inner)
+                .collect(),
+            policy: raw.policy.unwrap_or(Policy::HighestPriority),
+            tie: raw.tie.unwrap_or(Tie::Restart),
+            vm_restart_limit: self.integer_u32(
+                "vm_restart_limit",
+                raw.vm_restart_limit,
+                d::VM_RESTART_LIMIT,
+                0..=100,
+            )?,
+            vm_restart_window: self.duration(
+                "vm_restart_window",
+                raw.vm_restart_window,
+                d::VM_RESTART_WINDOW,
+                SEC..=WEEK,
+            )?,
+            stop_timeout: self.duration(
+                "stop_timeout",
+                raw.stop_timeout,
+                d::STOP_TIMEOUT,
+                SEC..=HOUR,
+            )?,
+            guest_timeout: self.duration(
+                "guest_timeout",
+                raw.guest_timeout,
+                d::GUEST_TIMEOUT,
+                SEC..=HOUR,
+            )?,
+            boot_timeout: self.duration(
+                "boot_timeout",
+                raw.boot_timeout,
+                d::BOOT_TIMEOUT,
+                SEC..=HOUR,
+            )?,
+            on_guest_loss: raw.on_guest_loss.unwrap_or(OnGuestLoss::RestartVm),
+            placement: raw.placement.unwrap_or(Placement::Priority),
+            failback: raw.failback.unwrap_or(false),
+            requires: raw.requires.into_iter().map(Spanned::into_inner).collect(),
+            driver,
+            apps,
+        })
+    }
+
+    fn driver(
+        &self,
+        vm: &Name,
+        span: Range<usize>,
+        kind: Option<Spanned<DriverKind>>,
+        qemu: Option<Spanned<RawQemu>>,
+        libvirt: Option<Spanned<RawLibvirt>>,
+    ) -> R<Driver> {
+        let kind_span = kind.as_ref().map_or(span.clone(), Spanned::span);
+        let kind = match (kind.map(Spanned::into_inner), &qemu, &libvirt) {
+            (Some(k), _, _) => k,
+            (None, Some(_), None) => DriverKind::Qemu,
+            (None, None, Some(_)) => DriverKind::Libvirt,
+            _ => {
+                return Err(self.err(
+                    span,
+                    ErrorKind::Missing,
+                    format!("VM `{vm}` has no `driver`"),
+                    Some(
+                        "set driver = \"qemu\" with a [vm.qemu] table, or driver = \"libvirt\""
+                            .into(),
+                    ),
+                ));
+            }
+        };
+        match kind {
+            DriverKind::Qemu => {
+                if let Some(l) = libvirt {
+                    return Err(self.err(
+                        l.span(),
+                        ErrorKind::Conflict,
+                        format!("VM `{vm}` uses driver \"qemu\" but has a [vm.libvirt] table"),
+                        Some("remove [vm.libvirt] or set driver = \"libvirt\"".into()),
+                    ));
+                }
+                let Some(q) = qemu else {
+                    return Err(self.err(
+                        kind_span,
+                        ErrorKind::Missing,
+                        format!("VM `{vm}` uses driver \"qemu\" but has no [vm.qemu] table"),
+                        Some("add [vm.qemu] with memory_mb, cpus and a disk or kernel".into()),
+                    ));
+                };
+                Ok(Driver::Qemu(self.qemu(q)?))
+            }
+            DriverKind::Libvirt => {
+                if let Some(q) = qemu {
+                    return Err(self.err(
+                        q.span(),
+                        ErrorKind::Conflict,
+                        format!("VM `{vm}` uses driver \"libvirt\" but has a [vm.qemu] table"),
+                        Some("remove [vm.qemu] or set driver = \"qemu\"".into()),
+                    ));
+                }
+                let l = libvirt.map(Spanned::into_inner);
+                Ok(Driver::Libvirt(LibvirtSpec {
+                    domain: l
+                        .as_ref()
+                        .and_then(|l| l.domain.clone())
+                        .unwrap_or_else(|| vm.to_string()),
+                    uri: l
+                        .and_then(|l| l.uri)
+                        .unwrap_or_else(|| d::LIBVIRT_URI.to_string()),
+                }))
+            }
+        }
+    }
+
+    fn qemu(&self, raw: Spanned<RawQemu>) -> R<QemuSpec> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let disks = match (raw.disk, raw.disks) {
+            (Some(one), Some(_)) => {
+                return Err(self.err(
+                    one.span(),
+                    ErrorKind::Conflict,
+                    "use either `disk` or `disks`, not both".into(),
+                    Some("`disk = \"path\"` is shorthand for one qcow2 disk".into()),
+                ));
+            }
+            (Some(one), None) => vec![QemuDisk {
+                path: one.into_inner(),
+                format: DiskFormat::Qcow2,
+                cache: Cache::None,
+            }],
+            (None, Some(many)) => many
+                .into_inner()
+                .into_iter()
+                .map(|d| QemuDisk {
+                    path: d.path,
+                    format: d.format.unwrap_or(DiskFormat::Qcow2),
+                    cache: d.cache.unwrap_or(Cache::None),
+                })
+                .collect(),
+            (None, None) => Vec::new(),
+        };
+        if raw.kernel.is_none() {
+            for (key, s) in [
+                ("initrd", raw.initrd.as_ref().map(Spanned::span)),
+                ("append", raw.append.as_ref().map(Spanned::span)),
+            ] {
+                if let Some(s) = s {
+                    return Err(self.err(
+                        s,
+                        ErrorKind::Conflict,
+                        format!("`{key}` needs `kernel`"),
+                        Some("add kernel = \"/path/to/vmlinuz\" or remove it".into()),
+                    ));
+                }
+            }
+            if disks.is_empty() {
+                return Err(self.err(
+                    span,
+                    ErrorKind::Missing,
+                    "[vm.qemu] has nothing to boot: no `disk`, `disks` or `kernel`".into(),
+                    Some("add disk = \"/path/to/image.qcow2\"".into()),
+                ));
+            }
+        }
+        Ok(QemuSpec {
+            memory_mb: self.integer(
+                "memory_mb",
+                raw.memory_mb,
+                d::QEMU_MEMORY_MB,
+                16..=16 * 1024 * 1024,
+            )?,
+            cpus: self.integer_u32("cpus", raw.cpus, d::QEMU_CPUS, 1..=255)?,
+            accel: raw.accel.unwrap_or(Accel::Auto),
+            kernel: raw.kernel,
+            initrd: raw.initrd.map(Spanned::into_inner),
+            append: raw.append.map(Spanned::into_inner),
+            extra_args: raw.extra_args,
+            disks,
+        })
+    }
+
+    fn argv(&self, key: &str, app: &Name, v: Spanned<Vec<String>>) -> R<Vec<String>> {
+        if v.get_ref().first().is_none_or(String::is_empty) {
+            return Err(self.err(
+                v.span(),
+                ErrorKind::Empty,
+                format!("`{key}` of app `{app}` is empty"),
+                Some("give the command as an argv list, e.g. [\"systemctl\", \"is-active\", \"--quiet\", \"nginx\"]".into()),
+            ));
+        }
+        Ok(v.into_inner())
+    }
+
+    fn app(&self, raw: RawApp) -> R<App> {
+        let name = raw.name.into_inner();
+        let interval = self.duration("interval", raw.interval, d::APP_INTERVAL, MS100..=HOUR)?;
+        let timeout = self.duration(
+            "timeout",
+            raw.timeout,
+            d::APP_TIMEOUT,
+            MS100..=Duration::from_secs(600),
+        )?;
+        Ok(App {
+            priority: self.integer_u32("priority", raw.priority, d::APP_PRIORITY, 1..=1_000_000)?,
+            check: self.argv("check", &name, raw.check)?,
+            start: self.argv("start", &name, raw.start)?,
+            stop: raw.stop.map(|s| self.argv("stop", &name, s)).transpose()?,
+            interval,
+            timeout,
+            restart_limit: self.integer_u32(
+                "restart_limit",
+                raw.restart_limit,
+                d::APP_RESTART_LIMIT,
+                0..=1000,
+            )?,
+            restart_window: self.duration(
+                "restart_window",
+                raw.restart_window,
+                d::APP_RESTART_WINDOW,
+                SEC..=WEEK,
+            )?,
+            stable_after: self.duration(
+                "stable_after",
+                raw.stable_after,
+                d::APP_STABLE_AFTER,
+                Duration::ZERO..=WEEK,
+            )?,
+            probe_failures: self.integer_u32(
+                "probe_failures",
+                raw.probe_failures,
+                d::APP_PROBE_FAILURES,
+                1..=100,
+            )?,
+            critical: raw.critical.unwrap_or(false),
+            requires: raw.requires.into_iter().map(Spanned::into_inner).collect(),
+            name,
+        })
+    }
+}
