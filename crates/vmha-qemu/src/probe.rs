@@ -1,0 +1,324 @@
+//! Batched app probes: every check of one VM in ONE guest round trip.
+//!
+//! [`QgaClient::probe`] runs a single `guest-exec` of `/bin/sh -c <program>` in which every
+//! check runs in parallel under the guest's `timeout` (busybox or coreutils), with stdin, stdout
+//! and stderr on `/dev/null`, and the shell prints one status line per check. The cost per VM per
+//! period is one exec plus its status polls, whatever the number of checks.
+//!
+//! Exit status mapping (shell convention): `0` → running; `124` (coreutils) or `143` (busybox,
+//! killed by the `TERM` of `timeout`) → timed out; `129..=192` → killed by signal `status − 128`;
+//! anything else → not running with that code. So a check that dies of `SIGTERM` by itself is
+//! reported as timed out, and one that exits with a code above 128 as a signal death. A check
+//! that ignores `SIGTERM` holds the whole probe until the exec deadline (busybox `timeout` has
+//! no kill-after), which then fails the probe as a whole.
+
+use std::time::Duration;
+
+use crate::qga::{ExecRequest, ExitStatus, QgaClient, QgaError};
+
+/// Errors of a whole probe (the guest channel failed); per-check problems are
+/// [`ProbeResult::Unknown`] instead.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The guest channel failed or timed out.
+    #[error("probe failed on the guest channel: {0}")]
+    Channel(#[from] QgaError),
+}
+
+/// One app check to run in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeCheck {
+    /// The app name, copied to the outcome.
+    pub name: String,
+    /// The check command; exit 0 means the app runs.
+    pub argv: Vec<String>,
+    /// Time allowed before the guest's `timeout` stops the check (at least 0.1 s is used).
+    pub timeout: Duration,
+}
+
+/// Why a check's result is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UnknownReason {
+    /// The guest printed no valid status line for this check (output garbled or cut).
+    #[error("no status line for this check")]
+    Missing,
+    /// The guest has no `timeout` command, so no check was run.
+    #[error("the guest has no timeout command")]
+    NoTimeoutCommand,
+    /// The argv is empty or contains a NUL byte; the check was not run.
+    #[error("invalid check argv")]
+    InvalidArgv,
+}
+
+/// The state of one app as the probe saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeResult {
+    /// The check exited 0.
+    Running,
+    /// The check failed with an exit code or died of a signal.
+    NotRunning(ExitStatus),
+    /// The check did not finish within its timeout.
+    TimedOut,
+    /// The check's result could not be determined.
+    Unknown(UnknownReason),
+}
+
+/// The outcome of one check, in the order the checks were given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeOutcome {
+    /// The check's name.
+    pub name: String,
+    /// What the probe found.
+    pub result: ProbeResult,
+}
+
+const MARK: &str = "vmha-probe";
+const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Quotes one argument for a POSIX shell: `'…'` with each `'` written as `'\''`.
+fn shell_quote(arg: &str) -> String {
+    let mut out = String::with_capacity(arg.len() + 2);
+    out.push('\'');
+    for c in arg.chars() {
+        if c == '\'' {
+            out.push_str("'\\''");
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// Seconds for `timeout`, with millisecond precision and no exponent.
+fn seconds(d: Duration) -> String {
+    let d = d.max(MIN_TIMEOUT);
+    let ms = d.as_millis();
+    if ms % 1000 == 0 {
+        format!("{}", ms / 1000)
+    } else {
+        format!("{}.{:03}", ms / 1000, ms % 1000)
+    }
+}
+
+fn valid_argv(argv: &[String]) -> bool {
+    !argv.is_empty() && argv.iter().all(|a| !a.contains('\0'))
+}
+
+/// Builds the shell program for `checks`; status lines carry `nonce` so nothing else can forge
+/// them by accident.
+pub fn build_program(checks: &[ProbeCheck], nonce: u64) -> String {
+    let mut p = format!(
+        "command -v timeout >/dev/null 2>&1 || {{ echo '{MARK} {nonce} none'; exit 0; }}\n"
+    );
+    for (i, check) in checks.iter().enumerate() {
+        if !valid_argv(&check.argv) {
+            continue;
+        }
+        let argv: Vec<String> = check.argv.iter().map(|a| shell_quote(a)).collect();
+        p.push_str(&format!(
+            "( timeout -s TERM {} {} </dev/null >/dev/null 2>&1; echo \"{MARK} {nonce} {i} $?\" ) &\n",
+            seconds(check.timeout),
+            argv.join(" ")
+        ));
+    }
+    p.push_str("wait\n");
+    p
+}
+
+fn classify(status: u32) -> ProbeResult {
+    match status {
+        0 => ProbeResult::Running,
+        124 | 143 => ProbeResult::TimedOut,
+        129..=192 => ProbeResult::NotRunning(ExitStatus::Signal((status - 128) as i32)),
+        code => ProbeResult::NotRunning(ExitStatus::Code(code.min(255) as i32)),
+    }
+}
+
+/// Parses the probe's stdout into one outcome per check. Lines that are not well-formed status
+/// lines for this nonce are ignored; the first line for an index wins; a check without a line is
+/// [`UnknownReason::Missing`]. Total over arbitrary bytes.
+pub fn parse_output(checks: &[ProbeCheck], nonce: u64, stdout: &[u8]) -> Vec<ProbeOutcome> {
+    let mut results: Vec<Option<ProbeResult>> = checks
+        .iter()
+        .map(|c| (!valid_argv(&c.argv)).then_some(ProbeResult::Unknown(UnknownReason::InvalidArgv)))
+        .collect();
+    let nonce = nonce.to_string();
+    for line in stdout.split(|&b| b == b'\n') {
+        let Ok(line) = std::str::from_utf8(line) else {
+            continue;
+        };
+        let mut words = line.split(' ');
+        if words.next() != Some(MARK) || words.next() != Some(nonce.as_str()) {
+            continue;
+        }
+        let (Some(index), status, None) = (words.next(), words.next(), words.next()) else {
+            continue;
+        };
+        if index == "none" && status.is_none() {
+            for r in results.iter_mut().filter(|r| r.is_none()) {
+                *r = Some(ProbeResult::Unknown(UnknownReason::NoTimeoutCommand));
+            }
+            continue;
+        }
+        let (Ok(index), Some(Ok(status))) = (index.parse::<usize>(), status.map(str::parse::<u32>))
+        else {
+            continue;
+        };
+        if let Some(slot @ None) = results.get_mut(index) {
+            *slot = Some(classify(status));
+        }
+    }
+    checks
+        .iter()
+        .zip(results)
+        .map(|(c, r)| ProbeOutcome {
+            name: c.name.clone(),
+            result: r.unwrap_or(ProbeResult::Unknown(UnknownReason::Missing)),
+        })
+        .collect()
+}
+
+impl QgaClient {
+    /// Runs every check in ONE `guest-exec` and returns one outcome per check, in order. The
+    /// whole probe is bounded by the longest check timeout plus `slack` (channel round trips);
+    /// a channel failure fails the probe, a per-check problem only that check's outcome.
+    pub async fn probe(
+        &self,
+        checks: &[ProbeCheck],
+        slack: Duration,
+    ) -> Result<Vec<ProbeOutcome>, ProbeError> {
+        let nonce = crate::qga::random_id();
+        let longest = checks
+            .iter()
+            .map(|c| c.timeout.max(MIN_TIMEOUT))
+            .max()
+            .unwrap_or_default();
+        let mut request = ExecRequest::new(["/bin/sh", "-c", &build_program(checks, nonce)]);
+        request.deadline = longest + slack;
+        request.output_cap = 64 + checks.len() * 64;
+        let output = self.exec(&request).await?;
+        Ok(parse_output(checks, nonce, &output.stdout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn check(name: &str, argv: &[&str]) -> ProbeCheck {
+        ProbeCheck {
+            name: name.into(),
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn quotes_hostile_arguments() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote("$(reboot)`x`;\n"), "'$(reboot)`x`;\n'");
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn quoted_arguments_round_trip_through_sh() {
+        let arg = "a'b\"c $HOME `id` \\ \n;|&*?";
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!("printf %s {}", shell_quote(arg)))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), arg);
+    }
+
+    #[test]
+    fn seconds_formatting() {
+        assert_eq!(seconds(Duration::from_secs(2)), "2");
+        assert_eq!(seconds(Duration::from_millis(1500)), "1.500");
+        assert_eq!(seconds(Duration::ZERO), "0.100");
+    }
+
+    #[test]
+    fn parses_statuses_and_marks_missing() {
+        let checks = vec![
+            check("a", &["true"]),
+            check("b", &["false"]),
+            check("c", &["sleep", "9"]),
+            check("d", &["x"]),
+            check("e", &["y"]),
+            check("f", &[]),
+        ];
+        let out = b"vmha-probe 7 1 1\nvmha-probe 7 0 0\nvmha-probe 7 2 124\nvmha-probe 7 3 137\n\
+                    vmha-probe 8 4 0\nvmha-probe 7 4 zz\nvmha-probe 7 0 5\nvmha-probe 7 5 0\n\xff\xfe\n";
+        let got: Vec<ProbeResult> = parse_output(&checks, 7, out)
+            .into_iter()
+            .map(|o| o.result)
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ProbeResult::Running,
+                ProbeResult::NotRunning(ExitStatus::Code(1)),
+                ProbeResult::TimedOut,
+                ProbeResult::NotRunning(ExitStatus::Signal(9)),
+                ProbeResult::Unknown(UnknownReason::Missing),
+                ProbeResult::Unknown(UnknownReason::InvalidArgv),
+            ]
+        );
+    }
+
+    #[test]
+    fn no_timeout_command_marks_all_unknown() {
+        let checks = vec![check("a", &["true"])];
+        let got = parse_output(&checks, 1, b"vmha-probe 1 none\n");
+        assert_eq!(
+            got[0].result,
+            ProbeResult::Unknown(UnknownReason::NoTimeoutCommand)
+        );
+    }
+
+    #[test]
+    fn program_runs_each_valid_check_once_in_background() {
+        let checks = vec![check("a", &["true"]), check("b", &[]), check("c", &["a b"])];
+        let p = build_program(&checks, 3);
+        assert_eq!(p.matches(") &\n").count(), 2);
+        assert!(p.contains("timeout -s TERM 1 'a b' </dev/null"));
+        assert!(p.ends_with("wait\n"));
+    }
+
+    #[test]
+    fn program_runs_under_host_shell() {
+        let checks = vec![
+            check("t", &["true"]),
+            check("f", &["false"]),
+            check("c", &["sh", "-c", "exit 3"]),
+            check("k", &["sh", "-c", "kill -9 $$"]),
+            ProbeCheck {
+                timeout: Duration::from_millis(200),
+                ..check("s", &["sleep", "5"])
+            },
+        ];
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(build_program(&checks, 42))
+            .output()
+            .unwrap();
+        let got: Vec<ProbeResult> = parse_output(&checks, 42, &out.stdout)
+            .into_iter()
+            .map(|o| o.result)
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ProbeResult::Running,
+                ProbeResult::NotRunning(ExitStatus::Code(1)),
+                ProbeResult::NotRunning(ExitStatus::Code(3)),
+                ProbeResult::NotRunning(ExitStatus::Signal(9)),
+                ProbeResult::TimedOut,
+            ]
+        );
+    }
+}
