@@ -21,6 +21,9 @@ GUEST=$SCRIPTS/guest
 PACKAGES=(qemu-guest-agent busybox-static linux-image-amd64 cpio)
 QGA=/usr/sbin/qemu-ga
 BUSYBOX=/bin/busybox
+# GNU coreutils timeout (Essential in Debian) replaces busybox's applet so a
+# timed-out probe looks as on ordinary guests: exit 124 (busybox: signal 15).
+GNU_TIMEOUT=/usr/bin/timeout
 BASE_CMDLINE="console=ttyS0 quiet"
 
 log() { echo "build-guest-image: $*" >&2; }
@@ -75,7 +78,9 @@ MODDIR=/lib/modules/$KVER
 [ -d "$GUEST/rootfs" ] || die "$GUEST/rootfs missing"
 
 # Shared libraries of qemu-ga, dynamic loader included (absolute paths).
-QGA_LIBS=$(ldd "$QGA" | awk '{for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i}' | sort -u)
+[ -x "$GNU_TIMEOUT" ] && "$GNU_TIMEOUT" --version 2>/dev/null | grep -q coreutils || GNU_TIMEOUT=
+QGA_LIBS=$(ldd "$QGA" ${GNU_TIMEOUT:+"$GNU_TIMEOUT"} |
+	awk '{for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i}' | grep -v ':$' | sort -u)
 [ -n "$QGA_LIBS" ] || die "ldd $QGA found no libraries"
 grep -q 'ld-linux' <<<"$QGA_LIBS" || die "ldd $QGA did not name the dynamic loader"
 
@@ -136,6 +141,7 @@ input_files() {
 	echo "$VMLINUZ"
 	echo "$BUSYBOX"
 	echo "$QGA"
+	[ -z "$GNU_TIMEOUT" ] || echo "$GNU_TIMEOUT"
 	echo "$QGA_LIBS"
 	local m
 	for m in "${MODS[@]}"; do echo "$MODDIR/$m"; done
@@ -196,8 +202,10 @@ if up_to_date; then
 fi
 
 log "building guest image: kernel $KVER, into $OUTDIR"
+rm -rf "$OUTDIR"/.build.* # left by a run that was SIGKILLed (we hold the lock)
 WORK=$(mktemp -d "$OUTDIR/.build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
+trap 'exit 130' INT TERM HUP
 ROOT=$WORK/root
 mkdir -p "$ROOT"
 cd "$ROOT"
@@ -219,9 +227,13 @@ cp "$BUSYBOX" bin/busybox
 done
 ln -sf /bin/busybox init
 
-# qemu-ga and every shared library it needs, at the paths ldd names.
+# qemu-ga (and GNU timeout) with every shared library, at the paths ldd names.
 mkdir -p "$(dirname "${QGA#/}")"
 cp "$QGA" "${QGA#/}"
+if [ -n "$GNU_TIMEOUT" ]; then
+	rm -f "${GNU_TIMEOUT#/}"
+	cp "$GNU_TIMEOUT" "${GNU_TIMEOUT#/}"
+fi
 while read -r lib; do
 	mkdir -p "$(dirname "${lib#/}")"
 	cp -L "$lib" "${lib#/}"
@@ -281,7 +293,8 @@ echo "$BASE_CMDLINE" >"$WORK/cmdline"
 	echo "modules=$(printf '%s ' "${MODS[@]##*/}")"
 	echo "builtin=${BUILTIN[*]:-}"
 	echo "skipped-optional=${SKIPPED[*]:-}"
-	echo "qemu-ga-libs=$(echo $QGA_LIBS)"
+	echo "gnu-timeout=${GNU_TIMEOUT:-no (busybox applet)}"
+	echo "libs=$(echo $QGA_LIBS)"
 	echo "initrd-bytes=$(stat -c %s "$WORK/initrd.img")"
 	if [ -n "$HAVE_VMLINUX" ]; then echo "vmlinux=yes (PVH boot)"; else echo "vmlinux=no"; fi
 } >"$WORK/manifest"
