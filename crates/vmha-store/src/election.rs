@@ -1,0 +1,120 @@
+//! Elections built on the key-value primitives, the way etcd's election service does it: each
+//! candidate creates `<election>/<lease>` bound to its lease; the candidate whose key has the
+//! lowest create revision leads; the others wait for the key just before theirs to go away.
+//!
+//! The embedded store uses this; an etcd store may use etcd's election API instead, which keeps
+//! the same keys and therefore the same behaviour.
+
+use crate::store::{
+    CasOutcome, ClusterStore, Expect, KeyValue, Leader, LeaseId, Mutation, StoreError, WatchEvent,
+    WatchStream,
+};
+
+fn prefix(election: &str) -> String {
+    format!("{election}/")
+}
+
+fn as_leader(election: &str, kv: KeyValue) -> Option<Leader> {
+    Some(Leader {
+        election: election.to_owned(),
+        lease: kv.lease?,
+        revision: kv.create_revision,
+        key: kv.key,
+        value: kv.value,
+    })
+}
+
+/// Campaigns until `lease`'s candidate key is the oldest in the election; see
+/// [`ClusterStore::campaign`]. Fails with [`StoreError::LeaseExpired`] if the candidate key
+/// disappears while waiting (lease ended or resigned).
+pub async fn campaign<S: ClusterStore>(
+    store: &S,
+    election: &str,
+    value: Vec<u8>,
+    lease: LeaseId,
+) -> Result<Leader, StoreError> {
+    if election.is_empty() {
+        return Err(StoreError::InvalidArgument("empty election name".into()));
+    }
+    let prefix = prefix(election);
+    let key = format!("{prefix}{lease}");
+    let created = store
+        .compare_and_swap(
+            &key,
+            Expect::Absent,
+            Mutation::Put {
+                value: value.clone(),
+                lease: Some(lease),
+            },
+        )
+        .await?;
+    if let CasOutcome::Conflict { .. } = created {
+        // Resuming a candidacy with the same lease: keep its place, update the value.
+        store.put(&key, value, Some(lease)).await?;
+    }
+    loop {
+        let listing = store.list(&prefix).await?;
+        let mut candidates: Vec<KeyValue> = listing
+            .kvs
+            .into_iter()
+            .filter(|kv| kv.lease.is_some())
+            .collect();
+        candidates.sort_by_key(|kv| kv.create_revision);
+        let Some(pos) = candidates.iter().position(|kv| kv.key == key) else {
+            return Err(StoreError::LeaseExpired { lease });
+        };
+        if pos == 0 {
+            let ours = candidates.swap_remove(0);
+            return as_leader(election, ours).ok_or(StoreError::LeaseExpired { lease });
+        }
+        let predecessor = candidates.swap_remove(pos - 1).key;
+        let mut watch = store.watch(&prefix, listing.revision + 1).await?;
+        loop {
+            match watch.next().await {
+                Ok(WatchEvent::Delete { key: gone, .. }) if gone == predecessor || gone == key => {
+                    break;
+                }
+                Ok(_) => {}
+                // Lagged or compacted: re-list.
+                Err(StoreError::Lagged { .. } | StoreError::Compacted { .. }) => break,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// The candidate with the oldest key; see [`ClusterStore::leader`].
+pub async fn leader<S: ClusterStore>(
+    store: &S,
+    election: &str,
+) -> Result<Option<Leader>, StoreError> {
+    let listing = store.list(&prefix(election)).await?;
+    Ok(listing
+        .kvs
+        .into_iter()
+        .filter(|kv| kv.lease.is_some())
+        .min_by_key(|kv| kv.create_revision)
+        .and_then(|kv| as_leader(election, kv)))
+}
+
+/// Deletes the leader's key if it is still the same term; see [`ClusterStore::resign`].
+pub async fn resign<S: ClusterStore>(store: &S, leader: &Leader) -> Result<(), StoreError> {
+    loop {
+        let Some(current) = store.get(&leader.key).await? else {
+            return Ok(());
+        };
+        if current.create_revision != leader.revision {
+            return Ok(());
+        }
+        let outcome = store
+            .compare_and_swap(
+                &leader.key,
+                Expect::Revision(current.mod_revision),
+                Mutation::Delete,
+            )
+            .await?;
+        if let CasOutcome::Swapped { .. } = outcome {
+            return Ok(());
+        }
+    }
+}
