@@ -175,6 +175,7 @@ extract_vmlinux() {
 	local img=$1 out=$2 magic cmd off
 	while read -r magic cmd; do
 		command -v "${cmd%% *}" >/dev/null || continue
+		# shellcheck disable=SC2013 # offsets are single words
 		for off in $(grep -aboP "$magic" "$img" | cut -d: -f1); do
 			tail -c +$((off + 1)) "$img" | $cmd >"$out" 2>/dev/null || true
 			if [ "$(head -c4 "$out" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ]; then
@@ -294,7 +295,7 @@ echo "$BASE_CMDLINE" >"$WORK/cmdline"
 	echo "builtin=${BUILTIN[*]:-}"
 	echo "skipped-optional=${SKIPPED[*]:-}"
 	echo "gnu-timeout=${GNU_TIMEOUT:-no (busybox applet)}"
-	echo "libs=$(echo $QGA_LIBS)"
+	echo "libs=$(tr '\n' ' ' <<<"$QGA_LIBS")"
 	echo "initrd-bytes=$(stat -c %s "$WORK/initrd.img")"
 	if [ -n "$HAVE_VMLINUX" ]; then echo "vmlinux=yes (PVH boot)"; else echo "vmlinux=no"; fi
 } >"$WORK/manifest"
