@@ -8,7 +8,11 @@ pub mod probe;
 pub mod qga;
 pub mod qmp;
 pub mod reply;
+pub mod vm;
 
 pub use probe::{ProbeCheck, ProbeError, ProbeOutcome, ProbeResult, UnknownReason};
 pub use qga::{ExecOutput, ExecRequest, ExitStatus, GuestInfo, QgaClient, QgaConfig, QgaError};
 pub use qmp::{QmpClient, QmpConfig, QmpError, QmpEvent, QmpEvents, RunStatus};
+pub use vm::{
+    Accel, Disk, DriverConfig, LaunchSpec, QemuVm, StopOutcome, VmError, VmEvent, VmPaths, VmStatus,
+};

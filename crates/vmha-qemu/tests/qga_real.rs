@@ -1,0 +1,168 @@
+//! The QGA client against a real `qemu-ga` on this host. Never sends it guest-shutdown, suspend,
+//! fsfreeze or set-time: its guest-exec runs on this machine.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::json;
+use vmha_qemu::{ExecRequest, ExitStatus, ProbeCheck, ProbeResult, QgaClient, QgaConfig, QgaError};
+
+fn client(agent: &common::HostAgent) -> QgaClient {
+    QgaClient::new(&agent.sock, QgaConfig::default())
+}
+
+#[tokio::test]
+async fn ping_and_info_report_exec_enabled() {
+    let Some(agent) = common::host_agent() else {
+        return;
+    };
+    let qga = client(&agent);
+    qga.ping().await.unwrap();
+    let info = qga.info().await.unwrap();
+    assert!(!info.version.is_empty());
+    info.check_exec().unwrap();
+}
+
+#[tokio::test]
+async fn exec_returns_output_codes_and_signals() {
+    let Some(agent) = common::host_agent() else {
+        return;
+    };
+    let qga = client(&agent);
+
+    let mut req = ExecRequest::new([
+        "/bin/sh",
+        "-c",
+        "cat; echo \"$VMHA_X\"; echo oops >&2; exit 7",
+    ]);
+    req.env = vec!["VMHA_X=hello".into()];
+    req.input = Some(b"in:".to_vec());
+    let out = qga.exec(&req).await.unwrap();
+    assert_eq!(out.status, ExitStatus::Code(7));
+    assert_eq!(out.stdout, b"in:hello\n");
+    assert_eq!(out.stderr, b"oops\n");
+    assert!(!out.stdout_truncated && !out.stderr_truncated);
+
+    let out = qga
+        .exec(&ExecRequest::new(["/bin/sh", "-c", "kill -9 $$"]))
+        .await
+        .unwrap();
+    assert_eq!(out.status, ExitStatus::Signal(9));
+
+    let mut req = ExecRequest::new(["/bin/sh", "-c", "head -c 5000 /dev/zero"]);
+    req.output_cap = 100;
+    let out = qga.exec(&req).await.unwrap();
+    assert_eq!(out.stdout.len(), 100);
+    assert!(out.stdout_truncated);
+
+    let err = qga
+        .exec(&ExecRequest::new(["/nonexistent/binary"]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, QgaError::Remote { .. }), "{err:?}");
+    // The channel still works after a remote error.
+    qga.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn exec_deadline_is_reported() {
+    let Some(agent) = common::host_agent() else {
+        return;
+    };
+    let qga = client(&agent);
+    let mut req = ExecRequest::new(["/bin/sleep", "2"]);
+    req.deadline = Duration::from_millis(300);
+    assert!(matches!(
+        qga.exec(&req).await,
+        Err(QgaError::ExecDeadline { .. })
+    ));
+    qga.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn batched_probe_of_five_checks() {
+    let Some(agent) = common::host_agent() else {
+        return;
+    };
+    let qga = client(&agent);
+    let check = |name: &str, argv: &[&str], secs: u64| ProbeCheck {
+        name: name.into(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        timeout: Duration::from_secs(secs),
+    };
+    let checks = vec![
+        check("ok", &["true"], 5),
+        check("down", &["false"], 5),
+        check("three", &["sh", "-c", "exit 3"], 5),
+        check("hung", &["sleep", "10"], 1),
+        check("killed", &["sh", "-c", "kill -9 $$"], 5),
+    ];
+    let out = qga.probe(&checks, Duration::from_secs(5)).await.unwrap();
+    let got: Vec<(&str, ProbeResult)> = out.iter().map(|o| (o.name.as_str(), o.result)).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("ok", ProbeResult::Running),
+            ("down", ProbeResult::NotRunning(ExitStatus::Code(1))),
+            ("three", ProbeResult::NotRunning(ExitStatus::Code(3))),
+            ("hung", ProbeResult::TimedOut),
+            ("killed", ProbeResult::NotRunning(ExitStatus::Signal(9))),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn resync_after_timeout_discards_the_stale_reply() {
+    let Some(agent) = common::host_agent() else {
+        return;
+    };
+    let qga = client(&agent);
+    qga.ping().await.unwrap();
+    // A hung agent: the request is sent but times out; its (large) reply comes later.
+    agent.signal(Signal::SIGSTOP);
+    let stale = qga
+        .call("guest-info", None, Duration::from_millis(300))
+        .await;
+    agent.signal(Signal::SIGCONT);
+    assert!(matches!(stale, Err(QgaError::Timeout { .. })), "{stale:?}");
+    // The next call resynchronises and gets its own reply, not guest-info's.
+    let value = qga
+        .call("guest-ping", None, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(value, json!({}));
+    let info = qga.info().await.unwrap();
+    assert!(!info.commands.is_empty());
+}
+
+#[tokio::test]
+async fn reconnects_after_agent_restart() {
+    let Some(mut agent) = common::host_agent() else {
+        return;
+    };
+    let qga = client(&agent);
+    qga.ping().await.unwrap();
+    let sock = agent.sock.clone();
+    let dir = std::mem::replace(&mut agent.dir, tempfile::tempdir().unwrap());
+    drop(agent); // kills the agent; the directory stays alive in `dir`
+    assert!(qga.ping().await.is_err());
+    let state = dir.path().join("state2");
+    std::fs::create_dir(&state).unwrap();
+    let _ = std::fs::remove_file(&sock);
+    let child = std::process::Command::new("/usr/sbin/qemu-ga")
+        .args(["-m", "unix-listen", "-p"])
+        .arg(&sock)
+        .arg("-f")
+        .arg(dir.path().join("qga2.pid"))
+        .arg("-t")
+        .arg(&state)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = common::ChildGuard(child);
+    common::wait_for_socket(&sock);
+    qga.ping().await.unwrap();
+}
