@@ -151,12 +151,96 @@ impl Source<'_> {
         }))
     }
 
-    /// Converts a TOML/serde error, classifying it and suggesting the closest known key or value.
+    /// Converts a TOML/serde error, classifying it, naming the key it is about and suggesting
+    /// the closest known key or value.
     pub(crate) fn from_toml(&self, err: &toml::de::Error) -> ConfigError {
-        let span = err.span().unwrap_or(0..0);
+        // Errors about the whole document (a missing top-level table) start at offset 0:
+        // show them on the first line that is not a comment.
+        let span = match err.span() {
+            Some(s) if s.start > 0 => s,
+            _ => {
+                let start = self.first_content_offset();
+                start..start
+            }
+        };
         let msg = err.message().trim().to_string();
-        let (kind, message, hint) = classify(&msg);
+        let key = self.key_at(span.start);
+        let (kind, message, hint) = classify(&msg, key.as_deref());
         self.error(span, kind, message, hint)
+    }
+
+    /// The offset of the first line that is neither blank nor a comment: where an error about
+    /// the whole file (a missing top-level table) is shown.
+    pub(crate) fn first_content_offset(&self) -> usize {
+        let mut offset = 0;
+        for line in self.text.split_inclusive('\n') {
+            let t = line.trim();
+            if !t.is_empty() && !t.starts_with('#') {
+                return offset;
+            }
+            offset += line.len();
+        }
+        0
+    }
+
+    /// The innermost key whose name or value covers byte `offset`, if the text is valid TOML;
+    /// otherwise the bare key written at `offset` (e.g. a duplicate key).
+    fn key_at(&self, offset: usize) -> Option<String> {
+        match toml::de::DeTable::parse(self.text) {
+            Ok(table) => {
+                let mut best: Option<(usize, String)> = None;
+                innermost_key(table.get_ref(), offset, &mut best);
+                best.map(|(_, k)| k)
+            }
+            Err(_) => {
+                // Not parseable: the key written at `offset` (a duplicate key), else the key
+                // that starts the line (`key = <broken value>`).
+                let bare = |s: &str| {
+                    let len = s
+                        .bytes()
+                        .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+                        .count();
+                    (len > 0).then(|| s[..len].to_string())
+                };
+                let line_start = self.text.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
+                let line = self.text.get(line_start..)?.trim_start();
+                bare(self.text.get(offset..)?).or_else(|| {
+                    let key = bare(line)?;
+                    line[key.len()..]
+                        .trim_start()
+                        .starts_with('=')
+                        .then_some(key)
+                })
+            }
+        }
+    }
+}
+
+/// Records in `best` the key with the smallest span (its own or its value's) covering `offset`.
+fn innermost_key(table: &toml::de::DeTable<'_>, offset: usize, best: &mut Option<(usize, String)>) {
+    for (key, value) in table.iter() {
+        for span in [key.span(), value.span()] {
+            if span.contains(&offset) && best.as_ref().is_none_or(|(len, _)| span.len() <= *len) {
+                *best = Some((span.len(), key.get_ref().to_string()));
+            }
+        }
+        innermost_value(value.get_ref(), offset, best);
+    }
+}
+
+fn innermost_value(
+    value: &toml::de::DeValue<'_>,
+    offset: usize,
+    best: &mut Option<(usize, String)>,
+) {
+    match value {
+        toml::de::DeValue::Table(t) => innermost_key(t, offset, best),
+        toml::de::DeValue::Array(items) => {
+            for item in items {
+                innermost_value(item.get_ref(), offset, best);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -164,8 +248,38 @@ fn backticked(s: &str) -> Vec<&str> {
     s.split('`').skip(1).step_by(2).collect()
 }
 
-fn classify(msg: &str) -> (ErrorKind, String, Option<String>) {
+/// Rewrites serde's type names ("i64", "a sequence") in the words of a config file.
+fn plain_type(expected: &str) -> &str {
+    match expected {
+        "i64" | "u64" | "u32" | "an integer" => "a whole number",
+        "a sequence" => "a list",
+        "a boolean" | "bool" => "true or false",
+        other => other,
+    }
+}
+
+fn type_hint(expected: &str) -> Option<String> {
+    let hint = if expected.starts_with("a duration") {
+        "durations are quoted strings with a unit (ms, s, m, h, d), e.g. \"2s\" or \"1m30s\""
+    } else if expected == "a whole number" {
+        "write a whole number without quotes, e.g. 3"
+    } else if expected == "a list" {
+        "write a list in brackets, e.g. [\"a\", \"b\"]"
+    } else if expected == "true or false" {
+        "write true or false, without quotes"
+    } else if expected.contains("string") {
+        "put the value in double quotes"
+    } else if expected.starts_with("struct") || expected.contains("table") {
+        "write a table: [name] on its own line, or { key = value } inline"
+    } else {
+        return None;
+    };
+    Some(hint.to_string())
+}
+
+fn classify(msg: &str, key: Option<&str>) -> (ErrorKind, String, Option<String>) {
     let first_line = msg.lines().next().unwrap_or(msg);
+    let for_key = key.map(|k| format!(" for `{k}`")).unwrap_or_default();
     if let Some(rest) = first_line.strip_prefix("unknown field ") {
         let names = backticked(rest);
         let (bad, known) = names.split_first().map_or(("", &[][..]), |(b, k)| (*b, k));
@@ -184,32 +298,65 @@ fn classify(msg: &str) -> (ErrorKind, String, Option<String>) {
             .or_else(|| Some(format!("expected one of: {}", known.join(", "))));
         return (
             ErrorKind::WrongType,
-            format!("unknown value \"{bad}\""),
+            format!("unknown value \"{bad}\"{for_key}"),
             hint,
         );
     }
     if first_line.starts_with("missing field") {
         let names = backticked(first_line);
         let key = names.first().copied().unwrap_or("?");
+        let hint = if key == "cluster" {
+            "add a [cluster] table with a `name`".to_string()
+        } else {
+            format!("add `{key} = …` to this table")
+        };
         return (
             ErrorKind::Missing,
             format!("missing required key `{key}`"),
-            Some(format!("add `{key} = …` to this table")),
+            Some(hint),
         );
     }
-    if first_line.starts_with("invalid type") {
-        return (ErrorKind::WrongType, first_line.to_string(), None);
+    if let Some(rest) = first_line.strip_prefix("invalid type: ") {
+        let (found, expected) = rest.split_once(", expected ").unwrap_or((rest, "?"));
+        let expected = plain_type(expected);
+        return (
+            ErrorKind::WrongType,
+            format!("wrong type{for_key}: expected {expected}, found {found}"),
+            type_hint(expected),
+        );
+    }
+    if first_line.starts_with("invalid value: integer") {
+        return (
+            ErrorKind::OutOfRange,
+            format!("number out of range{for_key}: {first_line}"),
+            None,
+        );
     }
     if first_line.starts_with("duplicate key") {
-        return (ErrorKind::DuplicateName, first_line.to_string(), None);
+        return (
+            ErrorKind::DuplicateName,
+            format!(
+                "duplicate key{}: a key may appear once per table",
+                key.map(|k| format!(" `{k}`")).unwrap_or_default()
+            ),
+            Some("remove one of the two, or start a new [[table]] entry first".into()),
+        );
     }
-    if first_line.starts_with("invalid name") || first_line.contains("is not a valid name") {
-        return (ErrorKind::BadValue, first_line.to_string(), None);
+    if first_line.contains("is not a valid name")
+        || first_line.starts_with("a name ")
+        || first_line.starts_with("invalid duration")
+    {
+        return (
+            ErrorKind::BadValue,
+            format!("bad value{for_key}: {first_line}"),
+            None,
+        );
     }
-    if first_line.starts_with("invalid duration") {
-        return (ErrorKind::BadValue, first_line.to_string(), None);
-    }
-    (ErrorKind::Syntax, first_line.to_string(), None)
+    let message = match key {
+        Some(k) => format!("invalid TOML in `{k}`: {first_line}"),
+        None => format!("invalid TOML: {first_line}"),
+    };
+    (ErrorKind::Syntax, message, None)
 }
 
 /// The candidate closest to `bad` by edit distance, if close enough to be a typo.

@@ -16,10 +16,19 @@ pub(crate) struct DurationValue(pub(crate) Duration);
 
 impl<'de> Deserialize<'de> for DurationValue {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        crate::duration::parse(&s)
-            .map(DurationValue)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration \"{s}\": {e}")))
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = DurationValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration string with a unit, such as \"2s\" or \"500ms\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<DurationValue, E> {
+                crate::duration::parse(s)
+                    .map(DurationValue)
+                    .map_err(|e| E::custom(format!("invalid duration \"{s}\": {e}")))
+            }
+        }
+        d.deserialize_str(Visitor)
     }
 }
 
@@ -47,8 +56,8 @@ pub(crate) enum StoreKind {
 pub(crate) struct RawCluster {
     pub(crate) name: Spanned<Name>,
     pub(crate) store: Option<Spanned<StoreKind>>,
-    pub(crate) state_dir: Option<PathBuf>,
-    pub(crate) runtime_dir: Option<PathBuf>,
+    pub(crate) state_dir: Option<Spanned<PathBuf>>,
+    pub(crate) runtime_dir: Option<Spanned<PathBuf>>,
     pub(crate) endpoints: Option<Spanned<Vec<Spanned<String>>>>,
     pub(crate) ttl: Option<Spanned<DurationValue>>,
     pub(crate) fence_margin: Option<Spanned<DurationValue>>,
@@ -76,7 +85,7 @@ pub(crate) struct RawApi {
 pub(crate) struct RawToken {
     pub(crate) name: Spanned<Name>,
     pub(crate) role: TokenRole,
-    pub(crate) secret_file: PathBuf,
+    pub(crate) secret_file: Spanned<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -92,7 +101,7 @@ pub(crate) struct RawVm {
     pub(crate) name: Spanned<Name>,
     pub(crate) driver: Option<Spanned<DriverKind>>,
     pub(crate) hosts: Spanned<Vec<Spanned<Name>>>,
-    pub(crate) policy: Option<Policy>,
+    pub(crate) policy: Option<Spanned<Policy>>,
     pub(crate) tie: Option<Tie>,
     pub(crate) vm_restart_limit: Option<Spanned<i64>>,
     pub(crate) vm_restart_window: Option<Spanned<DurationValue>>,
@@ -116,19 +125,19 @@ pub(crate) struct RawQemu {
     pub(crate) memory_mb: Option<Spanned<i64>>,
     pub(crate) cpus: Option<Spanned<i64>>,
     pub(crate) accel: Option<Accel>,
-    pub(crate) kernel: Option<PathBuf>,
+    pub(crate) kernel: Option<Spanned<PathBuf>>,
     pub(crate) initrd: Option<Spanned<PathBuf>>,
     pub(crate) append: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) extra_args: Vec<String>,
     pub(crate) disk: Option<Spanned<PathBuf>>,
-    pub(crate) disks: Option<Spanned<Vec<RawDisk>>>,
+    pub(crate) disks: Option<Spanned<Vec<Spanned<RawDisk>>>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawDisk {
-    pub(crate) path: PathBuf,
+    pub(crate) path: Spanned<PathBuf>,
     pub(crate) format: Option<DiskFormat>,
     pub(crate) cache: Option<Cache>,
 }

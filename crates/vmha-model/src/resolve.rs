@@ -14,11 +14,6 @@ use crate::error::{ConfigError, ErrorKind, Source};
 use crate::name::Name;
 use crate::raw::*;
 
-const SEC: Duration = Duration::from_secs(1);
-const MS100: Duration = Duration::from_millis(100);
-const HOUR: Duration = Duration::from_secs(3600);
-const WEEK: Duration = Duration::from_secs(7 * 86_400);
-
 impl Config {
     /// Parses and checks a configuration. `file` is only used in error messages.
     pub fn from_toml_str(text: &str, file: &str) -> Result<Config, ConfigError> {
@@ -134,8 +129,9 @@ impl Resolver<'_> {
     fn config(&self, raw: RawConfig) -> R<Config> {
         let cluster = self.cluster(raw.cluster)?;
         if raw.host.is_empty() {
+            let start = self.src.first_content_offset();
             return Err(self.err(
-                0..0,
+                start..start,
                 ErrorKind::Empty,
                 "the configuration declares no host".into(),
                 Some("add at least one [[host]] table with a `name`".into()),
@@ -149,6 +145,21 @@ impl Resolver<'_> {
                 .map(|h| &h.get_ref().name)
                 .collect::<Vec<_>>(),
         )?;
+        if let (Store::Embedded, Some(second)) = (&cluster.store, raw.host.get(1)) {
+            let second = &second.get_ref().name;
+            return Err(self.err(
+                second.span(),
+                ErrorKind::Conflict,
+                format!(
+                    "host `{}` is a second host, but store = \"embedded\" serves a single host",
+                    second.get_ref()
+                ),
+                Some(
+                    "for a multi-host cluster set store = \"etcd\" with `endpoints` in [cluster]"
+                        .into(),
+                ),
+            ));
+        }
         let hosts = raw
             .host
             .into_iter()
@@ -166,6 +177,10 @@ impl Resolver<'_> {
             .map(|v| v.get_ref().name.get_ref().to_string())
             .collect();
         let host_names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+        let host_memory: HashMap<&str, Option<u64>> = hosts
+            .iter()
+            .map(|h| (h.name.as_str(), h.memory_mb))
+            .collect();
         // VM-level requires: references, then cycles.
         let mut vm_edges: BTreeMap<String, Vec<Spanned<Name>>> = BTreeMap::new();
         for v in &raw.vm {
@@ -182,7 +197,7 @@ impl Resolver<'_> {
         let vms = raw
             .vm
             .into_iter()
-            .map(|v| self.vm(v, &host_names))
+            .map(|v| self.vm(v, &host_names, &host_memory))
             .collect::<R<Vec<_>>>()?;
         Ok(Config {
             cluster,
@@ -250,13 +265,13 @@ impl Resolver<'_> {
                     }
                     urls.push(e.into_inner());
                 }
-                let ttl = self.duration("ttl", raw.ttl, d::TTL, 2 * SEC..=HOUR)?;
+                let ttl = self.duration("ttl", raw.ttl, d::TTL, d::TTL_RANGE)?;
                 let margin_span = raw.fence_margin.as_ref().map(Spanned::span);
                 let fence_margin = self.duration(
                     "fence_margin",
                     raw.fence_margin,
                     d::FENCE_MARGIN,
-                    MS100..=HOUR,
+                    d::FENCE_MARGIN_RANGE,
                 )?;
                 if fence_margin >= ttl {
                     return Err(self.err(
@@ -283,17 +298,15 @@ impl Resolver<'_> {
         Ok(Cluster {
             name: raw.name.into_inner(),
             store,
-            state_dir: raw.state_dir.unwrap_or_else(|| PathBuf::from(d::STATE_DIR)),
-            runtime_dir: raw
-                .runtime_dir
-                .unwrap_or_else(|| PathBuf::from(d::RUNTIME_DIR)),
+            state_dir: self.opt_path("state_dir", raw.state_dir, d::STATE_DIR)?,
+            runtime_dir: self.opt_path("runtime_dir", raw.runtime_dir, d::RUNTIME_DIR)?,
         })
     }
 
     fn host(&self, raw: RawHost) -> R<Host> {
         let memory_mb = match raw.memory_mb {
             None => None,
-            Some(m) => Some(self.integer("memory_mb", Some(m), 0, 16..=u64::from(u32::MAX))?),
+            Some(m) => Some(self.integer("memory_mb", Some(m), 0, d::HOST_MEMORY_MB_RANGE)?),
         };
         Ok(Host {
             name: raw.name.into_inner(),
@@ -334,13 +347,13 @@ impl Resolver<'_> {
             .into_iter()
             .map(|t| {
                 let t = t.into_inner();
-                ApiToken {
+                Ok(ApiToken {
                     name: t.name.into_inner(),
                     role: t.role,
-                    secret_file: t.secret_file,
-                }
+                    secret_file: self.path("secret_file", t.secret_file)?,
+                })
             })
-            .collect();
+            .collect::<R<Vec<_>>>()?;
         Ok(ApiConfig { listen, tokens })
     }
 
@@ -419,7 +432,12 @@ impl Resolver<'_> {
         Ok(())
     }
 
-    fn vm(&self, raw: Spanned<RawVm>, host_names: &[&str]) -> R<Vm> {
+    fn vm(
+        &self,
+        raw: Spanned<RawVm>,
+        host_names: &[&str],
+        host_memory: &HashMap<&str, Option<u64>>,
+    ) -> R<Vm> {
         let span = raw.span();
         let raw = raw.into_inner();
         let vm_name = raw.name.get_ref().clone();
@@ -445,7 +463,20 @@ impl Resolver<'_> {
             &format!(" in `hosts` of VM `{vm_name}`"),
             &raw.hosts.get_ref().iter().collect::<Vec<_>>(),
         )?;
+        let memory_span = raw.qemu.as_ref().map(|q| {
+            q.get_ref()
+                .memory_mb
+                .as_ref()
+                .map_or_else(|| q.span(), Spanned::span)
+        });
         let driver = self.driver(&vm_name, span.clone(), raw.driver, raw.qemu, raw.libvirt)?;
+        self.fits_somewhere(
+            &vm_name,
+            &driver,
+            memory_span,
+            raw.hosts.get_ref(),
+            host_memory,
+        )?;
         self.unique(
             "app",
             &format!(" in VM `{vm_name}`"),
@@ -483,6 +514,30 @@ impl Resolver<'_> {
             edges.insert(a.name.get_ref().to_string(), a.requires.clone());
         }
         self.acyclic("app", &edges)?;
+        let policy = raw.policy.as_ref().map_or(d::POLICY, |p| *p.get_ref());
+        if let Some(p) = raw
+            .policy
+            .as_ref()
+            .filter(|p| *p.get_ref() == Policy::Critical)
+        {
+            let any_critical = raw
+                .app
+                .iter()
+                .any(|a| a.get_ref().critical.unwrap_or(d::APP_CRITICAL));
+            if !raw.app.is_empty() && !any_critical {
+                return Err(self.err(
+                    p.span(),
+                    ErrorKind::Conflict,
+                    format!(
+                        "VM `{vm_name}` uses policy = \"critical\" but none of its apps has `critical = true`"
+                    ),
+                    Some(
+                        "mark the apps whose failure justifies a VM restart with critical = true, or choose another policy"
+                            .into(),
+                    ),
+                ));
+            }
+        }
         let apps = raw
             .app
             .into_iter()
@@ -496,45 +551,79 @@ impl Resolver<'_> {
                 .into_iter()
                 .map(Spanned::into_inner)
                 .collect(),
-            policy: raw.policy.unwrap_or(Policy::HighestPriority),
-            tie: raw.tie.unwrap_or(Tie::Restart),
+            policy,
+            tie: raw.tie.unwrap_or(d::TIE),
             vm_restart_limit: self.integer_u32(
                 "vm_restart_limit",
                 raw.vm_restart_limit,
                 d::VM_RESTART_LIMIT,
-                0..=100,
+                d::VM_RESTART_LIMIT_RANGE,
             )?,
             vm_restart_window: self.duration(
                 "vm_restart_window",
                 raw.vm_restart_window,
                 d::VM_RESTART_WINDOW,
-                SEC..=WEEK,
+                d::VM_RESTART_WINDOW_RANGE,
             )?,
             stop_timeout: self.duration(
                 "stop_timeout",
                 raw.stop_timeout,
                 d::STOP_TIMEOUT,
-                SEC..=HOUR,
+                d::STOP_TIMEOUT_RANGE,
             )?,
             guest_timeout: self.duration(
                 "guest_timeout",
                 raw.guest_timeout,
                 d::GUEST_TIMEOUT,
-                SEC..=HOUR,
+                d::GUEST_TIMEOUT_RANGE,
             )?,
             boot_timeout: self.duration(
                 "boot_timeout",
                 raw.boot_timeout,
                 d::BOOT_TIMEOUT,
-                SEC..=HOUR,
+                d::BOOT_TIMEOUT_RANGE,
             )?,
-            on_guest_loss: raw.on_guest_loss.unwrap_or(OnGuestLoss::RestartVm),
-            placement: raw.placement.unwrap_or(Placement::Priority),
-            failback: raw.failback.unwrap_or(false),
+            on_guest_loss: raw.on_guest_loss.unwrap_or(d::ON_GUEST_LOSS),
+            placement: raw.placement.unwrap_or(d::PLACEMENT),
+            failback: raw.failback.unwrap_or(d::FAILBACK),
             requires: raw.requires.into_iter().map(Spanned::into_inner).collect(),
             driver,
             apps,
         })
+    }
+
+    /// Rejects a VM that needs more memory than every acceptable host declares: it could never
+    /// be placed. Hosts without `memory_mb` report theirs at run time and always count as fitting.
+    fn fits_somewhere(
+        &self,
+        vm: &Name,
+        driver: &Driver,
+        memory_span: Option<Range<usize>>,
+        hosts: &[Spanned<Name>],
+        host_memory: &HashMap<&str, Option<u64>>,
+    ) -> R<()> {
+        let (Driver::Qemu(q), Some(span)) = (driver, memory_span) else {
+            return Ok(());
+        };
+        let declared: Vec<u64> = hosts
+            .iter()
+            .map(|h| host_memory.get(h.get_ref().as_str()).copied().flatten())
+            .collect::<Option<Vec<u64>>>()
+            .unwrap_or_default();
+        match declared.iter().max() {
+            Some(&largest) if declared.len() == hosts.len() && q.memory_mb > largest => {
+                Err(self.err(
+                    span,
+                    ErrorKind::OutOfRange,
+                    format!(
+                        "VM `{vm}` needs `memory_mb` = {} but its largest acceptable host has {largest}",
+                        q.memory_mb
+                    ),
+                    Some("lower memory_mb, or add a larger host to `hosts`".into()),
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn driver(
@@ -618,19 +707,22 @@ impl Resolver<'_> {
                 ));
             }
             (Some(one), None) => vec![QemuDisk {
-                path: one.into_inner(),
-                format: DiskFormat::Qcow2,
-                cache: Cache::None,
+                path: self.path("disk", one)?,
+                format: d::DISK_FORMAT,
+                cache: d::DISK_CACHE,
             }],
             (None, Some(many)) => many
                 .into_inner()
                 .into_iter()
-                .map(|d| QemuDisk {
-                    path: d.path,
-                    format: d.format.unwrap_or(DiskFormat::Qcow2),
-                    cache: d.cache.unwrap_or(Cache::None),
+                .map(|disk| {
+                    let disk = disk.into_inner();
+                    Ok(QemuDisk {
+                        path: self.path("path", disk.path)?,
+                        format: disk.format.unwrap_or(d::DISK_FORMAT),
+                        cache: disk.cache.unwrap_or(d::DISK_CACHE),
+                    })
                 })
-                .collect(),
+                .collect::<R<Vec<_>>>()?,
             (None, None) => Vec::new(),
         };
         if raw.kernel.is_none() {
@@ -661,16 +753,37 @@ impl Resolver<'_> {
                 "memory_mb",
                 raw.memory_mb,
                 d::QEMU_MEMORY_MB,
-                16..=16 * 1024 * 1024,
+                d::QEMU_MEMORY_MB_RANGE,
             )?,
-            cpus: self.integer_u32("cpus", raw.cpus, d::QEMU_CPUS, 1..=255)?,
-            accel: raw.accel.unwrap_or(Accel::Auto),
-            kernel: raw.kernel,
-            initrd: raw.initrd.map(Spanned::into_inner),
+            cpus: self.integer_u32("cpus", raw.cpus, d::QEMU_CPUS, d::QEMU_CPUS_RANGE)?,
+            accel: raw.accel.unwrap_or(d::QEMU_ACCEL),
+            kernel: raw.kernel.map(|k| self.path("kernel", k)).transpose()?,
+            initrd: raw.initrd.map(|i| self.path("initrd", i)).transpose()?,
             append: raw.append.map(Spanned::into_inner),
             extra_args: raw.extra_args,
             disks,
         })
+    }
+
+    /// An absolute path: vmhad's working directory is `/`, so relative paths would silently
+    /// point somewhere else than the author meant.
+    fn path(&self, key: &str, v: Spanned<PathBuf>) -> R<PathBuf> {
+        if !v.get_ref().is_absolute() {
+            return Err(self.err(
+                v.span(),
+                ErrorKind::BadValue,
+                format!(
+                    "`{key}` = \"{}\" is not an absolute path",
+                    v.get_ref().display()
+                ),
+                Some("write the full path, starting with `/`".into()),
+            ));
+        }
+        Ok(v.into_inner())
+    }
+
+    fn opt_path(&self, key: &str, v: Option<Spanned<PathBuf>>, default: &str) -> R<PathBuf> {
+        v.map_or_else(|| Ok(PathBuf::from(default)), |v| self.path(key, v))
     }
 
     fn argv(&self, key: &str, app: &Name, v: Spanned<Vec<String>>) -> R<Vec<String>> {
@@ -687,15 +800,21 @@ impl Resolver<'_> {
 
     fn app(&self, raw: RawApp) -> R<App> {
         let name = raw.name.into_inner();
-        let interval = self.duration("interval", raw.interval, d::APP_INTERVAL, MS100..=HOUR)?;
-        let timeout = self.duration(
-            "timeout",
-            raw.timeout,
-            d::APP_TIMEOUT,
-            MS100..=Duration::from_secs(600),
+        let interval = self.duration(
+            "interval",
+            raw.interval,
+            d::APP_INTERVAL,
+            d::APP_INTERVAL_RANGE,
         )?;
+        let timeout =
+            self.duration("timeout", raw.timeout, d::APP_TIMEOUT, d::APP_TIMEOUT_RANGE)?;
         Ok(App {
-            priority: self.integer_u32("priority", raw.priority, d::APP_PRIORITY, 1..=1_000_000)?,
+            priority: self.integer_u32(
+                "priority",
+                raw.priority,
+                d::APP_PRIORITY,
+                d::APP_PRIORITY_RANGE,
+            )?,
             check: self.argv("check", &name, raw.check)?,
             start: self.argv("start", &name, raw.start)?,
             stop: raw.stop.map(|s| self.argv("stop", &name, s)).transpose()?,
@@ -705,27 +824,27 @@ impl Resolver<'_> {
                 "restart_limit",
                 raw.restart_limit,
                 d::APP_RESTART_LIMIT,
-                0..=1000,
+                d::APP_RESTART_LIMIT_RANGE,
             )?,
             restart_window: self.duration(
                 "restart_window",
                 raw.restart_window,
                 d::APP_RESTART_WINDOW,
-                SEC..=WEEK,
+                d::APP_RESTART_WINDOW_RANGE,
             )?,
             stable_after: self.duration(
                 "stable_after",
                 raw.stable_after,
                 d::APP_STABLE_AFTER,
-                Duration::ZERO..=WEEK,
+                d::APP_STABLE_AFTER_RANGE,
             )?,
             probe_failures: self.integer_u32(
                 "probe_failures",
                 raw.probe_failures,
                 d::APP_PROBE_FAILURES,
-                1..=100,
+                d::APP_PROBE_FAILURES_RANGE,
             )?,
-            critical: raw.critical.unwrap_or(false),
+            critical: raw.critical.unwrap_or(d::APP_CRITICAL),
             requires: raw.requires.into_iter().map(Spanned::into_inner).collect(),
             name,
         })
