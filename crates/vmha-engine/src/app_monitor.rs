@@ -1,0 +1,1 @@
+//! The app monitor (SPEC §4.1, the patent's "application monitoring agent").

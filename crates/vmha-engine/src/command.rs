@@ -1,0 +1,291 @@
+//! Admin commands (SPEC §4.7) as typed inputs, and why one can be refused.
+//!
+//! A command is validated completely before anything changes: a refused command leaves the
+//! engine exactly as it was. [`AdminCommand::route`] says which engine applies it.
+
+use serde::{Deserialize, Serialize};
+use vmha_model::{Name, Policy, Tie};
+
+/// An administrator's request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum AdminCommand {
+    /// Mark an app intentionally offline. With `auto_clear` (the default of the CLI) the flag
+    /// clears itself when the app is seen running again.
+    AppOffline {
+        /// VM.
+        vm: Name,
+        /// App.
+        app: Name,
+        /// Clear the flag when a probe finds the app running.
+        auto_clear: bool,
+    },
+    /// Clear an app's intentionally-offline flag (it is monitored and restarted again).
+    AppOnline {
+        /// VM.
+        vm: Name,
+        /// App.
+        app: Name,
+    },
+    /// Start an app through the guest channel; clears its offline flag. Refused while an app it
+    /// requires is not online.
+    AppStart {
+        /// VM.
+        vm: Name,
+        /// App.
+        app: Name,
+    },
+    /// Stop an app through the guest channel and set its offline flag. Refused while an online
+    /// app requires it, or when it has no `stop` command.
+    AppStop {
+        /// VM.
+        vm: Name,
+        /// App.
+        app: Name,
+    },
+    /// Run the VM group (desired state `run`).
+    VmStart {
+        /// VM.
+        vm: Name,
+    },
+    /// Stop the VM group intentionally (desired state `stop`): apps stopped, VM `offline`.
+    VmStop {
+        /// VM.
+        vm: Name,
+    },
+    /// Restart the VM on its host (apps stopped, VM stopped and started, apps started).
+    /// Not counted against the VM restart budget.
+    VmRestart {
+        /// VM.
+        vm: Name,
+    },
+    /// Move the VM group to another host of its `hosts` list.
+    VmMove {
+        /// VM.
+        vm: Name,
+        /// Target host.
+        to: Name,
+    },
+    /// Host maintenance on (drain: move or stop its VM groups) or off.
+    HostMaintenance {
+        /// Host.
+        host: Name,
+        /// On or off.
+        on: bool,
+    },
+    /// Freeze a VM group: monitored, never acted upon.
+    Freeze {
+        /// VM.
+        vm: Name,
+    },
+    /// Unfreeze a VM group.
+    Unfreeze {
+        /// VM.
+        vm: Name,
+    },
+    /// Clear a fault: faulted apps and VM group re-armed, restart budgets reset, the
+    /// controller's fault history of the VM forgotten.
+    Clear {
+        /// VM.
+        vm: Name,
+    },
+    /// Change an app's priority at run time.
+    SetPriority {
+        /// VM.
+        vm: Name,
+        /// App.
+        app: Name,
+        /// New priority (≥ 1).
+        priority: u32,
+    },
+    /// Change an app's restart budget at run time.
+    SetAppBudget {
+        /// VM.
+        vm: Name,
+        /// App.
+        app: Name,
+        /// Restarts allowed within the window.
+        restart_limit: u32,
+        /// Window in milliseconds (≥ 1).
+        restart_window_ms: u64,
+    },
+    /// Change a VM's restart budget at run time.
+    SetVmBudget {
+        /// VM.
+        vm: Name,
+        /// VM restarts allowed within the window.
+        vm_restart_limit: u32,
+        /// Window in milliseconds (≥ 1).
+        vm_restart_window_ms: u64,
+    },
+    /// Change a VM's decision-agent policy (and tie rule) at run time.
+    SetPolicy {
+        /// VM.
+        vm: Name,
+        /// New policy.
+        policy: Policy,
+        /// New tie rule; `None` keeps the current one.
+        tie: Option<Tie>,
+    },
+}
+
+/// Which engine applies a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The [`crate::HostAgent`] of the VM's owner host.
+    OwnerHost,
+    /// The [`crate::Controller`].
+    Controller,
+    /// Both: the controller and the owner host's agent (freeze, unfreeze, clear).
+    Both,
+}
+
+impl AdminCommand {
+    /// Where the daemon must send this command.
+    pub fn route(&self) -> Route {
+        match self {
+            AdminCommand::VmStart { .. }
+            | AdminCommand::VmStop { .. }
+            | AdminCommand::VmMove { .. }
+            | AdminCommand::HostMaintenance { .. } => Route::Controller,
+            AdminCommand::Freeze { .. }
+            | AdminCommand::Unfreeze { .. }
+            | AdminCommand::Clear { .. } => Route::Both,
+            _ => Route::OwnerHost,
+        }
+    }
+
+    /// The VM the command is about, if any.
+    pub fn vm(&self) -> Option<&Name> {
+        match self {
+            AdminCommand::HostMaintenance { .. } => None,
+            AdminCommand::AppOffline { vm, .. }
+            | AdminCommand::AppOnline { vm, .. }
+            | AdminCommand::AppStart { vm, .. }
+            | AdminCommand::AppStop { vm, .. }
+            | AdminCommand::VmStart { vm }
+            | AdminCommand::VmStop { vm }
+            | AdminCommand::VmRestart { vm }
+            | AdminCommand::VmMove { vm, .. }
+            | AdminCommand::Freeze { vm }
+            | AdminCommand::Unfreeze { vm }
+            | AdminCommand::Clear { vm }
+            | AdminCommand::SetPriority { vm, .. }
+            | AdminCommand::SetAppBudget { vm, .. }
+            | AdminCommand::SetVmBudget { vm, .. }
+            | AdminCommand::SetPolicy { vm, .. } => Some(vm),
+        }
+    }
+}
+
+/// Why a command was refused. Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// No such VM in the configuration.
+    #[error("no VM named `{0}`")]
+    UnknownVm(Name),
+    /// No such app in the VM.
+    #[error("VM `{vm}` has no app named `{app}`")]
+    UnknownApp {
+        /// VM.
+        vm: Name,
+        /// App.
+        app: Name,
+    },
+    /// No such host in the configuration.
+    #[error("no host named `{0}`")]
+    UnknownHost(Name),
+    /// The command belongs to the other engine (see [`AdminCommand::route`]).
+    #[error("this command is applied by the {0}, not here")]
+    WrongReceiver(&'static str),
+    /// The VM group is not owned by (running on) this host.
+    #[error("VM `{vm}` is not owned by host `{host}`")]
+    NotOwner {
+        /// VM.
+        vm: Name,
+        /// This host.
+        host: Name,
+    },
+    /// The VM group is frozen: vmha takes no action on it until it is unfrozen.
+    #[error("VM `{0}` is frozen; unfreeze it first")]
+    Frozen(Name),
+    /// The VM is not running, so its apps cannot be reached.
+    #[error("VM `{0}` is not running")]
+    VmNotRunning(Name),
+    /// The app has an operation in flight already.
+    #[error("app `{vm}/{app}` is busy ({state})")]
+    AppBusy {
+        /// VM.
+        vm: Name,
+        /// App.
+        app: Name,
+        /// Its current state.
+        state: String,
+    },
+    /// Starting the app is refused while apps it requires are not online.
+    #[error("app `{vm}/{app}` requires {} which {} not online", names(.missing), if .missing.len() == 1 { "is" } else { "are" })]
+    RequirementsDown {
+        /// VM.
+        vm: Name,
+        /// App.
+        app: Name,
+        /// Required apps that are not online.
+        missing: Vec<Name>,
+    },
+    /// Stopping the app is refused while online apps require it.
+    #[error("app `{vm}/{app}` is required by {} which must be stopped first", names(.dependents))]
+    RequiredBy {
+        /// VM.
+        vm: Name,
+        /// App.
+        app: Name,
+        /// Apps that require it and are not stopped.
+        dependents: Vec<Name>,
+    },
+    /// The app has no `stop` command.
+    #[error("app `{vm}/{app}` has no stop command")]
+    NoStopCommand {
+        /// VM.
+        vm: Name,
+        /// App.
+        app: Name,
+    },
+    /// The target host is not in the VM's `hosts` list.
+    #[error("host `{host}` is not an acceptable host of VM `{vm}` (hosts = [{}])", names(.acceptable))]
+    HostNotAcceptable {
+        /// VM.
+        vm: Name,
+        /// Requested host.
+        host: Name,
+        /// The VM's acceptable hosts.
+        acceptable: Vec<Name>,
+    },
+    /// The target host cannot take the VM now (down, in maintenance, no room, faulted there).
+    #[error("host `{host}` cannot take VM `{vm}` now: {why}")]
+    HostUnavailable {
+        /// VM.
+        vm: Name,
+        /// Requested host.
+        host: Name,
+        /// Why.
+        why: String,
+    },
+    /// The VM group is already on that host.
+    #[error("VM `{vm}` is already on host `{host}`")]
+    AlreadyThere {
+        /// VM.
+        vm: Name,
+        /// Host.
+        host: Name,
+    },
+    /// The VM group is being moved, started or stopped; retry when it settles.
+    #[error("VM `{0}` has a change in progress; retry when it settles")]
+    Busy(Name),
+    /// A numeric argument is out of range.
+    #[error("invalid value: {0}")]
+    InvalidValue(String),
+}
+
+fn names(v: &[Name]) -> String {
+    v.iter().map(Name::as_str).collect::<Vec<_>>().join(", ")
+}
