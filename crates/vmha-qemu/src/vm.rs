@@ -350,9 +350,9 @@ impl QemuVm {
             path: paths.dir.clone(),
             source,
         })?;
-        if QmpClient::connect(&paths.qmp, short(&config.qmp))
-            .await
-            .is_ok()
+        // Anyone accepting on the QMP socket (even a busy QEMU that would never greet us), or a
+        // live QEMU named by the pidfile, means this VM already runs: never start a second one.
+        if tokio::net::UnixStream::connect(&paths.qmp).await.is_ok() || verified_pid(&paths).is_ok()
         {
             return Err(VmError::AlreadyRunning(spec.name.clone()));
         }
@@ -568,14 +568,6 @@ impl QemuVm {
         } else {
             Err(VmError::StillRunning(self.pid))
         }
-    }
-}
-
-/// A quick probe config: is anybody answering on the socket?
-fn short(config: &QmpConfig) -> QmpConfig {
-    QmpConfig {
-        greeting_timeout: Duration::from_millis(500),
-        ..config.clone()
     }
 }
 

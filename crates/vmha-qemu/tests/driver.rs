@@ -1,0 +1,165 @@
+//! The VM driver with a real, diskless QEMU (no guest OS): launch, refuse a double launch,
+//! status, kill, stop falling back to quit, adopt.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use vmha_qemu::{
+    Accel, DriverConfig, ExitStatus, LaunchSpec, QemuVm, QmpEvent, StopOutcome, VmError, VmEvent,
+    VmStatus,
+};
+
+fn spec(name: &str, extra: &[&str]) -> LaunchSpec {
+    LaunchSpec {
+        name: name.into(),
+        memory_mb: 64,
+        cpus: 1,
+        disks: vec![],
+        kernel: None,
+        initrd: None,
+        append: None,
+        accel: Accel::Tcg,
+        extra_args: extra.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+async fn launch(dir: &Path, name: &str, extra: &[&str]) -> (QemuVm, common::PidGuard) {
+    let vm = QemuVm::launch(&spec(name, extra), dir, &DriverConfig::default())
+        .await
+        .unwrap();
+    let guard = common::PidGuard(vm.pid());
+    (vm, guard)
+}
+
+async fn drain_until_gone(events: &mut tokio::sync::mpsc::Receiver<VmEvent>) -> Vec<VmEvent> {
+    let mut seen = Vec::new();
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+        let last = matches!(e, VmEvent::Exited(_));
+        seen.push(e);
+        if last {
+            break;
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn launch_status_double_launch_and_kill() {
+    if !common::have("qemu-system-x86_64") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut vm, _guard) = launch(dir.path(), "bare1", &["-S"]).await;
+    let mut events = vm.take_events().unwrap();
+    assert!(vm.paths().pidfile.exists());
+    match vm.status().await {
+        VmStatus::Qemu(s) => assert_eq!(s.status, "prelaunch"),
+        other => panic!("unexpected status {other:?}"),
+    }
+    let again = QemuVm::launch(
+        &spec("bare1", &["-S"]),
+        dir.path(),
+        &DriverConfig::default(),
+    )
+    .await;
+    assert!(
+        matches!(again, Err(VmError::AlreadyRunning(_))),
+        "{again:?}"
+    );
+
+    vm.kill().await.unwrap();
+    assert!(vm.is_gone());
+    assert_eq!(vm.status().await, VmStatus::Gone);
+    let seen = drain_until_gone(&mut events).await;
+    assert!(
+        seen.contains(&VmEvent::Exited(ExitStatus::Signal(9))),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_binary_and_early_exit_are_errors() {
+    if !common::have("qemu-system-x86_64") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = DriverConfig {
+        qemu_binary: "/nonexistent/qemu".into(),
+        ..DriverConfig::default()
+    };
+    assert!(matches!(
+        QemuVm::launch(&spec("x", &[]), dir.path(), &config).await,
+        Err(VmError::Spawn { .. })
+    ));
+    let err = QemuVm::launch(
+        &spec("y", &["-no-such-option"]),
+        dir.path(),
+        &DriverConfig::default(),
+    )
+    .await
+    .unwrap_err();
+    match err {
+        VmError::StartupExit { log_tail, .. } => assert!(log_tail.contains("no-such-option")),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn stop_without_guest_os_falls_back_to_quit() {
+    if !common::have("qemu-system-x86_64") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = DriverConfig::default();
+    config.qga.call_timeout = Duration::from_millis(200);
+    let vm = QemuVm::launch(&spec("bare2", &["-S"]), dir.path(), &config)
+        .await
+        .unwrap();
+    let _guard = common::PidGuard(vm.pid());
+    let mut vm = vm;
+    let mut events = vm.take_events().unwrap();
+    let outcome = vm.stop(Duration::from_millis(500)).await.unwrap();
+    assert_eq!(outcome, StopOutcome::Quit);
+    let seen = drain_until_gone(&mut events).await;
+    assert!(
+        seen.contains(&VmEvent::Qmp(QmpEvent::Shutdown {
+            guest: false,
+            reason: "host-qmp-quit".into()
+        })),
+        "{seen:?}"
+    );
+    assert_eq!(
+        vm.stop(Duration::from_secs(1)).await.unwrap(),
+        StopOutcome::AlreadyGone
+    );
+}
+
+#[tokio::test]
+async fn adopt_reattaches_and_learns_of_death_from_the_socket() {
+    if !common::have("qemu-system-x86_64") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, _guard) = launch(dir.path(), "bare3", &["-S"]).await;
+    let pid = vm.pid();
+    drop(vm); // the daemon "restarts": QEMU keeps running
+    let mut adopted = QemuVm::adopt(dir.path(), "bare3", &DriverConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(adopted.pid(), pid);
+    let mut events = adopted.take_events().unwrap();
+    assert!(matches!(adopted.status().await, VmStatus::Qemu(_)));
+    adopted.kill().await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(e, VmEvent::Qmp(QmpEvent::Gone));
+    assert!(matches!(
+        QemuVm::adopt(dir.path(), "bare3", &DriverConfig::default()).await,
+        Err(VmError::Pid { .. })
+    ));
+}
