@@ -187,6 +187,7 @@ impl Resolver<'_> {
             let v = v.get_ref();
             self.references(
                 "VM",
+                &format!(" in `requires` of VM `{}`", v.name.get_ref()),
                 &v.requires,
                 &vm_names.iter().map(String::as_str).collect::<Vec<_>>(),
                 "VM-level `requires` names other VMs",
@@ -357,7 +358,15 @@ impl Resolver<'_> {
         Ok(ApiConfig { listen, tokens })
     }
 
-    fn references(&self, what: &str, refs: &[Spanned<Name>], known: &[&str], hint: &str) -> R<()> {
+    /// Rejects a name in `refs` that is not in `known` (`what` names the kind, `scope` where).
+    fn references(
+        &self,
+        what: &str,
+        scope: &str,
+        refs: &[Spanned<Name>],
+        known: &[&str],
+        hint: &str,
+    ) -> R<()> {
         for r in refs {
             if !known.contains(&r.get_ref().as_str()) {
                 let suggestion = crate::error::suggest(r.get_ref().as_str(), known)
@@ -366,7 +375,7 @@ impl Resolver<'_> {
                 return Err(self.err(
                     r.span(),
                     ErrorKind::UnknownReference,
-                    format!("unknown {what} `{}`", r.get_ref()),
+                    format!("unknown {what} `{}`{scope}", r.get_ref()),
                     Some(format!(
                         "{suggestion}{hint}; known: {}",
                         if known.is_empty() {
@@ -454,6 +463,7 @@ impl Resolver<'_> {
         }
         self.references(
             "host",
+            &format!(" in `hosts` of VM `{vm_name}`"),
             raw.hosts.get_ref(),
             host_names,
             "`hosts` names [[host]] entries",
@@ -495,7 +505,8 @@ impl Resolver<'_> {
         for a in &raw.app {
             let a = a.get_ref();
             self.references(
-                &format!("app (in VM `{vm_name}`)"),
+                "app",
+                &format!(" in `requires` of app `{vm_name}/{}`", a.name.get_ref()),
                 &a.requires,
                 &app_refs,
                 "an app can only require apps of its own VM",

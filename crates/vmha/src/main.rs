@@ -1,2 +1,42 @@
-//! vmha: the command-line interface.
-fn main() {}
+//! vmha: the command-line interface. `main` only parses the command line and dispatches to
+//! one module per command group; each module owns its arguments and its output.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod config_cmd;
+
+/// Application-aware high availability for KVM/QEMU VMs.
+#[derive(Debug, Parser)]
+#[command(name = "vmha", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The command groups; each variant's arguments live in its own module.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check and display configuration files.
+    #[command(subcommand)]
+    Config(config_cmd::ConfigCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Config(cmd) => config_cmd::run(cmd),
+    };
+    result.unwrap_or_else(|e| {
+        // A closed pipe (`vmha config show FILE | head`) is the reader's choice, not a failure.
+        let broken_pipe = e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe);
+        if broken_pipe {
+            return ExitCode::SUCCESS;
+        }
+        eprintln!("vmha: {e:#}");
+        ExitCode::from(config_cmd::EXIT_FAILURE)
+    })
+}
