@@ -1,0 +1,458 @@
+//! The behaviour suite every [`ClusterStore`] must pass (feature `testkit`).
+//!
+//! Each check takes a store and a key prefix of its own (so the checks can share one store, even a
+//! shared etcd) and panics with a message on a violation. [`run`] runs them all. Waits are bounded
+//! by [`PATIENCE`] only so that a broken store fails instead of hanging; nothing asserts a timing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::layout::Layout;
+use crate::records::{EventLog, OwnerChange, OwnerSwap, Records};
+use crate::store::{
+    CasOutcome, ClusterStore, Expect, LeaseId, Mutation, StoreError, WatchEvent, WatchStream,
+};
+
+/// Upper bound for anything a check waits for (lease expiry, a campaign).
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Runs every check under `root` (e.g. `/conformance/`), each under its own sub-prefix.
+pub async fn run<S: ClusterStore>(store: &S, root: &str) {
+    put_get_list(store, &format!("{root}kv/")).await;
+    cas_create_race(store, &format!("{root}race/")).await;
+    cas_stale_revision(store, &format!("{root}stale/")).await;
+    lease_expiry_deletes_keys(store, &format!("{root}expiry/")).await;
+    revoke_deletes_keys(store, &format!("{root}revoke/")).await;
+    watch_replays_from_revision(store, &format!("{root}watch/")).await;
+    election(store, &format!("{root}election/")).await;
+    ownership_records(store, "conformance-owner").await;
+    event_log(store, "conformance-events").await;
+}
+
+async fn next_event<W: WatchStream>(watch: &mut W) -> WatchEvent {
+    tokio::time::timeout(PATIENCE, watch.next())
+        .await
+        .expect("watch delivered nothing in time")
+        .expect("watch failed")
+}
+
+/// Put, get, list by prefix, delete: values and revisions as documented.
+pub async fn put_get_list<S: ClusterStore>(store: &S, p: &str) {
+    let r1 = store
+        .put(&format!("{p}a/1"), b"one".to_vec(), None)
+        .await
+        .unwrap();
+    let r2 = store
+        .put(&format!("{p}a/2"), b"two".to_vec(), None)
+        .await
+        .unwrap();
+    store
+        .put(&format!("{p}ab/1"), b"x".to_vec(), None)
+        .await
+        .unwrap();
+    let r4 = store
+        .put(&format!("{p}a/1"), b"uno".to_vec(), None)
+        .await
+        .unwrap();
+    assert!(r1 < r2 && r2 < r4, "revisions increase with every write");
+
+    let kv = store.get(&format!("{p}a/1")).await.unwrap().unwrap();
+    assert_eq!(kv.value, b"uno");
+    assert_eq!(kv.create_revision, r1, "create revision stays");
+    assert_eq!(kv.mod_revision, r4, "mod revision follows the last write");
+    assert_eq!(kv.lease, None);
+    assert!(store.get(&format!("{p}missing")).await.unwrap().is_none());
+
+    let listing = store.list(&format!("{p}a/")).await.unwrap();
+    let keys: Vec<_> = listing.kvs.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [format!("{p}a/1"), format!("{p}a/2")],
+        "prefix, in key order"
+    );
+    assert!(listing.revision >= r4);
+    assert_eq!(store.list(p).await.unwrap().kvs.len(), 3);
+
+    let deleted = store.delete(&format!("{p}a/2")).await.unwrap();
+    assert!(deleted.is_some_and(|r| r > r4));
+    assert_eq!(
+        store.delete(&format!("{p}a/2")).await.unwrap(),
+        None,
+        "absent: no-op"
+    );
+    assert!(store.get(&format!("{p}a/2")).await.unwrap().is_none());
+    assert!(matches!(
+        store.put("", Vec::new(), None).await,
+        Err(StoreError::InvalidArgument(_))
+    ));
+}
+
+/// Two tasks create the same key with compare-and-swap at once: exactly one wins, the loser sees
+/// the winner's value.
+pub async fn cas_create_race<S: ClusterStore>(store: &S, p: &str) {
+    for round in 0..20 {
+        let key = format!("{p}{round}");
+        let tasks: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|who| {
+                let store = store.clone();
+                let key = key.clone();
+                tokio::spawn(async move {
+                    let put = Mutation::Put {
+                        value: who.as_bytes().to_vec(),
+                        lease: None,
+                    };
+                    (who, store.compare_and_swap(&key, Expect::Absent, put).await)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        let mut losers = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                (who, Ok(CasOutcome::Swapped { revision })) => winners.push((who, revision)),
+                (_, Ok(CasOutcome::Conflict { current })) => losers.push(current),
+                (_, Err(e)) => panic!("CAS failed: {e}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "exactly one create wins");
+        let (winner, revision) = winners[0];
+        let current = losers.pop().flatten().expect("loser sees the key");
+        assert_eq!(current.value, winner.as_bytes());
+        assert_eq!(current.mod_revision, revision);
+        let stored = store.get(&key).await.unwrap().unwrap();
+        assert_eq!(stored.value, winner.as_bytes());
+    }
+}
+
+/// A compare-and-swap on a stale revision changes nothing (not even the store revision).
+pub async fn cas_stale_revision<S: ClusterStore>(store: &S, p: &str) {
+    let key = format!("{p}k");
+    let r1 = store.put(&key, b"v1".to_vec(), None).await.unwrap();
+    let r2 = store.put(&key, b"v2".to_vec(), None).await.unwrap();
+    let before = store.list(p).await.unwrap();
+    for mutation in [
+        Mutation::Put {
+            value: b"v3".to_vec(),
+            lease: None,
+        },
+        Mutation::Delete,
+    ] {
+        match store
+            .compare_and_swap(&key, Expect::Revision(r1), mutation)
+            .await
+            .unwrap()
+        {
+            CasOutcome::Conflict { current } => {
+                let current = current.unwrap();
+                assert_eq!(
+                    (current.value.as_slice(), current.mod_revision),
+                    (&b"v2"[..], r2)
+                );
+            }
+            CasOutcome::Swapped { .. } => panic!("stale CAS must not apply"),
+        }
+    }
+    let absent = Mutation::Put {
+        value: b"v4".to_vec(),
+        lease: None,
+    };
+    assert!(matches!(
+        store
+            .compare_and_swap(&key, Expect::Absent, absent)
+            .await
+            .unwrap(),
+        CasOutcome::Conflict { current: Some(_) }
+    ));
+    assert_eq!(store.list(p).await.unwrap(), before, "nothing changed");
+
+    let swapped = store
+        .compare_and_swap(&key, Expect::Revision(r2), Mutation::Delete)
+        .await
+        .unwrap();
+    assert!(matches!(swapped, CasOutcome::Swapped { revision } if revision > r2));
+    assert!(store.get(&key).await.unwrap().is_none());
+    let missing = Mutation::Put {
+        value: b"v5".to_vec(),
+        lease: None,
+    };
+    assert!(matches!(
+        store
+            .compare_and_swap(&key, Expect::Revision(r2), missing)
+            .await
+            .unwrap(),
+        CasOutcome::Conflict { current: None }
+    ));
+}
+
+/// A lease that is not kept alive ends: its keys vanish, watchers see `Delete`, keepalive and puts
+/// with it fail with `LeaseExpired`; keys without the lease stay.
+pub async fn lease_expiry_deletes_keys<S: ClusterStore>(store: &S, p: &str) {
+    let lease = store.grant(Duration::from_secs(1)).await.unwrap();
+    assert!(lease.ttl >= Duration::from_secs(1));
+    assert!(store.keep_alive(lease.id).await.unwrap() >= Duration::from_secs(1));
+    store
+        .put(&format!("{p}bound"), b"x".to_vec(), Some(lease.id))
+        .await
+        .unwrap();
+    let cas = Mutation::Put {
+        value: b"y".to_vec(),
+        lease: Some(lease.id),
+    };
+    store
+        .compare_and_swap(&format!("{p}cas-bound"), Expect::Absent, cas)
+        .await
+        .unwrap();
+    store
+        .put(&format!("{p}free"), b"z".to_vec(), None)
+        .await
+        .unwrap();
+    let listing = store.list(p).await.unwrap();
+    assert_eq!(listing.kvs[0].lease, Some(lease.id));
+
+    let mut watch = store.watch(p, listing.revision + 1).await.unwrap();
+    let mut deleted = Vec::new();
+    while deleted.len() < 2 {
+        match next_event(&mut watch).await {
+            WatchEvent::Delete { key, .. } => deleted.push(key),
+            WatchEvent::Put(kv) => panic!("unexpected put of {}", kv.key),
+        }
+    }
+    deleted.sort();
+    assert_eq!(deleted, [format!("{p}bound"), format!("{p}cas-bound")]);
+    let keys: Vec<_> = store
+        .list(p)
+        .await
+        .unwrap()
+        .kvs
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+    assert_eq!(keys, [format!("{p}free")]);
+    assert!(matches!(
+        store.keep_alive(lease.id).await,
+        Err(StoreError::LeaseExpired { lease: l }) if l == lease.id
+    ));
+    assert!(matches!(
+        store
+            .put(&format!("{p}late"), Vec::new(), Some(lease.id))
+            .await,
+        Err(StoreError::LeaseExpired { .. })
+    ));
+    store
+        .revoke(lease.id)
+        .await
+        .expect("revoking an ended lease is not an error");
+}
+
+/// Revoking a lease deletes its keys at once, visible to watchers; unknown leases are refused.
+pub async fn revoke_deletes_keys<S: ClusterStore>(store: &S, p: &str) {
+    let lease = store.grant(Duration::from_secs(60)).await.unwrap();
+    let r = store
+        .put(&format!("{p}k"), b"x".to_vec(), Some(lease.id))
+        .await
+        .unwrap();
+    let mut watch = store.watch(p, r + 1).await.unwrap();
+    store.revoke(lease.id).await.unwrap();
+    assert!(
+        matches!(next_event(&mut watch).await, WatchEvent::Delete { key, .. } if key == format!("{p}k"))
+    );
+    assert!(store.get(&format!("{p}k")).await.unwrap().is_none());
+    assert!(matches!(
+        store
+            .put(&format!("{p}k"), Vec::new(), Some(LeaseId(i64::MAX)))
+            .await,
+        Err(StoreError::LeaseExpired { .. })
+    ));
+}
+
+/// A watch from a past revision replays the later changes under its prefix, in order, then
+/// follows new ones.
+pub async fn watch_replays_from_revision<S: ClusterStore>(store: &S, p: &str) {
+    let from = store
+        .put(&format!("{p}in/1"), b"a".to_vec(), None)
+        .await
+        .unwrap();
+    store
+        .put(&format!("{p}out"), b"b".to_vec(), None)
+        .await
+        .unwrap();
+    store
+        .put(&format!("{p}in/2"), b"c".to_vec(), None)
+        .await
+        .unwrap();
+    store.delete(&format!("{p}in/1")).await.unwrap();
+    let mut watch = store.watch(&format!("{p}in/"), from).await.unwrap();
+    store
+        .put(&format!("{p}in/3"), b"d".to_vec(), None)
+        .await
+        .unwrap();
+
+    let mut seen = Vec::new();
+    let mut last = 0;
+    for _ in 0..4 {
+        let event = next_event(&mut watch).await;
+        assert!(event.revision() > last, "in revision order");
+        last = event.revision();
+        seen.push(match event {
+            WatchEvent::Put(kv) => format!("put {} {}", kv.key, String::from_utf8_lossy(&kv.value)),
+            WatchEvent::Delete { key, .. } => format!("delete {key}"),
+        });
+    }
+    assert_eq!(
+        seen,
+        [
+            format!("put {p}in/1 a"),
+            format!("put {p}in/2 c"),
+            format!("delete {p}in/1"),
+            format!("put {p}in/3 d"),
+        ]
+    );
+}
+
+/// One candidate leads at once; a second waits until the first resigns, then leads with a later
+/// revision.
+pub async fn election<S: ClusterStore>(store: &S, p: &str) {
+    let name = format!("{p}controller");
+    assert_eq!(store.leader(&name).await.unwrap(), None);
+    let a = store.grant(Duration::from_secs(60)).await.unwrap();
+    let b = store.grant(Duration::from_secs(60)).await.unwrap();
+    let first = tokio::time::timeout(PATIENCE, store.campaign(&name, b"kvm1".to_vec(), a.id))
+        .await
+        .expect("a lone campaigner wins")
+        .unwrap();
+    assert_eq!(first.value, b"kvm1");
+    assert_eq!(first.lease, a.id);
+
+    let second = tokio::spawn({
+        let store = store.clone();
+        let name = name.clone();
+        async move { store.campaign(&name, b"kvm2".to_vec(), b.id).await }
+    });
+    // Wait until the second candidacy is registered, then check the first still leads.
+    let wait_for_candidate = async {
+        while store.list(&format!("{name}/")).await.unwrap().kvs.len() < 2 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait_for_candidate)
+        .await
+        .expect("candidate registered");
+    assert_eq!(store.leader(&name).await.unwrap().as_ref(), Some(&first));
+
+    store.resign(&first).await.unwrap();
+    let next = tokio::time::timeout(PATIENCE, second)
+        .await
+        .expect("the waiting candidate wins after the resign")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.value, b"kvm2");
+    assert!(next.revision > first.revision, "terms increase");
+    assert_eq!(store.leader(&name).await.unwrap(), Some(next.clone()));
+    store
+        .resign(&first)
+        .await
+        .expect("resigning an old term is a no-op");
+    assert_eq!(store.leader(&name).await.unwrap(), Some(next));
+    store.revoke(b.id).await.unwrap();
+    assert_eq!(
+        store.leader(&name).await.unwrap(),
+        None,
+        "leadership ends with the lease"
+    );
+    store.revoke(a.id).await.unwrap();
+}
+
+/// Ownership records: claimed only by compare-and-swap, bound to the owner's lease, gone with it.
+pub async fn ownership_records<S: ClusterStore>(store: &S, cluster: &str) {
+    let records = Records::new(store.clone(), Layout::new(cluster).unwrap());
+    let kvm1 = store.grant(Duration::from_secs(60)).await.unwrap();
+    let kvm2 = store.grant(Duration::from_secs(60)).await.unwrap();
+    let owner1 = json!({"host": "kvm1"});
+    let claim = |record, lease| OwnerChange::Claim { record, lease };
+    let OwnerSwap::Swapped { revision } = records
+        .swap_owner("db01", Expect::Absent, claim(&owner1, kvm1.id))
+        .await
+        .unwrap()
+    else {
+        panic!("claiming an unowned VM succeeds");
+    };
+    let owner2 = json!({"host": "kvm2"});
+    match records
+        .swap_owner("db01", Expect::Absent, claim(&owner2, kvm2.id))
+        .await
+        .unwrap()
+    {
+        OwnerSwap::Conflict { current } => {
+            let current = current.unwrap();
+            assert_eq!(current.value, owner1);
+            assert_eq!(current.lease, Some(kvm1.id));
+        }
+        OwnerSwap::Swapped { .. } => panic!("a second claim must fail"),
+    }
+    let owner: serde_json::Value = records.owner("db01").await.unwrap().unwrap().value;
+    assert_eq!(owner, owner1);
+    store.revoke(kvm1.id).await.unwrap();
+    assert!(
+        records
+            .owner::<serde_json::Value>("db01")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(matches!(
+        records
+            .swap_owner("db01", Expect::Revision(revision), claim(&owner1, kvm2.id))
+            .await
+            .unwrap(),
+        OwnerSwap::Conflict { current: None }
+    ));
+    store.revoke(kvm2.id).await.unwrap();
+}
+
+/// The event log keeps the newest events, in order, and followers see new ones.
+pub async fn event_log<S: ClusterStore>(store: &S, cluster: &str) {
+    let layout = Layout::new(cluster).unwrap();
+    let log = EventLog::with_keep(store.clone(), layout.clone(), 5);
+    let mut seqs = Vec::new();
+    for i in 0..12 {
+        seqs.push(log.append(&json!({"n": i})).await.unwrap());
+    }
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "sequence numbers increase"
+    );
+    let tail = log.last::<serde_json::Value>(100).await.unwrap();
+    let kept: Vec<_> = tail
+        .events
+        .iter()
+        .map(|e| e.event["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(kept, [7, 8, 9, 10, 11], "only the newest 5 are kept");
+    assert_eq!(
+        store.list(&layout.events_prefix()).await.unwrap().kvs.len(),
+        5
+    );
+    let last2 = log.last::<serde_json::Value>(2).await.unwrap();
+    assert_eq!(last2.events.len(), 2);
+    assert_eq!(last2.events[1].seq, seqs[11]);
+
+    // A second handle (another host) continues the numbering and trims the same window.
+    let other = EventLog::with_keep(store.clone(), layout, 5);
+    let mut follower = log
+        .follow::<serde_json::Value>(tail.revision + 1)
+        .await
+        .unwrap();
+    let seq = other.append(&json!({"n": 12})).await.unwrap();
+    assert!(seq > seqs[11]);
+    let seen = tokio::time::timeout(PATIENCE, follower.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((seen.seq, seen.event), (seq, json!({"n": 12})));
+    let kept = log.last::<serde_json::Value>(100).await.unwrap().events;
+    assert_eq!(kept.len(), 5);
+    assert_eq!(kept[0].event["n"], 8);
+}
