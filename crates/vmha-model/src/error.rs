@@ -153,7 +153,7 @@ impl Source<'_> {
 
     /// Converts a TOML/serde error, classifying it, naming the key it is about and suggesting
     /// the closest known key or value.
-    pub(crate) fn from_toml(&self, err: &toml::de::Error) -> ConfigError {
+    pub(crate) fn toml_error(&self, err: &toml::de::Error) -> ConfigError {
         // Errors about the whole document (a missing top-level table) start at offset 0:
         // show them on the first line that is not a comment.
         let span = match err.span() {

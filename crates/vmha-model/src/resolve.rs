@@ -18,7 +18,7 @@ impl Config {
     /// Parses and checks a configuration. `file` is only used in error messages.
     pub fn from_toml_str(text: &str, file: &str) -> Result<Config, ConfigError> {
         let src = Source { file, text };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| src.from_toml(&e))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
         Resolver { src: &src }.config(raw)
     }
 
