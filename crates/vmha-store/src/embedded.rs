@@ -664,29 +664,34 @@ impl ClusterStore for EmbeddedStore {
         prefix: &str,
         from_revision: Revision,
     ) -> Result<EmbeddedWatch, StoreError> {
-        let state = self.inner.lock()?;
-        if from_revision <= state.compact_revision {
-            return Err(StoreError::Compacted {
-                requested: from_revision,
-                compact_revision: state.compact_revision,
-            });
-        }
-        let backlog = state
-            .history
-            .iter()
-            .filter(|e| e.revision() >= from_revision && e.key().starts_with(prefix))
-            .cloned()
-            .collect();
-        // Subscribed under the lock: every later change goes to `live`, none is in `backlog`.
-        let live = self.inner.events.subscribe();
-        drop(state);
-        Ok(EmbeddedWatch {
-            prefix: prefix.to_owned(),
-            from_revision,
-            backlog,
-            live,
-            failed: false,
+        let prefix = prefix.to_owned();
+        // The state lock is also held across commits (fsync): take it off the async workers.
+        self.blocking(move |inner| {
+            let state = inner.lock()?;
+            if from_revision <= state.compact_revision {
+                return Err(StoreError::Compacted {
+                    requested: from_revision,
+                    compact_revision: state.compact_revision,
+                });
+            }
+            let backlog = state
+                .history
+                .iter()
+                .filter(|e| e.revision() >= from_revision && e.key().starts_with(&prefix))
+                .cloned()
+                .collect();
+            // Subscribed under the lock: every later change goes to `live`, none is in `backlog`.
+            let live = inner.events.subscribe();
+            drop(state);
+            Ok(EmbeddedWatch {
+                prefix,
+                from_revision,
+                backlog,
+                live,
+                failed: false,
+            })
         })
+        .await
     }
 
     async fn campaign(
