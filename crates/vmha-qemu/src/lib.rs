@@ -1,7 +1,45 @@
-//! vmha-qemu: the QEMU driver of vmha — QMP and QGA clients, batched app probes, and the VM
-//! lifecycle (launch, adopt, stop, kill). Every byte from a guest is untrusted: lines are capped,
-//! outputs are capped, every call has a timeout, and malformed input is an error for that VM
-//! only, never a panic.
+//! vmha-qemu: the QEMU driver of vmha — the host daemon's eyes and hands on its VMs.
+//!
+//! Every byte from a guest is untrusted: lines are framed as raw bytes with a length cap,
+//! captured output is capped, every call has a timeout, and malformed input is a typed error
+//! for that VM only — never a panic, never a stall of another VM.
+//!
+//! # Use from a daemon (one task per VM)
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use vmha_qemu::*;
+//!
+//! let spec = LaunchSpec {
+//!     name: "db01".into(), memory_mb: 2048, cpus: 2,
+//!     disks: vec![Disk { path: "/shared/db01.qcow2".into(), format: "qcow2".into(), cache: "none".into() }],
+//!     kernel: None, initrd: None, append: None, accel: Accel::Auto, extra_args: vec![],
+//! };
+//! let runtime_dir = std::path::Path::new("/run/vmha");
+//! let mut vm = QemuVm::launch(&spec, runtime_dir, &DriverConfig::default()).await?;
+//! // After a daemon restart instead: QemuVm::adopt(runtime_dir, "db01", &config).await?
+//! let mut events = vm.take_events().expect("first take");   // VmEvent::Qmp(QmpEvent::…) / Exited
+//! let qga = vm.qga();                                        // Arc<QgaClient>, shareable
+//! let checks = vec![ProbeCheck {
+//!     name: "postgres".into(),
+//!     argv: vec!["systemctl".into(), "is-active".into(), "--quiet".into(), "postgresql".into()],
+//!     timeout: Duration::from_secs(5),
+//! }];
+//! let outcomes = qga.probe(&checks, Duration::from_secs(5)).await?; // one guest round trip
+//! let _ = (outcomes, vm.status().await);
+//! vm.stop(Duration::from_secs(60)).await?;                  // agent/ACPI, then quit, then SIGKILL
+//! # let _ = events.recv().await; Ok(()) }
+//! ```
+//!
+//! # Modules
+//! - [`qmp`]: [`QmpClient`] — greeting with timeout, `qmp_capabilities`, one reader task,
+//!   commands matched by `id`, typed [`QmpEvent`]s ending with [`QmpEvent::Gone`].
+//! - [`qga`]: [`QgaClient`] — resync (`0xFF` + `guest-sync-delimited`) on every connect and after
+//!   every timeout or protocol error; `ping`, `info`, `exec`, `shutdown`.
+//! - [`probe`]: [`QgaClient::probe`] — all app checks of a VM in one `guest-exec`.
+//! - [`vm`]: [`QemuVm`] — launch (own process group), adopt, status, stop, kill, events.
+//! - [`framing`], [`reply`]: the byte-level line framer and the total reply parser.
 
 pub mod framing;
 pub mod probe;
