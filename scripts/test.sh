@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: installs what is missing, builds the test guest,
+# then formatting, lints, every test, and the shipped example configurations.
+#
+# usage: scripts/test.sh          (honours CARGO_TARGET_DIR)
+set -euo pipefail
+cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "dependencies"
+./scripts/install-deps.sh
+# install-deps may have found cargo in ~/.cargo/bin only.
+if ! command -v cargo >/dev/null; then export PATH=$HOME/.cargo/bin:$PATH; fi
+
+if [[ -x scripts/build-guest-image.sh ]]; then
+	step "test guest image"
+	./scripts/build-guest-image.sh >/dev/null
+fi
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "example configurations"
+cargo run --quiet -p vmha -- config validate examples/*.toml
+
+if cargo nextest --version >/dev/null 2>&1; then
+	step "cargo test --workspace --doc"
+	cargo test --workspace --doc
+	step "cargo nextest run --workspace"
+	cargo nextest run --workspace
+else
+	step "cargo test --workspace"
+	cargo test --workspace
+fi
