@@ -293,8 +293,9 @@ impl QgaClient {
     /// never answers. Confirm through QMP (`SHUTDOWN` event or the socket closing).
     pub async fn shutdown(&self) -> Result<(), QgaError> {
         let timeout = self.config.call_timeout;
-        let mut guard = self.conn.lock().await;
-        let result = tokio::time::timeout(timeout, async {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.lock(deadline, "guest-shutdown", timeout).await?;
+        let result = tokio::time::timeout_at(deadline, async {
             let conn = self.ready(&mut guard).await?;
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let request =
@@ -372,8 +373,9 @@ impl QgaClient {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QgaError> {
-        let mut guard = self.conn.lock().await;
-        let result = tokio::time::timeout(timeout, async {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.lock(deadline, command, timeout).await?;
+        let result = tokio::time::timeout_at(deadline, async {
             let conn = self.ready(&mut guard).await?;
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let mut request = json!({"execute": command, "id": id});
@@ -405,6 +407,21 @@ impl QgaClient {
         })
         .await;
         finish(&mut guard, result, command, timeout)
+    }
+
+    /// Waits for the channel (another call may hold it) until `deadline`.
+    async fn lock(
+        &self,
+        deadline: Instant,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<tokio::sync::MutexGuard<'_, Option<Conn>>, QgaError> {
+        tokio::time::timeout_at(deadline, self.conn.lock())
+            .await
+            .map_err(|_| QgaError::Timeout {
+                command: command.to_owned(),
+                timeout,
+            })
     }
 
     /// Connects if needed and resynchronises if needed; returns the ready connection.
