@@ -65,6 +65,8 @@ async fn launch_status_double_launch_and_kill() {
         &DriverConfig::default(),
     )
     .await;
+    // Should a second QEMU start anyway, it must not outlive the test.
+    let _second = again.as_ref().ok().map(|v| common::PidGuard(v.pid()));
     assert!(
         matches!(again, Err(VmError::AlreadyRunning(_))),
         "{again:?}"
