@@ -1,1 +1,324 @@
-//! The app monitor (SPEC §4.1, the patent's "application monitoring agent").
+//! The app monitor (SPEC §4.1, the patent's "application monitoring agent"): one per app of a
+//! VM on this host. It turns probe outcomes into app states, decides whether a failed app may
+//! be restarted in the guest (its restart budget) and reports `faulted` apps to the decision
+//! agent. Dependency gating (`requires`) is the VM monitor's job: it sees all apps of a VM.
+//!
+//! Rules, exactly as SPEC §4.1:
+//! - running → `online` (an `offline` flag with auto-clear is cleared);
+//! - not running and flagged offline → `offline`, no action;
+//! - not running, not flagged → failed: restart within `restart_limit` per `restart_window`
+//!   (state `restarting`, probe again), else `faulted`; a failed start → `faulted`;
+//! - online for `stable_after` → the restart counter resets;
+//! - a timeout counts as a failure only after `probe_failures` consecutive timeouts.
+
+use vmha_model::{App, AppState, Name};
+
+use crate::budget::Budget;
+use crate::host_io::ProbeOutcome;
+use crate::ids::ActionId;
+use crate::persist::AppPersist;
+use crate::status::{AppStatus, OfflineFlag};
+use crate::time::{Timestamp, millis};
+
+/// Why an app is being started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StartWhy {
+    /// After a failure, within the restart budget (state `restarting`).
+    Restart,
+    /// After the VM (re)started (state `starting`).
+    Boot,
+    /// An admin asked (state `starting`).
+    Admin,
+}
+
+/// Why an app is being stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopWhy {
+    /// Part of a VM stop plan.
+    Plan,
+    /// An admin asked (the offline flag is set).
+    Admin,
+}
+
+/// An operation in the guest in flight for this app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AppOp {
+    Start(ActionId, StartWhy),
+    Stop(ActionId, StopWhy),
+}
+
+/// How a `faulted` state came about: only a spent budget or a failed start is sticky (waits
+/// for a clear, a VM restart or the app coming back by itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FaultKind {
+    /// Budget spent or start failed.
+    Sticky,
+    /// Could not be restarted because a required app is down, or the group is frozen: retried
+    /// on the next failed probe.
+    Retry,
+}
+
+/// What a probe outcome means for the VM monitor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Observed {
+    /// Nothing to do (state may have changed; see the returned change).
+    Settled,
+    /// The app failed and is not flagged offline: the VM monitor decides how to restart it.
+    Failed(String),
+}
+
+/// One app monitor.
+#[derive(Debug, Clone)]
+pub(crate) struct AppMonitor {
+    pub name: Name,
+    pub cfg: App,
+    pub priority: u32,
+    pub priority_override: Option<u32>,
+    pub state: AppState,
+    pub offline: Option<OfflineFlag>,
+    pub budget: Budget,
+    pub budget_override: bool,
+    pub fault: Option<FaultKind>,
+    pub online_since: Option<Timestamp>,
+    pub timeouts: u32,
+    pub next_probe: Timestamp,
+    pub op: Option<AppOp>,
+    /// A start wanted once everything it requires is online.
+    pub pending: Option<StartWhy>,
+    pub reason: String,
+}
+
+/// A state change to turn into an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Change {
+    pub from: AppState,
+    pub to: AppState,
+    pub reason: String,
+}
+
+impl AppMonitor {
+    pub fn new(cfg: &App, restored: Option<&AppPersist>, now: Timestamp) -> Self {
+        let mut m = AppMonitor {
+            name: cfg.name.clone(),
+            cfg: cfg.clone(),
+            priority: cfg.priority,
+            priority_override: None,
+            state: AppState::Unknown,
+            offline: None,
+            budget: Budget::new(cfg.restart_limit, millis(cfg.restart_window)),
+            budget_override: false,
+            fault: None,
+            online_since: None,
+            timeouts: 0,
+            next_probe: now,
+            op: None,
+            pending: None,
+            reason: "not probed yet".to_string(),
+        };
+        if let Some(p) = restored {
+            m.offline = p.offline;
+            if let Some(pr) = p.priority.filter(|p| *p >= 1) {
+                m.priority = pr;
+                m.priority_override = Some(pr);
+            }
+            if p.restart_limit.is_some() || p.restart_window_ms.is_some() {
+                m.budget_override = true;
+                m.budget.limit = p.restart_limit.unwrap_or(m.budget.limit);
+                m.budget.window_ms = p.restart_window_ms.unwrap_or(m.budget.window_ms).max(1);
+            }
+            m.budget.times = p.restarts.clone();
+        }
+        m
+    }
+
+    pub fn persist(&self) -> AppPersist {
+        AppPersist {
+            offline: self.offline,
+            priority: self.priority_override,
+            restart_limit: self.budget_override.then_some(self.budget.limit),
+            restart_window_ms: self.budget_override.then_some(self.budget.window_ms),
+            restarts: self.budget.times.clone(),
+        }
+    }
+
+    /// Sets the state; returns the change when it is one.
+    pub fn set(&mut self, to: AppState, reason: impl Into<String>) -> Option<Change> {
+        let reason = reason.into();
+        if self.state == to {
+            return None;
+        }
+        let from = self.state;
+        self.state = to;
+        self.reason = reason.clone();
+        if to != AppState::Online {
+            self.online_since = None;
+        }
+        if to != AppState::Faulted {
+            self.fault = None;
+        }
+        Some(Change { from, to, reason })
+    }
+
+    /// Probed in the next batch when due: no operation in flight, no start pending.
+    pub fn probe_eligible(&self) -> bool {
+        self.op.is_none() && self.pending.is_none()
+    }
+
+    /// Applies one probe outcome at `now`.
+    pub fn observe(&mut self, now: Timestamp, outcome: ProbeOutcome) -> (Observed, Option<Change>) {
+        let failure = match outcome {
+            ProbeOutcome::TimedOut => {
+                self.timeouts = self.timeouts.saturating_add(1);
+                if self.timeouts < self.cfg.probe_failures {
+                    return (Observed::Settled, None);
+                }
+                let n = self.timeouts;
+                self.timeouts = 0;
+                format!("check timed out {n} times in a row")
+            }
+            ProbeOutcome::NotRunning { exit } => {
+                self.timeouts = 0;
+                format!("check exited {exit}")
+            }
+            ProbeOutcome::Running => {
+                self.timeouts = 0;
+                return (Observed::Settled, self.on_running(now));
+            }
+        };
+        self.online_since = None;
+        if self.offline.is_some() {
+            let change = self.set(
+                AppState::Offline,
+                format!("{failure}; intentionally offline: no action"),
+            );
+            return (Observed::Settled, change);
+        }
+        if self.state == AppState::Faulted && self.fault == Some(FaultKind::Sticky) {
+            return (Observed::Settled, None);
+        }
+        (Observed::Failed(failure), None)
+    }
+
+    fn on_running(&mut self, now: Timestamp) -> Option<Change> {
+        if let Some(flag) = self.offline {
+            if flag.auto_clear {
+                self.offline = None;
+                self.online_since = Some(now);
+                return self.set(
+                    AppState::Online,
+                    "check passed; intentionally-offline flag auto-cleared",
+                );
+            }
+            return self.set(
+                AppState::Offline,
+                "check passed but flagged offline (no auto-clear)",
+            );
+        }
+        let change = if self.state == AppState::Online {
+            None
+        } else {
+            self.online_since = Some(now);
+            self.set(AppState::Online, "check passed")
+        };
+        if let Some(since) = self.online_since
+            && !self.budget.times.is_empty()
+            && now.since(since) >= millis(self.cfg.stable_after)
+        {
+            self.budget.reset();
+        }
+        change
+    }
+
+    pub fn status(&self, now: Timestamp) -> AppStatus {
+        AppStatus {
+            name: self.name.clone(),
+            state: self.state,
+            priority: self.priority,
+            critical: self.cfg.critical,
+            offline: self.offline,
+            restarts_in_window: self.budget.used(now),
+            restart_limit: self.budget.limit,
+            restart_window_ms: self.budget.window_ms,
+            consecutive_timeouts: self.timeouts,
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use vmha_model::Config;
+
+    fn app(extra: &str) -> App {
+        let text = format!(
+            r#"
+[cluster]
+name = "t"
+[[host]]
+name = "h"
+[[vm]]
+name = "v"
+hosts = ["h"]
+[vm.qemu]
+memory_mb = 64
+[[vm.app]]
+name = "a"
+check = ["c"]
+start = ["s"]
+{extra}
+"#
+        );
+        let c = Config::from_toml_str(&text, "t").unwrap();
+        c.vms[0].apps[0].clone()
+    }
+
+    #[test]
+    fn timeouts_count_only_after_probe_failures() {
+        let mut m = AppMonitor::new(&app("probe_failures = 3"), None, Timestamp(0));
+        m.state = AppState::Online;
+        assert_eq!(
+            m.observe(Timestamp(1), ProbeOutcome::TimedOut).0,
+            Observed::Settled
+        );
+        assert_eq!(
+            m.observe(Timestamp(2), ProbeOutcome::TimedOut).0,
+            Observed::Settled
+        );
+        assert_eq!(
+            m.observe(Timestamp(3), ProbeOutcome::TimedOut).0,
+            Observed::Failed("check timed out 3 times in a row".into())
+        );
+        // A success in between resets the count.
+        m.observe(Timestamp(4), ProbeOutcome::TimedOut);
+        m.observe(Timestamp(5), ProbeOutcome::Running);
+        assert_eq!(
+            m.observe(Timestamp(6), ProbeOutcome::TimedOut).0,
+            Observed::Settled
+        );
+    }
+
+    #[test]
+    fn offline_flag_and_auto_clear() {
+        let mut m = AppMonitor::new(&app(""), None, Timestamp(0));
+        m.offline = Some(OfflineFlag { auto_clear: true });
+        let (o, c) = m.observe(Timestamp(1), ProbeOutcome::NotRunning { exit: 3 });
+        assert_eq!(o, Observed::Settled);
+        assert_eq!(c.unwrap().to, AppState::Offline);
+        let (_, c) = m.observe(Timestamp(2), ProbeOutcome::Running);
+        assert_eq!(c.unwrap().to, AppState::Online);
+        assert_eq!(m.offline, None);
+    }
+
+    #[test]
+    fn stable_after_resets_the_counter() {
+        let mut m = AppMonitor::new(&app(r#"stable_after = "10s""#), None, Timestamp(0));
+        assert!(m.budget.try_take(Timestamp(0)));
+        m.observe(Timestamp(1_000), ProbeOutcome::Running);
+        m.observe(Timestamp(10_999), ProbeOutcome::Running);
+        assert_eq!(m.budget.used(Timestamp(10_999)), 1);
+        m.observe(Timestamp(11_000), ProbeOutcome::Running);
+        assert_eq!(m.budget.used(Timestamp(11_000)), 0);
+    }
+}

@@ -11,17 +11,17 @@
 //! not running (`running = false`) or the old owner's lease EXPIRED in the store; a move of a
 //! running VM first sets `desired = stop` with `move_to` on the old owner's record.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use vmha_model::{Config, HostState, Name, VmState};
+use vmha_model::{Config, HostState, Name, Placement, VmState};
 
 use crate::command::{AdminCommand, CommandError};
-use crate::event::Event;
+use crate::event::{Event, ObjectRef, Origin};
 use crate::host_io::{Desired, VmReport};
 use crate::ids::ActionId;
-use crate::time::Timestamp;
+use crate::time::{Timestamp, human, millis};
 
 /// The ownership record of a VM group in the cluster store (without its revision).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,13 +77,14 @@ pub enum ControllerInput {
         /// Store revision of the record.
         revision: u64,
     },
-    /// The result of a [`ControllerActionKind::CasOwner`]: `ok = false` when the revision did
-    /// not match (the new record then arrives as [`ControllerInput::Ownership`]).
+    /// The result of a [`ControllerActionKind::CasOwner`]: the record's new revision when it
+    /// was written, `None` when the stored revision did not match (the current record then
+    /// arrives as [`ControllerInput::Ownership`]).
     CasResult {
         /// The CAS action.
         id: ActionId,
-        /// Swapped.
-        ok: bool,
+        /// New revision, if swapped.
+        revision: Option<u64>,
     },
 }
 
@@ -170,20 +171,192 @@ pub struct ControllerStatus {
     pub vms: Vec<ClusterVmView>,
 }
 
+#[derive(Debug, Clone)]
+struct HostCtl {
+    name: Name,
+    lease: Option<bool>,
+    maintenance: bool,
+    capacity: Option<u64>,
+    used: u64,
+}
+
+impl HostCtl {
+    fn state(&self) -> Option<HostState> {
+        match self.lease {
+            None => None,
+            Some(false) => Some(HostState::Down),
+            Some(true) if self.maintenance => Some(HostState::Maintenance),
+            Some(true) => Some(HostState::Up),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct VmCtl {
+    name: Name,
+    memory: u64,
+    window_ms: u64,
+    failback: bool,
+    placement: Placement,
+    hosts: Vec<usize>,
+    requires: Vec<usize>,
+    record: Option<Option<OwnerRecord>>,
+    revision: u64,
+    cas: Option<(ActionId, OwnerRecord)>,
+    state: VmState,
+    frozen: bool,
+    faults: BTreeMap<usize, Timestamp>,
+    cluster_fault: Option<String>,
+    note: Option<String>,
+    report: Option<(usize, VmReport)>,
+}
+
 /// The cluster controller (see the module documentation for the driving protocol).
 #[derive(Debug)]
 pub struct Controller {
     config: Arc<Config>,
+    hosts: Vec<HostCtl>,
+    host_index: BTreeMap<Name, usize>,
+    vms: Vec<VmCtl>,
+    vm_index: BTreeMap<Name, usize>,
+    order: Vec<usize>,
+    next_id: u64,
+    now: Timestamp,
     actions: VecDeque<ControllerAction>,
     events: VecDeque<Event>,
+    saved: ControllerState,
+}
+
+/// Topological order of VMs by `requires` (config order among equals; a cycle, which the
+/// configuration rejects, falls back to config order for the rest).
+fn start_order(vms: &[VmCtl]) -> Vec<usize> {
+    let mut done = vec![false; vms.len()];
+    let mut order = Vec::with_capacity(vms.len());
+    while order.len() < vms.len() {
+        let before = order.len();
+        for (i, v) in vms.iter().enumerate() {
+            if !done[i] && v.requires.iter().all(|&r| done[r]) {
+                done[i] = true;
+                order.push(i);
+            }
+        }
+        if order.len() == before {
+            for (i, d) in done.iter_mut().enumerate() {
+                if !*d {
+                    *d = true;
+                    order.push(i);
+                }
+            }
+        }
+    }
+    order
+}
+
+/// Hosts whose memory a record takes: the owner when it runs there, and a move target.
+fn takes(rec: &OwnerRecord, index: &BTreeMap<Name, usize>) -> [Option<usize>; 2] {
+    let owner = match (&rec.owner, rec.desired) {
+        (Some(o), Desired::Run) => index.get(o).copied(),
+        _ => None,
+    };
+    let target = rec.move_to.as_ref().and_then(|t| index.get(t).copied());
+    [owner, target]
 }
 
 impl Controller {
     /// Creates the controller, restoring maintenance flags, frozen groups and fault history
     /// from `restored` (names no longer configured are ignored).
     pub fn new(config: Arc<Config>, restored: Option<ControllerState>, now: Timestamp) -> Self {
-        let _ = (config, restored, now);
-        todo!()
+        let hosts: Vec<HostCtl> = config
+            .hosts
+            .iter()
+            .map(|h| HostCtl {
+                name: h.name.clone(),
+                lease: None,
+                maintenance: false,
+                capacity: h.memory_mb,
+                used: 0,
+            })
+            .collect();
+        let host_index: BTreeMap<Name, usize> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h.name.clone(), i))
+            .collect();
+        let vm_index: BTreeMap<Name, usize> = config
+            .vms
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.name.clone(), i))
+            .collect();
+        let vms: Vec<VmCtl> = config
+            .vms
+            .iter()
+            .map(|v| VmCtl {
+                name: v.name.clone(),
+                memory: v.memory_mb(),
+                window_ms: millis(v.vm_restart_window),
+                failback: v.failback,
+                placement: v.placement,
+                hosts: v
+                    .hosts
+                    .iter()
+                    .filter_map(|h| host_index.get(h).copied())
+                    .collect(),
+                requires: v
+                    .requires
+                    .iter()
+                    .filter_map(|r| vm_index.get(r).copied())
+                    .collect(),
+                record: None,
+                revision: 0,
+                cas: None,
+                state: VmState::Unknown,
+                frozen: false,
+                faults: BTreeMap::new(),
+                cluster_fault: None,
+                note: None,
+                report: None,
+            })
+            .collect();
+        let order = start_order(&vms);
+        let mut c = Controller {
+            config,
+            hosts,
+            host_index,
+            vms,
+            vm_index,
+            order,
+            next_id: 0,
+            now,
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+            saved: ControllerState::default(),
+        };
+        if let Some(r) = restored {
+            for h in &r.maintenance {
+                if let Some(&i) = c.host_index.get(h) {
+                    c.hosts[i].maintenance = true;
+                }
+            }
+            for v in &r.frozen {
+                if let Some(&i) = c.vm_index.get(v) {
+                    c.vms[i].frozen = true;
+                }
+            }
+            for (v, h, t) in &r.faults {
+                if let (Some(&vi), Some(&hi)) = (c.vm_index.get(v), c.host_index.get(h)) {
+                    c.vms[vi].faults.insert(hi, *t);
+                }
+            }
+            for (v, why) in &r.faulted {
+                if let Some(&vi) = c.vm_index.get(v) {
+                    c.vms[vi].cluster_fault = Some(why.clone());
+                    c.vms[vi].state = VmState::Faulted;
+                }
+            }
+        }
+        c.saved = c.state();
+        c
     }
 
     /// The configuration the controller runs.
@@ -191,29 +364,629 @@ impl Controller {
         &self.config
     }
 
+    fn event(&mut self, object: ObjectRef, from: &str, to: &str, reason: &str) {
+        self.events.push_back(Event {
+            time: self.now,
+            origin: Origin::Controller,
+            object,
+            from: from.to_string(),
+            to: to.to_string(),
+            reason: reason.to_string(),
+        });
+    }
+
+    fn set_vm_state(&mut self, i: usize, to: VmState, reason: &str) {
+        let from = self.vms[i].state;
+        if from != to {
+            self.vms[i].state = to;
+            let name = self.vms[i].name.clone();
+            self.event(ObjectRef::Vm(name), from.as_str(), to.as_str(), reason);
+        }
+    }
+
+    fn set_host(&mut self, h: usize, f: impl FnOnce(&mut HostCtl), reason: &str) {
+        let before = self.hosts[h].state();
+        f(&mut self.hosts[h]);
+        let after = self.hosts[h].state();
+        if before != after {
+            let from = before.map_or("unknown", HostState::as_str);
+            let to = after.map_or("unknown", HostState::as_str);
+            let name = self.hosts[h].name.clone();
+            self.event(ObjectRef::Host(name), from, to, reason);
+        }
+    }
+
+    fn act(&mut self, kind: ControllerActionKind, reason: String) -> ActionId {
+        self.next_id = self.next_id.saturating_add(1);
+        let id = ActionId(self.next_id);
+        self.actions
+            .push_back(ControllerAction { id, kind, reason });
+        id
+    }
+
+    fn cas(&mut self, i: usize, record: OwnerRecord, reason: String) {
+        let vm = self.vms[i].name.clone();
+        let expected_revision = self.vms[i].revision;
+        let id = self.act(
+            ControllerActionKind::CasOwner {
+                vm,
+                expected_revision,
+                record: record.clone(),
+            },
+            reason,
+        );
+        self.vms[i].cas = Some((id, record));
+    }
+
+    fn set_record(&mut self, i: usize, record: Option<OwnerRecord>, revision: u64) {
+        if let Some(Some(old)) = &self.vms[i].record {
+            for h in takes(old, &self.host_index).into_iter().flatten() {
+                self.hosts[h].used = self.hosts[h].used.saturating_sub(self.vms[i].memory);
+            }
+        }
+        if let Some(new) = &record {
+            for h in takes(new, &self.host_index).into_iter().flatten() {
+                self.hosts[h].used = self.hosts[h].used.saturating_add(self.vms[i].memory);
+            }
+        }
+        self.vms[i].record = Some(record);
+        self.vms[i].revision = revision;
+    }
+
+    fn fault_cluster(&mut self, i: usize, why: String) {
+        if self.vms[i].cluster_fault.is_some() {
+            return;
+        }
+        self.vms[i].cluster_fault = Some(why.clone());
+        let r = format!("{why}; alert raised (clear with `vmha clear`)");
+        self.set_vm_state(i, VmState::Faulted, &r);
+        let vm = self.vms[i].name.clone();
+        self.act(ControllerActionKind::Alert { vm }, why);
+    }
+
+    /// Why host `h` cannot take VM `i` now, if it cannot.
+    fn unavailable(&self, i: usize, h: usize) -> Option<String> {
+        let host = &self.hosts[h];
+        let v = &self.vms[i];
+        match host.state() {
+            None => return Some(format!("{} not known yet", host.name)),
+            Some(HostState::Down | HostState::Fenced) => {
+                return Some(format!("{} down", host.name));
+            }
+            Some(HostState::Maintenance) => return Some(format!("{} in maintenance", host.name)),
+            Some(HostState::Up) => {}
+        }
+        if let Some(t) = v.faults.get(&h)
+            && self.now.since(*t) < v.window_ms
+        {
+            return Some(format!(
+                "faulted on {} {} ago (window {})",
+                host.name,
+                human(self.now.since(*t)),
+                human(v.window_ms)
+            ));
+        }
+        if let Some(cap) = host.capacity {
+            let free = self.free(i, h, cap);
+            if free < v.memory {
+                return Some(format!(
+                    "{} has no room ({free} MiB free < {} MiB)",
+                    host.name, v.memory
+                ));
+            }
+        }
+        None
+    }
+
+    /// Free memory on `h` for VM `i` (not counting what `i` itself takes there).
+    fn free(&self, i: usize, h: usize, cap: u64) -> u64 {
+        let mut used = self.hosts[h].used;
+        if let Some(Some(rec)) = &self.vms[i].record
+            && takes(rec, &self.host_index).contains(&Some(h))
+        {
+            used = used.saturating_sub(self.vms[i].memory);
+        }
+        cap.saturating_sub(used)
+    }
+
+    /// Picks a host for VM `i` per its placement policy, never `exclude`.
+    fn choose(&self, i: usize, exclude: Option<usize>) -> Result<(usize, String), String> {
+        let v = &self.vms[i];
+        let mut why = Vec::new();
+        let mut best: Option<(usize, Option<u64>)> = None;
+        for &h in &v.hosts {
+            if Some(h) == exclude {
+                why.push(format!("{} is the one it leaves", self.hosts[h].name));
+                continue;
+            }
+            if let Some(w) = self.unavailable(i, h) {
+                why.push(w);
+                continue;
+            }
+            let free = self.hosts[h].capacity.map(|c| self.free(i, h, c));
+            match v.placement {
+                Placement::Priority => {
+                    best = Some((h, free));
+                    break;
+                }
+                Placement::LeastLoaded => {
+                    if best.is_none_or(|(_, f)| free > f) {
+                        best = Some((h, free));
+                    }
+                }
+            }
+        }
+        match best {
+            Some((h, free)) => {
+                let how = match v.placement {
+                    Placement::Priority => "priority: first acceptable host".to_string(),
+                    Placement::LeastLoaded => match free {
+                        Some(f) => format!("least-loaded: {f} MiB free"),
+                        None => "least-loaded: capacity unknown".to_string(),
+                    },
+                };
+                Ok((h, how))
+            }
+            None => Err(format!("no acceptable host ({})", why.join(", "))),
+        }
+    }
+
+    fn requirements_down(&self, i: usize) -> Vec<String> {
+        self.vms[i]
+            .requires
+            .iter()
+            .filter(|&&r| self.vms[r].state != VmState::Online)
+            .map(|&r| self.vms[r].name.to_string())
+            .collect()
+    }
+
+    fn wait_requirements(&mut self, i: usize) -> bool {
+        let down = self.requirements_down(i);
+        if down.is_empty() {
+            return false;
+        }
+        self.vms[i].note = Some(format!("waiting for {} to be online", down.join(", ")));
+        true
+    }
+
+    fn reconcile(&mut self) {
+        for k in 0..self.order.len() {
+            let i = self.order[k];
+            self.reconcile_vm(i);
+        }
+    }
+
+    fn run_record(owner: &Name) -> OwnerRecord {
+        OwnerRecord {
+            owner: Some(owner.clone()),
+            desired: Desired::Run,
+            move_to: None,
+            parked: false,
+        }
+    }
+
+    fn place(&mut self, i: usize, exclude: Option<usize>, cause: &str, state: VmState) {
+        if self.wait_requirements(i) {
+            return;
+        }
+        match self.choose(i, exclude) {
+            Ok((h, how)) => {
+                let host = self.hosts[h].name.clone();
+                let reason = format!("{cause}placed on {host} ({how})");
+                self.vms[i].note = None;
+                self.cas(i, Self::run_record(&host), reason.clone());
+                self.set_vm_state(i, state, &reason);
+            }
+            Err(why) => self.fault_cluster(i, format!("{cause}{why}")),
+        }
+    }
+
+    fn reconcile_vm(&mut self, i: usize) {
+        let v = &self.vms[i];
+        if v.cas.is_some() || v.frozen || v.cluster_fault.is_some() {
+            return;
+        }
+        let Some(record) = v.record.clone() else {
+            return;
+        };
+        let Some(rec) = record else {
+            self.place(i, None, "", VmState::Starting);
+            return;
+        };
+        let Some(owner) = rec.owner.clone() else {
+            if rec.desired == Desired::Run {
+                self.place(i, None, "", VmState::Starting);
+            } else {
+                self.set_vm_state(i, VmState::Offline, "desired stop, no owner");
+            }
+            return;
+        };
+        let Some(&h) = self.host_index.get(&owner) else {
+            // Owner no longer configured: treat like a lost host.
+            self.place(
+                i,
+                None,
+                &format!("owner {owner} not configured: "),
+                VmState::FailingOver,
+            );
+            return;
+        };
+        let report = self.vms[i]
+            .report
+            .as_ref()
+            .filter(|(rh, _)| *rh == h)
+            .map(|(_, r)| r.clone());
+        match self.hosts[h].lease {
+            None => {}
+            Some(false) => {
+                if rec.desired == Desired::Run || rec.move_to.is_some() {
+                    let cause = format!("{owner} down (lease expired): ");
+                    let target = rec
+                        .move_to
+                        .as_ref()
+                        .and_then(|t| self.host_index.get(t).copied())
+                        .filter(|&t| self.unavailable(i, t).is_none());
+                    match target {
+                        Some(t) if !self.wait_requirements(i) => {
+                            let host = self.hosts[t].name.clone();
+                            let reason = format!("{cause}moving to {host}");
+                            self.cas(i, Self::run_record(&host), reason.clone());
+                            self.set_vm_state(i, VmState::FailingOver, &reason);
+                        }
+                        Some(_) => {}
+                        None => self.place(i, Some(h), &cause, VmState::FailingOver),
+                    }
+                }
+            }
+            Some(true) => {
+                let maintenance = self.hosts[h].maintenance;
+                match rec.desired {
+                    Desired::Stop => {
+                        if let Some(t) = rec.move_to.clone() {
+                            if report.as_ref().is_some_and(|r| !r.running) {
+                                if self.wait_requirements(i) {
+                                    return;
+                                }
+                                let ti = self.host_index.get(&t).copied();
+                                match ti.filter(|&x| self.unavailable(i, x).is_none()) {
+                                    Some(_) => {
+                                        let reason = format!("{owner} stopped it: starting on {t}");
+                                        self.cas(i, Self::run_record(&t), reason.clone());
+                                        self.set_vm_state(i, VmState::FailingOver, &reason);
+                                    }
+                                    None => self.place(
+                                        i,
+                                        Some(h),
+                                        &format!("{t} no longer acceptable: "),
+                                        VmState::FailingOver,
+                                    ),
+                                }
+                            }
+                        } else if rec.parked && !maintenance {
+                            let reason = format!("{owner} left maintenance: running it again");
+                            self.cas(i, Self::run_record(&owner), reason.clone());
+                            self.set_vm_state(i, VmState::Starting, &reason);
+                        } else if report.as_ref().is_some_and(|r| !r.running) {
+                            self.set_vm_state(i, VmState::Offline, &format!("stopped on {owner}"));
+                        }
+                    }
+                    Desired::Run => {
+                        let faulted_here =
+                            report.as_ref().is_some_and(|r| r.state == VmState::Faulted)
+                                && self.vms[i].faults.contains_key(&h);
+                        if faulted_here || maintenance {
+                            let cause = if faulted_here {
+                                format!("faulted on {owner}: ")
+                            } else {
+                                format!("drain {owner} (maintenance): ")
+                            };
+                            let running = report.as_ref().is_none_or(|r| r.running);
+                            if self.wait_requirements(i) && !running {
+                                return;
+                            }
+                            match self.choose(i, Some(h)) {
+                                Ok((t, how)) => {
+                                    let target = self.hosts[t].name.clone();
+                                    let reason = format!("{cause}moving to {target} ({how})");
+                                    let record = if running {
+                                        OwnerRecord {
+                                            owner: Some(owner.clone()),
+                                            desired: Desired::Stop,
+                                            move_to: Some(target),
+                                            parked: false,
+                                        }
+                                    } else {
+                                        Self::run_record(&target)
+                                    };
+                                    self.cas(i, record, reason.clone());
+                                    self.set_vm_state(i, VmState::FailingOver, &reason);
+                                }
+                                Err(why) if maintenance => {
+                                    let reason = format!("{cause}{why}: stopping it");
+                                    let record = OwnerRecord {
+                                        owner: Some(owner.clone()),
+                                        desired: Desired::Stop,
+                                        move_to: None,
+                                        parked: true,
+                                    };
+                                    self.cas(i, record, reason.clone());
+                                    self.set_vm_state(i, VmState::Stopping, &reason);
+                                }
+                                Err(why) => self.fault_cluster(i, format!("{cause}{why}")),
+                            }
+                            return;
+                        }
+                        if self.vms[i].failback
+                            && report.as_ref().is_some_and(|r| r.state == VmState::Online)
+                            && let Some(p) = self.preferred_before(i, h)
+                        {
+                            let target = self.hosts[p].name.clone();
+                            let reason = format!("failback: preferred host {target} is back");
+                            let record = OwnerRecord {
+                                owner: Some(owner.clone()),
+                                desired: Desired::Stop,
+                                move_to: Some(target),
+                                parked: false,
+                            };
+                            self.cas(i, record, reason.clone());
+                            self.set_vm_state(i, VmState::FailingOver, &reason);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The first acceptable host listed before `h` in VM `i`'s `hosts`, if any.
+    fn preferred_before(&self, i: usize, h: usize) -> Option<usize> {
+        let hosts = &self.vms[i].hosts;
+        let pos = hosts.iter().position(|&x| x == h)?;
+        hosts[..pos]
+            .iter()
+            .copied()
+            .find(|&p| self.unavailable(i, p).is_none())
+    }
+
     /// Feeds one input at `now`. Inputs about unknown hosts or VMs are ignored.
     pub fn handle_input(&mut self, now: Timestamp, input: ControllerInput) {
-        let _ = (now, input);
-        todo!()
+        self.now = self.now.max(now);
+        match input {
+            ControllerInput::HostLease { host, up } => {
+                let Some(&h) = self.host_index.get(&host) else {
+                    return;
+                };
+                let reason = if up {
+                    "lease live"
+                } else {
+                    "lease expired in the cluster store"
+                };
+                self.set_host(h, |x| x.lease = Some(up), reason);
+            }
+            ControllerInput::HostCapacity { host, memory_mb } => {
+                let Some(&h) = self.host_index.get(&host) else {
+                    return;
+                };
+                if self.config.hosts[h].memory_mb.is_none() {
+                    self.hosts[h].capacity = Some(memory_mb);
+                }
+            }
+            ControllerInput::Report { host, vm, report } => {
+                let (Some(&h), Some(&i)) = (self.host_index.get(&host), self.vm_index.get(&vm))
+                else {
+                    return;
+                };
+                let is_owner = matches!(
+                    &self.vms[i].record,
+                    Some(Some(OwnerRecord { owner: Some(o), .. })) if *o == host
+                );
+                if !is_owner {
+                    return;
+                }
+                if report.state == VmState::Faulted {
+                    self.vms[i].faults.insert(h, self.now);
+                }
+                let moving = matches!(
+                    &self.vms[i].record,
+                    Some(Some(OwnerRecord {
+                        move_to: Some(_),
+                        ..
+                    }))
+                );
+                let reason = format!("{host} reports {}: {}", report.state, report.reason);
+                match report.state {
+                    VmState::Online if !moving => {
+                        if self.vms[i].cluster_fault.take().is_some() {
+                            self.vms[i].note = None;
+                        }
+                        self.set_vm_state(i, VmState::Online, &reason);
+                    }
+                    VmState::Offline if !moving && !report.running => {
+                        self.set_vm_state(i, VmState::Offline, &reason)
+                    }
+                    _ => {}
+                }
+                self.vms[i].report = Some((h, report));
+            }
+            ControllerInput::Ownership {
+                vm,
+                record,
+                revision,
+            } => {
+                let Some(&i) = self.vm_index.get(&vm) else {
+                    return;
+                };
+                if revision < self.vms[i].revision {
+                    return;
+                }
+                self.set_record(i, record, revision);
+            }
+            ControllerInput::CasResult { id, revision } => {
+                let Some(i) = self
+                    .vms
+                    .iter()
+                    .position(|v| v.cas.as_ref().is_some_and(|(c, _)| *c == id))
+                else {
+                    return;
+                };
+                if let (Some(rev), Some((_, rec))) = (revision, self.vms[i].cas.take())
+                    && rev >= self.vms[i].revision
+                {
+                    self.set_record(i, Some(rec), rev);
+                }
+            }
+        }
+        self.reconcile();
+    }
+
+    fn vm_of(&self, vm: &Name) -> Result<usize, CommandError> {
+        self.vm_index
+            .get(vm)
+            .copied()
+            .ok_or_else(|| CommandError::UnknownVm(vm.clone()))
+    }
+
+    fn settled(&self, i: usize) -> Result<OwnerRecord, CommandError> {
+        let v = &self.vms[i];
+        if v.frozen {
+            return Err(CommandError::Frozen(v.name.clone()));
+        }
+        match (&v.cas, &v.record) {
+            (None, Some(Some(rec))) if rec.move_to.is_none() => Ok(rec.clone()),
+            (None, Some(None)) => Ok(OwnerRecord {
+                owner: None,
+                desired: Desired::Run,
+                move_to: None,
+                parked: false,
+            }),
+            _ => Err(CommandError::Busy(v.name.clone())),
+        }
     }
 
     /// Applies an admin command routed to the controller ([`crate::Route::Controller`] or
     /// [`crate::Route::Both`]). On `Err` nothing changed.
     pub fn command(&mut self, now: Timestamp, cmd: AdminCommand) -> Result<(), CommandError> {
-        let _ = (now, cmd);
-        todo!()
+        self.now = self.now.max(now);
+        match cmd {
+            AdminCommand::HostMaintenance { host, on } => {
+                let h = *self
+                    .host_index
+                    .get(&host)
+                    .ok_or(CommandError::UnknownHost(host))?;
+                let reason = if on {
+                    "maintenance on (admin): draining"
+                } else {
+                    "maintenance off (admin)"
+                };
+                self.set_host(h, |x| x.maintenance = on, reason);
+            }
+            AdminCommand::Freeze { vm } => {
+                let i = self.vm_of(&vm)?;
+                self.vms[i].frozen = true;
+            }
+            AdminCommand::Unfreeze { vm } => {
+                let i = self.vm_of(&vm)?;
+                self.vms[i].frozen = false;
+            }
+            AdminCommand::Clear { vm } => {
+                let i = self.vm_of(&vm)?;
+                self.vms[i].faults.clear();
+                self.vms[i].note = None;
+                if self.vms[i].cluster_fault.take().is_some() {
+                    self.set_vm_state(i, VmState::Unknown, "fault cleared by admin: re-armed");
+                }
+            }
+            AdminCommand::VmStart { vm } => {
+                let i = self.vm_of(&vm)?;
+                let rec = self.settled(i)?;
+                if rec.desired == Desired::Stop {
+                    let reason = "started by admin".to_string();
+                    let record = OwnerRecord {
+                        desired: Desired::Run,
+                        parked: false,
+                        ..rec
+                    };
+                    self.cas(i, record, reason.clone());
+                    self.set_vm_state(i, VmState::Starting, &reason);
+                }
+            }
+            AdminCommand::VmStop { vm } => {
+                let i = self.vm_of(&vm)?;
+                let rec = self.settled(i)?;
+                if rec.desired == Desired::Run {
+                    let reason = "stopped by admin".to_string();
+                    let record = OwnerRecord {
+                        desired: Desired::Stop,
+                        parked: false,
+                        ..rec
+                    };
+                    self.cas(i, record, reason.clone());
+                    self.set_vm_state(i, VmState::Stopping, &reason);
+                }
+            }
+            AdminCommand::VmMove { vm, to } => {
+                let i = self.vm_of(&vm)?;
+                let t = *self
+                    .host_index
+                    .get(&to)
+                    .ok_or_else(|| CommandError::UnknownHost(to.clone()))?;
+                if !self.vms[i].hosts.contains(&t) {
+                    return Err(CommandError::HostNotAcceptable {
+                        vm,
+                        host: to,
+                        acceptable: self.config.vms[i].hosts.clone(),
+                    });
+                }
+                let rec = self.settled(i)?;
+                if rec.owner.as_ref() == Some(&to) {
+                    return Err(CommandError::AlreadyThere { vm, host: to });
+                }
+                if let Some(why) = self.unavailable(i, t) {
+                    return Err(CommandError::HostUnavailable { vm, host: to, why });
+                }
+                let reason = format!("moved to {to} by admin");
+                let owner_down = rec
+                    .owner
+                    .as_ref()
+                    .and_then(|o| self.host_index.get(o))
+                    .is_none_or(|&h| self.hosts[h].lease == Some(false));
+                let record = if owner_down {
+                    Self::run_record(&to)
+                } else {
+                    OwnerRecord {
+                        desired: Desired::Stop,
+                        move_to: Some(to),
+                        parked: false,
+                        ..rec
+                    }
+                };
+                self.cas(i, record, reason.clone());
+                self.set_vm_state(i, VmState::FailingOver, &reason);
+            }
+            _ => return Err(CommandError::WrongReceiver("owner host's agent")),
+        }
+        self.reconcile();
+        Ok(())
     }
 
-    /// Call when `now` has reached [`Controller::poll_timeout`].
+    /// Call when `now` has reached [`Controller::poll_timeout`]: fault windows that ended are
+    /// forgotten and placement is re-evaluated (e.g. a failback to a host whose window ended).
     pub fn handle_timeout(&mut self, now: Timestamp) {
-        let _ = now;
-        todo!()
+        self.now = self.now.max(now);
+        let now = self.now;
+        for v in &mut self.vms {
+            let window = v.window_ms;
+            v.faults.retain(|_, t| now.since(*t) < window);
+        }
+        self.reconcile();
     }
 
-    /// The earliest time the controller needs [`Controller::handle_timeout`] (a fault window
-    /// ending for a VM that waits for a host), if any.
+    /// The earliest time a fault window ends (then [`Controller::handle_timeout`] is due), if
+    /// any fault is remembered.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        todo!()
+        self.vms
+            .iter()
+            .flat_map(|v| v.faults.values().map(move |t| t.plus_ms(v.window_ms)))
+            .min()
     }
 
     /// The next action.
@@ -228,16 +1001,77 @@ impl Controller {
 
     /// The controller's view of hosts and VM groups.
     pub fn status(&self) -> ControllerStatus {
-        todo!()
+        ControllerStatus {
+            hosts: self
+                .hosts
+                .iter()
+                .map(|h| HostView {
+                    name: h.name.clone(),
+                    state: h.state(),
+                    capacity_mb: h.capacity,
+                    used_mb: h.used,
+                })
+                .collect(),
+            vms: self
+                .vms
+                .iter()
+                .map(|v| ClusterVmView {
+                    name: v.name.clone(),
+                    state: v.state,
+                    record: v.record.clone().flatten(),
+                    revision: v.revision,
+                    frozen: v.frozen,
+                    faulted_on: v
+                        .faults
+                        .iter()
+                        .map(|(h, t)| (self.hosts[*h].name.clone(), *t))
+                        .collect(),
+                    note: v.cluster_fault.clone().or_else(|| v.note.clone()),
+                })
+                .collect(),
+        }
     }
 
     /// The persistent state (see [`ControllerState`]).
     pub fn state(&self) -> ControllerState {
-        todo!()
+        ControllerState {
+            maintenance: self
+                .hosts
+                .iter()
+                .filter(|h| h.maintenance)
+                .map(|h| h.name.clone())
+                .collect(),
+            frozen: self
+                .vms
+                .iter()
+                .filter(|v| v.frozen)
+                .map(|v| v.name.clone())
+                .collect(),
+            faults: self
+                .vms
+                .iter()
+                .flat_map(|v| {
+                    v.faults
+                        .iter()
+                        .map(|(h, t)| (v.name.clone(), self.hosts[*h].name.clone(), *t))
+                })
+                .collect(),
+            faulted: self
+                .vms
+                .iter()
+                .filter_map(|v| v.cluster_fault.clone().map(|w| (v.name.clone(), w)))
+                .collect(),
+        }
     }
 
     /// `true` once after anything in [`Controller::state`] changed; resets the flag.
     pub fn take_state_changed(&mut self) -> bool {
-        todo!()
+        let now = self.state();
+        if now == self.saved {
+            false
+        } else {
+            self.saved = now;
+            true
+        }
     }
 }

@@ -19,6 +19,7 @@ use crate::host_io::{HostAction, HostInput};
 use crate::persist::HostAgentState;
 use crate::status::HostStatus;
 use crate::time::Timestamp;
+use crate::vm_monitor::{Out, VmMonitor};
 
 /// Why a host agent could not be created.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,23 +34,50 @@ pub enum HostAgentError {
 pub struct HostAgent {
     config: Arc<Config>,
     host: Name,
+    vms: Vec<VmMonitor>,
+    lease_live: bool,
+    next_id: u64,
+    now: Timestamp,
     actions: VecDeque<HostAction>,
     events: VecDeque<Event>,
+    saved: HostAgentState,
 }
 
 impl HostAgent {
     /// Creates the agent of `host`, restoring admin flags, overrides, budgets and plans from
     /// `restored` (entries for VMs and apps no longer configured are ignored). Every VM starts
     /// in state `unknown`; nothing is started or stopped before the VM's
-    /// [`HostInput::Ownership`] and a [`HostInput::VmObserved`] arrive.
+    /// [`HostInput::Ownership`], a [`HostInput::VmObserved`] and a live
+    /// [`HostInput::Lease`] arrive.
     pub fn new(
         config: Arc<Config>,
         host: Name,
         restored: Option<HostAgentState>,
         now: Timestamp,
     ) -> Result<HostAgent, HostAgentError> {
-        let _ = (config, host, restored, now);
-        todo!()
+        if config.host(host.as_str()).is_none() {
+            return Err(HostAgentError::UnknownHost(host));
+        }
+        let restored = restored.unwrap_or_default();
+        let vms: Vec<VmMonitor> = config
+            .vms
+            .iter()
+            .filter(|v| v.hosts.contains(&host))
+            .map(|v| VmMonitor::new(v, restored.vms.get(&v.name), now))
+            .collect();
+        let mut agent = HostAgent {
+            config,
+            host,
+            vms,
+            lease_live: false,
+            next_id: 0,
+            now,
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+            saved: HostAgentState::default(),
+        };
+        agent.saved = agent.state();
+        Ok(agent)
     }
 
     /// This host's name.
@@ -62,30 +90,144 @@ impl HostAgent {
         &self.config
     }
 
+    fn with_vm<R>(
+        &mut self,
+        now: Timestamp,
+        i: usize,
+        f: impl FnOnce(&mut VmMonitor, &mut Out<'_>) -> R,
+    ) -> R {
+        self.now = self.now.max(now);
+        let mut out = Out {
+            now: self.now,
+            host: &self.host,
+            lease_live: self.lease_live,
+            actions: &mut self.actions,
+            events: &mut self.events,
+            next_id: &mut self.next_id,
+        };
+        f(&mut self.vms[i], &mut out)
+    }
+
+    fn vm_index(&self, vm: &Name) -> Option<usize> {
+        self.vms.iter().position(|v| &v.name == vm)
+    }
+
     /// Feeds one input observed at `now`. Inputs about unknown VMs, unknown apps or stale
     /// action ids are ignored.
     pub fn handle_input(&mut self, now: Timestamp, input: HostInput) {
-        let _ = (now, input);
-        todo!()
+        match input {
+            HostInput::Lease { live } => {
+                if self.lease_live == live {
+                    return;
+                }
+                self.lease_live = live;
+                for i in 0..self.vms.len() {
+                    self.with_vm(now, i, |v, out| v.on_lease(out));
+                }
+            }
+            HostInput::ProbeResult { id, vm, outcomes } => {
+                if let Some(i) = self.vm_index(&vm) {
+                    self.with_vm(now, i, |v, out| v.on_probe_result(out, id, &outcomes));
+                }
+            }
+            HostInput::GuestUnreachable { vm } => {
+                if let Some(i) = self.vm_index(&vm) {
+                    self.with_vm(now, i, |v, out| v.on_guest_unreachable(out));
+                }
+            }
+            HostInput::ActionResult { id, result } => {
+                if let Some(i) = self.vms.iter().position(|v| v.owns(id)) {
+                    self.with_vm(now, i, |v, out| v.on_action_result(out, id, result));
+                }
+            }
+            HostInput::VmObserved { vm, kind } => {
+                if let Some(i) = self.vm_index(&vm) {
+                    self.with_vm(now, i, |v, out| v.on_observed(out, kind));
+                }
+            }
+            HostInput::GuestChannel { vm, up } => {
+                if let Some(i) = self.vm_index(&vm) {
+                    self.with_vm(now, i, |v, out| v.on_guest_channel(out, up));
+                }
+            }
+            HostInput::Ownership { vm, owner, desired } => {
+                if let Some(i) = self.vm_index(&vm) {
+                    self.with_vm(now, i, |v, out| v.on_ownership(out, owner, desired));
+                }
+            }
+        }
     }
 
     /// Applies an admin command routed to this host ([`crate::Route::OwnerHost`] or
     /// [`crate::Route::Both`]). On `Err` nothing changed.
     pub fn command(&mut self, now: Timestamp, cmd: AdminCommand) -> Result<(), CommandError> {
-        let _ = (now, cmd);
-        todo!()
+        use AdminCommand as C;
+        if cmd.route() == crate::Route::Controller {
+            return Err(CommandError::WrongReceiver("cluster controller"));
+        }
+        let Some(vm) = cmd.vm().cloned() else {
+            return Err(CommandError::WrongReceiver("cluster controller"));
+        };
+        let Some(i) = self.vm_index(&vm) else {
+            return Err(if self.config.vm(vm.as_str()).is_some() {
+                CommandError::NotOwner {
+                    vm,
+                    host: self.host.clone(),
+                }
+            } else {
+                CommandError::UnknownVm(vm)
+            });
+        };
+        let host = self.host.clone();
+        self.with_vm(now, i, |v, out| {
+            match &cmd {
+                C::Freeze { .. } => v.freeze(true, out),
+                C::Unfreeze { .. } => v.freeze(false, out),
+                C::Clear { .. } => v.clear(out),
+                _ => {
+                    v.check_owner(&host)?;
+                    match cmd {
+                        C::AppOffline {
+                            app, auto_clear, ..
+                        } => v.app_offline(out, &app, auto_clear)?,
+                        C::AppOnline { app, .. } => v.app_online(out, &app)?,
+                        C::AppStart { app, .. } => v.app_start(out, &app)?,
+                        C::AppStop { app, .. } => v.app_stop(out, &app)?,
+                        C::VmRestart { .. } => v.vm_restart(out)?,
+                        C::SetPriority { app, priority, .. } => {
+                            v.set_priority(out, &app, priority)?
+                        }
+                        C::SetAppBudget {
+                            app,
+                            restart_limit,
+                            restart_window_ms,
+                            ..
+                        } => v.set_app_budget(&app, restart_limit, restart_window_ms)?,
+                        C::SetVmBudget {
+                            vm_restart_limit,
+                            vm_restart_window_ms,
+                            ..
+                        } => v.set_vm_budget(vm_restart_limit, vm_restart_window_ms)?,
+                        C::SetPolicy { policy, tie, .. } => v.set_policy(out, policy, tie),
+                        _ => return Err(CommandError::WrongReceiver("cluster controller")),
+                    }
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Call when `now` has reached [`HostAgent::poll_timeout`] (calling earlier or later is
     /// harmless: due work is done, nothing else).
     pub fn handle_timeout(&mut self, now: Timestamp) {
-        let _ = now;
-        todo!()
+        for i in 0..self.vms.len() {
+            self.with_vm(now, i, |v, out| v.on_timeout(out));
+        }
     }
 
     /// The earliest time the agent needs [`HostAgent::handle_timeout`], if any.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        todo!()
+        self.vms.iter().filter_map(VmMonitor::poll_timeout).min()
     }
 
     /// The next action to perform, in the order decided.
@@ -98,18 +240,33 @@ impl HostAgent {
         self.events.pop_front()
     }
 
-    /// A view of every VM group and app on this host.
+    /// A view of every VM group and app on this host (budget counts as of the latest `now`).
     pub fn status(&self) -> HostStatus {
-        todo!()
+        HostStatus {
+            host: self.host.clone(),
+            vms: self.vms.iter().map(|v| v.status(self.now)).collect(),
+        }
     }
 
     /// The persistent state (see [`HostAgentState`]).
     pub fn state(&self) -> HostAgentState {
-        todo!()
+        HostAgentState {
+            vms: self
+                .vms
+                .iter()
+                .map(|v| (v.name.clone(), v.persist()))
+                .collect(),
+        }
     }
 
     /// `true` once after anything in [`HostAgent::state`] changed; resets the flag.
     pub fn take_state_changed(&mut self) -> bool {
-        todo!()
+        let now = self.state();
+        if now == self.saved {
+            false
+        } else {
+            self.saved = now;
+            true
+        }
     }
 }

@@ -98,6 +98,13 @@ pub enum HostInput {
         /// Connected.
         up: bool,
     },
+    /// This host's lease in the cluster store: `live = false` once it has not been renewed for
+    /// `ttl - fence_margin` — the agent then kills every VM on this host (self-fencing, even
+    /// frozen ones) and starts none until `live = true` again. A new agent assumes no live lease.
+    Lease {
+        /// Lease live.
+        live: bool,
+    },
     /// The ownership record of a VM group as stored (initially and on every change).
     /// `owner == None` means nobody may run it. Until this arrives for a VM, the agent
     /// never starts or stops that VM.
