@@ -616,13 +616,14 @@ impl Resolver<'_> {
         let (Driver::Qemu(q), Some(span)) = (driver, memory_span) else {
             return Ok(());
         };
-        let declared: Vec<u64> = hosts
+        // `None` as soon as one acceptable host does not declare its memory.
+        let largest = hosts
             .iter()
             .map(|h| host_memory.get(h.get_ref().as_str()).copied().flatten())
             .collect::<Option<Vec<u64>>>()
-            .unwrap_or_default();
-        match declared.iter().max() {
-            Some(&largest) if declared.len() == hosts.len() && q.memory_mb > largest => {
+            .and_then(|declared| declared.into_iter().max());
+        match largest {
+            Some(largest) if q.memory_mb > largest => {
                 Err(self.err(
                     span,
                     ErrorKind::OutOfRange,

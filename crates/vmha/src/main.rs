@@ -9,7 +9,12 @@ mod config_cmd;
 
 /// Application-aware high availability for KVM/QEMU VMs.
 #[derive(Debug, Parser)]
-#[command(name = "vmha", version, about, propagate_version = true)]
+#[command(
+    name = "vmha",
+    version,
+    propagate_version = true,
+    after_help = "Exit codes: 0 success, 2 invalid configuration or usage error, 1 other failure."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

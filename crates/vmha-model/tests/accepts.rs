@@ -1,0 +1,57 @@
+//! Edge cases the parser must accept (the rejections live in `tests/bad/`).
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use vmha_model::{Config, Driver, Policy};
+
+fn parse(text: &str) -> Config {
+    Config::from_toml_str(text, "<test>").unwrap_or_else(|e| panic!("{e}\n---\n{text}"))
+}
+
+const ETCD: &str = "[cluster]\nname = \"c\"\nstore = \"etcd\"\nendpoints = [\"https://e:2379\"]\n";
+
+#[test]
+fn a_host_without_declared_memory_can_take_any_vm() {
+    let c = parse(&format!(
+        "{ETCD}[[host]]\nname = \"small\"\nmemory_mb = 128\n[[host]]\nname = \"unknown\"\n\
+         [[vm]]\nname = \"big\"\nhosts = [\"small\", \"unknown\"]\n[vm.qemu]\nmemory_mb = 4096\ndisk = \"/b\"\n"
+    ));
+    assert_eq!(c.vm("big").unwrap().memory_mb(), 4096);
+}
+
+#[test]
+fn driver_is_inferred_from_the_table_and_libvirt_needs_none() {
+    let c = parse(
+        "[cluster]\nname = \"c\"\n[[host]]\nname = \"h\"\n\
+         [[vm]]\nname = \"q\"\nhosts = [\"h\"]\n[vm.qemu]\nkernel = \"/k\"\nappend = \"console=ttyS0\"\n\
+         [[vm]]\nname = \"l\"\nhosts = [\"h\"]\ndriver = \"libvirt\"\n",
+    );
+    assert!(matches!(&c.vm("q").unwrap().driver, Driver::Qemu(q) if q.disks.is_empty()));
+    assert!(matches!(&c.vm("l").unwrap().driver, Driver::Libvirt(l) if l.domain == "l"));
+}
+
+#[test]
+fn critical_policy_without_apps_is_plain_vm_ha() {
+    let c = parse(
+        "[cluster]\nname = \"c\"\n[[host]]\nname = \"h\"\n\
+         [[vm]]\nname = \"v\"\nhosts = [\"h\"]\npolicy = \"critical\"\n[vm.qemu]\ndisk = \"/v\"\n",
+    );
+    assert_eq!(c.vm("v").unwrap().policy, Policy::Critical);
+}
+
+#[test]
+fn requires_may_form_a_diamond() {
+    let app = |name: &str, requires: &str| {
+        format!(
+            "[[vm.app]]\nname = \"{name}\"\ncheck = [\"c\"]\nstart = [\"s\"]\nrequires = [{requires}]\n"
+        )
+    };
+    let c = parse(&format!(
+        "[cluster]\nname = \"c\"\n[[host]]\nname = \"h\"\n[[vm]]\nname = \"v\"\nhosts = [\"h\"]\n\
+         [vm.qemu]\ndisk = \"/v\"\n{}{}{}{}",
+        app("top", "\"left\", \"right\""),
+        app("left", "\"base\""),
+        app("right", "\"base\""),
+        app("base", ""),
+    ));
+    assert_eq!(c.vm("v").unwrap().app("top").unwrap().requires.len(), 2);
+}
