@@ -263,6 +263,7 @@ name = "v"
 hosts = ["h"]
 [vm.qemu]
 memory_mb = 64
+disk = "/d.qcow2"
 [[vm.app]]
 name = "a"
 check = ["c"]

@@ -839,6 +839,10 @@ impl VmMonitor {
             self.reconcile(out);
             return;
         }
+        // Whatever ownership we knew may be stale once the lease is lost: nothing is started
+        // again before a fresh record arrives.
+        self.owner = None;
+        self.desired = None;
         if self.run == Run::Stopped {
             self.cancel_plan();
             return;
@@ -1201,7 +1205,11 @@ impl VmMonitor {
         // Not the owner.
         if self.run == Run::Stopped {
             if !matches!(self.state, VmState::Offline | VmState::Faulted) {
-                self.set_state(out, VmState::Offline, "not the owner");
+                let r = match self.owner.clone().flatten() {
+                    Some(o) => format!("owned by {o}"),
+                    None => "no owner assigned yet".to_string(),
+                };
+                self.set_state(out, VmState::Offline, &r);
             }
             return;
         }
