@@ -415,22 +415,52 @@ impl Controller {
             },
             reason,
         );
+        self.account(i, false);
         self.vms[i].cas = Some((id, record));
+        self.account(i, true);
+    }
+
+    /// The record that counts for memory: the one being written, else the stored one.
+    fn effective(&self, i: usize) -> Option<&OwnerRecord> {
+        match &self.vms[i].cas {
+            Some((_, rec)) => Some(rec),
+            None => self.vms[i].record.as_ref().and_then(Option::as_ref),
+        }
+    }
+
+    /// Adds (or removes) VM `i`'s memory on the hosts its effective record takes.
+    fn account(&mut self, i: usize, add: bool) {
+        let Some(rec) = self.effective(i) else {
+            return;
+        };
+        let memory = self.vms[i].memory;
+        for h in takes(rec, &self.host_index).into_iter().flatten() {
+            let used = &mut self.hosts[h].used;
+            *used = if add {
+                used.saturating_add(memory)
+            } else {
+                used.saturating_sub(memory)
+            };
+        }
     }
 
     fn set_record(&mut self, i: usize, record: Option<OwnerRecord>, revision: u64) {
-        if let Some(Some(old)) = &self.vms[i].record {
-            for h in takes(old, &self.host_index).into_iter().flatten() {
-                self.hosts[h].used = self.hosts[h].used.saturating_sub(self.vms[i].memory);
-            }
-        }
-        if let Some(new) = &record {
-            for h in takes(new, &self.host_index).into_iter().flatten() {
-                self.hosts[h].used = self.hosts[h].used.saturating_add(self.vms[i].memory);
-            }
-        }
+        self.account(i, false);
         self.vms[i].record = Some(record);
         self.vms[i].revision = revision;
+        self.account(i, true);
+    }
+
+    fn finish_cas(&mut self, i: usize, revision: Option<u64>) {
+        self.account(i, false);
+        let pending = self.vms[i].cas.take();
+        if let (Some(rev), Some((_, rec))) = (revision, pending)
+            && rev >= self.vms[i].revision
+        {
+            self.vms[i].record = Some(Some(rec));
+            self.vms[i].revision = rev;
+        }
+        self.account(i, true);
     }
 
     fn fault_cluster(&mut self, i: usize, why: String) {
@@ -481,7 +511,7 @@ impl Controller {
     /// Free memory on `h` for VM `i` (not counting what `i` itself takes there).
     fn free(&self, i: usize, h: usize, cap: u64) -> u64 {
         let mut used = self.hosts[h].used;
-        if let Some(Some(rec)) = &self.vms[i].record
+        if let Some(rec) = self.effective(i)
             && takes(rec, &self.host_index).contains(&Some(h))
         {
             used = used.saturating_sub(self.vms[i].memory);
@@ -782,7 +812,7 @@ impl Controller {
                 if !is_owner {
                     return;
                 }
-                if report.state == VmState::Faulted {
+                if report.state == VmState::Faulted && !self.vms[i].frozen {
                     self.vms[i].faults.insert(h, self.now);
                 }
                 let moving = matches!(
@@ -828,11 +858,7 @@ impl Controller {
                 else {
                     return;
                 };
-                if let (Some(rev), Some((_, rec))) = (revision, self.vms[i].cas.take())
-                    && rev >= self.vms[i].revision
-                {
-                    self.set_record(i, Some(rec), rev);
-                }
+                self.finish_cas(i, revision);
             }
         }
         self.reconcile();

@@ -206,6 +206,7 @@ pub struct Sim {
     violations: Vec<String>,
     restarts: Vec<Restart>,
     actions: Vec<(Timestamp, Name, HostAction)>,
+    decisions: BTreeMap<(Name, Name), (Timestamp, String)>,
 }
 
 /// Time a simulated guest takes to bring its channel up after the VM starts.
@@ -295,6 +296,7 @@ impl Sim {
             violations: Vec::new(),
             restarts: Vec::new(),
             actions: Vec::new(),
+            decisions: BTreeMap::new(),
         };
         for h in 0..sim.hosts.len() {
             sim.connect_host(h);
@@ -481,11 +483,17 @@ impl Sim {
             let mut progress = false;
             for h in 0..self.hosts.len() {
                 if let Some(agent) = self.hosts[h].agent.as_mut() {
+                    let mut any = false;
                     while let Some(e) = agent.poll_event() {
                         self.log.push(e.to_string());
+                        any = true;
                     }
                     if agent.take_state_changed() {
                         self.hosts[h].saved = agent.state();
+                        any = true;
+                    }
+                    if any {
+                        self.log_decisions(h);
                     }
                 }
                 loop {
@@ -523,6 +531,31 @@ impl Sim {
         }
         self.violations
             .push(format!("{} livelock: inputs never settle", self.now));
+    }
+
+    /// Logs decision-agent runs that changed nothing (those that did are event reasons).
+    fn log_decisions(&mut self, h: usize) {
+        let Some(agent) = self.hosts[h].agent.as_ref() else {
+            return;
+        };
+        let host = self.hosts[h].name.clone();
+        for vm in agent.status().vms {
+            let Some(last) = vm.decisions.last() else {
+                continue;
+            };
+            let key = (host.clone(), vm.name.clone());
+            let seen = (last.time, last.reason.clone());
+            if self.decisions.get(&key) == Some(&seen) {
+                continue;
+            }
+            if last.verdict == crate::Verdict::NoAction {
+                self.log.push(format!(
+                    "{} {host} {} decision: {}",
+                    last.time, vm.name, last.reason
+                ));
+            }
+            self.decisions.insert(key, seen);
+        }
     }
 
     fn check_single_run(&mut self) {
@@ -996,11 +1029,13 @@ impl Sim {
             }),
             Route::OwnerHost => match owner.and_then(|h| self.hosts[h].agent.as_mut()) {
                 Some(agent) => agent.command(now, cmd),
-                None => Err(crate::CommandError::Busy(
-                    cmd.vm()
-                        .cloned()
-                        .unwrap_or_else(|| self.hosts[0].name.clone()),
-                )),
+                None => match cmd.vm() {
+                    Some(vm) if self.config.vm(vm.as_str()).is_none() => {
+                        Err(crate::CommandError::UnknownVm(vm.clone()))
+                    }
+                    Some(vm) => Err(crate::CommandError::Busy(vm.clone())),
+                    None => Err(crate::CommandError::WrongReceiver("cluster controller")),
+                },
             },
         };
         match result {

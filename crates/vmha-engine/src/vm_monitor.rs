@@ -503,6 +503,8 @@ impl VmMonitor {
                 for i in 0..self.apps.len() {
                     self.apps[i].op = None;
                     self.apps[i].timeouts = 0;
+                    // A fresh guest re-arms the in-guest restart budget.
+                    self.apps[i].budget.reset();
                     if self.apps[i].offline.is_some() {
                         self.set_app(
                             out,
@@ -1165,7 +1167,11 @@ impl VmMonitor {
                         self.begin(out, Intent::Restart, &steps);
                         return;
                     }
-                    let r = format!("owner {}, desired run: starting", out.host);
+                    let r = if self.state == VmState::Faulted {
+                        format!("fault cleared; owner {}, desired run: starting", out.host)
+                    } else {
+                        format!("owner {}, desired run: starting", out.host)
+                    };
                     self.set_state(out, VmState::Starting, &r);
                     let steps = self.start_steps();
                     self.begin(out, Intent::Start, &steps);
@@ -1552,6 +1558,7 @@ impl VmMonitor {
                 a.next_probe = out.now;
             }
         }
+        self.reconcile(out);
         if self.state == VmState::Faulted && self.plan.is_none() {
             let next = if self.run == Run::Running {
                 VmState::Online
@@ -1560,7 +1567,6 @@ impl VmMonitor {
             };
             self.set_state(out, next, "fault cleared by admin: budgets re-armed");
         }
-        self.reconcile(out);
     }
 
     pub fn set_priority(
