@@ -1,2 +1,104 @@
-//! vmhad: the host daemon.
-fn main() {}
+//! `vmhad`: the vmha host daemon.
+//!
+//! Loads the cluster configuration (refusing to start, touching nothing, if it is invalid),
+//! opens the cluster store, adopts the VMs already running on this host, and then drives the
+//! engine's agents — VM monitor, app monitors, decision agent and (when elected) the cluster
+//! controller — executing their actions through the QEMU driver and serving the local API.
+//! SIGTERM / SIGINT stop the daemon and leave the VMs running unless `--stop-vms-on-exit`.
+
+mod api;
+mod daemon;
+mod executor;
+mod host;
+mod store_io;
+mod vm_slot;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmha_model::Config;
+
+/// Command-line options of vmhad.
+#[derive(Debug, Parser)]
+#[command(name = "vmhad", version, about = "vmha host daemon")]
+pub struct Options {
+    /// The cluster configuration file (TOML).
+    #[arg(long, short = 'c', default_value = "/etc/vmha/vmha.toml")]
+    pub config: PathBuf,
+    /// Which `[[host]]` of the configuration this daemon is (default: the only host, or the
+    /// one named like this machine's hostname).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Overrides `cluster.state_dir` (embedded store, API socket).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Overrides `cluster.runtime_dir` (QMP/QGA sockets, pidfiles, console logs).
+    #[arg(long)]
+    pub runtime_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "human")]
+    pub log_format: LogFormat,
+    /// Stop this host's VMs gracefully when the daemon exits (default: leave them running).
+    #[arg(long)]
+    pub stop_vms_on_exit: bool,
+}
+
+/// How logs are written to stderr.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMHA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let options = Options::parse();
+    init_logging(options.log_format);
+    let config = match Config::from_file(&options.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmhad: invalid configuration, not starting:\n{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let host = match host::select(&config, options.host.as_deref()) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("vmhad: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmhad: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(daemon::run(config, host, options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("vmhad stopped: {e:#}");
+            eprintln!("vmhad: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! One VM of this host as the driver sees it: its QEMU (launched or adopted), the pump that
+//! turns its QMP events into VM monitor inputs, and the watcher of its guest channel.
+//!
+//! Every operation here is idempotent: starting a running VM, stopping a stopped one or
+//! killing a dead one succeeds without doing anything.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Mutex, Notify, mpsc};
+use vmha_engine::{HostInput, VmObservation};
+use vmha_model::{Accel, Driver, Name, Vm};
+use vmha_qemu::{
+    DriverConfig, ExecRequest, ExitStatus, LaunchSpec, ProbeResult, QemuVm, QgaClient, QmpEvent,
+    RunStatus, VmEvent, VmStatus,
+};
+
+use crate::daemon::Msg;
+
+/// Why a driver operation failed (reported to the engine as the action's error text).
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    /// The VM's driver is not supported by this build.
+    #[error("VM {0}: driver `libvirt` is not supported by this vmhad build")]
+    UnsupportedDriver(Name),
+    /// The guest channel is not connected.
+    #[error("guest channel of VM {0} is not available")]
+    NoGuest(Name),
+    /// QEMU failed.
+    #[error(transparent)]
+    Vm(#[from] vmha_qemu::VmError),
+    /// The guest agent failed.
+    #[error(transparent)]
+    Guest(#[from] vmha_qemu::QgaError),
+    /// A guest command failed.
+    #[error("{0}")]
+    Command(String),
+}
+
+/// Time a start/stop command of an app may take in the guest.
+const APP_COMMAND_DEADLINE: Duration = Duration::from_secs(30);
+/// Guest channel ping period while it is down (boot, agent restart).
+const GUEST_DOWN_PERIOD: Duration = Duration::from_millis(250);
+/// Guest channel ping period while it is up and no probe proved it recently.
+const GUEST_UP_PERIOD: Duration = Duration::from_secs(2);
+
+/// One VM of this host.
+pub struct VmSlot {
+    name: Name,
+    spec: Option<LaunchSpec>,
+    runtime_dir: PathBuf,
+    driver: DriverConfig,
+    qemu: Mutex<Option<QemuVm>>,
+    qga: std::sync::Mutex<Option<Arc<QgaClient>>>,
+    /// Bumped on every launch/adopt so pumps of an earlier QEMU fall silent.
+    generation: AtomicU64,
+    guest_up: AtomicBool,
+    /// Milliseconds (monotonic, since daemon start) of the last proof of a live guest channel.
+    guest_seen: AtomicU64,
+    poke: Notify,
+    tx: mpsc::Sender<Msg>,
+    epoch: tokio::time::Instant,
+}
+
+impl VmSlot {
+    /// A slot for `vm`, reporting to the core through `tx`.
+    pub fn new(vm: &Vm, runtime_dir: PathBuf, tx: mpsc::Sender<Msg>) -> Arc<Self> {
+        let slot = Arc::new(VmSlot {
+            name: vm.name.clone(),
+            spec: launch_spec(vm),
+            runtime_dir,
+            driver: DriverConfig::default(),
+            qemu: Mutex::new(None),
+            qga: std::sync::Mutex::new(None),
+            generation: AtomicU64::new(0),
+            guest_up: AtomicBool::new(false),
+            guest_seen: AtomicU64::new(0),
+            poke: Notify::new(),
+            tx,
+            epoch: tokio::time::Instant::now(),
+        });
+        tokio::spawn(guest_watcher(Arc::clone(&slot)));
+        slot
+    }
+
+    async fn send(&self, input: HostInput) {
+        // The core is gone only when the daemon exits.
+        let _ = self.tx.send(Msg::Host(input)).await;
+    }
+
+    fn qga(&self) -> Option<Arc<QgaClient>> {
+        self.qga.lock().ok().and_then(|g| g.clone())
+    }
+
+    fn mark_guest_seen(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.guest_seen.store(ms, Ordering::Relaxed);
+    }
+
+    /// Installs a launched or adopted QEMU and starts pumping its events.
+    fn install(self: &Arc<Self>, slot: &mut Option<QemuVm>, mut vm: QemuVm) {
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Ok(mut g) = self.qga.lock() {
+            *g = Some(vm.qga());
+        }
+        self.guest_up.store(false, Ordering::SeqCst);
+        if let Some(events) = vm.take_events() {
+            tokio::spawn(pump(Arc::clone(self), generation, events));
+        }
+        *slot = Some(vm);
+        self.poke.notify_one();
+    }
+
+    /// Reattaches to a QEMU left running by an earlier daemon and reports what it found.
+    pub async fn adopt(self: &Arc<Self>) {
+        let mut guard = self.qemu.lock().await;
+        let observation =
+            match QemuVm::adopt(&self.runtime_dir, self.name.as_str(), &self.driver).await {
+                Ok(vm) => {
+                    let obs = observation_of(&vm.status().await);
+                    tracing::info!(vm = %self.name, pid = vm.pid(), "adopted running VM");
+                    self.install(&mut guard, vm);
+                    obs
+                }
+                Err(e) => {
+                    tracing::debug!(vm = %self.name, "nothing to adopt: {e}");
+                    VmObservation::Gone
+                }
+            };
+        drop(guard);
+        self.send(HostInput::VmObserved {
+            vm: self.name.clone(),
+            kind: observation,
+        })
+        .await;
+    }
+
+    /// Starts the VM; `Ok` once QEMU runs (the guest may still be booting).
+    pub async fn start(self: &Arc<Self>) -> Result<(), SlotError> {
+        let spec = self
+            .spec
+            .as_ref()
+            .ok_or_else(|| SlotError::UnsupportedDriver(self.name.clone()))?;
+        let mut guard = self.qemu.lock().await;
+        if guard.as_ref().is_some_and(|vm| !vm.is_gone()) {
+            return Ok(());
+        }
+        let vm = QemuVm::launch(spec, &self.runtime_dir, &self.driver).await?;
+        tracing::info!(vm = %self.name, pid = vm.pid(), "QEMU started");
+        self.install(&mut guard, vm);
+        Ok(())
+    }
+
+    /// Stops the VM gracefully, forcing after `timeout`; `Ok` once QEMU is gone.
+    pub async fn stop(&self, timeout: Duration) -> Result<(), SlotError> {
+        let mut guard = self.qemu.lock().await;
+        if let Some(vm) = guard.as_mut() {
+            let how = vm.stop(timeout).await?;
+            tracing::info!(vm = %self.name, ?how, "VM stopped");
+        }
+        *guard = None;
+        Ok(())
+    }
+
+    /// Kills QEMU at once; `Ok` once it is gone.
+    pub async fn kill(&self) -> Result<(), SlotError> {
+        let mut guard = self.qemu.lock().await;
+        if let Some(vm) = guard.as_mut() {
+            vm.kill().await?;
+            tracing::warn!(vm = %self.name, "VM killed");
+        }
+        *guard = None;
+        Ok(())
+    }
+
+    /// `query-status` as a VM monitor observation (the periodic safety poll).
+    pub async fn poll_status(&self) -> VmObservation {
+        let guard = self.qemu.lock().await;
+        match guard.as_ref() {
+            Some(vm) => observation_of(&vm.status().await),
+            None => VmObservation::Gone,
+        }
+    }
+
+    /// Runs an app's start or stop command in the guest; `Ok` iff it exits 0.
+    pub async fn run_app_command(&self, argv: &[String]) -> Result<(), SlotError> {
+        let qga = self
+            .qga()
+            .ok_or_else(|| SlotError::NoGuest(self.name.clone()))?;
+        let mut request = ExecRequest::new(argv.iter().cloned());
+        request.deadline = APP_COMMAND_DEADLINE;
+        request.output_cap = 4096;
+        let out = qga.exec(&request).await?;
+        self.mark_guest_seen();
+        match out.status {
+            ExitStatus::Code(0) => Ok(()),
+            status => {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                let stderr: String = stderr
+                    .chars()
+                    .filter(|c| !c.is_control() || *c == ' ')
+                    .take(200)
+                    .collect();
+                let how = match status {
+                    ExitStatus::Code(c) => format!("exited {c}"),
+                    ExitStatus::Signal(s) => format!("killed by signal {s}"),
+                };
+                Err(SlotError::Command(if stderr.trim().is_empty() {
+                    format!("`{}` {how}", argv.join(" "))
+                } else {
+                    format!("`{}` {how}: {}", argv.join(" "), stderr.trim())
+                }))
+            }
+        }
+    }
+
+    /// Runs the checks of all due apps in one guest round trip.
+    pub async fn probe(
+        &self,
+        checks: &[vmha_engine::ProbeCheck],
+    ) -> Result<Vec<(Name, vmha_engine::ProbeOutcome)>, SlotError> {
+        use vmha_engine::ProbeOutcome as O;
+        let qga = self
+            .qga()
+            .ok_or_else(|| SlotError::NoGuest(self.name.clone()))?;
+        let driver_checks: Vec<vmha_qemu::ProbeCheck> = checks
+            .iter()
+            .map(|c| vmha_qemu::ProbeCheck {
+                name: c.app.to_string(),
+                argv: c.argv.clone(),
+                timeout: c.timeout,
+            })
+            .collect();
+        let outcomes = qga
+            .probe(&driver_checks, Duration::from_secs(2))
+            .await
+            .map_err(|vmha_qemu::ProbeError::Channel(e)| SlotError::Guest(e))?;
+        self.mark_guest_seen();
+        Ok(checks
+            .iter()
+            .zip(outcomes)
+            .map(|(check, outcome)| {
+                let o = match outcome.result {
+                    ProbeResult::Running => O::Running,
+                    ProbeResult::NotRunning(ExitStatus::Code(c)) => O::NotRunning { exit: c },
+                    ProbeResult::NotRunning(ExitStatus::Signal(s)) => {
+                        O::NotRunning { exit: 128 + s }
+                    }
+                    // Unknown = no trustworthy answer: counts like a timeout (probe_failures).
+                    ProbeResult::TimedOut | ProbeResult::Unknown(_) => O::TimedOut,
+                };
+                (check.app.clone(), o)
+            })
+            .collect())
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &Name {
+        &self.name
+    }
+
+    /// Whether the guest channel is believed up.
+    pub fn guest_up(&self) -> bool {
+        self.guest_up.load(Ordering::SeqCst)
+    }
+}
+
+/// Maps the configuration of a `qemu` VM onto the driver's launch spec (`None` for libvirt).
+fn launch_spec(vm: &Vm) -> Option<LaunchSpec> {
+    let Driver::Qemu(q) = &vm.driver else {
+        return None;
+    };
+    Some(LaunchSpec {
+        name: vm.name.to_string(),
+        memory_mb: u32::try_from(q.memory_mb).unwrap_or(u32::MAX),
+        cpus: q.cpus,
+        disks: q
+            .disks
+            .iter()
+            .map(|d| vmha_qemu::Disk {
+                path: d.path.clone(),
+                format: serde_plain(&d.format),
+                cache: serde_plain(&d.cache),
+            })
+            .collect(),
+        kernel: q.kernel.clone(),
+        initrd: q.initrd.clone(),
+        append: q.append.clone(),
+        accel: match q.accel {
+            Accel::Auto => vmha_qemu::Accel::Auto,
+            Accel::Kvm => vmha_qemu::Accel::Kvm,
+            Accel::Tcg => vmha_qemu::Accel::Tcg,
+        },
+        extra_args: q.extra_args.clone(),
+    })
+}
+
+/// The config spelling of a unit enum (`"qcow2"`, `"none"`), as QEMU also spells it.
+fn serde_plain<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn observation_of(status: &VmStatus) -> VmObservation {
+    match status {
+        VmStatus::Qemu(RunStatus { running: true, .. }) => VmObservation::Running,
+        VmStatus::Qemu(RunStatus { status, .. }) if status == "shutdown" => {
+            VmObservation::Stopped { by_guest: true }
+        }
+        VmStatus::Qemu(RunStatus { status, .. })
+            if status == "guest-panicked" || status == "internal-error" =>
+        {
+            VmObservation::Panicked
+        }
+        VmStatus::Qemu(_) => VmObservation::Paused,
+        VmStatus::Gone => VmObservation::Gone,
+        // A QEMU that does not answer QMP properly is still there; the next poll decides.
+        VmStatus::Unresponsive(_) => VmObservation::Running,
+    }
+}
+
+/// Turns one QEMU's events into VM monitor inputs until it is gone.
+async fn pump(slot: Arc<VmSlot>, generation: u64, mut events: mpsc::Receiver<VmEvent>) {
+    while let Some(event) = events.recv().await {
+        if slot.generation.load(Ordering::SeqCst) != generation {
+            return;
+        }
+        let kind = match event {
+            VmEvent::Exited(_) | VmEvent::Qmp(QmpEvent::Gone) => Some(VmObservation::Gone),
+            VmEvent::Qmp(QmpEvent::Shutdown { guest, .. }) => {
+                Some(VmObservation::Stopped { by_guest: guest })
+            }
+            VmEvent::Qmp(QmpEvent::Reset { .. }) => Some(VmObservation::Reset),
+            VmEvent::Qmp(QmpEvent::Stop) => Some(VmObservation::Paused),
+            VmEvent::Qmp(QmpEvent::Resume) => Some(VmObservation::Resumed),
+            VmEvent::Qmp(QmpEvent::GuestPanicked { .. } | QmpEvent::Watchdog { .. }) => {
+                Some(VmObservation::Panicked)
+            }
+            VmEvent::Qmp(QmpEvent::VserportChange { .. }) => {
+                slot.poke.notify_one();
+                None
+            }
+            VmEvent::Qmp(_) => None,
+        };
+        if let Some(kind) = kind {
+            let gone = kind == VmObservation::Gone;
+            if gone {
+                if let Ok(mut g) = slot.qga.lock() {
+                    *g = None;
+                }
+                slot.guest_up.store(false, Ordering::SeqCst);
+            }
+            slot.send(HostInput::VmObserved {
+                vm: slot.name.clone(),
+                kind,
+            })
+            .await;
+            if gone {
+                return;
+            }
+        }
+    }
+}
+
+/// Watches the guest channel: pings it while it is down (boot) or while no probe proved it
+/// alive recently, and reports each up/down transition.
+async fn guest_watcher(slot: Arc<VmSlot>) {
+    loop {
+        let up = slot.guest_up();
+        let period = if up {
+            GUEST_UP_PERIOD
+        } else {
+            GUEST_DOWN_PERIOD
+        };
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            () = slot.poke.notified() => {}
+        }
+        if slot.tx.is_closed() {
+            return;
+        }
+        let Some(qga) = slot.qga() else {
+            continue;
+        };
+        let now_ms = u64::try_from(slot.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let seen = slot.guest_seen.load(Ordering::Relaxed);
+        if up && now_ms.saturating_sub(seen) < 2_000 {
+            continue;
+        }
+        // While up, a long probe may hold the channel: only a long silence counts as loss.
+        let timeout = if up {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_millis(800)
+        };
+        let alive = matches!(
+            tokio::time::timeout(timeout, qga.call("guest-ping", None, timeout)).await,
+            Ok(Ok(_))
+        );
+        if alive {
+            slot.mark_guest_seen();
+        }
+        if alive != slot.guest_up() && slot.qga().is_some() {
+            slot.guest_up.store(alive, Ordering::SeqCst);
+            slot.send(HostInput::GuestChannel {
+                vm: slot.name.clone(),
+                up: alive,
+            })
+            .await;
+        }
+    }
+}
