@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod client;
 mod config_cmd;
 
 /// Application-aware high availability for KVM/QEMU VMs.

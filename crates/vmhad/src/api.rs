@@ -6,8 +6,13 @@
 //! - `GET  /v1/vms/{vm}/explain` — one VM group with its recent decisions and events
 //! - `GET  /v1/events?limit=N&follow=true` — the event log as NDJSON, optionally live
 //! - `POST /v1/commands` — an admin command (JSON, `{"command": "app-offline", …}`)
+//! - `POST /v1/vms/{vm}/exec` — run a command in the guest (`{"argv": [...], "timeout_ms": N}`),
+//!   like `qm guest exec`: for operators and failure drills; output is capped
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path as UrlPath, Query, State};
@@ -21,14 +26,18 @@ use vmha_engine::{AdminCommand, CommandError, Event, ObjectRef};
 use vmha_store::ClusterStore;
 use vmha_store::records::EventLog;
 
+use vmha_model::Name;
+
 use crate::daemon::{ApiRequest, Msg, StatusView};
+use crate::vm_slot::{GuestOutput, VmSlot};
 
 struct Ctx<S> {
     core: mpsc::Sender<Msg>,
     log: EventLog<S>,
+    slots: BTreeMap<Name, Arc<VmSlot>>,
 }
 
-type Shared<S> = std::sync::Arc<Ctx<S>>;
+type Shared<S> = Arc<Ctx<S>>;
 
 /// A JSON error body with an HTTP status.
 struct ApiError(StatusCode, String);
@@ -55,17 +64,19 @@ pub async fn serve<S: ClusterStore>(
     socket: &Path,
     core: mpsc::Sender<Msg>,
     log: EventLog<S>,
+    slots: BTreeMap<Name, Arc<VmSlot>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     // A socket file left by an earlier run; nothing else may live at this path.
     let _ = std::fs::remove_file(socket);
     let listener = tokio::net::UnixListener::bind(socket)
         .map_err(|e| anyhow::anyhow!("binding the API socket {}: {e}", socket.display()))?;
-    let ctx = std::sync::Arc::new(Ctx { core, log });
+    let ctx = Arc::new(Ctx { core, log, slots });
     let app = Router::new()
         .route("/v1/status", get(status::<S>))
         .route("/v1/vms/{vm}/explain", get(explain::<S>))
         .route("/v1/events", get(events::<S>))
         .route("/v1/commands", post(command::<S>))
+        .route("/v1/vms/{vm}/exec", post(exec::<S>))
         .with_state(ctx);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -246,4 +257,41 @@ fn status_of(e: &CommandError) -> StatusCode {
         }
         _ => StatusCode::CONFLICT,
     }
+}
+
+/// `POST /v1/vms/{vm}/exec`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecBody {
+    argv: Vec<String>,
+    #[serde(default = "default_exec_timeout")]
+    timeout_ms: u64,
+}
+
+fn default_exec_timeout() -> u64 {
+    10_000
+}
+
+async fn exec<S: ClusterStore>(
+    State(ctx): State<Shared<S>>,
+    UrlPath(vm): UrlPath<String>,
+    body: Result<Json<ExecBody>, JsonRejection>,
+) -> Result<Json<GuestOutput>, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    if body.argv.first().is_none_or(String::is_empty) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "argv must name a program".into()));
+    }
+    if !(1..=600_000).contains(&body.timeout_ms) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "timeout_ms must be between 1 and 600000".into(),
+        ));
+    }
+    let Some(slot) = ctx.slots.get(vm.as_str()) else {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no VM named `{vm}` on this host")));
+    };
+    slot.exec(&body.argv, Duration::from_millis(body.timeout_ms))
+        .await
+        .map(Json)
+        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))
 }

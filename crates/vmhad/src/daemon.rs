@@ -200,6 +200,7 @@ async fn run_with<S: ClusterStore>(
         &api_socket,
         tx.clone(),
         EventLog::new(store.clone(), layout.clone()),
+        slots.clone(),
     )
     .await?;
     tracing::info!(host = %host, socket = %api_socket.display(), "vmhad running");

@@ -39,6 +39,21 @@ pub enum SlotError {
     Command(String),
 }
 
+/// What a guest command printed and how it ended.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GuestOutput {
+    /// Exit code, when it exited.
+    pub exit: Option<i32>,
+    /// Signal, when one killed it.
+    pub signal: Option<i32>,
+    /// Standard output (lossy UTF-8, capped).
+    pub stdout: String,
+    /// Standard error (lossy UTF-8, capped).
+    pub stderr: String,
+    /// Whether output was cut at the cap.
+    pub truncated: bool,
+}
+
 /// Time a start/stop command of an app may take in the guest.
 const APP_COMMAND_DEADLINE: Duration = Duration::from_secs(30);
 /// Guest channel ping period while it is down (boot, agent restart).
@@ -214,6 +229,27 @@ impl VmSlot {
                 }))
             }
         }
+    }
+
+    /// Runs an operator's command in the guest (capped output, bounded time).
+    pub async fn exec(&self, argv: &[String], deadline: Duration) -> Result<GuestOutput, SlotError> {
+        let qga = self.qga().ok_or_else(|| SlotError::NoGuest(self.name.clone()))?;
+        let mut request = ExecRequest::new(argv.iter().cloned());
+        request.deadline = deadline;
+        request.output_cap = 64 << 10;
+        let out = qga.exec(&request).await?;
+        self.mark_guest_seen();
+        let (exit, signal) = match out.status {
+            ExitStatus::Code(c) => (Some(c), None),
+            ExitStatus::Signal(s) => (None, Some(s)),
+        };
+        Ok(GuestOutput {
+            exit,
+            signal,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            truncated: out.stdout_truncated || out.stderr_truncated,
+        })
     }
 
     /// Runs the checks of all due apps in one guest round trip.
