@@ -252,6 +252,11 @@ fn start_order(vms: &[VmCtl]) -> Vec<usize> {
     order
 }
 
+/// A report that licenses starting the VM elsewhere: settled and not running.
+fn stopped_there(r: &VmReport) -> bool {
+    !r.running && matches!(r.state, VmState::Offline | VmState::Faulted)
+}
+
 /// Hosts whose memory a record takes: the owner when it runs there, and a move target.
 fn takes(rec: &OwnerRecord, index: &BTreeMap<Name, usize>) -> [Option<usize>; 2] {
     let owner = match (&rec.owner, rec.desired) {
@@ -641,10 +646,12 @@ impl Controller {
             );
             return;
         };
+        // Only a report from the owner that answers the record as stored counts.
+        let revision = self.vms[i].revision;
         let report = self.vms[i]
             .report
             .as_ref()
-            .filter(|(rh, _)| *rh == h)
+            .filter(|(rh, r)| *rh == h && r.revision == revision)
             .map(|(_, r)| r.clone());
         match self.hosts[h].lease {
             None => {}
@@ -673,7 +680,7 @@ impl Controller {
                 match rec.desired {
                     Desired::Stop => {
                         if let Some(t) = rec.move_to.clone() {
-                            if report.as_ref().is_some_and(|r| !r.running) {
+                            if report.as_ref().is_some_and(stopped_there) {
                                 if self.wait_requirements(i) {
                                     return;
                                 }
@@ -696,7 +703,7 @@ impl Controller {
                             let reason = format!("{owner} left maintenance: running it again");
                             self.cas(i, Self::run_record(&owner), reason.clone());
                             self.set_vm_state(i, VmState::Starting, &reason);
-                        } else if report.as_ref().is_some_and(|r| !r.running) {
+                        } else if report.as_ref().is_some_and(stopped_there) {
                             self.set_vm_state(i, VmState::Offline, &format!("stopped on {owner}"));
                         }
                     }
@@ -710,23 +717,17 @@ impl Controller {
                             } else {
                                 format!("drain {owner} (maintenance): ")
                             };
-                            let running = report.as_ref().is_none_or(|r| r.running);
-                            if self.wait_requirements(i) && !running {
-                                return;
-                            }
                             match self.choose(i, Some(h)) {
                                 Ok((t, how)) => {
+                                    // Two phases, even if it looks stopped: the owner stops
+                                    // (or confirms) first, then the target gets it.
                                     let target = self.hosts[t].name.clone();
                                     let reason = format!("{cause}moving to {target} ({how})");
-                                    let record = if running {
-                                        OwnerRecord {
-                                            owner: Some(owner.clone()),
-                                            desired: Desired::Stop,
-                                            move_to: Some(target),
-                                            parked: false,
-                                        }
-                                    } else {
-                                        Self::run_record(&target)
+                                    let record = OwnerRecord {
+                                        owner: Some(owner.clone()),
+                                        desired: Desired::Stop,
+                                        move_to: Some(target),
+                                        parked: false,
                                     };
                                     self.cas(i, record, reason.clone());
                                     self.set_vm_state(i, VmState::FailingOver, &reason);

@@ -150,9 +150,16 @@ impl HostAgent {
                     self.with_vm(now, i, |v, out| v.on_guest_channel(out, up));
                 }
             }
-            HostInput::Ownership { vm, owner, desired } => {
+            HostInput::Ownership {
+                vm,
+                owner,
+                desired,
+                revision,
+            } => {
                 if let Some(i) = self.vm_index(&vm) {
-                    self.with_vm(now, i, |v, out| v.on_ownership(out, owner, desired));
+                    self.with_vm(now, i, |v, out| {
+                        v.on_ownership(out, owner, desired, revision)
+                    });
                 }
             }
         }

@@ -115,6 +115,8 @@ pub enum HostInput {
         owner: Option<Name>,
         /// What the owner must do.
         desired: Desired,
+        /// Store revision of the record (echoed in this host's reports).
+        revision: u64,
     },
 }
 
@@ -139,6 +141,9 @@ pub struct VmReport {
     pub running: bool,
     /// Why.
     pub reason: String,
+    /// Revision of the ownership record this report answers: the controller acts only on
+    /// reports that answer the record it currently knows.
+    pub revision: u64,
 }
 
 /// An action for the driver. Every action is idempotent and answered exactly once: probes by

@@ -174,6 +174,8 @@ enum Timer {
 /// A restart the simulator saw performed (for budget checks).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restart {
+    /// Position of the start action in [`Sim::actions`].
+    pub seq: usize,
     /// When.
     pub time: Timestamp,
     /// On which host.
@@ -387,12 +389,19 @@ impl Sim {
                     kind,
                 },
             ));
-            let (owner, desired) = match self.store.get(&vm) {
-                Some((rec, _)) => (rec.owner.clone(), rec.desired),
-                None => (None, Desired::Run),
+            let (owner, desired, revision) = match self.store.get(&vm) {
+                Some((rec, rev)) => (rec.owner.clone(), rec.desired, *rev),
+                None => (None, Desired::Run, 0),
             };
-            self.host_inputs
-                .push_back((h, HostInput::Ownership { vm, owner, desired }));
+            self.host_inputs.push_back((
+                h,
+                HostInput::Ownership {
+                    vm,
+                    owner,
+                    desired,
+                    revision,
+                },
+            ));
         }
         let host = self.hosts[h].name.clone();
         self.ctl_inputs
@@ -642,6 +651,7 @@ impl Sim {
                 self.log.push(line(&format!("start-vm {vm}")));
                 if a.reason.starts_with("restart") {
                     self.restarts.push(Restart {
+                        seq: self.actions.len() - 1,
                         time: now,
                         host: host.clone(),
                         vm: vm.clone(),
@@ -752,6 +762,7 @@ impl Sim {
             .any(|s| &s.name == app && s.state == AppState::Restarting)
         {
             self.restarts.push(Restart {
+                seq: self.actions.len(),
                 time: self.now,
                 host: self.hosts[h].name.clone(),
                 vm: vm.clone(),
@@ -813,6 +824,7 @@ impl Sim {
                                 vm: vm.clone(),
                                 owner: record.owner.clone(),
                                 desired: record.desired,
+                                revision: rev,
                             },
                         );
                     }

@@ -156,7 +156,8 @@ pub(crate) struct VmMonitor {
     plan: Option<Plan>,
     to_stop: Vec<bool>,
     decisions: VecDeque<DecisionRecord>,
-    last_report: Option<(VmState, bool)>,
+    last_report: Option<(VmState, bool, u64)>,
+    revision: u64,
     restored_restart: bool,
 }
 
@@ -213,6 +214,7 @@ impl VmMonitor {
             plan: None,
             decisions: VecDeque::new(),
             last_report: None,
+            revision: 0,
             restored_restart: false,
         };
         if let Some(p) = restored {
@@ -294,11 +296,15 @@ impl VmMonitor {
         if !out.lease_live || self.owner.is_none() {
             return;
         }
-        let running = self.run != Run::Stopped;
-        if self.last_report == Some((self.state, running)) {
+        // `running = false` is the controller's licence to start the VM elsewhere: only when it
+        // is stopped here and no plan could start it.
+        let running = self.run != Run::Stopped
+            || self.plan.is_some()
+            || matches!(self.state, VmState::Starting | VmState::Restarting);
+        if self.last_report == Some((self.state, running, self.revision)) {
             return;
         }
-        self.last_report = Some((self.state, running));
+        self.last_report = Some((self.state, running, self.revision));
         out.act(
             HostActionKind::Report {
                 vm: self.name.clone(),
@@ -306,6 +312,7 @@ impl VmMonitor {
                     state: self.state,
                     running,
                     reason: reason.to_string(),
+                    revision: self.revision,
                 },
             },
             reason.to_string(),
@@ -409,6 +416,10 @@ impl VmMonitor {
                 return;
             };
             if plan.cur.is_some() {
+                return;
+            }
+            // Frozen: the plan pauses between steps (self-fencing excepted).
+            if self.frozen && plan.intent != Intent::Fence {
                 return;
             }
             let Some(step) = plan.steps.pop_front() else {
@@ -586,6 +597,9 @@ impl VmMonitor {
 
     /// Stops, in reverse dependency order, every app marked to stop whose dependents are done.
     fn drive_stops(&mut self, out: &mut Out<'_>) {
+        if self.frozen {
+            return;
+        }
         loop {
             let mut progress = false;
             for i in 0..self.apps.len() {
@@ -625,6 +639,9 @@ impl VmMonitor {
     /// Starts every pending app whose requirements are online; settles apps whose
     /// requirements cannot come online.
     fn drive_pending(&mut self, out: &mut Out<'_>) {
+        if self.frozen {
+            return;
+        }
         for i in 0..self.apps.len() {
             let Some(why) = self.apps[i].pending else {
                 continue;
@@ -810,7 +827,14 @@ impl VmMonitor {
 
     // ----- inputs ----------------------------------------------------------------------------
 
-    pub fn on_ownership(&mut self, out: &mut Out<'_>, owner: Option<Name>, desired: Desired) {
+    pub fn on_ownership(
+        &mut self,
+        out: &mut Out<'_>,
+        owner: Option<Name>,
+        desired: Desired,
+        revision: u64,
+    ) {
+        self.revision = revision;
         let was_mine = self.mine(out.host);
         let now_mine = owner.as_ref() == Some(out.host);
         if now_mine && (!was_mine || self.owner.is_none()) {
@@ -829,10 +853,12 @@ impl VmMonitor {
         {
             self.cancel_plan();
         }
-        if self.plan.is_none() && self.state == VmState::Faulted && self.fault.is_some() {
-            self.report(out, "faulted on this host");
-        }
         self.reconcile(out);
+        if now_mine {
+            // Answer every record revision, so the controller never acts on a stale report.
+            let reason = format!("ownership revision {revision} seen");
+            self.report(out, &reason);
+        }
     }
 
     pub fn on_lease(&mut self, out: &mut Out<'_>) {
@@ -1543,6 +1569,16 @@ impl VmMonitor {
         }
         self.frozen = on;
         if !on {
+            self.drive_stops(out);
+            self.drive_pending(out);
+            if let Some(plan) = self.plan.as_mut()
+                && plan.cur == Some(Cur::Open(Step::StartApps))
+                && self.starts_done()
+                && let Some(plan) = self.plan.as_mut()
+            {
+                plan.cur = None;
+            }
+            self.advance(out);
             self.reconcile(out);
             self.decide(out, "unfrozen");
         }
