@@ -212,7 +212,7 @@ struct VmCtl {
 }
 
 /// The cluster controller (see the module documentation for the driving protocol).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Controller {
     config: Arc<Config>,
     hosts: Vec<HostCtl>,
@@ -655,26 +655,25 @@ impl Controller {
             .map(|(_, r)| r.clone());
         match self.hosts[h].lease {
             None => {}
-            Some(false) => {
-                if rec.desired == Desired::Run || rec.move_to.is_some() {
-                    let cause = format!("{owner} down (lease expired): ");
-                    let target = rec
-                        .move_to
-                        .as_ref()
-                        .and_then(|t| self.host_index.get(t).copied())
-                        .filter(|&t| self.unavailable(i, t).is_none());
-                    match target {
-                        Some(t) if !self.wait_requirements(i) => {
-                            let host = self.hosts[t].name.clone();
-                            let reason = format!("{cause}moving to {host}");
-                            self.cas(i, Self::run_record(&host), reason.clone());
-                            self.set_vm_state(i, VmState::FailingOver, &reason);
-                        }
-                        Some(_) => {}
-                        None => self.place(i, Some(h), &cause, VmState::FailingOver),
+            Some(false) if rec.desired == Desired::Run || rec.move_to.is_some() => {
+                let cause = format!("{owner} down (lease expired): ");
+                let target = rec
+                    .move_to
+                    .as_ref()
+                    .and_then(|t| self.host_index.get(t).copied())
+                    .filter(|&t| self.unavailable(i, t).is_none());
+                match target {
+                    Some(t) if !self.wait_requirements(i) => {
+                        let host = self.hosts[t].name.clone();
+                        let reason = format!("{cause}moving to {host}");
+                        self.cas(i, Self::run_record(&host), reason.clone());
+                        self.set_vm_state(i, VmState::FailingOver, &reason);
                     }
+                    Some(_) => {}
+                    None => self.place(i, Some(h), &cause, VmState::FailingOver),
                 }
             }
+            Some(false) => {}
             Some(true) => {
                 let maintenance = self.hosts[h].maintenance;
                 match rec.desired {

@@ -30,7 +30,7 @@ pub enum HostAgentError {
 }
 
 /// The agents of one host (see the module documentation for the driving protocol).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct HostAgent {
     config: Arc<Config>,
     host: Name,

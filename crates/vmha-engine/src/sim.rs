@@ -505,13 +505,11 @@ impl Sim {
                         self.log_decisions(h);
                     }
                 }
-                loop {
-                    let Some(agent) = self.hosts[h].agent.as_mut() else {
-                        break;
-                    };
-                    let Some(action) = agent.poll_action() else {
-                        break;
-                    };
+                while let Some(action) = self.hosts[h]
+                    .agent
+                    .as_mut()
+                    .and_then(HostAgent::poll_action)
+                {
                     progress = true;
                     self.host_action(h, action);
                 }

@@ -1260,26 +1260,23 @@ impl VmMonitor {
 
     // ----- timers ----------------------------------------------------------------------------
 
+    /// No plan, or a plan waiting for its apps to start: apps are probed, the guest watched.
+    fn monitoring(&self) -> bool {
+        matches!(
+            self.plan.as_ref().map(|p| p.cur),
+            None | Some(Some(Cur::Open(Step::StartApps)))
+        )
+    }
+
     fn probing(&self) -> bool {
-        self.run == Run::Running
-            && !self.paused
-            && self.probe.is_none()
-            && match self.plan.as_ref().map(|p| p.cur) {
-                None => true,
-                Some(Some(Cur::Open(Step::StartApps))) => true,
-                _ => false,
-            }
+        self.run == Run::Running && !self.paused && self.probe.is_none() && self.monitoring()
     }
 
     fn guest_deadline(&self) -> Option<Timestamp> {
         if self.run != Run::Running || self.guest_lost {
             return None;
         }
-        let in_monitoring = match self.plan.as_ref().map(|p| p.cur) {
-            None => true,
-            Some(Some(Cur::Open(Step::StartApps))) => true,
-            _ => false,
-        };
+        let in_monitoring = self.monitoring();
         if !in_monitoring {
             return None;
         }
