@@ -22,10 +22,9 @@ pub struct HostAgentState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum PlanIntent {
-    /// Restart on this host (already counted in the budget).
+    /// Restart on this host (already counted in the budget). An intentional stop needs no
+    /// record: the stored desired state says it.
     Restart,
-    /// Intentional stop.
-    Stop,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -166,7 +166,7 @@ struct SimHost {
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
-    GuestUp { host: usize, vm: Name, boot: u64 },
+    GuestUp { host: usize, vm: Name },
     Fence { host: usize, epoch: u64 },
     LeaseExpire { host: usize, epoch: u64 },
 }
@@ -198,7 +198,6 @@ pub struct Sim {
     guests: BTreeMap<Name, GuestModel>,
     timers: BTreeSet<(Timestamp, u64, Timer)>,
     seq: u64,
-    boot: u64,
     boot_ms: u64,
     ttl_ms: u64,
     fence_ms: u64,
@@ -288,7 +287,6 @@ impl Sim {
             guests,
             timers: BTreeSet::new(),
             seq: 0,
-            boot: 0,
             boot_ms: BOOT_MS,
             ttl_ms,
             fence_ms,
@@ -458,8 +456,7 @@ impl Sim {
 
     fn fire(&mut self, t: Timer) {
         match t {
-            Timer::GuestUp { host, vm, boot } => {
-                let _ = boot;
+            Timer::GuestUp { host, vm } => {
                 if self.hosts[host].running.contains(&vm)
                     && !self.guests.get(&vm).is_some_and(|g| g.hung || g.boot_hang)
                 {
@@ -663,12 +660,7 @@ impl Sim {
                 }
                 self.hosts[h].running.insert(vm.clone());
                 self.hosts[h].guest_up.remove(&vm);
-                self.boot += 1;
-                let boot = self.boot;
-                self.timer(
-                    now.plus_ms(self.boot_ms),
-                    Timer::GuestUp { host: h, vm, boot },
-                );
+                self.timer(now.plus_ms(self.boot_ms), Timer::GuestUp { host: h, vm });
                 self.push_host(h, HostInput::ActionResult { id, result: Ok(()) });
             }
             HostActionKind::StopVm { ref vm, .. } | HostActionKind::KillVm { ref vm } => {
@@ -900,14 +892,11 @@ impl Sim {
                                 kind: VmObservation::Reset,
                             },
                         );
-                        self.boot += 1;
-                        let boot = self.boot;
                         self.timer(
                             now.plus_ms(self.boot_ms),
                             Timer::GuestUp {
                                 host: h,
                                 vm: vm.clone(),
-                                boot,
                             },
                         );
                     }

@@ -245,7 +245,6 @@ impl VmMonitor {
     pub fn persist(&self) -> VmPersist {
         let plan = match self.plan.as_ref().map(|p| p.intent) {
             Some(Intent::Restart) => Some(PlanIntent::Restart),
-            Some(Intent::Stop) => Some(PlanIntent::Stop),
             _ if self.restored_restart => Some(PlanIntent::Restart),
             _ => None,
         };
@@ -562,7 +561,7 @@ impl VmMonitor {
                     _ => "restarted: VM running, guest channel up, apps started",
                 };
                 self.set_state(out, VmState::Online, reason);
-                self.decide(out, "apps settled after start");
+                self.decide(out);
             }
             Intent::Stop => self.set_state(out, VmState::Offline, "stopped (desired stop)"),
             Intent::Release => {
@@ -779,7 +778,7 @@ impl VmMonitor {
     }
 
     /// Runs the decision agent when an app is faulted and acts on "restart".
-    fn decide(&mut self, out: &mut Out<'_>, trigger: &str) {
+    fn decide(&mut self, out: &mut Out<'_>) {
         if self.plan.is_some()
             || self.run != Run::Running
             || !self.apps.iter().any(|a| a.state == AppState::Faulted)
@@ -795,7 +794,6 @@ impl VmMonitor {
             .collect();
         let s = if faulted.len() == 1 { "" } else { "s" };
         let reason = format!("app{s} {} faulted; {arithmetic}", faulted.join(", "));
-        let _ = trigger;
         if self.decisions.len() == DECISIONS_KEPT {
             self.decisions.pop_front();
         }
@@ -1058,7 +1056,7 @@ impl VmMonitor {
             return;
         }
         if changed {
-            self.decide(out, "app state changed");
+            self.decide(out);
         }
     }
 
@@ -1577,7 +1575,7 @@ impl VmMonitor {
             }
             self.advance(out);
             self.reconcile(out);
-            self.decide(out, "unfrozen");
+            self.decide(out);
         }
     }
 
@@ -1614,7 +1612,7 @@ impl VmMonitor {
         let i = self.app_index(app)?;
         self.apps[i].priority = priority;
         self.apps[i].priority_override = Some(priority);
-        self.decide(out, "priority changed");
+        self.decide(out);
         Ok(())
     }
 
@@ -1655,7 +1653,7 @@ impl VmMonitor {
             self.tie = t;
             self.tie_override = Some(t);
         }
-        self.decide(out, "policy changed");
+        self.decide(out);
     }
 
     // ----- status ----------------------------------------------------------------------------
