@@ -891,7 +891,17 @@ impl Controller {
     /// Applies an admin command routed to the controller ([`crate::Route::Controller`] or
     /// [`crate::Route::Both`]). On `Err` nothing changed.
     pub fn command(&mut self, now: Timestamp, cmd: AdminCommand) -> Result<(), CommandError> {
+        let before = self.now;
         self.now = self.now.max(now);
+        let result = self.apply_command(cmd);
+        if result.is_err() {
+            // Refused: not even the clock moved.
+            self.now = before;
+        }
+        result
+    }
+
+    fn apply_command(&mut self, cmd: AdminCommand) -> Result<(), CommandError> {
         match cmd {
             AdminCommand::HostMaintenance { host, on } => {
                 let h = *self

@@ -186,7 +186,8 @@ impl HostAgent {
             });
         };
         let host = self.host.clone();
-        self.with_vm(now, i, |v, out| {
+        let before = self.now;
+        let result = self.with_vm(now, i, |v, out| {
             match &cmd {
                 C::Freeze { .. } => v.freeze(true, out),
                 C::Unfreeze { .. } => v.freeze(false, out),
@@ -221,7 +222,12 @@ impl HostAgent {
                 }
             }
             Ok(())
-        })
+        });
+        if result.is_err() {
+            // Refused: not even the clock moved.
+            self.now = before;
+        }
+        result
     }
 
     /// Call when `now` has reached [`HostAgent::poll_timeout`] (calling earlier or later is

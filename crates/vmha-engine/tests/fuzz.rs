@@ -1,7 +1,7 @@
 //! Fuzz-style harness (cargo-fuzz needs nightly): arbitrary input, command and timeout
 //! sequences — unknown names, stale and random action ids, odd timestamps — fed straight into
 //! a host agent and a controller must never panic, and their persistent state must round-trip
-//! through serde into a working engine.
+//! through serde into a working engine; a refused admin command changes nothing.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::sync::Arc;
@@ -251,7 +251,16 @@ proptest! {
         for step in steps {
             match step {
                 HostStep::Input(i) => agent.handle_input(now, i),
-                HostStep::Command(c) => { let _ = agent.command(now, c); }
+                HostStep::Command(c) => {
+                    let (state, status) = (agent.state(), agent.status());
+                    if agent.command(now, c).is_err() {
+                        // Refused: nothing changed, nothing to do.
+                        prop_assert_eq!(agent.state(), state);
+                        prop_assert_eq!(agent.status(), status);
+                        prop_assert!(agent.poll_action().is_none());
+                        prop_assert!(agent.poll_event().is_none());
+                    }
+                }
                 HostStep::Wait(ms) => {
                     now = now.plus_ms(ms);
                     if agent.poll_timeout().is_some_and(|t| t <= now) {
@@ -281,7 +290,15 @@ proptest! {
         for step in steps {
             match step {
                 CtlStep::Input(i) => ctl.handle_input(now, i),
-                CtlStep::Command(c) => { let _ = ctl.command(now, c); }
+                CtlStep::Command(c) => {
+                    let (state, status) = (ctl.state(), ctl.status());
+                    if ctl.command(now, c).is_err() {
+                        prop_assert_eq!(ctl.state(), state);
+                        prop_assert_eq!(ctl.status(), status);
+                        prop_assert!(ctl.poll_action().is_none());
+                        prop_assert!(ctl.poll_event().is_none());
+                    }
+                }
                 CtlStep::Wait(ms) => {
                     now = now.plus_ms(ms);
                     if ctl.poll_timeout().is_some_and(|t| t <= now) {
