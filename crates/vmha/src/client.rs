@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::Value;
 
@@ -11,7 +11,7 @@ use serde_json::Value;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// vmhad is not listening on the socket.
-    #[error("cannot reach vmhad at {path}: {source} (is vmhad running? see --socket / --state-dir)")]
+    #[error("cannot reach vmhad at {path} (is vmhad running? see --socket / --state-dir)")]
     Connect {
         /// The socket path.
         path: PathBuf,
@@ -19,7 +19,7 @@ pub enum ClientError {
         source: std::io::Error,
     },
     /// The connection broke.
-    #[error("talking to vmhad: {0}")]
+    #[error("talking to vmhad")]
     Io(#[from] std::io::Error),
     /// vmhad answered something that is not HTTP + JSON.
     #[error("unexpected answer from vmhad: {0}")]
@@ -46,11 +46,6 @@ impl Client {
         Client {
             socket: socket.into(),
         }
-    }
-
-    /// The socket path.
-    pub fn socket(&self) -> &Path {
-        &self.socket
     }
 
     /// Sends a request; returns the status and a reader positioned at the body.

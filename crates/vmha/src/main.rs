@@ -5,8 +5,16 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod admin_cmd;
 mod client;
 mod config_cmd;
+mod daemon_cmd;
+mod demo;
+mod events_cmd;
+mod guest_cmd;
+mod render;
+mod status_cmd;
+mod views;
 
 /// Application-aware high availability for KVM/QEMU VMs.
 #[derive(Debug, Parser)]
@@ -19,6 +27,8 @@ mod config_cmd;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    api: daemon_cmd::ApiArgs,
 }
 
 /// The command groups; each variant's arguments live in its own module.
@@ -27,12 +37,18 @@ enum Command {
     /// Check and display configuration files.
     #[command(subcommand)]
     Config(config_cmd::ConfigCommand),
+    #[command(flatten)]
+    Daemon(daemon_cmd::DaemonCommand),
+    /// Run the single-host demo: two VMs, injected failures, narrated recovery, measured times.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Config(cmd) => config_cmd::run(cmd),
+        Command::Daemon(cmd) => daemon_cmd::run(cmd, &cli.api),
+        Command::Demo(args) => demo::run(args),
     };
     result.unwrap_or_else(|e| {
         // A closed pipe (`vmha config show FILE | head`) is the reader's choice, not a failure.

@@ -125,6 +125,7 @@ fn inputs_of<S: ClusterStore>(records: &Records<S>, change: &WatchEvent) -> Vec<
                 desired: record
                     .as_ref()
                     .map_or(vmha_engine::Desired::Stop, |r| r.desired),
+                revision,
             }));
             out.push(Msg::Ctrl(ControllerInput::Ownership {
                 vm,

@@ -1,0 +1,430 @@
+//! `vmha demo`: the main job on one host. Starts vmhad with two TCG VMs on the embedded store,
+//! injects failures one by one, narrates what vmha does and why (from its own events), and ends
+//! with the measured detection and recovery times.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::client::Client;
+
+/// Arguments of `vmha demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// The vmhad binary.
+    #[arg(long, default_value = "target/release/vmhad")]
+    vmhad: PathBuf,
+    /// Directory with the test guest (`scripts/build-guest-image.sh` output).
+    #[arg(long, default_value = ".cache/guest")]
+    guest: PathBuf,
+    /// Scratch directory for the demo's config, state and VM runtime files (recreated).
+    #[arg(long, default_value = "/tmp/vmha-demo")]
+    workdir: PathBuf,
+}
+
+/// vmhad as a child process, stopped (with its VMs) when dropped.
+struct Daemon {
+    child: Child,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SIGTERM: vmhad stops its VMs (--stop-vms-on-exit) and exits.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..300 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// An event of vmhad's stream.
+#[derive(Debug, Clone)]
+struct Ev {
+    time: u64,
+    vm: String,
+    app: Option<String>,
+    from: String,
+    to: String,
+    reason: String,
+    text: String,
+}
+
+impl Ev {
+    fn parse(v: &Value) -> Option<Ev> {
+        let object = &v["object"];
+        let (vm, app) = if let Some(vm) = object["vm"].as_str() {
+            (vm.to_string(), None)
+        } else if let Some(app) = object.get("app") {
+            (
+                app["vm"].as_str()?.to_string(),
+                Some(app["app"].as_str()?.to_string()),
+            )
+        } else {
+            (String::new(), None)
+        };
+        Some(Ev {
+            time: v["time"].as_u64()?,
+            vm,
+            app,
+            from: v["from"].as_str()?.to_string(),
+            to: v["to"].as_str()?.to_string(),
+            reason: v["reason"].as_str().unwrap_or_default().to_string(),
+            text: v["text"].as_str().unwrap_or_default().to_string(),
+        })
+    }
+
+    fn is_app(&self, vm: &str, app: &str) -> bool {
+        self.vm == vm && self.app.as_deref() == Some(app)
+    }
+
+    fn is_vm(&self, vm: &str) -> bool {
+        self.vm == vm && self.app.is_none()
+    }
+}
+
+struct Demo {
+    client: Client,
+    events: mpsc::Receiver<Ev>,
+    runtime_dir: PathBuf,
+    figures: Vec<(String, u64)>,
+}
+
+impl Demo {
+    /// Waits for the first event matching `pred`, printing every event seen meanwhile.
+    fn wait(&mut self, what: &str, timeout: Duration, mut pred: impl FnMut(&Ev) -> bool) -> anyhow::Result<Ev> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(ev) => {
+                    println!("    │ {}{}", short(&ev), "");
+                    if pred(&ev) {
+                        return Ok(ev);
+                    }
+                }
+                Err(_) => bail!("timed out after {timeout:?} waiting for: {what}"),
+            }
+        }
+    }
+
+    /// Prints events that arrive within `quiet`, failing if one matches `forbidden`.
+    fn expect_quiet(&mut self, quiet: Duration, forbidden: impl Fn(&Ev) -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + quiet;
+        while let Ok(ev) = self
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            println!("    │ {}", short(&ev));
+            if forbidden(&ev) {
+                bail!("unexpected: {}", ev.text);
+            }
+        }
+        Ok(())
+    }
+
+    fn guest(&self, vm: &str, argv: &[&str]) -> anyhow::Result<()> {
+        let out = self
+            .client
+            .post(&format!("/v1/vms/{vm}/exec"), &json!({ "argv": argv }))?;
+        if out["exit"].as_i64() != Some(0) {
+            bail!("`{}` in {vm} failed: {out}", argv.join(" "));
+        }
+        Ok(())
+    }
+
+    fn command(&self, body: Value) -> anyhow::Result<()> {
+        self.client.post("/v1/commands", &body)?;
+        Ok(())
+    }
+
+    fn app_state(&self, vm: &str, app: &str) -> anyhow::Result<String> {
+        let status = self.client.get("/v1/status")?;
+        let state = status["agent"]["vms"]
+            .as_array()
+            .and_then(|vms| vms.iter().find(|v| v["name"] == vm))
+            .and_then(|v| v["apps"].as_array())
+            .and_then(|apps| apps.iter().find(|a| a["name"] == app))
+            .and_then(|a| a["state"].as_str())
+            .unwrap_or("?")
+            .to_string();
+        Ok(state)
+    }
+
+    fn qemu_pid(&self, vm: &str) -> anyhow::Result<u32> {
+        let path = self.runtime_dir.join(vm).join("qemu.pid");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(text.trim().parse()?)
+    }
+
+    fn figure(&mut self, name: &str, ms: u64) {
+        println!("    ⏱  {name}: {ms} ms");
+        self.figures.push((name.to_string(), ms));
+    }
+}
+
+fn short(ev: &Ev) -> String {
+    let object = match &ev.app {
+        Some(app) => format!("{}/{app}", ev.vm),
+        None => ev.vm.clone(),
+    };
+    format!("{object}: {} → {}: {}", ev.from, ev.to, ev.reason)
+}
+
+fn step(n: u32, title: &str) {
+    println!("\n━━ {n}. {title}");
+}
+
+fn config(guest: &Path, state: &Path, run: &Path) -> String {
+    let g = guest.display();
+    let app = |name: &str, priority: u32, requires: &[&str], extra: &str| {
+        let requires: Vec<String> = requires.iter().map(|r| format!("\"{r}\"")).collect();
+        format!(
+            r#"
+[[vm.app]]
+name = "{name}"
+priority = {priority}
+interval = "1s"
+timeout = "2s"
+requires = [{}]
+check = ["/opt/demo/app", "check", "{name}"]
+start = ["/opt/demo/app", "start", "{name}"]
+stop = ["/opt/demo/app", "stop", "{name}"]
+{extra}"#,
+            requires.join(", ")
+        )
+    };
+    let vm = |name: &str, policy: &str| {
+        format!(
+            r#"
+[[vm]]
+name = "{name}"
+driver = "qemu"
+hosts = ["kvm1"]
+policy = "{policy}"
+vm_restart_limit = 3
+stop_timeout = "5s"
+boot_timeout = "60s"
+
+[vm.qemu]
+memory_mb = 256
+cpus = 1
+accel = "tcg"
+kernel = "{g}/vmlinux"
+initrd = "{g}/initrd.img"
+append = "console=ttyS0 quiet"
+"#
+        )
+    };
+    format!(
+        r#"# Generated by `vmha demo`.
+[cluster]
+name = "demo"
+store = "embedded"
+state_dir = "{}"
+runtime_dir = "{}"
+
+[[host]]
+name = "kvm1"
+{}{}{}{}{}{}{}"#,
+        state.display(),
+        run.display(),
+        vm("shop", "highest-priority"),
+        app("db", 100, &[], "restart_limit = 1\n"),
+        app("web", 50, &["db"], ""),
+        app("worker", 10, &["web"], "restart_limit = 1\n"),
+        vm("billing", "weighted"),
+        app("ledger", 80, &[], ""),
+        app("reports", 20, &[], ""),
+    )
+}
+
+/// Runs the demo.
+pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
+    let started = Instant::now();
+    for f in ["vmlinux", "initrd.img"] {
+        let p = args.guest.join(f);
+        if !p.exists() {
+            bail!("{} is missing: run scripts/build-guest-image.sh first", p.display());
+        }
+    }
+    let guest = std::fs::canonicalize(&args.guest)?;
+    let _ = std::fs::remove_dir_all(&args.workdir);
+    let state = args.workdir.join("state");
+    let run_dir = args.workdir.join("run");
+    std::fs::create_dir_all(&args.workdir)?;
+    let config_path = args.workdir.join("vmha.toml");
+    std::fs::write(&config_path, config(&guest, &state, &run_dir))?;
+    // The demo config must be valid: the same parser vmhad uses.
+    vmha_model::Config::from_file(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    println!("vmha demo — one host, embedded store, two VMs under TCG");
+    println!("  config:  {}", config_path.display());
+    println!("  shop:    db (priority 100) ← web (50) ← worker (10), policy highest-priority");
+    println!("  billing: ledger (80), reports (20), policy weighted");
+    let log = std::fs::File::create(args.workdir.join("vmhad.log"))?;
+    let child = Command::new(&args.vmhad)
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--stop-vms-on-exit")
+        .env("VMHA_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", args.vmhad.display()))?;
+    let daemon = Daemon { child };
+    println!("  vmhad:   pid {} (log {}/vmhad.log)", daemon.child.id(), args.workdir.display());
+
+    let client = Client::new(state.join("vmhad.sock"));
+    let t0 = Instant::now();
+    while client.get("/v1/status").is_err() {
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("vmhad did not come up; see {}/vmhad.log", args.workdir.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (tx, rx) = mpsc::channel();
+    let follower = client.clone();
+    std::thread::spawn(move || {
+        let _ = follower.stream("/v1/events?limit=0&follow=true", |v| {
+            Ev::parse(&v).is_none_or(|ev| tx.send(ev).is_ok())
+        });
+    });
+    let mut demo = Demo {
+        client,
+        events: rx,
+        runtime_dir: run_dir,
+        figures: Vec::new(),
+    };
+    let pid = daemon.child.id();
+
+    step(0, "vmhad starts both VMs and their apps in dependency order");
+    let mut online = std::collections::BTreeSet::new();
+    demo.wait("both VMs online", Duration::from_secs(120), |ev| {
+        if ev.app.is_none() && ev.to == "online" {
+            online.insert(ev.vm.clone());
+        }
+        online.len() == 2
+    })?;
+
+    step(1, "kill web in shop: the app monitor restarts it in the guest");
+    let shop_pid = demo.qemu_pid("shop")?;
+    let t = now_ms();
+    demo.guest("shop", &["/opt/demo/app", "kill", "web"])?;
+    let detected = demo.wait("web failure detected", Duration::from_secs(20), |e| {
+        e.is_app("shop", "web") && e.from == "online"
+    })?;
+    let back = demo.wait("web online", Duration::from_secs(20), |e| {
+        e.is_app("shop", "web") && e.to == "online"
+    })?;
+    demo.figure("app kill → detected", detected.time.saturating_sub(t));
+    demo.figure("app kill → running again", back.time.saturating_sub(t));
+    println!("    the VM was not touched: QEMU pid {} → {}", shop_pid, demo.qemu_pid("shop")?);
+
+    step(2, "worker (priority 10) keeps failing: faulted, but the VM is left alone");
+    demo.guest("shop", &["/opt/demo/app", "break", "worker"])?;
+    demo.guest("shop", &["/opt/demo/app", "kill", "worker"])?;
+    demo.wait("worker faulted", Duration::from_secs(30), |e| {
+        e.is_app("shop", "worker") && e.to == "faulted"
+    })?;
+    demo.expect_quiet(Duration::from_secs(3), |e| e.is_vm("shop"))?;
+    let explain = demo.client.get("/v1/vms/shop/explain")?;
+    if let Some(d) = explain["vm"]["decisions"].as_array().and_then(|d| d.last()) {
+        println!("    decision agent: {}", d["reason"].as_str().unwrap_or_default());
+    }
+    println!("    shop stays online (QEMU pid {}); worker stays faulted until `vmha clear`", demo.qemu_pid("shop")?);
+
+    step(3, "db (priority 100) keeps failing: the VM is restarted and its apps started in order");
+    demo.guest("shop", &["/opt/demo/app", "break", "db"])?;
+    let t = now_ms();
+    demo.guest("shop", &["/opt/demo/app", "kill", "db"])?;
+    demo.wait("shop restarting", Duration::from_secs(30), |e| {
+        e.is_vm("shop") && e.to == "restarting"
+    })?;
+    let back = demo.wait("shop online", Duration::from_secs(120), |e| {
+        e.is_vm("shop") && e.to == "online"
+    })?;
+    demo.figure("top app fails for good → VM restarted, apps online", back.time.saturating_sub(t));
+    println!("    new QEMU pid {} (was {shop_pid}); /run was reset by the reboot, so nothing is broken any more", demo.qemu_pid("shop")?);
+
+    step(4, "mark web offline, then kill it: intentional, so nothing happens");
+    demo.command(json!({"command": "app-offline", "vm": "shop", "app": "web", "auto_clear": false}))?;
+    demo.wait("web offline", Duration::from_secs(10), |e| e.is_app("shop", "web") && e.to == "offline")?;
+    demo.guest("shop", &["/opt/demo/app", "stop", "worker"])?;
+    demo.guest("shop", &["/opt/demo/app", "kill", "web"])?;
+    demo.expect_quiet(Duration::from_secs(4), |e| {
+        e.is_app("shop", "web") && e.to != "offline" || e.is_vm("shop")
+    })?;
+    println!("    web is {} — no restart, no VM action", demo.app_state("shop", "web")?);
+    demo.command(json!({"command": "app-online", "vm": "shop", "app": "web"}))?;
+    demo.command(json!({"command": "app-start", "vm": "shop", "app": "web"}))?;
+    demo.wait("web online again", Duration::from_secs(20), |e| e.is_app("shop", "web") && e.to == "online")?;
+
+    step(5, "kill -9 the QEMU of billing: the VM monitor sees it at once and starts it again");
+    let billing_pid = demo.qemu_pid("billing")?;
+    let t = now_ms();
+    Command::new("kill").args(["-9", &billing_pid.to_string()]).status()?;
+    let detected = demo.wait("billing failure detected", Duration::from_secs(10), |e| {
+        e.is_vm("billing") && e.from == "online"
+    })?;
+    let back = demo.wait("billing online", Duration::from_secs(120), |e| {
+        e.is_vm("billing") && e.to == "online"
+    })?;
+    demo.figure("QEMU kill → detected", detected.time.saturating_sub(t));
+    demo.figure("QEMU kill → VM and apps online again", back.time.saturating_sub(t));
+
+    step(6, "vmhad at rest");
+    let (cpu, rss) = idle_usage(pid, Duration::from_secs(5))?;
+    println!("    vmhad: {cpu:.1}% of one core over 5 s idle, RSS {rss} MiB");
+
+    println!("\n━━ summary (this run, {} s in all)", started.elapsed().as_secs());
+    for (name, ms) in &demo.figures {
+        println!("  {name:<52} {ms:>6} ms");
+    }
+    println!("  {:<52} {cpu:>6.1} %", "vmhad CPU while idle (2 VMs, 5 apps probed every 1 s)");
+    println!("  {:<52} {rss:>6} MiB", "vmhad RSS");
+    println!("\nstopping vmhad and its VMs…");
+    drop(daemon);
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// CPU share (% of one core) and RSS (MiB) of `pid` over `window`.
+fn idle_usage(pid: u32, window: Duration) -> anyhow::Result<(f64, u64)> {
+    let ticks = || -> anyhow::Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let utime: u64 = f.get(11).context("stat utime")?.parse()?;
+        let stime: u64 = f.get(12).context("stat stime")?.parse()?;
+        Ok(utime + stime)
+    };
+    let before = ticks()?;
+    std::thread::sleep(window);
+    let used = ticks()? - before;
+    // USER_HZ is 100 on Linux.
+    let cpu = used as f64 / window.as_secs_f64();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    Ok((cpu, rss_kb / 1024))
+}
