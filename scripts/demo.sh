@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The vmha demo on the embedded store. Placeholder until the host daemon (vmhad) lands: it
-# installs what is missing, builds, and checks and shows the example configuration the live
-# demo will run.
+# The vmha demo on the embedded store: one host (this machine), two VMs under TCG. vmhad starts
+# them and their apps, then failures are injected one by one and vmha's reaction is narrated
+# from its own event stream: app restart in the guest, a faulted low-priority app left alone,
+# a VM restart when the top app fails for good, an intentionally offline app, a killed QEMU.
+# Ends with the measured detection and recovery times. Runs as root (QEMU, /tmp scratch dir).
 #
 # usage: scripts/demo.sh          (honours CARGO_TARGET_DIR)
 set -euo pipefail
@@ -13,15 +15,12 @@ step "dependencies"
 ./scripts/install-deps.sh
 if ! command -v cargo >/dev/null; then export PATH=$HOME/.cargo/bin:$PATH; fi
 
-step "build"
-cargo build --workspace --bins
+step "build (release)"
+cargo build --release -p vmha -p vmhad
+target=${CARGO_TARGET_DIR:-target}
 
-echo
-echo "The live demo (a VM whose apps fail and recover: app restart → VM restart) arrives"
-echo "with the host-daemon (vmhad) issue. Meanwhile, the configuration it will run:"
+step "test guest image"
+guest=$(./scripts/build-guest-image.sh | tail -n 1)
 
-step "vmha config validate examples/single-host.toml"
-cargo run --quiet -p vmha -- config validate examples/single-host.toml
-
-step "vmha config show examples/single-host.toml   (every default filled in)"
-cargo run --quiet -p vmha -- config show examples/single-host.toml
+step "demo"
+exec "$target/release/vmha" demo --vmhad "$target/release/vmhad" --guest "$guest" --workdir /tmp/vmha-demo
