@@ -55,10 +55,11 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(u16, BufReader<UnixStream>), ClientError> {
-        let mut stream = UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
-            path: self.socket.clone(),
-            source,
-        })?;
+        let mut stream =
+            UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
+                path: self.socket.clone(),
+                source,
+            })?;
         let body = body.map(Value::to_string).unwrap_or_default();
         let mut head = format!("{method} {path} HTTP/1.0\r\nHost: vmhad\r\n");
         if method == "POST" {

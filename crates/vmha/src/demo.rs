@@ -108,13 +108,18 @@ struct Demo {
 
 impl Demo {
     /// Waits for the first event matching `pred`, printing every event seen meanwhile.
-    fn wait(&mut self, what: &str, timeout: Duration, mut pred: impl FnMut(&Ev) -> bool) -> anyhow::Result<Ev> {
+    fn wait(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&Ev) -> bool,
+    ) -> anyhow::Result<Ev> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
                 Ok(ev) => {
-                    println!("    │ {}{}", short(&ev), "");
+                    println!("    │ {}", short(&ev));
                     if pred(&ev) {
                         return Ok(ev);
                     }
@@ -125,7 +130,11 @@ impl Demo {
     }
 
     /// Prints events that arrive within `quiet`, failing if one matches `forbidden`.
-    fn expect_quiet(&mut self, quiet: Duration, forbidden: impl Fn(&Ev) -> bool) -> anyhow::Result<()> {
+    fn expect_quiet(
+        &mut self,
+        quiet: Duration,
+        forbidden: impl Fn(&Ev) -> bool,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + quiet;
         while let Ok(ev) = self
             .events
@@ -169,7 +178,8 @@ impl Demo {
 
     fn qemu_pid(&self, vm: &str) -> anyhow::Result<u32> {
         let path = self.runtime_dir.join(vm).join("qemu.pid");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         Ok(text.trim().parse()?)
     }
 
@@ -261,7 +271,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     for f in ["vmlinux", "initrd.img"] {
         let p = args.guest.join(f);
         if !p.exists() {
-            bail!("{} is missing: run scripts/build-guest-image.sh first", p.display());
+            bail!(
+                "{} is missing: run scripts/build-guest-image.sh first",
+                p.display()
+            );
         }
     }
     let guest = std::fs::canonicalize(&args.guest)?;
@@ -290,13 +303,20 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         .spawn()
         .with_context(|| format!("starting {}", args.vmhad.display()))?;
     let daemon = Daemon { child };
-    println!("  vmhad:   pid {} (log {}/vmhad.log)", daemon.child.id(), args.workdir.display());
+    println!(
+        "  vmhad:   pid {} (log {}/vmhad.log)",
+        daemon.child.id(),
+        args.workdir.display()
+    );
 
     let client = Client::new(state.join("vmhad.sock"));
     let t0 = Instant::now();
     while client.get("/v1/status").is_err() {
         if t0.elapsed() > Duration::from_secs(20) {
-            bail!("vmhad did not come up; see {}/vmhad.log", args.workdir.display());
+            bail!(
+                "vmhad did not come up; see {}/vmhad.log",
+                args.workdir.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -315,7 +335,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     };
     let pid = daemon.child.id();
 
-    step(0, "vmhad starts both VMs and their apps in dependency order");
+    step(
+        0,
+        "vmhad starts both VMs and their apps in dependency order",
+    );
     let mut online = std::collections::BTreeSet::new();
     demo.wait("both VMs online", Duration::from_secs(120), |ev| {
         if ev.app.is_none() && ev.to == "online" {
@@ -324,7 +347,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         online.len() == 2
     })?;
 
-    step(1, "kill web in shop: the app monitor restarts it in the guest");
+    step(
+        1,
+        "kill web in shop: the app monitor restarts it in the guest",
+    );
     let shop_pid = demo.qemu_pid("shop")?;
     let t = now_ms();
     demo.guest("shop", &["/opt/demo/app", "kill", "web"])?;
@@ -336,9 +362,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     })?;
     demo.figure("app kill → detected", detected.time.saturating_sub(t));
     demo.figure("app kill → running again", back.time.saturating_sub(t));
-    println!("    the VM was not touched: QEMU pid {} → {}", shop_pid, demo.qemu_pid("shop")?);
+    println!(
+        "    the VM was not touched: QEMU pid {} → {}",
+        shop_pid,
+        demo.qemu_pid("shop")?
+    );
 
-    step(2, "worker (priority 10) keeps failing: faulted, but the VM is left alone");
+    step(
+        2,
+        "worker (priority 10) keeps failing: faulted, but the VM is left alone",
+    );
     demo.guest("shop", &["/opt/demo/app", "break", "worker"])?;
     demo.guest("shop", &["/opt/demo/app", "kill", "worker"])?;
     demo.wait("worker faulted", Duration::from_secs(30), |e| {
@@ -347,11 +380,20 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     demo.expect_quiet(Duration::from_secs(3), |e| e.is_vm("shop"))?;
     let explain = demo.client.get("/v1/vms/shop/explain")?;
     if let Some(d) = explain["vm"]["decisions"].as_array().and_then(|d| d.last()) {
-        println!("    decision agent: {}", d["reason"].as_str().unwrap_or_default());
+        println!(
+            "    decision agent: {}",
+            d["reason"].as_str().unwrap_or_default()
+        );
     }
-    println!("    shop stays online (QEMU pid {}); worker stays faulted until `vmha clear`", demo.qemu_pid("shop")?);
+    println!(
+        "    shop stays online (QEMU pid {}); worker stays faulted until `vmha clear`",
+        demo.qemu_pid("shop")?
+    );
 
-    step(3, "db (priority 100) keeps failing: the VM is restarted and its apps started in order");
+    step(
+        3,
+        "db (priority 100) keeps failing: the VM is restarted and its apps started in order",
+    );
     demo.guest("shop", &["/opt/demo/app", "break", "db"])?;
     let t = now_ms();
     demo.guest("shop", &["/opt/demo/app", "kill", "db"])?;
@@ -361,26 +403,49 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     let back = demo.wait("shop online", Duration::from_secs(120), |e| {
         e.is_vm("shop") && e.to == "online"
     })?;
-    demo.figure("top app fails for good → VM restarted, apps online", back.time.saturating_sub(t));
-    println!("    new QEMU pid {} (was {shop_pid}); /run was reset by the reboot, so nothing is broken any more", demo.qemu_pid("shop")?);
+    demo.figure(
+        "top app fails for good → VM restarted, apps online",
+        back.time.saturating_sub(t),
+    );
+    println!(
+        "    new QEMU pid {} (was {shop_pid}); /run was reset by the reboot, so nothing is broken any more",
+        demo.qemu_pid("shop")?
+    );
 
-    step(4, "mark web offline, then kill it: intentional, so nothing happens");
-    demo.command(json!({"command": "app-offline", "vm": "shop", "app": "web", "auto_clear": false}))?;
-    demo.wait("web offline", Duration::from_secs(10), |e| e.is_app("shop", "web") && e.to == "offline")?;
+    step(
+        4,
+        "mark web offline, then kill it: intentional, so nothing happens",
+    );
+    demo.command(
+        json!({"command": "app-offline", "vm": "shop", "app": "web", "auto_clear": false}),
+    )?;
+    demo.wait("web offline", Duration::from_secs(10), |e| {
+        e.is_app("shop", "web") && e.to == "offline"
+    })?;
     demo.guest("shop", &["/opt/demo/app", "stop", "worker"])?;
     demo.guest("shop", &["/opt/demo/app", "kill", "web"])?;
     demo.expect_quiet(Duration::from_secs(4), |e| {
         e.is_app("shop", "web") && e.to != "offline" || e.is_vm("shop")
     })?;
-    println!("    web is {} — no restart, no VM action", demo.app_state("shop", "web")?);
+    println!(
+        "    web is {} — no restart, no VM action",
+        demo.app_state("shop", "web")?
+    );
     demo.command(json!({"command": "app-online", "vm": "shop", "app": "web"}))?;
     demo.command(json!({"command": "app-start", "vm": "shop", "app": "web"}))?;
-    demo.wait("web online again", Duration::from_secs(20), |e| e.is_app("shop", "web") && e.to == "online")?;
+    demo.wait("web online again", Duration::from_secs(20), |e| {
+        e.is_app("shop", "web") && e.to == "online"
+    })?;
 
-    step(5, "kill -9 the QEMU of billing: the VM monitor sees it at once and starts it again");
+    step(
+        5,
+        "kill -9 the QEMU of billing: the VM monitor sees it at once and starts it again",
+    );
     let billing_pid = demo.qemu_pid("billing")?;
     let t = now_ms();
-    Command::new("kill").args(["-9", &billing_pid.to_string()]).status()?;
+    Command::new("kill")
+        .args(["-9", &billing_pid.to_string()])
+        .status()?;
     let detected = demo.wait("billing failure detected", Duration::from_secs(10), |e| {
         e.is_vm("billing") && e.from == "online"
     })?;
@@ -388,17 +453,26 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         e.is_vm("billing") && e.to == "online"
     })?;
     demo.figure("QEMU kill → detected", detected.time.saturating_sub(t));
-    demo.figure("QEMU kill → VM and apps online again", back.time.saturating_sub(t));
+    demo.figure(
+        "QEMU kill → VM and apps online again",
+        back.time.saturating_sub(t),
+    );
 
     step(6, "vmhad at rest");
     let (cpu, rss) = idle_usage(pid, Duration::from_secs(5))?;
     println!("    vmhad: {cpu:.1}% of one core over 5 s idle, RSS {rss} MiB");
 
-    println!("\n━━ summary (this run, {} s in all)", started.elapsed().as_secs());
+    println!(
+        "\n━━ summary (this run, {} s in all)",
+        started.elapsed().as_secs()
+    );
     for (name, ms) in &demo.figures {
         println!("  {name:<52} {ms:>6} ms");
     }
-    println!("  {:<52} {cpu:>6.1} %", "vmhad CPU while idle (2 VMs, 5 apps probed every 1 s)");
+    println!(
+        "  {:<52} {cpu:>6.1} %",
+        "vmhad CPU while idle (2 VMs, 5 apps probed every 1 s)"
+    );
     println!("  {:<52} {rss:>6} MiB", "vmhad RSS");
     println!("\nstopping vmhad and its VMs…");
     drop(daemon);

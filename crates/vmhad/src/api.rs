@@ -279,7 +279,10 @@ async fn exec<S: ClusterStore>(
 ) -> Result<Json<GuestOutput>, ApiError> {
     let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     if body.argv.first().is_none_or(String::is_empty) {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "argv must name a program".into()));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "argv must name a program".into(),
+        ));
     }
     if !(1..=600_000).contains(&body.timeout_ms) {
         return Err(ApiError(
@@ -288,7 +291,10 @@ async fn exec<S: ClusterStore>(
         ));
     }
     let Some(slot) = ctx.slots.get(vm.as_str()) else {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("no VM named `{vm}` on this host")));
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no VM named `{vm}` on this host"),
+        ));
     };
     slot.exec(&body.argv, Duration::from_millis(body.timeout_ms))
         .await

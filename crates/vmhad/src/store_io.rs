@@ -101,7 +101,7 @@ fn inputs_of<S: ClusterStore>(records: &Records<S>, change: &WatchEvent) -> Vec<
             host: host.clone(),
             up: value.is_some(),
         }));
-        if let Some(record) = value.and_then(|kv| decode::<HostRecord>(kv)) {
+        if let Some(record) = value.and_then(decode::<HostRecord>) {
             out.push(Msg::Ctrl(ControllerInput::HostCapacity {
                 host,
                 memory_mb: record.memory_mb,
@@ -117,7 +117,7 @@ fn inputs_of<S: ClusterStore>(records: &Records<S>, change: &WatchEvent) -> Vec<
     };
     match which {
         VmRecord::Owner => {
-            let record = value.and_then(|kv| decode::<OwnerRecord>(kv));
+            let record = value.and_then(decode::<OwnerRecord>);
             let revision = value.map_or(0, |kv| kv.mod_revision);
             out.push(Msg::Host(HostInput::Ownership {
                 vm: vm.clone(),
@@ -134,7 +134,7 @@ fn inputs_of<S: ClusterStore>(records: &Records<S>, change: &WatchEvent) -> Vec<
             }));
         }
         VmRecord::State => {
-            if let Some(r) = value.and_then(|kv| decode::<StoredReport>(kv)) {
+            if let Some(r) = value.and_then(decode::<StoredReport>) {
                 out.push(Msg::Ctrl(ControllerInput::Report {
                     host: r.host,
                     vm,

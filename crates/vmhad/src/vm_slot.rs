@@ -232,8 +232,14 @@ impl VmSlot {
     }
 
     /// Runs an operator's command in the guest (capped output, bounded time).
-    pub async fn exec(&self, argv: &[String], deadline: Duration) -> Result<GuestOutput, SlotError> {
-        let qga = self.qga().ok_or_else(|| SlotError::NoGuest(self.name.clone()))?;
+    pub async fn exec(
+        &self,
+        argv: &[String],
+        deadline: Duration,
+    ) -> Result<GuestOutput, SlotError> {
+        let qga = self
+            .qga()
+            .ok_or_else(|| SlotError::NoGuest(self.name.clone()))?;
         let mut request = ExecRequest::new(argv.iter().cloned());
         request.deadline = deadline;
         request.output_cap = 64 << 10;
