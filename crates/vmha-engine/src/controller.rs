@@ -779,6 +779,25 @@ impl Controller {
 
     /// Feeds one input at `now`. Inputs about unknown hosts or VMs are ignored.
     pub fn handle_input(&mut self, now: Timestamp, input: ControllerInput) {
+        self.apply_input(now, input);
+        self.reconcile();
+    }
+
+    /// Feeds several inputs that arrived together (the listing at election, a burst of watch
+    /// events) and decides once: same result as feeding them one by one when no decision in
+    /// between would have changed, far cheaper on big clusters (one placement pass).
+    pub fn handle_inputs(
+        &mut self,
+        now: Timestamp,
+        inputs: impl IntoIterator<Item = ControllerInput>,
+    ) {
+        for input in inputs {
+            self.apply_input(now, input);
+        }
+        self.reconcile();
+    }
+
+    fn apply_input(&mut self, now: Timestamp, input: ControllerInput) {
         self.now = self.now.max(now);
         match input {
             ControllerInput::HostLease { host, up } => {
@@ -861,7 +880,6 @@ impl Controller {
                 self.finish_cas(i, revision);
             }
         }
-        self.reconcile();
     }
 
     fn vm_of(&self, vm: &Name) -> Result<usize, CommandError> {
