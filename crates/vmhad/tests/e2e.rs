@@ -1,0 +1,460 @@
+//! End-to-end tests of vmhad on one host with real TCG VMs (the test guest of
+//! `scripts/build-guest-image.sh`, demo apps db(100) ← web(50) ← worker(10)).
+//!
+//! Each test function tells one story on one VM to keep the suite short; the VM tests hold a
+//! lock so only one TCG guest boots at a time. Assertions are about behaviour (event sequences,
+//! states, pids); latencies are measured from event timestamps and printed (`--nocapture`).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{Ev, Vmhad, alive, latency, now_ms, processes_naming, vm_test_lock};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+const VM: &str = "shop";
+
+/// Starts a daemon on a fresh state dir and waits until the VM and all its apps are online.
+fn boot() -> Vmhad {
+    let mut h = Vmhad::new(&[VM]);
+    let t0 = now_ms();
+    h.start();
+    let (_, online) = h.wait_for(0, VM, "starting", "online");
+    latency("vmhad start → VM and apps online (first boot)", t0, online.time);
+    assert_all_online(&h);
+    h
+}
+
+fn assert_all_online(h: &Vmhad) {
+    let states = h.app_states(VM);
+    assert!(
+        states.iter().all(|(_, s)| s == "online"),
+        "apps not all online: {states:?}"
+    );
+    assert_eq!(h.vm_status(VM)["state"], "online");
+}
+
+/// Host-agent events about the VM itself (not its apps) in `events`.
+fn vm_events(events: &[Ev]) -> Vec<&Ev> {
+    events
+        .iter()
+        .filter(|e| e.object == VM && e.origin != "controller")
+        .collect()
+}
+
+/// Events about objects other than `keep` (apps of VM) in `events`.
+fn others<'a>(events: &'a [Ev], keep: &[&str]) -> Vec<&'a Ev> {
+    events
+        .iter()
+        .filter(|e| !keep.iter().any(|k| e.object == format!("{VM}/{k}")))
+        .collect()
+}
+
+fn texts(events: &[&Ev]) -> String {
+    events
+        .iter()
+        .map(|e| e.text.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Kills a demo app in the guest (waits until it is dead); returns the host time right after.
+fn kill_app(h: &Vmhad, app: &str) -> u64 {
+    assert_eq!(h.app(VM, "kill", app), 0, "app kill {app}");
+    now_ms()
+}
+
+/// The start time (clock ticks since guest boot, `/proc/PID/stat` field 22) of each demo app's
+/// process in the guest.
+fn guest_start_ticks(h: &Vmhad) -> Vec<(String, u64)> {
+    let script = "for a in db web worker; do set -- $(cat /proc/$(cat /run/demo/$a.pid)/stat); \
+                  echo $a ${22}; done";
+    let out = h.exec(VM, &["/bin/sh", "-c", script]);
+    assert_eq!(out["exit"], 0, "reading start times: {out}");
+    out["stdout"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (a, t) = l.split_once(' ').unwrap();
+            (a.to_string(), t.trim().parse().unwrap())
+        })
+        .collect()
+}
+
+/// Checks the order of a VM (re)start from cursor `from`: db online before web online before
+/// worker online, each app's process started after the one it requires is online, then the
+/// VM online. Returns the VM's online event.
+fn check_start_order(h: &mut Vmhad, from: usize, vm_from: &str) -> Ev {
+    let (i_db, _) = h.wait_for(from, &format!("{VM}/db"), "starting", "online");
+    let (i_web, _) = h.wait_for(from, &format!("{VM}/web"), "starting", "online");
+    let (i_worker, _) = h.wait_for(from, &format!("{VM}/worker"), "starting", "online");
+    let (i_vm, vm_online) = h.wait_for(from, VM, vm_from, "online");
+    assert!(
+        i_db < i_web && i_web < i_worker && i_worker <= i_vm,
+        "start order wrong:\n{}",
+        h.events_text(from)
+    );
+    // Each app waited for the one it requires: no app reached online before its requirement.
+    let ticks = guest_start_ticks(h);
+    let t = |a: &str| ticks.iter().find(|(n, _)| n == a).unwrap().1;
+    println!("guest process start ticks after (re)start: {ticks:?}");
+    assert!(
+        t("db") <= t("web") && t("web") <= t("worker"),
+        "apps started out of dependency order in the guest: {ticks:?}"
+    );
+    assert_all_online(h);
+    vm_online
+}
+
+/// Scenarios 1, 4, 2, 10, 3, 5 on one VM: app restarts in the guest, an intentionally offline
+/// app, a faulted low-priority app, bad API requests, the top app faulted (VM restart) and QEMU
+/// killed (VM restart).
+#[test]
+fn app_and_vm_failures() {
+    let _lock = vm_test_lock();
+    let mut h = boot();
+    let pid0 = h.qemu_pid(VM);
+    assert_eq!(h.qemu_processes(VM), vec![pid0]);
+
+    // 1. web killed in the guest → restarted there; the VM is untouched.
+    let m = h.mark();
+    let t_kill = kill_app(&h, "web");
+    let (_, detected) = h.wait_for(m, "shop/web", "online", "restarting");
+    let (_, back) = h.wait_for(m, "shop/web", "restarting", "online");
+    latency("app kill → detected (restarting)", t_kill, detected.time);
+    latency("app kill → online again", t_kill, back.time);
+    assert_eq!(h.app(VM, "check", "web"), 0, "web not running after restart");
+    let evs = h.since(m);
+    assert!(
+        others(&evs, &["web"]).is_empty(),
+        "unexpected events:\n{}",
+        texts(&others(&evs, &["web"]))
+    );
+    assert_eq!(h.qemu_pid(VM), pid0);
+    assert_eq!(h.qemu_processes(VM), vec![pid0]);
+
+    // 4. web marked offline (sticky) and then killed → offline, no restart, no VM action.
+    let m = h.mark();
+    h.command_ok(&json!({"command": "app-offline", "vm": VM, "app": "web", "auto_clear": false}));
+    h.wait_for(m, "shop/web", "online", "offline");
+    kill_app(&h, "web");
+    // Barrier: db killed after web and restarted proves probes ran after web's death.
+    let t_db = kill_app(&h, "db");
+    let (_, db_back) = h.wait_for(m, "shop/db", "restarting", "online");
+    latency("app kill → online again (db)", t_db, db_back.time);
+    assert_ne!(h.app(VM, "check", "web"), 0, "offline web was restarted");
+    let evs = h.since(m);
+    let unexpected: Vec<&Ev> = evs
+        .iter()
+        .filter(|e| (e.object == "shop/web" && e.to != "offline") || e.object == VM)
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "offline web or the VM changed:\n{}",
+        texts(&unexpected)
+    );
+    let web = h.app_status(VM, "web");
+    assert_eq!(web["state"], "offline", "{web}");
+    assert_eq!(web["offline"], json!({"auto_clear": false}), "{web}");
+    assert_eq!(h.qemu_processes(VM), vec![pid0]);
+    // Back online: the flag cleared, vmha restarts web.
+    let m = h.mark();
+    h.command_ok(&json!({"command": "app-online", "vm": VM, "app": "web"}));
+    h.wait_for_event(m, "web online again", |e| {
+        e.is("shop/web", "*", "online") && e.from != "online"
+    });
+    assert_eq!(h.app(VM, "check", "web"), 0);
+
+    // 2. worker (lowest priority) keeps failing → faulted; highest-priority leaves the VM alone.
+    let m = h.mark();
+    assert_eq!(h.app(VM, "break", "worker"), 0);
+    kill_app(&h, "worker");
+    let (_, faulted) = h.wait_for(m, "shop/worker", "*", "faulted");
+    println!("worker faulted: {}", faulted.text);
+    let explain = h.get(&format!("/v1/vms/{VM}/explain")).1;
+    let last = explain["vm"]["decisions"]
+        .as_array()
+        .and_then(|d| d.last())
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(last["verdict"], "no-action", "decision: {explain}");
+    println!("decision: {}", last["reason"]);
+    // Barrier: web killed and restarted after the decision; still no VM action.
+    kill_app(&h, "web");
+    h.wait_for(m, "shop/web", "restarting", "online");
+    let evs = h.since(m);
+    assert!(
+        vm_events(&evs).is_empty(),
+        "the VM was acted upon:\n{}",
+        texts(&vm_events(&evs))
+    );
+    assert_eq!(h.vm_status(VM)["state"], "online");
+    assert_eq!(h.app_status(VM, "worker")["state"], "faulted");
+    assert_eq!(h.qemu_processes(VM), vec![pid0]);
+
+    // 10. Bad API requests → 4xx JSON errors, nothing changes.
+    bad_api_requests(&h);
+
+    // 3. db (highest priority) keeps failing → VM restarted on the host, apps in order.
+    let m = h.mark();
+    assert_eq!(h.app(VM, "break", "db"), 0);
+    let t_kill = kill_app(&h, "db");
+    let (_, db_down) = h.wait_for(m, "shop/db", "online", "restarting");
+    let (_, db_faulted) = h.wait_for(m, "shop/db", "*", "faulted");
+    let (i_restart, restart) = h.wait_for(m, VM, "online", "restarting");
+    assert!(
+        restart.reason.contains("restart VM"),
+        "restart reason: {}",
+        restart.reason
+    );
+    let vm_online = check_start_order(&mut h, i_restart, "restarting");
+    let pid1 = h.qemu_pid(VM);
+    assert_ne!(pid1, pid0, "the VM was not restarted on the host");
+    assert!(!alive(pid0), "old QEMU {pid0} still alive");
+    assert_eq!(h.qemu_processes(VM), vec![pid1]);
+    latency("top app kill → detected", t_kill, db_down.time);
+    latency("top app kill → faulted", t_kill, db_faulted.time);
+    latency("top app kill → VM restart decided", t_kill, restart.time);
+    latency("VM restart decided → VM and apps online", restart.time, vm_online.time);
+    latency("top app kill → VM and apps online", t_kill, vm_online.time);
+
+    // 5. QEMU kill -9 → detected as gone, VM started again, apps back online.
+    let m = h.mark();
+    let t_kill = now_ms();
+    kill(Pid::from_raw(pid1), Signal::SIGKILL).unwrap();
+    let (i_gone, gone) = h.wait_for(m, VM, "online", "restarting");
+    assert!(gone.reason.contains("gone"), "reason: {}", gone.reason);
+    let vm_online = check_start_order(&mut h, i_gone, "restarting");
+    let pid2 = h.qemu_pid(VM);
+    assert_ne!(pid2, pid1);
+    assert_eq!(h.qemu_processes(VM), vec![pid2]);
+    latency("QEMU kill -9 → detected (gone)", t_kill, gone.time);
+    latency("QEMU kill -9 → VM and apps online", t_kill, vm_online.time);
+    println!("events of the QEMU kill:\n{}", h.events_text(m));
+}
+
+/// Scenario 10: requests vmhad must refuse without changing anything.
+fn bad_api_requests(h: &Vmhad) {
+    let before = h.status()["agent"].clone();
+    let m = h.mark();
+    let bad: Vec<(&str, &str, &str)> = vec![
+        ("GET", "/v1/vms/nosuch/explain", ""),
+        ("POST", "/v1/vms/nosuch/exec", r#"{"argv":["/bin/true"]}"#),
+        ("POST", "/v1/commands", r#"{"command":"app-offline","vm":"nosuch","app":"web","auto_clear":true}"#),
+        ("POST", "/v1/commands", r#"{"command":"app-offline","vm":"shop","app":"nosuch","auto_clear":true}"#),
+        ("POST", "/v1/commands", r#"{"command":"vm-restart","vm":"nosuch"}"#),
+        ("POST", "/v1/commands", r#"{"command":"freeze","vm":"nosuch"}"#),
+        ("POST", "/v1/commands", r#"{"command":"app-offline","vm":"shop","#),
+        ("POST", "/v1/commands", "not json at all"),
+        ("POST", "/v1/commands", r#"{"command":"reboot-the-world","vm":"shop"}"#),
+        ("POST", "/v1/commands", r#"{"vm":"shop","app":"web"}"#),
+        ("POST", "/v1/commands", r#"{"command":"set-priority","vm":"shop","app":"web","priority":0}"#),
+        ("POST", "/v1/vms/shop/exec", r#"{"argv":[]}"#),
+        ("POST", "/v1/vms/shop/exec", r#"{"argv":["/bin/true"],"timeout_ms":0}"#),
+        ("POST", "/v1/vms/shop/exec", r#"{"argv":"/bin/true"}"#),
+        ("GET", "/v1/events?limit=notanumber", ""),
+        ("GET", "/v1/events?limit=10001", ""),
+    ];
+    for (method, path, body) in bad {
+        let (status, text) = common::http(&h.socket(), method, path, Some(body));
+        let json: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        println!("{method} {path} {body} → {status} {text}");
+        assert!(
+            (400..500).contains(&status),
+            "{method} {path} {body}: status {status}, body {text}"
+        );
+        assert!(
+            json["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{method} {path} {body}: not a JSON error: {text}"
+        );
+    }
+    // Nothing changed: no events, the same status (apps, flags, budgets, decisions).
+    let after = h.status()["agent"].clone();
+    assert_eq!(before, after, "status changed by bad requests");
+    assert_eq!(h.mark(), m, "events from bad requests:\n{}", h.events_text(m));
+}
+
+/// Scenarios 6, 7, 8: a daemon restart adopts the running VM, admin flags survive it, and a
+/// daemon SIGKILLed in the middle of a VM restart resumes safely.
+#[test]
+fn daemon_restarts() {
+    let _lock = vm_test_lock();
+    let mut h = boot();
+    let pid0 = h.qemu_pid(VM);
+
+    // 7. Admin flags: worker intentionally offline (sticky), web's priority, VM frozen.
+    let m = h.mark();
+    h.command_ok(&json!({"command": "app-offline", "vm": VM, "app": "worker", "auto_clear": false}));
+    h.command_ok(&json!({"command": "set-priority", "vm": VM, "app": "web", "priority": 70}));
+    h.command_ok(&json!({"command": "freeze", "vm": VM}));
+    h.wait_for(m, "shop/worker", "online", "offline");
+    let flags = |h: &Vmhad| {
+        let vm = h.vm_status(VM);
+        (
+            vm["frozen"].clone(),
+            h.app_status(VM, "worker")["offline"].clone(),
+            h.app_status(VM, "web")["priority"].clone(),
+        )
+    };
+    let expected = (json!(true), json!({"auto_clear": false}), json!(70));
+    assert_eq!(flags(&h), expected);
+
+    // 6. SIGTERM: vmhad exits 0 and leaves the VM running; the next vmhad adopts it.
+    let status = h.signal_and_wait(Signal::SIGTERM);
+    assert!(status.success(), "vmhad exit status after SIGTERM: {status}");
+    assert!(alive(pid0), "SIGTERM stopped the VM");
+    let m = h.mark();
+    let t0 = now_ms();
+    h.start();
+    // Adopted: the apps are seen online (worker: running but flagged offline).
+    let (_, db) = h.wait_for(m, "shop/db", "*", "online");
+    h.wait_for(m, "shop/web", "*", "online");
+    h.wait_for(m, "shop/worker", "*", "offline");
+    latency("vmhad restart → adopted VM's db seen online", t0, db.time);
+    assert_eq!(h.qemu_pid(VM), pid0, "the VM was not adopted");
+    assert_eq!(h.qemu_processes(VM), vec![pid0]);
+    let vm = h.vm_status(VM);
+    assert_eq!(vm["state"], "online", "{vm}");
+    let evs = h.since(m);
+    let restarted: Vec<&Ev> = evs
+        .iter()
+        .filter(|e| e.object == VM && (e.to == "starting" || e.to == "restarting"))
+        .collect();
+    assert!(
+        restarted.is_empty(),
+        "adoption (re)started the VM:\n{}",
+        texts(&restarted)
+    );
+    println!("events after adoption:\n{}", h.events_text(m));
+    // 7. The admin flags survived.
+    assert_eq!(flags(&h), expected, "admin flags lost across the restart");
+    assert_eq!(
+        h.status()["cluster_view"]["vms"][0]["frozen"],
+        json!(true),
+        "the controller forgot the freeze"
+    );
+    assert_eq!(h.app(VM, "check", "worker"), 0, "worker was stopped");
+
+    let m = h.mark();
+    h.command_ok(&json!({"command": "unfreeze", "vm": VM}));
+    h.command_ok(&json!({"command": "app-online", "vm": VM, "app": "worker"}));
+    h.wait_for(m, "shop/worker", "offline", "online");
+
+    // 8. vmhad SIGKILLed in the middle of a VM restart, at two points of the plan.
+    for kill_point in ["apps stopping", "VM stopped"] {
+        let old = h.qemu_pid(VM);
+        let m = h.mark();
+        h.command_ok(&json!({"command": "vm-restart", "vm": VM}));
+        let (_, at) = match kill_point {
+            "apps stopping" => h.wait_for(m, VM, "online", "restarting"),
+            _ => h.wait_for_event(m, "VM stopped", |e| {
+                e.is("shop/db", "*", "unknown") && e.reason.contains("stopped")
+            }),
+        };
+        let status = h.signal_and_wait(Signal::SIGKILL);
+        assert!(!status.success());
+        println!(
+            "SIGKILL at `{kill_point}` (after: {}); QEMUs then: {:?} (old {old})",
+            at.text,
+            h.qemu_processes(VM)
+        );
+        let m2 = h.mark();
+        let t0 = now_ms();
+        h.start();
+        // The VM ends online with all its apps, exactly one QEMU.
+        let (_, online) = h.wait_for_event(m2, "VM online after resume", |e| {
+            e.is(VM, "*", "online")
+        });
+        for app in ["db", "web", "worker"] {
+            if h.app_status(VM, app)["state"] != "online" {
+                h.wait_for(m2, &format!("{VM}/{app}"), "*", "online");
+            }
+        }
+        latency(&format!("resume after SIGKILL at `{kill_point}` → VM online"), t0, online.time);
+        println!("events after the resume:\n{}", h.events_text(m2));
+        assert_all_online(&h);
+        let pid = h.qemu_pid(VM);
+        assert_eq!(h.qemu_processes(VM), vec![pid], "not exactly one QEMU for {VM}");
+        println!(
+            "kill point `{kill_point}`: VM {}",
+            if pid == old { "kept its QEMU" } else { "restarted" }
+        );
+        for app in ["db", "web", "worker"] {
+            assert_eq!(h.app(VM, "check", app), 0, "{app} not running in the guest");
+        }
+    }
+    // A later probe cycle changes nothing: still one QEMU, all online.
+    let pid = h.qemu_pid(VM);
+    let m = h.mark();
+    kill_app(&h, "web");
+    h.wait_for(m, "shop/web", "restarting", "online");
+    assert_eq!(h.qemu_processes(VM), vec![pid]);
+    assert!(vm_events(&h.since(m)).is_empty(), "{}", h.events_text(m));
+}
+
+/// Scenario 9: a bad config → exit code 2, the file:line error on stderr, nothing created.
+#[test]
+fn bad_config_exits_2_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let run = dir.path().join("run");
+    let good = common::cluster_config(dir.path(), &[common::demo_vm(VM)]);
+    let unknown_key = good.replacen(
+        "hosts = [\"kvm1\"]",
+        "hosts = [\"kvm1\"]\ncolour = \"red\"",
+        1,
+    );
+    let bad_requires = good.replacen("requires = [\"web\"]", "requires = [\"nosuch\"]", 1);
+    let syntax = good.replacen("[vm.qemu]", "[vm.qemu", 1);
+    let line_of = |text: &str, needle: &str| {
+        text.lines().position(|l| l.contains(needle)).unwrap() + 1
+    };
+    let cases = [
+        ("unknown key", unknown_key.clone(), line_of(&unknown_key, "colour"), "colour"),
+        ("unknown requires", bad_requires.clone(), line_of(&bad_requires, "nosuch"), "nosuch"),
+        ("syntax", syntax.clone(), line_of(&syntax, "[vm.qemu"), ""),
+    ];
+    for (what, text, line, mention) in cases {
+        let config = dir.path().join("vmha.toml");
+        std::fs::write(&config, &text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmhad"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--runtime-dir")
+            .arg(&run)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("{what}: exit {:?}\n{stderr}", out.status.code());
+        assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+        let location = format!("{}:{line}:", config.display());
+        assert!(stderr.contains(&location), "{what}: no `{location}` in {stderr}");
+        assert!(stderr.contains(mention), "{what}: {stderr}");
+        assert!(!state.exists(), "{what}: state dir created");
+        assert!(!run.exists(), "{what}: runtime dir created");
+        assert!(
+            processes_naming(run.to_str().unwrap()).is_empty(),
+            "{what}: a QEMU was started"
+        );
+    }
+    // A valid config naming no host of this machine: exit 2 too, nothing created.
+    let config = dir.path().join("vmha.toml");
+    std::fs::write(&config, &good).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmhad"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--host", "nosuch"])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--runtime-dir")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!state.exists() && !run.exists());
+}
