@@ -24,6 +24,10 @@ pub struct DemoArgs {
     /// Scratch directory for the demo's config, state and VM runtime files (recreated).
     #[arg(long, default_value = "/tmp/vmha-demo")]
     workdir: PathBuf,
+    /// After the story, repeat the app-kill and QEMU-kill drills until each figure has this
+    /// many samples, and report medians (a benchmark of detection and recovery).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=50))]
+    rounds: u32,
 }
 
 /// vmhad as a child process, stopped (with its VMs) when dropped.
@@ -103,7 +107,7 @@ struct Demo {
     client: Client,
     events: mpsc::Receiver<Ev>,
     runtime_dir: PathBuf,
-    figures: Vec<(String, u64)>,
+    figures: Vec<(String, Vec<u64>)>,
 }
 
 impl Demo {
@@ -185,7 +189,46 @@ impl Demo {
 
     fn figure(&mut self, name: &str, ms: u64) {
         println!("    ⏱  {name}: {ms} ms");
-        self.figures.push((name.to_string(), ms));
+        match self.figures.iter_mut().find(|(n, _)| n == name) {
+            Some((_, samples)) => samples.push(ms),
+            None => self.figures.push((name.to_string(), vec![ms])),
+        }
+    }
+
+    /// Kills an app in the guest and measures detection and recovery.
+    fn app_kill_drill(&mut self, vm: &str, app: &str) -> anyhow::Result<()> {
+        let t = now_ms();
+        self.guest(vm, &["/opt/demo/app", "kill", app])?;
+        let detected = self.wait("app failure detected", Duration::from_secs(20), |e| {
+            e.is_app(vm, app) && e.from == "online"
+        })?;
+        let back = self.wait("app online", Duration::from_secs(20), |e| {
+            e.is_app(vm, app) && e.to == "online"
+        })?;
+        self.figure("app kill → detected", detected.time.saturating_sub(t));
+        self.figure("app kill → running again", back.time.saturating_sub(t));
+        Ok(())
+    }
+
+    /// Kills a VM's QEMU and measures detection and recovery.
+    fn qemu_kill_drill(&mut self, vm: &str) -> anyhow::Result<()> {
+        let pid = self.qemu_pid(vm)?;
+        let t = now_ms();
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()?;
+        let detected = self.wait("VM failure detected", Duration::from_secs(10), |e| {
+            e.is_vm(vm) && e.from == "online"
+        })?;
+        let back = self.wait("VM online", Duration::from_secs(120), |e| {
+            e.is_vm(vm) && e.to == "online" && e.reason.starts_with("restarted")
+        })?;
+        self.figure("QEMU kill → detected", detected.time.saturating_sub(t));
+        self.figure(
+            "QEMU kill → VM and apps online again",
+            back.time.saturating_sub(t),
+        );
+        Ok(())
     }
 }
 
@@ -352,16 +395,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         "kill web in shop: the app monitor restarts it in the guest",
     );
     let shop_pid = demo.qemu_pid("shop")?;
-    let t = now_ms();
-    demo.guest("shop", &["/opt/demo/app", "kill", "web"])?;
-    let detected = demo.wait("web failure detected", Duration::from_secs(20), |e| {
-        e.is_app("shop", "web") && e.from == "online"
-    })?;
-    let back = demo.wait("web online", Duration::from_secs(20), |e| {
-        e.is_app("shop", "web") && e.to == "online"
-    })?;
-    demo.figure("app kill → detected", detected.time.saturating_sub(t));
-    demo.figure("app kill → running again", back.time.saturating_sub(t));
+    demo.app_kill_drill("shop", "web")?;
     println!(
         "    the VM was not touched: QEMU pid {} → {}",
         shop_pid,
@@ -441,24 +475,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         5,
         "kill -9 the QEMU of billing: the VM monitor sees it at once and starts it again",
     );
-    let billing_pid = demo.qemu_pid("billing")?;
-    let t = now_ms();
-    Command::new("kill")
-        .args(["-9", &billing_pid.to_string()])
-        .status()?;
-    let detected = demo.wait("billing failure detected", Duration::from_secs(10), |e| {
-        e.is_vm("billing") && e.from == "online"
-    })?;
-    let back = demo.wait("billing online", Duration::from_secs(120), |e| {
-        e.is_vm("billing") && e.to == "online"
-    })?;
-    demo.figure("QEMU kill → detected", detected.time.saturating_sub(t));
-    demo.figure(
-        "QEMU kill → VM and apps online again",
-        back.time.saturating_sub(t),
-    );
+    demo.qemu_kill_drill("billing")?;
 
-    step(6, "vmhad at rest");
+    if args.rounds > 1 {
+        let more = args.rounds - 1;
+        step(6, &format!("drills: {more} more app kills and QEMU kills"));
+        for _ in 0..more {
+            demo.app_kill_drill("billing", "reports")?;
+            demo.qemu_kill_drill("billing")?;
+        }
+    }
+
+    step(7, "vmhad at rest");
     let (cpu, rss) = idle_usage(pid, Duration::from_secs(5))?;
     println!("    vmhad: {cpu:.1}% of one core over 5 s idle, RSS {rss} MiB");
 
@@ -466,8 +494,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         "\n━━ summary (this run, {} s in all)",
         started.elapsed().as_secs()
     );
-    for (name, ms) in &demo.figures {
-        println!("  {name:<52} {ms:>6} ms");
+    for (name, samples) in &demo.figures {
+        let mut sorted = samples.clone();
+        sorted.sort_unstable();
+        let median = sorted[sorted.len() / 2];
+        if let [_] = sorted.as_slice() {
+            println!("  {name:<52} {median:>6} ms");
+        } else {
+            let (min, max) = (sorted[0], sorted[sorted.len() - 1]);
+            let n = sorted.len();
+            println!("  {name:<52} {median:>6} ms  (median of {n}, min {min}, max {max})");
+        }
     }
     println!(
         "  {:<52} {cpu:>6.1} %",
