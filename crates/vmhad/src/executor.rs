@@ -36,8 +36,27 @@ impl<S: ClusterStore> Executor<S> {
     pub fn host_action(&self, action: HostAction) {
         tracing::debug!(id = %action.id, reason = %action.reason, "action {:?}", action.kind);
         let id = action.id;
-        let slot_of = |vm: &Name| self.slots.get(vm).cloned();
         let tx = self.tx.clone();
+        let is_probe = matches!(action.kind, HostActionKind::Probe { .. });
+        // Every action is answered exactly once, even for a VM this host has no slot for.
+        let slot_of = |vm: &Name| {
+            let slot = self.slots.get(vm).cloned();
+            if slot.is_none() {
+                let answer = if is_probe {
+                    HostInput::GuestUnreachable { vm: vm.clone() }
+                } else {
+                    HostInput::ActionResult {
+                        id,
+                        result: Err(format!("VM {vm} is not configured on host {}", self.host)),
+                    }
+                };
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(Msg::Host(answer)).await;
+                });
+            }
+            slot
+        };
         match action.kind {
             HostActionKind::Report { vm, report } => {
                 let stored = StoredReport {
