@@ -39,7 +39,11 @@ pub fn guest_image() -> &'static Path {
         assert!(out.status.success(), "building the guest image failed");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let dir = PathBuf::from(stdout.lines().last().expect("OUTDIR on stdout").trim());
-        assert!(dir.join("initrd.img").exists(), "no initrd in {}", dir.display());
+        assert!(
+            dir.join("initrd.img").exists(),
+            "no initrd in {}",
+            dir.display()
+        );
         dir
     })
 }
@@ -47,7 +51,8 @@ pub fn guest_image() -> &'static Path {
 /// Serialises the tests that boot VMs: TCG is CPU-heavy and the machine has 2 cores.
 pub fn vm_test_lock() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Milliseconds since the Unix epoch (the clock of vmhad's event timestamps).
@@ -249,7 +254,9 @@ pub struct Events(Arc<(Mutex<Log>, Condvar)>);
 impl Events {
     fn push(&self, ev: Ev) {
         let (lock, cvar) = &*self.0;
-        let mut log = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut log = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if log.last_seq.is_some_and(|s| ev.seq <= s) {
             return;
         }
@@ -278,7 +285,9 @@ impl Events {
     /// Waits (at most `timeout`) until `n` events are recorded; false on timeout.
     fn wait_len(&self, n: usize, timeout: Duration) -> bool {
         let (lock, cvar) = &*self.0;
-        let guard = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let guard = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (guard, _) = cvar
             .wait_timeout_while(guard, timeout, |log| log.events.len() < n)
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -408,10 +417,7 @@ impl Vmhad {
 
     /// Panics (with the log) if vmhad exited.
     pub fn assert_running(&mut self) {
-        let exited = self
-            .child
-            .as_mut()
-            .map(|c| c.try_wait().expect("try_wait"));
+        let exited = self.child.as_mut().map(|c| c.try_wait().expect("try_wait"));
         if let Some(Some(status)) = exited {
             self.child = None;
             panic!("vmhad exited unexpectedly: {status}\n{}", self.log_tail(80));
@@ -492,13 +498,16 @@ impl Vmhad {
                 );
             }
             self.assert_running();
-            self.events.wait_len(checked + 1, Duration::from_millis(500));
+            self.events
+                .wait_len(checked + 1, Duration::from_millis(500));
         }
     }
 
     /// Waits for `object from → to` (host agent's view, `*` = any).
     pub fn wait_for(&mut self, from: usize, object: &str, f: &str, t: &str) -> (usize, Ev) {
-        self.wait_for_event(from, &format!("{object} {f} → {t}"), |e| e.is(object, f, t))
+        self.wait_for_event(from, &format!("{object} {f} → {t}"), |e| {
+            e.is(object, f, t)
+        })
     }
 
     /// The events since `from`, one per line.
@@ -515,13 +524,19 @@ impl Vmhad {
     /// `GET path` → (status, JSON body).
     pub fn get(&self, path: &str) -> (u16, Value) {
         let (status, body) = http(&self.socket(), "GET", path, None);
-        (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        )
     }
 
     /// `POST path` with a raw body → (status, JSON body).
     pub fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
         let (status, body) = http(&self.socket(), "POST", path, Some(body));
-        (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        )
     }
 
     /// `POST /v1/commands`.
@@ -619,7 +634,11 @@ pub fn processes_naming(needle: &str) -> Vec<i32> {
         return Vec::new();
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
@@ -669,6 +688,14 @@ impl Drop for Vmhad {
                 self.runs,
                 self.log_tail(120)
             );
+        }
+        if std::env::var_os("VMHA_E2E_KEEP").is_some() {
+            // Keep config, state and logs for a post-mortem.
+            let dir = std::mem::replace(
+                &mut self.dir,
+                tempfile::tempdir().expect("placeholder tempdir"),
+            );
+            eprintln!("kept {}", dir.keep().display());
         }
     }
 }
