@@ -263,7 +263,7 @@ stop = ["/opt/demo/app", "stop", "{name}"]
             requires.join(", ")
         )
     };
-    let vm = |name: &str, policy: &str| {
+    let vm = |name: &str, policy: &str, vm_restart_limit: u32| {
         format!(
             r#"
 [[vm]]
@@ -271,7 +271,7 @@ name = "{name}"
 driver = "qemu"
 hosts = ["kvm1"]
 policy = "{policy}"
-vm_restart_limit = 3
+vm_restart_limit = {vm_restart_limit}
 stop_timeout = "5s"
 boot_timeout = "60s"
 
@@ -298,11 +298,12 @@ name = "kvm1"
 {}{}{}{}{}{}{}"#,
         state.display(),
         run.display(),
-        vm("shop", "highest-priority"),
+        vm("shop", "highest-priority", 3),
         app("db", 100, &[], "restart_limit = 1\n"),
         app("web", 50, &["db"], ""),
         app("worker", 10, &["web"], "restart_limit = 1\n"),
-        vm("billing", "weighted"),
+        // billing is the target of the repeated QEMU-kill drills: a larger budget.
+        vm("billing", "weighted", 20),
         app("ledger", 80, &[], ""),
         app("reports", 20, &[], ""),
     )

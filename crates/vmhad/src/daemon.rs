@@ -248,12 +248,7 @@ async fn run_with<S: ClusterStore>(
             _ = safety.tick() => {
                 for slot in slots.values() {
                     let slot = Arc::clone(slot);
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let kind = slot.poll_status().await;
-                        let vm = slot.name().clone();
-                        let _ = tx.send(Msg::Host(HostInput::VmObserved { vm, kind })).await;
-                    });
+                    tokio::spawn(async move { slot.poll_status().await });
                 }
             }
             _ = sigterm.recv() => break,

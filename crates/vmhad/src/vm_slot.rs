@@ -190,13 +190,21 @@ impl VmSlot {
         Ok(())
     }
 
-    /// `query-status` as a VM monitor observation (the periodic safety poll).
-    pub async fn poll_status(&self) -> VmObservation {
+    /// Reports `query-status` as a VM monitor observation (the periodic safety poll). The
+    /// observation is queued while the slot is locked, so it can never overtake the result
+    /// of a later start: a stale "gone" about a dead QEMU cannot land after its successor runs.
+    pub async fn poll_status(&self) {
         let guard = self.qemu.lock().await;
-        match guard.as_ref() {
+        let kind = match guard.as_ref() {
             Some(vm) => observation_of(&vm.status().await),
             None => VmObservation::Gone,
-        }
+        };
+        self.send(HostInput::VmObserved {
+            vm: self.name.clone(),
+            kind,
+        })
+        .await;
+        drop(guard);
     }
 
     /// Runs an app's start or stop command in the guest; `Ok` iff it exits 0.
@@ -296,11 +304,6 @@ impl VmSlot {
                 (check.app.clone(), o)
             })
             .collect())
-    }
-
-    /// The VM's name.
-    pub fn name(&self) -> &Name {
-        &self.name
     }
 
     /// Whether the guest channel is believed up.
