@@ -131,6 +131,8 @@ pub enum SimCommand {
     HostIsolate(Name),
     /// The host is back (restarted with its persisted state, or reconnected).
     HostRecover(Name),
+    /// The host's daemon restarts with its persisted state while its VMs keep running.
+    DaemonRestart(Name),
     /// The host reports its memory for VMs.
     HostMemory(Name, u64),
     /// An admin command, routed as a daemon would.
@@ -996,6 +998,20 @@ impl Sim {
                     self.connect_host(h);
                 }
             }
+            SimCommand::DaemonRestart(host) => {
+                if let Some(h) = self.host_idx(&host)
+                    && let Some(agent) = self.hosts[h].agent.as_ref()
+                {
+                    let saved = agent.state();
+                    match HostAgent::new(self.config.clone(), host.clone(), Some(saved), now) {
+                        Ok(agent) => self.hosts[h].agent = Some(agent),
+                        Err(e) => self.violations.push(e.to_string()),
+                    }
+                    self.log
+                        .push(format!("{now} {host} daemon restarted (VMs keep running)"));
+                    self.connect_host(h);
+                }
+            }
             SimCommand::HostMemory(host, memory_mb) => {
                 self.ctl_inputs
                     .push_back(ControllerInput::HostCapacity { host, memory_mb });
@@ -1226,6 +1242,7 @@ fn parse_command(w: &[&str]) -> Result<SimCommand, String> {
         "host-crash" => SimCommand::HostCrash(vm(1)?),
         "host-isolate" => SimCommand::HostIsolate(vm(1)?),
         "host-recover" => SimCommand::HostRecover(vm(1)?),
+        "daemon-restart" => SimCommand::DaemonRestart(vm(1)?),
         "host-memory" => SimCommand::HostMemory(
             vm(1)?,
             arg(2)?

@@ -1163,6 +1163,17 @@ impl VmMonitor {
         self.after_app_changes(out, changed);
     }
 
+    /// Records a VM found running on this host without a plan as online and probes its apps
+    /// at once (no-op unless its state is still `unknown` or `offline`).
+    fn adopt(&mut self, out: &mut Out<'_>, reason: &str) {
+        if matches!(self.state, VmState::Unknown | VmState::Offline) {
+            for a in &mut self.apps {
+                a.next_probe = out.now;
+            }
+            self.set_state(out, VmState::Online, reason);
+        }
+    }
+
     /// Brings the VM in line with ownership and desired state when no plan runs.
     pub fn reconcile(&mut self, out: &mut Out<'_>) {
         if self.plan.is_some() || self.owner.is_none() || self.run == Run::Unknown {
@@ -1171,10 +1182,14 @@ impl VmMonitor {
         if !out.lease_live {
             return;
         }
+        let mine = self.mine(out.host);
         if self.frozen {
+            // Monitor, never act: a frozen VM found running is still recorded as online.
+            if mine && self.run == Run::Running && !self.restored_restart {
+                self.adopt(out, "VM already running here: adopted (frozen)");
+            }
             return;
         }
-        let mine = self.mine(out.host);
         if mine && self.desired == Some(Desired::Run) {
             match self.run {
                 Run::Stopped | Run::Crashed => {
@@ -1208,11 +1223,8 @@ impl VmMonitor {
                             "resuming the restart in progress",
                         );
                         self.begin(out, Intent::Restart, &[Step::WaitGuest, Step::StartApps]);
-                    } else if matches!(self.state, VmState::Unknown | VmState::Offline) {
-                        for a in &mut self.apps {
-                            a.next_probe = out.now;
-                        }
-                        self.set_state(out, VmState::Online, "VM already running here: adopted");
+                    } else {
+                        self.adopt(out, "VM already running here: adopted");
                     }
                 }
                 Run::Unknown => {}

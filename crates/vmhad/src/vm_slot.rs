@@ -56,6 +56,8 @@ pub struct GuestOutput {
 
 /// Time a start/stop command of an app may take in the guest.
 const APP_COMMAND_DEADLINE: Duration = Duration::from_secs(30);
+/// Time a QEMU whose QMP socket closed gets to exit before a start gives up on it.
+const EXIT_GRACE: Duration = Duration::from_secs(10);
 /// Guest channel ping period while it is down (boot, agent restart).
 const GUEST_DOWN_PERIOD: Duration = Duration::from_millis(250);
 /// Guest channel ping period while it is up and no probe proved it recently.
@@ -159,8 +161,15 @@ impl VmSlot {
             .as_ref()
             .ok_or_else(|| SlotError::UnsupportedDriver(self.name.clone()))?;
         let mut guard = self.qemu.lock().await;
-        if guard.as_ref().is_some_and(|vm| !vm.is_gone()) {
-            return Ok(());
+        if let Some(vm) = guard.as_ref() {
+            // A closed QMP socket means QEMU is on its way out: wait for the process itself to
+            // end before starting its successor (the start is a request to run, not a no-op).
+            if !vm.is_gone() && vm.qmp().is_closed() {
+                vm.wait_gone(EXIT_GRACE).await;
+            }
+            if !vm.is_gone() {
+                return Ok(());
+            }
         }
         let vm = QemuVm::launch(spec, &self.runtime_dir, &self.driver).await?;
         tracing::info!(vm = %self.name, pid = vm.pid(), "QEMU started");
