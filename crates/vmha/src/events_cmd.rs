@@ -1,0 +1,62 @@
+//! `vmha events [--limit N] [--follow]`: the event log, one line per state change with its
+//! reason, times in local `HH:MM:SS.mmm`. `--json` prints vmhad's NDJSON lines (with `seq`
+//! and `text`). With `--follow` it keeps printing new events until interrupted; if vmhad
+//! closes the stream (it stopped) that is a failure, exit 1.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Args;
+use vmha_engine::Event;
+
+use crate::client::Client;
+use crate::daemon_cmd::Output;
+use crate::render::Render;
+
+/// Arguments of `vmha events`.
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// How many of the latest events to print first (0–10000).
+    #[arg(long, short = 'n', default_value_t = 50, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    limit: u32,
+    /// Keep printing new events as they happen, until interrupted.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    #[command(flatten)]
+    out: Output,
+}
+
+/// Prints the events; returns when the log (or, with `--follow`, the stream) ends.
+pub fn run(client: &Client, args: &EventsArgs) -> anyhow::Result<ExitCode> {
+    let mut path = format!("/v1/events?limit={}", args.limit);
+    if args.follow {
+        path.push_str("&follow=true");
+    }
+    let render = Render::local();
+    let mut stdout = std::io::stdout().lock();
+    let mut failed: Option<anyhow::Error> = None;
+    client.stream(&path, |line| {
+        let text = if args.out.json {
+            Ok(line.to_string())
+        } else {
+            serde_json::from_value::<Event>(line)
+                .map(|e| render.event(&e))
+                .map_err(|e| anyhow::anyhow!("unexpected event from vmhad: {e}"))
+        };
+        let written = text.and_then(|t| writeln!(stdout, "{t}").map_err(anyhow::Error::from));
+        match written {
+            Ok(()) => true,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        }
+    })?;
+    match failed {
+        Some(e) => Err(e),
+        // A followed stream only ends when vmhad closes it (it stopped, or restarted).
+        None if args.follow => anyhow::bail!("vmhad closed the event stream"),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}

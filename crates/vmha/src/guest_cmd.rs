@@ -1,0 +1,112 @@
+//! `vmha guest exec VM [--timeout DUR] -- ARGV...`: runs a command in the guest through vmhad
+//! (`POST /v1/vms/VM/exec`), like `qm guest exec`. Prints the command's stdout and stderr and
+//! exits with its exit code, or 128 + the signal that killed it.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Subcommand;
+use serde_json::json;
+use vmha_model::Name;
+
+use crate::client::Client;
+use crate::daemon_cmd::{Output, print_json};
+use crate::views::GuestOutput;
+
+/// The longest guest command vmhad accepts.
+const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `vmha guest …`.
+#[derive(Debug, Subcommand)]
+pub enum GuestCommand {
+    /// Run a command in the guest; exits with its exit code (128 + signal if it was killed).
+    Exec {
+        /// The VM.
+        vm: Name,
+        /// How long the command may run (at most 10m).
+        #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_timeout)]
+        timeout: Duration,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "ARGV")]
+        argv: Vec<String>,
+    },
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = vmha_model::duration::parse(s).map_err(|e| e.to_string())?;
+    if d.as_millis() == 0 || d > MAX_TIMEOUT {
+        return Err("the timeout must be between 1ms and 10m".to_string());
+    }
+    Ok(d)
+}
+
+/// Runs the guest command and passes its output and exit status through.
+pub fn run(client: &Client, cmd: GuestCommand, out: Output) -> anyhow::Result<ExitCode> {
+    let GuestCommand::Exec { vm, timeout, argv } = cmd;
+    let body = json!({
+        "argv": argv,
+        "timeout_ms": u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+    });
+    let answer = client.post(&format!("/v1/vms/{vm}/exec"), &body)?;
+    let output: GuestOutput =
+        serde_json::from_value(answer.clone()).context("unexpected exec answer from vmhad")?;
+    if out.json {
+        print_json(&answer)?;
+    } else {
+        std::io::stdout()
+            .lock()
+            .write_all(output.stdout.as_bytes())?;
+        std::io::stderr()
+            .lock()
+            .write_all(output.stderr.as_bytes())?;
+        if output.truncated {
+            eprintln!("vmha: the guest command's output was cut at vmhad's limit");
+        }
+    }
+    Ok(ExitCode::from(exit_code(&output)))
+}
+
+/// The guest command's exit code as ours: its code when in 0–255 (1 otherwise), 128 + signal
+/// when killed (capped at 255).
+fn exit_code(out: &GuestOutput) -> u8 {
+    match (out.exit, out.signal) {
+        (Some(code), _) => u8::try_from(code).unwrap_or(1),
+        (None, Some(signal)) => u8::try_from(signal.saturating_add(128)).unwrap_or(255),
+        (None, None) => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(exit: Option<i32>, signal: Option<i32>) -> GuestOutput {
+        GuestOutput {
+            exit,
+            signal,
+            stdout: String::new(),
+            stderr: String::new(),
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn exit_codes_follow_the_shell() {
+        assert_eq!(exit_code(&out(Some(0), None)), 0);
+        assert_eq!(exit_code(&out(Some(3), None)), 3);
+        assert_eq!(exit_code(&out(Some(-1073741819), None)), 1);
+        assert_eq!(exit_code(&out(None, Some(9))), 137);
+        assert_eq!(exit_code(&out(None, Some(500))), 255);
+        assert_eq!(exit_code(&out(None, None)), 1);
+    }
+
+    #[test]
+    fn timeouts_are_bounded() {
+        assert_eq!(parse_timeout("30s"), Ok(Duration::from_secs(30)));
+        assert!(parse_timeout("0s").is_err());
+        assert!(parse_timeout("11m").is_err());
+        assert!(parse_timeout("soon").is_err());
+    }
+}

@@ -1,0 +1,338 @@
+//! Runs the built `vmha` binary against vmhad's API: usage errors are caught before anything is
+//! sent (exit 2), an absent daemon is reported (exit 1), and against a real `vmhad` (one host,
+//! no VMs, embedded store in a temp dir) status, events, refusals and host maintenance work
+//! end to end.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::io::ErrorKind;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Runs `vmha args…` with no `VMHA_SOCKET` from the test's environment.
+fn vmha(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmha"))
+        .args(args)
+        .env_remove("VMHA_SOCKET")
+        .output()
+        .unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn usage_errors_exit_2_and_send_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vmhad.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let socket = socket.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["app", "offline", "shop"], "expected VM/APP"),
+        (&["app", "start", "shop/-web"], "bad app name"),
+        (&["app", "online", "sh op/web"], "bad VM name"),
+        (&["set", "priority", "shop/web", "0"], "0"),
+        (
+            &[
+                "set",
+                "app-budget",
+                "shop/db",
+                "--limit",
+                "3",
+                "--window",
+                "10x",
+            ],
+            "unknown unit `x`",
+        ),
+        (
+            &[
+                "set",
+                "vm-budget",
+                "shop",
+                "--limit",
+                "2",
+                "--window",
+                "ten",
+            ],
+            "expected a number",
+        ),
+        (
+            &["set", "vm-budget", "shop", "--limit", "2", "--window", "0s"],
+            "at least 1ms",
+        ),
+        (&["set", "policy", "shop", "fastest"], "highest-priority"),
+        (
+            &["set", "policy", "shop", "weighted", "--tie", "coin"],
+            "no-action",
+        ),
+        (&["host", "maintenance", "kvm1", "maybe"], "maybe"),
+        (&["vm", "move", "shop", "kvm/2"], "not a valid name"),
+        (
+            &["guest", "exec", "shop", "--timeout", "1h", "--", "true"],
+            "between 1ms and 10m",
+        ),
+        (&["guest", "exec", "shop"], "ARGV"),
+        (&["explain", "../etc"], "not a valid name"),
+    ];
+    for (args, needle) in cases {
+        let mut argv = vec!["--socket", socket];
+        argv.extend_from_slice(args);
+        let out = vmha(&argv);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+        assert!(stdout(&out).is_empty(), "{args:?}: {}", stdout(&out));
+        match listener.accept() {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            other => panic!("{args:?} connected to vmhad: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn unreachable_daemon_exits_1_naming_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nothing.sock");
+    let out = vmha(&["--socket", missing.to_str().unwrap(), "status"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("cannot reach vmhad at"), "{err}");
+    assert!(err.contains(missing.to_str().unwrap()), "{err}");
+
+    // --state-dir names DIR/vmhad.sock; $VMHA_SOCKET is the default.
+    let out = vmha(&[
+        "freeze",
+        "shop",
+        "--state-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let expected = dir.path().join("vmhad.sock");
+    assert!(
+        stderr(&out).contains(expected.to_str().unwrap()),
+        "{}",
+        stderr(&out)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_vmha"))
+        .args(["events", "--limit", "5"])
+        .env("VMHA_SOCKET", &missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(missing.to_str().unwrap()),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// A real vmhad in a temp dir, killed when dropped.
+struct Vmhad {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Vmhad {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Vmhad {
+    /// The vmhad binary built next to this vmha (`cargo build -p vmhad`), if there is one.
+    fn binary() -> Option<PathBuf> {
+        let path = Path::new(env!("CARGO_BIN_EXE_vmha")).with_file_name("vmhad");
+        path.is_file().then_some(path)
+    }
+
+    /// Starts vmhad with one host, no VMs and an embedded store; waits until its API answers
+    /// and it has become the cluster controller.
+    fn start(binary: &Path) -> Vmhad {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("vmha.toml");
+        std::fs::write(
+            &config,
+            "[cluster]\nname = \"lab\"\nstore = \"embedded\"\n\n[[host]]\nname = \"kvm1\"\n",
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("vmhad.log")).unwrap();
+        let child = Command::new(binary)
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--runtime-dir")
+            .arg(dir.path().join("run"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let vmhad = Vmhad { child, dir };
+        vmhad.wait_for("vmhad to become the cluster controller", |v| {
+            v.json(&["status"])
+                .is_some_and(|s| s["controller"] == Value::Bool(true))
+        });
+        vmhad
+    }
+
+    fn state_dir(&self) -> String {
+        self.dir.path().join("state").to_str().unwrap().to_string()
+    }
+
+    /// `vmha --state-dir D args…`.
+    fn vmha(&self, args: &[&str]) -> Output {
+        let state_dir = self.state_dir();
+        let mut argv = vec!["--state-dir", state_dir.as_str()];
+        argv.extend_from_slice(args);
+        vmha(&argv)
+    }
+
+    /// `vmha … args… --json` parsed, if it succeeded.
+    fn json(&self, args: &[&str]) -> Option<Value> {
+        let mut argv = args.to_vec();
+        argv.push("--json");
+        let out = self.vmha(&argv);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("vmhad.log")).unwrap_or_default()
+    }
+
+    /// Waits (bounded, generously: this is readiness, not a timing assertion) until `ready`.
+    fn wait_for(&self, what: &str, ready: impl Fn(&Vmhad) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; vmhad log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn host_state(status: &Value, host: &str) -> Option<String> {
+    status["cluster_view"]["hosts"]
+        .as_array()?
+        .iter()
+        .find(|h| h["name"] == host)?["state"]
+        .as_str()
+        .map(str::to_string)
+}
+
+#[test]
+fn against_a_real_vmhad() {
+    let Some(binary) = Vmhad::binary() else {
+        eprintln!(
+            "SKIPPED against_a_real_vmhad: no vmhad next to {}; run `cargo build -p vmhad` first",
+            env!("CARGO_BIN_EXE_vmha")
+        );
+        return;
+    };
+    let vmhad = Vmhad::start(&binary);
+
+    // status: the host, as controller, with the cluster's hosts.
+    let out = vmhad.vmha(&["status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("host kvm1 in cluster lab: runs the cluster controller\n"),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l.starts_with("kvm1  up ")), "{text}");
+    assert!(text.contains("no VM groups may run on kvm1"), "{text}");
+
+    // An admin command about an unknown VM: vmhad refuses, naming it.
+    let out = vmhad.vmha(&["vm", "restart", "ghost"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stderr(&out).contains("ghost"), "{}", stderr(&out));
+    assert!(stdout(&out).is_empty());
+    let out = vmhad.vmha(&["explain", "ghost"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no VM named `ghost`"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Maintenance on, seen in status; then off.
+    let out = vmhad.vmha(&["host", "maintenance", "kvm1", "on"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "host kvm1 in maintenance: its VM groups are moved or stopped\n"
+    );
+    let status = vmhad.json(&["status"]).unwrap();
+    assert_eq!(host_state(&status, "kvm1").as_deref(), Some("maintenance"));
+    let out = vmhad.vmha(&["host", "maintenance", "kvm1", "off", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["ok"], Value::Bool(true));
+    let status = vmhad.json(&["status"]).unwrap();
+    assert_eq!(host_state(&status, "kvm1").as_deref(), Some("up"));
+
+    // events --json: NDJSON, one event per line, with the maintenance round trip once the
+    // store writer has it.
+    vmhad.wait_for("the maintenance events in the log", |v| {
+        stdout(&v.vmha(&["events"])).contains("maintenance → up")
+    });
+    let out = vmhad.vmha(&["events", "--json", "--limit", "100"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() >= 3, "{lines:?}");
+    for line in &lines {
+        for field in [
+            "seq", "text", "time", "origin", "object", "from", "to", "reason",
+        ] {
+            assert!(line.get(field).is_some(), "{field} missing in {line}");
+        }
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["to"] == "maintenance" && l["object"]["host"] == "kvm1"),
+        "{lines:?}"
+    );
+
+    // events as text: local time of day, origin, object, transition and reason.
+    let out = vmhad.vmha(&["events", "--limit", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    let last = text.lines().last().unwrap();
+    let (clock, rest) = last.split_once(' ').unwrap();
+    assert!(is_clock(clock), "{last}");
+    assert!(
+        rest.starts_with("controller host:kvm1 maintenance → up: "),
+        "{last}"
+    );
+}
+
+/// `HH:MM:SS.mmm`.
+fn is_clock(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 12
+        && b.iter().enumerate().all(|(i, c)| match i {
+            2 | 5 => *c == b':',
+            8 => *c == b'.',
+            _ => c.is_ascii_digit(),
+        })
+}
