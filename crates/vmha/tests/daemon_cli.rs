@@ -326,6 +326,80 @@ fn against_a_real_vmhad() {
     );
 }
 
+#[test]
+fn events_follow_streams_live_until_vmhad_goes_away() {
+    let Some(binary) = Vmhad::binary() else {
+        eprintln!("SKIPPED events_follow_streams_live_until_vmhad_goes_away: no vmhad built");
+        return;
+    };
+    let mut vmhad = Vmhad::start(&binary);
+    let state_dir = vmhad.state_dir();
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_vmha"))
+        .args([
+            "--state-dir",
+            &state_dir,
+            "events",
+            "--follow",
+            "--limit",
+            "0",
+        ])
+        .env_remove("VMHA_SOCKET")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufReader::new(follower.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(lines) {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+
+    // An event that happens after the follower connected reaches it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("host:kvm1 up → maintenance"))
+    {
+        // Repeated until the follower has subscribed: each on/off pair is two new events.
+        assert!(
+            vmhad
+                .vmha(&["host", "maintenance", "kvm1", "on"])
+                .status
+                .success()
+        );
+        assert!(
+            vmhad
+                .vmha(&["host", "maintenance", "kvm1", "off"])
+                .status
+                .success()
+        );
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+            seen.push(line);
+        }
+        assert!(Instant::now() < deadline, "nothing followed: {seen:?}");
+    }
+    assert!(
+        seen.iter().all(|l| l.get(..12).is_some_and(is_clock)),
+        "{seen:?}"
+    );
+
+    // vmhad going away ends the stream: exit 1, said on stderr.
+    vmhad.child.kill().unwrap();
+    vmhad.child.wait().unwrap();
+    let out = follower.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("vmhad closed the event stream"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 /// `HH:MM:SS.mmm`.
 fn is_clock(s: &str) -> bool {
     let b = s.as_bytes();
