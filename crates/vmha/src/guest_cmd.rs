@@ -8,15 +8,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Subcommand;
-use serde_json::json;
 use vmha_model::Name;
 
 use crate::client::Client;
 use crate::daemon_cmd::{Output, print_json};
-use crate::views::GuestOutput;
+use vmha_api::{ExecRequest, GuestOutput};
 
 /// The longest guest command vmhad accepts.
-const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+const MAX_TIMEOUT: Duration = Duration::from_millis(ExecRequest::MAX_TIMEOUT_MS);
 
 /// `vmha guest …`.
 #[derive(Debug, Subcommand)]
@@ -45,11 +44,14 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 /// Runs the guest command and passes its output and exit status through.
 pub fn run(client: &Client, cmd: GuestCommand, out: Output) -> anyhow::Result<ExitCode> {
     let GuestCommand::Exec { vm, timeout, argv } = cmd;
-    let body = json!({
-        "argv": argv,
-        "timeout_ms": u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-    });
-    let answer = client.post(&format!("/v1/vms/{vm}/exec"), &body)?;
+    let request = ExecRequest {
+        argv,
+        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+    };
+    let answer = client.post(
+        &format!("/v1/vms/{vm}/exec"),
+        &serde_json::to_value(&request)?,
+    )?;
     let output: GuestOutput =
         serde_json::from_value(answer.clone()).context("unexpected exec answer from vmhad")?;
     if out.json {

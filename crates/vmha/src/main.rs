@@ -14,7 +14,6 @@ mod events_cmd;
 mod guest_cmd;
 mod render;
 mod status_cmd;
-mod views;
 
 /// Application-aware high availability for KVM/QEMU VMs.
 #[derive(Debug, Parser)]

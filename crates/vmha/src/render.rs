@@ -8,7 +8,7 @@ use std::time::Duration;
 use jiff::tz::TimeZone;
 use vmha_engine::{AppStatus, Desired, Event, HostView, Timestamp, VmStatus};
 
-use crate::views::{Explain, StatusView};
+use vmha_api::{Explain, StatusView};
 
 /// Renders in one time zone (the system's for operators, UTC in tests).
 #[derive(Debug, Clone)]

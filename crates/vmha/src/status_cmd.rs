@@ -9,7 +9,7 @@ use vmha_model::Name;
 use crate::client::Client;
 use crate::daemon_cmd::{Output, print_json, print_text};
 use crate::render::Render;
-use crate::views::{Explain, StatusView};
+use vmha_api::{Explain, StatusView};
 
 /// `GET /v1/status`, printed.
 pub fn status(client: &Client, out: Output) -> anyhow::Result<ExitCode> {

@@ -20,7 +20,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 use vmha_engine::{AdminCommand, CommandError, Event, ObjectRef};
 use vmha_store::ClusterStore;
@@ -28,8 +28,10 @@ use vmha_store::records::EventLog;
 
 use vmha_model::Name;
 
-use crate::daemon::{ApiRequest, Msg, StatusView};
-use crate::vm_slot::{GuestOutput, VmSlot};
+use vmha_api::{Applied, ErrorBody, EventLine, ExecRequest, Explain, GuestOutput, StatusView};
+
+use crate::daemon::{ApiRequest, Msg};
+use crate::vm_slot::VmSlot;
 
 struct Ctx<S> {
     core: mpsc::Sender<Msg>,
@@ -44,11 +46,7 @@ struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        #[derive(Serialize)]
-        struct Body {
-            error: String,
-        }
-        (self.0, Json(Body { error: self.1 })).into_response()
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
 }
 
@@ -98,14 +96,6 @@ async fn status<S: ClusterStore>(
     State(ctx): State<Shared<S>>,
 ) -> Result<Json<StatusView>, ApiError> {
     current_status(&ctx).await.map(Json)
-}
-
-/// `GET /v1/vms/{vm}/explain`.
-#[derive(Serialize)]
-struct Explain {
-    vm: vmha_engine::VmStatus,
-    cluster: Option<vmha_engine::ClusterVmView>,
-    events: Vec<Event>,
 }
 
 async fn explain<S: ClusterStore>(
@@ -162,16 +152,7 @@ fn default_limit() -> usize {
     50
 }
 
-#[derive(Serialize)]
-struct EventLine<'a> {
-    seq: u64,
-    /// The event as one human-readable line.
-    text: String,
-    #[serde(flatten)]
-    event: &'a Event,
-}
-
-fn ndjson(seq: u64, event: &Event) -> String {
+fn ndjson(seq: u64, event: Event) -> String {
     let mut line = serde_json::to_string(&EventLine {
         seq,
         text: event.to_string(),
@@ -198,10 +179,11 @@ async fn events<S: ClusterStore>(
         .last::<Event>(q.limit)
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let revision = tail.revision;
     let head: String = tail
         .events
-        .iter()
-        .map(|e| ndjson(e.seq, &e.event))
+        .into_iter()
+        .map(|e| ndjson(e.seq, e.event))
         .collect();
     let ndjson_type = [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")];
     if !q.follow {
@@ -209,12 +191,12 @@ async fn events<S: ClusterStore>(
     }
     let follower = ctx
         .log
-        .follow::<Event>(tail.revision + 1)
+        .follow::<Event>(revision + 1)
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let live = futures_util::stream::unfold(follower, |mut f| async move {
         match f.next().await {
-            Ok(e) => Some((Ok::<_, std::io::Error>(ndjson(e.seq, &e.event)), f)),
+            Ok(e) => Some((Ok::<_, std::io::Error>(ndjson(e.seq, e.event)), f)),
             Err(err) => {
                 tracing::debug!("event follower ended: {err}");
                 None
@@ -224,11 +206,6 @@ async fn events<S: ClusterStore>(
     let first = futures_util::stream::once(async move { Ok::<_, std::io::Error>(head) });
     let body = axum::body::Body::from_stream(futures_util::StreamExt::chain(first, live));
     Ok((ndjson_type, body).into_response())
-}
-
-#[derive(Serialize)]
-struct Applied {
-    ok: bool,
 }
 
 async fn command<S: ClusterStore>(
@@ -259,23 +236,10 @@ fn status_of(e: &CommandError) -> StatusCode {
     }
 }
 
-/// `POST /v1/vms/{vm}/exec`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExecBody {
-    argv: Vec<String>,
-    #[serde(default = "default_exec_timeout")]
-    timeout_ms: u64,
-}
-
-fn default_exec_timeout() -> u64 {
-    10_000
-}
-
 async fn exec<S: ClusterStore>(
     State(ctx): State<Shared<S>>,
     UrlPath(vm): UrlPath<String>,
-    body: Result<Json<ExecBody>, JsonRejection>,
+    body: Result<Json<ExecRequest>, JsonRejection>,
 ) -> Result<Json<GuestOutput>, ApiError> {
     let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     if body.argv.first().is_none_or(String::is_empty) {
@@ -284,10 +248,13 @@ async fn exec<S: ClusterStore>(
             "argv must name a program".into(),
         ));
     }
-    if !(1..=600_000).contains(&body.timeout_ms) {
+    if !(1..=ExecRequest::MAX_TIMEOUT_MS).contains(&body.timeout_ms) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
-            "timeout_ms must be between 1 and 600000".into(),
+            format!(
+                "timeout_ms must be between 1 and {}",
+                ExecRequest::MAX_TIMEOUT_MS
+            ),
         ));
     }
     let Some(slot) = ctx.slots.get(vm.as_str()) else {

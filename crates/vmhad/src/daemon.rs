@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
+use vmha_api::StatusView;
 use vmha_engine::{
-    AdminCommand, CommandError, Controller, ControllerInput, ControllerState, ControllerStatus,
-    HostAgent, HostAgentState, HostInput, HostStatus, Route, Timestamp,
+    AdminCommand, CommandError, Controller, ControllerInput, ControllerState, HostAgent,
+    HostAgentState, HostInput, Route, Timestamp,
 };
 use vmha_model::{Config, Name, Store};
 use vmha_store::layout::Layout;
@@ -51,21 +51,6 @@ pub enum ApiRequest {
     Status(oneshot::Sender<StatusView>),
     /// An admin command; the answer says what was done or why nothing was.
     Command(AdminCommand, oneshot::Sender<Result<(), CommandError>>),
-}
-
-/// `GET /v1/status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct StatusView {
-    /// This host.
-    pub host: Name,
-    /// Cluster name.
-    pub cluster: Name,
-    /// Whether this host runs the cluster controller.
-    pub controller: bool,
-    /// This host's agents: its VM groups and their apps.
-    pub agent: HostStatus,
-    /// The controller's view (hosts, placement), when this host is the controller.
-    pub cluster_view: Option<ControllerStatus>,
 }
 
 /// Milliseconds since the Unix epoch: the engine's clock.

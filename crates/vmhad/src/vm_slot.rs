@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Mutex, Notify, mpsc};
+use vmha_api::GuestOutput;
 use vmha_engine::{HostInput, VmObservation};
 use vmha_model::{Accel, Driver, Name, Vm};
 use vmha_qemu::{
@@ -37,21 +38,6 @@ pub enum SlotError {
     /// A guest command failed.
     #[error("{0}")]
     Command(String),
-}
-
-/// What a guest command printed and how it ended.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct GuestOutput {
-    /// Exit code, when it exited.
-    pub exit: Option<i32>,
-    /// Signal, when one killed it.
-    pub signal: Option<i32>,
-    /// Standard output (lossy UTF-8, capped).
-    pub stdout: String,
-    /// Standard error (lossy UTF-8, capped).
-    pub stderr: String,
-    /// Whether output was cut at the cap.
-    pub truncated: bool,
 }
 
 /// Time a start/stop command of an app may take in the guest.

@@ -1,0 +1,148 @@
+//! The wire types of vmhad's HTTP API (`/v1`). vmhad serializes them and the `vmha` CLI
+//! deserializes them, so a change of the wire format is a compile error on both sides rather
+//! than a half-printed table. Readers ignore unknown fields: a newer vmhad may add some.
+//!
+//! - `GET  /v1/status` → [`StatusView`]
+//! - `GET  /v1/vms/{vm}/explain` → [`Explain`]
+//! - `GET  /v1/events?limit=N&follow=true` → NDJSON of [`EventLine`]
+//! - `POST /v1/commands` with a [`vmha_engine::AdminCommand`] → [`Applied`]
+//! - `POST /v1/vms/{vm}/exec` with an [`ExecRequest`] → [`GuestOutput`]
+//! - any refusal → an HTTP error status with an [`ErrorBody`]
+
+use serde::{Deserialize, Serialize};
+use vmha_engine::{ClusterVmView, ControllerStatus, Event, HostStatus, VmStatus};
+use vmha_model::Name;
+
+/// `GET /v1/status`: one host's view.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusView {
+    /// The host that answered.
+    pub host: Name,
+    /// Cluster name.
+    pub cluster: Name,
+    /// Whether that host runs the cluster controller.
+    pub controller: bool,
+    /// The host's VM groups and their apps.
+    pub agent: HostStatus,
+    /// The controller's view (hosts, placement), when that host is the controller.
+    pub cluster_view: Option<ControllerStatus>,
+}
+
+/// `GET /v1/vms/{vm}/explain`: why the last decisions about a VM group were taken.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Explain {
+    /// The VM group as its host sees it, with its recent decisions.
+    pub vm: VmStatus,
+    /// The controller's view of the group, when the answering host is the controller.
+    pub cluster: Option<ClusterVmView>,
+    /// The last events about the VM and its apps, oldest first.
+    pub events: Vec<Event>,
+}
+
+/// One line of `GET /v1/events`: the event, its sequence number and its one-line form.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventLine {
+    /// Sequence number in the cluster's event log (increasing).
+    pub seq: u64,
+    /// The event as one human-readable line (`time origin object from → to: reason`).
+    pub text: String,
+    /// The event.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// `POST /v1/commands`: the command was applied.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Applied {
+    /// Always true.
+    pub ok: bool,
+}
+
+/// `POST /v1/vms/{vm}/exec`: a command to run in the guest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments (`argv[0]` is the program's path in the guest).
+    pub argv: Vec<String>,
+    /// Time allowed, in milliseconds (1 to 600,000).
+    #[serde(default = "ExecRequest::default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl ExecRequest {
+    /// The default time allowed: 10 s.
+    pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+    /// The longest time allowed: 10 min.
+    pub const MAX_TIMEOUT_MS: u64 = 600_000;
+
+    fn default_timeout_ms() -> u64 {
+        Self::DEFAULT_TIMEOUT_MS
+    }
+}
+
+/// `POST /v1/vms/{vm}/exec`: what a guest command printed and how it ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuestOutput {
+    /// Exit code, when it exited.
+    pub exit: Option<i32>,
+    /// Signal, when one killed it.
+    pub signal: Option<i32>,
+    /// Standard output (lossy UTF-8, capped by vmhad).
+    pub stdout: String,
+    /// Standard error (lossy UTF-8, capped by vmhad).
+    pub stderr: String,
+    /// Whether vmhad cut the output at its cap.
+    pub truncated: bool,
+}
+
+/// The body of every refusal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What was wrong, for a person.
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use vmha_engine::{ObjectRef, Origin, Timestamp};
+
+    #[test]
+    fn event_lines_round_trip_with_the_event_flattened() {
+        let name = |s: &str| Name::new(s).unwrap();
+        let event = Event {
+            time: Timestamp(1_000),
+            origin: Origin::Host(name("kvm1")),
+            object: ObjectRef::App {
+                vm: name("shop"),
+                app: name("db"),
+            },
+            from: "online".into(),
+            to: "restarting".into(),
+            reason: "check exited 3".into(),
+        };
+        let line = EventLine {
+            seq: 7,
+            text: event.to_string(),
+            event: event.clone(),
+        };
+        let json = serde_json::to_value(&line).unwrap();
+        assert_eq!(json["seq"], 7);
+        assert_eq!(json["to"], "restarting");
+        assert_eq!(json["object"]["app"]["app"], "db");
+        let back: EventLine = serde_json::from_value(json).unwrap();
+        assert_eq!(back.event, event);
+        assert_eq!(
+            back.text,
+            "1000 kvm1 shop/db online → restarting: check exited 3"
+        );
+    }
+
+    #[test]
+    fn exec_requests_default_their_timeout_and_reject_unknown_fields() {
+        let r: ExecRequest = serde_json::from_str(r#"{"argv": ["/bin/true"]}"#).unwrap();
+        assert_eq!(r.timeout_ms, ExecRequest::DEFAULT_TIMEOUT_MS);
+        assert!(serde_json::from_str::<ExecRequest>(r#"{"argv": [], "tmeout_ms": 5}"#).is_err());
+    }
+}
