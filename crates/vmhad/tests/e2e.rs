@@ -600,3 +600,65 @@ fn bad_config_exits_2_and_creates_nothing() {
     );
     assert!(!state.exists() && !run.exists());
 }
+
+/// A hung guest never delays another VM: with the guest agent of `shop` frozen (SIGSTOP inside
+/// the guest), an app killed in `mall` is still detected and restarted, and `mall`'s VM is never
+/// touched; `shop`'s own guest loss is then handled by `on_guest_loss = restart-vm`.
+#[test]
+fn a_hung_guest_does_not_delay_another_vm() {
+    let _lock = vm_test_lock();
+    let mut h = Vmhad::new(&["shop", "mall"]);
+    h.start();
+    for vm in ["shop", "mall"] {
+        h.wait_for(0, vm, "*", "online");
+    }
+    let mall_pid = h.qemu_pid("mall");
+    let shop_pid = h.qemu_pid("shop");
+    // Freeze shop's guest agent from inside the guest, a second after this exec returned, for
+    // longer than shop's guest_timeout.
+    let out = h.exec(
+        "shop",
+        &[
+            "/bin/sh",
+            "-c",
+            "setsid /bin/sh -c 'sleep 1; kill -STOP $(pidof qemu-ga); sleep 40; \
+             kill -CONT $(pidof qemu-ga)' </dev/null >/dev/null 2>&1 &",
+        ],
+    );
+    assert_eq!(out["exit"], 0, "{out}");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let m = h.mark();
+    let t = now_ms();
+    assert_eq!(h.app("mall", "kill", "web"), 0);
+    let (i, detected) = h.wait_for(m, "mall/web", "online", "restarting");
+    let (_, back) = h.wait_for(i, "mall/web", "restarting", "online");
+    latency(
+        "mall: app kill → detected (shop's agent hung)",
+        t,
+        detected.time,
+    );
+    latency(
+        "mall: app kill → online again (shop's agent hung)",
+        t,
+        back.time,
+    );
+    // shop's guest channel was still hung all along: nothing about shop recovered meanwhile.
+    assert!(
+        !h.since(m).iter().any(|e| e.is("shop", "*", "online")),
+        "shop recovered before mall was handled:\n{}",
+        h.events_text(m)
+    );
+    // shop's guest loss ends in a VM restart; mall is never touched.
+    let (j, lost) = h.wait_for_event(m, "shop restarted for guest loss", |e| {
+        e.is("shop", "online", "restarting")
+    });
+    println!("shop: {}", lost.text);
+    h.wait_for(j, "shop", "restarting", "online");
+    assert_ne!(h.qemu_pid("shop"), shop_pid, "shop was not restarted");
+    assert_eq!(h.qemu_pid("mall"), mall_pid, "mall's VM was touched");
+    assert!(
+        !h.since(m).iter().any(|e| e.is("mall", "*", "*")),
+        "mall's VM changed state:\n{}",
+        h.events_text(m)
+    );
+}
