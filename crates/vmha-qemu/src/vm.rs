@@ -86,8 +86,8 @@ pub enum VmError {
 /// Which accelerator QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Accel {
-    /// KVM if `/dev/kvm` opens read-write (with TCG as QEMU's fallback if KVM fails to
-    /// initialise), else TCG.
+    /// KVM if `/dev/kvm` opens read-write and the CPU has `vmx`/`svm` (with TCG as QEMU's
+    /// fallback if KVM fails to initialise), else TCG.
     #[default]
     Auto,
     /// KVM only.
@@ -185,12 +185,26 @@ fn opt_escape(path: &Path) -> OsString {
     OsString::from(text)
 }
 
+/// KVM can run an ordinary guest: `/dev/kvm` opens read-write AND the CPU offers hardware
+/// virtualisation (`vmx` or `svm`). A `/dev/kvm` without either (e.g. served by the `kvm_pvm`
+/// module inside a cloud VM) accepts QEMU but never runs a stock kernel: the guest hangs.
 fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
+    let opens = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .is_ok()
+        .is_ok();
+    opens
+        && std::fs::read_to_string("/proc/cpuinfo")
+            .is_ok_and(|info| cpu_has_hardware_virtualisation(&info))
+}
+
+/// Whether a `/proc/cpuinfo` text lists the `vmx` (Intel) or `svm` (AMD) flag.
+fn cpu_has_hardware_virtualisation(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
 }
 
 /// The QEMU arguments for `spec` (without the binary). Mirrors `scripts/run-guest.sh`:
@@ -670,6 +684,18 @@ mod tests {
             accel: Accel::Tcg,
             extra_args: vec!["-S".into()],
         }
+    }
+
+    #[test]
+    fn hardware_virtualisation_is_read_from_the_cpu_flags() {
+        assert!(cpu_has_hardware_virtualisation(
+            "processor\t: 0\nflags\t\t: fpu vme vmx sse\n"
+        ));
+        assert!(cpu_has_hardware_virtualisation("flags\t\t: fpu svm\n"));
+        assert!(!cpu_has_hardware_virtualisation(
+            "flags\t\t: fpu hypervisor sse4_2\nmodel name\t: vmx-like\n"
+        ));
+        assert!(!cpu_has_hardware_virtualisation(""));
     }
 
     #[test]

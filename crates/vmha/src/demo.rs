@@ -278,7 +278,7 @@ boot_timeout = "60s"
 [vm.qemu]
 memory_mb = 256
 cpus = 1
-accel = "tcg"
+accel = "auto"
 kernel = "{g}/vmlinux"
 initrd = "{g}/initrd.img"
 append = "console=ttyS0 quiet"
