@@ -15,6 +15,11 @@ const HOSTS: usize = 1_000;
 const VMS: usize = 10_000;
 
 fn config() -> String {
+    config_with(|v| vec![v % HOSTS, (v + 1) % HOSTS, (v + 7) % HOSTS])
+}
+
+/// VM `v` may run on `hosts(v)` (indices), in priority order.
+fn config_with(hosts: impl Fn(usize) -> Vec<usize>) -> String {
     let mut s = String::from(
         "[cluster]\nname = \"big\"\nstore = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n",
     );
@@ -27,13 +32,12 @@ fn config() -> String {
         } else {
             "least-loaded"
         };
+        let list: Vec<String> = hosts(v).iter().map(|h| format!("\"h{h}\"")).collect();
         s.push_str(&format!(
-            "[[vm]]\nname = \"v{v}\"\nhosts = [\"h{}\", \"h{}\", \"h{}\"]\nplacement = \"{placement}\"\n\
+            "[[vm]]\nname = \"v{v}\"\nhosts = [{}]\nplacement = \"{placement}\"\n\
              [vm.qemu]\nmemory_mb = 1024\ndisk = \"/d/v{v}.qcow2\"\n\
              [[vm.app]]\nname = \"app\"\ncheck = [\"c\"]\nstart = [\"s\"]\n",
-            v % HOSTS,
-            (v + 1) % HOSTS,
-            (v + 7) % HOSTS
+            list.join(", ")
         ));
     }
     s
@@ -41,6 +45,11 @@ fn config() -> String {
 
 /// Every host up, VM `i` online on host `i % HOSTS`, fed as one batch (the election listing).
 fn steady(config: Arc<Config>) -> Controller {
+    steady_on(config, |v| v % HOSTS)
+}
+
+/// Every host up, VM `v` online on host `owner(v)`, fed as one batch.
+fn steady_on(config: Arc<Config>, owner: impl Fn(usize) -> usize) -> Controller {
     let mut c = Controller::new(config, None, Timestamp(0));
     let mut inputs = Vec::new();
     for h in 0..HOSTS {
@@ -51,7 +60,7 @@ fn steady(config: Arc<Config>) -> Controller {
     }
     for v in 0..VMS {
         let vm = Name::new(&format!("v{v}")).unwrap();
-        let host = Name::new(&format!("h{}", v % HOSTS)).unwrap();
+        let host = Name::new(&format!("h{}", owner(v))).unwrap();
         inputs.push(ControllerInput::Ownership {
             vm: vm.clone(),
             record: Some(OwnerRecord {
@@ -106,6 +115,40 @@ fn bench(c: &mut Criterion) {
                     }
                 }
                 assert_eq!(cas, VMS / HOSTS);
+                ctl
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    // Half the cluster dies at once: hosts h0..h499 held all 10,000 VMs (20 each), whose second
+    // choice is h500..h999. Time from the 500 lease expirations to all 10,000 CAS decided.
+    let half = HOSTS / 2;
+    let pairs = Arc::new(
+        Config::from_toml_str(
+            &config_with(|v| vec![v % half, half + v % half]),
+            "pairs.toml",
+        )
+        .unwrap(),
+    );
+    let crowded = steady_on(pairs, |v| v % half);
+    let lost_half: Vec<ControllerInput> = (0..half)
+        .map(|h| ControllerInput::HostLease {
+            host: Name::new(&format!("h{h}")).unwrap(),
+            up: false,
+        })
+        .collect();
+    g.bench_function("replace_10000_vms_after_losing_500_hosts", |b| {
+        b.iter_batched(
+            || (crowded.clone(), lost_half.clone()),
+            |(mut ctl, lost)| {
+                ctl.handle_inputs(Timestamp(10_000), lost);
+                let mut cas = 0;
+                while let Some(a) = ctl.poll_action() {
+                    if let ControllerActionKind::CasOwner { .. } = a.kind {
+                        cas += 1;
+                    }
+                }
+                assert_eq!(cas, VMS);
                 ctl
             },
             BatchSize::LargeInput,
