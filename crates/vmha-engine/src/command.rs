@@ -212,6 +212,9 @@ pub enum CommandError {
     /// The VM is not running, so its apps cannot be reached.
     #[error("VM `{0}` is not running")]
     VmNotRunning(Name),
+    /// The guest agent of the VM refuses `guest-exec`.
+    #[error("the guest agent of VM `{0}` blocks guest-exec: apps cannot be started or stopped")]
+    GuestExecBlocked(Name),
     /// The app has an operation in flight already.
     #[error("app `{vm}/{app}` is busy ({state})")]
     AppBusy {

@@ -150,6 +150,11 @@ impl HostAgent {
                     self.with_vm(now, i, |v, out| v.on_guest_channel(out, up));
                 }
             }
+            HostInput::GuestExec { vm, allowed } => {
+                if let Some(i) = self.vm_index(&vm) {
+                    self.with_vm(now, i, |v, out| v.on_guest_exec(out, allowed));
+                }
+            }
             HostInput::Ownership {
                 vm,
                 owner,

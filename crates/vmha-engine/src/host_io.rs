@@ -98,6 +98,15 @@ pub enum HostInput {
         /// Connected.
         up: bool,
     },
+    /// Whether the guest agent allows `guest-exec` (`guest-info` lists it enabled). Send it
+    /// after every connect, before `GuestChannel { up: true }`, and when an exec is refused
+    /// as disabled. Blocked: apps are `unknown`, never probed or started; the VM is left alone.
+    GuestExec {
+        /// The VM.
+        vm: Name,
+        /// `guest-exec` and `guest-exec-status` are enabled.
+        allowed: bool,
+    },
     /// This host's lease in the cluster store: `live = false` once it has not been renewed for
     /// `ttl - fence_margin` — the agent then kills every VM on this host (self-fencing, even
     /// frozen ones) and starts none until `live = true` again. A new agent assumes no live lease.

@@ -133,6 +133,14 @@ pub enum SimCommand {
     HostRecover(Name),
     /// The host's daemon restarts with its persisted state while its VMs keep running.
     DaemonRestart(Name),
+    /// The guest agent of the VM starts (`on`) or stops refusing `guest-exec`; the driver
+    /// reports it as [`HostInput::GuestExec`].
+    ExecBlocked {
+        /// VM.
+        vm: Name,
+        /// Blocked.
+        on: bool,
+    },
     /// The host reports its memory for VMs.
     HostMemory(Name, u64),
     /// An admin command, routed as a daemon would.
@@ -998,6 +1006,14 @@ impl Sim {
                     self.connect_host(h);
                 }
             }
+            SimCommand::ExecBlocked { vm, on } => {
+                for h in 0..self.hosts.len() {
+                    if self.hosts[h].running.contains(&vm) {
+                        let vm = vm.clone();
+                        self.push_host(h, HostInput::GuestExec { vm, allowed: !on });
+                    }
+                }
+            }
             SimCommand::DaemonRestart(host) => {
                 if let Some(h) = self.host_idx(&host)
                     && let Some(agent) = self.hosts[h].agent.as_ref()
@@ -1243,6 +1259,14 @@ fn parse_command(w: &[&str]) -> Result<SimCommand, String> {
         "host-isolate" => SimCommand::HostIsolate(vm(1)?),
         "host-recover" => SimCommand::HostRecover(vm(1)?),
         "daemon-restart" => SimCommand::DaemonRestart(vm(1)?),
+        "exec-blocked" => SimCommand::ExecBlocked {
+            vm: vm(1)?,
+            on: true,
+        },
+        "exec-allowed" => SimCommand::ExecBlocked {
+            vm: vm(1)?,
+            on: false,
+        },
         "host-memory" => SimCommand::HostMemory(
             vm(1)?,
             arg(2)?

@@ -33,6 +33,10 @@ pub struct VmStatus {
     pub paused: bool,
     /// Guest channel reachable (`None`: no news since the VM started).
     pub guest_channel_up: Option<bool>,
+    /// The guest agent refuses `guest-exec` (its configuration blocks it): apps are not
+    /// probed and show `unknown`.
+    #[serde(default)]
+    pub guest_exec_blocked: bool,
     /// Effective policy.
     pub policy: Policy,
     /// Effective tie rule.

@@ -36,6 +36,9 @@ use crate::time::{Timestamp, human, millis};
 const DECISIONS_KEPT: usize = 8;
 /// Delay before retrying a failed kill.
 const KILL_RETRY_MS: u64 = 1_000;
+/// Why apps are `unknown` while the guest agent refuses `guest-exec`.
+const EXEC_BLOCKED: &str =
+    "guest-exec is blocked by the guest agent's configuration: cannot probe or start apps";
 
 /// Where actions and events go, and the facts of the host every VM needs.
 pub(crate) struct Out<'a> {
@@ -152,6 +155,9 @@ pub(crate) struct VmMonitor {
     guest_up: Option<bool>,
     guest_down_since: Option<Timestamp>,
     guest_lost: bool,
+    /// The guest agent answers but refuses `guest-exec` (blocked by its configuration): apps
+    /// cannot be probed or started, which is no reason to restart the VM.
+    exec_blocked: bool,
     probe: Option<Probe>,
     plan: Option<Plan>,
     to_stop: Vec<bool>,
@@ -210,6 +216,7 @@ impl VmMonitor {
             guest_up: None,
             guest_down_since: None,
             guest_lost: false,
+            exec_blocked: false,
             probe: None,
             plan: None,
             decisions: VecDeque::new(),
@@ -510,6 +517,10 @@ impl VmMonitor {
                 }
             }
             Step::StartApps => {
+                if self.exec_blocked {
+                    self.apps_unprobeable(out);
+                    return None;
+                }
                 for i in 0..self.apps.len() {
                     self.apps[i].op = None;
                     self.apps[i].timeouts = 0;
@@ -894,6 +905,7 @@ impl VmMonitor {
                     return;
                 }
                 self.guest_up = None;
+                self.exec_blocked = false;
                 self.guest_down_since = None;
                 self.guest_lost = false;
                 self.apps_down(out, "VM reset (guest reboot)");
@@ -1060,6 +1072,46 @@ impl VmMonitor {
         }
     }
 
+    /// The guest agent allows `guest-exec` again, or refuses it (its configuration blocks it).
+    /// Blocked: the channel itself is fine (no guest loss), apps become `unknown` and are
+    /// neither probed nor started until it is allowed again; the VM is left alone.
+    pub fn on_guest_exec(&mut self, out: &mut Out<'_>, allowed: bool) {
+        if allowed != self.exec_blocked {
+            return;
+        }
+        self.exec_blocked = !allowed;
+        if allowed {
+            for a in &mut self.apps {
+                a.next_probe = out.now;
+            }
+            return;
+        }
+        self.finish_probe();
+        self.guest_up = Some(true);
+        self.guest_down_since = None;
+        self.guest_lost = false;
+        self.apps_unprobeable(out);
+        // A start plan waiting for its apps is done: they cannot be started.
+        self.after_app_changes(out, false);
+    }
+
+    /// Marks every app that is not intentionally offline `unknown` because `guest-exec` is
+    /// blocked, cancelling pending starts.
+    fn apps_unprobeable(&mut self, out: &mut Out<'_>) {
+        for i in 0..self.apps.len() {
+            self.apps[i].pending = None;
+            // A start in flight will be refused too: its answer no longer counts.
+            if matches!(self.apps[i].op, Some(AppOp::Start(..))) {
+                self.apps[i].op = None;
+            }
+            if self.apps[i].offline.is_none() {
+                self.set_app(out, i, AppState::Unknown, EXEC_BLOCKED);
+                // Already unknown (e.g. before the first probe): the reason still says why.
+                self.apps[i].reason = EXEC_BLOCKED.to_string();
+            }
+        }
+    }
+
     pub fn on_guest_unreachable(&mut self, out: &mut Out<'_>) {
         self.finish_probe();
         self.guest_up = Some(false);
@@ -1094,6 +1146,7 @@ impl VmMonitor {
             (Step::StopVm | Step::KillVm, Ok(())) => {
                 self.run = Run::Stopped;
                 self.guest_up = None;
+                self.exec_blocked = false;
                 self.guest_down_since = None;
                 self.guest_lost = false;
                 self.paused = false;
@@ -1114,6 +1167,7 @@ impl VmMonitor {
             (Step::StartVm, Ok(())) => {
                 self.run = Run::Running;
                 self.guest_up = None;
+                self.exec_blocked = false;
                 self.guest_down_since = None;
                 self.guest_lost = false;
                 self.paused = false;
@@ -1279,7 +1333,11 @@ impl VmMonitor {
     }
 
     fn probing(&self) -> bool {
-        self.run == Run::Running && !self.paused && self.probe.is_none() && self.monitoring()
+        self.run == Run::Running
+            && !self.paused
+            && !self.exec_blocked
+            && self.probe.is_none()
+            && self.monitoring()
     }
 
     fn guest_deadline(&self) -> Option<Timestamp> {
@@ -1424,6 +1482,9 @@ impl VmMonitor {
         }
         if self.run != Run::Running || self.guest_up != Some(true) {
             return Err(CommandError::VmNotRunning(self.name.clone()));
+        }
+        if self.exec_blocked {
+            return Err(CommandError::GuestExecBlocked(self.name.clone()));
         }
         if self.plan.is_some() {
             return Err(CommandError::Busy(self.name.clone()));
@@ -1679,6 +1740,7 @@ impl VmMonitor {
             frozen: self.frozen,
             paused: self.paused,
             guest_channel_up: self.guest_up,
+            guest_exec_blocked: self.exec_blocked,
             policy: self.policy,
             tie: self.tie,
             vm_restarts_in_window: self.budget.used(now),

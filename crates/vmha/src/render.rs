@@ -113,7 +113,7 @@ impl Render {
                     or_dash(v.owner.as_ref()),
                     or_dash(v.desired.map(desired)),
                     yes_no(v.frozen),
-                    guest(v.guest_channel_up),
+                    guest(v),
                     budget(
                         v.vm_restarts_in_window,
                         v.vm_restart_limit,
@@ -167,7 +167,7 @@ impl Render {
                     "no".to_string()
                 },
             ),
-            ("guest channel", guest(v.guest_channel_up)),
+            ("guest channel", guest(v)),
             (
                 "VM restarts",
                 budget(
@@ -319,11 +319,13 @@ fn desired(d: Desired) -> &'static str {
     }
 }
 
-fn guest(up: Option<bool>) -> String {
-    match up {
-        Some(true) => "up",
-        Some(false) => "down",
-        None => "-",
+/// The guest channel of a VM group: up / down / unknown, and whether guest-exec is refused.
+fn guest(v: &VmStatus) -> String {
+    match (v.guest_channel_up, v.guest_exec_blocked) {
+        (Some(true), true) => "up, exec blocked",
+        (Some(true), false) => "up",
+        (Some(false), _) => "down",
+        (None, _) => "-",
     }
     .to_string()
 }

@@ -15,7 +15,7 @@ use vmha_store::{CasOutcome, Expect, Mutation};
 
 use crate::daemon::Msg;
 use crate::store_io::{StoredReport, Write};
-use crate::vm_slot::VmSlot;
+use crate::vm_slot::{SlotError, VmSlot};
 
 /// Runs actions against this host's VM slots and the cluster store.
 pub struct Executor<S> {
@@ -71,6 +71,8 @@ impl<S: ClusterStore> Executor<S> {
                 tokio::spawn(async move {
                     let input = match slot.probe(&checks).await {
                         Ok(outcomes) => HostInput::ProbeResult { id, vm, outcomes },
+                        // Answered by the engine's GuestExec input: the channel itself is fine.
+                        Err(SlotError::ExecBlocked { .. }) => return slot.exec_refused().await,
                         Err(e) => {
                             tracing::debug!(%vm, "probe failed: {e}");
                             HostInput::GuestUnreachable { vm }

@@ -14,8 +14,8 @@ use vmha_api::GuestOutput;
 use vmha_engine::{HostInput, VmObservation};
 use vmha_model::{Accel, Driver, Name, Vm};
 use vmha_qemu::{
-    DriverConfig, ExecRequest, ExitStatus, LaunchSpec, ProbeResult, QemuVm, QgaClient, QmpEvent,
-    RunStatus, VmEvent, VmStatus,
+    DriverConfig, ExecRequest, ExitStatus, LaunchSpec, ProbeResult, QemuVm, QgaClient, QgaError,
+    QmpEvent, RunStatus, VmEvent, VmStatus,
 };
 
 use crate::daemon::Msg;
@@ -38,6 +38,14 @@ pub enum SlotError {
     /// A guest command failed.
     #[error("{0}")]
     Command(String),
+    /// The guest agent refuses `guest-exec` (its configuration blocks it).
+    #[error("guest agent of VM {vm} blocks guest-exec: {detail}")]
+    ExecBlocked {
+        /// The VM.
+        vm: Name,
+        /// What the agent said.
+        detail: String,
+    },
 }
 
 /// Time a start/stop command of an app may take in the guest.
@@ -60,6 +68,8 @@ pub struct VmSlot {
     /// Bumped on every launch/adopt so pumps of an earlier QEMU fall silent.
     generation: AtomicU64,
     guest_up: AtomicBool,
+    /// The guest agent refuses `guest-exec` (as last reported to the engine).
+    exec_blocked: AtomicBool,
     /// Milliseconds (monotonic, since daemon start) of the last proof of a live guest channel.
     guest_seen: AtomicU64,
     poke: Notify,
@@ -79,6 +89,7 @@ impl VmSlot {
             qga: std::sync::Mutex::new(None),
             generation: AtomicU64::new(0),
             guest_up: AtomicBool::new(false),
+            exec_blocked: AtomicBool::new(false),
             guest_seen: AtomicU64::new(0),
             poke: Notify::new(),
             tx,
@@ -210,7 +221,7 @@ impl VmSlot {
         let mut request = ExecRequest::new(argv.iter().cloned());
         request.deadline = APP_COMMAND_DEADLINE;
         request.output_cap = 4096;
-        let out = qga.exec(&request).await?;
+        let out = qga.exec(&request).await.map_err(|e| self.guest_error(e))?;
         self.mark_guest_seen();
         match out.status {
             ExitStatus::Code(0) => Ok(()),
@@ -281,7 +292,7 @@ impl VmSlot {
         let outcomes = qga
             .probe(&driver_checks, Duration::from_secs(2))
             .await
-            .map_err(|vmha_qemu::ProbeError::Channel(e)| SlotError::Guest(e))?;
+            .map_err(|vmha_qemu::ProbeError::Channel(e)| self.guest_error(e))?;
         self.mark_guest_seen();
         Ok(checks
             .iter()
@@ -299,6 +310,37 @@ impl VmSlot {
                 (check.app.clone(), o)
             })
             .collect())
+    }
+
+    /// Classifies a guest channel error: a refused `guest-exec` is not a channel failure.
+    fn guest_error(&self, e: QgaError) -> SlotError {
+        match e {
+            QgaError::ExecBlocked { detail } => SlotError::ExecBlocked {
+                vm: self.name.clone(),
+                detail,
+            },
+            other => SlotError::Guest(other),
+        }
+    }
+
+    /// Tells the engine whether `guest-exec` is allowed, when that changed (or `force`).
+    async fn report_exec(&self, allowed: bool, force: bool) {
+        let was_blocked = self.exec_blocked.swap(!allowed, Ordering::SeqCst);
+        if force || was_blocked == allowed {
+            if !allowed {
+                tracing::warn!(vm = %self.name, "the guest agent blocks guest-exec: apps cannot be monitored");
+            }
+            self.send(HostInput::GuestExec {
+                vm: self.name.clone(),
+                allowed,
+            })
+            .await;
+        }
+    }
+
+    /// Reports a refused `guest-exec` (answers a probe in flight, see the engine's contract).
+    pub async fn exec_refused(&self) {
+        self.report_exec(false, true).await;
     }
 
     /// Whether the guest channel is believed up.
@@ -428,7 +470,8 @@ async fn guest_watcher(slot: Arc<VmSlot>) {
         };
         let now_ms = u64::try_from(slot.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         let seen = slot.guest_seen.load(Ordering::Relaxed);
-        if up && now_ms.saturating_sub(seen) < 2_000 {
+        let blocked = slot.exec_blocked.load(Ordering::SeqCst);
+        if up && !blocked && now_ms.saturating_sub(seen) < 2_000 {
             continue;
         }
         // While up, a long probe may hold the channel: only a long silence counts as loss.
@@ -443,6 +486,17 @@ async fn guest_watcher(slot: Arc<VmSlot>) {
         );
         if alive {
             slot.mark_guest_seen();
+        }
+        let coming_up = alive && !slot.guest_up();
+        if alive && (coming_up || blocked) {
+            // Whether guest-exec is allowed: on every connect (before "up", so the engine
+            // never tries to start apps it cannot), and again while it is blocked.
+            let info = tokio::time::timeout(timeout, qga.info()).await;
+            let allowed = match info {
+                Ok(Ok(info)) => info.check_exec().is_ok(),
+                _ => !blocked,
+            };
+            slot.report_exec(allowed, coming_up).await;
         }
         if alive != slot.guest_up() && slot.qga().is_some() {
             slot.guest_up.store(alive, Ordering::SeqCst);

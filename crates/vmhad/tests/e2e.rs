@@ -662,3 +662,53 @@ fn a_hung_guest_does_not_delay_another_vm() {
         h.events_text(m)
     );
 }
+
+/// A guest agent that blocks `guest-exec` (as RHEL's default qemu-ga configuration does): the VM
+/// is started and left alone — its apps are `unknown` with the reason, no guest loss and no
+/// restart loop — and admin app commands are refused with that reason.
+#[test]
+fn a_guest_that_blocks_guest_exec_is_left_alone() {
+    let _lock = vm_test_lock();
+    let mut h = Vmhad::new(&[VM]);
+    let blocked = common::demo_vm(VM).replace(
+        r#"append = "console=ttyS0 quiet""#,
+        r#"append = "console=ttyS0 quiet qga_block=guest-exec,guest-exec-status""#,
+    );
+    let config = common::cluster_config(h.config.parent().unwrap(), &[blocked]);
+    std::fs::write(&h.config, config).unwrap();
+    h.start();
+    let (i, online) = h.wait_for(0, VM, "starting", "online");
+    println!("{}", online.text);
+    let pid = h.qemu_pid(VM);
+    for (app, state) in h.app_states(VM) {
+        assert_eq!(state, "unknown", "app {app}");
+        let reason = h.app_status(VM, &app)["reason"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(reason.contains("guest-exec is blocked"), "{app}: {reason}");
+    }
+    assert_eq!(h.vm_status(VM)["guest_exec_blocked"], json!(true));
+    let (status, body) = h.command(&json!({"command": "app-start", "vm": VM, "app": "db"}));
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("blocks guest-exec"),
+        "{body}"
+    );
+    // Longer than guest_timeout (15 s): still the same VM, never restarted.
+    std::thread::sleep(std::time::Duration::from_secs(20));
+    let vm_changes: Vec<_> = h
+        .since(i + 1)
+        .into_iter()
+        .filter(|e| e.is(VM, "*", "*"))
+        .collect();
+    assert!(
+        vm_changes.is_empty(),
+        "the VM changed state: {vm_changes:?}"
+    );
+    assert_eq!(h.qemu_pid(VM), pid);
+    assert_eq!(h.vm_status(VM)["state"], "online");
+}
