@@ -68,6 +68,9 @@ pub async fn serve<S: ClusterStore>(
     let _ = std::fs::remove_file(socket);
     let listener = tokio::net::UnixListener::bind(socket)
         .map_err(|e| anyhow::anyhow!("binding the API socket {}: {e}", socket.display()))?;
+    // Admin commands come through this socket: only its owner (and group) may connect.
+    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o660))
+        .map_err(|e| anyhow::anyhow!("restricting the API socket {}: {e}", socket.display()))?;
     let ctx = Arc::new(Ctx { core, log, slots });
     let app = Router::new()
         .route("/v1/status", get(status::<S>))

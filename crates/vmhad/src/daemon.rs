@@ -25,6 +25,8 @@ use crate::executor::Executor;
 use crate::store_io::{self, HostRecord, Write};
 use crate::vm_slot::VmSlot;
 
+/// Host lease TTL on the embedded store (single host: membership only, never fencing).
+const EMBEDDED_TTL: Duration = Duration::from_secs(60);
 /// Period of the safety-net status poll of every VM (events are the fast path).
 const SAFETY_POLL: Duration = Duration::from_secs(5);
 
@@ -115,7 +117,15 @@ async fn run_with<S: ClusterStore>(
     ));
 
     // Membership: this host's record, bound to its lease, kept alive.
-    let ttl = vmha_model::defaults::TTL;
+    // With etcd, the lease TTL decides failover and self-fencing. On the embedded store no
+    // other host can take over, so self-fencing would only kill healthy VMs: the lease there
+    // is long enough that a stalled process never loses it.
+    let (ttl, fence_after) = match &config.cluster.store {
+        Store::Etcd {
+            ttl, fence_margin, ..
+        } => (*ttl, ttl.saturating_sub(*fence_margin)),
+        Store::Embedded => (EMBEDDED_TTL, EMBEDDED_TTL),
+    };
     let lease = store.grant(ttl).await.context("granting the host lease")?;
     let memory_mb = config
         .host(host.as_str())
@@ -129,12 +139,6 @@ async fn run_with<S: ClusterStore>(
         .register_host(host.as_str(), &record, lease.id)
         .await
         .context("registering this host")?;
-    let fence_after = match &config.cluster.store {
-        Store::Etcd {
-            ttl, fence_margin, ..
-        } => ttl.saturating_sub(*fence_margin),
-        Store::Embedded => ttl.saturating_sub(vmha_model::defaults::FENCE_MARGIN),
-    };
     tx.send(Msg::Host(HostInput::Lease { live: true }))
         .await
         .context("core channel closed")?;
