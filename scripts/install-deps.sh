@@ -7,6 +7,7 @@ set -euo pipefail
 
 PACKAGES=(
 	build-essential pkg-config protobuf-compiler # build
+	curl ca-certificates                         # rustup, when no Rust is installed
 	qemu-system-x86 qemu-guest-agent             # the qemu driver and the test guest's agent
 	busybox-static linux-image-amd64 cpio        # the test guest image
 	etcd-server                                  # the multi-host cluster store
@@ -50,6 +51,14 @@ rustup_hint="install Rust with rustup (Debian 12's own cargo is too old for edit
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y
     . \"\$HOME/.cargo/env\"
 then run this again."
+if ! command -v cargo >/dev/null; then
+	# A fresh Debian 12: install the stable toolchain with rustup.
+	log "cargo not found: installing Rust with rustup"
+	curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal \
+		--component rustfmt,clippy ||
+		die "installing rustup failed; $rustup_hint"
+	export PATH=$HOME/.cargo/bin:$PATH
+fi
 command -v cargo >/dev/null || die "cargo not found; $rustup_hint"
 
 version=$(rustc --version | awk '{print $2}')
