@@ -7,7 +7,8 @@
 //!
 //! While it runs, the simulator checks the safety rules and records every breach in
 //! [`Sim::violations`]: a VM running on two hosts, an action other than a probe or report on
-//! a frozen group (self-fencing excepted), an app started before what it requires is online.
+//! a frozen group (self-fencing excepted), an app started before what it requires is online,
+//! a VM started on a host where its previous process still runs.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -654,6 +655,11 @@ impl Sim {
             }
             HostActionKind::StartVm { vm } => {
                 self.log.push(line(&format!("start-vm {vm}")));
+                if self.hosts[h].running.contains(&vm) {
+                    self.violations.push(format!(
+                        "{now} {host} started {vm} while its previous process still runs there"
+                    ));
+                }
                 if a.reason.starts_with("restart") {
                     self.restarts.push(Restart {
                         seq: self.actions.len() - 1,

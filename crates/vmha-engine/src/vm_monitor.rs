@@ -765,6 +765,16 @@ impl VmMonitor {
         let now = out.now;
         if self.budget.try_take(now) {
             let r = format!("{why}; VM restart {}", self.budget.describe(now));
+            if self.state == VmState::Restarting {
+                // A restart that failed again (e.g. boot timeout): no state change, but every
+                // restart taken from the budget is an event with its reason.
+                out.event(
+                    ObjectRef::Vm(self.name.clone()),
+                    VmState::Restarting.as_str(),
+                    VmState::Restarting.as_str(),
+                    &r,
+                );
+            }
             self.set_state(out, VmState::Restarting, &r);
             let steps = if crashed {
                 self.start_steps()
@@ -1389,6 +1399,11 @@ impl VmMonitor {
                         "guest channel not up within boot_timeout {}",
                         human(millis(self.cfg.boot_timeout))
                     );
+                    // The QEMU process still runs a guest that never came up: it must be
+                    // killed before the VM is started again (or left faulted).
+                    if self.run == Run::Running {
+                        self.run = Run::Crashed;
+                    }
                     self.vm_failed(out, &why);
                 }
                 Step::KillVm => {
