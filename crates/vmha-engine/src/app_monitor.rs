@@ -47,8 +47,9 @@ pub(crate) enum AppOp {
     Stop(ActionId, StopWhy),
 }
 
-/// How a `faulted` state came about: only a spent budget or a failed start is sticky (waits
-/// for a clear, a VM restart or the app coming back by itself).
+/// How a `faulted` state came about: a spent budget or a failed start is sticky while the
+/// budget is spent (waits for a restart to leave the window, a clear, a VM restart or the app
+/// coming back by itself).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FaultKind {
     /// Budget spent or start failed.
@@ -193,7 +194,12 @@ impl AppMonitor {
             );
             return (Observed::Settled, change);
         }
-        if self.state == AppState::Faulted && self.fault == Some(FaultKind::Sticky) {
+        // A spent budget keeps the app faulted only while it is spent: `restart_limit` is per
+        // sliding `restart_window`, so once a restart left the window the app is retried.
+        if self.state == AppState::Faulted
+            && self.fault == Some(FaultKind::Sticky)
+            && self.budget.used(now) >= self.budget.limit
+        {
             return (Observed::Settled, None);
         }
         (Observed::Failed(failure), None)
