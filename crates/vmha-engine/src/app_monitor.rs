@@ -4,7 +4,8 @@
 //! agent. Dependency gating (`requires`) is the VM monitor's job: it sees all apps of a VM.
 //!
 //! Rules, exactly as SPEC §4.1:
-//! - running → `online` (an `offline` flag with auto-clear is cleared);
+//! - running → `online` (an `offline` flag with auto-clear is cleared once the app runs again
+//!   after being seen down);
 //! - not running and flagged offline → `offline`, no action;
 //! - not running, not flagged → failed: restart within `restart_limit` per `restart_window`
 //!   (state `restarting`, probe again), else `faulted`; a failed start → `faulted`;
@@ -207,7 +208,11 @@ impl AppMonitor {
 
     fn on_running(&mut self, now: Timestamp) -> Option<Change> {
         if let Some(flag) = self.offline {
-            if flag.auto_clear {
+            // Auto-clear once the app runs AGAIN after being taken offline (the patent: "detect
+            // that the application has been restarted"): an app marked offline while still
+            // running keeps its flag until it has been seen down, so an admin can mark it and
+            // then stop it in the guest without the stop being taken for a failure.
+            if flag.auto_clear && self.state != AppState::Online {
                 self.offline = None;
                 self.online_since = Some(now);
                 return self.set(
@@ -215,10 +220,12 @@ impl AppMonitor {
                     "check passed; intentionally-offline flag auto-cleared",
                 );
             }
-            return self.set(
-                AppState::Offline,
-                "check passed but flagged offline (no auto-clear)",
-            );
+            if !flag.auto_clear {
+                return self.set(
+                    AppState::Offline,
+                    "check passed but flagged offline (no auto-clear)",
+                );
+            }
         }
         let change = if self.state == AppState::Online {
             None
