@@ -91,10 +91,27 @@ pub fn parse_line(line: &[u8]) -> Result<Message, ParseError> {
     Err(unrecognised(&obj))
 }
 
+/// Longest error class/description kept from a peer, in characters.
+const MAX_ERROR_TEXT: usize = 256;
+
+/// A peer's error text as it may reach logs, events and the API: control characters (terminal
+/// escapes, forged log lines) become spaces, and it is cut to [`MAX_ERROR_TEXT`] characters.
+fn printable(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .take(MAX_ERROR_TEXT)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.chars().nth(MAX_ERROR_TEXT).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 fn remote_error(err: Value) -> RemoteError {
     let text = |v: Option<&Value>| match v {
-        Some(Value::String(s)) => s.clone(),
-        Some(other) => other.to_string(),
+        Some(Value::String(s)) => printable(s),
+        Some(other) => printable(&other.to_string()),
         None => String::new(),
     };
     RemoteError {

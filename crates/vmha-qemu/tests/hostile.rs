@@ -21,6 +21,8 @@ enum Misbehaviour {
     NotAnObject,
     Silent,
     SilentEvenToSync,
+    /// An error reply whose text carries terminal escapes, newlines and 60 KB.
+    HostileError,
 }
 
 /// Serves one fake agent on a fresh socket; answers syncs correctly unless told not to.
@@ -62,6 +64,14 @@ fn fake_agent(dir: &tempfile::TempDir, how: Misbehaviour) -> PathBuf {
                         }
                         Misbehaviour::Partial => b"{\"return\": {\"pid\"".to_vec(),
                         Misbehaviour::NotAnObject => b"[1, 2, 3]\n".to_vec(),
+                        Misbehaviour::HostileError => {
+                            // JSON escapes: the decoded text holds ESC, BEL and a newline.
+                            let desc = format!(
+                                r"\u001b[2J\u001b]0;pwned\u0007\nFAKE LOG LINE{}",
+                                "x".repeat(60_000)
+                            );
+                            format!("{{\"error\": {{\"class\": \"Generic\\nError\", \"desc\": \"{desc}\"}}}}\n").into_bytes()
+                        }
                         Misbehaviour::Silent | Misbehaviour::SilentEvenToSync => continue,
                     };
                     let _ = write.write_all(&reply).await;
@@ -117,6 +127,22 @@ async fn each_misbehaviour_is_a_typed_error() {
         matches!(&err, QgaError::Timeout { command, .. } if command == "guest-ping"),
         "{err:?}"
     );
+}
+
+/// A guest's error text reaches logs, events and the API: it must arrive bounded and without
+/// control characters (terminal escapes, forged log lines).
+#[tokio::test]
+async fn a_guest_error_text_is_bounded_and_printable() {
+    let err = ping_error(Misbehaviour::HostileError).await;
+    let QgaError::Remote { error, .. } = &err else {
+        panic!("expected a remote error, got {err:?}");
+    };
+    let text = err.to_string();
+    let head: String = text.chars().take(120).collect();
+    assert!(text.contains("FAKE LOG LINE"), "{head:?}");
+    assert!(!text.chars().any(char::is_control), "{head:?}");
+    assert!(error.desc.chars().count() <= 512, "{}", error.desc.len());
+    assert!(error.class.chars().count() <= 512);
 }
 
 #[tokio::test]
