@@ -248,14 +248,19 @@ async fn run_with<S: ClusterStore>(
     tracing::info!("vmhad stopping");
     api.abort();
     if options.stop_vms_on_exit {
-        for (name, slot) in &slots {
+        // All at once: one by one, N guests slow to shut down would take N × stop_timeout
+        // (and the service manager would SIGKILL vmhad with VMs still running).
+        let stops = slots.iter().map(|(name, slot)| {
             let timeout = config
                 .vm(name.as_str())
                 .map_or(vmha_model::defaults::STOP_TIMEOUT, |v| v.stop_timeout);
-            if let Err(e) = slot.stop(timeout).await {
-                tracing::error!(vm = %name, "stopping on exit failed: {e}");
+            async move {
+                if let Err(e) = slot.stop_for_exit(timeout).await {
+                    tracing::error!(vm = %name, "stopping on exit failed: {e}");
+                }
             }
-        }
+        });
+        futures_util::future::join_all(stops).await;
     } else {
         tracing::info!("leaving VMs running");
     }

@@ -38,6 +38,9 @@ pub enum SlotError {
     /// A guest command failed.
     #[error("{0}")]
     Command(String),
+    /// The daemon is exiting with `--stop-vms-on-exit`: no VM is started any more.
+    #[error("VM {0} not started: vmhad is exiting and stopping its VMs")]
+    Exiting(Name),
     /// The guest agent refuses `guest-exec` (its configuration blocks it).
     #[error("guest agent of VM {vm} blocks guest-exec: {detail}")]
     ExecBlocked {
@@ -65,8 +68,11 @@ pub struct VmSlot {
     driver: DriverConfig,
     qemu: Mutex<Option<QemuVm>>,
     qga: std::sync::Mutex<Option<Arc<QgaClient>>>,
-    /// Bumped on every launch/adopt so pumps of an earlier QEMU fall silent.
+    /// Bumped on every launch/adopt (under the `qga` lock, together with the new client) so
+    /// the pump and guest-channel reports about an earlier QEMU fall silent.
     generation: AtomicU64,
+    /// Set when the daemon stops its VMs on exit: a start still in flight must not launch.
+    closing: AtomicBool,
     guest_up: AtomicBool,
     /// The guest agent refuses `guest-exec` (as last reported to the engine).
     exec_blocked: AtomicBool,
@@ -88,6 +94,7 @@ impl VmSlot {
             qemu: Mutex::new(None),
             qga: std::sync::Mutex::new(None),
             generation: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
             guest_up: AtomicBool::new(false),
             exec_blocked: AtomicBool::new(false),
             guest_seen: AtomicU64::new(0),
@@ -108,6 +115,20 @@ impl VmSlot {
         self.qga.lock().ok().and_then(|g| g.clone())
     }
 
+    /// The current guest channel with the generation of the QEMU it belongs to.
+    fn current_qga(&self) -> Option<(u64, Arc<QgaClient>)> {
+        let g = self.qga.lock().ok()?;
+        let qga = g.clone()?;
+        Some((self.generation.load(Ordering::SeqCst), qga))
+    }
+
+    /// Whether the guest channel of QEMU `generation` is still the current, live one.
+    fn qga_is_current(&self, generation: u64) -> bool {
+        self.qga
+            .lock()
+            .is_ok_and(|g| g.is_some() && self.generation.load(Ordering::SeqCst) == generation)
+    }
+
     fn mark_guest_seen(&self) {
         let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.guest_seen.store(ms, Ordering::Relaxed);
@@ -115,10 +136,13 @@ impl VmSlot {
 
     /// Installs a launched or adopted QEMU and starts pumping its events.
     fn install(self: &Arc<Self>, slot: &mut Option<QemuVm>, mut vm: QemuVm) {
-        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        if let Ok(mut g) = self.qga.lock() {
-            *g = Some(vm.qga());
-        }
+        let generation = match self.qga.lock() {
+            Ok(mut g) => {
+                *g = Some(vm.qga());
+                self.generation.fetch_add(1, Ordering::SeqCst) + 1
+            }
+            Err(_) => self.generation.fetch_add(1, Ordering::SeqCst) + 1,
+        };
         self.guest_up.store(false, Ordering::SeqCst);
         if let Some(events) = vm.take_events() {
             tokio::spawn(pump(Arc::clone(self), generation, events));
@@ -144,6 +168,15 @@ impl VmSlot {
                 }
             };
         drop(guard);
+        if observation == VmObservation::Paused {
+            // The engine learns of a paused VM as a running one whose vCPUs are stopped;
+            // `Paused` alone would leave it unknown (and unmanaged) for as long as it is paused.
+            self.send(HostInput::VmObserved {
+                vm: self.name.clone(),
+                kind: VmObservation::Running,
+            })
+            .await;
+        }
         self.send(HostInput::VmObserved {
             vm: self.name.clone(),
             kind: observation,
@@ -158,6 +191,9 @@ impl VmSlot {
             .as_ref()
             .ok_or_else(|| SlotError::UnsupportedDriver(self.name.clone()))?;
         let mut guard = self.qemu.lock().await;
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(SlotError::Exiting(self.name.clone()));
+        }
         if let Some(vm) = guard.as_ref() {
             // A closed QMP socket means QEMU is on its way out: wait for the process itself to
             // end before starting its successor (the start is a request to run, not a no-op).
@@ -185,6 +221,13 @@ impl VmSlot {
         Ok(())
     }
 
+    /// Stops the VM as the daemon exits (`--stop-vms-on-exit`): a start still in flight or
+    /// queued behind this stop launches nothing afterwards.
+    pub async fn stop_for_exit(&self, timeout: Duration) -> Result<(), SlotError> {
+        self.closing.store(true, Ordering::SeqCst);
+        self.stop(timeout).await
+    }
+
     /// Kills QEMU at once; `Ok` once it is gone.
     pub async fn kill(&self) -> Result<(), SlotError> {
         let mut guard = self.qemu.lock().await;
@@ -199,8 +242,13 @@ impl VmSlot {
     /// Reports `query-status` as a VM monitor observation (the periodic safety poll). The
     /// observation is queued while the slot is locked, so it can never overtake the result
     /// of a later start: a stale "gone" about a dead QEMU cannot land after its successor runs.
+    /// A slot busy with a start/stop/kill (or an earlier poll) is skipped: polls never queue
+    /// up behind a hung QEMU, nor delay a kill.
     pub async fn poll_status(&self) {
-        let guard = self.qemu.lock().await;
+        let Ok(guard) = self.qemu.try_lock() else {
+            tracing::debug!(vm = %self.name, "slot busy: safety poll skipped");
+            return;
+        };
         let kind = match guard.as_ref() {
             Some(vm) => observation_of(&vm.status().await),
             None => VmObservation::Gone,
@@ -432,6 +480,10 @@ async fn pump(slot: Arc<VmSlot>, generation: u64, mut events: mpsc::Receiver<VmE
             let gone = kind == VmObservation::Gone;
             if gone {
                 if let Ok(mut g) = slot.qga.lock() {
+                    // Never the channel of a successor installed meanwhile.
+                    if slot.generation.load(Ordering::SeqCst) != generation {
+                        return;
+                    }
                     *g = None;
                 }
                 slot.guest_up.store(false, Ordering::SeqCst);
@@ -465,7 +517,7 @@ async fn guest_watcher(slot: Arc<VmSlot>) {
         if slot.tx.is_closed() {
             return;
         }
-        let Some(qga) = slot.qga() else {
+        let Some((generation, qga)) = slot.current_qga() else {
             continue;
         };
         let now_ms = u64::try_from(slot.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -496,9 +548,13 @@ async fn guest_watcher(slot: Arc<VmSlot>) {
                 Ok(Ok(info)) => info.check_exec().is_ok(),
                 _ => !blocked,
             };
+            // Nothing about a QEMU that was replaced (or died) during the calls above.
+            if !slot.qga_is_current(generation) {
+                continue;
+            }
             slot.report_exec(allowed, coming_up).await;
         }
-        if alive != slot.guest_up() && slot.qga().is_some() {
+        if alive != slot.guest_up() && slot.qga_is_current(generation) {
             slot.guest_up.store(alive, Ordering::SeqCst);
             slot.send(HostInput::GuestChannel {
                 vm: slot.name.clone(),
@@ -506,5 +562,67 @@ async fn guest_watcher(slot: Arc<VmSlot>) {
             })
             .await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn slot() -> (Arc<VmSlot>, mpsc::Receiver<Msg>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = vmha_model::Config::from_toml_str(
+            r#"
+[cluster]
+name = "t"
+store = "embedded"
+
+[[host]]
+name = "kvm1"
+
+[[vm]]
+name = "vm1"
+driver = "qemu"
+hosts = ["kvm1"]
+
+[vm.qemu]
+memory_mb = 64
+kernel = "/nonexistent/vmlinuz"
+"#,
+            "test.toml",
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel(64);
+        let slot = VmSlot::new(&config.vms[0], dir.path().to_path_buf(), tx);
+        (slot, rx, dir)
+    }
+
+    /// Safety polls must not queue up behind a long start/stop/kill holding the slot: with a
+    /// hung QEMU they would pile up without bound and delay a fencing kill behind them.
+    #[tokio::test]
+    async fn safety_polls_do_not_queue_behind_a_busy_slot() {
+        let (slot, mut rx, _dir) = slot();
+        let busy = slot.qemu.lock().await;
+        let polls: Vec<_> = (0..3)
+            .map(|_| {
+                let slot = Arc::clone(&slot);
+                tokio::spawn(async move { slot.poll_status().await })
+            })
+            .collect();
+        for poll in polls {
+            tokio::time::timeout(Duration::from_secs(2), poll)
+                .await
+                .expect("a poll waited for the busy slot")
+                .unwrap();
+        }
+        drop(busy);
+        // An idle slot is polled as usual.
+        slot.poll_status().await;
+        let Some(Msg::Host(HostInput::VmObserved { kind, .. })) = rx.recv().await else {
+            panic!("expected an observation");
+        };
+        assert_eq!(kind, VmObservation::Gone);
+        assert!(rx.try_recv().is_err(), "skipped polls must report nothing");
     }
 }

@@ -712,3 +712,56 @@ fn a_guest_that_blocks_guest_exec_is_left_alone() {
     assert_eq!(h.qemu_pid(VM), pid);
     assert_eq!(h.vm_status(VM)["state"], "online");
 }
+
+/// Sends one QMP command to `vm`'s monitor while no vmhad holds it; panics on an error reply.
+fn qmp_command(h: &Vmhad, vm: &str, command: &str) {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::os::unix::net::UnixStream::connect(h.run.join(vm).join("qmp.sock")).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap(); // greeting
+    for execute in ["qmp_capabilities", command] {
+        writeln!(writer, "{}", json!({"execute": execute})).unwrap();
+        loop {
+            line.clear();
+            assert!(reader.read_line(&mut line).unwrap() > 0, "QMP closed");
+            let reply: Value = serde_json::from_str(&line).unwrap();
+            assert!(reply.get("error").is_none(), "{execute}: {reply}");
+            if reply.get("return").is_some() {
+                break;
+            }
+        }
+    }
+}
+
+/// A VM paused while no vmhad ran (operator `stop`, or an I/O error with `werror=stop`) is
+/// adopted as a running, paused VM that vmhad manages — not left `unknown` while paused.
+#[test]
+fn a_paused_vm_is_adopted() {
+    let _lock = vm_test_lock();
+    let mut h = boot();
+    let pid0 = h.qemu_pid(VM);
+    let status = h.signal_and_wait(Signal::SIGTERM);
+    assert!(
+        status.success(),
+        "vmhad exit status after SIGTERM: {status}"
+    );
+    qmp_command(&h, VM, "stop");
+    let m = h.mark();
+    h.start();
+    h.wait_for(m, VM, "*", "online");
+    println!("events after adoption:\n{}", h.events_text(m));
+    let vm = h.vm_status(VM);
+    assert_eq!(vm["state"], "online", "{vm}");
+    assert_eq!(vm["paused"], json!(true), "{vm}");
+    assert_eq!(
+        h.qemu_processes(VM),
+        vec![pid0],
+        "the paused VM was not adopted"
+    );
+    assert_no_vm_start(&h, m);
+}
