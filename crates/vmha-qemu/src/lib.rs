@@ -54,3 +54,4 @@ pub use qmp::{QmpClient, QmpConfig, QmpError, QmpEvent, QmpEvents, RunStatus};
 pub use vm::{
     Accel, Disk, DriverConfig, LaunchSpec, QemuVm, StopOutcome, VmError, VmEvent, VmPaths, VmStatus,
 };
+pub use vm::{kill_strays, qemu_processes};

@@ -364,9 +364,13 @@ impl QemuVm {
             path: paths.dir.clone(),
             source,
         })?;
-        // Anyone accepting on the QMP socket (even a busy QEMU that would never greet us), or a
-        // live QEMU named by the pidfile, means this VM already runs: never start a second one.
-        if tokio::net::UnixStream::connect(&paths.qmp).await.is_ok() || verified_pid(&paths).is_ok()
+        // Anyone accepting on the QMP socket (even a busy QEMU that would never greet us), a
+        // live QEMU named by the pidfile, or any live process naming this VM's QMP socket (a QEMU
+        // still starting, launched by a daemon that died meanwhile) means this VM already runs:
+        // never start a second one.
+        if tokio::net::UnixStream::connect(&paths.qmp).await.is_ok()
+            || verified_pid(&paths).is_ok()
+            || !qemu_processes(&paths).is_empty()
         {
             return Err(VmError::AlreadyRunning(spec.name.clone()));
         }
@@ -444,8 +448,26 @@ impl QemuVm {
         config: &DriverConfig,
     ) -> Result<Self, VmError> {
         let paths = VmPaths::new(runtime_dir, name)?;
-        let pid = verified_pid(&paths)?;
-        let (qmp, qmp_events) = QmpClient::connect(&paths.qmp, config.qmp.clone()).await?;
+        // A QEMU of this VM that is still starting (pidfile or QMP socket not there yet, e.g.
+        // launched by a daemon killed meanwhile) gets `startup_timeout` to come up.
+        let deadline = Instant::now() + config.startup_timeout;
+        let starting = || Instant::now() < deadline && !qemu_processes(&paths).is_empty();
+        let pid = loop {
+            match verified_pid(&paths) {
+                Ok(pid) => break pid,
+                Err(_) if starting() => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => return Err(e),
+            }
+        };
+        let (qmp, qmp_events) = loop {
+            match QmpClient::connect(&paths.qmp, config.qmp.clone()).await {
+                Ok(pair) => break pair,
+                Err(QmpError::Connect { .. }) if starting() => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let (tx, rx) = mpsc::channel(64);
         let (dead_tx, dead_rx) = watch::channel(false);
         tokio::spawn(forward(qmp_events, tx, Some(dead_tx)));
@@ -600,6 +622,68 @@ fn log_tail(path: &Path) -> String {
 }
 
 /// Reads the pidfile and checks that the process's command line names this VM's QMP socket.
+/// Live (not zombie) processes other than this one whose command line names this VM's QMP
+/// socket: its QEMU, whoever started it and however far its start-up got.
+pub fn qemu_processes(paths: &VmPaths) -> Vec<u32> {
+    let needle = paths.qmp.as_os_str().as_encoded_bytes();
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| !needle.is_empty() && c.windows(needle.len()).any(|w| w == needle))
+        })
+        .filter(|pid| {
+            // "pid (comm) S ...": the state follows the last ')'.
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+                st.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .is_some_and(|state| state != "Z" && state != "X")
+            })
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// SIGKILLs every process naming this VM's QMP socket that no [`QemuVm`] handle owns (e.g. a
+/// QEMU launched by a daemon that died before it could adopt it) and waits up to `timeout`
+/// for them to end; returns how many there were.
+pub async fn kill_strays(
+    runtime_dir: &Path,
+    name: &str,
+    timeout: Duration,
+) -> Result<usize, VmError> {
+    let paths = VmPaths::new(runtime_dir, name)?;
+    let strays = qemu_processes(&paths);
+    for &pid in &strays {
+        let Ok(raw) = i32::try_from(pid) else {
+            continue;
+        };
+        match nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(raw),
+            nix::sys::signal::Signal::SIGKILL,
+        ) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(source) => return Err(VmError::Signal { pid, source }),
+        }
+    }
+    let deadline = Instant::now() + timeout;
+    while !qemu_processes(&paths).is_empty() {
+        if Instant::now() >= deadline {
+            return Err(VmError::StillRunning(
+                strays.first().copied().unwrap_or_default(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(strays.len())
+}
+
 fn verified_pid(paths: &VmPaths) -> Result<u32, VmError> {
     let err = |detail: String| VmError::Pid {
         path: paths.pidfile.clone(),

@@ -165,3 +165,46 @@ async fn adopt_reattaches_and_learns_of_death_from_the_socket() {
         Err(VmError::Pid { .. })
     ));
 }
+
+/// A QEMU of this VM started behind the driver's back and still starting (as when a daemon is
+/// killed in the middle of a launch): launch refuses a second one, adopt waits for it to come
+/// up and attaches, and kill_strays ends it.
+#[tokio::test]
+async fn a_qemu_started_by_someone_else_is_seen_adopted_and_killed() {
+    if !common::have("qemu-system-x86_64") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let paths = vmha_qemu::VmPaths::new(dir.path(), "stray").unwrap();
+    std::fs::create_dir_all(&paths.dir).unwrap();
+    // The same command line the driver would use, started by "someone else".
+    let args = vmha_qemu::vm::qemu_args(&spec("stray", &["-S"]), &paths);
+    let child = std::process::Command::new("qemu-system-x86_64")
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = common::PidGuard(child.id());
+    // Right away (pidfile and QMP socket may not exist yet) the process is already visible.
+    assert_eq!(vmha_qemu::qemu_processes(&paths), vec![child.id()]);
+    assert!(matches!(
+        QemuVm::launch(
+            &spec("stray", &["-S"]),
+            dir.path(),
+            &DriverConfig::default()
+        )
+        .await,
+        Err(VmError::AlreadyRunning(_))
+    ));
+    let vm = QemuVm::adopt(dir.path(), "stray", &DriverConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(vm.pid(), child.id());
+    drop(vm);
+    let killed = vmha_qemu::kill_strays(dir.path(), "stray", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(killed, 1);
+    assert!(vmha_qemu::qemu_processes(&paths).is_empty());
+}

@@ -204,15 +204,52 @@ impl VmSlot {
                 return Ok(());
             }
         }
-        let vm = QemuVm::launch(spec, &self.runtime_dir, &self.driver).await?;
-        tracing::info!(vm = %self.name, pid = vm.pid(), "QEMU started");
-        self.install(&mut guard, vm);
-        Ok(())
+        // This VM's QEMU may run without our handle (launched by a daemon killed before it
+        // could adopt it): a start request finding it running adopts it.
+        if self.reattach(&mut guard).await {
+            return Ok(());
+        }
+        match QemuVm::launch(spec, &self.runtime_dir, &self.driver).await {
+            Ok(vm) => {
+                tracing::info!(vm = %self.name, pid = vm.pid(), "QEMU started");
+                self.install(&mut guard, vm);
+                Ok(())
+            }
+            Err(vmha_qemu::VmError::AlreadyRunning(_)) if self.reattach(&mut guard).await => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Adopts this VM's QEMU when one runs without a handle of ours; true if the slot now
+    /// holds a live QEMU.
+    async fn reattach(self: &Arc<Self>, slot: &mut Option<QemuVm>) -> bool {
+        if slot.as_ref().is_some_and(|vm| !vm.is_gone()) {
+            return true;
+        }
+        let paths = match vmha_qemu::VmPaths::new(&self.runtime_dir, self.name.as_str()) {
+            Ok(p) => p,
+            Err(_) => return false,
+        };
+        if vmha_qemu::qemu_processes(&paths).is_empty() {
+            return false;
+        }
+        match QemuVm::adopt(&self.runtime_dir, self.name.as_str(), &self.driver).await {
+            Ok(vm) => {
+                tracing::warn!(vm = %self.name, pid = vm.pid(), "adopted a QEMU of this VM that had no handle");
+                self.install(slot, vm);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(vm = %self.name, "a QEMU of this VM runs but cannot be adopted: {e}");
+                false
+            }
+        }
     }
 
     /// Stops the VM gracefully, forcing after `timeout`; `Ok` once QEMU is gone.
-    pub async fn stop(&self, timeout: Duration) -> Result<(), SlotError> {
+    pub async fn stop(self: &Arc<Self>, timeout: Duration) -> Result<(), SlotError> {
         let mut guard = self.qemu.lock().await;
+        self.reattach(&mut guard).await;
         if let Some(vm) = guard.as_mut() {
             let how = vm.stop(timeout).await?;
             tracing::info!(vm = %self.name, ?how, "VM stopped");
@@ -223,7 +260,7 @@ impl VmSlot {
 
     /// Stops the VM as the daemon exits (`--stop-vms-on-exit`): a start still in flight or
     /// queued behind this stop launches nothing afterwards.
-    pub async fn stop_for_exit(&self, timeout: Duration) -> Result<(), SlotError> {
+    pub async fn stop_for_exit(self: &Arc<Self>, timeout: Duration) -> Result<(), SlotError> {
         self.closing.store(true, Ordering::SeqCst);
         self.stop(timeout).await
     }
@@ -236,6 +273,12 @@ impl VmSlot {
             tracing::warn!(vm = %self.name, "VM killed");
         }
         *guard = None;
+        // Also any QEMU of this VM without a handle (launched by a daemon that died).
+        let strays =
+            vmha_qemu::kill_strays(&self.runtime_dir, self.name.as_str(), EXIT_GRACE).await?;
+        if strays > 0 {
+            tracing::warn!(vm = %self.name, strays, "killed QEMU processes of this VM without a handle");
+        }
         Ok(())
     }
 
