@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::process::ExitStatusExt as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -179,7 +180,7 @@ async fn a_qemu_started_by_someone_else_is_seen_adopted_and_killed() {
     std::fs::create_dir_all(&paths.dir).unwrap();
     // The same command line the driver would use, started by "someone else".
     let args = vmha_qemu::vm::qemu_args(&spec("stray", &["-S"]), &paths);
-    let child = std::process::Command::new("qemu-system-x86_64")
+    let mut child = std::process::Command::new("qemu-system-x86_64")
         .args(&args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -207,4 +208,5 @@ async fn a_qemu_started_by_someone_else_is_seen_adopted_and_killed() {
         .unwrap();
     assert_eq!(killed, 1);
     assert!(vmha_qemu::qemu_processes(&paths).is_empty());
+    assert!(child.wait().unwrap().signal().is_some());
 }
