@@ -180,8 +180,11 @@ async fn run_with<S: ClusterStore>(
         let slot = VmSlot::new(vm, runtime_dir.clone(), tx.clone());
         slots.insert(vm.name.clone(), slot);
     }
+    // Each adoption reports to the core; run them alongside it, so any number of VMs fits
+    // through the core's bounded channel.
     for slot in slots.values() {
-        slot.adopt().await;
+        let slot = Arc::clone(slot);
+        tokio::spawn(async move { slot.adopt().await });
     }
 
     let api_socket = state_dir.join("vmhad.sock");
