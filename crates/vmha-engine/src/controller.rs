@@ -951,31 +951,11 @@ impl Controller {
             }
             AdminCommand::VmStart { vm } => {
                 let i = self.vm_of(&vm)?;
-                let rec = self.settled(i)?;
-                if rec.desired == Desired::Stop {
-                    let reason = "started by admin".to_string();
-                    let record = OwnerRecord {
-                        desired: Desired::Run,
-                        parked: false,
-                        ..rec
-                    };
-                    self.cas(i, record, reason.clone());
-                    self.set_vm_state(i, VmState::Starting, &reason);
-                }
+                self.admin_desire(i, Desired::Run, VmState::Starting, "started by admin")?;
             }
             AdminCommand::VmStop { vm } => {
                 let i = self.vm_of(&vm)?;
-                let rec = self.settled(i)?;
-                if rec.desired == Desired::Run {
-                    let reason = "stopped by admin".to_string();
-                    let record = OwnerRecord {
-                        desired: Desired::Stop,
-                        parked: false,
-                        ..rec
-                    };
-                    self.cas(i, record, reason.clone());
-                    self.set_vm_state(i, VmState::Stopping, &reason);
-                }
+                self.admin_desire(i, Desired::Stop, VmState::Stopping, "stopped by admin")?;
             }
             AdminCommand::VmMove { vm, to } => {
                 let i = self.vm_of(&vm)?;
@@ -1116,6 +1096,27 @@ impl Controller {
                 .filter_map(|v| v.cluster_fault.clone().map(|w| (v.name.clone(), w)))
                 .collect(),
         }
+    }
+
+    /// An admin's VM start or stop: writes `desired` (and unparks) unless it already holds.
+    fn admin_desire(
+        &mut self,
+        i: usize,
+        desired: Desired,
+        state: VmState,
+        reason: &str,
+    ) -> Result<(), CommandError> {
+        let rec = self.settled(i)?;
+        if rec.desired != desired {
+            let record = OwnerRecord {
+                desired,
+                parked: false,
+                ..rec
+            };
+            self.cas(i, record, reason.to_string());
+            self.set_vm_state(i, state, reason);
+        }
+        Ok(())
     }
 
     /// `true` once after anything in [`Controller::state`] changed; resets the flag.
