@@ -187,8 +187,16 @@ async fn a_qemu_started_by_someone_else_is_seen_adopted_and_killed() {
         .spawn()
         .unwrap();
     let _guard = common::PidGuard(child.id());
-    // Right away (pidfile and QMP socket may not exist yet) the process is already visible.
-    assert_eq!(vmha_qemu::qemu_processes(&paths), vec![child.id()]);
+    // Visible as soon as it has exec'd, long before its pidfile and QMP socket exist.
+    let mut seen = Vec::new();
+    for _ in 0..500 {
+        seen = vmha_qemu::qemu_processes(&paths);
+        if !seen.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(seen, vec![child.id()]);
     assert!(matches!(
         QemuVm::launch(
             &spec("stray", &["-S"]),
