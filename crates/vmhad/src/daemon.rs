@@ -34,10 +34,16 @@ const SAFETY_POLL: Duration = Duration::from_secs(5);
 pub enum Msg {
     /// An input for this host's agent.
     Host(HostInput),
-    /// An input for the controller (dropped while this host is not the controller).
+    /// A change for the controller (dropped while this host is not the controller, or until
+    /// it has read a full snapshot of the store).
     Ctrl(ControllerInput),
-    /// The store follower finished a full listing; `vms_with_owner` had a record.
-    Listed {
+    /// A full listing of the cluster store, as one batch: the controller decides nothing on
+    /// a partial view (a VM placed before its hosts' leases were read would fault).
+    Snapshot {
+        /// Inputs for this host's agent.
+        host: Vec<HostInput>,
+        /// Inputs for the controller.
+        controller: Vec<ControllerInput>,
         /// VMs that have an ownership record.
         vms_with_owner: BTreeSet<String>,
     },
@@ -215,6 +221,7 @@ async fn run_with<S: ClusterStore>(
         config: Arc::clone(&config),
         agent,
         controller: None,
+        controller_synced: false,
         executor,
         writes,
         store,
@@ -278,6 +285,8 @@ struct Core<S> {
     config: Arc<Config>,
     agent: HostAgent,
     controller: Option<Controller>,
+    /// The controller has read a full snapshot of the store since its election.
+    controller_synced: bool,
     executor: Executor<S>,
     writes: mpsc::UnboundedSender<Write>,
     store: S,
@@ -297,6 +306,8 @@ impl<S: ClusterStore> Core<S> {
         };
         tracing::info!(host = %self.agent.host(), "elected cluster controller");
         self.controller = Some(Controller::new(Arc::clone(&self.config), restored, now()));
+        // It acts only once it has read the whole store (the next snapshot).
+        self.controller_synced = false;
     }
 
     fn handle(&mut self, msg: Msg) {
@@ -307,24 +318,33 @@ impl<S: ClusterStore> Core<S> {
                 self.agent.handle_input(t, input);
             }
             Msg::Ctrl(input) => {
-                if let Some(c) = self.controller.as_mut() {
+                if let Some(c) = self.controller.as_mut().filter(|_| self.controller_synced) {
                     c.handle_input(t, input);
                 }
             }
-            Msg::Listed { vms_with_owner } => {
+            Msg::Snapshot {
+                host,
+                controller,
+                vms_with_owner,
+            } => {
+                for input in host {
+                    self.agent.handle_input(t, input);
+                }
                 if let Some(c) = self.controller.as_mut() {
-                    for vm in &self.config.vms {
-                        if !vms_with_owner.contains(vm.name.as_str()) {
-                            c.handle_input(
-                                t,
-                                ControllerInput::Ownership {
-                                    vm: vm.name.clone(),
-                                    record: None,
-                                    revision: 0,
-                                },
-                            );
-                        }
-                    }
+                    let absent = self
+                        .config
+                        .vms
+                        .iter()
+                        .filter(|vm| !vms_with_owner.contains(vm.name.as_str()))
+                        .map(|vm| ControllerInput::Ownership {
+                            vm: vm.name.clone(),
+                            record: None,
+                            revision: 0,
+                        });
+                    let batch: Vec<ControllerInput> =
+                        controller.into_iter().chain(absent).collect();
+                    c.handle_inputs(t, batch);
+                    self.controller_synced = true;
                 }
             }
             Msg::Elected => {}

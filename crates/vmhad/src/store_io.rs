@@ -174,17 +174,26 @@ pub async fn follow<S: ClusterStore>(
             }
         };
         let mut vms_with_owner = std::collections::BTreeSet::new();
+        let mut host = Vec::new();
+        let mut controller = Vec::new();
         for kv in &listing.kvs {
             if let Some((vm, VmRecord::Owner)) = records.layout().parse_vm(&kv.key) {
                 vms_with_owner.insert(vm.to_string());
             }
             for msg in inputs_of(&records, &WatchEvent::Put(kv.clone())) {
-                if tx.send(msg).await.is_err() {
-                    return;
+                match msg {
+                    Msg::Host(i) => host.push(i),
+                    Msg::Ctrl(i) => controller.push(i),
+                    _ => {}
                 }
             }
         }
-        if tx.send(Msg::Listed { vms_with_owner }).await.is_err() {
+        let snapshot = Msg::Snapshot {
+            host,
+            controller,
+            vms_with_owner,
+        };
+        if tx.send(snapshot).await.is_err() {
             return;
         }
         let mut watch = match records.store().watch(&root, listing.revision + 1).await {
