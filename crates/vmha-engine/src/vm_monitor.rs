@@ -1541,16 +1541,22 @@ impl VmMonitor {
         Ok(())
     }
 
+    /// Refuses an admin operation on app `i` while another operation on it is in flight.
+    fn app_idle(&self, i: usize) -> Result<(), CommandError> {
+        match self.apps[i].op {
+            Some(_) => Err(CommandError::AppBusy {
+                vm: self.name.clone(),
+                app: self.apps[i].name.clone(),
+                state: self.apps[i].state.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     pub fn app_start(&mut self, out: &mut Out<'_>, app: &Name) -> Result<(), CommandError> {
         let i = self.app_index(app)?;
         self.check_acting()?;
-        if self.apps[i].op.is_some() {
-            return Err(CommandError::AppBusy {
-                vm: self.name.clone(),
-                app: app.clone(),
-                state: self.apps[i].state.to_string(),
-            });
-        }
+        self.app_idle(i)?;
         let missing: Vec<Name> = self.requires[i]
             .iter()
             .filter(|&&r| self.apps[r].state != AppState::Online)
@@ -1579,13 +1585,7 @@ impl VmMonitor {
             });
         };
         self.check_acting()?;
-        if self.apps[i].op.is_some() {
-            return Err(CommandError::AppBusy {
-                vm: self.name.clone(),
-                app: app.clone(),
-                state: self.apps[i].state.to_string(),
-            });
-        }
+        self.app_idle(i)?;
         let dependents: Vec<Name> = self.dependents[i]
             .iter()
             .filter(|&&d| {
