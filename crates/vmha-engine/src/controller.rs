@@ -722,14 +722,7 @@ impl Controller {
                                     // (or confirms) first, then the target gets it.
                                     let target = self.hosts[t].name.clone();
                                     let reason = format!("{cause}moving to {target} ({how})");
-                                    let record = OwnerRecord {
-                                        owner: Some(owner.clone()),
-                                        desired: Desired::Stop,
-                                        move_to: Some(target),
-                                        parked: false,
-                                    };
-                                    self.cas(i, record, reason.clone());
-                                    self.set_vm_state(i, VmState::FailingOver, &reason);
+                                    self.begin_move(i, owner.clone(), target, &reason);
                                 }
                                 Err(why) if maintenance => {
                                     let reason = format!("{cause}{why}: stopping it");
@@ -752,14 +745,7 @@ impl Controller {
                         {
                             let target = self.hosts[p].name.clone();
                             let reason = format!("failback: preferred host {target} is back");
-                            let record = OwnerRecord {
-                                owner: Some(owner.clone()),
-                                desired: Desired::Stop,
-                                move_to: Some(target),
-                                parked: false,
-                            };
-                            self.cas(i, record, reason.clone());
-                            self.set_vm_state(i, VmState::FailingOver, &reason);
+                            self.begin_move(i, owner.clone(), target, &reason);
                         }
                     }
                 }
@@ -1096,6 +1082,18 @@ impl Controller {
                 .filter_map(|v| v.cluster_fault.clone().map(|w| (v.name.clone(), w)))
                 .collect(),
         }
+    }
+
+    /// Phase one of a move off a live owner: the owner stops the VM, then `target` gets it.
+    fn begin_move(&mut self, i: usize, owner: Name, target: Name, reason: &str) {
+        let record = OwnerRecord {
+            owner: Some(owner),
+            desired: Desired::Stop,
+            move_to: Some(target),
+            parked: false,
+        };
+        self.cas(i, record, reason.to_string());
+        self.set_vm_state(i, VmState::FailingOver, reason);
     }
 
     /// An admin's VM start or stop: writes `desired` (and unparks) unless it already holds.
