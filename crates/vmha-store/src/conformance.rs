@@ -12,7 +12,8 @@ use serde_json::json;
 use crate::layout::Layout;
 use crate::records::{EventLog, OwnerChange, OwnerSwap, Records};
 use crate::store::{
-    CasOutcome, ClusterStore, Expect, LeaseId, Mutation, StoreError, WatchEvent, WatchStream,
+    CasOutcome, ClusterStore, Compare, Expect, KeyValue, LeaseId, MAX_TXN_OPS, Mutation, Op,
+    Revision, StoreError, TxnOutcome, WatchEvent, WatchStream,
 };
 
 /// Upper bound for anything a check waits for (lease expiry, a campaign).
@@ -23,6 +24,11 @@ pub async fn run<S: ClusterStore>(store: &S, root: &str) {
     put_get_list(store, &format!("{root}kv/")).await;
     cas_create_race(store, &format!("{root}race/")).await;
     cas_stale_revision(store, &format!("{root}stale/")).await;
+    txn_conditions_and_atomicity(store, &format!("{root}txn/")).await;
+    txn_delete_range(store, &format!("{root}txn-range/")).await;
+    txn_validation(store, &format!("{root}txn-invalid/")).await;
+    txn_with_leases(store, &format!("{root}txn-lease/")).await;
+    list_tail(store, &format!("{root}tail/")).await;
     lease_expiry_deletes_keys(store, &format!("{root}expiry/")).await;
     revoke_deletes_keys(store, &format!("{root}revoke/")).await;
     watch_replays_from_revision(store, &format!("{root}watch/")).await;
@@ -455,4 +461,368 @@ pub async fn event_log<S: ClusterStore>(store: &S, cluster: &str) {
     let kept = log.last::<serde_json::Value>(100).await.unwrap().events;
     assert_eq!(kept.len(), 5);
     assert_eq!(kept[0].event["n"], 8);
+}
+
+fn put(key: &str, value: &str) -> Op {
+    Op::Put {
+        key: key.to_owned(),
+        value: value.as_bytes().to_vec(),
+        lease: None,
+    }
+}
+
+fn describe(event: &WatchEvent) -> String {
+    match event {
+        WatchEvent::Put(kv) => format!(
+            "put {} {} @{}",
+            kv.key,
+            String::from_utf8_lossy(&kv.value),
+            kv.mod_revision
+        ),
+        WatchEvent::Delete { key, revision } => format!("delete {key} @{revision}"),
+    }
+}
+
+async fn committed<S: ClusterStore>(store: &S, compares: Vec<Compare>, ops: Vec<Op>) -> Revision {
+    match store.txn(compares, ops).await.unwrap() {
+        TxnOutcome::Committed { revision } => revision,
+        TxnOutcome::Failed => panic!("the transaction's conditions hold; it must commit"),
+    }
+}
+
+async fn current_revision<S: ClusterStore>(store: &S, p: &str) -> Revision {
+    store.list(p).await.unwrap().revision
+}
+
+/// A transaction applies all its writes in one revision iff every condition holds; watchers see
+/// the writes in `ops` order; a failed one changes nothing, not even the revision.
+pub async fn txn_conditions_and_atomicity<S: ClusterStore>(store: &S, p: &str) {
+    let (a, b, c) = (format!("{p}a"), format!("{p}b"), format!("{p}c"));
+    let r1 = store.put(&a, b"1".to_vec(), None).await.unwrap();
+    let mut watch = store.watch(p, r1 + 1).await.unwrap();
+    let rev = committed(
+        store,
+        vec![
+            Compare::ModRevision {
+                key: a.clone(),
+                revision: r1,
+            },
+            Compare::Absent { key: b.clone() },
+            Compare::CreateRevision {
+                key: a.clone(),
+                revision: r1,
+            },
+        ],
+        vec![put(&b, "2"), put(&c, "3"), Op::Delete { key: a.clone() }],
+    )
+    .await;
+    assert!(rev > r1);
+    let seen: Vec<String> = [
+        next_event(&mut watch).await,
+        next_event(&mut watch).await,
+        next_event(&mut watch).await,
+    ]
+    .iter()
+    .map(describe)
+    .collect();
+    assert_eq!(
+        seen,
+        [
+            format!("put {b} 2 @{rev}"),
+            format!("put {c} 3 @{rev}"),
+            format!("delete {a} @{rev}"),
+        ],
+        "one revision, in ops order"
+    );
+    let kv_b = store.get(&b).await.unwrap().unwrap();
+    assert_eq!((kv_b.create_revision, kv_b.mod_revision), (rev, rev));
+    assert!(store.get(&a).await.unwrap().is_none());
+
+    // Each failing condition alone makes the whole transaction change nothing.
+    let before = store.list(p).await.unwrap();
+    let failing = [
+        Compare::Absent { key: b.clone() },
+        Compare::ModRevision {
+            key: b.clone(),
+            revision: r1,
+        },
+        Compare::CreateRevision {
+            key: b.clone(),
+            revision: r1,
+        },
+        Compare::ModRevision {
+            key: a.clone(),
+            revision: 0,
+        },
+        Compare::CreateRevision {
+            key: a.clone(),
+            revision: 0,
+        },
+        Compare::ModRevision {
+            key: a.clone(),
+            revision: r1,
+        },
+    ];
+    for condition in failing {
+        let holding = Compare::ModRevision {
+            key: b.clone(),
+            revision: rev,
+        };
+        let outcome = store
+            .txn(
+                vec![holding, condition.clone()],
+                vec![put(&b, "x"), put(&format!("{p}new"), "y")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome, TxnOutcome::Failed, "{condition:?} must not hold");
+    }
+    assert_eq!(
+        store.list(p).await.unwrap(),
+        before,
+        "failed: nothing changed"
+    );
+
+    // The creation revision survives updates, not a delete and re-create.
+    let r3 = store.put(&b, b"4".to_vec(), None).await.unwrap();
+    let by_creation = |revision| Compare::CreateRevision {
+        key: b.clone(),
+        revision,
+    };
+    let r4 = committed(store, vec![by_creation(rev)], vec![put(&c, "5")]).await;
+    assert!(r4 > r3);
+    store.delete(&b).await.unwrap();
+    store.put(&b, b"6".to_vec(), None).await.unwrap();
+    assert_eq!(
+        store
+            .txn(vec![by_creation(rev)], vec![put(&c, "7")])
+            .await
+            .unwrap(),
+        TxnOutcome::Failed
+    );
+
+    // Conditions only: commits at the current revision, changes nothing.
+    let now = current_revision(store, p).await;
+    let outcome = store
+        .txn(vec![Compare::Absent { key: a.clone() }], vec![])
+        .await;
+    assert_eq!(outcome.unwrap(), TxnOutcome::Committed { revision: now });
+    assert_eq!(current_revision(store, p).await, now);
+}
+
+/// `DeleteRange` deletes every key in `[start, end)` in the transaction's revision; watchers see
+/// one `Delete` per key, in key order. A range with nothing in it changes nothing.
+pub async fn txn_delete_range<S: ClusterStore>(store: &S, p: &str) {
+    for k in ["a", "b", "b/1", "c", "d"] {
+        store
+            .put(&format!("{p}{k}"), k.as_bytes().to_vec(), None)
+            .await
+            .unwrap();
+    }
+    let from = current_revision(store, p).await + 1;
+    let mut watch = store.watch(p, from).await.unwrap();
+    let rev = committed(
+        store,
+        vec![],
+        vec![
+            Op::DeleteRange {
+                start: format!("{p}b"),
+                end: format!("{p}d"),
+            },
+            put(&format!("{p}e"), "e"),
+        ],
+    )
+    .await;
+    assert_eq!(rev, from, "one revision for the whole transaction");
+    let seen: Vec<String> = [
+        next_event(&mut watch).await,
+        next_event(&mut watch).await,
+        next_event(&mut watch).await,
+        next_event(&mut watch).await,
+    ]
+    .iter()
+    .map(describe)
+    .collect();
+    assert_eq!(
+        seen,
+        [
+            format!("delete {p}b @{rev}"),
+            format!("delete {p}b/1 @{rev}"),
+            format!("delete {p}c @{rev}"),
+            format!("put {p}e e @{rev}"),
+        ]
+    );
+    let keys: Vec<String> = store
+        .list(p)
+        .await
+        .unwrap()
+        .kvs
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+    assert_eq!(keys, [format!("{p}a"), format!("{p}d"), format!("{p}e")]);
+
+    let empty = Op::DeleteRange {
+        start: format!("{p}x"),
+        end: format!("{p}y"),
+    };
+    assert_eq!(
+        store.txn(vec![], vec![empty]).await.unwrap(),
+        TxnOutcome::Committed { revision: rev },
+        "deleting nothing changes nothing"
+    );
+    assert_eq!(current_revision(store, p).await, rev);
+}
+
+/// Invalid transactions are refused with `InvalidArgument` before anything changes.
+pub async fn txn_validation<S: ClusterStore>(store: &S, p: &str) {
+    let k = |s: &str| format!("{p}{s}");
+    store.put(&k("kept"), b"v".to_vec(), None).await.unwrap();
+    let before = store.list(p).await.unwrap();
+    let too_many: Vec<Op> = (0..=MAX_TXN_OPS)
+        .map(|i| put(&k(&i.to_string()), "x"))
+        .collect();
+    let at_limit: Vec<Op> = too_many[..MAX_TXN_OPS].to_vec();
+    let range = |start: &str, end: &str| Op::DeleteRange {
+        start: k(start),
+        end: k(end),
+    };
+    let invalid: Vec<(&str, Vec<Compare>, Vec<Op>)> = vec![
+        ("too many writes", vec![], too_many),
+        (
+            "a key written twice",
+            vec![],
+            vec![put(&k("a"), "1"), put(&k("a"), "2")],
+        ),
+        (
+            "a put and a delete of one key",
+            vec![],
+            vec![put(&k("a"), "1"), Op::Delete { key: k("a") }],
+        ),
+        (
+            "a put inside a deleted range",
+            vec![],
+            vec![range("a", "c"), put(&k("b"), "1")],
+        ),
+        (
+            "overlapping ranges",
+            vec![],
+            vec![range("a", "c"), range("b", "d")],
+        ),
+        ("an empty key", vec![], vec![put("", "1")]),
+        ("an empty range", vec![], vec![range("b", "b")]),
+        ("a reversed range", vec![], vec![range("c", "a")]),
+        (
+            "an empty key in a condition",
+            vec![Compare::Absent { key: String::new() }],
+            vec![put(&k("a"), "1")],
+        ),
+    ];
+    for (what, compares, ops) in invalid {
+        match store.txn(compares, ops).await {
+            Err(StoreError::InvalidArgument(_)) => {}
+            other => panic!("{what}: expected InvalidArgument, got {other:?}"),
+        }
+    }
+    assert_eq!(store.list(p).await.unwrap(), before, "nothing changed");
+    let rev = committed(store, vec![], at_limit).await;
+    assert_eq!(
+        store.list(&k("")).await.unwrap().kvs.len(),
+        MAX_TXN_OPS + 1,
+        "{MAX_TXN_OPS} writes are allowed (at revision {rev})"
+    );
+}
+
+/// A `Put` in a transaction binds the key to its lease; a lease that is not live fails the whole
+/// transaction with `LeaseExpired`.
+pub async fn txn_with_leases<S: ClusterStore>(store: &S, p: &str) {
+    let lease = store.grant(Duration::from_secs(60)).await.unwrap();
+    let bound = format!("{p}bound");
+    let rev = committed(
+        store,
+        vec![Compare::Absent { key: bound.clone() }],
+        vec![Op::Put {
+            key: bound.clone(),
+            value: b"x".to_vec(),
+            lease: Some(lease.id),
+        }],
+    )
+    .await;
+    let kv = store.get(&bound).await.unwrap().unwrap();
+    assert_eq!((kv.lease, kv.mod_revision), (Some(lease.id), rev));
+
+    let before = store.list(p).await.unwrap();
+    let dead = LeaseId(i64::MAX);
+    let outcome = store
+        .txn(
+            vec![],
+            vec![
+                put(&format!("{p}other"), "y"),
+                Op::Put {
+                    key: format!("{p}dead"),
+                    value: Vec::new(),
+                    lease: Some(dead),
+                },
+            ],
+        )
+        .await;
+    assert!(
+        matches!(outcome, Err(StoreError::LeaseExpired { .. })),
+        "a dead lease fails the transaction: {outcome:?}"
+    );
+    assert_eq!(store.list(p).await.unwrap(), before, "nothing changed");
+
+    store.revoke(lease.id).await.unwrap();
+    assert!(
+        store.get(&bound).await.unwrap().is_none(),
+        "gone with the lease"
+    );
+    let outcome = store
+        .txn(
+            vec![],
+            vec![Op::Put {
+                key: bound.clone(),
+                value: Vec::new(),
+                lease: Some(lease.id),
+            }],
+        )
+        .await;
+    assert!(matches!(outcome, Err(StoreError::LeaseExpired { lease: l }) if l == lease.id));
+}
+
+/// `list_tail` returns the last keys under a prefix, ascending, with the snapshot revision.
+pub async fn list_tail<S: ClusterStore>(store: &S, p: &str) {
+    let log = format!("{p}log/");
+    store
+        .put(&format!("{p}lof"), b"before".to_vec(), None)
+        .await
+        .unwrap();
+    store
+        .put(&format!("{p}log0"), b"after".to_vec(), None)
+        .await
+        .unwrap();
+    for i in 1..=5 {
+        store
+            .put(&format!("{log}{i:02}"), vec![i], None)
+            .await
+            .unwrap();
+    }
+    let keys = |kvs: &[KeyValue]| -> Vec<String> {
+        kvs.iter()
+            .map(|kv| kv.key.trim_start_matches(&log).to_owned())
+            .collect()
+    };
+    let full = store.list(&log).await.unwrap();
+    let tail = store.list_tail(&log, 2).await.unwrap();
+    assert_eq!(keys(&tail.kvs), ["04", "05"], "the last two, ascending");
+    assert_eq!(tail.revision, full.revision);
+    assert_eq!(tail.kvs[..], full.kvs[3..]);
+    let all = store.list_tail(&log, 100).await.unwrap();
+    assert_eq!(all.kvs, full.kvs, "a limit beyond the count: everything");
+    let none = store.list_tail(&log, 0).await.unwrap();
+    assert!(none.kvs.is_empty());
+    assert_eq!(none.revision, full.revision);
+    let missing = store.list_tail(&format!("{p}nothing/"), 3).await.unwrap();
+    assert!(missing.kvs.is_empty());
+    assert_eq!(missing.revision, full.revision);
 }

@@ -2,13 +2,26 @@
 //! candidate creates `<election>/<lease>` bound to its lease; the candidate whose key has the
 //! lowest create revision leads; the others wait for the key just before theirs to go away.
 //!
-//! The embedded store uses this; an etcd store may use etcd's election API instead, which keeps
-//! the same keys and therefore the same behaviour.
+//! Both stores use this, so elections behave the same on both. etcd's own election service keeps
+//! the same keys, but its `Campaign` blocks server-side with no deadline of ours, and it opens a
+//! server-side session on the candidate's lease (which may renew that lease as a side effect);
+//! here every step is an ordinary store call with the store's deadline, and the lease lives only
+//! as long as its owner keeps it alive.
+//!
+//! Cancelling [`campaign`] (dropping its future) leaves the candidate key bound to the lease: it
+//! blocks nothing, a later campaign with the same lease resumes that candidacy (keeping its
+//! place), and it vanishes with the lease or with [`resign`].
+
+use std::time::Duration;
 
 use crate::store::{
     CasOutcome, ClusterStore, Expect, KeyValue, Leader, LeaseId, Mutation, StoreError, WatchEvent,
     WatchStream,
 };
+
+/// Pause before re-listing after a campaign's watch failed, so that a store whose watches keep
+/// failing is not hammered.
+const REWATCH_PAUSE: Duration = Duration::from_millis(100);
 
 fn prefix(election: &str) -> String {
     format!("{election}/")
@@ -77,6 +90,13 @@ pub async fn campaign<S: ClusterStore>(
                 Ok(_) => {}
                 // Lagged or compacted: re-list.
                 Err(StoreError::Lagged { .. } | StoreError::Compacted { .. }) => break,
+                // The watch lost its stream (e.g. an etcd member went away): re-list, which
+                // fails in turn if the store itself is unreachable.
+                Err(StoreError::Unavailable(reason)) => {
+                    tracing::debug!(election, %reason, "campaign watch failed; re-listing");
+                    tokio::time::sleep(REWATCH_PAUSE).await;
+                    break;
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -5,10 +5,17 @@
 //! every key bound to a lease of a previous run (its owner process is gone). Watches replay from an
 //! in-memory history of the last [`HISTORY_EVENTS`] changes and follow a broadcast channel; the
 //! history starts empty at open (everything before is "compacted").
+//!
+//! After an I/O error (a full disk, a failing device) redb refuses every later write until the
+//! database is closed and opened again. The store does that by itself: the next operation after
+//! such an error drops the `Database` and opens the file again, reconciling the in-memory revision,
+//! lease index and watch history with what is on disk. Leases stay valid across that reopen.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -17,9 +24,10 @@ use tokio::time::Instant;
 
 use crate::election;
 use crate::store::{
-    CasOutcome, ClusterStore, Expect, KeyValue, Leader, Lease, LeaseId, Listing, Mutation,
-    Revision, StoreError, WatchEvent, WatchStream,
+    CasOutcome, ClusterStore, Compare, Expect, KeyValue, Leader, Lease, LeaseId, Listing, Mutation,
+    Op, Revision, StoreError, TxnOutcome, WatchEvent, WatchStream,
 };
+use crate::txn::{prefix_end, validate};
 
 /// How many past changes the embedded store keeps for watches that start in the past.
 pub const HISTORY_EVENTS: usize = 10_000;
@@ -38,22 +46,41 @@ const META_NEXT_LEASE: &str = "next_lease";
 /// Bytes before the value in a stored record: create revision, mod revision, lease (0 = none).
 const HEADER: usize = 24;
 
+type KvTable<'t> = redb::Table<'t, &'static str, &'static [u8]>;
+
 /// The single-host cluster store. Cheap to clone (an `Arc` inside); all clones share one database,
 /// one lease table and one watch channel. The file stays open (and locked against other
 /// processes) until every clone is dropped.
 #[derive(Clone)]
 pub struct EmbeddedStore {
+    handle: Arc<Handle>,
+}
+
+/// Shared by the clones of one [`EmbeddedStore`]; dropping the last closes the file, even while
+/// background tasks (lease timers, abandoned blocking calls) still hold the [`Inner`].
+struct Handle {
     inner: Arc<Inner>,
 }
 
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.inner.close();
+    }
+}
+
 struct Inner {
-    db: Database,
+    path: PathBuf,
+    /// `None` once closed, or after an I/O error when opening the file again failed too.
+    db: RwLock<Option<Database>>,
+    /// An I/O error happened: the next operation closes and reopens the database first.
+    broken: AtomicBool,
+    /// Every handle is gone: the file is closed for good.
+    closed: AtomicBool,
     state: Mutex<State>,
-    events: broadcast::Sender<WatchEvent>,
 }
 
 /// Everything that changes with a write; guarded by one mutex so that writes, the history and the
-/// broadcast stay in the same order.
+/// broadcast stay in the same order. Lock order: `state`, then `db`.
 struct State {
     revision: Revision,
     next_lease: u64,
@@ -61,12 +88,39 @@ struct State {
     history: VecDeque<WatchEvent>,
     /// Every change with a revision above this is in `history`.
     compact_revision: Revision,
+    /// Live watchers subscribe here (under this lock, so history and broadcast agree).
+    events: broadcast::Sender<WatchEvent>,
 }
 
 struct LeaseEntry {
     ttl: Duration,
     deadline: Instant,
     keys: BTreeSet<String>,
+}
+
+/// What a write plans to change once it has read the current records.
+enum Change {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    },
+    Delete {
+        key: String,
+    },
+}
+
+/// A write's decision after reading: apply these changes, or change nothing and report `V`.
+enum Plan<V> {
+    Apply(Vec<Change>),
+    Veto(V),
+}
+
+/// The result of an applied write.
+struct Written {
+    /// The write's revision, or the current revision if it changed nothing.
+    revision: Revision,
+    changed: bool,
 }
 
 impl EmbeddedStore {
@@ -77,26 +131,26 @@ impl EmbeddedStore {
     /// not an intact store. Blocks on disk I/O: call it at start-up or from a blocking context.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .set_check_integrity_on_open(true)
-            .create(&path)
-            .map_err(|e| map_redb(redb::Error::from(e), &path))?;
+        let db = open_db(&path)?;
         let (revision, next_lease) = recover(&db).map_err(|e| map_redb(e, &path))?;
         let (events, _) = broadcast::channel(WATCH_BUFFER);
         tracing::debug!(path = %path.display(), revision, "embedded store open");
-        Ok(EmbeddedStore {
-            inner: Arc::new(Inner {
-                db,
-                state: Mutex::new(State {
-                    revision,
-                    next_lease,
-                    leases: HashMap::new(),
-                    history: VecDeque::new(),
-                    compact_revision: revision,
-                }),
+        let inner = Arc::new(Inner {
+            path,
+            db: RwLock::new(Some(db)),
+            broken: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            state: Mutex::new(State {
+                revision,
+                next_lease,
+                leases: HashMap::new(),
+                history: VecDeque::new(),
+                compact_revision: revision,
                 events,
             }),
+        });
+        Ok(EmbeddedStore {
+            handle: Arc::new(Handle { inner }),
         })
     }
 
@@ -106,11 +160,19 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
     {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || f(&inner))
+        let inner = Arc::clone(&self.handle.inner);
+        tokio::task::spawn_blocking(move || inner.run(f))
             .await
             .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
     }
+}
+
+fn open_db(path: &Path) -> Result<Database, StoreError> {
+    redb::Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .set_check_integrity_on_open(true)
+        .create(path)
+        .map_err(|e| map_redb(redb::Error::from(e), path))
 }
 
 /// On open: create the tables, read the revision, delete keys bound to leases of a previous run.
@@ -161,7 +223,18 @@ fn map_redb(e: redb::Error, path: &Path) -> StoreError {
         redb::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
             StoreError::Corrupt(io.to_string())
         }
+        redb::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+            StoreError::Io(std::io::Error::new(
+                io.kind(),
+                format!("disk full, the write was not applied: {io}"),
+            ))
+        }
         redb::Error::Io(io) => StoreError::Io(io),
+        redb::Error::PreviousIo | redb::Error::DatabaseClosed => {
+            StoreError::Io(std::io::Error::other(
+                "the store file had an I/O error; it is reopened on the next operation",
+            ))
+        }
         other => StoreError::Backend(other.to_string()),
     }
 }
@@ -220,6 +293,58 @@ fn decode_kv(key: &str, raw: &[u8]) -> Result<KeyValue, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("record {key:?}: {e}")))
 }
 
+/// Reads one key from a table (of a read or a write transaction).
+fn read_kv<T>(table: &T, key: &str) -> Result<Option<KeyValue>, StoreError>
+where
+    T: ReadableTable<&'static str, &'static [u8]>,
+{
+    match table.get(key).map_err(backend)? {
+        Some(raw) => decode_kv(key, raw.value()).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The key bounds of everything starting with `prefix`.
+fn prefix_bounds(prefix: &str) -> (Bound<String>, Bound<String>) {
+    let end = prefix_end(prefix).map_or(Bound::Unbounded, Bound::Excluded);
+    (Bound::Included(prefix.to_owned()), end)
+}
+
+/// Reads the keys within `bounds`: every one, or only the last `tail` of them.
+fn read_range<T>(
+    table: &T,
+    bounds: (Bound<String>, Bound<String>),
+    tail: Option<usize>,
+) -> Result<Vec<KeyValue>, StoreError>
+where
+    T: ReadableTable<&'static str, &'static [u8]>,
+{
+    let bounds = (
+        bounds.0.as_ref().map(String::as_str),
+        bounds.1.as_ref().map(String::as_str),
+    );
+    let range = table.range::<&str>(bounds).map_err(backend)?;
+    let decode = |entry: Result<
+        (redb::AccessGuard<'_, &str>, redb::AccessGuard<'_, &[u8]>),
+        redb::StorageError,
+    >| {
+        let (key, raw) = entry.map_err(backend)?;
+        decode_kv(key.value(), raw.value())
+    };
+    match tail {
+        None => range.map(decode).collect(),
+        Some(limit) => {
+            let mut kvs = range
+                .rev()
+                .take(limit)
+                .map(decode)
+                .collect::<Result<Vec<_>, _>>()?;
+            kvs.reverse();
+            Ok(kvs)
+        }
+    }
+}
+
 fn check_key(key: &str) -> Result<(), StoreError> {
     if key.is_empty() {
         Err(StoreError::InvalidArgument("empty key".into()))
@@ -228,217 +353,281 @@ fn check_key(key: &str) -> Result<(), StoreError> {
     }
 }
 
-/// One change a write transaction wants to make.
-enum Op {
-    Put {
-        key: String,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    },
-    Delete {
-        key: String,
-    },
+fn closed() -> StoreError {
+    StoreError::Io(std::io::Error::other(
+        "the store file is not open (closed, or reopening it after an I/O error failed)",
+    ))
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Unavailable("store state poisoned by a panic".into())
+}
+
+/// Whether a transaction condition holds for the key's current record.
+fn holds(compare: &Compare, current: Option<&KeyValue>) -> bool {
+    match (compare, current) {
+        (Compare::Absent { .. }, None) => true,
+        (Compare::ModRevision { revision, .. }, Some(kv)) => kv.mod_revision == *revision,
+        (Compare::CreateRevision { revision, .. }, Some(kv)) => kv.create_revision == *revision,
+        _ => false,
+    }
 }
 
 impl Inner {
     fn lock(&self) -> Result<MutexGuard<'_, State>, StoreError> {
-        self.state
-            .lock()
-            .map_err(|_| StoreError::Unavailable("store state poisoned by a panic".into()))
+        self.state.lock().map_err(|_| poisoned())
+    }
+
+    /// Closes the file for good (the last handle is gone), releasing its lock at once.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let mut slot = match self.db.write() {
+            Ok(slot) => slot,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(db) = slot.take() {
+            if let Err(e) = db.close() {
+                tracing::warn!(path = %self.path.display(), error = %e, "closing the store file failed");
+            }
+        }
+    }
+
+    /// Runs one operation; an I/O error marks the database for reopening by the next operation.
+    fn run<T>(&self, f: impl FnOnce(&Inner) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let result = f(self);
+        if let Err(StoreError::Io(e)) = &result {
+            if !self.broken.swap(true, Ordering::AcqRel) {
+                tracing::warn!(path = %self.path.display(), error = %e,
+                    "store I/O error; the file is reopened on the next operation");
+            }
+        }
+        result
+    }
+
+    /// Runs `f` with the database for reading (reopening it first after an I/O error).
+    fn read<T>(&self, f: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        if self.broken.load(Ordering::Acquire) {
+            let mut state = self.lock()?;
+            self.reopen_if_broken(&mut state)?;
+        }
+        let guard = self.db.read().map_err(|_| poisoned())?;
+        let db = guard.as_ref().ok_or_else(closed)?;
+        f(db)
+    }
+
+    /// Runs `f` with the state and the database for writing (reopening it first after an I/O
+    /// error). Writes are serialised by the state lock.
+    fn write_with<T>(
+        &self,
+        f: impl FnOnce(&Database, &mut State) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut state = self.lock()?;
+        self.reopen_if_broken(&mut state)?;
+        let guard = self.db.read().map_err(|_| poisoned())?;
+        let db = guard.as_ref().ok_or_else(closed)?;
+        f(db, &mut state)
+    }
+
+    /// After an I/O error: drops the `Database` and opens the file again, then reconciles the
+    /// in-memory state with the file. A commit that failed may still have reached the disk: if the
+    /// stored revision differs from the one in memory, the watch history is reset (watchers get an
+    /// error and re-list) and the revision continues from the higher of both.
+    fn reopen_if_broken(&self, state: &mut State) -> Result<(), StoreError> {
+        if !self.broken.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut slot = self.db.write().map_err(|_| poisoned())?;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(closed());
+        }
+        if let Some(old) = slot.take() {
+            if let Err(e) = old.close() {
+                tracing::warn!(error = %e, "closing the store file after an I/O error failed");
+            }
+        }
+        let db = open_db(&self.path)?;
+        self.reconcile(&db, state)?;
+        *slot = Some(db);
+        self.broken.store(false, Ordering::Release);
+        tracing::info!(path = %self.path.display(), revision = state.revision,
+            "store file reopened after an I/O error");
+        Ok(())
+    }
+
+    fn reconcile(&self, db: &Database, state: &mut State) -> Result<(), StoreError> {
+        let (stored_revision, stored_next_lease, leased) = {
+            let txn = db.begin_read().map_err(backend)?;
+            let meta = txn.open_table(META).map_err(backend)?;
+            let revision = meta
+                .get(META_REVISION)
+                .map_err(backend)?
+                .map_or(0, |v| v.value());
+            let next_lease = meta
+                .get(META_NEXT_LEASE)
+                .map_err(backend)?
+                .map_or(1, |v| v.value());
+            let kv = txn.open_table(KV).map_err(backend)?;
+            let mut leased = Vec::new();
+            for entry in kv.iter().map_err(backend)? {
+                let (key, raw) = entry.map_err(backend)?;
+                let kv = decode_kv(key.value(), raw.value())?;
+                if let Some(lease) = kv.lease {
+                    leased.push((kv.key, lease));
+                }
+            }
+            (revision, next_lease, leased)
+        };
+        state.next_lease = state.next_lease.max(stored_next_lease);
+        if stored_revision != state.revision {
+            tracing::warn!(
+                stored = stored_revision,
+                memory = state.revision,
+                "a failed write reached the disk; watchers must re-list"
+            );
+            state.revision = state.revision.max(stored_revision);
+            state.history.clear();
+            state.compact_revision = state.revision;
+            // Existing watchers see the old channel close and report an error.
+            state.events = broadcast::channel(WATCH_BUFFER).0;
+        }
+        for entry in state.leases.values_mut() {
+            entry.keys.clear();
+        }
+        let mut orphans = BTreeSet::new();
+        for (key, lease) in leased {
+            match state.leases.get_mut(&lease) {
+                Some(entry) => {
+                    entry.keys.insert(key);
+                }
+                None => {
+                    orphans.insert(key);
+                }
+            }
+        }
+        if !orphans.is_empty() {
+            // Bound to a lease that ended while its deletion could not be written.
+            let revision = state.revision + 1;
+            delete_keys(db, &orphans, revision)?;
+            state.revision = revision;
+            let events = orphans
+                .into_iter()
+                .map(|key| WatchEvent::Delete { key, revision })
+                .collect();
+            publish(state, events);
+        }
+        Ok(())
     }
 
     fn read_key(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let txn = self.db.begin_read().map_err(backend)?;
-        let kv = txn.open_table(KV).map_err(backend)?;
-        match kv.get(key).map_err(backend)? {
-            Some(raw) => decode_kv(key, raw.value()).map(Some),
-            None => Ok(None),
-        }
+        self.read(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let kv = txn.open_table(KV).map_err(backend)?;
+            read_kv(&kv, key)
+        })
     }
 
-    fn read_prefix(&self, prefix: &str) -> Result<Listing, StoreError> {
-        let txn = self.db.begin_read().map_err(backend)?;
-        let meta = txn.open_table(META).map_err(backend)?;
-        let revision = meta
-            .get(META_REVISION)
-            .map_err(backend)?
-            .map(|v| v.value())
-            .unwrap_or(0);
-        let kv = txn.open_table(KV).map_err(backend)?;
-        let mut kvs = Vec::new();
-        for entry in kv.range(prefix..).map_err(backend)? {
-            let (key, raw) = entry.map_err(backend)?;
-            if !key.value().starts_with(prefix) {
-                break;
-            }
-            kvs.push(decode_kv(key.value(), raw.value())?);
-        }
-        Ok(Listing { kvs, revision })
+    fn read_prefix(&self, prefix: &str, tail: Option<usize>) -> Result<Listing, StoreError> {
+        self.read(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let meta = txn.open_table(META).map_err(backend)?;
+            let revision = meta
+                .get(META_REVISION)
+                .map_err(backend)?
+                .map_or(0, |v| v.value());
+            let kv = txn.open_table(KV).map_err(backend)?;
+            let kvs = match tail {
+                Some(0) => Vec::new(),
+                _ => read_range(&kv, prefix_bounds(prefix), tail)?,
+            };
+            Ok(Listing { kvs, revision })
+        })
     }
 
-    /// Applies `ops` in one durable transaction at the next revision (if they change anything),
-    /// after reaping expired leases. `check` sees the current records of the touched keys first
-    /// and may veto the write by returning `Some(outcome)`.
-    fn write<C>(
+    /// One durable write at the next revision (if it changes anything), after reaping expired
+    /// leases. `plan` reads the current records in the write transaction and decides what to
+    /// change, or vetoes. Leases of planned puts must be live ([`StoreError::LeaseExpired`]).
+    fn write<V>(
         &self,
         now: Instant,
-        ops: Vec<Op>,
-        check: C,
-    ) -> Result<Result<Option<Revision>, CasOutcome>, StoreError>
-    where
-        C: FnOnce(&[Option<KeyValue>]) -> Option<CasOutcome>,
-    {
-        let mut state = self.lock()?;
-        self.reap(&mut state, now)?;
-        for op in &ops {
-            if let Op::Put {
-                lease: Some(lease), ..
-            } = op
+        plan: impl FnOnce(&KvTable<'_>) -> Result<Plan<V>, StoreError>,
+    ) -> Result<Result<Written, V>, StoreError> {
+        self.write_with(|db, state| {
+            reap(db, state, now)?;
+            let revision = state.revision + 1;
+            let txn = db.begin_write().map_err(backend)?;
+            let mut events = Vec::new();
+            // (key, old lease, new lease) for the in-memory lease index, applied after commit.
+            let mut rebinds = Vec::new();
             {
-                if !state.leases.contains_key(lease) {
-                    return Err(StoreError::LeaseExpired { lease: *lease });
-                }
-            }
-        }
-        let revision = state.revision + 1;
-        let txn = self.db.begin_write().map_err(backend)?;
-        let mut events = Vec::new();
-        // (key, old lease, new lease) for the in-memory lease index, applied after commit.
-        let mut rebinds = Vec::new();
-        {
-            let mut kv = txn.open_table(KV).map_err(backend)?;
-            let mut current = Vec::with_capacity(ops.len());
-            for op in &ops {
-                let key = match op {
-                    Op::Put { key, .. } | Op::Delete { key } => key,
+                let mut kv = txn.open_table(KV).map_err(backend)?;
+                let changes = match plan(&kv)? {
+                    Plan::Veto(veto) => return Ok(Err(veto)),
+                    Plan::Apply(changes) => changes,
                 };
-                let old = match kv.get(key.as_str()).map_err(backend)? {
-                    Some(raw) => Some(decode_kv(key, raw.value())?),
-                    None => None,
-                };
-                current.push(old);
-            }
-            if let Some(veto) = check(&current) {
-                return Ok(Err(veto));
-            }
-            for (op, old) in ops.into_iter().zip(current) {
-                let old_lease = old.as_ref().and_then(|o| o.lease);
-                match op {
-                    Op::Put { key, value, lease } => {
-                        let record = Record {
-                            create_revision: old.map_or(revision, |o| o.create_revision),
-                            mod_revision: revision,
-                            lease: lease.map_or(0, |l| l.0),
-                            value,
-                        };
-                        kv.insert(key.as_str(), record.encode().as_slice())
-                            .map_err(backend)?;
-                        rebinds.push((key.clone(), old_lease, lease));
-                        events.push(WatchEvent::Put(record.into_kv(key)));
-                    }
-                    Op::Delete { key } => {
-                        if old.is_some() {
-                            kv.remove(key.as_str()).map_err(backend)?;
-                            rebinds.push((key.clone(), old_lease, None));
-                            events.push(WatchEvent::Delete { key, revision });
+                for change in &changes {
+                    if let Change::Put {
+                        lease: Some(lease), ..
+                    } = change
+                    {
+                        if !state.leases.contains_key(lease) {
+                            return Err(StoreError::LeaseExpired { lease: *lease });
                         }
                     }
                 }
+                for change in changes {
+                    match change {
+                        Change::Put { key, value, lease } => {
+                            let old = read_kv(&kv, &key)?;
+                            let old_lease = old.as_ref().and_then(|o| o.lease);
+                            let record = Record {
+                                create_revision: old.map_or(revision, |o| o.create_revision),
+                                mod_revision: revision,
+                                lease: lease.map_or(0, |l| l.0),
+                                value,
+                            };
+                            kv.insert(key.as_str(), record.encode().as_slice())
+                                .map_err(backend)?;
+                            rebinds.push((key.clone(), old_lease, lease));
+                            events.push(WatchEvent::Put(record.into_kv(key)));
+                        }
+                        Change::Delete { key } => {
+                            if let Some(old) = read_kv(&kv, &key)? {
+                                kv.remove(key.as_str()).map_err(backend)?;
+                                rebinds.push((key.clone(), old.lease, None));
+                                events.push(WatchEvent::Delete { key, revision });
+                            }
+                        }
+                    }
+                }
+                if events.is_empty() {
+                    drop(kv);
+                    txn.abort().map_err(backend)?;
+                    return Ok(Ok(Written {
+                        revision: state.revision,
+                        changed: false,
+                    }));
+                }
+                txn.open_table(META)
+                    .map_err(backend)?
+                    .insert(META_REVISION, revision)
+                    .map_err(backend)?;
             }
-            if events.is_empty() {
-                drop(kv);
-                txn.abort().map_err(backend)?;
-                return Ok(Ok(None));
+            txn.commit().map_err(backend)?;
+            state.revision = revision;
+            for (key, old, new) in rebinds {
+                if let Some(entry) = old.and_then(|l| state.leases.get_mut(&l)) {
+                    entry.keys.remove(&key);
+                }
+                if let Some(entry) = new.and_then(|l| state.leases.get_mut(&l)) {
+                    entry.keys.insert(key);
+                }
             }
-            txn.open_table(META)
-                .map_err(backend)?
-                .insert(META_REVISION, revision)
-                .map_err(backend)?;
-        }
-        txn.commit().map_err(backend)?;
-        state.revision = revision;
-        for (key, old, new) in rebinds {
-            if let Some(entry) = old.and_then(|l| state.leases.get_mut(&l)) {
-                entry.keys.remove(&key);
-            }
-            if let Some(entry) = new.and_then(|l| state.leases.get_mut(&l)) {
-                entry.keys.insert(key);
-            }
-        }
-        self.publish(&mut state, events);
-        Ok(Ok(Some(revision)))
-    }
-
-    /// Records committed events in the history and sends them to watchers (under the state lock,
-    /// so history and broadcast agree on order).
-    fn publish(&self, state: &mut State, events: Vec<WatchEvent>) {
-        for event in events {
-            state.history.push_back(event.clone());
-            // No receivers is not an error: nobody is watching.
-            let _ = self.events.send(event);
-        }
-        while state.history.len() > HISTORY_EVENTS {
-            if let Some(old) = state.history.pop_front() {
-                state.compact_revision = old.revision();
-            }
-        }
-        while state
-            .history
-            .front()
-            .is_some_and(|e| e.revision() <= state.compact_revision)
-        {
-            state.history.pop_front();
-        }
-    }
-
-    /// Ends every lease whose deadline has passed, deleting its keys (one revision per lease).
-    fn reap(&self, state: &mut State, now: Instant) -> Result<(), StoreError> {
-        let expired: Vec<LeaseId> = state
-            .leases
-            .iter()
-            .filter(|(_, l)| l.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            tracing::info!(lease = %id, "lease expired");
-            self.end_lease(state, id)?;
-        }
-        Ok(())
-    }
-
-    /// Removes a lease and deletes its keys in one transaction.
-    fn end_lease(&self, state: &mut State, id: LeaseId) -> Result<(), StoreError> {
-        let Some(entry) = state.leases.remove(&id) else {
-            return Ok(());
-        };
-        if entry.keys.is_empty() {
-            return Ok(());
-        }
-        let revision = state.revision + 1;
-        let txn = self.db.begin_write().map_err(backend)?;
-        {
-            let mut kv = txn.open_table(KV).map_err(backend)?;
-            for key in &entry.keys {
-                kv.remove(key.as_str()).map_err(backend)?;
-            }
-            txn.open_table(META)
-                .map_err(backend)?
-                .insert(META_REVISION, revision)
-                .map_err(backend)?;
-        }
-        if let Err(e) = txn.commit() {
-            // Keep the lease (already past its deadline) so the next write retries the deletion.
-            state.leases.insert(id, entry);
-            return Err(backend(e));
-        }
-        state.revision = revision;
-        let events = entry
-            .keys
-            .into_iter()
-            .map(|key| WatchEvent::Delete { key, revision })
-            .collect();
-        self.publish(state, events);
-        Ok(())
+            publish(state, events);
+            Ok(Ok(Written {
+                revision,
+                changed: true,
+            }))
+        })
     }
 
     fn grant(&self, now: Instant, ttl: Duration) -> Result<Lease, StoreError> {
@@ -447,43 +636,144 @@ impl Inner {
         }
         let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
         let ttl = Duration::from_secs(secs);
-        let mut state = self.lock()?;
-        let raw = state.next_lease;
-        let id = i64::try_from(raw)
-            .map(LeaseId)
-            .map_err(|_| StoreError::Corrupt(format!("lease counter {raw} out of range")))?;
-        let txn = self.db.begin_write().map_err(backend)?;
-        txn.open_table(META)
-            .map_err(backend)?
-            .insert(META_NEXT_LEASE, raw + 1)
-            .map_err(backend)?;
-        txn.commit().map_err(backend)?;
-        state.next_lease = raw + 1;
-        state.leases.insert(
-            id,
-            LeaseEntry {
-                ttl,
-                deadline: now + ttl,
-                keys: BTreeSet::new(),
-            },
-        );
-        Ok(Lease { id, ttl })
+        self.write_with(|db, state| {
+            let raw = state.next_lease;
+            let id = i64::try_from(raw)
+                .map(LeaseId)
+                .map_err(|_| StoreError::Corrupt(format!("lease counter {raw} out of range")))?;
+            let txn = db.begin_write().map_err(backend)?;
+            txn.open_table(META)
+                .map_err(backend)?
+                .insert(META_NEXT_LEASE, raw + 1)
+                .map_err(backend)?;
+            txn.commit().map_err(backend)?;
+            state.next_lease = raw + 1;
+            state.leases.insert(
+                id,
+                LeaseEntry {
+                    ttl,
+                    deadline: now + ttl,
+                    keys: BTreeSet::new(),
+                },
+            );
+            Ok(Lease { id, ttl })
+        })
     }
 
     fn keep_alive(&self, now: Instant, id: LeaseId) -> Result<Duration, StoreError> {
-        let mut state = self.lock()?;
-        self.reap(&mut state, now)?;
-        let entry = state
-            .leases
-            .get_mut(&id)
-            .ok_or(StoreError::LeaseExpired { lease: id })?;
-        entry.deadline = now + entry.ttl;
-        Ok(entry.ttl)
+        self.write_with(|db, state| {
+            // A lease that cannot be deleted (I/O error) must not stop the others' keepalives.
+            if let Err(e) = reap(db, state, now) {
+                tracing::warn!(error = %e, "could not delete the keys of an expired lease");
+            }
+            match state.leases.get_mut(&id) {
+                Some(entry) if entry.deadline > now => {
+                    entry.deadline = now + entry.ttl;
+                    Ok(entry.ttl)
+                }
+                _ => Err(StoreError::LeaseExpired { lease: id }),
+            }
+        })
+    }
+
+    fn revoke(&self, now: Instant, id: LeaseId) -> Result<(), StoreError> {
+        self.write_with(|db, state| {
+            reap(db, state, now)?;
+            end_lease(db, state, id)
+        })
+    }
+
+    fn reap_expired(&self, now: Instant) -> Result<(), StoreError> {
+        self.write_with(|db, state| reap(db, state, now))
     }
 
     fn deadline(&self, id: LeaseId) -> Option<Instant> {
         self.state.lock().ok()?.leases.get(&id).map(|l| l.deadline)
     }
+}
+
+/// Records committed events in the history and sends them to watchers (under the state lock,
+/// so history and broadcast agree on order).
+fn publish(state: &mut State, events: Vec<WatchEvent>) {
+    for event in events {
+        state.history.push_back(event.clone());
+        // No receivers is not an error: nobody is watching.
+        let _ = state.events.send(event);
+    }
+    while state.history.len() > HISTORY_EVENTS {
+        if let Some(old) = state.history.pop_front() {
+            state.compact_revision = old.revision();
+        }
+    }
+    while state
+        .history
+        .front()
+        .is_some_and(|e| e.revision() <= state.compact_revision)
+    {
+        state.history.pop_front();
+    }
+}
+
+/// Ends every lease whose deadline has passed, deleting its keys (one revision per lease).
+fn reap(db: &Database, state: &mut State, now: Instant) -> Result<(), StoreError> {
+    let expired: Vec<LeaseId> = state
+        .leases
+        .iter()
+        .filter(|(_, l)| l.deadline <= now)
+        .map(|(id, _)| *id)
+        .collect();
+    for id in expired {
+        tracing::info!(lease = %id, "lease expired");
+        end_lease(db, state, id)?;
+    }
+    Ok(())
+}
+
+/// Removes a lease and deletes its keys in one transaction.
+fn end_lease(db: &Database, state: &mut State, id: LeaseId) -> Result<(), StoreError> {
+    let Some(entry) = state.leases.remove(&id) else {
+        return Ok(());
+    };
+    if entry.keys.is_empty() {
+        return Ok(());
+    }
+    let revision = state.revision + 1;
+    if let Err(e) = delete_keys(db, &entry.keys, revision) {
+        // Keep the lease, as ended (past its deadline), so that the next write retries the
+        // deletion.
+        let mut entry = entry;
+        entry.deadline = entry.deadline.min(Instant::now());
+        state.leases.insert(id, entry);
+        return Err(e);
+    }
+    state.revision = revision;
+    let events = entry
+        .keys
+        .into_iter()
+        .map(|key| WatchEvent::Delete { key, revision })
+        .collect();
+    publish(state, events);
+    Ok(())
+}
+
+/// Deletes `keys` in one durable transaction at `revision`.
+fn delete_keys(
+    db: &Database,
+    keys: &BTreeSet<String>,
+    revision: Revision,
+) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(backend)?;
+    {
+        let mut kv = txn.open_table(KV).map_err(backend)?;
+        for key in keys {
+            kv.remove(key.as_str()).map_err(backend)?;
+        }
+        txn.open_table(META)
+            .map_err(backend)?
+            .insert(META_REVISION, revision)
+            .map_err(backend)?;
+    }
+    txn.commit().map_err(backend)
 }
 
 /// Sleeps until the lease's deadline and reaps it; follows keepalives; ends with the lease or the
@@ -498,11 +788,7 @@ async fn lease_timer(store: Weak<Inner>, id: LeaseId) {
             return;
         };
         let now = Instant::now();
-        let reaped = tokio::task::spawn_blocking(move || {
-            let mut state = inner.lock()?;
-            inner.reap(&mut state, now)
-        })
-        .await;
+        let reaped = tokio::task::spawn_blocking(move || inner.run(|i| i.reap_expired(now))).await;
         match reaped {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -551,7 +837,10 @@ impl WatchStream for EmbeddedWatch {
                 }
                 Err(broadcast::error::RecvError::Closed) => {
                     self.failed = true;
-                    return Err(StoreError::Unavailable("store closed".into()));
+                    return Err(StoreError::Unavailable(
+                        "store closed or reopened after an I/O error; re-list and watch again"
+                            .into(),
+                    ));
                 }
             }
         }
@@ -569,7 +858,14 @@ impl ClusterStore for EmbeddedStore {
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
         let prefix = prefix.to_owned();
-        self.blocking(move |inner| inner.read_prefix(&prefix)).await
+        self.blocking(move |inner| inner.read_prefix(&prefix, None))
+            .await
+    }
+
+    async fn list_tail(&self, prefix: &str, limit: usize) -> Result<Listing, StoreError> {
+        let prefix = prefix.to_owned();
+        self.blocking(move |inner| inner.read_prefix(&prefix, Some(limit)))
+            .await
     }
 
     async fn put(
@@ -582,8 +878,9 @@ impl ClusterStore for EmbeddedStore {
         let now = Instant::now();
         let key = key.to_owned();
         self.blocking(move |inner| {
-            match inner.write(now, vec![Op::Put { key, value, lease }], |_| None)? {
-                Ok(Some(revision)) => Ok(revision),
+            let change = Change::Put { key, value, lease };
+            match inner.write::<()>(now, |_| Ok(Plan::Apply(vec![change])))? {
+                Ok(written) if written.changed => Ok(written.revision),
                 _ => Err(StoreError::Backend("put changed nothing".into())),
             }
         })
@@ -600,26 +897,66 @@ impl ClusterStore for EmbeddedStore {
         let now = Instant::now();
         let key = key.to_owned();
         self.blocking(move |inner| {
-            let op = match mutation {
-                Mutation::Put { value, lease } => Op::Put { key, value, lease },
-                Mutation::Delete => Op::Delete { key },
-            };
-            let check = |current: &[Option<KeyValue>]| {
-                let current = current.first().cloned().flatten();
+            let plan = |kv: &KvTable<'_>| {
+                let current = read_kv(kv, &key)?;
                 let holds = match (expected, &current) {
                     (Expect::Absent, None) => true,
                     (Expect::Revision(r), Some(kv)) => kv.mod_revision == r,
                     _ => false,
                 };
-                (!holds).then_some(CasOutcome::Conflict { current })
+                if !holds {
+                    return Ok(Plan::Veto(CasOutcome::Conflict { current }));
+                }
+                let change = match mutation {
+                    Mutation::Put { value, lease } => Change::Put { key, value, lease },
+                    Mutation::Delete => Change::Delete { key },
+                };
+                Ok(Plan::Apply(vec![change]))
             };
-            match inner.write(now, vec![op], check)? {
-                Err(conflict) => Ok(conflict),
-                Ok(Some(revision)) => Ok(CasOutcome::Swapped { revision }),
-                Ok(None) => Ok(CasOutcome::Swapped {
-                    revision: inner.lock()?.revision,
-                }),
-            }
+            Ok(match inner.write(now, plan)? {
+                Err(conflict) => conflict,
+                Ok(written) => CasOutcome::Swapped {
+                    revision: written.revision,
+                },
+            })
+        })
+        .await
+    }
+
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
+        validate(&compares, &ops)?;
+        let now = Instant::now();
+        self.blocking(move |inner| {
+            let plan = |kv: &KvTable<'_>| {
+                for compare in &compares {
+                    let current = read_kv(kv, crate::txn::compare_key(compare))?;
+                    if !holds(compare, current.as_ref()) {
+                        return Ok(Plan::Veto(TxnOutcome::Failed));
+                    }
+                }
+                let mut changes = Vec::with_capacity(ops.len());
+                for op in ops {
+                    match op {
+                        Op::Put { key, value, lease } => {
+                            changes.push(Change::Put { key, value, lease });
+                        }
+                        Op::Delete { key } => changes.push(Change::Delete { key }),
+                        Op::DeleteRange { start, end } => {
+                            let bounds = (Bound::Included(start), Bound::Excluded(end));
+                            for existing in read_range(kv, bounds, None)? {
+                                changes.push(Change::Delete { key: existing.key });
+                            }
+                        }
+                    }
+                }
+                Ok(Plan::Apply(changes))
+            };
+            Ok(match inner.write(now, plan)? {
+                Err(failed) => failed,
+                Ok(written) => TxnOutcome::Committed {
+                    revision: written.revision,
+                },
+            })
         })
         .await
     }
@@ -629,9 +966,9 @@ impl ClusterStore for EmbeddedStore {
         let now = Instant::now();
         let key = key.to_owned();
         self.blocking(move |inner| {
-            inner
-                .write(now, vec![Op::Delete { key }], |_| None)
-                .map(|r| r.ok().flatten())
+            let written =
+                inner.write::<()>(now, |_| Ok(Plan::Apply(vec![Change::Delete { key }])))?;
+            Ok(written.ok().filter(|w| w.changed).map(|w| w.revision))
         })
         .await
     }
@@ -639,7 +976,7 @@ impl ClusterStore for EmbeddedStore {
     async fn grant(&self, ttl: Duration) -> Result<Lease, StoreError> {
         let now = Instant::now();
         let lease = self.blocking(move |inner| inner.grant(now, ttl)).await?;
-        tokio::spawn(lease_timer(Arc::downgrade(&self.inner), lease.id));
+        tokio::spawn(lease_timer(Arc::downgrade(&self.handle.inner), lease.id));
         Ok(lease)
     }
 
@@ -651,12 +988,7 @@ impl ClusterStore for EmbeddedStore {
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         let now = Instant::now();
-        self.blocking(move |inner| {
-            let mut state = inner.lock()?;
-            inner.reap(&mut state, now)?;
-            inner.end_lease(&mut state, lease)
-        })
-        .await
+        self.blocking(move |inner| inner.revoke(now, lease)).await
     }
 
     async fn watch(
@@ -681,7 +1013,7 @@ impl ClusterStore for EmbeddedStore {
                 .cloned()
                 .collect();
             // Subscribed under the lock: every later change goes to `live`, none is in `backlog`.
-            let live = inner.events.subscribe();
+            let live = state.events.subscribe();
             drop(state);
             Ok(EmbeddedWatch {
                 prefix,
@@ -709,5 +1041,26 @@ impl ClusterStore for EmbeddedStore {
 
     async fn resign(&self, leader: &Leader) -> Result<(), StoreError> {
         election::resign(self, leader).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The file is released when the last handle goes, even while a background task (a lease
+    /// timer checking its deadline, an abandoned blocking call) still holds the shared state.
+    #[tokio::test]
+    async fn dropping_the_last_handle_releases_the_file_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let store = EmbeddedStore::open(&path).unwrap();
+        store.grant(Duration::from_secs(600)).await.unwrap();
+        let background = Arc::clone(&store.handle.inner);
+        drop(store);
+        let again = EmbeddedStore::open(&path).expect("the file is free again");
+        assert!(matches!(background.read_key("/k"), Err(StoreError::Io(_))));
+        drop(again);
     }
 }

@@ -361,10 +361,12 @@ impl<S: ClusterStore> EventLog<S> {
 
     /// The newest `k` events, oldest first, with the revision to follow from.
     pub async fn last<T: DeserializeOwned>(&self, k: usize) -> Result<Tail<T>, RecordError> {
-        let listing = self.store.list(&self.layout.events_prefix()).await?;
-        let skip = listing.kvs.len().saturating_sub(k);
-        let mut events = Vec::with_capacity(listing.kvs.len() - skip);
-        for kv in listing.kvs.iter().skip(skip) {
+        let listing = self
+            .store
+            .list_tail(&self.layout.events_prefix(), k)
+            .await?;
+        let mut events = Vec::with_capacity(listing.kvs.len());
+        for kv in &listing.kvs {
             if let Some(seq) = self.layout.parse_event(&kv.key) {
                 events.push(LoggedEvent {
                     seq,

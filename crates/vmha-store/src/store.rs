@@ -101,6 +101,73 @@ pub enum CasOutcome {
     },
 }
 
+/// One condition of a [`ClusterStore::txn`]: all must hold for the transaction to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compare {
+    /// The key does not exist.
+    Absent {
+        /// The key.
+        key: String,
+    },
+    /// The key exists and was last changed at exactly this revision (its `mod_revision`).
+    ModRevision {
+        /// The key.
+        key: String,
+        /// Its expected `mod_revision`.
+        revision: Revision,
+    },
+    /// The key exists and was created at exactly this revision (its `create_revision`): e.g. the
+    /// key of an election leader, whose creation revision identifies the leadership term.
+    CreateRevision {
+        /// The key.
+        key: String,
+        /// Its expected `create_revision`.
+        revision: Revision,
+    },
+}
+
+/// One write of a [`ClusterStore::txn`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Write the value, bound to the lease if given (which must be live).
+    Put {
+        /// The key.
+        key: String,
+        /// The new value.
+        value: Vec<u8>,
+        /// The lease to bind the key to; `None` makes it permanent.
+        lease: Option<LeaseId>,
+    },
+    /// Delete the key (nothing if absent).
+    Delete {
+        /// The key.
+        key: String,
+    },
+    /// Delete every key `k` with `start <= k < end` (byte order).
+    DeleteRange {
+        /// First key of the range.
+        start: String,
+        /// First key after the range.
+        end: String,
+    },
+}
+
+/// The result of a [`ClusterStore::txn`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnOutcome {
+    /// Every condition held and every write was applied, atomically, at this revision (the
+    /// current revision when no write changed anything).
+    Committed {
+        /// The revision of the transaction.
+        revision: Revision,
+    },
+    /// A condition did not hold: nothing was changed.
+    Failed,
+}
+
+/// The most writes one [`ClusterStore::txn`] may carry (etcd's default `--max-txn-ops`).
+pub const MAX_TXN_OPS: usize = 128;
+
 /// One change seen by a watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEvent {
@@ -210,7 +277,8 @@ pub trait WatchStream: Send + 'static {
 }
 
 /// A cluster store: consistent key-value storage with revisions, compare-and-swap, leases,
-/// watches and elections. Implemented by the embedded store (one host) and, later, by etcd.
+/// watches and elections. Implemented by the embedded store (one host, [`crate::EmbeddedStore`])
+/// and by etcd ([`crate::EtcdStore`]); `crate::conformance` checks both behave alike.
 ///
 /// Handles are cheap to clone and safe to use from many tasks at once; every operation is atomic.
 /// Keys are non-empty strings (hierarchy by `/`, see [`crate::layout`]); values are bytes.
@@ -242,6 +310,28 @@ pub trait ClusterStore: Clone + Send + Sync + 'static {
         expected: Expect,
         mutation: Mutation,
     ) -> impl Future<Output = Result<CasOutcome, StoreError>> + Send;
+
+    /// Atomically: if every condition in `compares` holds, apply every write in `ops` (in one
+    /// revision, all or none; watchers see them in `ops` order), else change nothing and return
+    /// [`TxnOutcome::Failed`]. At most [`MAX_TXN_OPS`] writes (and as many conditions), no empty
+    /// key, every `DeleteRange` with `start < end`, and no key written twice (a `DeleteRange`
+    /// covering a `Put` key counts, as do overlapping writes of any kind): else
+    /// [`StoreError::InvalidArgument`] and nothing changes. A condition on revision 0 never holds. A `Put` with a lease that is not live fails the whole transaction with
+    /// [`StoreError::LeaseExpired`]. Durable on return.
+    fn txn(
+        &self,
+        compares: Vec<Compare>,
+        ops: Vec<Op>,
+    ) -> impl Future<Output = Result<TxnOutcome, StoreError>> + Send;
+
+    /// Reads the last `limit` keys (in key order) starting with `prefix`, in one snapshot:
+    /// like [`ClusterStore::list`], but only the tail (`kvs` still ascending). Used for the newest
+    /// entries of a log whose keys sort by age.
+    fn list_tail(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Listing, StoreError>> + Send;
 
     /// Deletes a key. Returns the revision of the deletion, or `None` if the key did not exist
     /// (then nothing changes).
