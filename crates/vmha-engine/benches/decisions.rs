@@ -9,7 +9,8 @@ use std::sync::Arc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use vmha_engine::decision_agent::{AppView, decide, explain};
 use vmha_engine::{
-    Desired, HostActionKind, HostAgent, HostInput, ProbeOutcome, Timestamp, VmObservation,
+    Desired, HostActionKind, HostAgent, HostInput, OwnerRecord, ProbeOutcome, Record, Timestamp,
+    VmObservation,
 };
 use vmha_model::{AppState, Config, Name, Policy, Tie};
 
@@ -81,12 +82,16 @@ fn bench(c: &mut Criterion) {
     let mut agent = HostAgent::new(config, host.clone(), None, Timestamp(0)).unwrap();
     let t0 = Timestamp(0);
     agent.handle_input(t0, HostInput::Lease { live: true });
-    agent.handle_input(
+    agent.handle_record(
         t0,
-        HostInput::Ownership {
+        &Record::Owner {
             vm: vm.clone(),
-            owner: Some(host),
-            desired: Desired::Run,
+            record: Some(OwnerRecord {
+                owner: Some(host),
+                desired: Desired::Run,
+                move_to: None,
+                parked: false,
+            }),
             revision: 1,
         },
     );

@@ -48,7 +48,8 @@ fn steady(config: Arc<Config>) -> Controller {
     steady_on(config, |v| v % HOSTS)
 }
 
-/// Every host up, VM `v` online on host `owner(v)`, fed as one batch.
+/// Every host up, VM `v` online on host `owner(v)` (admin record absent: desired run), fed as
+/// one batch.
 fn steady_on(config: Arc<Config>, owner: impl Fn(usize) -> usize) -> Controller {
     let mut c = Controller::new(config, None, Timestamp(0));
     let mut inputs = Vec::new();
@@ -56,6 +57,7 @@ fn steady_on(config: Arc<Config>, owner: impl Fn(usize) -> usize) -> Controller 
         inputs.push(ControllerInput::HostLease {
             host: Name::new(&format!("h{h}")).unwrap(),
             up: true,
+            incarnation: 1,
         });
     }
     for v in 0..VMS {
@@ -71,7 +73,12 @@ fn steady_on(config: Arc<Config>, owner: impl Fn(usize) -> usize) -> Controller 
             }),
             revision: 1,
         });
+        inputs.push(ControllerInput::Admin {
+            vm: vm.clone(),
+            admin: None,
+        });
         inputs.push(ControllerInput::Report {
+            incarnation: 1,
             host,
             vm,
             report: VmReport {
@@ -106,6 +113,7 @@ fn bench(c: &mut Criterion) {
                     ControllerInput::HostLease {
                         host: lost.clone(),
                         up: false,
+                        incarnation: 1,
                     },
                 );
                 let mut cas = 0;
@@ -135,6 +143,7 @@ fn bench(c: &mut Criterion) {
         .map(|h| ControllerInput::HostLease {
             host: Name::new(&format!("h{h}")).unwrap(),
             up: false,
+            incarnation: 1,
         })
         .collect();
     g.bench_function("replace_10000_vms_after_losing_500_hosts", |b| {
@@ -154,7 +163,7 @@ fn bench(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
-    g.bench_function("election_listing_21000_inputs", |b| {
+    g.bench_function("election_listing_31000_inputs", |b| {
         b.iter(|| steady(config.clone()))
     });
     g.finish();

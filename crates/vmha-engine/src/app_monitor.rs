@@ -17,7 +17,8 @@ use vmha_model::{App, AppState, Name};
 use crate::budget::Budget;
 use crate::host_io::ProbeOutcome;
 use crate::ids::ActionId;
-use crate::persist::AppPersist;
+use crate::persist::Dirty;
+use crate::records::AppSettings;
 use crate::status::{AppStatus, OfflineFlag};
 use crate::time::{Timestamp, millis};
 
@@ -88,6 +89,8 @@ pub(crate) struct AppMonitor {
     /// A start wanted once everything it requires is online.
     pub pending: Option<StartWhy>,
     pub reason: String,
+    /// Persisted data changed by this monitor itself (auto-clear, stable_after).
+    pub dirty: Dirty,
 }
 
 /// A state change to turn into an event.
@@ -99,15 +102,20 @@ pub(crate) struct Change {
 }
 
 impl AppMonitor {
-    pub fn new(cfg: &App, restored: Option<&AppPersist>, now: Timestamp) -> Self {
-        let mut m = AppMonitor {
+    /// A monitor for `cfg` with the in-guest restarts still counted (`restarts`, host-local).
+    pub fn new(cfg: &App, restarts: Option<&Vec<Timestamp>>, now: Timestamp) -> Self {
+        let mut budget = Budget::new(cfg.restart_limit, millis(cfg.restart_window));
+        if let Some(times) = restarts {
+            budget.times = times.clone();
+        }
+        AppMonitor {
             name: cfg.name.clone(),
             cfg: cfg.clone(),
             priority: cfg.priority,
             priority_override: None,
             state: AppState::Unknown,
             offline: None,
-            budget: Budget::new(cfg.restart_limit, millis(cfg.restart_window)),
+            budget,
             budget_override: false,
             fault: None,
             online_since: None,
@@ -116,30 +124,38 @@ impl AppMonitor {
             op: None,
             pending: None,
             reason: "not probed yet".to_string(),
-        };
-        if let Some(p) = restored {
-            m.offline = p.offline;
-            if let Some(pr) = p.priority.filter(|p| *p >= 1) {
-                m.priority = pr;
-                m.priority_override = Some(pr);
-            }
-            if p.restart_limit.is_some() || p.restart_window_ms.is_some() {
-                m.budget_override = true;
-                m.budget.limit = p.restart_limit.unwrap_or(m.budget.limit);
-                m.budget.window_ms = p.restart_window_ms.unwrap_or(m.budget.window_ms).max(1);
-            }
-            m.budget.times = p.restarts.clone();
+            dirty: Dirty::default(),
         }
-        m
     }
 
-    pub fn persist(&self) -> AppPersist {
-        AppPersist {
+    /// Applies stored run-time settings (what is not overridden returns to the config's value).
+    pub fn apply_settings(&mut self, s: &AppSettings) {
+        self.offline = s.offline;
+        match s.priority.filter(|p| *p >= 1) {
+            Some(p) => {
+                self.priority = p;
+                self.priority_override = Some(p);
+            }
+            None => {
+                self.priority = self.cfg.priority;
+                self.priority_override = None;
+            }
+        }
+        self.budget_override = s.restart_limit.is_some() || s.restart_window_ms.is_some();
+        self.budget.limit = s.restart_limit.unwrap_or(self.cfg.restart_limit);
+        self.budget.window_ms = s
+            .restart_window_ms
+            .unwrap_or_else(|| millis(self.cfg.restart_window))
+            .max(1);
+    }
+
+    /// The run-time settings of this app.
+    pub fn settings(&self) -> AppSettings {
+        AppSettings {
             offline: self.offline,
             priority: self.priority_override,
             restart_limit: self.budget_override.then_some(self.budget.limit),
             restart_window_ms: self.budget_override.then_some(self.budget.window_ms),
-            restarts: self.budget.times.clone(),
         }
     }
 
@@ -214,6 +230,7 @@ impl AppMonitor {
             // then stop it in the guest without the stop being taken for a failure.
             if flag.auto_clear && self.state != AppState::Online {
                 self.offline = None;
+                self.dirty.settings = true;
                 self.online_since = Some(now);
                 return self.set(
                     AppState::Online,
@@ -238,6 +255,7 @@ impl AppMonitor {
             && now.since(since) >= millis(self.cfg.stable_after)
         {
             self.budget.reset();
+            self.dirty.local = true;
         }
         change
     }

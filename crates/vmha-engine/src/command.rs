@@ -134,10 +134,9 @@ pub enum AdminCommand {
 pub enum Route {
     /// The [`crate::HostAgent`] of the VM's owner host.
     OwnerHost,
-    /// The [`crate::Controller`].
+    /// The [`crate::Controller`] (freeze, unfreeze and clear reach the hosts through the VM's
+    /// admin record).
     Controller,
-    /// Both: the controller and the owner host's agent (freeze, unfreeze, clear).
-    Both,
 }
 
 impl AdminCommand {
@@ -147,10 +146,10 @@ impl AdminCommand {
             AdminCommand::VmStart { .. }
             | AdminCommand::VmStop { .. }
             | AdminCommand::VmMove { .. }
-            | AdminCommand::HostMaintenance { .. } => Route::Controller,
-            AdminCommand::Freeze { .. }
+            | AdminCommand::HostMaintenance { .. }
+            | AdminCommand::Freeze { .. }
             | AdminCommand::Unfreeze { .. }
-            | AdminCommand::Clear { .. } => Route::Both,
+            | AdminCommand::Clear { .. } => Route::Controller,
             _ => Route::OwnerHost,
         }
     }
@@ -179,7 +178,8 @@ impl AdminCommand {
 }
 
 /// Why a command was refused. Nothing changed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "error", content = "detail", rename_all = "kebab-case")]
 pub enum CommandError {
     /// No such VM in the configuration.
     #[error("no VM named `{0}`")]
@@ -197,7 +197,7 @@ pub enum CommandError {
     UnknownHost(Name),
     /// The command belongs to the other engine (see [`AdminCommand::route`]).
     #[error("this command is applied by the {0}, not here")]
-    WrongReceiver(&'static str),
+    WrongReceiver(String),
     /// The VM group is not owned by (running on) this host.
     #[error("VM `{vm}` is not owned by host `{host}`")]
     NotOwner {
@@ -287,6 +287,21 @@ pub enum CommandError {
     /// A numeric argument is out of range.
     #[error("invalid value: {0}")]
     InvalidValue(String),
+    /// The cluster store could not commit the change: it was undone (or never made).
+    #[error("the cluster store cannot commit changes now ({0}); nothing was changed")]
+    StoreUnavailable(String),
+    /// No cluster controller is elected (or it has not read the cluster store yet).
+    #[error("no cluster controller is available right now; retry shortly")]
+    NoController,
+    /// The host that must carry out the command did not take it in time; it was withdrawn.
+    #[error("host {0} did not take the command in time; nothing was changed")]
+    NotTaken(String),
+    /// The VM group has no owner host right now (being placed or failed over).
+    #[error("VM `{0}` has no owner host right now (being placed or failed over); retry shortly")]
+    NoOwner(Name),
+    /// Too many commands are waiting to be committed.
+    #[error("too many commands are waiting; retry shortly")]
+    Overloaded,
 }
 
 fn names(v: &[Name]) -> String {

@@ -21,6 +21,7 @@ use crate::command::{AdminCommand, CommandError};
 use crate::event::{Event, ObjectRef, Origin};
 use crate::host_io::{Desired, VmReport};
 use crate::ids::ActionId;
+use crate::records::VmAdmin;
 use crate::time::{Timestamp, human, millis};
 
 /// The ownership record of a VM group in the cluster store (without its revision).
@@ -51,6 +52,8 @@ pub enum ControllerInput {
         host: Name,
         /// Lease live.
         up: bool,
+        /// Which life of the host holds the lease (its daemon's lease id); 0 when down.
+        incarnation: u64,
     },
     /// A host's memory for VMs, when its config has no `memory_mb`.
     HostCapacity {
@@ -63,6 +66,8 @@ pub enum ControllerInput {
     Report {
         /// Reporting host.
         host: Name,
+        /// The life of the host that wrote it (see [`ControllerInput::HostLease`]).
+        incarnation: u64,
         /// VM.
         vm: Name,
         /// Report.
@@ -76,6 +81,13 @@ pub enum ControllerInput {
         record: Option<OwnerRecord>,
         /// Store revision of the record.
         revision: u64,
+    },
+    /// A VM group's admin record as stored (`None`: absent, i.e. desired run, not frozen).
+    Admin {
+        /// VM.
+        vm: Name,
+        /// Record.
+        admin: Option<VmAdmin>,
     },
     /// The result of a [`ControllerActionKind::CasOwner`]: the record's new revision when it
     /// was written, `None` when the stored revision did not match (the current record then
@@ -121,12 +133,15 @@ pub struct ControllerAction {
 }
 
 /// What the controller must keep across a failover of the controller itself: maintenance
-/// flags, frozen groups, fault history (host → time per VM) and cluster-wide faults.
+/// flags, fault history (host → time per VM) and cluster-wide faults. (Desired state and
+/// frozen flags are per VM, in [`crate::records::VmAdmin`].)
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ControllerState {
+    #[serde(default)]
     pub(crate) maintenance: Vec<Name>,
-    pub(crate) frozen: Vec<Name>,
+    #[serde(default)]
     pub(crate) faults: Vec<(Name, Name, Timestamp)>,
+    #[serde(default)]
     pub(crate) faulted: Vec<(Name, String)>,
 }
 
@@ -175,6 +190,7 @@ pub struct ControllerStatus {
 struct HostCtl {
     name: Name,
     lease: Option<bool>,
+    incarnation: u64,
     maintenance: bool,
     capacity: Option<u64>,
     used: u64,
@@ -204,11 +220,22 @@ struct VmCtl {
     revision: u64,
     cas: Option<(ActionId, OwnerRecord)>,
     state: VmState,
-    frozen: bool,
+    /// The admin record as stored (`None` until known: nothing is decided before).
+    admin: Option<VmAdmin>,
     faults: BTreeMap<usize, Timestamp>,
     cluster_fault: Option<String>,
     note: Option<String>,
-    report: Option<(usize, VmReport)>,
+    /// A write of the record failed: no new attempt before this time, unless the record
+    /// changes first (the store unreachable, a term that ended, a conflict).
+    retry_at: Option<Timestamp>,
+    /// The latest report: host, the host's incarnation that wrote it, report.
+    report: Option<(usize, u64, VmReport)>,
+}
+
+impl VmCtl {
+    fn frozen(&self) -> bool {
+        self.admin.as_ref().is_some_and(|a| a.frozen)
+    }
 }
 
 /// The cluster controller (see the module documentation for the driving protocol).
@@ -224,7 +251,33 @@ pub struct Controller {
     now: Timestamp,
     actions: VecDeque<ControllerAction>,
     events: VecDeque<Event>,
-    saved: ControllerState,
+    /// [`Controller::state`] changed since the last [`Controller::take_dirty`].
+    dirty_state: bool,
+    /// VMs whose admin record changed since the last [`Controller::take_dirty`].
+    dirty_admin: std::collections::BTreeSet<usize>,
+}
+
+/// What a controller changed in its persisted records since the last
+/// [`Controller::take_dirty`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ControllerDirty {
+    /// The new [`ControllerState`], when it changed.
+    pub state: Option<ControllerState>,
+    /// Admin records that changed.
+    pub admin: Vec<(Name, VmAdmin)>,
+}
+
+/// After a failed write of an ownership record, the next attempt waits this long (or for the
+/// record to change).
+const CAS_RETRY_MS: u64 = 1_000;
+
+/// Why no host can take a VM now.
+#[derive(Debug)]
+struct NoHost {
+    /// Each acceptable host and why it cannot.
+    why: String,
+    /// The VM faulted on every acceptable host within its window.
+    faulted_everywhere: bool,
 }
 
 /// Topological order of VMs by `requires` (config order among equals; a cycle, which the
@@ -268,7 +321,7 @@ fn takes(rec: &OwnerRecord, index: &BTreeMap<Name, usize>) -> [Option<usize>; 2]
 }
 
 impl Controller {
-    /// Creates the controller, restoring maintenance flags, frozen groups and fault history
+    /// Creates the controller, restoring maintenance flags, fault history and cluster-wide faults
     /// from `restored` (names no longer configured are ignored).
     pub fn new(config: Arc<Config>, restored: Option<ControllerState>, now: Timestamp) -> Self {
         let hosts: Vec<HostCtl> = config
@@ -277,6 +330,7 @@ impl Controller {
             .map(|h| HostCtl {
                 name: h.name.clone(),
                 lease: None,
+                incarnation: 0,
                 maintenance: false,
                 capacity: h.memory_mb,
                 used: 0,
@@ -316,7 +370,8 @@ impl Controller {
                 revision: 0,
                 cas: None,
                 state: VmState::Unknown,
-                frozen: false,
+                admin: None,
+                retry_at: None,
                 faults: BTreeMap::new(),
                 cluster_fault: None,
                 note: None,
@@ -335,17 +390,13 @@ impl Controller {
             now,
             actions: VecDeque::new(),
             events: VecDeque::new(),
-            saved: ControllerState::default(),
+            dirty_state: false,
+            dirty_admin: std::collections::BTreeSet::new(),
         };
         if let Some(r) = restored {
             for h in &r.maintenance {
                 if let Some(&i) = c.host_index.get(h) {
                     c.hosts[i].maintenance = true;
-                }
-            }
-            for v in &r.frozen {
-                if let Some(&i) = c.vm_index.get(v) {
-                    c.vms[i].frozen = true;
                 }
             }
             for (v, h, t) in &r.faults {
@@ -360,7 +411,6 @@ impl Controller {
                 }
             }
         }
-        c.saved = c.state();
         c
     }
 
@@ -459,11 +509,13 @@ impl Controller {
     fn finish_cas(&mut self, i: usize, revision: Option<u64>) {
         self.account(i, false);
         let pending = self.vms[i].cas.take();
-        if let (Some(rev), Some((_, rec))) = (revision, pending)
-            && rev >= self.vms[i].revision
-        {
-            self.vms[i].record = Some(Some(rec));
-            self.vms[i].revision = rev;
+        match (revision, pending) {
+            (Some(rev), Some((_, rec))) if rev >= self.vms[i].revision => {
+                self.vms[i].record = Some(Some(rec));
+                self.vms[i].revision = rev;
+            }
+            (None, _) => self.vms[i].retry_at = Some(self.now.plus_ms(CAS_RETRY_MS)),
+            _ => {}
         }
         self.account(i, true);
     }
@@ -473,6 +525,7 @@ impl Controller {
             return;
         }
         self.vms[i].cluster_fault = Some(why.clone());
+        self.dirty_state = true;
         let r = format!("{why}; alert raised (clear with `vmha clear`)");
         self.set_vm_state(i, VmState::Faulted, &r);
         let vm = self.vms[i].name.clone();
@@ -525,7 +578,7 @@ impl Controller {
     }
 
     /// Picks a host for VM `i` per its placement policy, never `exclude`.
-    fn choose(&self, i: usize, exclude: Option<usize>) -> Result<(usize, String), String> {
+    fn choose(&self, i: usize, exclude: Option<usize>) -> Result<(usize, String), NoHost> {
         let v = &self.vms[i];
         let mut why = Vec::new();
         let mut best: Option<(usize, Option<u64>)> = None;
@@ -562,7 +615,17 @@ impl Controller {
                 };
                 Ok((h, how))
             }
-            None => Err(format!("no acceptable host ({})", why.join(", "))),
+            None => {
+                let now = self.now;
+                let faulted_everywhere = v
+                    .hosts
+                    .iter()
+                    .all(|h| v.faults.get(h).is_some_and(|t| now.since(*t) < v.window_ms));
+                Err(NoHost {
+                    why: format!("no acceptable host ({})", why.join(", ")),
+                    faulted_everywhere,
+                })
+            }
         }
     }
 
@@ -612,28 +675,37 @@ impl Controller {
                 self.cas(i, Self::run_record(&host), reason.clone());
                 self.set_vm_state(i, state, &reason);
             }
-            Err(why) => self.fault_cluster(i, format!("{cause}{why}")),
+            Err(no) => self.no_host(i, cause, no, state),
         }
+    }
+
+    /// Nowhere to go: faulted on every acceptable host within the window → faulted
+    /// cluster-wide with an alert (until `vmha clear`); otherwise the group waits and is placed
+    /// by itself as soon as a host can take it (SPEC §4.4).
+    fn no_host(&mut self, i: usize, cause: &str, no: NoHost, state: VmState) {
+        if no.faulted_everywhere {
+            self.fault_cluster(i, format!("{cause}{}", no.why));
+            return;
+        }
+        let reason = format!("{cause}waiting: {}", no.why);
+        self.set_vm_state(i, state, &reason);
+        self.vms[i].note = Some(reason);
     }
 
     fn reconcile_vm(&mut self, i: usize) {
         let v = &self.vms[i];
-        if v.cas.is_some() || v.frozen || v.cluster_fault.is_some() {
+        if v.cas.is_some() || v.frozen() || v.cluster_fault.is_some() {
             return;
         }
-        let Some(record) = v.record.clone() else {
+        if v.retry_at.is_some_and(|t| self.now < t) {
+            return;
+        }
+        let (Some(record), Some(admin)) = (v.record.clone(), v.admin.clone()) else {
             return;
         };
-        let Some(rec) = record else {
-            self.place(i, None, "", VmState::Starting);
-            return;
-        };
-        let Some(owner) = rec.owner.clone() else {
-            if rec.desired == Desired::Run {
-                self.place(i, None, "", VmState::Starting);
-            } else {
-                self.set_vm_state(i, VmState::Offline, "desired stop, no owner");
-            }
+        let owner = record.as_ref().and_then(|r| r.owner.clone());
+        let (Some(rec), Some(owner)) = (record, owner) else {
+            self.unowned(i, admin.desired);
             return;
         };
         let Some(&h) = self.host_index.get(&owner) else {
@@ -651,8 +723,8 @@ impl Controller {
         let report = self.vms[i]
             .report
             .as_ref()
-            .filter(|(rh, r)| *rh == h && r.revision == revision)
-            .map(|(_, r)| r.clone());
+            .filter(|(rh, _, r)| *rh == h && r.revision == revision)
+            .map(|(_, _, r)| r.clone());
         match self.hosts[h].lease {
             None => {}
             Some(false) if rec.desired == Desired::Run || rec.move_to.is_some() => {
@@ -724,8 +796,8 @@ impl Controller {
                                     let reason = format!("{cause}moving to {target} ({how})");
                                     self.begin_move(i, owner.clone(), target, &reason);
                                 }
-                                Err(why) if maintenance => {
-                                    let reason = format!("{cause}{why}: stopping it");
+                                Err(no) if maintenance => {
+                                    let reason = format!("{cause}{}: stopping it", no.why);
                                     let record = OwnerRecord {
                                         owner: Some(owner.clone()),
                                         desired: Desired::Stop,
@@ -735,7 +807,7 @@ impl Controller {
                                     self.cas(i, record, reason.clone());
                                     self.set_vm_state(i, VmState::Stopping, &reason);
                                 }
-                                Err(why) => self.fault_cluster(i, format!("{cause}{why}")),
+                                Err(no) => self.no_host(i, &cause, no, VmState::FailingOver),
                             }
                             return;
                         }
@@ -749,6 +821,50 @@ impl Controller {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// VM `i` has no owner: a live acceptable host that reports it running gets it (it already
+    /// runs there, whatever the admin wants: the owner then carries out the desired state);
+    /// else it is placed when it should run, or stays offline.
+    fn unowned(&mut self, i: usize, desired: Desired) {
+        // Only a report from the host's current life tells where the VM runs now.
+        let report = self.vms[i].report.clone();
+        let current = report.as_ref().filter(|(h, inc, _)| {
+            self.hosts[*h].lease == Some(true) && self.hosts[*h].incarnation == *inc
+        });
+        let running_on = current
+            .filter(|(h, _, r)| r.running && self.vms[i].hosts.contains(h))
+            .map(|(h, _, _)| *h);
+        if let Some(h) = running_on {
+            let host = self.hosts[h].name.clone();
+            let reason = format!("already running on {host}: adopted");
+            let record = OwnerRecord {
+                desired,
+                ..Self::run_record(&host)
+            };
+            self.cas(i, record, reason.clone());
+            let state = match desired {
+                Desired::Run => VmState::Online,
+                Desired::Stop => VmState::Stopping,
+            };
+            self.set_vm_state(i, state, &reason);
+            return;
+        }
+        // Its last known host is gone: say so, it is a failover.
+        let lost = report
+            .as_ref()
+            .filter(|(h, _, r)| r.running && self.hosts[*h].lease == Some(false))
+            .map(|(h, _, _)| *h);
+        match (desired, lost) {
+            (Desired::Run, Some(h)) => {
+                let cause = format!("{} down (lease expired): ", self.hosts[h].name);
+                self.place(i, Some(h), &cause, VmState::FailingOver);
+            }
+            (Desired::Run, None) => self.place(i, None, "", VmState::Starting),
+            (Desired::Stop, _) => {
+                self.set_vm_state(i, VmState::Offline, "desired stop (admin), no owner")
             }
         }
     }
@@ -786,15 +902,20 @@ impl Controller {
     fn apply_input(&mut self, now: Timestamp, input: ControllerInput) {
         self.now = self.now.max(now);
         match input {
-            ControllerInput::HostLease { host, up } => {
+            ControllerInput::HostLease {
+                host,
+                up,
+                incarnation,
+            } => {
                 let Some(&h) = self.host_index.get(&host) else {
                     return;
                 };
-                let reason = if up {
-                    "lease live"
-                } else {
-                    "lease expired in the cluster store"
+                let reason = match (up, self.hosts[h].lease) {
+                    (true, _) => "lease live",
+                    (false, None) => "no lease in the cluster store",
+                    (false, Some(_)) => "lease expired in the cluster store",
                 };
+                self.hosts[h].incarnation = incarnation;
                 self.set_host(h, |x| x.lease = Some(up), reason);
             }
             ControllerInput::HostCapacity { host, memory_mb } => {
@@ -805,7 +926,12 @@ impl Controller {
                     self.hosts[h].capacity = Some(memory_mb);
                 }
             }
-            ControllerInput::Report { host, vm, report } => {
+            ControllerInput::Report {
+                host,
+                incarnation,
+                vm,
+                report,
+            } => {
                 let (Some(&h), Some(&i)) = (self.host_index.get(&host), self.vm_index.get(&vm))
                 else {
                     return;
@@ -815,10 +941,19 @@ impl Controller {
                     Some(Some(OwnerRecord { owner: Some(o), .. })) if *o == host
                 );
                 if !is_owner {
+                    // Not the owner's: only tells where an unowned VM already runs.
+                    let unowned = matches!(
+                        &self.vms[i].record,
+                        Some(None | Some(OwnerRecord { owner: None, .. }))
+                    );
+                    if unowned {
+                        self.vms[i].report = Some((h, incarnation, report));
+                    }
                     return;
                 }
-                if report.state == VmState::Faulted && !self.vms[i].frozen {
+                if report.state == VmState::Faulted && !self.vms[i].frozen() {
                     self.vms[i].faults.insert(h, self.now);
+                    self.dirty_state = true;
                 }
                 let moving = matches!(
                     &self.vms[i].record,
@@ -831,6 +966,7 @@ impl Controller {
                 match report.state {
                     VmState::Online if !moving => {
                         if self.vms[i].cluster_fault.take().is_some() {
+                            self.dirty_state = true;
                             self.vms[i].note = None;
                         }
                         self.set_vm_state(i, VmState::Online, &reason);
@@ -840,7 +976,7 @@ impl Controller {
                     }
                     _ => {}
                 }
-                self.vms[i].report = Some((h, report));
+                self.vms[i].report = Some((h, incarnation, report));
             }
             ControllerInput::Ownership {
                 vm,
@@ -853,7 +989,18 @@ impl Controller {
                 if revision < self.vms[i].revision {
                     return;
                 }
+                self.vms[i].retry_at = None;
                 self.set_record(i, record, revision);
+            }
+            ControllerInput::Admin { vm, admin } => {
+                let Some(&i) = self.vm_index.get(&vm) else {
+                    return;
+                };
+                // The controller is the only writer: once it knows the record, its own copy
+                // is newer than any echo still on its way.
+                if self.vms[i].admin.is_none() {
+                    self.vms[i].admin = Some(admin.unwrap_or_default());
+                }
             }
             ControllerInput::CasResult { id, revision } => {
                 let Some(i) = self
@@ -877,7 +1024,7 @@ impl Controller {
 
     fn settled(&self, i: usize) -> Result<OwnerRecord, CommandError> {
         let v = &self.vms[i];
-        if v.frozen {
+        if v.frozen() {
             return Err(CommandError::Frozen(v.name.clone()));
         }
         match (&v.cas, &v.record) {
@@ -905,7 +1052,25 @@ impl Controller {
         result
     }
 
+    /// Changes VM `i`'s admin record (marked for persisting).
+    fn edit_admin(&mut self, i: usize, f: impl FnOnce(&mut VmAdmin)) {
+        let admin = self.vms[i].admin.get_or_insert_with(VmAdmin::default);
+        let before = admin.clone();
+        f(admin);
+        if *admin != before {
+            self.dirty_admin.insert(i);
+        }
+    }
+
     fn apply_command(&mut self, cmd: AdminCommand) -> Result<(), CommandError> {
+        enum Kind {
+            Freeze,
+            Other,
+        }
+        let cmd_kind = match cmd {
+            AdminCommand::Freeze { .. } => Kind::Freeze,
+            _ => Kind::Other,
+        };
         match cmd {
             AdminCommand::HostMaintenance { host, on } => {
                 let h = *self
@@ -918,17 +1083,17 @@ impl Controller {
                     "maintenance off (admin)"
                 };
                 self.set_host(h, |x| x.maintenance = on, reason);
+                self.dirty_state = true;
             }
-            AdminCommand::Freeze { vm } => {
+            AdminCommand::Freeze { vm } | AdminCommand::Unfreeze { vm } => {
                 let i = self.vm_of(&vm)?;
-                self.vms[i].frozen = true;
-            }
-            AdminCommand::Unfreeze { vm } => {
-                let i = self.vm_of(&vm)?;
-                self.vms[i].frozen = false;
+                let on = matches!(cmd_kind, Kind::Freeze);
+                self.edit_admin(i, |a| a.frozen = on);
             }
             AdminCommand::Clear { vm } => {
                 let i = self.vm_of(&vm)?;
+                self.edit_admin(i, |a| a.clear = a.clear.saturating_add(1));
+                self.dirty_state |= !self.vms[i].faults.is_empty();
                 self.vms[i].faults.clear();
                 self.vms[i].note = None;
                 if self.vms[i].cluster_fault.take().is_some() {
@@ -982,7 +1147,11 @@ impl Controller {
                 self.cas(i, record, reason.clone());
                 self.set_vm_state(i, VmState::FailingOver, &reason);
             }
-            _ => return Err(CommandError::WrongReceiver("owner host's agent")),
+            _ => {
+                return Err(CommandError::WrongReceiver(
+                    "owner host's agent".to_string(),
+                ));
+            }
         }
         self.reconcile();
         Ok(())
@@ -995,17 +1164,24 @@ impl Controller {
         let now = self.now;
         for v in &mut self.vms {
             let window = v.window_ms;
+            let before = v.faults.len();
             v.faults.retain(|_, t| now.since(*t) < window);
+            self.dirty_state |= v.faults.len() != before;
+            if v.retry_at.is_some_and(|t| t <= now) {
+                v.retry_at = None;
+            }
         }
         self.reconcile();
     }
 
-    /// The earliest time a fault window ends (then [`Controller::handle_timeout`] is due), if
-    /// any fault is remembered.
+    /// The earliest time a fault window ends or a failed write may be retried (then
+    /// [`Controller::handle_timeout`] is due), if any.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
+        let retries = self.vms.iter().filter_map(|v| v.retry_at);
         self.vms
             .iter()
             .flat_map(|v| v.faults.values().map(move |t| t.plus_ms(v.window_ms)))
+            .chain(retries)
             .min()
     }
 
@@ -1040,7 +1216,7 @@ impl Controller {
                     state: v.state,
                     record: v.record.clone().flatten(),
                     revision: v.revision,
-                    frozen: v.frozen,
+                    frozen: v.frozen(),
                     faulted_on: v
                         .faults
                         .iter()
@@ -1060,12 +1236,6 @@ impl Controller {
                 .iter()
                 .filter(|h| h.maintenance)
                 .map(|h| h.name.clone())
-                .collect(),
-            frozen: self
-                .vms
-                .iter()
-                .filter(|v| v.frozen)
-                .map(|v| v.name.clone())
                 .collect(),
             faults: self
                 .vms
@@ -1105,7 +1275,8 @@ impl Controller {
         reason: &str,
     ) -> Result<(), CommandError> {
         let rec = self.settled(i)?;
-        if rec.desired != desired {
+        self.edit_admin(i, |a| a.desired = desired);
+        if rec.owner.is_some() && (rec.desired != desired || rec.parked) {
             let record = OwnerRecord {
                 desired,
                 parked: false,
@@ -1117,14 +1288,23 @@ impl Controller {
         Ok(())
     }
 
-    /// `true` once after anything in [`Controller::state`] changed; resets the flag.
-    pub fn take_state_changed(&mut self) -> bool {
-        let now = self.state();
-        if now == self.saved {
-            false
-        } else {
-            self.saved = now;
-            true
-        }
+    /// The admin record of `vm` as the controller knows it.
+    pub fn admin(&self, vm: &Name) -> Option<crate::records::VmAdmin> {
+        let &i = self.vm_index.get(vm)?;
+        self.vms[i].admin.clone()
+    }
+
+    /// What changed in the controller's persisted records since the last call (the marks are
+    /// reset). Every change marks it where it happens; nothing compares whole states.
+    pub fn take_dirty(&mut self) -> ControllerDirty {
+        let state = std::mem::take(&mut self.dirty_state).then(|| self.state());
+        let admin = std::mem::take(&mut self.dirty_admin)
+            .into_iter()
+            .filter_map(|i| {
+                let v = &self.vms[i];
+                v.admin.clone().map(|a| (v.name.clone(), a))
+            })
+            .collect();
+        ControllerDirty { state, admin }
     }
 }

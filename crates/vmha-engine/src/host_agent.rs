@@ -1,10 +1,13 @@
 //! The host agent: one per host. It holds the VM monitor, the app monitors and the decision
 //! agent of every VM group this host may run, and is driven like a sans-IO state machine:
 //!
-//! 1. feed inputs ([`HostAgent::handle_input`]), admin commands ([`HostAgent::command`]) and
-//!    timeouts ([`HostAgent::handle_timeout`] once [`HostAgent::poll_timeout`] is reached);
-//! 2. drain [`HostAgent::poll_action`] and [`HostAgent::poll_event`];
-//! 3. persist [`HostAgent::state`] when [`HostAgent::take_state_changed`] says so.
+//! 1. feed inputs ([`HostAgent::handle_input`]), records of the cluster store
+//!    ([`HostAgent::handle_record`]), admin commands ([`HostAgent::command`]) and timeouts
+//!    ([`HostAgent::handle_timeout`] once [`HostAgent::poll_timeout`] is reached);
+//! 2. drain [`HostAgent::poll_action`], [`HostAgent::poll_event`] and [`HostAgent::poll_report`];
+//! 3. persist what [`HostAgent::take_dirty`] names ([`HostAgent::state`], settings per VM).
+//!
+//! [`crate::Node`] does all of this for a daemon or the simulator.
 //!
 //! Same inputs at the same times → same actions and events, always.
 
@@ -15,8 +18,10 @@ use vmha_model::{Config, Name};
 
 use crate::command::{AdminCommand, CommandError};
 use crate::event::Event;
+use crate::host_io::VmReport;
 use crate::host_io::{HostAction, HostInput};
 use crate::persist::HostAgentState;
+use crate::records::{Record, VmSettings};
 use crate::status::HostStatus;
 use crate::time::Timestamp;
 use crate::vm_monitor::{Out, VmMonitor};
@@ -40,15 +45,23 @@ pub struct HostAgent {
     now: Timestamp,
     actions: VecDeque<HostAction>,
     events: VecDeque<Event>,
-    saved: HostAgentState,
+    reports: VecDeque<(Name, VmReport)>,
+}
+
+/// What changed in a host agent's persisted data since the last [`HostAgent::take_dirty`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentDirty {
+    /// The host-local state ([`HostAgent::state`]).
+    pub local: bool,
+    /// VMs whose run-time settings ([`HostAgent::settings`]) changed here.
+    pub settings: Vec<Name>,
 }
 
 impl HostAgent {
-    /// Creates the agent of `host`, restoring admin flags, overrides, budgets and plans from
-    /// `restored` (entries for VMs and apps no longer configured are ignored). Every VM starts
-    /// in state `unknown`; nothing is started or stopped before the VM's
-    /// [`HostInput::Ownership`], a [`HostInput::VmObserved`] and a live
-    /// [`HostInput::Lease`] arrive.
+    /// Creates the agent of `host`, restoring budget counters, faults on this host and plans
+    /// from `restored` (entries for VMs and apps no longer configured are ignored). Every VM
+    /// starts in state `unknown`; nothing is started or stopped before the VM's ownership
+    /// ([`Record::Owner`]), a [`HostInput::VmObserved`] and a live [`HostInput::Lease`] arrive.
     pub fn new(
         config: Arc<Config>,
         host: Name,
@@ -65,7 +78,7 @@ impl HostAgent {
             .filter(|v| v.hosts.contains(&host))
             .map(|v| VmMonitor::new(v, restored.vms.get(&v.name), now))
             .collect();
-        let mut agent = HostAgent {
+        Ok(HostAgent {
             config,
             host,
             vms,
@@ -74,10 +87,8 @@ impl HostAgent {
             now,
             actions: VecDeque::new(),
             events: VecDeque::new(),
-            saved: HostAgentState::default(),
-        };
-        agent.saved = agent.state();
-        Ok(agent)
+            reports: VecDeque::new(),
+        })
     }
 
     /// This host's name.
@@ -103,6 +114,7 @@ impl HostAgent {
             lease_live: self.lease_live,
             actions: &mut self.actions,
             events: &mut self.events,
+            reports: &mut self.reports,
             next_id: &mut self.next_id,
         };
         f(&mut self.vms[i], &mut out)
@@ -155,30 +167,56 @@ impl HostAgent {
                     self.with_vm(now, i, |v, out| v.on_guest_exec(out, allowed));
                 }
             }
-            HostInput::Ownership {
+        }
+    }
+
+    /// Applies a record of the cluster store that concerns this host's VM groups (ownership,
+    /// admin record, run-time settings); other records are ignored.
+    pub fn handle_record(&mut self, now: Timestamp, record: &Record) {
+        match record {
+            Record::Owner {
                 vm,
-                owner,
-                desired,
+                record,
                 revision,
             } => {
-                if let Some(i) = self.vm_index(&vm) {
+                if let Some(i) = self.vm_index(vm) {
+                    let owner = record.as_ref().and_then(|r| r.owner.clone());
+                    let desired = record.as_ref().map_or(crate::Desired::Run, |r| r.desired);
+                    let revision = *revision;
                     self.with_vm(now, i, |v, out| {
                         v.on_ownership(out, owner, desired, revision)
                     });
                 }
             }
+            Record::Admin { vm, admin } => {
+                if let Some(i) = self.vm_index(vm) {
+                    let admin = admin.clone().unwrap_or_default();
+                    self.with_vm(now, i, |v, out| v.on_admin(out, &admin));
+                }
+            }
+            Record::Settings { vm, settings } => {
+                if let Some(i) = self.vm_index(vm) {
+                    let settings = settings.clone().unwrap_or_default();
+                    self.with_vm(now, i, |v, out| v.apply_settings(out, &settings));
+                }
+            }
+            _ => {}
         }
     }
 
-    /// Applies an admin command routed to this host ([`crate::Route::OwnerHost`] or
-    /// [`crate::Route::Both`]). On `Err` nothing changed.
+    /// Applies an admin command routed to this host ([`crate::Route::OwnerHost`]). On `Err`
+    /// nothing changed.
     pub fn command(&mut self, now: Timestamp, cmd: AdminCommand) -> Result<(), CommandError> {
         use AdminCommand as C;
         if cmd.route() == crate::Route::Controller {
-            return Err(CommandError::WrongReceiver("cluster controller"));
+            return Err(CommandError::WrongReceiver(
+                "cluster controller".to_string(),
+            ));
         }
         let Some(vm) = cmd.vm().cloned() else {
-            return Err(CommandError::WrongReceiver("cluster controller"));
+            return Err(CommandError::WrongReceiver(
+                "cluster controller".to_string(),
+            ));
         };
         let Some(i) = self.vm_index(&vm) else {
             return Err(if self.config.vm(vm.as_str()).is_some() {
@@ -193,11 +231,8 @@ impl HostAgent {
         let host = self.host.clone();
         let before = self.now;
         let result = self.with_vm(now, i, |v, out| {
-            match &cmd {
-                C::Freeze { .. } => v.freeze(true, out),
-                C::Unfreeze { .. } => v.freeze(false, out),
-                C::Clear { .. } => v.clear(out),
-                _ => {
+            {
+                {
                     v.check_owner(&host)?;
                     match cmd {
                         C::AppOffline {
@@ -222,7 +257,11 @@ impl HostAgent {
                             ..
                         } => v.set_vm_budget(vm_restart_limit, vm_restart_window_ms)?,
                         C::SetPolicy { policy, tie, .. } => v.set_policy(out, policy, tie),
-                        _ => return Err(CommandError::WrongReceiver("cluster controller")),
+                        _ => {
+                            return Err(CommandError::WrongReceiver(
+                                "cluster controller".to_string(),
+                            ));
+                        }
                     }
                 }
             }
@@ -266,25 +305,39 @@ impl HostAgent {
         }
     }
 
-    /// The persistent state (see [`HostAgentState`]).
+    /// The next report for the cluster store (latest state of a VM group on this host).
+    pub fn poll_report(&mut self) -> Option<(Name, VmReport)> {
+        self.reports.pop_front()
+    }
+
+    /// The persistent, host-local state (see [`HostAgentState`]).
     pub fn state(&self) -> HostAgentState {
         HostAgentState {
             vms: self
                 .vms
                 .iter()
-                .map(|v| (v.name.clone(), v.persist()))
+                .map(|v| (v.name.clone(), v.local()))
+                .filter(|(_, l)| !l.is_empty())
                 .collect(),
         }
     }
 
-    /// `true` once after anything in [`HostAgent::state`] changed; resets the flag.
-    pub fn take_state_changed(&mut self) -> bool {
-        let now = self.state();
-        if now == self.saved {
-            false
-        } else {
-            self.saved = now;
-            true
+    /// The run-time settings of a VM group this host may run.
+    pub fn settings(&self, vm: &Name) -> Option<VmSettings> {
+        self.vm_index(vm).map(|i| self.vms[i].settings())
+    }
+
+    /// What changed in persisted data since the last call (the marks are reset). Every change
+    /// marks it where it happens; nothing compares whole states.
+    pub fn take_dirty(&mut self) -> AgentDirty {
+        let mut dirty = AgentDirty::default();
+        for v in &mut self.vms {
+            let d = v.take_dirty();
+            dirty.local |= d.local;
+            if d.settings {
+                dirty.settings.push(v.name.clone());
+            }
         }
+        dirty
     }
 }

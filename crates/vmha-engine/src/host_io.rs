@@ -114,19 +114,6 @@ pub enum HostInput {
         /// Lease live.
         live: bool,
     },
-    /// The ownership record of a VM group as stored (initially and on every change).
-    /// `owner == None` means nobody may run it. Until this arrives for a VM, the agent
-    /// never starts or stops that VM.
-    Ownership {
-        /// The VM.
-        vm: Name,
-        /// Owner host.
-        owner: Option<Name>,
-        /// What the owner must do.
-        desired: Desired,
-        /// Store revision of the record (echoed in this host's reports).
-        revision: u64,
-    },
 }
 
 /// One check of a batched probe.
@@ -140,7 +127,8 @@ pub struct ProbeCheck {
     pub timeout: Duration,
 }
 
-/// What a host agent tells the cluster store about a VM group on this host.
+/// What a host agent tells the cluster store about a VM group on this host (persisted with the
+/// host's state, read by the controller).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmReport {
     /// The VM group's state on this host.
@@ -156,8 +144,8 @@ pub struct VmReport {
 }
 
 /// An action for the driver. Every action is idempotent and answered exactly once: probes by
-/// [`HostInput::ProbeResult`] / [`HostInput::GuestUnreachable`], reports need no answer, all
-/// others by [`HostInput::ActionResult`].
+/// [`HostInput::ProbeResult`] / [`HostInput::GuestUnreachable`], all others by
+/// [`HostInput::ActionResult`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "kebab-case")]
 pub enum HostActionKind {
@@ -202,13 +190,6 @@ pub enum HostActionKind {
     KillVm {
         /// The VM.
         vm: Name,
-    },
-    /// Write this report to the cluster store. Needs no answer.
-    Report {
-        /// The VM.
-        vm: Name,
-        /// The report.
-        report: VmReport,
     },
 }
 

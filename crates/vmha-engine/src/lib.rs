@@ -24,11 +24,13 @@ pub mod event;
 pub mod host_agent;
 pub mod host_io;
 pub mod ids;
+pub mod node;
 pub mod persist;
+pub mod records;
 pub mod sim;
 pub mod status;
 pub mod time;
-pub mod vm_monitor;
+pub(crate) mod vm_monitor;
 
 pub use command::{AdminCommand, CommandError, Route};
 pub use controller::{
@@ -43,6 +45,13 @@ pub use host_io::{
     VmReport,
 };
 pub use ids::ActionId;
+pub use node::{
+    CommandOrigin, Commit, ControllerPersist, Effects, Forward, Node, NodeInput, NodeStatus,
+    Persist, Ready, Receiver, StoreHealth,
+};
 pub use persist::HostAgentState;
+pub use records::{
+    AppSettings, HostMember, HostReport, NodeState, Record, RecordKey, VmAdmin, VmSettings,
+};
 pub use status::{AppStatus, DecisionRecord, HostStatus, OfflineFlag, VmStatus};
 pub use time::Timestamp;

@@ -1,15 +1,21 @@
-//! Fuzz-style harness (cargo-fuzz needs nightly): arbitrary input, command and timeout
-//! sequences — unknown names, stale and random action ids, odd timestamps — fed straight into
-//! a host agent and a controller must never panic, and their persistent state must round-trip
-//! through serde into a working engine; a refused admin command changes nothing.
+//! Fuzz-style harness (cargo-fuzz needs nightly): arbitrary input, record, command, timeout and
+//! commit-outcome sequences — unknown names, stale and random action ids, odd timestamps,
+//! failing and fenced commits — fed straight into a node (the core vmhad runs) and a
+//! controller must never panic; their persistent state must round-trip through serde into a
+//! working engine; a command refused by the engine or undone by a failed commit changes
+//! nothing; every command is answered exactly once.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::sync::Arc;
 
 use proptest::prelude::*;
+use std::collections::BTreeMap;
+
 use vmha_engine::{
-    ActionId, AdminCommand, Controller, ControllerInput, ControllerState, Desired, HostAgent,
-    HostAgentState, HostInput, OwnerRecord, ProbeOutcome, Timestamp, VmObservation, VmReport,
+    ActionId, AdminCommand, AppSettings, CommandError, CommandOrigin, Commit, Controller,
+    ControllerInput, ControllerState, Desired, HostInput, HostMember, HostReport, Node, NodeInput,
+    NodeState, OwnerRecord, ProbeOutcome, Record, Timestamp, VmAdmin, VmObservation, VmReport,
+    VmSettings,
 };
 use vmha_model::{Config, Name, Policy, Tie, VmState};
 
@@ -107,14 +113,6 @@ fn host_input() -> impl Strategy<Value = HostInput> {
         (name(), observation()).prop_map(|(vm, kind)| HostInput::VmObserved { vm, kind }),
         (name(), any::<bool>()).prop_map(|(vm, up)| HostInput::GuestChannel { vm, up }),
         any::<bool>().prop_map(|live| HostInput::Lease { live }),
-        (name(), proptest::option::of(name()), any::<bool>(), 0u64..5).prop_map(
-            |(vm, owner, run, revision)| HostInput::Ownership {
-                vm,
-                owner,
-                desired: if run { Desired::Run } else { Desired::Stop },
-                revision,
-            }
-        ),
     ]
 }
 
@@ -181,12 +179,19 @@ fn ctl_input() -> impl Strategy<Value = ControllerInput> {
         Just(VmState::Unknown)
     ];
     prop_oneof![
-        (name(), any::<bool>()).prop_map(|(host, up)| ControllerInput::HostLease { host, up }),
+        (name(), any::<bool>(), 0u64..3).prop_map(|(host, up, incarnation)| {
+            ControllerInput::HostLease {
+                host,
+                up,
+                incarnation,
+            }
+        }),
         (name(), any::<u64>())
             .prop_map(|(host, memory_mb)| ControllerInput::HostCapacity { host, memory_mb }),
         (name(), name(), state, any::<bool>(), 0u64..6).prop_map(
             |(host, vm, state, running, revision)| ControllerInput::Report {
                 host,
+                incarnation: revision % 3,
                 vm,
                 report: VmReport {
                     state,
@@ -221,11 +226,110 @@ fn ctl_input() -> impl Strategy<Value = ControllerInput> {
     ]
 }
 
-#[derive(Debug, Clone)]
-enum HostStep {
-    Input(HostInput),
-    Command(AdminCommand),
-    Wait(u64),
+fn record() -> impl Strategy<Value = Record> {
+    let desired = any::<bool>().prop_map(|run| if run { Desired::Run } else { Desired::Stop });
+    prop_oneof![
+        (
+            name(),
+            proptest::option::of(proptest::option::of(1u64..9000))
+        )
+            .prop_map(|(host, member)| Record::Host {
+                host,
+                member: member.map(|memory_mb| HostMember {
+                    memory_mb,
+                    incarnation: 1
+                }),
+            }),
+        (
+            name(),
+            proptest::option::of((
+                proptest::option::of(name()),
+                desired.clone(),
+                proptest::option::of(name()),
+                any::<bool>()
+            )),
+            0u64..6
+        )
+            .prop_map(|(vm, rec, revision)| Record::Owner {
+                vm,
+                record: rec.map(|(owner, desired, move_to, parked)| OwnerRecord {
+                    owner,
+                    desired,
+                    move_to,
+                    parked,
+                }),
+                revision,
+            }),
+        (
+            name(),
+            proptest::option::of((desired, any::<bool>(), 0u64..3))
+        )
+            .prop_map(|(vm, a)| Record::Admin {
+                vm,
+                admin: a.map(|(desired, frozen, clear)| VmAdmin {
+                    desired,
+                    frozen,
+                    clear
+                }),
+            }),
+        (
+            name(),
+            proptest::option::of((name(), any::<bool>(), 0u32..300))
+        )
+            .prop_map(|(vm, s)| Record::Settings {
+                vm,
+                settings: s.map(|(app, offline, priority)| {
+                    let mut apps = BTreeMap::new();
+                    apps.insert(
+                        app,
+                        AppSettings {
+                            offline: offline
+                                .then_some(vmha_engine::OfflineFlag { auto_clear: true }),
+                            priority: Some(priority),
+                            ..AppSettings::default()
+                        },
+                    );
+                    VmSettings {
+                        apps,
+                        ..VmSettings::default()
+                    }
+                }),
+            }),
+        (name(), name(), any::<bool>(), 0u64..6).prop_map(|(vm, host, running, revision)| {
+            Record::Report {
+                vm,
+                report: Some(HostReport {
+                    host,
+                    incarnation: revision % 2,
+                    report: VmReport {
+                        state: VmState::Online,
+                        running,
+                        reason: String::new(),
+                        revision,
+                    },
+                }),
+            }
+        }),
+    ]
+}
+
+fn node_input() -> impl Strategy<Value = NodeInput> {
+    prop_oneof![
+        6 => host_input().prop_map(NodeInput::Host),
+        3 => (proptest::collection::vec(record(), 0..5), any::<bool>())
+            .prop_map(|(records, full)| NodeInput::Records { records, full }),
+        1 => proptest::option::of(1u64..4).prop_map(NodeInput::Leadership),
+        1 => ((0u64..40).prop_map(ActionId), proptest::option::of(0u64..8))
+            .prop_map(|(id, revision)| NodeInput::CasResult { id, revision }),
+    ]
+}
+
+fn commit() -> impl Strategy<Value = Commit> {
+    prop_oneof![
+        6 => Just(Commit::Ok),
+        2 => ".{0,6}".prop_map(Commit::Failed),
+        1 => Just(Commit::Deposed),
+    ]
 }
 
 #[derive(Debug, Clone)]
@@ -235,47 +339,119 @@ enum CtlStep {
     Wait(u64),
 }
 
+#[derive(Debug, Clone)]
+enum NodeStep {
+    Input(NodeInput),
+    Command(bool, AdminCommand),
+    Wait(u64),
+    Ready(Commit),
+}
+
+/// What a node persists, for comparisons.
+fn persisted(
+    node: &Node,
+) -> (
+    vmha_engine::HostAgentState,
+    Vec<Option<VmSettings>>,
+    Option<ControllerState>,
+) {
+    let settings = node
+        .config()
+        .vms
+        .iter()
+        .map(|v| node.agent().settings(&v.name))
+        .collect();
+    (
+        node.agent().state(),
+        settings,
+        node.controller().map(Controller::state),
+    )
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn host_agent_never_panics(steps in proptest::collection::vec(prop_oneof![
-        4 => host_input().prop_map(HostStep::Input),
-        1 => command().prop_map(HostStep::Command),
-        2 => (0u64..200_000).prop_map(HostStep::Wait),
+    fn node_never_panics_and_answers_every_command(steps in proptest::collection::vec(prop_oneof![
+        6 => node_input().prop_map(NodeStep::Input),
+        2 => (any::<bool>(), command()).prop_map(|(local, c)| NodeStep::Command(local, c)),
+        2 => (0u64..200_000).prop_map(NodeStep::Wait),
+        3 => commit().prop_map(NodeStep::Ready),
     ], 0..80)) {
         let config = Arc::new(Config::from_toml_str(CONFIG, "f.toml").unwrap());
         let host = Name::new("h0").unwrap();
-        let mut agent = HostAgent::new(config.clone(), host.clone(), None, Timestamp(5)).unwrap();
+        let mut node = Node::new(config.clone(), host.clone(), 1, None, Timestamp(5)).unwrap();
         let mut now = Timestamp(5);
-        for step in steps {
-            match step {
-                HostStep::Input(i) => agent.handle_input(now, i),
-                HostStep::Command(c) => {
-                    let (state, status) = (agent.state(), agent.status());
-                    if agent.command(now, c).is_err() {
-                        // Refused: nothing changed, nothing to do.
-                        prop_assert_eq!(agent.state(), state);
-                        prop_assert_eq!(agent.status(), status);
-                        prop_assert!(agent.poll_action().is_none());
-                        prop_assert!(agent.poll_event().is_none());
-                    }
+        let mut asked = 0u64;
+        let mut answers: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut remote = 0u64;
+        let count = |effects: &vmha_engine::Effects, answers: &mut BTreeMap<u64, usize>| {
+            for (id, _) in &effects.replies {
+                *answers.entry(*id).or_default() += 1;
+            }
+            for f in &effects.forwards {
+                *answers.entry(f.id).or_default() += 1;
+            }
+        };
+        let step_ready = |node: &mut Node, outcome: Commit, answers: &mut BTreeMap<u64, usize>|
+            -> Result<(), TestCaseError> {
+            let before = persisted(node);
+            let Some(ready) = node.ready() else { return Ok(()) };
+            count(&ready.run_now, answers);
+            let undone = ready.commands && outcome != Commit::Ok;
+            let effects = node.advance(ready.id, outcome.clone());
+            count(&effects, answers);
+            if undone {
+                let after = persisted(node);
+                prop_assert_eq!(&after.0, &before.0, "undone commands left host-local state");
+                prop_assert_eq!(&after.1, &before.1, "undone commands left settings");
+                if outcome != Commit::Deposed {
+                    prop_assert_eq!(&after.2, &before.2, "undone commands left controller state");
                 }
-                HostStep::Wait(ms) => {
-                    now = now.plus_ms(ms);
-                    if agent.poll_timeout().is_some_and(|t| t <= now) {
-                        agent.handle_timeout(now);
+                for (_, r) in &effects.replies {
+                    if let Err(e) = r {
+                        prop_assert!(!matches!(e, CommandError::Overloaded));
                     }
                 }
             }
-            while agent.poll_action().is_some() {}
-            while agent.poll_event().is_some() {}
-            let _ = agent.status();
+            Ok(())
+        };
+        for step in steps {
+            match step {
+                NodeStep::Input(i) => node.handle(now, i),
+                NodeStep::Command(local, c) => {
+                    let origin = if local {
+                        asked += 1;
+                        CommandOrigin::Local(asked)
+                    } else {
+                        remote += 1;
+                        CommandOrigin::Remote(format!("h1/{remote}"))
+                    };
+                    node.command(now, origin, c);
+                }
+                NodeStep::Wait(ms) => {
+                    now = now.plus_ms(ms);
+                    if node.poll_timeout().is_some_and(|t| t <= now) {
+                        node.handle_timeout(now);
+                    }
+                }
+                NodeStep::Ready(outcome) => step_ready(&mut node, outcome, &mut answers)?,
+            }
+            let _ = node.status();
         }
-        let json = serde_json::to_string(&agent.state()).unwrap();
-        let back: HostAgentState = serde_json::from_str(&json).unwrap();
-        let restored = HostAgent::new(config, host, Some(back.clone()), now).unwrap();
-        prop_assert_eq!(restored.state(), back);
+        // Once the store works, every command is answered exactly once.
+        for _ in 0..200 {
+            step_ready(&mut node, Commit::Ok, &mut answers)?;
+        }
+        prop_assert!(node.ready().is_none(), "output left after the store recovered");
+        for id in 1..=asked {
+            prop_assert_eq!(answers.get(&id).copied().unwrap_or(0), 1, "command {} answered {:?} times", id, answers.get(&id));
+        }
+        let state = NodeState { agent: node.agent().state(), next_event: 0 };
+        let json = serde_json::to_string(&state).unwrap();
+        let back: NodeState = serde_json::from_str(&json).unwrap();
+        let restored = Node::new(config, host, 1, Some(back.clone()), now).unwrap();
+        prop_assert_eq!(restored.agent().state(), back.agent);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Property tests over random input sequences on small random clusters (simulated):
 //! - a VM group never runs on two hosts; a frozen group gets no start/stop/kill action; an app
-//!   never starts before what it requires is online (all checked by the simulator);
+//!   never starts before what it requires is online; persisted state never changes without its
+//!   dirty mark (all checked by the simulator) — also while the cluster store fails, daemons
+//!   restart and commands arrive through any host;
 //! - app and VM restarts never exceed their budget in any window;
 //! - determinism: the same sequence twice gives the identical log.
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -132,7 +134,9 @@ fn n(s: String) -> Name {
 
 /// A random world/admin command over names that exist (plus the odd unknown one).
 /// `budget_safe` leaves out what legitimately re-arms budgets (clear, budget changes, admin
-/// restarts, host restarts, guest resets).
+/// restarts, host restarts, guest resets, a store failure across which a daemon restarts) —
+/// daemon restarts with a working store stay in: a restart counted before it ran is never
+/// counted again, nor lost.
 fn command(budget_safe: bool) -> impl Strategy<Value = SimCommand> {
     let vm = (0usize..3).prop_map(|v| n(format!("v{v}")));
     let app = (0usize..5).prop_map(|a| n(format!("a{a}")));
@@ -149,27 +153,39 @@ fn command(budget_safe: bool) -> impl Strategy<Value = SimCommand> {
         1 => (vm.clone(), any::<bool>()).prop_map(|(vm, on)| SimCommand::BootHang { vm, on }),
         1 => host.clone().prop_map(SimCommand::HostIsolate),
         1 => host.clone().prop_map(SimCommand::HostRecover),
-        1 => (vm.clone(), any::<bool>()).prop_map(|(vm, f)| SimCommand::Admin(
+        1 => host.clone().prop_map(SimCommand::DaemonRestart),
+        1 => (host.clone(), vm.clone(), any::<bool>()).prop_map(|(via, vm, f)| SimCommand::Admin {
+            via: Some(via),
+            command: if f { AdminCommand::Freeze { vm } } else { AdminCommand::Unfreeze { vm } },
+        }),
+        1 => (vm.clone(), any::<bool>()).prop_map(|(vm, f)| SimCommand::admin(
             if f { AdminCommand::Freeze { vm } } else { AdminCommand::Unfreeze { vm } })),
         1 => (vm.clone(), app.clone(), any::<bool>()).prop_map(|(vm, app, auto_clear)|
-            SimCommand::Admin(AdminCommand::AppOffline { vm, app, auto_clear })),
-        1 => (vm.clone(), app.clone()).prop_map(|(vm, app)| SimCommand::Admin(AdminCommand::AppOnline { vm, app })),
-        1 => (vm.clone(), app.clone()).prop_map(|(vm, app)| SimCommand::Admin(AdminCommand::AppStop { vm, app })),
-        1 => (vm.clone(), app.clone()).prop_map(|(vm, app)| SimCommand::Admin(AdminCommand::AppStart { vm, app })),
-        1 => (vm.clone(), host.clone()).prop_map(|(vm, to)| SimCommand::Admin(AdminCommand::VmMove { vm, to })),
-        1 => (host.clone(), any::<bool>()).prop_map(|(host, on)| SimCommand::Admin(AdminCommand::HostMaintenance { host, on })),
-        1 => vm.clone().prop_map(|vm| SimCommand::Admin(AdminCommand::VmStop { vm })),
-        1 => vm.clone().prop_map(|vm| SimCommand::Admin(AdminCommand::VmStart { vm })),
+            SimCommand::admin(AdminCommand::AppOffline { vm, app, auto_clear })),
+        1 => (vm.clone(), app.clone()).prop_map(|(vm, app)| SimCommand::admin(AdminCommand::AppOnline { vm, app })),
+        1 => (vm.clone(), app.clone()).prop_map(|(vm, app)| SimCommand::admin(AdminCommand::AppStop { vm, app })),
+        1 => (vm.clone(), app.clone()).prop_map(|(vm, app)| SimCommand::admin(AdminCommand::AppStart { vm, app })),
+        1 => (vm.clone(), host.clone()).prop_map(|(vm, to)| SimCommand::admin(AdminCommand::VmMove { vm, to })),
+        1 => (host.clone(), any::<bool>()).prop_map(|(host, on)| SimCommand::admin(AdminCommand::HostMaintenance { host, on })),
+        1 => vm.clone().prop_map(|vm| SimCommand::admin(AdminCommand::VmStop { vm })),
+        1 => vm.clone().prop_map(|vm| SimCommand::admin(AdminCommand::VmStart { vm })),
         1 => (vm.clone(), app.clone(), 1u32..300).prop_map(|(vm, app, priority)|
-            SimCommand::Admin(AdminCommand::SetPriority { vm, app, priority })),
+            SimCommand::admin(AdminCommand::SetPriority { vm, app, priority })),
     ];
     let rearming = prop_oneof![
         host.clone().prop_map(SimCommand::HostCrash),
+        // While the store fails, counters live only in memory: a daemon restart then loses
+        // them (availability first, documented).
+        any::<bool>().prop_map(|on| SimCommand::StoreFail { on }),
+        (host.clone(), vm.clone()).prop_map(|(via, vm)| SimCommand::Admin {
+            via: Some(via),
+            command: AdminCommand::VmRestart { vm },
+        }),
         vm.clone().prop_map(|vm| SimCommand::VmReset { vm }),
         vm.clone()
-            .prop_map(|vm| SimCommand::Admin(AdminCommand::Clear { vm })),
+            .prop_map(|vm| SimCommand::admin(AdminCommand::Clear { vm })),
         vm.clone()
-            .prop_map(|vm| SimCommand::Admin(AdminCommand::VmRestart { vm })),
+            .prop_map(|vm| SimCommand::admin(AdminCommand::VmRestart { vm })),
     ];
     if budget_safe {
         world.boxed()

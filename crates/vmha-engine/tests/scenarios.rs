@@ -62,6 +62,12 @@ fn scenarios() {
         }
         let want = fs::read_to_string(&golden).unwrap_or_default();
         if want != got {
+            // SCENARIO_OUT=DIR keeps what each differing scenario logged, for `diff`.
+            if let Some(out) = std::env::var_os("SCENARIO_OUT") {
+                let out = Path::new(&out);
+                fs::create_dir_all(out).unwrap();
+                fs::write(out.join(format!("{name}.log")), &got).unwrap();
+            }
             let diff: Vec<String> = want
                 .lines()
                 .zip(got.lines())

@@ -1,0 +1,422 @@
+//! The script language of simulations: one command per line, `+DELAY command` (see
+//! [`parse_script`]), shared by the scenario tests and operators' what-if runs.
+
+use vmha_model::{Name, Policy, Tie};
+
+use crate::command::AdminCommand;
+use crate::time::millis;
+
+use super::SimError;
+
+/// How a VM dies in [`SimCommand::VmCrash`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashKind {
+    /// `GUEST_PANICKED`.
+    Panic,
+    /// The guest powered off by itself.
+    Shutdown,
+    /// The QEMU process vanished.
+    Gone,
+}
+
+impl SimCommand {
+    /// An admin command given to the first live host.
+    pub fn admin(command: AdminCommand) -> SimCommand {
+        SimCommand::Admin { via: None, command }
+    }
+}
+
+/// What an app's start command does in the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartBehaviour {
+    /// Starts the app.
+    Ok,
+    /// Exits non-zero.
+    Fails,
+    /// Exits 0 but the app does not come up.
+    Noop,
+}
+
+/// One thing that happens in the simulated world.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SimCommand {
+    /// Nothing (time passes).
+    Tick,
+    /// The app stops running; its check exits `exit`.
+    AppFail {
+        /// VM.
+        vm: Name,
+        /// App.
+        app: Name,
+        /// Exit code of its check.
+        exit: i32,
+    },
+    /// The app runs again by itself.
+    AppRecover {
+        /// VM.
+        vm: Name,
+        /// App.
+        app: Name,
+    },
+    /// The app's check hangs (times out) or stops hanging.
+    AppHang {
+        /// VM.
+        vm: Name,
+        /// App.
+        app: Name,
+        /// Hanging.
+        on: bool,
+    },
+    /// What the app's start command does from now on.
+    AppStart {
+        /// VM.
+        vm: Name,
+        /// App.
+        app: Name,
+        /// Behaviour.
+        behaviour: StartBehaviour,
+    },
+    /// The VM dies on whichever host runs it.
+    VmCrash {
+        /// VM.
+        vm: Name,
+        /// How.
+        kind: CrashKind,
+    },
+    /// The guest reboots by itself.
+    VmReset {
+        /// VM.
+        vm: Name,
+    },
+    /// The guest channel hangs (`on`) or comes back.
+    GuestHang {
+        /// VM.
+        vm: Name,
+        /// Hanging.
+        on: bool,
+    },
+    /// From now on, booting the VM never brings its guest channel up (`on`), or does again.
+    BootHang {
+        /// VM.
+        vm: Name,
+        /// Hanging.
+        on: bool,
+    },
+    /// The host dies (its VMs with it); its lease expires `ttl` later.
+    HostCrash(Name),
+    /// The host loses the cluster store: it self-fences at `ttl - fence_margin`, its lease
+    /// expires at `ttl`.
+    HostIsolate(Name),
+    /// The host is back (restarted with its persisted state, or reconnected).
+    HostRecover(Name),
+    /// The host's daemon restarts with its persisted state while its VMs keep running.
+    DaemonRestart(Name),
+    /// The guest agent of the VM starts (`on`) or stops refusing `guest-exec`; the driver
+    /// reports it as [`HostInput::GuestExec`].
+    ExecBlocked {
+        /// VM.
+        vm: Name,
+        /// Blocked.
+        on: bool,
+    },
+    /// The host reports its memory for VMs.
+    HostMemory(Name, u64),
+    /// The cluster store refuses every commit (`on`: a full disk, a lost quorum) or works again.
+    StoreFail {
+        /// Failing.
+        on: bool,
+    },
+    /// An admin command, given to a host's API (the first live host when `via` is `None`)
+    /// and routed as the daemon routes it.
+    Admin {
+        /// The host whose API receives it.
+        via: Option<Name>,
+        /// The command.
+        command: AdminCommand,
+    },
+}
+
+/// The script form of an admin command (`freeze shop`, `priority shop/db 5`), for logs.
+pub fn admin_text(cmd: &AdminCommand) -> String {
+    use AdminCommand as C;
+    match cmd {
+        C::AppOffline {
+            vm,
+            app,
+            auto_clear,
+        } => format!(
+            "app-offline {vm}/{app}{}",
+            if *auto_clear { "" } else { " sticky" }
+        ),
+        C::AppOnline { vm, app } => format!("app-online {vm}/{app}"),
+        C::AppStart { vm, app } => format!("app-start {vm}/{app}"),
+        C::AppStop { vm, app } => format!("app-stop {vm}/{app}"),
+        C::VmStart { vm } => format!("vm-start {vm}"),
+        C::VmStop { vm } => format!("vm-stop {vm}"),
+        C::VmRestart { vm } => format!("vm-restart {vm}"),
+        C::VmMove { vm, to } => format!("move {vm} {to}"),
+        C::HostMaintenance { host, on } => {
+            format!("maintenance {host} {}", if *on { "on" } else { "off" })
+        }
+        C::Freeze { vm } => format!("freeze {vm}"),
+        C::Unfreeze { vm } => format!("unfreeze {vm}"),
+        C::Clear { vm } => format!("clear {vm}"),
+        C::SetPriority { vm, app, priority } => format!("priority {vm}/{app} {priority}"),
+        C::SetAppBudget {
+            vm,
+            app,
+            restart_limit,
+            restart_window_ms,
+        } => format!("app-budget {vm}/{app} {restart_limit} {restart_window_ms}ms"),
+        C::SetVmBudget {
+            vm,
+            vm_restart_limit,
+            vm_restart_window_ms,
+        } => format!("vm-budget {vm} {vm_restart_limit} {vm_restart_window_ms}ms"),
+        C::SetPolicy { vm, policy, tie } => format!(
+            "policy {vm} {}{}",
+            crate::decision_agent::policy_name(*policy),
+            match tie {
+                Some(Tie::Restart) => " restart",
+                Some(Tie::NoAction) => " no-action",
+                None => "",
+            }
+        ),
+    }
+}
+
+fn ms_of(s: &str) -> Result<u64, String> {
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(n);
+    }
+    vmha_model::duration::parse(s)
+        .map(millis)
+        .map_err(|e| format!("bad duration `{s}`: {e}"))
+}
+
+fn name(s: &str) -> Result<Name, String> {
+    Name::new(s).map_err(|e| e.to_string())
+}
+
+fn vm_app(s: &str) -> Result<(Name, Name), String> {
+    let (vm, app) = s
+        .split_once('/')
+        .ok_or_else(|| format!("expected VM/APP, got `{s}`"))?;
+    Ok((name(vm)?, name(app)?))
+}
+
+/// Parses a script (see [`Sim::run_script`]) into delays and commands.
+pub fn parse_script(script: &str) -> Result<Vec<(u64, SimCommand)>, SimError> {
+    let mut out = Vec::new();
+    for (n, raw) in script.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let err = |msg: String| SimError::Script { line: n + 1, msg };
+        let mut words = line.split_whitespace();
+        let delay = words.next().unwrap_or("");
+        let Some(delay) = delay.strip_prefix('+') else {
+            return Err(err(format!("expected `+DELAY`, got `{delay}`")));
+        };
+        let delay = ms_of(delay).map_err(err)?;
+        let words: Vec<&str> = words.collect();
+        let cmd = parse_command(&words).map_err(err)?;
+        out.push((delay, cmd));
+    }
+    Ok(out)
+}
+
+fn parse_command(w: &[&str]) -> Result<SimCommand, String> {
+    let arg = |i: usize| -> Result<&str, String> {
+        w.get(i)
+            .copied()
+            .ok_or_else(|| format!("`{}` needs more arguments", w.join(" ")))
+    };
+    let vm = |i: usize| arg(i).and_then(name);
+    let va = |i: usize| -> Result<(Name, Name), String> { Ok((vm(i)?, vm(i + 1)?)) };
+    let cmd = match arg(0)? {
+        "tick" => SimCommand::Tick,
+        "app-fail" => {
+            let (vm, app) = va(1)?;
+            let exit = match w.get(3) {
+                Some(x) => x
+                    .strip_prefix("exit:")
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| format!("expected exit:N, got `{x}`"))?,
+                None => 3,
+            };
+            SimCommand::AppFail { vm, app, exit }
+        }
+        "app-recover" => {
+            let (vm, app) = va(1)?;
+            SimCommand::AppRecover { vm, app }
+        }
+        "app-hang" | "app-unhang" => {
+            let (vm, app) = va(1)?;
+            SimCommand::AppHang {
+                vm,
+                app,
+                on: w[0] == "app-hang",
+            }
+        }
+        "app-start-fails" | "app-start-noop" | "app-start-ok" => {
+            let (vm, app) = va(1)?;
+            let behaviour = match w[0] {
+                "app-start-fails" => StartBehaviour::Fails,
+                "app-start-noop" => StartBehaviour::Noop,
+                _ => StartBehaviour::Ok,
+            };
+            SimCommand::AppStart { vm, app, behaviour }
+        }
+        "vm-crash" => SimCommand::VmCrash {
+            vm: vm(1)?,
+            kind: match w.get(2).copied().unwrap_or("gone") {
+                "panic" => CrashKind::Panic,
+                "shutdown" => CrashKind::Shutdown,
+                "gone" => CrashKind::Gone,
+                x => return Err(format!("unknown crash kind `{x}`")),
+            },
+        },
+        "vm-reset" => SimCommand::VmReset { vm: vm(1)? },
+        "guest-hang" => SimCommand::GuestHang {
+            vm: vm(1)?,
+            on: true,
+        },
+        "guest-recover" => SimCommand::GuestHang {
+            vm: vm(1)?,
+            on: false,
+        },
+        "boot-hang" => SimCommand::BootHang {
+            vm: vm(1)?,
+            on: true,
+        },
+        "boot-ok" => SimCommand::BootHang {
+            vm: vm(1)?,
+            on: false,
+        },
+        "host-crash" => SimCommand::HostCrash(vm(1)?),
+        "host-isolate" => SimCommand::HostIsolate(vm(1)?),
+        "host-recover" => SimCommand::HostRecover(vm(1)?),
+        "daemon-restart" => SimCommand::DaemonRestart(vm(1)?),
+        "exec-blocked" => SimCommand::ExecBlocked {
+            vm: vm(1)?,
+            on: true,
+        },
+        "exec-allowed" => SimCommand::ExecBlocked {
+            vm: vm(1)?,
+            on: false,
+        },
+        "host-memory" => SimCommand::HostMemory(
+            vm(1)?,
+            arg(2)?
+                .parse()
+                .map_err(|_| "memory must be an integer".to_string())?,
+        ),
+        "admin" => SimCommand::Admin {
+            via: None,
+            command: parse_admin(&w[1..])?,
+        },
+        "store-fail" => SimCommand::StoreFail { on: true },
+        "store-ok" => SimCommand::StoreFail { on: false },
+        other if other.starts_with("admin@") => SimCommand::Admin {
+            via: Some(name(&other["admin@".len()..])?),
+            command: parse_admin(&w[1..])?,
+        },
+        other => return Err(format!("unknown command `{other}`")),
+    };
+    Ok(cmd)
+}
+
+fn parse_admin(w: &[&str]) -> Result<AdminCommand, String> {
+    use AdminCommand as C;
+    let arg = |i: usize| -> Result<&str, String> {
+        w.get(i)
+            .copied()
+            .ok_or_else(|| format!("`admin {}` needs more arguments", w.join(" ")))
+    };
+    let num = |i: usize| -> Result<u32, String> {
+        arg(i)?
+            .parse()
+            .map_err(|_| format!("`{}` is not a number", w[i]))
+    };
+    Ok(match arg(0)? {
+        "app-offline" => {
+            let (vm, app) = vm_app(arg(1)?)?;
+            C::AppOffline {
+                vm,
+                app,
+                auto_clear: w.get(2) != Some(&"sticky"),
+            }
+        }
+        "app-online" => {
+            let (vm, app) = vm_app(arg(1)?)?;
+            C::AppOnline { vm, app }
+        }
+        "app-start" => {
+            let (vm, app) = vm_app(arg(1)?)?;
+            C::AppStart { vm, app }
+        }
+        "app-stop" => {
+            let (vm, app) = vm_app(arg(1)?)?;
+            C::AppStop { vm, app }
+        }
+        "vm-start" => C::VmStart { vm: name(arg(1)?)? },
+        "vm-stop" => C::VmStop { vm: name(arg(1)?)? },
+        "vm-restart" => C::VmRestart { vm: name(arg(1)?)? },
+        "move" => C::VmMove {
+            vm: name(arg(1)?)?,
+            to: name(arg(2)?)?,
+        },
+        "maintenance" => C::HostMaintenance {
+            host: name(arg(1)?)?,
+            on: match arg(2)? {
+                "on" => true,
+                "off" => false,
+                x => return Err(format!("expected on|off, got `{x}`")),
+            },
+        },
+        "freeze" => C::Freeze { vm: name(arg(1)?)? },
+        "unfreeze" => C::Unfreeze { vm: name(arg(1)?)? },
+        "clear" => C::Clear { vm: name(arg(1)?)? },
+        "priority" => {
+            let (vm, app) = vm_app(arg(1)?)?;
+            C::SetPriority {
+                vm,
+                app,
+                priority: num(2)?,
+            }
+        }
+        "app-budget" => {
+            let (vm, app) = vm_app(arg(1)?)?;
+            C::SetAppBudget {
+                vm,
+                app,
+                restart_limit: num(2)?,
+                restart_window_ms: ms_of(arg(3)?)?,
+            }
+        }
+        "vm-budget" => C::SetVmBudget {
+            vm: name(arg(1)?)?,
+            vm_restart_limit: num(2)?,
+            vm_restart_window_ms: ms_of(arg(3)?)?,
+        },
+        "policy" => C::SetPolicy {
+            vm: name(arg(1)?)?,
+            policy: match arg(2)? {
+                "highest-priority" => Policy::HighestPriority,
+                "weighted" => Policy::Weighted,
+                "weighted-with-offline" => Policy::WeightedWithOffline,
+                "critical" => Policy::Critical,
+                x => return Err(format!("unknown policy `{x}`")),
+            },
+            tie: match w.get(3).copied() {
+                None => None,
+                Some("restart") => Some(Tie::Restart),
+                Some("no-action") => Some(Tie::NoAction),
+                Some(x) => return Err(format!("unknown tie `{x}`")),
+            },
+        },
+        other => return Err(format!("unknown admin command `{other}`")),
+    })
+}

@@ -1,0 +1,78 @@
+//! The simulated world inside the VMs: each guest's apps (running or not, hanging checks,
+//! what their start command does) and the guest agent (hung, or never coming up at boot).
+
+use std::collections::BTreeMap;
+
+use vmha_model::{Name, Vm};
+
+use super::StartBehaviour;
+
+/// One app inside a simulated guest.
+#[derive(Debug, Clone)]
+pub(super) struct AppModel {
+    pub running: bool,
+    /// Exit code of its check while it does not run.
+    pub exit: i32,
+    /// Its check never finishes.
+    pub hang: bool,
+    /// What its start command does.
+    pub on_start: StartBehaviour,
+}
+
+impl AppModel {
+    /// Runs its start command in the guest.
+    pub fn start(&mut self) -> Result<(), String> {
+        match self.on_start {
+            StartBehaviour::Ok => {
+                self.running = true;
+                Ok(())
+            }
+            StartBehaviour::Fails => Err("exit 1".to_string()),
+            StartBehaviour::Noop => Ok(()),
+        }
+    }
+}
+
+/// One simulated guest (wherever its VM runs).
+#[derive(Debug, Clone, Default)]
+pub(super) struct GuestModel {
+    pub apps: BTreeMap<Name, AppModel>,
+    /// The guest agent does not answer.
+    pub hung: bool,
+    /// Booting never brings the guest agent up.
+    pub boot_hang: bool,
+}
+
+impl GuestModel {
+    /// The guest of `vm`, every app down.
+    pub fn new(vm: &Vm) -> Self {
+        let apps = vm
+            .apps
+            .iter()
+            .map(|a| {
+                let model = AppModel {
+                    running: false,
+                    exit: 3,
+                    hang: false,
+                    on_start: StartBehaviour::Ok,
+                };
+                (a.name.clone(), model)
+            })
+            .collect();
+        GuestModel {
+            apps,
+            ..GuestModel::default()
+        }
+    }
+
+    /// The VM stopped: nothing runs in it.
+    pub fn apps_down(&mut self) {
+        self.apps.values_mut().for_each(|m| m.running = false);
+    }
+
+    /// A fresh boot: apps down, a hung guest agent is gone with the old guest.
+    pub fn fresh_boot(&mut self) {
+        self.apps_down();
+        self.hung = false;
+    }
+}
