@@ -105,16 +105,45 @@ impl Serialize for Cluster {
 }
 
 /// A hypervisor host (`[[host]]`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Host {
     /// Host name; `vmhad --host NAME` selects which entry a daemon is.
     pub name: Name,
     /// Address other hosts and the CLI use to reach this host's API, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
     /// Memory available to VMs in MiB; when absent the host reports its own at run time.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_mb: Option<u64>,
+    /// Hardware watchdog device (absolute path, typically `/dev/watchdog`) that vmhad opens and
+    /// feeds while its core loop is alive, so that the device resets the host when vmhad hangs.
+    /// `None`: no hardware watchdog.
+    pub watchdog: Option<PathBuf>,
+    /// How long vmhad may stop feeding `watchdog` before the device resets the host. vmhad sets
+    /// the device's timeout to it when the device supports `WDIOC_SETTIMEOUT`; otherwise the
+    /// device keeps its own timeout. With `store = "etcd"` it is shorter than
+    /// `ttl - fence_margin`. Only meaningful with `watchdog` (the default otherwise).
+    pub watchdog_timeout: Duration,
+}
+
+impl Serialize for Host {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("host", 5)?;
+        st.serialize_field("name", &self.name)?;
+        if let Some(address) = &self.address {
+            st.serialize_field("address", address)?;
+        }
+        if let Some(memory_mb) = &self.memory_mb {
+            st.serialize_field("memory_mb", memory_mb)?;
+        }
+        // `watchdog_timeout` is only accepted together with `watchdog`.
+        if let Some(watchdog) = &self.watchdog {
+            st.serialize_field("watchdog", watchdog)?;
+            st.serialize_field(
+                "watchdog_timeout",
+                &crate::duration::format(self.watchdog_timeout),
+            )?;
+        }
+        st.end()
+    }
 }
 
 /// The HTTP API (`[api]`).

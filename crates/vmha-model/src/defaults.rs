@@ -31,6 +31,13 @@ pub const FENCE_MARGIN_RANGE: RangeInclusive<Duration> = Duration::from_millis(1
 
 /// Allowed host `memory_mb`.
 pub const HOST_MEMORY_MB_RANGE: RangeInclusive<u64> = 16..=(u32::MAX as u64);
+/// Time vmhad may stop feeding a host's hardware `watchdog` before the device resets the host
+/// (set on the device when it supports `WDIOC_SETTIMEOUT`).
+pub const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(10);
+/// Allowed host `watchdog_timeout` (with `store = "etcd"` it must also be shorter than
+/// `ttl - fence_margin`).
+pub const WATCHDOG_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(2)..=Duration::from_secs(300);
 
 // ---- [[vm]] ----
 
@@ -129,6 +136,7 @@ mod tests {
     fn defaults_lie_inside_their_ranges() {
         assert!(TTL_RANGE.contains(&TTL));
         assert!(FENCE_MARGIN_RANGE.contains(&FENCE_MARGIN) && FENCE_MARGIN < TTL);
+        assert!(WATCHDOG_TIMEOUT_RANGE.contains(&WATCHDOG_TIMEOUT));
         assert!(VM_RESTART_LIMIT_RANGE.contains(&VM_RESTART_LIMIT));
         assert!(VM_RESTART_WINDOW_RANGE.contains(&VM_RESTART_WINDOW));
         assert!(STOP_TIMEOUT_RANGE.contains(&STOP_TIMEOUT));

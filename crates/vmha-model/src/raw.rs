@@ -69,6 +69,8 @@ pub(crate) struct RawHost {
     pub(crate) name: Spanned<Name>,
     pub(crate) address: Option<String>,
     pub(crate) memory_mb: Option<Spanned<i64>>,
+    pub(crate) watchdog: Option<Spanned<PathBuf>>,
+    pub(crate) watchdog_timeout: Option<Spanned<DurationValue>>,
 }
 
 #[derive(Debug, Deserialize)]

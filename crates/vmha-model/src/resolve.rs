@@ -163,7 +163,7 @@ impl Resolver<'_> {
         let hosts = raw
             .host
             .into_iter()
-            .map(|h| self.host(h.into_inner()))
+            .map(|h| self.host(h.into_inner(), &cluster.store))
             .collect::<R<Vec<_>>>()?;
         let api = self.api(raw.api)?;
         self.unique(
@@ -304,16 +304,107 @@ impl Resolver<'_> {
         })
     }
 
-    fn host(&self, raw: RawHost) -> R<Host> {
+    fn host(&self, raw: RawHost, store: &Store) -> R<Host> {
         let memory_mb = match raw.memory_mb {
             None => None,
             Some(m) => Some(self.integer("memory_mb", Some(m), 0, d::HOST_MEMORY_MB_RANGE)?),
         };
+        let name = raw.name.into_inner();
+        let (watchdog, watchdog_timeout) =
+            self.watchdog(&name, raw.watchdog, raw.watchdog_timeout, store)?;
         Ok(Host {
-            name: raw.name.into_inner(),
+            name,
             address: raw.address,
             memory_mb,
+            watchdog,
+            watchdog_timeout,
         })
+    }
+
+    /// A host's hardware watchdog: an absolute device path, and a timeout that on etcd resets a
+    /// hung daemon's host before its lease can expire (so before other hosts start its VMs).
+    fn watchdog(
+        &self,
+        host: &Name,
+        device: Option<Spanned<PathBuf>>,
+        timeout: Option<Spanned<DurationValue>>,
+        store: &Store,
+    ) -> R<(Option<PathBuf>, Duration)> {
+        let Some(device) = device else {
+            if let Some(t) = timeout {
+                return Err(self.err(
+                    t.span(),
+                    ErrorKind::Conflict,
+                    format!("`watchdog_timeout` needs `watchdog` (host `{host}` has no watchdog)"),
+                    Some(
+                        "add watchdog = \"/dev/watchdog\" to this host, or remove watchdog_timeout"
+                            .into(),
+                    ),
+                ));
+            }
+            return Ok((None, d::WATCHDOG_TIMEOUT));
+        };
+        if !device.get_ref().is_absolute() {
+            return Err(self.err(
+                device.span(),
+                ErrorKind::BadValue,
+                format!(
+                    "`watchdog` = \"{}\" is not an absolute path",
+                    device.get_ref().display()
+                ),
+                Some(
+                    "give the watchdog device's full path, e.g. watchdog = \"/dev/watchdog\""
+                        .into(),
+                ),
+            ));
+        }
+        // Where a relation error points: the timeout when written, else the device (the
+        // default timeout applies).
+        let span = timeout
+            .as_ref()
+            .map_or_else(|| device.span(), Spanned::span);
+        let written = timeout.is_some();
+        let timeout = self.duration(
+            "watchdog_timeout",
+            timeout,
+            d::WATCHDOG_TIMEOUT,
+            d::WATCHDOG_TIMEOUT_RANGE,
+        )?;
+        if let Store::Etcd {
+            ttl, fence_margin, ..
+        } = store
+        {
+            // `fence_margin < ttl` was checked with [cluster].
+            let limit = ttl.saturating_sub(*fence_margin);
+            if timeout >= limit {
+                let f = crate::duration::format;
+                let raise = format!(
+                    "raise `ttl` in [cluster] above {} (watchdog_timeout + fence_margin)",
+                    f(timeout + *fence_margin)
+                );
+                let fix = if limit > *d::WATCHDOG_TIMEOUT_RANGE.start() {
+                    format!("set watchdog_timeout below {}, or {raise}", f(limit))
+                } else {
+                    raise
+                };
+                return Err(self.err(
+                    span,
+                    ErrorKind::OutOfRange,
+                    format!(
+                        "`watchdog_timeout` of host `{host}` ({}{}) must be shorter than `ttl - fence_margin` ({} - {} = {})",
+                        f(timeout),
+                        if written { "" } else { ", the default" },
+                        f(*ttl),
+                        f(*fence_margin),
+                        f(limit)
+                    ),
+                    Some(format!(
+                        "a hung vmhad cannot fence itself: the watchdog resets its host `watchdog_timeout` after the last feed, and that must happen before its lease expires and other hosts start its VMs; {fix}"
+                    )),
+                ));
+            }
+        }
+        Ok((Some(device.into_inner()), timeout))
     }
 
     fn api(&self, raw: Option<RawApi>) -> R<ApiConfig> {

@@ -1,6 +1,9 @@
 //! Edge cases the parser must accept (the rejections live in `tests/bad/`).
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use std::path::Path;
+use std::time::Duration;
+
 use vmha_model::{Config, Driver, Policy};
 
 fn parse(text: &str) -> Config {
@@ -54,4 +57,44 @@ fn requires_may_form_a_diamond() {
         app("base", ""),
     ));
     assert_eq!(c.vm("v").unwrap().app("top").unwrap().requires.len(), 2);
+}
+
+#[test]
+fn a_host_may_have_a_hardware_watchdog() {
+    // On etcd the watchdog must reset a hung host before its lease expires:
+    // watchdog_timeout < ttl - fence_margin (here 15s - 2s = 13s).
+    let c = parse(
+        "[cluster]\nname = \"c\"\nstore = \"etcd\"\nendpoints = [\"https://e:2379\"]\n\
+         ttl = \"15s\"\nfence_margin = \"2s\"\n\
+         [[host]]\nname = \"a\"\nwatchdog = \"/dev/watchdog\"\n\
+         [[host]]\nname = \"b\"\nwatchdog = \"/dev/watchdog1\"\nwatchdog_timeout = \"12999ms\"\n\
+         [[host]]\nname = \"c\"\n",
+    );
+    let a = c.host("a").unwrap();
+    assert_eq!(a.watchdog.as_deref(), Some(Path::new("/dev/watchdog")));
+    assert_eq!(a.watchdog_timeout, vmha_model::defaults::WATCHDOG_TIMEOUT);
+    let b = c.host("b").unwrap();
+    assert_eq!(b.watchdog.as_deref(), Some(Path::new("/dev/watchdog1")));
+    assert_eq!(b.watchdog_timeout, Duration::from_millis(12_999));
+    let none = c.host("c").unwrap();
+    assert_eq!(none.watchdog, None);
+    assert_eq!(
+        none.watchdog_timeout,
+        vmha_model::defaults::WATCHDOG_TIMEOUT
+    );
+
+    // `show` writes the timeout only with its watchdog, and parses back equal.
+    let shown = c.to_toml();
+    assert_eq!(shown.matches("watchdog_timeout").count(), 2, "{shown}");
+    assert_eq!(parse(&shown), c);
+}
+
+#[test]
+fn the_embedded_store_puts_no_bound_on_the_watchdog_timeout() {
+    // A single host has no failover, so nothing can double-run: any timeout in range is fine.
+    let c = parse(
+        "[cluster]\nname = \"c\"\n\
+         [[host]]\nname = \"h\"\nwatchdog = \"/dev/watchdog\"\nwatchdog_timeout = \"5m\"\n",
+    );
+    assert_eq!(c.hosts[0].watchdog_timeout, Duration::from_secs(300));
 }

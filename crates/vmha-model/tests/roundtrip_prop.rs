@@ -233,11 +233,18 @@ prop_compose! {
     }
 }
 
+type GenHost = (
+    String,
+    Option<u8>,
+    Option<u64>,
+    Option<(String, Option<Dur>)>,
+);
+
 #[derive(Debug, Clone)]
 struct GenConfig {
     cluster: String,
-    /// Host names, addresses and memory.
-    hosts: Vec<(String, Option<u8>, Option<u64>)>,
+    /// Host names, addresses, memory and watchdog (device, timeout).
+    hosts: Vec<GenHost>,
     /// Etcd settings (forced when there are several hosts): ttl, fence margin as a fraction.
     etcd: Option<(u8, Option<Dur>, Option<u16>)>,
     explicit_embedded: bool,
@@ -250,7 +257,12 @@ struct GenConfig {
 prop_compose! {
     fn gen_config()(
         cluster in name(),
-        hosts in prop::collection::vec((name(), prop::option::of(any::<u8>()), prop::option::of(65536u64..=1_000_000)), 1..4),
+        hosts in prop::collection::vec((
+            name(),
+            prop::option::of(any::<u8>()),
+            prop::option::of(65536u64..=1_000_000),
+            prop::option::of((path(), prop::option::of(dur(d::WATCHDOG_TIMEOUT_RANGE)))),
+        ), 1..4),
         etcd in prop::option::of((1u8..4, prop::option::of(dur(Duration::from_secs(2)..=Duration::from_secs(60))), prop::option::of(1u16..1000))),
         explicit_embedded in any::<bool>(),
         state_dir in prop::option::of(path()),
@@ -272,6 +284,48 @@ fn earlier(mask: u8, before: usize, names: &[String]) -> Vec<String> {
         .filter(|i| mask & (1 << i) != 0)
         .map(|i| names[i].clone())
         .collect()
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap()
+}
+
+/// The etcd `ttl` and `fence_margin` the rendered file resolves to, or `None` when embedded.
+fn lease(g: &GenConfig) -> Option<(Duration, Duration)> {
+    if g.etcd.is_none() && g.hosts.len() == 1 {
+        return None;
+    }
+    let (_, ttl, margin) = g.etcd.clone().unwrap_or((1, None, None));
+    let ttl = ttl.as_ref().map_or(d::TTL, Dur::get);
+    // A margin strictly below the ttl, at least 100 ms.
+    let margin = margin.map_or(d::FENCE_MARGIN, |m| {
+        Duration::from_millis((millis(ttl) * u64::from(m) / 1000).max(100))
+    });
+    Some((ttl, margin))
+}
+
+/// The watchdog host `i` is rendered with. On etcd the timeout must be shorter than
+/// `ttl - fence_margin`: a generated (or default) timeout that is not is folded below that
+/// bound, and the watchdog is left out when no timeout in range fits.
+fn watchdog(g: &GenConfig, i: usize) -> Option<(String, Option<Dur>)> {
+    let (path, timeout) = g.hosts[i].3.clone()?;
+    let Some((ttl, margin)) = lease(g) else {
+        return Some((path, timeout));
+    };
+    let limit = millis(ttl - margin);
+    let lo = millis(*d::WATCHDOG_TIMEOUT_RANGE.start());
+    if limit <= lo {
+        return None;
+    }
+    let want = timeout
+        .as_ref()
+        .map_or(millis(d::WATCHDOG_TIMEOUT), |t| t.ms);
+    if want < limit {
+        return Some((path, timeout));
+    }
+    let compact = timeout.as_ref().is_some_and(|t| t.compact);
+    let ms = lo + (want - lo) % (limit - lo);
+    Some((path, Some(Dur { ms, compact })))
 }
 
 fn opt_line(out: &mut String, key: &str, value: Option<String>) {
@@ -297,23 +351,17 @@ fn render(g: &GenConfig) -> String {
                 .map(|i| format!("http://10.0.0.{}:2379", i + 1))
                 .collect();
             writeln!(out, "store = \"etcd\"\nendpoints = {}", q_list(&endpoints)).unwrap();
-            let ttl_ms = ttl
-                .as_ref()
-                .map_or(d::TTL.as_millis(), |t| t.get().as_millis());
             opt_line(&mut out, "ttl", ttl.map(|t| q(&t.text())));
-            // A margin strictly below the ttl, at least 100 ms.
+            let (_, fence_margin) = lease(g).unwrap();
             opt_line(
                 &mut out,
                 "fence_margin",
-                margin.map(|m| {
-                    let ms = (ttl_ms * u128::from(m) / 1000).max(100);
-                    format!("\"{ms}ms\"")
-                }),
+                margin.map(|_| format!("\"{}ms\"", fence_margin.as_millis())),
             );
         }
     }
     opt_line(&mut out, "state_dir", g.state_dir.as_deref().map(q));
-    for ((_, address, memory), name) in g.hosts.iter().zip(&host_names) {
+    for (i, ((_, address, memory, _), name)) in g.hosts.iter().zip(&host_names).enumerate() {
         writeln!(out, "\n[[host]]\nname = {}", q(name)).unwrap();
         opt_line(
             &mut out,
@@ -321,6 +369,10 @@ fn render(g: &GenConfig) -> String {
             address.map(|a| q(&format!("10.1.0.{a}"))),
         );
         opt_line(&mut out, "memory_mb", memory.map(|m| m.to_string()));
+        if let Some((path, timeout)) = watchdog(g, i) {
+            writeln!(out, "watchdog = {}", q(&path)).unwrap();
+            opt_line(&mut out, "watchdog_timeout", timeout.map(|t| q(&t.text())));
+        }
     }
     if !g.listen.is_empty() || !g.tokens.is_empty() {
         writeln!(out, "\n[api]").unwrap();
@@ -487,6 +539,24 @@ fn check_values(g: &GenConfig, c: &Config) {
         matches!(c.cluster.store, Store::Etcd { .. }),
         g.etcd.is_some() || g.hosts.len() > 1
     );
+    let host_names = unique(g.hosts.iter().map(|h| h.0.clone()));
+    for (i, (gh, h)) in g.hosts.iter().zip(&c.hosts).enumerate() {
+        assert_eq!(h.name.as_str(), host_names[i]);
+        assert_eq!(h.address, gh.1.map(|a| format!("10.1.0.{a}")));
+        assert_eq!(h.memory_mb, gh.2);
+        let (device, timeout) = watchdog(g, i).unzip();
+        assert_eq!(h.watchdog, device.map(std::path::PathBuf::from));
+        assert_eq!(
+            h.watchdog_timeout,
+            timeout
+                .flatten()
+                .as_ref()
+                .map_or(d::WATCHDOG_TIMEOUT, Dur::get)
+        );
+        if let (Some(_), Some((ttl, margin))) = (&h.watchdog, lease(g)) {
+            assert!(h.watchdog_timeout < ttl - margin);
+        }
+    }
     let vm_names = unique(g.vms.iter().map(|v| v.name.clone()));
     for ((gv, v), i) in g.vms.iter().zip(&c.vms).zip(0..) {
         assert_eq!(v.name.as_str(), vm_names[i]);
