@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::layout::Layout;
-use crate::records::{EventLog, OwnerChange, OwnerSwap, Records};
+use crate::records::{EventLog, FollowFrom, LoggedEvent, OwnerChange, OwnerSwap, Records};
 use crate::store::{
     CasOutcome, ClusterStore, Compare, Expect, KeyValue, LeaseId, MAX_TXN_OPS, Mutation, Op,
     Revision, StoreError, TxnOutcome, WatchEvent, WatchStream,
@@ -418,49 +418,230 @@ pub async fn ownership_records<S: ClusterStore>(store: &S, cluster: &str) {
     store.revoke(kvm2.id).await.unwrap();
 }
 
-/// The event log keeps the newest events, in order, and followers see new ones.
+/// One event as the event-log check identifies it: (commit revision, host, seq).
+type EventId = (Revision, String, u64);
+
+/// Host `host` writes its events `seqs` (`{"host", "seq"}`) the way a daemon does: in one
+/// transaction with its own state (here its next seq) and the trimming of its stream.
+async fn write_events<S: ClusterStore>(
+    store: &S,
+    log: &EventLog<S>,
+    layout: &Layout,
+    host: &str,
+    seqs: std::ops::Range<u64>,
+) -> Vec<EventId> {
+    let mut ops: Vec<Op> = seqs
+        .clone()
+        .map(|seq| {
+            log.put_op(host, seq, &json!({"host": host, "seq": seq}))
+                .unwrap()
+        })
+        .collect();
+    ops.extend(log.trim_op(host, seqs.end).unwrap());
+    ops.push(put(
+        &layout.agent_state(host).unwrap(),
+        &seqs.end.to_string(),
+    ));
+    let revision = committed(store, vec![], ops).await;
+    seqs.map(|seq| (revision, host.to_owned(), seq)).collect()
+}
+
+fn event_ids(events: &[LoggedEvent<serde_json::Value>]) -> Vec<EventId> {
+    events
+        .iter()
+        .map(|e| {
+            assert_eq!(e.event, json!({"host": e.host, "seq": e.seq}), "decoded");
+            (e.revision, e.host.clone(), e.seq)
+        })
+        .collect()
+}
+
+/// The events of `written` each host still keeps (its newest `keep`), in commit order.
+fn kept(written: &[EventId], keep: u64) -> Vec<EventId> {
+    let next = |host: &str| {
+        written
+            .iter()
+            .filter(|e| e.1 == host)
+            .map(|e| e.2 + 1)
+            .max()
+            .unwrap_or(0)
+    };
+    let mut kept: Vec<EventId> = written
+        .iter()
+        .filter(|e| e.2 + keep >= next(&e.1))
+        .cloned()
+        .collect();
+    kept.sort();
+    kept
+}
+
+/// The seqs stored in `host`'s stream.
+async fn stream_seqs<S: ClusterStore>(store: &S, layout: &Layout, host: &str) -> Vec<u64> {
+    let prefix = layout.host_events_prefix(host).unwrap();
+    let kvs = store.list(&prefix).await.unwrap().kvs;
+    kvs.iter()
+        .map(|kv| layout.parse_host_event(&kv.key).unwrap().1)
+        .collect()
+}
+
+async fn follow_events<S: ClusterStore>(
+    log: &EventLog<S>,
+    from: FollowFrom,
+    n: usize,
+) -> Vec<EventId> {
+    let mut follower = log.follow::<serde_json::Value>(from).await.unwrap();
+    let mut seen = Vec::with_capacity(n);
+    while seen.len() < n {
+        let event = tokio::time::timeout(PATIENCE, follower.next())
+            .await
+            .expect("the follower delivered nothing in time")
+            .unwrap();
+        seen.push(event);
+    }
+    event_ids(&seen)
+}
+
+/// The event log: one stream per host, written by the host itself in its transactions
+/// (`put_op`, `trim_op`); each stream keeps its newest `keep`; `last` merges the listed hosts'
+/// streams in commit order; a follower from a tail delivers every later event of any host once,
+/// in order, also events written between `last` and `follow` and while `last` was reading.
 pub async fn event_log<S: ClusterStore>(store: &S, cluster: &str) {
     let layout = Layout::new(cluster).unwrap();
     let log = EventLog::with_keep(store.clone(), layout.clone(), 5);
-    let mut seqs = Vec::new();
-    for i in 0..12 {
-        seqs.push(log.append(&json!({"n": i})).await.unwrap());
-    }
-    assert!(
-        seqs.windows(2).all(|w| w[0] < w[1]),
-        "sequence numbers increase"
-    );
-    let tail = log.last::<serde_json::Value>(100).await.unwrap();
-    let kept: Vec<_> = tail
-        .events
-        .iter()
-        .map(|e| e.event["n"].as_i64().unwrap())
-        .collect();
-    assert_eq!(kept, [7, 8, 9, 10, 11], "only the newest 5 are kept");
-    assert_eq!(
-        store.list(&layout.events_prefix()).await.unwrap().kvs.len(),
-        5
-    );
-    let last2 = log.last::<serde_json::Value>(2).await.unwrap();
-    assert_eq!(last2.events.len(), 2);
-    assert_eq!(last2.events[1].seq, seqs[11]);
+    let hosts = ["kvm1", "kvm2"];
 
-    // A second handle (another host) continues the numbering and trims the same window.
-    let other = EventLog::with_keep(store.clone(), layout, 5);
-    let mut follower = log
-        .follow::<serde_json::Value>(tail.revision + 1)
+    // Two hosts write their streams, interleaved; kvm2 once writes two events in one commit.
+    let mut written = Vec::new();
+    for seq in 0..8 {
+        written.extend(write_events(store, &log, &layout, "kvm1", seq..seq + 1).await);
+        if seq < 3 {
+            written.extend(write_events(store, &log, &layout, "kvm2", seq..seq + 1).await);
+        }
+    }
+    written.extend(write_events(store, &log, &layout, "kvm2", 3..5).await);
+    assert_eq!(
+        stream_seqs(store, &layout, "kvm1").await,
+        [3, 4, 5, 6, 7],
+        "kvm1 keeps its newest 5"
+    );
+    assert_eq!(
+        stream_seqs(store, &layout, "kvm2").await,
+        [0, 1, 2, 3, 4],
+        "kvm2 has only 5"
+    );
+    assert_eq!(log.next_seq("kvm1").await.unwrap(), 8);
+
+    // The newest events across hosts, in commit order.
+    let all = kept(&written, 5);
+    assert_eq!(all.len(), 10);
+    let tail = log.last::<serde_json::Value>(&hosts, 100).await.unwrap();
+    assert_eq!(
+        event_ids(&tail.events),
+        all,
+        "every kept event, in commit order"
+    );
+    assert!(tail.follow_from.revision() >= all[9].0);
+    let last3 = log.last::<serde_json::Value>(&hosts, 3).await.unwrap();
+    assert_eq!(event_ids(&last3.events), all[7..], "the newest 3");
+    assert_eq!(
+        (last3.events[1].revision, last3.events[1].seq),
+        (last3.events[2].revision, 3),
+        "one commit: by seq"
+    );
+    let only2 = log
+        .last::<serde_json::Value>(&["kvm2", "kvm2"], 2)
         .await
         .unwrap();
-    let seq = other.append(&json!({"n": 12})).await.unwrap();
-    assert!(seq > seqs[11]);
-    let seen = tokio::time::timeout(PATIENCE, follower.next())
+    assert_eq!(
+        event_ids(&only2.events),
+        [all[8].clone(), all[9].clone()],
+        "one host, named twice"
+    );
+    let none = log.last::<serde_json::Value>(&hosts, 0).await.unwrap();
+    assert!(none.events.is_empty());
+    assert_eq!(none.follow_from, tail.follow_from, "nothing written since");
+
+    // Events written between `last` and `follow` and after it, by listed and unlisted hosts,
+    // several in one commit: the follower delivers each once, in commit order.
+    let tail = log.last::<serde_json::Value>(&hosts, 4).await.unwrap();
+    assert_eq!(event_ids(&tail.events), all[6..]);
+    let mut later = write_events(store, &log, &layout, "kvm2", 5..6).await;
+    later.extend(write_events(store, &log, &layout, "kvm3", 0..1).await);
+    later.extend(write_events(store, &log, &layout, "kvm1", 8..10).await);
+    // The follower waits for those and for the one the writer adds while it follows.
+    let follower = follow_events(&log, tail.follow_from, later.len() + 1);
+    let writer = async {
+        tokio::task::yield_now().await;
+        write_events(store, &log, &layout, "kvm2", 6..7).await
+    };
+    let (followed, last_write) = tokio::join!(follower, writer);
+    later.extend(last_write);
+    assert_eq!(
+        followed, later,
+        "everything after the tail, once, in commit order"
+    );
+    let unlisted = log.last::<serde_json::Value>(&hosts, 100).await.unwrap();
+    assert!(
+        unlisted.events.iter().all(|e| e.host != "kvm3"),
+        "hosts not asked for are not shown"
+    );
+    assert_eq!(
+        stream_seqs(store, &layout, "kvm1").await,
+        [5, 6, 7, 8, 9],
+        "trimmed in the same commits"
+    );
+
+    // Two hosts writing while `last` reads their streams (each already longer than `k`, so new
+    // events push older ones out of a read): the tail is the newest `k` as of its revision and
+    // the follower delivers exactly the rest.
+    let racers = ["race1", "race2"];
+    let big = EventLog::with_keep(store.clone(), layout.clone(), 1000);
+    let writers: Vec<_> = racers
+        .into_iter()
+        .map(|host| {
+            let (store, layout) = (store.clone(), layout.clone());
+            tokio::spawn(async move {
+                let log = EventLog::with_keep(store.clone(), layout.clone(), 1000);
+                for seq in 0..40 {
+                    write_events(&store, &log, &layout, host, seq..seq + 1).await;
+                }
+            })
+        })
+        .collect();
+    let started = async {
+        while big.next_seq("race1").await.unwrap() < 12 || big.next_seq("race2").await.unwrap() < 12
+        {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, started)
         .await
-        .unwrap()
-        .unwrap();
-    assert_eq!((seen.seq, seen.event), (seq, json!({"n": 12})));
-    let kept = log.last::<serde_json::Value>(100).await.unwrap().events;
-    assert_eq!(kept.len(), 5);
-    assert_eq!(kept[0].event["n"], 8);
+        .expect("the writers write");
+    let tail = big.last::<serde_json::Value>(&racers, 10).await.unwrap();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let mut stored: Vec<EventId> = Vec::new();
+    for kv in store.list(&layout.events_prefix()).await.unwrap().kvs {
+        let (host, seq) = layout.parse_host_event(&kv.key).unwrap();
+        if racers.contains(&host) {
+            stored.push((kv.mod_revision, host.to_owned(), seq));
+        }
+    }
+    stored.sort();
+    assert_eq!(stored.len(), 80);
+    let at = tail.follow_from.revision();
+    let (before, after): (Vec<EventId>, Vec<EventId>) = stored.into_iter().partition(|e| e.0 <= at);
+    assert_eq!(
+        event_ids(&tail.events),
+        before[before.len().saturating_sub(10)..],
+        "the newest 10 as of the tail's revision"
+    );
+    assert_eq!(
+        follow_events(&big, tail.follow_from, after.len()).await,
+        after,
+        "the rest, once each, in commit order"
+    );
 }
 
 fn put(key: &str, value: &str) -> Op {

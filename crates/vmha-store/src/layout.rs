@@ -256,23 +256,9 @@ impl Layout {
         ))
     }
 
-    /// Prefix of the event log.
+    /// Prefix of the event log: every host's stream ([`Layout::host_events_prefix`]).
     pub fn events_prefix(&self) -> String {
         format!("{}events/", self.root)
-    }
-
-    /// Key of event number `seq` (zero-padded to 20 digits, so key order is number order).
-    pub fn event(&self, seq: u64) -> String {
-        format!("{}{seq:020}", self.events_prefix())
-    }
-
-    /// The sequence number of an event key, if `key` is one.
-    pub fn parse_event(&self, key: &str) -> Option<u64> {
-        let digits = key.strip_prefix(&self.root)?.strip_prefix("events/")?;
-        if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        digits.parse().ok()
     }
 
     /// The election `name` (e.g. "controller"): pass it to [`crate::ClusterStore::campaign`].
@@ -300,7 +286,10 @@ mod tests {
             l.agent_state("kvm1").unwrap(),
             "/vmha/prod/agents/kvm1/state"
         );
-        assert_eq!(l.event(42), "/vmha/prod/events/00000000000000000042");
+        assert_eq!(
+            l.host_event("kvm1", 42).unwrap(),
+            "/vmha/prod/events/kvm1/00000000000000000042"
+        );
         assert_eq!(
             l.election("controller").unwrap(),
             "/vmha/prod/election/controller"
@@ -317,8 +306,20 @@ mod tests {
             Some(("db01", VmRecord::Owner))
         );
         assert_eq!(l.parse_vm("/vmha/prod/vms/db01/other"), None);
-        assert_eq!(l.parse_event(&l.event(u64::MAX)), Some(u64::MAX));
-        assert_eq!(l.parse_event("/vmha/prod/events/12"), None);
+        assert_eq!(
+            l.parse_host_event(&l.host_event("kvm1", u64::MAX).unwrap()),
+            Some(("kvm1", u64::MAX))
+        );
+        assert_eq!(l.parse_host_event("/vmha/prod/events/kvm1/12"), None);
+        assert_eq!(
+            l.parse_host_event("/vmha/prod/events/00000000000000000012"),
+            None,
+            "a key of the old cluster-wide log is no event"
+        );
+        assert_eq!(
+            l.parse_host_event("/vmha/prod/events/a/b/00000000000000000012"),
+            None
+        );
     }
 
     #[test]
