@@ -1,7 +1,9 @@
 //! The admin commands (SPEC §4.7): parsed completely on the command line — `VM/APP`, names,
 //! durations, policies — into the engine's [`AdminCommand`], then sent as its JSON to
 //! `POST /v1/commands`. Anything malformed is a usage error (exit 2) and nothing is sent.
-//! vmhad applies a command whole or refuses it whole; its refusal is printed as it said it.
+//! vmhad applies a command whole or refuses it whole; its refusal is printed as it said it
+//! (exit 1), with a hint when the command changed nothing and may be retried (see
+//! [`crate::report`]).
 
 use std::fmt;
 use std::process::ExitCode;
@@ -15,7 +17,7 @@ use vmha_engine::AdminCommand;
 use vmha_model::{Name, Policy, Tie};
 
 use crate::client::Client;
-use crate::daemon_cmd::{Output, print_json, print_text};
+use crate::output::{Output, print_json, print_text};
 use crate::render::label;
 
 /// An app of a VM, written `VM/APP` on the command line.

@@ -6,6 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 use serde_json::Value;
+use vmha_api::ErrorBody;
 
 /// Why an API call failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,12 +26,12 @@ pub enum ClientError {
     #[error("unexpected answer from vmhad: {0}")]
     Protocol(String),
     /// vmhad refused the request; the message is its error text.
-    #[error("{message}")]
+    #[error("{}", .body.error)]
     Api {
         /// HTTP status.
         status: u16,
-        /// vmhad's error message.
-        message: String,
+        /// vmhad's answer: its message, and the refused command's error as data if any.
+        body: ErrorBody,
     },
 }
 
@@ -98,7 +99,7 @@ impl Client {
         } else {
             Err(ClientError::Api {
                 status,
-                message: value["error"].as_str().unwrap_or(body.trim()).to_string(),
+                body: error_body(value, &body),
             })
         }
     }
@@ -138,5 +139,52 @@ impl Client {
             }
         }
         Ok(())
+    }
+}
+
+/// vmhad's refusal as an [`ErrorBody`]. A body that does not parse whole (e.g. a newer vmhad's
+/// `command_error` this CLI does not know) keeps its `error` text, else the raw body.
+fn error_body(value: Value, raw: &str) -> ErrorBody {
+    let error = match value.get("error").and_then(Value::as_str) {
+        Some(e) => e.to_string(),
+        None => raw.trim().to_string(),
+    };
+    serde_json::from_value(value).unwrap_or(ErrorBody {
+        error,
+        command_error: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use vmha_engine::CommandError;
+
+    #[test]
+    fn refusals_keep_their_command_error() {
+        let raw =
+            r#"{"error": "no cluster controller", "command_error": {"error": "no-controller"}}"#;
+        let body = error_body(serde_json::from_str(raw).unwrap(), raw);
+        assert_eq!(body.error, "no cluster controller");
+        assert_eq!(body.command_error, Some(CommandError::NoController));
+        let raw = r#"{"error": "store down", "command_error": {"error": "store-unavailable", "detail": "etcd: timeout"}}"#;
+        let body = error_body(serde_json::from_str(raw).unwrap(), raw);
+        assert_eq!(
+            body.command_error,
+            Some(CommandError::StoreUnavailable("etcd: timeout".into()))
+        );
+    }
+
+    #[test]
+    fn unknown_refusals_keep_their_message() {
+        let raw = r#"{"error": "too hot", "command_error": {"error": "overheated"}}"#;
+        let body = error_body(serde_json::from_str(raw).unwrap(), raw);
+        assert_eq!(body.error, "too hot");
+        assert_eq!(body.command_error, None);
+        let raw = r#"["not", "an", "error body"]"#;
+        let body = error_body(serde_json::from_str(raw).unwrap(), raw);
+        assert_eq!(body.error, raw);
     }
 }

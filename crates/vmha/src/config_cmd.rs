@@ -11,9 +11,7 @@ use clap::Subcommand;
 use vmha_model::Config;
 
 /// Exit code for an invalid or unreadable configuration (clap's usage errors use 2 as well).
-pub const EXIT_INVALID: u8 = 2;
-/// Exit code for any other failure (e.g. stdout closed).
-pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_INVALID: u8 = crate::report::EXIT_USAGE;
 
 /// The `vmha config` subcommands.
 #[derive(Debug, Subcommand)]

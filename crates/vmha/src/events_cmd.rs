@@ -1,16 +1,17 @@
 //! `vmha events [--limit N] [--follow]`: the event log, one line per state change with its
-//! reason, times in local `HH:MM:SS.mmm`. `--json` prints vmhad's NDJSON lines (with `seq`
-//! and `text`). With `--follow` it keeps printing new events until interrupted; if vmhad
-//! closes the stream (it stopped) that is a failure, exit 1.
+//! reason, times in local `HH:MM:SS.mmm`; a controller's event names the host it ran on
+//! (`controller@kvm1`). `--json` prints vmhad's NDJSON lines (with `host`, `seq` — numbered
+//! per host — and `text`). With `--follow` it keeps printing new events until interrupted; if
+//! vmhad closes the stream (it stopped) that is a failure, exit 1.
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Args;
-use vmha_engine::Event;
+use vmha_api::EventLine;
 
 use crate::client::Client;
-use crate::daemon_cmd::Output;
+use crate::output::Output;
 use crate::render::Render;
 
 /// Arguments of `vmha events`.
@@ -40,8 +41,8 @@ pub fn run(client: &Client, args: &EventsArgs) -> anyhow::Result<ExitCode> {
         let text = if args.out.json {
             Ok(line.to_string())
         } else {
-            serde_json::from_value::<Event>(line)
-                .map(|e| render.event(&e))
+            serde_json::from_value::<EventLine>(line)
+                .map(|e| render.event_line(&e))
                 .map_err(|e| anyhow::anyhow!("unexpected event from vmhad: {e}"))
         };
         let written = text.and_then(|t| writeln!(stdout, "{t}").map_err(anyhow::Error::from));

@@ -11,7 +11,7 @@ use clap::Subcommand;
 use vmha_model::Name;
 
 use crate::client::Client;
-use crate::daemon_cmd::{Output, print_json};
+use crate::output::{Output, print_json};
 use vmha_api::{ExecRequest, GuestOutput};
 
 /// The longest guest command vmhad accepts.

@@ -1,18 +1,25 @@
 //! vmha: the command-line interface. `main` only parses the command line and dispatches to
 //! one module per command group; each module owns its arguments and its output.
+//!
+//! Modules form a tree: `main` → the command groups (`config_cmd`, `daemon_cmd` → `admin_cmd`,
+//! `events_cmd`, `guest_cmd`, `status_cmd`; `demo`) → the shared leaves (`api_args`, `client`,
+//! `output`, `render`, `report`), which import no command module.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 mod admin_cmd;
+mod api_args;
 mod client;
 mod config_cmd;
 mod daemon_cmd;
 mod demo;
 mod events_cmd;
 mod guest_cmd;
+mod output;
 mod render;
+mod report;
 mod status_cmd;
 
 /// Application-aware high availability for KVM/QEMU VMs.
@@ -21,13 +28,14 @@ mod status_cmd;
     name = "vmha",
     version,
     propagate_version = true,
-    after_help = "Exit codes: 0 success, 2 invalid configuration or usage error, 1 other failure."
+    after_help = "Exit codes: 0 success, 2 invalid configuration or usage error, 1 other failure \
+                  (vmhad unreachable, or refusing the command)."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
     #[command(flatten)]
-    api: daemon_cmd::ApiArgs,
+    api: api_args::ApiArgs,
 }
 
 /// The command groups; each variant's arguments live in its own module.
@@ -49,15 +57,5 @@ fn main() -> ExitCode {
         Command::Daemon(cmd) => daemon_cmd::run(cmd, &cli.api),
         Command::Demo(args) => demo::run(args),
     };
-    result.unwrap_or_else(|e| {
-        // A closed pipe (`vmha config show FILE | head`) is the reader's choice, not a failure.
-        let broken_pipe = e
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe);
-        if broken_pipe {
-            return ExitCode::SUCCESS;
-        }
-        eprintln!("vmha: {e:#}");
-        ExitCode::from(config_cmd::EXIT_FAILURE)
-    })
+    result.unwrap_or_else(|e| report::failure(&e))
 }

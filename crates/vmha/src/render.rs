@@ -6,9 +6,9 @@ use std::fmt::Display;
 use std::time::Duration;
 
 use jiff::tz::TimeZone;
-use vmha_engine::{AppStatus, Desired, Event, HostView, Timestamp, VmStatus};
+use vmha_engine::{AppStatus, Desired, Event, HostView, Origin, StoreHealth, Timestamp, VmStatus};
 
-use vmha_api::{Explain, StatusView};
+use vmha_api::{EventLine, Explain, StatusView};
 
 /// Renders in one time zone (the system's for operators, UTC in tests).
 #[derive(Debug, Clone)]
@@ -44,10 +44,26 @@ impl Render {
 
     /// One event: `HH:MM:SS.mmm origin object from → to: reason`.
     pub fn event(&self, e: &Event) -> String {
+        self.event_from(e, &e.origin.to_string())
+    }
+
+    /// One line of `vmha events`: [`Render::event`], with the host whose stream holds the
+    /// event after its origin when the origin does not name it (`controller@kvm1`).
+    pub fn event_line(&self, line: &EventLine) -> String {
+        let e = &line.event;
+        let origin = match (&line.host, &e.origin) {
+            (Some(host), Origin::Host(origin)) if host == origin => origin.to_string(),
+            (Some(host), origin) => format!("{origin}@{host}"),
+            (None, origin) => origin.to_string(),
+        };
+        self.event_from(e, &origin)
+    }
+
+    /// An event with its origin written as given.
+    fn event_from(&self, e: &Event, origin: &str) -> String {
         format!(
-            "{} {} {} {} → {}: {}",
+            "{} {origin} {} {} → {}: {}",
             self.clock(e.time),
-            e.origin,
             e.object,
             e.from,
             e.to,
@@ -55,19 +71,22 @@ impl Render {
         )
     }
 
-    /// `vmha status`: the host, the cluster (on the controller host), every VM group of the
-    /// host with its apps.
+    /// `vmha status`: the host and who runs the cluster controller, the host's state when it
+    /// is not `up`, the cluster store's health, the cluster (on the controller host), every VM
+    /// group of the host with its apps.
     pub fn status(&self, s: &StatusView) -> String {
-        let mut out = format!(
-            "host {} in cluster {}: {}\n",
-            s.host,
-            s.cluster,
-            if s.controller {
-                "runs the cluster controller"
-            } else {
-                "does not run the cluster controller"
-            }
-        );
+        let role = match (&s.leader, s.controller) {
+            (_, true) => "runs the cluster controller".to_string(),
+            (Some(leader), false) => format!("the cluster controller runs on {leader}"),
+            (None, false) => "no cluster controller is known right now".to_string(),
+        };
+        let mut out = format!("host {} in cluster {}: {role}\n", s.host, s.cluster);
+        if let Some(line) = host_state_line(&s.host_state) {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out.push_str(&store_line(&s.store));
+        out.push('\n');
         if let Some(cluster) = &s.cluster_view {
             out.push_str("\nHOSTS\n");
             out.push_str(&table(
@@ -241,6 +260,53 @@ impl Render {
     }
 }
 
+/// The answering host's state, when it is not `up`: marked in capitals, with what it means.
+fn host_state_line(state: &str) -> Option<String> {
+    match state {
+        "up" => None,
+        "fenced" => Some(
+            "host state: FENCED — its cluster lease was not renewed in time: it killed its VMs \
+             and starts none until it holds a lease again"
+                .to_string(),
+        ),
+        other => Some(format!("host state: {}", one_line(other).to_uppercase())),
+    }
+}
+
+/// The cluster store as the answering host sees it: `ok (N commits)`, or `DEGRADED` with the
+/// error and what it means.
+fn store_line(store: &StoreHealth) -> String {
+    let mut line = match &store.degraded {
+        Some(error) => format!(
+            "cluster store: DEGRADED — {}; commands are refused, monitoring and local restarts \
+             go on ({} waiting)",
+            one_line(error),
+            count(
+                u64::try_from(store.pending_events).unwrap_or(u64::MAX),
+                "event"
+            ),
+        ),
+        None => format!("cluster store: ok ({})", count(store.commits, "commit")),
+    };
+    if store.dropped_events > 0 {
+        line.push_str(&format!(
+            "; {} dropped during an outage",
+            count(store.dropped_events, "event")
+        ));
+    }
+    line
+}
+
+/// `1 event`, `3 events`.
+fn count(n: u64, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
+}
+
+/// Text from vmhad on one line: line breaks become spaces.
+fn one_line(text: &str) -> String {
+    text.replace(['\r', '\n'], " ")
+}
+
 /// Policy of a VM group, with its tie rule where the policy has ties.
 fn policy_text(v: &VmStatus) -> String {
     let policy = label(&v.policy);
@@ -391,6 +457,9 @@ mod tests {
             "host": "kvm1",
             "cluster": "prod",
             "controller": true,
+            "leader": "kvm1",
+            "host_state": "up",
+            "store": {"degraded": null, "pending_events": 0, "dropped_events": 0, "commits": 42},
             "agent": {
                 "host": "kvm1",
                 "vms": [{
@@ -482,6 +551,37 @@ mod tests {
     }
 
     #[test]
+    fn event_lines_name_the_host_a_controller_event_comes_from() {
+        let line = |host: Option<&str>, origin: serde_json::Value| -> EventLine {
+            serde_json::from_value(serde_json::json!({
+                "host": host,
+                "seq": 3,
+                "text": "ignored",
+                "time": 1_500,
+                "origin": origin,
+                "object": {"host": "kvm2"},
+                "from": "up",
+                "to": "maintenance",
+                "reason": "admin"
+            }))
+            .unwrap()
+        };
+        let r = utc();
+        assert_eq!(
+            r.event_line(&line(Some("kvm1"), "controller".into())),
+            "00:00:01.500 controller@kvm1 host:kvm2 up → maintenance: admin"
+        );
+        assert_eq!(
+            r.event_line(&line(Some("kvm2"), serde_json::json!({"host": "kvm2"}))),
+            "00:00:01.500 kvm2 host:kvm2 up → maintenance: admin"
+        );
+        assert_eq!(
+            r.event_line(&line(None, "controller".into())),
+            "00:00:01.500 controller host:kvm2 up → maintenance: admin"
+        );
+    }
+
+    #[test]
     fn status_shows_host_cluster_groups_and_apps() {
         let s: StatusView = serde_json::from_value(status_json()).unwrap();
         let text = utc().status(&s);
@@ -521,18 +621,112 @@ mod tests {
         assert!(text.contains("restart budget 3/3 spent in 10m"), "{text}");
     }
 
-    #[test]
-    fn status_without_groups_or_cluster_says_so() {
+    /// The status of a host that runs no controller and may run no VM group: its header only.
+    fn bare_status(edit: impl FnOnce(&mut serde_json::Value)) -> String {
         let mut json = status_json();
         json["controller"] = false.into();
         json["cluster_view"] = serde_json::Value::Null;
         json["agent"]["vms"] = serde_json::json!([]);
+        edit(&mut json);
         let s: StatusView = serde_json::from_value(json).unwrap();
-        let text = utc().status(&s);
+        utc().status(&s)
+    }
+
+    #[test]
+    fn status_without_groups_or_cluster_says_so() {
+        let text = bare_status(|json| json["leader"] = "kvm2".into());
         assert_eq!(
             text,
-            "host kvm1 in cluster prod: does not run the cluster controller\n\n\
+            "host kvm1 in cluster prod: the cluster controller runs on kvm2\n\
+             cluster store: ok (42 commits)\n\n\
              no VM groups may run on kvm1\n"
+        );
+    }
+
+    #[test]
+    fn status_names_the_controller_host_or_says_none_is_known() {
+        let text = bare_status(|json| json["leader"] = "kvm3".into());
+        assert!(
+            text.starts_with("host kvm1 in cluster prod: the cluster controller runs on kvm3\n"),
+            "{text}"
+        );
+        let text = bare_status(|json| json["leader"] = serde_json::Value::Null);
+        assert!(
+            text.starts_with(
+                "host kvm1 in cluster prod: no cluster controller is known right now\n"
+            ),
+            "{text}"
+        );
+        // A vmhad that predates `leader`, `host_state` and `store`: nothing invented.
+        let text = bare_status(|json| {
+            let map = json.as_object_mut().unwrap();
+            for key in ["leader", "host_state", "store"] {
+                map.remove(key);
+            }
+        });
+        assert!(
+            text.contains("no cluster controller is known right now"),
+            "{text}"
+        );
+        assert!(!text.contains("host state:"), "{text}");
+        assert!(text.contains("\ncluster store: ok (0 commits)\n"), "{text}");
+    }
+
+    #[test]
+    fn status_marks_a_fenced_host() {
+        let text = bare_status(|json| json["host_state"] = "fenced".into());
+        let second = text.lines().nth(1).unwrap();
+        assert!(second.starts_with("host state: FENCED — "), "{text}");
+        assert!(second.contains("killed its VMs"), "{text}");
+        let text = bare_status(|json| json["host_state"] = "joining".into());
+        assert_eq!(text.lines().nth(1), Some("host state: JOINING"), "{text}");
+        let text = bare_status(|_| ());
+        assert!(!text.contains("host state:"), "{text}");
+    }
+
+    #[test]
+    fn status_says_when_the_cluster_store_is_degraded() {
+        let text = bare_status(|json| {
+            json["store"] = serde_json::json!({
+                "degraded": "etcd: deadline exceeded\nafter 3 tries",
+                "pending_events": 12,
+                "dropped_events": 0,
+                "commits": 42
+            });
+        });
+        assert!(
+            text.contains(
+                "\ncluster store: DEGRADED — etcd: deadline exceeded after 3 tries; commands are \
+                 refused, monitoring and local restarts go on (12 events waiting)\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("cluster store: ok"), "{text}");
+        let text = bare_status(|json| {
+            json["store"] = serde_json::json!({
+                "degraded": "disk full",
+                "pending_events": 1,
+                "dropped_events": 300,
+                "commits": 1
+            });
+        });
+        assert!(
+            text.contains("(1 event waiting); 300 events dropped during an outage\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn status_of_the_controller_host_shows_a_healthy_store() {
+        let s: StatusView = serde_json::from_value(status_json()).unwrap();
+        let text = utc().status(&s);
+        assert_eq!(
+            text.lines().take(3).collect::<Vec<_>>(),
+            [
+                "host kvm1 in cluster prod: runs the cluster controller",
+                "cluster store: ok (42 commits)",
+                ""
+            ]
         );
     }
 

@@ -7,7 +7,7 @@ use anyhow::Context;
 use vmha_model::Name;
 
 use crate::client::Client;
-use crate::daemon_cmd::{Output, print_json, print_text};
+use crate::output::{Output, print_json, print_text};
 use crate::render::Render;
 use vmha_api::{Explain, StatusView};
 
