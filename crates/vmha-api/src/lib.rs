@@ -10,7 +10,7 @@
 //! - any refusal → an HTTP error status with an [`ErrorBody`]
 
 use serde::{Deserialize, Serialize};
-use vmha_engine::{ClusterVmView, ControllerStatus, Event, HostStatus, VmStatus};
+use vmha_engine::{ClusterVmView, ControllerStatus, Event, HostStatus, StoreHealth, VmStatus};
 use vmha_model::Name;
 
 /// `GET /v1/status`: one host's view.
@@ -22,10 +22,27 @@ pub struct StatusView {
     pub cluster: Name,
     /// Whether that host runs the cluster controller.
     pub controller: bool,
+    /// The host running the cluster controller, if one is known.
+    #[serde(default)]
+    pub leader: Option<Name>,
+    /// The answering host's own state: `up`, or `fenced` (its lease was not renewed in time:
+    /// it killed its VMs and starts none until it holds a lease again).
+    #[serde(default = "StatusView::up")]
+    pub host_state: String,
+    /// How the host's writes to the cluster store fare (`degraded` = the last commit failed:
+    /// commands are refused, monitoring and local restarts go on).
+    #[serde(default)]
+    pub store: StoreHealth,
     /// The host's VM groups and their apps.
     pub agent: HostStatus,
     /// The controller's view (hosts, placement), when that host is the controller.
     pub cluster_view: Option<ControllerStatus>,
+}
+
+impl StatusView {
+    fn up() -> String {
+        "up".to_string()
+    }
 }
 
 /// `GET /v1/vms/{vm}/explain`: why the last decisions about a VM group were taken.
@@ -39,10 +56,13 @@ pub struct Explain {
     pub events: Vec<Event>,
 }
 
-/// One line of `GET /v1/events`: the event, its sequence number and its one-line form.
+/// One line of `GET /v1/events`: the event, where it is in the log and its one-line form.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventLine {
-    /// Sequence number in the cluster's event log (increasing).
+    /// The host whose event stream holds it (each host numbers its own events).
+    #[serde(default)]
+    pub host: Option<Name>,
+    /// Sequence number in that host's event stream (increasing).
     pub seq: u64,
     /// The event as one human-readable line (`time origin object from → to: reason`).
     pub text: String,
@@ -100,6 +120,10 @@ pub struct GuestOutput {
 pub struct ErrorBody {
     /// What was wrong, for a person.
     pub error: String,
+    /// The refusal as data, when it is a refused admin command (its `error` tag names the
+    /// kind: `frozen`, `store-unavailable`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_error: Option<vmha_engine::CommandError>,
 }
 
 #[cfg(test)]
@@ -123,6 +147,7 @@ mod tests {
             reason: "check exited 3".into(),
         };
         let line = EventLine {
+            host: Some(name("kvm1")),
             seq: 7,
             text: event.to_string(),
             event: event.clone(),

@@ -39,6 +39,10 @@ pub(crate) struct VmLocal {
     /// A restart in flight (resumed, not counted again).
     #[serde(default)]
     pub plan: Option<PlanIntent>,
+    /// The VM ran on this host when this was persisted: finding it not running at the next
+    /// start of the daemon is a failure (counted), not a plain start.
+    #[serde(default)]
+    pub running: bool,
     /// The last `clear` generation of the admin record this host applied.
     #[serde(default)]
     pub clear_seen: u64,

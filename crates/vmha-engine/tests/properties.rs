@@ -134,7 +134,8 @@ fn n(s: String) -> Name {
 
 /// A random world/admin command over names that exist (plus the odd unknown one).
 /// `budget_safe` leaves out what legitimately re-arms budgets (clear, budget changes, admin
-/// restarts, host restarts, guest resets, a store failure across which a daemon restarts) —
+/// restarts, host restarts, guest resets, a store failure or a host cut off from the store across
+/// which a daemon restarts) —
 /// daemon restarts with a working store stay in: a restart counted before it ran is never
 /// counted again, nor lost.
 fn command(budget_safe: bool) -> impl Strategy<Value = SimCommand> {
@@ -151,7 +152,6 @@ fn command(budget_safe: bool) -> impl Strategy<Value = SimCommand> {
             vm, kind: [CrashKind::Panic, CrashKind::Shutdown, CrashKind::Gone][k] }),
         1 => (vm.clone(), any::<bool>()).prop_map(|(vm, on)| SimCommand::GuestHang { vm, on }),
         1 => (vm.clone(), any::<bool>()).prop_map(|(vm, on)| SimCommand::BootHang { vm, on }),
-        1 => host.clone().prop_map(SimCommand::HostIsolate),
         1 => host.clone().prop_map(SimCommand::HostRecover),
         1 => host.clone().prop_map(SimCommand::DaemonRestart),
         1 => (host.clone(), vm.clone(), any::<bool>()).prop_map(|(via, vm, f)| SimCommand::Admin {
@@ -174,9 +174,10 @@ fn command(budget_safe: bool) -> impl Strategy<Value = SimCommand> {
     ];
     let rearming = prop_oneof![
         host.clone().prop_map(SimCommand::HostCrash),
-        // While the store fails, counters live only in memory: a daemon restart then loses
-        // them (availability first, documented).
+        // While the store fails (or a host is cut off from it), counters live only in memory: a
+        // daemon restart then loses them (availability first, documented).
         any::<bool>().prop_map(|on| SimCommand::StoreFail { on }),
+        host.clone().prop_map(SimCommand::HostIsolate),
         (host.clone(), vm.clone()).prop_map(|(via, vm)| SimCommand::Admin {
             via: Some(via),
             command: AdminCommand::VmRestart { vm },

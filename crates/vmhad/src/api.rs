@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use vmha_engine::{AdminCommand, CommandError, Event, ObjectRef};
 use vmha_store::ClusterStore;
 use vmha_store::records::EventLog;
@@ -30,38 +30,60 @@ use vmha_model::Name;
 
 use vmha_api::{Applied, ErrorBody, EventLine, ExecRequest, Explain, GuestOutput, StatusView};
 
-use crate::daemon::{ApiRequest, Msg};
+use crate::inbox::{ApiRequest, Inbox, Msg};
 use crate::vm_slot::VmSlot;
 
 struct Ctx<S> {
-    core: mpsc::Sender<Msg>,
+    core: Inbox,
     log: EventLog<S>,
+    hosts: Vec<Name>,
     slots: BTreeMap<Name, Arc<VmSlot>>,
 }
 
 type Shared<S> = Arc<Ctx<S>>;
 
-/// A JSON error body with an HTTP status.
-struct ApiError(StatusCode, String);
+impl<S> Ctx<S> {
+    fn host_names(&self) -> Vec<&str> {
+        self.hosts.iter().map(Name::as_str).collect()
+    }
+}
+
+/// A JSON error body with an HTTP status (and the refused command's error as data).
+struct ApiError(StatusCode, String, Option<CommandError>);
+
+impl ApiError {
+    fn new(status: StatusCode, error: impl Into<String>) -> Self {
+        ApiError(status, error.into(), None)
+    }
+
+    fn command(e: CommandError) -> Self {
+        ApiError(status_of(&e), e.to_string(), Some(e))
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+        let body = ErrorBody {
+            error: self.1,
+            command_error: self.2,
+        };
+        (self.0, Json(body)).into_response()
     }
 }
 
 fn unavailable() -> ApiError {
-    ApiError(
+    ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "vmhad is shutting down".into(),
+        "vmhad is shutting down; nothing of this request was changed",
     )
 }
 
 /// Starts serving; the returned task runs until aborted.
 pub async fn serve<S: ClusterStore>(
     socket: &Path,
-    core: mpsc::Sender<Msg>,
+    core: Inbox,
     log: EventLog<S>,
+    hosts: Vec<Name>,
     slots: BTreeMap<Name, Arc<VmSlot>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     // A socket file left by an earlier run; nothing else may live at this path.
@@ -71,7 +93,12 @@ pub async fn serve<S: ClusterStore>(
     // Admin commands come through this socket: only its owner (and group) may connect.
     std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o660))
         .map_err(|e| anyhow::anyhow!("restricting the API socket {}: {e}", socket.display()))?;
-    let ctx = Arc::new(Ctx { core, log, slots });
+    let ctx = Arc::new(Ctx {
+        core,
+        log,
+        hosts,
+        slots,
+    });
     let app = Router::new()
         .route("/v1/status", get(status::<S>))
         .route("/v1/vms/{vm}/explain", get(explain::<S>))
@@ -88,10 +115,9 @@ pub async fn serve<S: ClusterStore>(
 
 async fn current_status<S>(ctx: &Ctx<S>) -> Result<StatusView, ApiError> {
     let (tx, rx) = oneshot::channel();
-    ctx.core
-        .send(Msg::Api(ApiRequest::Status(tx)))
-        .await
-        .map_err(|_| unavailable())?;
+    if !ctx.core.send(Msg::Api(ApiRequest::Status(tx))).await {
+        return Err(unavailable());
+    }
     rx.await.map_err(|_| unavailable())
 }
 
@@ -107,7 +133,7 @@ async fn explain<S: ClusterStore>(
 ) -> Result<Json<Explain>, ApiError> {
     let status = current_status(&ctx).await?;
     let Some(vm_status) = status.agent.vms.into_iter().find(|v| v.name.as_str() == vm) else {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no VM named `{vm}` on this host"),
         ));
@@ -117,9 +143,9 @@ async fn explain<S: ClusterStore>(
         .and_then(|c| c.vms.into_iter().find(|v| v.name.as_str() == vm));
     let tail = ctx
         .log
-        .last::<Event>(2_000)
+        .last::<Event>(&ctx.host_names(), 2_000)
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let mut events: Vec<Event> = tail
         .events
         .into_iter()
@@ -155,8 +181,9 @@ fn default_limit() -> usize {
     50
 }
 
-fn ndjson(seq: u64, event: Event) -> String {
+fn ndjson(host: &str, seq: u64, event: Event) -> String {
     let mut line = serde_json::to_string(&EventLine {
+        host: Name::new(host).ok(),
         seq,
         text: event.to_string(),
         event,
@@ -170,23 +197,23 @@ async fn events<S: ClusterStore>(
     State(ctx): State<Shared<S>>,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Query(q) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     if q.limit > 10_000 {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            "limit must be at most 10000".into(),
+            "limit must be at most 10000",
         ));
     }
     let tail = ctx
         .log
-        .last::<Event>(q.limit)
+        .last::<Event>(&ctx.host_names(), q.limit)
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let revision = tail.revision;
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let from = tail.follow_from;
     let head: String = tail
         .events
         .into_iter()
-        .map(|e| ndjson(e.seq, e.event))
+        .map(|e| ndjson(&e.host, e.seq, e.event))
         .collect();
     let ndjson_type = [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")];
     if !q.follow {
@@ -194,12 +221,12 @@ async fn events<S: ClusterStore>(
     }
     let follower = ctx
         .log
-        .follow::<Event>(revision + 1)
+        .follow::<Event>(from)
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let live = futures_util::stream::unfold(follower, |mut f| async move {
         match f.next().await {
-            Ok(e) => Some((Ok::<_, std::io::Error>(ndjson(e.seq, e.event)), f)),
+            Ok(e) => Some((Ok::<_, std::io::Error>(ndjson(&e.host, e.seq, e.event)), f)),
             Err(err) => {
                 tracing::debug!("event follower ended: {err}");
                 None
@@ -215,15 +242,14 @@ async fn command<S: ClusterStore>(
     State(ctx): State<Shared<S>>,
     body: Result<Json<AdminCommand>, JsonRejection>,
 ) -> Result<Json<Applied>, ApiError> {
-    let Json(cmd) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Json(cmd) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let (tx, rx) = oneshot::channel();
-    ctx.core
-        .send(Msg::Api(ApiRequest::Command(cmd, tx)))
-        .await
-        .map_err(|_| unavailable())?;
+    if !ctx.core.send(Msg::Api(ApiRequest::Command(cmd, tx))).await {
+        return Err(unavailable());
+    }
     match rx.await.map_err(|_| unavailable())? {
         Ok(()) => Ok(Json(Applied { ok: true })),
-        Err(e) => Err(ApiError(status_of(&e), e.to_string())),
+        Err(e) => Err(ApiError::command(e)),
     }
 }
 
@@ -235,6 +261,10 @@ fn status_of(e: &CommandError) -> StatusCode {
         CommandError::InvalidValue(_) | CommandError::HostNotAcceptable { .. } => {
             StatusCode::BAD_REQUEST
         }
+        CommandError::StoreUnavailable(_)
+        | CommandError::NoController
+        | CommandError::NotTaken(_)
+        | CommandError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::CONFLICT,
     }
 }
@@ -244,15 +274,15 @@ async fn exec<S: ClusterStore>(
     UrlPath(vm): UrlPath<String>,
     body: Result<Json<ExecRequest>, JsonRejection>,
 ) -> Result<Json<GuestOutput>, ApiError> {
-    let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Json(body) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     if body.argv.first().is_none_or(String::is_empty) {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            "argv must name a program".into(),
+            "argv must name a program",
         ));
     }
     if !(1..=ExecRequest::MAX_TIMEOUT_MS).contains(&body.timeout_ms) {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!(
                 "timeout_ms must be between 1 and {}",
@@ -261,7 +291,7 @@ async fn exec<S: ClusterStore>(
         ));
     }
     let Some(slot) = ctx.slots.get(vm.as_str()) else {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no VM named `{vm}` on this host"),
         ));
@@ -269,5 +299,5 @@ async fn exec<S: ClusterStore>(
     slot.exec(&body.argv, Duration::from_millis(body.timeout_ms))
         .await
         .map(Json)
-        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))
 }

@@ -1,20 +1,21 @@
-//! Executes the engine's actions. Each action runs in its own task and answers the core with
-//! exactly one input, so a slow or hung guest never delays another VM's probes or actions.
+//! Executes the engine's actions once they may run. Each action runs in its own task and
+//! answers the core with exactly one input, so a slow or hung guest never delays another VM.
+//! Controller writes of ownership records are compare-and-swaps fenced by the controller's
+//! term and, on etcd, bound to the new owner's lease.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
 use vmha_engine::{
-    ControllerAction, ControllerActionKind, ControllerInput, HostAction, HostActionKind, HostInput,
+    ControllerAction, ControllerActionKind, HostAction, HostActionKind, HostInput, OwnerRecord,
 };
 use vmha_model::Name;
-use vmha_store::ClusterStore;
-use vmha_store::records::Records;
-use vmha_store::{CasOutcome, Expect, Mutation};
+use vmha_store::layout::Layout;
+use vmha_store::{ClusterStore, Compare, Op, TxnOutcome};
 
-use crate::daemon::Msg;
-use crate::store_io::{StoredReport, Write};
+use crate::election::Leadership;
+use crate::follow::HostLeases;
+use crate::inbox::{HostInputs, Inbox, Msg};
 use crate::vm_slot::{SlotError, VmSlot};
 
 /// Runs actions against this host's VM slots and the cluster store.
@@ -23,12 +24,21 @@ pub struct Executor<S> {
     pub host: Name,
     /// The VMs this host may run.
     pub slots: BTreeMap<Name, Arc<VmSlot>>,
-    /// Answers go here.
-    pub tx: mpsc::Sender<Msg>,
-    /// Ordered store writes.
-    pub writes: mpsc::UnboundedSender<Write>,
-    /// Typed store access for compare-and-swap.
-    pub records: Records<S>,
+    /// Answers to host actions.
+    pub answers: HostInputs,
+    /// Answers to controller actions.
+    pub inbox: Inbox,
+    /// The store.
+    pub store: S,
+    /// Key layout.
+    pub layout: Layout,
+    /// Bind ownership records to the owner's lease (etcd) or not (embedded: one host, nothing
+    /// can take over, and the records must survive a daemon restart).
+    pub leased_owners: bool,
+    /// Hosts' leases.
+    pub leases: Arc<HostLeases>,
+    /// This host's leadership (the fence of controller writes).
+    pub leadership: Arc<Leadership>,
 }
 
 impl<S: ClusterStore> Executor<S> {
@@ -36,96 +46,67 @@ impl<S: ClusterStore> Executor<S> {
     pub fn host_action(&self, action: HostAction) {
         tracing::debug!(id = %action.id, reason = %action.reason, "action {:?}", action.kind);
         let id = action.id;
-        let tx = self.tx.clone();
-        let is_probe = matches!(action.kind, HostActionKind::Probe { .. });
-        // Every action is answered exactly once, even for a VM this host has no slot for.
-        let slot_of = |vm: &Name| {
-            let slot = self.slots.get(vm).cloned();
-            if slot.is_none() {
-                let answer = if is_probe {
-                    HostInput::GuestUnreachable { vm: vm.clone() }
-                } else {
-                    HostInput::ActionResult {
-                        id,
-                        result: Err(format!("VM {vm} is not configured on host {}", self.host)),
-                    }
-                };
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let _ = tx.send(Msg::Host(answer)).await;
-                });
-            }
-            slot
+        let answers = self.answers.clone();
+        let vm = match &action.kind {
+            HostActionKind::Probe { vm, .. }
+            | HostActionKind::StartApp { vm, .. }
+            | HostActionKind::StopApp { vm, .. }
+            | HostActionKind::StartVm { vm }
+            | HostActionKind::StopVm { vm, .. }
+            | HostActionKind::KillVm { vm } => vm.clone(),
         };
-        match action.kind {
-            HostActionKind::Report { vm, report } => {
-                let stored = StoredReport {
-                    host: self.host.clone(),
-                    report,
-                };
-                // The writer only stops when the daemon exits.
-                let _ = self.writes.send(Write::Report(vm, stored));
-            }
-            HostActionKind::Probe { vm, checks } => {
-                let Some(slot) = slot_of(&vm) else { return };
-                tokio::spawn(async move {
-                    let input = match slot.probe(&checks).await {
-                        Ok(outcomes) => HostInput::ProbeResult { id, vm, outcomes },
-                        // Answered by the engine's GuestExec input: the channel itself is fine.
-                        Err(SlotError::ExecBlocked { .. }) => return slot.exec_refused().await,
-                        Err(e) => {
-                            tracing::debug!(%vm, "probe failed: {e}");
-                            HostInput::GuestUnreachable { vm }
-                        }
-                    };
-                    let _ = tx.send(Msg::Host(input)).await;
-                });
-            }
-            HostActionKind::StartApp { vm, app, argv }
-            | HostActionKind::StopApp { vm, app, argv } => {
-                let Some(slot) = slot_of(&vm) else { return };
-                tokio::spawn(async move {
+        let Some(slot) = self.slots.get(&vm).cloned() else {
+            // Every action is answered exactly once, even for a VM without a slot here.
+            let answer = match action.kind {
+                HostActionKind::Probe { .. } => HostInput::GuestUnreachable { vm },
+                _ => HostInput::ActionResult {
+                    id,
+                    result: Err(format!("VM {vm} is not configured on host {}", self.host)),
+                },
+            };
+            tokio::spawn(async move {
+                answers.send(answer).await;
+            });
+            return;
+        };
+        tokio::spawn(async move {
+            let answer = match action.kind {
+                HostActionKind::Probe { vm, checks } => match slot.probe(&checks).await {
+                    Ok(outcomes) => HostInput::ProbeResult { id, vm, outcomes },
+                    // Answered by the engine's GuestExec input: the channel itself is fine.
+                    Err(SlotError::ExecBlocked { .. }) => return slot.exec_refused().await,
+                    Err(e) => {
+                        tracing::debug!(%vm, "probe failed: {e}");
+                        HostInput::GuestUnreachable { vm }
+                    }
+                },
+                HostActionKind::StartApp { vm, app, argv }
+                | HostActionKind::StopApp { vm, app, argv } => {
                     let result = slot.run_app_command(&argv).await.map_err(|e| e.to_string());
                     if let Err(e) = &result {
                         tracing::info!(%vm, %app, "app command failed: {e}");
                     }
-                    let _ = tx
-                        .send(Msg::Host(HostInput::ActionResult { id, result }))
-                        .await;
-                });
-            }
-            HostActionKind::StartVm { vm } => {
-                let Some(slot) = slot_of(&vm) else { return };
-                tokio::spawn(async move {
-                    let result = slot.start().await.map_err(|e| e.to_string());
-                    let _ = tx
-                        .send(Msg::Host(HostInput::ActionResult { id, result }))
-                        .await;
-                });
-            }
-            HostActionKind::StopVm { vm, timeout } => {
-                let Some(slot) = slot_of(&vm) else { return };
-                tokio::spawn(async move {
-                    let result = slot.stop(timeout).await.map_err(|e| e.to_string());
-                    let _ = tx
-                        .send(Msg::Host(HostInput::ActionResult { id, result }))
-                        .await;
-                });
-            }
-            HostActionKind::KillVm { vm } => {
-                let Some(slot) = slot_of(&vm) else { return };
-                tokio::spawn(async move {
-                    let result = slot.kill().await.map_err(|e| e.to_string());
-                    let _ = tx
-                        .send(Msg::Host(HostInput::ActionResult { id, result }))
-                        .await;
-                });
-            }
-        }
+                    HostInput::ActionResult { id, result }
+                }
+                HostActionKind::StartVm { .. } => HostInput::ActionResult {
+                    id,
+                    result: slot.start().await.map_err(|e| e.to_string()),
+                },
+                HostActionKind::StopVm { timeout, .. } => HostInput::ActionResult {
+                    id,
+                    result: slot.stop(timeout).await.map_err(|e| e.to_string()),
+                },
+                HostActionKind::KillVm { .. } => HostInput::ActionResult {
+                    id,
+                    result: slot.kill().await.map_err(|e| e.to_string()),
+                },
+            };
+            answers.send(answer).await;
+        });
     }
 
-    /// Starts executing a controller action.
-    pub fn controller_action(&self, action: ControllerAction) {
+    /// Starts executing a controller action of term `term`.
+    pub fn controller_action(&self, term: u64, action: ControllerAction) {
         tracing::debug!(id = %action.id, reason = %action.reason, "controller action {:?}", action.kind);
         match action.kind {
             ControllerActionKind::Alert { vm } => {
@@ -136,50 +117,70 @@ impl<S: ClusterStore> Executor<S> {
                 expected_revision,
                 record,
             } => {
-                let records = self.records.clone();
-                let tx = self.tx.clone();
                 let id = action.id;
+                let inbox = self.inbox.clone();
+                let write = self.cas_owner(term, &vm, expected_revision, &record);
                 tokio::spawn(async move {
-                    let revision = match cas_owner(&records, &vm, expected_revision, &record).await
-                    {
+                    let revision = match write.await {
                         Ok(revision) => revision,
                         Err(e) => {
-                            tracing::error!(%vm, "ownership compare-and-swap failed: {e}");
+                            tracing::warn!(%vm, "ownership compare-and-swap failed: {e}");
                             None
                         }
                     };
-                    let _ = tx
-                        .send(Msg::Ctrl(ControllerInput::CasResult { id, revision }))
-                        .await;
+                    inbox.send(Msg::CasResult { id, revision }).await;
                 });
             }
         }
     }
-}
 
-/// Writes `record` iff the stored revision is still `expected` (0: absent); the new revision
-/// when written. On the embedded
-/// store ownership is not bound to a lease: one host, and the admin's desired state (a stopped
-/// VM stays stopped) must survive a daemon restart.
-async fn cas_owner<S: ClusterStore>(
-    records: &Records<S>,
-    vm: &Name,
-    expected: u64,
-    record: &vmha_engine::OwnerRecord,
-) -> anyhow::Result<Option<u64>> {
-    let key = records.layout().vm_owner(vm.as_str())?;
-    let expect = if expected == 0 {
-        Expect::Absent
-    } else {
-        Expect::Revision(expected)
-    };
-    let value = serde_json::to_vec(record)?;
-    let outcome = records
-        .store()
-        .compare_and_swap(&key, expect, Mutation::Put { value, lease: None })
-        .await?;
-    Ok(match outcome {
-        CasOutcome::Swapped { revision } => Some(revision),
-        CasOutcome::Conflict { .. } => None,
-    })
+    /// Writes `record` iff the stored revision is still `expected` (0: absent) and term `term`
+    /// still leads; the new revision when written.
+    fn cas_owner(
+        &self,
+        term: u64,
+        vm: &Name,
+        expected: u64,
+        record: &OwnerRecord,
+    ) -> impl std::future::Future<Output = anyhow::Result<Option<u64>>> + Send + use<S> {
+        let store = self.store.clone();
+        let prepared = (|| -> anyhow::Result<Option<(Vec<Compare>, Vec<Op>)>> {
+            let Some(fence) = self.leadership.fence(term) else {
+                return Ok(None);
+            };
+            let key = self.layout.vm_owner(vm.as_str())?;
+            let expect = if expected == 0 {
+                Compare::Absent { key: key.clone() }
+            } else {
+                Compare::ModRevision {
+                    key: key.clone(),
+                    revision: expected,
+                }
+            };
+            let lease = match (&record.owner, self.leased_owners) {
+                (Some(owner), true) => match self.leases.get(owner) {
+                    Some(l) => Some(l),
+                    // Not a member (any more): it cannot own anything.
+                    None => return Ok(None),
+                },
+                _ => None,
+            };
+            let value = serde_json::to_vec(record)?;
+            Ok(Some((
+                vec![expect, fence],
+                vec![Op::Put { key, value, lease }],
+            )))
+        })();
+        async move {
+            let Some((compares, ops)) = prepared? else {
+                return Ok(None);
+            };
+            Ok(match store.txn(compares, ops).await {
+                Ok(TxnOutcome::Committed { revision }) => Some(revision),
+                Ok(TxnOutcome::Failed) => None,
+                Err(vmha_store::StoreError::LeaseExpired { .. }) => None,
+                Err(e) => return Err(e.into()),
+            })
+        }
+    }
 }

@@ -7,10 +7,17 @@
 //! SIGTERM / SIGINT stop the daemon and leave the VMs running unless `--stop-vms-on-exit`.
 
 mod api;
+mod codec;
+mod core;
 mod daemon;
+mod election;
 mod executor;
+mod fence;
+mod follow;
+mod forward;
 mod host;
-mod store_io;
+mod inbox;
+mod lease;
 mod vm_slot;
 
 use std::path::PathBuf;

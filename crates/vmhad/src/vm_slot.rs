@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Mutex, Notify, mpsc};
+use tokio::sync::{Mutex, Notify};
 use vmha_api::GuestOutput;
 use vmha_engine::{HostInput, VmObservation};
 use vmha_model::{Accel, Driver, Name, Vm};
@@ -18,7 +18,8 @@ use vmha_qemu::{
     QmpEvent, RunStatus, VmEvent, VmStatus,
 };
 
-use crate::daemon::Msg;
+use crate::fence::Fence;
+use crate::inbox::HostInputs;
 
 /// Why a driver operation failed (reported to the engine as the action's error text).
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,9 @@ pub enum SlotError {
     /// The daemon is exiting with `--stop-vms-on-exit`: no VM is started any more.
     #[error("VM {0} not started: vmhad is exiting and stopping its VMs")]
     Exiting(Name),
+    /// This host has fenced itself (or its lease is overdue): no VM may start.
+    #[error("VM {0} not started: this host's lease is not live (self-fenced)")]
+    Fenced(Name),
     /// The guest agent refuses `guest-exec` (its configuration blocks it).
     #[error("guest agent of VM {vm} blocks guest-exec: {detail}")]
     ExecBlocked {
@@ -79,13 +83,15 @@ pub struct VmSlot {
     /// Milliseconds (monotonic, since daemon start) of the last proof of a live guest channel.
     guest_seen: AtomicU64,
     poke: Notify,
-    tx: mpsc::Sender<Msg>,
+    tx: HostInputs,
+    fence: Arc<Fence>,
     epoch: tokio::time::Instant,
 }
 
 impl VmSlot {
-    /// A slot for `vm`, reporting to the core through `tx`.
-    pub fn new(vm: &Vm, runtime_dir: PathBuf, tx: mpsc::Sender<Msg>) -> Arc<Self> {
+    /// A slot for `vm`, reporting to the core through `tx`; it starts nothing while `fence`
+    /// says the host may not run VMs.
+    pub fn new(vm: &Vm, runtime_dir: PathBuf, tx: HostInputs, fence: Arc<Fence>) -> Arc<Self> {
         let slot = Arc::new(VmSlot {
             name: vm.name.clone(),
             spec: launch_spec(vm),
@@ -100,6 +106,7 @@ impl VmSlot {
             guest_seen: AtomicU64::new(0),
             poke: Notify::new(),
             tx,
+            fence,
             epoch: tokio::time::Instant::now(),
         });
         tokio::spawn(guest_watcher(Arc::clone(&slot)));
@@ -108,7 +115,7 @@ impl VmSlot {
 
     async fn send(&self, input: HostInput) {
         // The core is gone only when the daemon exits.
-        let _ = self.tx.send(Msg::Host(input)).await;
+        let _ = self.tx.send(input).await;
     }
 
     fn qga(&self) -> Option<Arc<QgaClient>> {
@@ -208,6 +215,10 @@ impl VmSlot {
         // could adopt it): a start request finding it running adopts it.
         if self.reattach(&mut guard).await {
             return Ok(());
+        }
+        // Checked last, right before launching: the fence may have struck meanwhile.
+        if !self.fence.may_run() {
+            return Err(SlotError::Fenced(self.name.clone()));
         }
         match QemuVm::launch(spec, &self.runtime_dir, &self.driver).await {
             Ok(vm) => {
@@ -497,7 +508,11 @@ fn observation_of(status: &VmStatus) -> VmObservation {
 }
 
 /// Turns one QEMU's events into VM monitor inputs until it is gone.
-async fn pump(slot: Arc<VmSlot>, generation: u64, mut events: mpsc::Receiver<VmEvent>) {
+async fn pump(
+    slot: Arc<VmSlot>,
+    generation: u64,
+    mut events: tokio::sync::mpsc::Receiver<VmEvent>,
+) {
     while let Some(event) = events.recv().await {
         if slot.generation.load(Ordering::SeqCst) != generation {
             return;
@@ -613,6 +628,9 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    use crate::inbox::Msg;
+    use tokio::sync::mpsc;
+
     fn slot() -> (Arc<VmSlot>, mpsc::Receiver<Msg>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let config = vmha_model::Config::from_toml_str(
@@ -636,8 +654,9 @@ kernel = "/nonexistent/vmlinuz"
             "test.toml",
         )
         .unwrap();
-        let (tx, rx) = mpsc::channel(64);
-        let slot = VmSlot::new(&config.vms[0], dir.path().to_path_buf(), tx);
+        let (tx, rx) = HostInputs::for_test();
+        let fence = Fence::new(Duration::from_secs(60), false, Vec::new());
+        let slot = VmSlot::new(&config.vms[0], dir.path().to_path_buf(), tx, fence);
         (slot, rx, dir)
     }
 

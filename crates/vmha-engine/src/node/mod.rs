@@ -583,6 +583,14 @@ impl Node {
 
     /// Moves everything the agents produced into the outbox.
     fn collect(&mut self) {
+        // The controller's admin changes reach this host's own agent at once, in the same
+        // batch (other hosts learn them from the store): a freeze answered here holds here.
+        while self.collect_once() {}
+    }
+
+    /// One pass of [`Node::collect`]; `true` if the controller changed admin records, which
+    /// were handed to the agent (whose reaction a next pass collects).
+    fn collect_once(&mut self) -> bool {
         while let Some(a) = self.agent.poll_action() {
             self.out.effects.host_actions.push(a);
         }
@@ -605,11 +613,24 @@ impl Node {
             }
             let d = l.controller.take_dirty();
             self.out.controller_state |= d.state.is_some();
-            self.out.admin.extend(d.admin.into_iter().map(|(vm, _)| vm));
+            self.out
+                .admin
+                .extend(d.admin.iter().map(|(vm, _)| vm.clone()));
             for e in events {
                 self.push_event(e);
             }
+            let changed = !d.admin.is_empty();
+            for (vm, admin) in d.admin {
+                let record = Record::Admin {
+                    vm,
+                    admin: Some(admin),
+                };
+                self.mirror.insert(record.key(), record.clone());
+                self.agent.handle_record(self.now, &record);
+            }
+            return changed;
         }
+        false
     }
 
     fn push_event(&mut self, e: Event) {

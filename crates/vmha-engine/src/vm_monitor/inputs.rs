@@ -64,7 +64,7 @@ impl VmMonitor {
         match kind {
             VmObservation::Running => {
                 if self.run == Run::Stopped || self.run == Run::Unknown {
-                    self.run = Run::Running;
+                    self.set_run(Run::Running);
                 }
                 self.paused = false;
                 self.reconcile(out);
@@ -89,6 +89,9 @@ impl VmMonitor {
                     "guest reset itself: waiting for the guest channel, then starting apps",
                 );
                 self.begin(out, Intent::Start, &[Step::WaitGuest, Step::StartApps]);
+                if let Some(plan) = self.plan.as_mut() {
+                    plan.fresh_guest = true;
+                }
             }
             VmObservation::Stopped { .. } | VmObservation::Panicked | VmObservation::Gone => {
                 let gone = kind == VmObservation::Gone;
@@ -99,9 +102,9 @@ impl VmMonitor {
                     || self.run == Run::Unknown && self.plan.is_none();
                 let was_unknown = self.run == Run::Unknown;
                 if gone {
-                    self.run = Run::Stopped;
+                    self.set_run(Run::Stopped);
                 } else if self.run != Run::Stopped {
-                    self.run = Run::Crashed;
+                    self.set_run(Run::Crashed);
                 }
                 if expected {
                     if was_unknown {
@@ -315,7 +318,7 @@ impl VmMonitor {
         }
         match (step, result) {
             (Step::StopVm | Step::KillVm, Ok(())) => {
-                self.run = Run::Stopped;
+                self.set_run(Run::Stopped);
                 self.guest_up = None;
                 self.exec_blocked = false;
                 self.guest_down_since = None;
@@ -336,7 +339,10 @@ impl VmMonitor {
                 }
             }
             (Step::StartVm, Ok(())) => {
-                self.run = Run::Running;
+                if let Some(plan) = self.plan.as_mut() {
+                    plan.fresh_guest = true;
+                }
+                self.set_run(Run::Running);
                 self.guest_up = None;
                 self.exec_blocked = false;
                 self.guest_down_since = None;
@@ -345,7 +351,7 @@ impl VmMonitor {
                 self.advance(out);
             }
             (Step::StartVm, Err(e)) => {
-                self.run = Run::Crashed;
+                self.set_run(Run::Crashed);
                 self.plan = None;
                 self.dirty.local = true;
                 self.vm_failed(out, &format!("VM start failed: {e}"));

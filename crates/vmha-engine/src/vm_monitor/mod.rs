@@ -132,6 +132,9 @@ struct Plan {
     intent: Intent,
     steps: VecDeque<Step>,
     cur: Option<Cur>,
+    /// The guest booted afresh in this plan (started, or reset itself): its apps' in-guest
+    /// restart budgets are re-armed. A plan resumed after a daemon restart keeps counting.
+    fresh_guest: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -177,6 +180,8 @@ pub(crate) struct VmMonitor {
     restored_restart: bool,
     /// The admin record's `clear` generation this host has applied.
     clear_seen: u64,
+    /// The VM ran here when the previous run of the daemon last persisted its state.
+    restored_running: bool,
     /// Run-time settings were applied from the store (or changed here) at least once.
     settings_known: bool,
     /// What changed in persisted data (host-local state, settings) since it was handed out.
@@ -243,6 +248,7 @@ impl VmMonitor {
             revision: 0,
             restored_restart: false,
             clear_seen: 0,
+            restored_running: false,
             settings_known: false,
             dirty: Dirty::default(),
         };
@@ -254,8 +260,24 @@ impl VmMonitor {
             }
             m.restored_restart = l.plan == Some(PlanIntent::Restart);
             m.clear_seen = l.clear_seen;
+            m.restored_running = l.running;
         }
         m
+    }
+
+    /// What the hypervisor says about the VM here; a change of whether it runs is persisted.
+    fn set_run(&mut self, run: Run) {
+        let before = self.ran();
+        self.run = run;
+        if self.ran() != before {
+            self.dirty.local = true;
+        }
+    }
+
+    /// Whether the VM runs here, as persisted (not observed yet: what the previous run of the
+    /// daemon knew still holds).
+    fn ran(&self) -> bool {
+        self.run == Run::Running || (self.run == Run::Unknown && self.restored_running)
     }
 
     /// The host-local state to persist.
@@ -269,6 +291,7 @@ impl VmMonitor {
             vm_restarts: self.budget.times.clone(),
             fault: self.fault.clone(),
             plan,
+            running: self.ran(),
             clear_seen: self.clear_seen,
             app_restarts: self
                 .apps

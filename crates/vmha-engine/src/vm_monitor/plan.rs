@@ -10,6 +10,7 @@ impl VmMonitor {
         self.cancel_plan();
         self.dirty.local = true;
         self.plan = Some(Plan {
+            fresh_guest: false,
             intent,
             steps: steps.iter().copied().collect(),
             cur: None,
@@ -24,7 +25,7 @@ impl VmMonitor {
         if let Some(plan) = self.plan.take()
             && let Some(Cur::Action(_, Step::StartVm)) = plan.cur
         {
-            self.run = Run::Crashed;
+            self.set_run(Run::Crashed);
         }
         for a in &mut self.apps {
             if matches!(a.op, Some(AppOp::Stop(_, StopWhy::Plan))) {
@@ -148,12 +149,15 @@ impl VmMonitor {
                     self.apps_unprobeable(out);
                     return None;
                 }
+                let fresh = self.plan.as_ref().is_some_and(|p| p.fresh_guest);
                 for i in 0..self.apps.len() {
                     self.apps[i].op = None;
                     self.apps[i].timeouts = 0;
-                    // A fresh guest re-arms the in-guest restart budget.
-                    self.apps[i].budget.reset();
-                    self.dirty.local = true;
+                    if fresh {
+                        // A fresh guest re-arms the in-guest restart budget.
+                        self.apps[i].budget.reset();
+                        self.dirty.local = true;
+                    }
                     if self.apps[i].offline.is_some() {
                         self.set_app(
                             out,

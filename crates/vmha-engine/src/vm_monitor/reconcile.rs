@@ -31,10 +31,25 @@ impl VmMonitor {
             }
             return;
         }
+        if !mine {
+            // Whether it ran here before says nothing once another host (or none) owns it.
+            self.restored_running = false;
+        }
         if mine && self.desired == Some(Desired::Run) {
             match self.run {
                 Run::Stopped | Run::Crashed => {
                     if self.fault.is_some() {
+                        return;
+                    }
+                    if std::mem::take(&mut self.restored_running) && !self.restored_restart {
+                        // It ran here when the daemon last saved its state, and it does not
+                        // run now: it failed while nobody watched (a restart, counted).
+                        self.dirty.local = true;
+                        self.restart_or_fault(
+                            out,
+                            "VM found not running when vmhad started (it ran before)",
+                            true,
+                        );
                         return;
                     }
                     if self.restored_restart {
@@ -57,6 +72,7 @@ impl VmMonitor {
                     self.begin(out, Intent::Start, &steps);
                 }
                 Run::Running => {
+                    self.restored_running = false;
                     if self.restored_restart {
                         self.set_state(
                             out,

@@ -73,7 +73,7 @@ impl VmMonitor {
                     // The QEMU process still runs a guest that never came up: it must be
                     // killed before the VM is started again (or left faulted).
                     if self.run == Run::Running {
-                        self.run = Run::Crashed;
+                        self.set_run(Run::Crashed);
                     }
                     self.vm_failed(out, &why);
                 }

@@ -1,0 +1,213 @@
+//! Self-fencing (SPEC §4.6): a host whose lease has not been renewed for `ttl - fence_margin`
+//! kills its HA VMs, before the store can expire the lease anywhere else.
+//!
+//! The deadline runs from when the last *acknowledged* renewal was **sent**, on a monotonic
+//! clock: a lease lives at least `ttl` from that moment, so the kills land at least
+//! `fence_margin` before any other host may assume the VMs are gone.
+//!
+//! The kill path is a dedicated OS thread that owns nothing but atomics and the VMs' socket
+//! paths: no lock of a VM slot, no async runtime, no store call can hold it up. It finds each
+//! VM's QEMU by its command line (the VM's QMP socket path) and SIGKILLs it; while fenced it
+//! keeps killing whatever QEMU of those VMs appears (a start already under way), until a
+//! lease is held again.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmha_qemu::VmPaths;
+
+/// How often the fence thread checks the deadline (and, fenced, looks for QEMUs to kill).
+const TICK: Duration = Duration::from_millis(20);
+
+/// The state shared by the lease keeper (renewals), the VM slots (may a VM start?) and the
+/// fence thread.
+#[derive(Debug)]
+pub struct Fence {
+    epoch: Instant,
+    /// Milliseconds since `epoch` at which the last acknowledged renewal was sent.
+    renewal_sent_ms: AtomicU64,
+    fence_after: Duration,
+    armed: bool,
+    fenced: AtomicBool,
+    stop: AtomicBool,
+    vms: RwLock<Vec<VmPaths>>,
+    killed: AtomicU64,
+}
+
+impl Fence {
+    /// A fence that kills the QEMUs of `vms` once no renewal was acknowledged for
+    /// `fence_after` (counted from now: the lease was just granted). Unarmed (the embedded
+    /// store: no other host can take a VM over) it never fences.
+    pub fn new(fence_after: Duration, armed: bool, vms: Vec<VmPaths>) -> Arc<Fence> {
+        Arc::new(Fence {
+            epoch: Instant::now(),
+            renewal_sent_ms: AtomicU64::new(0),
+            fence_after,
+            armed,
+            fenced: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            vms: RwLock::new(vms),
+            killed: AtomicU64::new(0),
+        })
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A renewal sent at `sent` was acknowledged: the deadline moves to `sent + fence_after`.
+    /// Does not lift a fence (see [`Fence::rearm`]).
+    pub fn renewed(&self, sent: Instant) {
+        self.renewal_sent_ms
+            .fetch_max(self.ms(sent), Ordering::SeqCst);
+    }
+
+    /// A lease is held again (its grant or first renewal was sent at `sent`): VMs may run.
+    pub fn rearm(&self, sent: Instant) {
+        self.renewal_sent_ms.store(self.ms(sent), Ordering::SeqCst);
+        if self.fenced.swap(false, Ordering::SeqCst) {
+            tracing::warn!("lease held again: fence lifted, VMs may be started again");
+        }
+    }
+
+    /// Whether the host has fenced itself (and not held a lease since).
+    pub fn fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Whether a VM may be started now: not fenced and the deadline not passed.
+    pub fn may_run(&self) -> bool {
+        !self.fenced() && !self.overdue(Instant::now())
+    }
+
+    fn overdue(&self, now: Instant) -> bool {
+        if !self.armed {
+            return false;
+        }
+        let since = self
+            .ms(now)
+            .saturating_sub(self.renewal_sent_ms.load(Ordering::SeqCst));
+        Duration::from_millis(since) >= self.fence_after
+    }
+
+    /// How many QEMU processes fencing has killed so far.
+    #[cfg(test)]
+    pub fn killed(&self) -> u64 {
+        self.killed.load(Ordering::Relaxed)
+    }
+
+    /// Stops the fence thread (the daemon exits).
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Starts the fence thread.
+    pub fn spawn(self: &Arc<Self>) -> std::io::Result<JoinHandle<()>> {
+        let fence = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("vmhad-fence".into())
+            .spawn(move || fence.run())
+    }
+
+    fn run(&self) {
+        while !self.stop.load(Ordering::SeqCst) {
+            let now = Instant::now();
+            if !self.fenced() && self.overdue(now) {
+                self.fenced.store(true, Ordering::SeqCst);
+                tracing::error!(
+                    after = ?self.fence_after,
+                    "host lease not renewed in time: self-fencing, killing this host's VMs"
+                );
+            }
+            if self.fenced() {
+                self.kill_all();
+            }
+            std::thread::sleep(TICK);
+        }
+    }
+
+    fn kill_all(&self) {
+        let vms: Vec<VmPaths> = match self.vms.read() {
+            Ok(v) => v.clone(),
+            Err(_) => return,
+        };
+        for paths in vms {
+            let qmp = &paths.qmp;
+            for pid in vmha_qemu::qemu_processes(&paths) {
+                let Ok(raw) = i32::try_from(pid) else {
+                    continue;
+                };
+                let target = nix::unistd::Pid::from_raw(raw);
+                match nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL) {
+                    Ok(()) => {
+                        self.killed.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(pid, qmp = %qmp.display(), "self-fencing: QEMU killed");
+                    }
+                    Err(nix::errno::Errno::ESRCH) => {}
+                    Err(e) => tracing::error!(pid, "self-fencing: cannot kill QEMU: {e}"),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_deadline_runs_from_the_send_time_of_the_last_acknowledged_renewal() {
+        let fence = Fence::new(Duration::from_millis(200), true, Vec::new());
+        let start = Instant::now();
+        assert!(fence.may_run());
+        // A renewal sent 150 ms ago and acknowledged just now buys only 50 ms more.
+        fence.renewed(start);
+        std::thread::sleep(Duration::from_millis(210));
+        assert!(
+            !fence.may_run(),
+            "overdue 200 ms after the renewal was sent"
+        );
+        // An older acknowledgement never moves the deadline back.
+        fence.renewed(start);
+        assert!(!fence.may_run());
+        fence.rearm(Instant::now());
+        assert!(fence.may_run());
+    }
+
+    #[test]
+    fn an_unarmed_fence_never_fences() {
+        let fence = Fence::new(Duration::from_millis(1), false, Vec::new());
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(fence.may_run());
+    }
+
+    #[test]
+    fn the_thread_fences_and_kills_a_matching_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = VmPaths::new(dir.path(), "vm1").unwrap();
+        std::fs::create_dir_all(paths.qmp.parent().unwrap()).unwrap();
+        // A stand-in "QEMU": a process whose command line names the VM's QMP socket.
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("while :; do sleep 0.2; done")
+            .arg(&paths.qmp)
+            .spawn()
+            .unwrap();
+        // Wait until the exec is visible in /proc.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while vmha_qemu::qemu_processes(&paths).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let fence = Fence::new(Duration::from_millis(100), true, vec![paths]);
+        let thread = fence.spawn().unwrap();
+        let status = child.wait().unwrap();
+        assert!(fence.fenced());
+        assert!(!status.success(), "killed, not exited");
+        assert!(fence.killed() >= 1);
+        fence.shutdown();
+        thread.join().unwrap();
+    }
+}

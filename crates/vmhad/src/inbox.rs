@@ -1,0 +1,132 @@
+//! The core's inbox: one bounded queue that every input of the core goes through, and the
+//! typed handles that leaf modules get instead of the queue itself — a VM slot can only send
+//! hypervisor and guest observations, the store follower only records, and so on. No leaf
+//! module knows the core.
+
+use tokio::sync::{mpsc, oneshot};
+use vmha_api::StatusView;
+use vmha_engine::{ActionId, AdminCommand, CommandError, HostInput, Record};
+use vmha_model::Name;
+
+/// How many inputs may wait for the core. Producers wait when it is full (backpressure):
+/// nothing is dropped, nothing grows without bound.
+pub const CAPACITY: usize = 1024;
+
+/// A command another host forwarded to this one through the cluster store.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Its id (the key's last segment; also the key of its reply).
+    pub id: String,
+    /// Its key in the store.
+    pub key: String,
+    /// The key's `mod_revision` (the commit that answers it must find it unchanged).
+    pub revision: u64,
+    /// For the controller (`true`) or for this host.
+    pub for_controller: bool,
+    /// The command.
+    pub command: AdminCommand,
+}
+
+/// An input of the core.
+#[derive(Debug)]
+pub enum Msg {
+    /// An observation or result of this host's driver.
+    Host(HostInput),
+    /// Records of the cluster store (a full listing, or changes).
+    Records {
+        /// The records.
+        records: Vec<Record>,
+        /// A complete listing.
+        full: bool,
+    },
+    /// Forwarded commands seen in the store (`gone`: requests that no longer exist).
+    Requests {
+        /// New requests.
+        new: Vec<Request>,
+        /// Ids of requests deleted (answered or withdrawn).
+        gone: Vec<String>,
+    },
+    /// This host leads in this term (the leader key's create revision), or does not.
+    Leadership(Option<u64>),
+    /// The host that leads the cluster now, if any (for status).
+    Leader(Option<Name>),
+    /// The answer to a controller compare-and-swap.
+    CasResult {
+        /// The action.
+        id: ActionId,
+        /// New revision, or `None` when not written.
+        revision: Option<u64>,
+    },
+    /// This host holds a new lease (a new life: reports carry it).
+    Incarnation(u64),
+    /// A request from the API.
+    Api(ApiRequest),
+}
+
+/// What the API asks the core.
+#[derive(Debug)]
+pub enum ApiRequest {
+    /// The current status.
+    Status(oneshot::Sender<StatusView>),
+    /// An admin command; answered once committed (or refused, changing nothing).
+    Command(AdminCommand, oneshot::Sender<Result<(), CommandError>>),
+}
+
+/// Creates the inbox: the sending side to clone into handles, and the core's receiver.
+pub fn channel() -> (Inbox, mpsc::Receiver<Msg>) {
+    let (tx, rx) = mpsc::channel(CAPACITY);
+    (Inbox { tx }, rx)
+}
+
+/// The sending side of the core's inbox. Every send waits while the inbox is full and fails
+/// only when the core is gone (the daemon is exiting).
+#[derive(Debug, Clone)]
+pub struct Inbox {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl Inbox {
+    /// Sends a message; `false` when the core is gone.
+    pub async fn send(&self, msg: Msg) -> bool {
+        self.tx.send(msg).await.is_ok()
+    }
+
+    /// Whether the core is gone.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// The handle a VM slot gets: hypervisor and guest observations only.
+    pub fn host_inputs(&self) -> HostInputs {
+        HostInputs {
+            inbox: self.clone(),
+        }
+    }
+}
+
+/// Sends this host's driver observations and action results to the core.
+#[derive(Debug, Clone)]
+pub struct HostInputs {
+    inbox: Inbox,
+}
+
+impl HostInputs {
+    /// Sends one input; `false` when the core is gone.
+    pub async fn send(&self, input: HostInput) -> bool {
+        self.inbox.send(Msg::Host(input)).await
+    }
+
+    /// Whether the core is gone.
+    pub fn is_closed(&self) -> bool {
+        self.inbox.is_closed()
+    }
+}
+
+#[cfg(test)]
+impl HostInputs {
+    /// A handle and the receiver it feeds, for unit tests of leaf modules.
+    pub fn for_test() -> (HostInputs, mpsc::Receiver<Msg>) {
+        let (inbox, rx) = channel();
+        (inbox.host_inputs(), rx)
+    }
+}
