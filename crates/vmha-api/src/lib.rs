@@ -98,6 +98,11 @@ impl ExecRequest {
     fn default_timeout_ms() -> u64 {
         Self::DEFAULT_TIMEOUT_MS
     }
+
+    /// Whether vmhad accepts this `timeout_ms` (1 to [`ExecRequest::MAX_TIMEOUT_MS`]).
+    pub fn timeout_allowed(timeout_ms: u64) -> bool {
+        (1..=Self::MAX_TIMEOUT_MS).contains(&timeout_ms)
+    }
 }
 
 /// `POST /v1/vms/{vm}/exec`: what a guest command printed and how it ended.

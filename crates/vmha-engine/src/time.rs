@@ -40,10 +40,7 @@ impl fmt::Display for Timestamp {
     }
 }
 
-/// A duration in whole milliseconds, saturating.
-pub(crate) fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
+pub(crate) use vmha_model::duration::millis;
 
 /// Human form of a millisecond span for reasons ("10m", "1m30s", "500ms").
 pub(crate) fn human(ms: u64) -> String {

@@ -58,10 +58,16 @@ pub fn parse(s: &str) -> Result<Duration, DurationError> {
     Ok(Duration::from_millis(total))
 }
 
+/// A duration in whole milliseconds, saturating at `u64::MAX` (the unit of every timestamp,
+/// window and timeout vmha stores or sends).
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Formats with the largest units that keep the value exact (`"1m30s"`, `"500ms"`, `"0s"`).
 /// Sub-millisecond parts are dropped.
 pub fn format(d: Duration) -> String {
-    let mut ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let mut ms = millis(d);
     if ms == 0 {
         return "0s".to_string();
     }

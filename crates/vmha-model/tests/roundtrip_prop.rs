@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use proptest::prelude::*;
+use vmha_model::duration::millis;
 use vmha_model::{Config, Driver, Store, defaults as d};
 
 /// A TOML string literal (escaped).
@@ -40,8 +41,8 @@ impl Dur {
 }
 
 fn dur(range: std::ops::RangeInclusive<Duration>) -> impl Strategy<Value = Dur> {
-    let lo = u64::try_from(range.start().as_millis()).unwrap();
-    let hi = u64::try_from(range.end().as_millis()).unwrap();
+    let lo = millis(*range.start());
+    let hi = millis(*range.end());
     // Mostly whole seconds (compact spellings like "1m30s"), sometimes odd milliseconds.
     prop_oneof![
         (lo.div_ceil(1000)..=hi / 1000).prop_map(|s| s * 1000),
@@ -284,10 +285,6 @@ fn earlier(mask: u8, before: usize, names: &[String]) -> Vec<String> {
         .filter(|i| mask & (1 << i) != 0)
         .map(|i| names[i].clone())
         .collect()
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap()
 }
 
 /// The etcd `ttl` and `fence_margin` the rendered file resolves to, or `None` when embedded.

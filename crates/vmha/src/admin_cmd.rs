@@ -14,6 +14,7 @@ use clap::{Subcommand, ValueEnum};
 use serde::Deserialize;
 use serde::de::IntoDeserializer;
 use vmha_engine::AdminCommand;
+use vmha_model::duration::millis;
 use vmha_model::{Name, Policy, Tie};
 
 use crate::client::Client;
@@ -240,10 +241,6 @@ impl From<SetCommand> for AdminCommand {
             SetCommand::Policy { vm, policy, tie } => AdminCommand::SetPolicy { vm, policy, tie },
         }
     }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A budget window: a duration of at least 1 ms.

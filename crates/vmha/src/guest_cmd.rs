@@ -9,13 +9,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Subcommand;
 use vmha_model::Name;
+use vmha_model::duration::millis;
 
 use crate::client::Client;
 use crate::output::{Output, print_json};
 use vmha_api::{ExecRequest, GuestOutput};
-
-/// The longest guest command vmhad accepts.
-const MAX_TIMEOUT: Duration = Duration::from_millis(ExecRequest::MAX_TIMEOUT_MS);
 
 /// `vmha guest …`.
 #[derive(Debug, Subcommand)]
@@ -35,7 +33,7 @@ pub enum GuestCommand {
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
     let d = vmha_model::duration::parse(s).map_err(|e| e.to_string())?;
-    if d.as_millis() == 0 || d > MAX_TIMEOUT {
+    if !ExecRequest::timeout_allowed(millis(d)) {
         return Err("the timeout must be between 1ms and 10m".to_string());
     }
     Ok(d)
@@ -46,7 +44,7 @@ pub fn run(client: &Client, cmd: GuestCommand, out: Output) -> anyhow::Result<Ex
     let GuestCommand::Exec { vm, timeout, argv } = cmd;
     let request = ExecRequest {
         argv,
-        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        timeout_ms: millis(timeout),
     };
     let answer = client.post(
         &format!("/v1/vms/{vm}/exec"),
