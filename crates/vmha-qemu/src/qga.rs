@@ -5,7 +5,8 @@
 //! id, discarding everything until the matching reply). Lines are framed as raw bytes with a
 //! length cap. Every call is bounded by a timeout, so a silent or hostile agent costs the caller
 //! at most that timeout and never affects another VM's client. Calls on one client are
-//! serialised (one request in flight on the channel at a time).
+//! serialised (one request in flight on the channel at a time), and cancel-safe: a call dropped
+//! half-way leaves the channel marked out of step, so the next call resynchronises first.
 
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
@@ -273,16 +274,22 @@ impl QgaClient {
 
     /// `guest-ping`: Ok if the agent answers within the call timeout.
     pub async fn ping(&self) -> Result<(), QgaError> {
-        self.call("guest-ping", None, self.config.call_timeout)
-            .await
-            .map(drop)
+        self.ping_within(self.config.call_timeout).await
+    }
+
+    /// `guest-ping`: Ok if the agent answers within `timeout` (resync included).
+    pub async fn ping_within(&self, timeout: Duration) -> Result<(), QgaError> {
+        self.call("guest-ping", None, timeout).await.map(drop)
     }
 
     /// `guest-info`: the agent version and its enabled commands.
     pub async fn info(&self) -> Result<GuestInfo, QgaError> {
-        let value = self
-            .call("guest-info", None, self.config.call_timeout)
-            .await?;
+        self.info_within(self.config.call_timeout).await
+    }
+
+    /// `guest-info` within `timeout` (resync included).
+    pub async fn info_within(&self, timeout: Duration) -> Result<GuestInfo, QgaError> {
+        let value = self.call("guest-info", None, timeout).await?;
         serde_json::from_value(value).map_err(|e| QgaError::Malformed {
             command: "guest-info".into(),
             detail: e.to_string(),
@@ -382,14 +389,20 @@ impl QgaClient {
             if let Some(args) = arguments {
                 request["arguments"] = args;
             }
+            // In step again only once this request's own reply is read: a call dropped
+            // half-way (its caller timed out or was cancelled) leaves the channel to resync.
+            conn.synced = false;
             send(conn, &request).await?;
             let line = read_line(conn, self.config.max_line).await?;
             match parse_line(&line) {
                 Ok(Message::Return { id: got, value }) => {
-                    check_id(command, id, got).map(|()| value)
+                    check_id(command, id, got)?;
+                    conn.synced = true;
+                    Ok(value)
                 }
                 Ok(Message::Error { id: got, error }) => {
                     check_id(command, id, got)?;
+                    conn.synced = true;
                     Err(QgaError::Remote {
                         command: command.to_owned(),
                         error,

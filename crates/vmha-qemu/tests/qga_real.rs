@@ -114,28 +114,60 @@ async fn batched_probe_of_five_checks() {
     );
 }
 
+/// Runs `call` against the agent stalled (SIGSTOP, its reply comes late), then checks that the
+/// next call resynchronises and gets its own reply, not the stale one.
+async fn after_a_stalled_call<T>(
+    agent: &common::HostAgent,
+    qga: &QgaClient,
+    call: impl std::future::Future<Output = T>,
+) -> T {
+    qga.ping().await.unwrap();
+    agent.signal(Signal::SIGSTOP);
+    let result = call.await;
+    agent.signal(Signal::SIGCONT);
+    let value = qga
+        .call("guest-ping", None, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(value, json!({}));
+    result
+}
+
 #[tokio::test]
 async fn resync_after_timeout_discards_the_stale_reply() {
     let Some(agent) = common::host_agent() else {
         return;
     };
     let qga = client(&agent);
-    qga.ping().await.unwrap();
     // A hung agent: the request is sent but times out; its (large) reply comes later.
-    agent.signal(Signal::SIGSTOP);
-    let stale = qga
-        .call("guest-info", None, Duration::from_millis(300))
-        .await;
-    agent.signal(Signal::SIGCONT);
+    let stale = after_a_stalled_call(
+        &agent,
+        &qga,
+        qga.call("guest-info", None, Duration::from_millis(300)),
+    )
+    .await;
     assert!(matches!(stale, Err(QgaError::Timeout { .. })), "{stale:?}");
-    // The next call resynchronises and gets its own reply, not guest-info's.
-    let value = qga
-        .call("guest-ping", None, Duration::from_secs(5))
-        .await
-        .unwrap();
-    assert_eq!(value, json!({}));
     let info = qga.info().await.unwrap();
     assert!(!info.commands.is_empty());
+}
+
+#[tokio::test]
+async fn a_dropped_call_leaves_the_next_one_its_own_reply() {
+    let Some(agent) = common::host_agent() else {
+        return;
+    };
+    let qga = client(&agent);
+    // The caller gives up on the call (its future is dropped, not timed out by the client).
+    let dropped = after_a_stalled_call(
+        &agent,
+        &qga,
+        tokio::time::timeout(
+            Duration::from_millis(300),
+            qga.call("guest-info", None, Duration::from_secs(30)),
+        ),
+    )
+    .await;
+    assert!(dropped.is_err(), "the call was not cut short: {dropped:?}");
 }
 
 #[tokio::test]
