@@ -102,13 +102,6 @@ fn bench(c: &mut Criterion) {
             kind: VmObservation::Running,
         },
     );
-    agent.handle_input(
-        t0,
-        HostInput::GuestChannel {
-            vm: vm.clone(),
-            up: true,
-        },
-    );
     while agent.poll_action().is_some() {}
     while agent.poll_event().is_some() {}
     let outcomes: Vec<(Name, ProbeOutcome)> = NAMES
@@ -123,10 +116,16 @@ fn bench(c: &mut Criterion) {
             now = agent.poll_timeout().unwrap_or(now).max(now);
             agent.handle_timeout(now);
             let mut id = None;
+            let mut pings = Vec::new();
             while let Some(a) = agent.poll_action() {
-                if let HostActionKind::Probe { .. } = a.kind {
-                    id = Some(a.id);
+                match a.kind {
+                    HostActionKind::Probe { .. } => id = Some(a.id),
+                    HostActionKind::PingGuest { .. } => pings.push(a.id),
+                    _ => {}
                 }
+            }
+            for id in pings {
+                agent.handle_input(now, HostInput::ActionResult { id, result: Ok(()) });
             }
             if let Some(id) = id {
                 agent.handle_input(

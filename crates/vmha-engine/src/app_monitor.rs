@@ -10,12 +10,13 @@
 //! - not running, not flagged → failed: restart within `restart_limit` per `restart_window`
 //!   (state `restarting`, probe again), else `faulted`; a failed start → `faulted`;
 //! - online for `stable_after` → the restart counter resets;
-//! - a timeout counts as a failure only after `probe_failures` consecutive timeouts.
+//! - a timeout counts as a failure only after `probe_failures` consecutive timeouts; an answer
+//!   that cannot be read or trusted counts like a timeout, with its own reason.
 
 use vmha_model::{App, AppState, Name};
 
 use crate::budget::Budget;
-use crate::host_io::ProbeOutcome;
+use crate::host_io::{ProbeOutcome, Unreadable};
 use crate::ids::ActionId;
 use crate::persist::Dirty;
 use crate::records::AppSettings;
@@ -83,7 +84,10 @@ pub(crate) struct AppMonitor {
     pub budget_override: bool,
     pub fault: Option<FaultKind>,
     pub online_since: Option<Timestamp>,
+    /// Consecutive probes without a usable answer (timed out or unreadable).
     pub timeouts: u32,
+    /// How many of those were unreadable, and why the last one was.
+    unreadable: (u32, Option<Unreadable>),
     pub next_probe: Timestamp,
     pub op: Option<AppOp>,
     /// A start wanted once everything it requires is online.
@@ -120,6 +124,7 @@ impl AppMonitor {
             fault: None,
             online_since: None,
             timeouts: 0,
+            unreadable: (0, None),
             next_probe: now,
             op: None,
             pending: None,
@@ -182,24 +187,42 @@ impl AppMonitor {
         self.op.is_none() && self.pending.is_none()
     }
 
+    /// Forgets the probes without a usable answer counted so far.
+    pub fn clear_streak(&mut self) {
+        self.timeouts = 0;
+        self.unreadable = (0, None);
+    }
+
     /// Applies one probe outcome at `now`.
     pub fn observe(&mut self, now: Timestamp, outcome: ProbeOutcome) -> (Observed, Option<Change>) {
         let failure = match outcome {
-            ProbeOutcome::TimedOut => {
+            ProbeOutcome::TimedOut | ProbeOutcome::Unreadable(_) => {
                 self.timeouts = self.timeouts.saturating_add(1);
+                if let ProbeOutcome::Unreadable(why) = outcome {
+                    self.unreadable = (self.unreadable.0.saturating_add(1), Some(why));
+                }
                 if self.timeouts < self.cfg.probe_failures {
                     return (Observed::Settled, None);
                 }
                 let n = self.timeouts;
-                self.timeouts = 0;
-                format!("check timed out {n} times in a row")
+                let failure = match self.unreadable {
+                    (0, _) | (_, None) => format!("check timed out {n} times in a row"),
+                    (u, Some(why)) if u == n => {
+                        format!("check answer unreadable {n} times in a row ({why})")
+                    }
+                    (_, Some(why)) => format!(
+                        "check timed out or unreadable {n} times in a row (last unreadable: {why})"
+                    ),
+                };
+                self.clear_streak();
+                failure
             }
-            ProbeOutcome::NotRunning { exit } => {
-                self.timeouts = 0;
-                format!("check exited {exit}")
+            ProbeOutcome::NotRunning(status) => {
+                self.clear_streak();
+                format!("check {status}")
             }
             ProbeOutcome::Running => {
-                self.timeouts = 0;
+                self.clear_streak();
                 return (Observed::Settled, self.on_running(now));
             }
         };
@@ -332,10 +355,44 @@ start = ["s"]
     }
 
     #[test]
+    fn unreadable_answers_count_like_timeouts_with_their_own_reason() {
+        let mut m = AppMonitor::new(&app("probe_failures = 2"), None, Timestamp(0));
+        m.state = AppState::Online;
+        let unreadable = ProbeOutcome::Unreadable(Unreadable::Missing);
+        assert_eq!(m.observe(Timestamp(1), unreadable).0, Observed::Settled);
+        assert_eq!(
+            m.observe(Timestamp(2), unreadable).0,
+            Observed::Failed(
+                "check answer unreadable 2 times in a row (no status line for this check \
+                 in the guest's answer)"
+                    .into()
+            )
+        );
+        m.observe(Timestamp(3), ProbeOutcome::TimedOut);
+        assert_eq!(
+            m.observe(Timestamp(4), unreadable).0,
+            Observed::Failed(
+                "check timed out or unreadable 2 times in a row (last unreadable: no status \
+                 line for this check in the guest's answer)"
+                    .into()
+            )
+        );
+        // A signal death is not an exit code.
+        let (o, _) = m.observe(
+            Timestamp(5),
+            ProbeOutcome::NotRunning(crate::ExitStatus::Signal(9)),
+        );
+        assert_eq!(o, Observed::Failed("check killed by signal 9".into()));
+    }
+
+    #[test]
     fn offline_flag_and_auto_clear() {
         let mut m = AppMonitor::new(&app(""), None, Timestamp(0));
         m.offline = Some(OfflineFlag { auto_clear: true });
-        let (o, c) = m.observe(Timestamp(1), ProbeOutcome::NotRunning { exit: 3 });
+        let (o, c) = m.observe(
+            Timestamp(1),
+            ProbeOutcome::NotRunning(crate::ExitStatus::Code(3)),
+        );
         assert_eq!(o, Observed::Settled);
         assert_eq!(c.unwrap().to, AppState::Offline);
         let (_, c) = m.observe(Timestamp(2), ProbeOutcome::Running);

@@ -142,11 +142,6 @@ impl HostAgent {
                     self.with_vm(now, i, |v, out| v.on_probe_result(out, id, &outcomes));
                 }
             }
-            HostInput::GuestUnreachable { vm } => {
-                if let Some(i) = self.vm_index(&vm) {
-                    self.with_vm(now, i, |v, out| v.on_guest_unreachable(out));
-                }
-            }
             HostInput::ActionResult { id, result } => {
                 if let Some(i) = self.vms.iter().position(|v| v.owns(id)) {
                     self.with_vm(now, i, |v, out| v.on_action_result(out, id, result));
@@ -155,16 +150,6 @@ impl HostAgent {
             HostInput::VmObserved { vm, kind } => {
                 if let Some(i) = self.vm_index(&vm) {
                     self.with_vm(now, i, |v, out| v.on_observed(out, kind));
-                }
-            }
-            HostInput::GuestChannel { vm, up } => {
-                if let Some(i) = self.vm_index(&vm) {
-                    self.with_vm(now, i, |v, out| v.on_guest_channel(out, up));
-                }
-            }
-            HostInput::GuestExec { vm, allowed } => {
-                if let Some(i) = self.vm_index(&vm) {
-                    self.with_vm(now, i, |v, out| v.on_guest_exec(out, allowed));
                 }
             }
         }

@@ -7,43 +7,70 @@ use vmha_model::{Name, VmState};
 
 use crate::ids::ActionId;
 
-/// The outcome of one app's check inside a batched probe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ProbeOutcome {
-    /// The check exited 0.
-    Running,
-    /// The check exited non-zero.
-    NotRunning {
-        /// Its exit code (or a signal number as negative).
-        exit: i32,
+pub use vmha_model::observation::{
+    ExitStatus, PauseReason, ProbeCheck, ProbeOutcome, Unreadable, VmObservation,
+};
+
+/// Why an action failed, as the driver reports it. The driver only says what happened; the
+/// engine decides what it means (a blocked `guest-exec` or an unreachable guest channel is not
+/// the app's fault, a command that ran and failed is). `Display` gives the human text used in
+/// event reasons.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "error", rename_all = "kebab-case")]
+pub enum ActionError {
+    /// The guest agent answered but refuses `guest-exec` (its configuration blocks it, or it
+    /// lacks the command): the guest channel works, nothing can be run in the guest.
+    #[error("guest-exec is blocked in the guest agent: {detail}")]
+    ExecBlocked {
+        /// What the agent said.
+        detail: String,
     },
-    /// The check did not finish within the app's `timeout`.
-    TimedOut,
+    /// The guest channel could not be used: no answer in time, connection refused or closed,
+    /// or answers that could not be read. A command sent may or may not have run.
+    #[error("{detail}")]
+    GuestUnreachable {
+        /// What went wrong.
+        detail: String,
+    },
+    /// The command ran in the guest and failed: its exit code or the signal that killed it,
+    /// or (`status: None`) the agent could not start it.
+    #[error("{}", command_failed(status.as_ref(), stderr))]
+    CommandFailed {
+        /// How it ended (`None`: it could not be started).
+        status: Option<ExitStatus>,
+        /// The start of its stderr (or the agent's refusal), control characters removed.
+        stderr: String,
+    },
+    /// The command was still running in the guest when its time was up (it may go on there:
+    /// the guest agent cannot kill it).
+    #[error("still running after {}", crate::time::human(*after_ms))]
+    CommandTimedOut {
+        /// The time it was given, in milliseconds.
+        after_ms: u64,
+    },
+    /// The hypervisor driver failed (QEMU did not start, stop or die; an I/O error; the host
+    /// refused to start a VM while fenced or exiting).
+    #[error("{detail}")]
+    Driver {
+        /// What went wrong.
+        detail: String,
+    },
+    /// Nothing on this host can carry the action out (the VM has no driver here, or its
+    /// driver is not supported by this build).
+    #[error("{detail}")]
+    NotConfigured {
+        /// What is missing.
+        detail: String,
+    },
 }
 
-/// What the VM monitor observed of a VM through the hypervisor driver (QMP events and the
-/// periodic status poll).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum VmObservation {
-    /// The VM is running (status poll, or `RESUME` after start).
-    Running,
-    /// The VM shut down (`SHUTDOWN`); `by_guest` when the guest itself powered off.
-    Stopped {
-        /// The guest initiated it.
-        by_guest: bool,
-    },
-    /// The guest reset (`RESET`): it reboots; its apps will be started again.
-    Reset,
-    /// The VM is paused (`STOP`): no probes until it resumes.
-    Paused,
-    /// The VM resumed (`RESUME`).
-    Resumed,
-    /// The guest panicked (`GUEST_PANICKED`, or `WATCHDOG`).
-    Panicked,
-    /// The QEMU process is gone (QMP socket closed, no process).
-    Gone,
+fn command_failed(status: Option<&ExitStatus>, stderr: &str) -> String {
+    let stderr = stderr.trim();
+    match (status, stderr.is_empty()) {
+        (Some(s), true) => s.to_string(),
+        (Some(s), false) => format!("{s}: {stderr}"),
+        (None, _) => format!("could not be run: {stderr}"),
+    }
 }
 
 /// What the controller decided for a VM group, as stored in the cluster store.
@@ -56,7 +83,9 @@ pub enum Desired {
     Stop,
 }
 
-/// An input to a [`crate::HostAgent`].
+/// An input to a [`crate::HostAgent`]: what the driver observed, and the answers to actions.
+/// The driver reports facts as they are; the engine judges them (guest liveness, pauses,
+/// failed commands).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "input", rename_all = "kebab-case")]
 pub enum HostInput {
@@ -70,19 +99,12 @@ pub enum HostInput {
         /// One outcome per app.
         outcomes: Vec<(Name, ProbeOutcome)>,
     },
-    /// The guest channel of the VM could not be reached. Answers the VM's probe in flight, if
-    /// any; may also be sent on its own (a reconnect failed).
-    GuestUnreachable {
-        /// The VM.
-        vm: Name,
-    },
-    /// The result of any action but a probe (a probe may also be answered with `Err`: then it
-    /// counts as [`HostInput::GuestUnreachable`]).
+    /// The answer to any other action, and to a probe that could not run (`Err`).
     ActionResult {
         /// The action.
         id: ActionId,
-        /// `Ok` or what went wrong.
-        result: Result<(), String>,
+        /// `Ok`, or what went wrong.
+        result: Result<(), ActionError>,
     },
     /// The hypervisor driver saw something happen to a VM.
     VmObserved {
@@ -91,22 +113,6 @@ pub enum HostInput {
         /// What.
         kind: VmObservation,
     },
-    /// The guest channel connected (`up`, after `guest-sync`) or disconnected.
-    GuestChannel {
-        /// The VM.
-        vm: Name,
-        /// Connected.
-        up: bool,
-    },
-    /// Whether the guest agent allows `guest-exec` (`guest-info` lists it enabled). Send it
-    /// after every connect, before `GuestChannel { up: true }`, and when an exec is refused
-    /// as disabled. Blocked: apps are `unknown`, never probed or started; the VM is left alone.
-    GuestExec {
-        /// The VM.
-        vm: Name,
-        /// `guest-exec` and `guest-exec-status` are enabled.
-        allowed: bool,
-    },
     /// This host's lease in the cluster store: `live = false` once it has not been renewed for
     /// `ttl - fence_margin` — the agent then kills every VM on this host (self-fencing, even
     /// frozen ones) and starts none until `live = true` again. A new agent assumes no live lease.
@@ -114,17 +120,6 @@ pub enum HostInput {
         /// Lease live.
         live: bool,
     },
-}
-
-/// One check of a batched probe.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProbeCheck {
-    /// The app.
-    pub app: Name,
-    /// Its `check` argv.
-    pub argv: Vec<String>,
-    /// Its `timeout`.
-    pub timeout: Duration,
 }
 
 /// What a host agent tells the cluster store about a VM group on this host (persisted with the
@@ -143,9 +138,9 @@ pub struct VmReport {
     pub revision: u64,
 }
 
-/// An action for the driver. Every action is idempotent and answered exactly once: probes by
-/// [`HostInput::ProbeResult`] / [`HostInput::GuestUnreachable`], all others by
-/// [`HostInput::ActionResult`].
+/// An action for the driver. Every action is idempotent and answered exactly once: a probe by
+/// [`HostInput::ProbeResult`] (or [`HostInput::ActionResult`] with the error that kept it
+/// from running), all others by [`HostInput::ActionResult`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "kebab-case")]
 pub enum HostActionKind {
@@ -155,6 +150,19 @@ pub enum HostActionKind {
         vm: Name,
         /// Checks of the apps due.
         checks: Vec<ProbeCheck>,
+    },
+    /// Is the guest agent there? `guest-ping` within `timeout`; with `check_exec`, also read
+    /// `guest-info`. Answer `Ok` (it answered, and `guest-exec` is allowed if checked),
+    /// [`ActionError::ExecBlocked`] (it answered, `guest-exec` is blocked) or
+    /// [`ActionError::GuestUnreachable`] (no answer). Asked by the engine, which owns every
+    /// guest-liveness timer (`boot_timeout`, `guest_timeout`, when to ping).
+    PingGuest {
+        /// The VM.
+        vm: Name,
+        /// Time the ping (and the `guest-info` call) may take.
+        timeout: Duration,
+        /// Also tell whether `guest-exec` is allowed.
+        check_exec: bool,
     },
     /// Run an app's `start` argv in the guest.
     StartApp {

@@ -41,8 +41,8 @@ pub use decision_agent::{AppView, Verdict};
 pub use event::{Event, ObjectRef, Origin};
 pub use host_agent::{HostAgent, HostAgentError};
 pub use host_io::{
-    Desired, HostAction, HostActionKind, HostInput, ProbeCheck, ProbeOutcome, VmObservation,
-    VmReport,
+    ActionError, Desired, ExitStatus, HostAction, HostActionKind, HostInput, PauseReason,
+    ProbeCheck, ProbeOutcome, Unreadable, VmObservation, VmReport,
 };
 pub use ids::ActionId;
 pub use node::{

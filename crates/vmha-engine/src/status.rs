@@ -29,8 +29,12 @@ pub struct VmStatus {
     pub desired: Option<Desired>,
     /// Frozen: monitored, never acted upon.
     pub frozen: bool,
-    /// Paused by the hypervisor (no probes meanwhile).
+    /// Paused on purpose (an admin, a debugger, a migration): no probes and no guest-loss
+    /// timers meanwhile.
     pub paused: bool,
+    /// Why it is paused, when it is.
+    #[serde(default)]
+    pub pause_reason: Option<crate::PauseReason>,
     /// Guest channel reachable (`None`: no news since the VM started).
     pub guest_channel_up: Option<bool>,
     /// The guest agent refuses `guest-exec` (its configuration blocks it): apps are not

@@ -12,10 +12,10 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 
 use vmha_engine::{
-    ActionId, AdminCommand, AppSettings, CommandError, CommandOrigin, Commit, Controller,
-    ControllerInput, ControllerState, Desired, HostInput, HostMember, HostReport, Node, NodeInput,
-    NodeState, OwnerRecord, ProbeOutcome, Record, Timestamp, VmAdmin, VmObservation, VmReport,
-    VmSettings,
+    ActionError, ActionId, AdminCommand, AppSettings, CommandError, CommandOrigin, Commit,
+    Controller, ControllerInput, ControllerState, Desired, ExitStatus, HostInput, HostMember,
+    HostReport, Node, NodeInput, NodeState, OwnerRecord, PauseReason, ProbeOutcome, Record,
+    Timestamp, Unreadable, VmAdmin, VmObservation, VmReport, VmSettings,
 };
 use vmha_model::{Config, Name, Policy, Tie, VmState};
 
@@ -79,8 +79,10 @@ fn name() -> impl Strategy<Value = Name> {
 fn outcome() -> impl Strategy<Value = ProbeOutcome> {
     prop_oneof![
         Just(ProbeOutcome::Running),
-        any::<i32>().prop_map(|exit| ProbeOutcome::NotRunning { exit }),
+        any::<i32>().prop_map(|c| ProbeOutcome::NotRunning(ExitStatus::Code(c))),
+        any::<i32>().prop_map(|s| ProbeOutcome::NotRunning(ExitStatus::Signal(s))),
         Just(ProbeOutcome::TimedOut),
+        Just(ProbeOutcome::Unreadable(Unreadable::Missing)),
     ]
 }
 
@@ -89,10 +91,36 @@ fn observation() -> impl Strategy<Value = VmObservation> {
         Just(VmObservation::Running),
         any::<bool>().prop_map(|by_guest| VmObservation::Stopped { by_guest }),
         Just(VmObservation::Reset),
-        Just(VmObservation::Paused),
+        prop_oneof![
+            Just(PauseReason::Admin),
+            Just(PauseReason::Debug),
+            Just(PauseReason::IoError),
+            Just(PauseReason::GuestPanicked),
+            Just(PauseReason::Migration),
+            Just(PauseReason::Other),
+        ]
+        .prop_map(|reason| VmObservation::Paused { reason }),
         Just(VmObservation::Resumed),
         Just(VmObservation::Panicked),
         Just(VmObservation::Gone),
+        Just(VmObservation::Unresponsive),
+    ]
+}
+
+fn action_error() -> impl Strategy<Value = ActionError> {
+    let detail = ".{0,8}";
+    prop_oneof![
+        detail.prop_map(|detail| ActionError::ExecBlocked { detail }),
+        detail.prop_map(|detail| ActionError::GuestUnreachable { detail }),
+        (proptest::option::of(any::<i32>()), detail).prop_map(|(code, stderr)| {
+            ActionError::CommandFailed {
+                status: code.map(ExitStatus::Code),
+                stderr,
+            }
+        }),
+        any::<u64>().prop_map(|after_ms| ActionError::CommandTimedOut { after_ms }),
+        detail.prop_map(|detail| ActionError::Driver { detail }),
+        detail.prop_map(|detail| ActionError::NotConfigured { detail }),
     ]
 }
 
@@ -105,13 +133,11 @@ fn host_input() -> impl Strategy<Value = HostInput> {
             proptest::collection::vec((name(), outcome()), 0..4)
         )
             .prop_map(|(id, vm, outcomes)| HostInput::ProbeResult { id, vm, outcomes }),
-        name().prop_map(|vm| HostInput::GuestUnreachable { vm }),
-        (id, proptest::option::of(".{0,8}")).prop_map(|(id, e)| HostInput::ActionResult {
+        (id, proptest::option::of(action_error())).prop_map(|(id, e)| HostInput::ActionResult {
             id,
             result: e.map_or(Ok(()), Err)
         }),
         (name(), observation()).prop_map(|(vm, kind)| HostInput::VmObserved { vm, kind }),
-        (name(), any::<bool>()).prop_map(|(vm, up)| HostInput::GuestChannel { vm, up }),
         any::<bool>().prop_map(|live| HostInput::Lease { live }),
     ]
 }

@@ -13,6 +13,7 @@ pub mod defaults;
 pub mod duration;
 pub mod error;
 pub mod name;
+pub mod observation;
 mod raw;
 mod resolve;
 pub mod state;
@@ -23,4 +24,7 @@ pub use config::{
 };
 pub use error::{ConfigError, Diagnostic, ErrorKind};
 pub use name::{Name, NameError};
+pub use observation::{
+    ExitStatus, PauseReason, ProbeCheck, ProbeOutcome, Unreadable, VmObservation,
+};
 pub use state::{AppState, HostState, VmState};

@@ -6,7 +6,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmha_qemu::{ProbeCheck, ProbeResult, QgaClient, QgaConfig};
+use vmha_qemu::{ProbeCheck, ProbeOutcome, QgaClient, QgaConfig};
 
 /// utime + stime (+ cutime + cstime with `children`) of a process, in seconds.
 fn cpu_seconds(pid: &str, children: bool) -> f64 {
@@ -69,7 +69,7 @@ fn main() {
         summary("guest-ping round trip", pings);
 
         let check = |name: &str, argv: &[&str]| ProbeCheck {
-            name: name.into(),
+            app: vmha_model::Name::new(name).unwrap(),
             argv: argv.iter().map(|s| s.to_string()).collect(),
             timeout: Duration::from_secs(5),
         };
@@ -88,7 +88,7 @@ fn main() {
             let t = Instant::now();
             let out = qga.probe(&checks, Duration::from_secs(5)).await.unwrap();
             probes.push(t.elapsed());
-            assert_eq!(out[0].result, ProbeResult::Running);
+            assert_eq!(out[0].1, ProbeOutcome::Running);
         }
         let self_cpu = cpu_seconds("self", false) - self_before;
         let agent_cpu = cpu_seconds(&agent_pid, true) - agent_before;

@@ -22,15 +22,19 @@
 //! let mut events = vm.take_events().expect("first take");   // VmEvent::Qmp(QmpEvent::…) / Exited
 //! let qga = vm.qga();                                        // Arc<QgaClient>, shareable
 //! let checks = vec![ProbeCheck {
-//!     name: "postgres".into(),
+//!     app: vmha_model::Name::new("postgres")?,
 //!     argv: vec!["systemctl".into(), "is-active".into(), "--quiet".into(), "postgresql".into()],
 //!     timeout: Duration::from_secs(5),
 //! }];
 //! let outcomes = qga.probe(&checks, Duration::from_secs(5)).await?; // one guest round trip
-//! let _ = (outcomes, vm.status().await);
+//! let _ = (outcomes, vm.status().await);                    // a VmObservation
 //! vm.stop(Duration::from_secs(60)).await?;                  // agent/ACPI, then quit, then SIGKILL
 //! # let _ = events.recv().await; Ok(()) }
 //! ```
+//!
+//! What the driver observes is reported as it is, in the types it shares with the engine
+//! (`vmha_model::observation`: [`ProbeOutcome`], [`VmObservation`] with its [`PauseReason`],
+//! [`ExitStatus`]); the engine judges it.
 //!
 //! # Modules
 //! - [`qmp`]: [`QmpClient`] — greeting with timeout, `qmp_capabilities`, one reader task,
@@ -48,10 +52,15 @@ pub mod qmp;
 pub mod reply;
 pub mod vm;
 
-pub use probe::{ProbeCheck, ProbeError, ProbeOutcome, ProbeResult, UnknownReason};
-pub use qga::{ExecOutput, ExecRequest, ExitStatus, GuestInfo, QgaClient, QgaConfig, QgaError};
-pub use qmp::{QmpClient, QmpConfig, QmpError, QmpEvent, QmpEvents, RunStatus};
+pub use probe::ProbeError;
+pub use qga::{ExecOutput, ExecRequest, GuestInfo, QgaClient, QgaConfig, QgaError};
+pub use qmp::{QmpClient, QmpConfig, QmpError, QmpEvent, QmpEvents, RunStatus, pause_reason};
 pub use vm::{
-    Accel, Disk, DriverConfig, LaunchSpec, QemuVm, StopOutcome, VmError, VmEvent, VmPaths, VmStatus,
+    Accel, Disk, DriverConfig, LaunchSpec, QemuVm, StopOutcome, VmError, VmEvent, VmPaths,
 };
 pub use vm::{kill_strays, qemu_processes};
+/// What the driver reports, in the vocabulary it shares with the engine (owned by
+/// `vmha-model`).
+pub use vmha_model::{
+    ExitStatus, PauseReason, ProbeCheck, ProbeOutcome, Unreadable, VmObservation,
+};

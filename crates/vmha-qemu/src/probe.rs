@@ -14,62 +14,17 @@
 
 use std::time::Duration;
 
-use crate::qga::{ExecRequest, ExitStatus, QgaClient, QgaError};
+use vmha_model::{ExitStatus, Name, ProbeCheck, ProbeOutcome, Unreadable};
+
+use crate::qga::{ExecRequest, QgaClient, QgaError};
 
 /// Errors of a whole probe (the guest channel failed); per-check problems are
-/// [`ProbeResult::Unknown`] instead.
+/// [`ProbeOutcome::Unreadable`] instead.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     /// The guest channel failed or timed out.
     #[error("probe failed on the guest channel: {0}")]
     Channel(#[from] QgaError),
-}
-
-/// One app check to run in the guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProbeCheck {
-    /// The app name, copied to the outcome.
-    pub name: String,
-    /// The check command; exit 0 means the app runs.
-    pub argv: Vec<String>,
-    /// Time allowed before the guest's `timeout` stops the check (at least 0.1 s is used).
-    pub timeout: Duration,
-}
-
-/// Why a check's result is unknown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum UnknownReason {
-    /// The guest printed no valid status line for this check (output garbled or cut).
-    #[error("no status line for this check")]
-    Missing,
-    /// The guest has no `timeout` command, so no check was run.
-    #[error("the guest has no timeout command")]
-    NoTimeoutCommand,
-    /// The argv is empty or contains a NUL byte; the check was not run.
-    #[error("invalid check argv")]
-    InvalidArgv,
-}
-
-/// The state of one app as the probe saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProbeResult {
-    /// The check exited 0.
-    Running,
-    /// The check failed with an exit code or died of a signal.
-    NotRunning(ExitStatus),
-    /// The check did not finish within its timeout.
-    TimedOut,
-    /// The check's result could not be determined.
-    Unknown(UnknownReason),
-}
-
-/// The outcome of one check, in the order the checks were given.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProbeOutcome {
-    /// The check's name.
-    pub name: String,
-    /// What the probe found.
-    pub result: ProbeResult,
 }
 
 const MARK: &str = "vmha-probe";
@@ -126,22 +81,25 @@ pub fn build_program(checks: &[ProbeCheck], nonce: u64) -> String {
     p
 }
 
-fn classify(status: u32) -> ProbeResult {
+fn classify(status: u32) -> ProbeOutcome {
     match status {
-        0 => ProbeResult::Running,
-        124 | 143 => ProbeResult::TimedOut,
-        129..=192 => ProbeResult::NotRunning(ExitStatus::Signal((status - 128) as i32)),
-        code => ProbeResult::NotRunning(ExitStatus::Code(code.min(255) as i32)),
+        0 => ProbeOutcome::Running,
+        124 | 143 => ProbeOutcome::TimedOut,
+        129..=192 => ProbeOutcome::NotRunning(ExitStatus::Signal((status - 128) as i32)),
+        code => ProbeOutcome::NotRunning(ExitStatus::Code(code.min(255) as i32)),
     }
 }
 
-/// Parses the probe's stdout into one outcome per check. Lines that are not well-formed status
-/// lines for this nonce are ignored; the first line for an index wins; a check without a line is
-/// [`UnknownReason::Missing`]. Total over arbitrary bytes.
-pub fn parse_output(checks: &[ProbeCheck], nonce: u64, stdout: &[u8]) -> Vec<ProbeOutcome> {
-    let mut results: Vec<Option<ProbeResult>> = checks
+/// Parses the probe's stdout into one outcome per check, with its app, in the order of the
+/// checks. Lines that are not well-formed status lines for this nonce are ignored; the first
+/// line for an index wins; a check without a line is [`Unreadable::Missing`]. Total over
+/// arbitrary bytes.
+pub fn parse_output(checks: &[ProbeCheck], nonce: u64, stdout: &[u8]) -> Vec<(Name, ProbeOutcome)> {
+    let mut results: Vec<Option<ProbeOutcome>> = checks
         .iter()
-        .map(|c| (!valid_argv(&c.argv)).then_some(ProbeResult::Unknown(UnknownReason::InvalidArgv)))
+        .map(|c| {
+            (!valid_argv(&c.argv)).then_some(ProbeOutcome::Unreadable(Unreadable::InvalidArgv))
+        })
         .collect();
     let nonce = nonce.to_string();
     for line in stdout.split(|&b| b == b'\n') {
@@ -157,7 +115,7 @@ pub fn parse_output(checks: &[ProbeCheck], nonce: u64, stdout: &[u8]) -> Vec<Pro
         };
         if index == "none" && status.is_none() {
             for r in results.iter_mut().filter(|r| r.is_none()) {
-                *r = Some(ProbeResult::Unknown(UnknownReason::NoTimeoutCommand));
+                *r = Some(ProbeOutcome::Unreadable(Unreadable::NoTimeoutCommand));
             }
             continue;
         }
@@ -172,22 +130,25 @@ pub fn parse_output(checks: &[ProbeCheck], nonce: u64, stdout: &[u8]) -> Vec<Pro
     checks
         .iter()
         .zip(results)
-        .map(|(c, r)| ProbeOutcome {
-            name: c.name.clone(),
-            result: r.unwrap_or(ProbeResult::Unknown(UnknownReason::Missing)),
+        .map(|(c, r)| {
+            (
+                c.app.clone(),
+                r.unwrap_or(ProbeOutcome::Unreadable(Unreadable::Missing)),
+            )
         })
         .collect()
 }
 
 impl QgaClient {
-    /// Runs every check in ONE `guest-exec` and returns one outcome per check, in order. The
-    /// whole probe is bounded by the longest check timeout plus `slack` (channel round trips);
-    /// a channel failure fails the probe, a per-check problem only that check's outcome.
+    /// Runs every check in ONE `guest-exec` and returns one outcome per check, with its app,
+    /// in order. The whole probe is bounded by the longest check timeout plus `slack` (channel
+    /// round trips); a channel failure fails the probe, a per-check problem only that check's
+    /// outcome.
     pub async fn probe(
         &self,
         checks: &[ProbeCheck],
         slack: Duration,
-    ) -> Result<Vec<ProbeOutcome>, ProbeError> {
+    ) -> Result<Vec<(Name, ProbeOutcome)>, ProbeError> {
         let nonce = crate::qga::random_id();
         let longest = checks
             .iter()
@@ -209,7 +170,7 @@ mod tests {
 
     fn check(name: &str, argv: &[&str]) -> ProbeCheck {
         ProbeCheck {
-            name: name.into(),
+            app: Name::new(name).unwrap(),
             argv: argv.iter().map(|s| s.to_string()).collect(),
             timeout: Duration::from_secs(1),
         }
@@ -253,19 +214,19 @@ mod tests {
         ];
         let out = b"vmha-probe 7 1 1\nvmha-probe 7 0 0\nvmha-probe 7 2 124\nvmha-probe 7 3 137\n\
                     vmha-probe 8 4 0\nvmha-probe 7 4 zz\nvmha-probe 7 0 5\nvmha-probe 7 5 0\n\xff\xfe\n";
-        let got: Vec<ProbeResult> = parse_output(&checks, 7, out)
+        let got: Vec<ProbeOutcome> = parse_output(&checks, 7, out)
             .into_iter()
-            .map(|o| o.result)
+            .map(|(_, o)| o)
             .collect();
         assert_eq!(
             got,
             vec![
-                ProbeResult::Running,
-                ProbeResult::NotRunning(ExitStatus::Code(1)),
-                ProbeResult::TimedOut,
-                ProbeResult::NotRunning(ExitStatus::Signal(9)),
-                ProbeResult::Unknown(UnknownReason::Missing),
-                ProbeResult::Unknown(UnknownReason::InvalidArgv),
+                ProbeOutcome::Running,
+                ProbeOutcome::NotRunning(ExitStatus::Code(1)),
+                ProbeOutcome::TimedOut,
+                ProbeOutcome::NotRunning(ExitStatus::Signal(9)),
+                ProbeOutcome::Unreadable(Unreadable::Missing),
+                ProbeOutcome::Unreadable(Unreadable::InvalidArgv),
             ]
         );
     }
@@ -275,8 +236,8 @@ mod tests {
         let checks = vec![check("a", &["true"])];
         let got = parse_output(&checks, 1, b"vmha-probe 1 none\n");
         assert_eq!(
-            got[0].result,
-            ProbeResult::Unknown(UnknownReason::NoTimeoutCommand)
+            got[0].1,
+            ProbeOutcome::Unreadable(Unreadable::NoTimeoutCommand)
         );
     }
 
@@ -306,18 +267,18 @@ mod tests {
             .arg(build_program(&checks, 42))
             .output()
             .unwrap();
-        let got: Vec<ProbeResult> = parse_output(&checks, 42, &out.stdout)
+        let got: Vec<ProbeOutcome> = parse_output(&checks, 42, &out.stdout)
             .into_iter()
-            .map(|o| o.result)
+            .map(|(_, o)| o)
             .collect();
         assert_eq!(
             got,
             vec![
-                ProbeResult::Running,
-                ProbeResult::NotRunning(ExitStatus::Code(1)),
-                ProbeResult::NotRunning(ExitStatus::Code(3)),
-                ProbeResult::NotRunning(ExitStatus::Signal(9)),
-                ProbeResult::TimedOut,
+                ProbeOutcome::Running,
+                ProbeOutcome::NotRunning(ExitStatus::Code(1)),
+                ProbeOutcome::NotRunning(ExitStatus::Code(3)),
+                ProbeOutcome::NotRunning(ExitStatus::Signal(9)),
+                ProbeOutcome::TimedOut,
             ]
         );
     }

@@ -23,6 +23,8 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use vmha_model::ExitStatus;
+
 use crate::framing::{FrameError, Framer};
 use crate::reply::{Message, RemoteError, parse_line};
 
@@ -165,15 +167,6 @@ impl GuestInfo {
         }
         Ok(())
     }
-}
-
-/// How a guest process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitStatus {
-    /// It exited with this code.
-    Code(i32),
-    /// A signal killed it.
-    Signal(i32),
 }
 
 /// A guest command to run with [`QgaClient::exec`].

@@ -20,6 +20,7 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
+use vmha_model::{PauseReason, VmObservation};
 
 use crate::framing::{FrameError, Framer};
 use crate::reply::{Message, RemoteError, parse_line};
@@ -211,6 +212,40 @@ pub struct RunStatus {
     pub running: bool,
     /// The `RunState`, e.g. `running`, `paused`, `prelaunch`, `shutdown`, `guest-panicked`.
     pub status: String,
+}
+
+impl RunStatus {
+    /// What this status tells the VM monitor, as it is: running, shut down, or paused with
+    /// QEMU's run state as the reason (the engine judges whether a pause is a failure).
+    pub fn observation(&self) -> VmObservation {
+        if self.running {
+            return VmObservation::Running;
+        }
+        if self.status == "shutdown" {
+            return VmObservation::Stopped { by_guest: true };
+        }
+        VmObservation::Paused {
+            reason: pause_reason(&self.status),
+        }
+    }
+}
+
+/// QEMU's run state (`qapi/run-state.json`) of a VM whose vCPUs are stopped, as a
+/// [`PauseReason`].
+pub fn pause_reason(status: &str) -> PauseReason {
+    match status {
+        "paused" => PauseReason::Admin,
+        "debug" => PauseReason::Debug,
+        "suspended" => PauseReason::Suspended,
+        "io-error" => PauseReason::IoError,
+        "internal-error" => PauseReason::InternalError,
+        "guest-panicked" => PauseReason::GuestPanicked,
+        "watchdog" => PauseReason::Watchdog,
+        "inmigrate" | "postmigrate" | "finish-migrate" | "colo" => PauseReason::Migration,
+        "save-vm" | "restore-vm" => PauseReason::Snapshot,
+        "prelaunch" => PauseReason::Prelaunch,
+        _ => PauseReason::Other,
+    }
 }
 
 /// The receiving end of a QMP connection's events.

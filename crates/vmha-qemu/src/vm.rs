@@ -16,8 +16,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::qga::{ExitStatus, QgaClient, QgaConfig};
-use crate::qmp::{QmpClient, QmpConfig, QmpError, QmpEvent, RunStatus};
+use vmha_model::{ExitStatus, VmObservation};
+
+use crate::qga::{QgaClient, QgaConfig};
+use crate::qmp::{QmpClient, QmpConfig, QmpError, QmpEvent};
 
 /// Errors of the VM driver.
 #[derive(Debug, thiserror::Error)]
@@ -311,15 +313,42 @@ pub enum VmEvent {
     Exited(ExitStatus),
 }
 
-/// The state of a VM as the driver sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmStatus {
-    /// QEMU runs and answered `query-status`.
-    Qemu(RunStatus),
-    /// QEMU is gone.
-    Gone,
-    /// QEMU did not answer `query-status` properly.
-    Unresponsive(String),
+impl VmEvent {
+    /// What this event tells the VM monitor, as it is (`None`: nothing about whether or how
+    /// the VM runs). `STOP` carries no reason and `Lagged` means events were lost: for both,
+    /// `query-status` through `qmp` says how the VM is now.
+    pub async fn observation(&self, qmp: &QmpClient) -> Option<VmObservation> {
+        Some(match self {
+            VmEvent::Exited(_) | VmEvent::Qmp(QmpEvent::Gone) => VmObservation::Gone,
+            VmEvent::Qmp(QmpEvent::Shutdown { guest, .. }) => {
+                VmObservation::Stopped { by_guest: *guest }
+            }
+            VmEvent::Qmp(QmpEvent::Reset { .. }) => VmObservation::Reset,
+            VmEvent::Qmp(QmpEvent::Stop | QmpEvent::Lagged { .. }) => query(qmp).await,
+            VmEvent::Qmp(QmpEvent::Resume) => VmObservation::Resumed,
+            VmEvent::Qmp(QmpEvent::GuestPanicked { .. } | QmpEvent::Watchdog { .. }) => {
+                VmObservation::Panicked
+            }
+            VmEvent::Qmp(
+                QmpEvent::VserportChange { .. }
+                | QmpEvent::BlockIoError { .. }
+                | QmpEvent::Other { .. },
+            ) => return None,
+        })
+    }
+}
+
+/// `query-status` as an observation: `Gone` once the QMP socket closed, `Unresponsive` when
+/// QEMU does not answer it properly.
+async fn query(qmp: &QmpClient) -> VmObservation {
+    match qmp.query_status().await {
+        Ok(s) => s.observation(),
+        Err(QmpError::Gone) => VmObservation::Gone,
+        Err(e) => {
+            tracing::warn!(error = %e, "query-status failed");
+            VmObservation::Unresponsive
+        }
+    }
 }
 
 /// How [`QemuVm::stop`] ended the VM.
@@ -519,16 +548,15 @@ impl QemuVm {
         *self.dead.borrow()
     }
 
-    /// `query-status`, or `Gone` once QEMU is gone.
-    pub async fn status(&self) -> VmStatus {
+    /// The VM as `query-status` shows it (see [`RunStatus::observation`]), `Gone` once QEMU
+    /// is gone, `Unresponsive` when it does not answer properly.
+    ///
+    /// [`RunStatus::observation`]: crate::RunStatus::observation
+    pub async fn status(&self) -> VmObservation {
         if self.is_gone() {
-            return VmStatus::Gone;
+            return VmObservation::Gone;
         }
-        match self.qmp.query_status().await {
-            Ok(s) => VmStatus::Qemu(s),
-            Err(QmpError::Gone) => VmStatus::Gone,
-            Err(e) => VmStatus::Unresponsive(e.to_string()),
-        }
+        query(&self.qmp).await
     }
 
     /// Waits until QEMU is gone or `timeout` passes; true if gone.

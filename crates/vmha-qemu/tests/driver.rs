@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use vmha_qemu::{
-    Accel, DriverConfig, ExitStatus, LaunchSpec, QemuVm, QmpEvent, StopOutcome, VmError, VmEvent,
-    VmStatus,
+    Accel, DriverConfig, ExitStatus, LaunchSpec, PauseReason, QemuVm, QmpEvent, StopOutcome,
+    VmError, VmEvent, VmObservation,
 };
 
 fn spec(name: &str, extra: &[&str]) -> LaunchSpec {
@@ -56,10 +56,12 @@ async fn launch_status_double_launch_and_kill() {
     let (mut vm, _guard) = launch(dir.path(), "bare1", &["-S"]).await;
     let mut events = vm.take_events().unwrap();
     assert!(vm.paths().pidfile.exists());
-    match vm.status().await {
-        VmStatus::Qemu(s) => assert_eq!(s.status, "prelaunch"),
-        other => panic!("unexpected status {other:?}"),
-    }
+    assert_eq!(
+        vm.status().await,
+        VmObservation::Paused {
+            reason: PauseReason::Prelaunch
+        }
+    );
     let again = QemuVm::launch(
         &spec("bare1", &["-S"]),
         dir.path(),
@@ -75,12 +77,45 @@ async fn launch_status_double_launch_and_kill() {
 
     vm.kill().await.unwrap();
     assert!(vm.is_gone());
-    assert_eq!(vm.status().await, VmStatus::Gone);
+    assert_eq!(vm.status().await, VmObservation::Gone);
     let seen = drain_until_gone(&mut events).await;
     assert!(
         seen.contains(&VmEvent::Exited(ExitStatus::Signal(9))),
         "{seen:?}"
     );
+}
+
+/// Events are reported as they are: `STOP` carries no reason, so its observation asks
+/// `query-status` (an admin's `stop` is `Paused { Admin }`); `RESUME` is `Resumed`.
+#[tokio::test]
+async fn stop_and_resume_events_are_observed_with_their_reason() {
+    if !common::have("qemu-system-x86_64") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut vm, _guard) = launch(dir.path(), "bare5", &["-S"]).await;
+    let mut events = vm.take_events().unwrap();
+    let qmp = vm.qmp().clone();
+    let mut next = async || loop {
+        let e = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if let Some(o) = e.observation(&qmp).await {
+            return o;
+        }
+    };
+    qmp.cont().await.unwrap();
+    assert_eq!(next().await, VmObservation::Resumed);
+    assert_eq!(vm.status().await, VmObservation::Running);
+    qmp.stop().await.unwrap();
+    let paused = VmObservation::Paused {
+        reason: PauseReason::Admin,
+    };
+    assert_eq!(next().await, paused);
+    assert_eq!(vm.status().await, paused);
+    vm.kill().await.unwrap();
+    assert_eq!(next().await, VmObservation::Gone);
 }
 
 #[tokio::test]
@@ -154,7 +189,10 @@ async fn adopt_reattaches_and_learns_of_death_from_the_socket() {
         .unwrap();
     assert_eq!(adopted.pid(), pid);
     let mut events = adopted.take_events().unwrap();
-    assert!(matches!(adopted.status().await, VmStatus::Qemu(_)));
+    assert!(matches!(
+        adopted.status().await,
+        VmObservation::Paused { .. } | VmObservation::Running
+    ));
     adopted.kill().await.unwrap();
     let e = tokio::time::timeout(Duration::from_secs(10), events.recv())
         .await

@@ -70,7 +70,7 @@ proptest! {
     #[test]
     fn probe_output_parser_is_total(out in hostile_bytes(), n in 0usize..8, nonce in any::<u64>()) {
         let checks: Vec<ProbeCheck> = (0..n)
-            .map(|i| ProbeCheck { name: format!("a{i}"), argv: vec!["true".into()], timeout: Duration::from_secs(1) })
+            .map(|i| ProbeCheck { app: vmha_model::Name::new(&format!("a{i}")).unwrap(), argv: vec!["true".into()], timeout: Duration::from_secs(1) })
             .collect();
         let outcomes = parse_output(&checks, nonce, &out);
         prop_assert_eq!(outcomes.len(), n);

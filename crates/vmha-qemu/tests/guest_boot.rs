@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use vmha_qemu::{
-    Accel, DriverConfig, ExecRequest, ExitStatus, LaunchSpec, ProbeCheck, ProbeOutcome,
-    ProbeResult, QemuVm, QgaClient, QmpEvent, StopOutcome, VmEvent, VmStatus,
+    Accel, DriverConfig, ExecRequest, ExitStatus, LaunchSpec, ProbeCheck, ProbeOutcome, QemuVm,
+    QgaClient, QmpEvent, StopOutcome, VmEvent, VmObservation,
 };
 
 fn repo_root() -> PathBuf {
@@ -65,19 +65,19 @@ fn app_checks() -> Vec<ProbeCheck> {
     ["web", "db"]
         .iter()
         .map(|name| ProbeCheck {
-            name: (*name).into(),
+            app: vmha_model::Name::new(name).unwrap(),
             argv: vec!["/opt/demo/app".into(), "check".into(), (*name).into()],
             timeout: Duration::from_secs(5),
         })
         .collect()
 }
 
-async fn probe(qga: &QgaClient) -> Vec<ProbeResult> {
-    let out: Vec<ProbeOutcome> = qga
+async fn probe(qga: &QgaClient) -> Vec<ProbeOutcome> {
+    let out: Vec<(vmha_model::Name, ProbeOutcome)> = qga
         .probe(&app_checks(), Duration::from_secs(10))
         .await
         .unwrap();
-    out.into_iter().map(|o| o.result).collect()
+    out.into_iter().map(|(_, o)| o).collect()
 }
 
 fn config() -> DriverConfig {
@@ -106,7 +106,7 @@ async fn booted_guest_probes_apps_and_stops_gracefully() {
     let start = Instant::now();
     loop {
         let got = probe(&qga).await;
-        if got == vec![ProbeResult::Running, ProbeResult::Running] {
+        if got == vec![ProbeOutcome::Running, ProbeOutcome::Running] {
             break;
         }
         assert!(
@@ -124,8 +124,8 @@ async fn booted_guest_probes_apps_and_stops_gracefully() {
     assert_eq!(
         probe(&qga).await,
         vec![
-            ProbeResult::Running,
-            ProbeResult::NotRunning(ExitStatus::Code(3))
+            ProbeOutcome::Running,
+            ProbeOutcome::NotRunning(ExitStatus::Code(3))
         ]
     );
 
@@ -167,7 +167,7 @@ async fn killed_qemu_of_adopted_guest_shows_up_as_gone() {
     drop(vm); // daemon restart: QEMU keeps running
 
     let mut vm = QemuVm::adopt(dir.path(), "g2", &config()).await.unwrap();
-    assert!(matches!(vm.status().await, VmStatus::Qemu(s) if s.running));
+    assert_eq!(vm.status().await, VmObservation::Running);
     vm.qga().ping().await.unwrap();
     let mut events = vm.take_events().unwrap();
 

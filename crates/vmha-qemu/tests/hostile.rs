@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
-use vmha_qemu::{ProbeCheck, ProbeResult, QgaClient, QgaConfig, QgaError};
+use vmha_qemu::{ProbeCheck, ProbeOutcome, QgaClient, QgaConfig, QgaError};
 
 /// How the fake agent answers the first real (non-sync) command.
 #[derive(Clone, Copy)]
@@ -179,7 +179,7 @@ async fn a_silent_agent_does_not_hold_up_a_healthy_one() {
     );
     let healthy = QgaClient::new(&agent.sock, QgaConfig::default());
     let checks = vec![ProbeCheck {
-        name: "ok".into(),
+        app: vmha_model::Name::new("ok").unwrap(),
         argv: vec!["true".into()],
         timeout: Duration::from_secs(2),
     }];
@@ -191,6 +191,6 @@ async fn a_silent_agent_does_not_hold_up_a_healthy_one() {
         r = &mut hostile_call => panic!("hostile call ended first: {r:?}"),
         out = healthy.probe(&checks, Duration::from_secs(3)) => out.unwrap(),
     };
-    assert_eq!(outcome[0].result, ProbeResult::Running);
+    assert_eq!(outcome[0].1, ProbeOutcome::Running);
     assert!(matches!(hostile_call.await, Err(QgaError::Timeout { .. })));
 }

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::json;
-use vmha_qemu::{ExecRequest, ExitStatus, ProbeCheck, ProbeResult, QgaClient, QgaConfig, QgaError};
+use vmha_qemu::{
+    ExecRequest, ExitStatus, ProbeCheck, ProbeOutcome, QgaClient, QgaConfig, QgaError,
+};
 
 fn client(agent: &common::HostAgent) -> QgaClient {
     QgaClient::new(&agent.sock, QgaConfig::default())
@@ -89,7 +91,7 @@ async fn batched_probe_of_five_checks() {
     };
     let qga = client(&agent);
     let check = |name: &str, argv: &[&str], secs: u64| ProbeCheck {
-        name: name.into(),
+        app: vmha_model::Name::new(name).unwrap(),
         argv: argv.iter().map(|s| s.to_string()).collect(),
         timeout: Duration::from_secs(secs),
     };
@@ -101,15 +103,15 @@ async fn batched_probe_of_five_checks() {
         check("killed", &["sh", "-c", "kill -9 $$"], 5),
     ];
     let out = qga.probe(&checks, Duration::from_secs(5)).await.unwrap();
-    let got: Vec<(&str, ProbeResult)> = out.iter().map(|o| (o.name.as_str(), o.result)).collect();
+    let got: Vec<(&str, ProbeOutcome)> = out.iter().map(|(a, o)| (a.as_str(), *o)).collect();
     assert_eq!(
         got,
         vec![
-            ("ok", ProbeResult::Running),
-            ("down", ProbeResult::NotRunning(ExitStatus::Code(1))),
-            ("three", ProbeResult::NotRunning(ExitStatus::Code(3))),
-            ("hung", ProbeResult::TimedOut),
-            ("killed", ProbeResult::NotRunning(ExitStatus::Signal(9))),
+            ("ok", ProbeOutcome::Running),
+            ("down", ProbeOutcome::NotRunning(ExitStatus::Code(1))),
+            ("three", ProbeOutcome::NotRunning(ExitStatus::Code(3))),
+            ("hung", ProbeOutcome::TimedOut),
+            ("killed", ProbeOutcome::NotRunning(ExitStatus::Signal(9))),
         ]
     );
 }

@@ -35,7 +35,15 @@ async fn handshake_status_events_and_quit() {
 
     qmp.stop().await.unwrap();
     assert_eq!(next_event(&mut events).await, QmpEvent::Stop);
-    assert_eq!(qmp.query_status().await.unwrap().status, "paused");
+    let status = qmp.query_status().await.unwrap();
+    assert_eq!(status.status, "paused");
+    // An admin's `stop` is reported as what it is; the engine judges it.
+    assert_eq!(
+        status.observation(),
+        vmha_qemu::VmObservation::Paused {
+            reason: vmha_qemu::PauseReason::Admin
+        }
+    );
 
     qmp.system_reset().await.unwrap();
     assert_eq!(

@@ -369,12 +369,12 @@ fn apps_table(apps: &[AppStatus]) -> String {
     ))
 }
 
-/// The VM state, with `paused` when the hypervisor paused it.
+/// The VM state, with `paused` and why when it is held paused.
 fn vm_state(v: &VmStatus) -> String {
-    if v.paused {
-        format!("{} (paused)", v.state)
-    } else {
-        v.state.to_string()
+    match (v.paused, v.pause_reason) {
+        (true, Some(why)) => format!("{} (paused: {why})", v.state),
+        (true, None) => format!("{} (paused)", v.state),
+        (false, _) => v.state.to_string(),
     }
 }
 

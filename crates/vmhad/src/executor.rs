@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use vmha_engine::{
-    ControllerAction, ControllerActionKind, HostAction, HostActionKind, HostInput, OwnerRecord,
+    ActionError, ControllerAction, ControllerActionKind, HostAction, HostActionKind, HostInput,
+    OwnerRecord,
 };
 use vmha_model::Name;
 use vmha_store::layout::Layout;
@@ -16,7 +17,7 @@ use vmha_store::{ClusterStore, Compare, Op, TxnOutcome};
 use crate::election::Leadership;
 use crate::follow::HostLeases;
 use crate::inbox::{HostInputs, Inbox, Msg};
-use crate::vm_slot::{SlotError, VmSlot};
+use crate::vm_slot::VmSlot;
 
 /// Runs actions against this host's VM slots and the cluster store.
 pub struct Executor<S> {
@@ -49,6 +50,7 @@ impl<S: ClusterStore> Executor<S> {
         let answers = self.answers.clone();
         let vm = match &action.kind {
             HostActionKind::Probe { vm, .. }
+            | HostActionKind::PingGuest { vm, .. }
             | HostActionKind::StartApp { vm, .. }
             | HostActionKind::StopApp { vm, .. }
             | HostActionKind::StartVm { vm }
@@ -57,51 +59,49 @@ impl<S: ClusterStore> Executor<S> {
         };
         let Some(slot) = self.slots.get(&vm).cloned() else {
             // Every action is answered exactly once, even for a VM without a slot here.
-            let answer = match action.kind {
-                HostActionKind::Probe { .. } => HostInput::GuestUnreachable { vm },
-                _ => HostInput::ActionResult {
-                    id,
-                    result: Err(format!("VM {vm} is not configured on host {}", self.host)),
-                },
-            };
+            let result = Err(ActionError::NotConfigured {
+                detail: format!("VM {vm} is not configured on host {}", self.host),
+            });
             tokio::spawn(async move {
-                answers.send(answer).await;
+                answers.send(HostInput::ActionResult { id, result }).await;
             });
             return;
         };
         tokio::spawn(async move {
-            let answer = match action.kind {
+            // What happened, as it is: the engine decides what it means.
+            let result = match action.kind {
                 HostActionKind::Probe { vm, checks } => match slot.probe(&checks).await {
-                    Ok(outcomes) => HostInput::ProbeResult { id, vm, outcomes },
-                    // Answered by the engine's GuestExec input: the channel itself is fine.
-                    Err(SlotError::ExecBlocked { .. }) => return slot.exec_refused().await,
+                    Ok(outcomes) => {
+                        answers
+                            .send(HostInput::ProbeResult { id, vm, outcomes })
+                            .await;
+                        return;
+                    }
                     Err(e) => {
                         tracing::debug!(%vm, "probe failed: {e}");
-                        HostInput::GuestUnreachable { vm }
+                        Err(e)
                     }
                 },
+                HostActionKind::PingGuest {
+                    timeout,
+                    check_exec,
+                    ..
+                } => slot.ping(timeout, check_exec).await,
                 HostActionKind::StartApp { vm, app, argv }
                 | HostActionKind::StopApp { vm, app, argv } => {
-                    let result = slot.run_app_command(&argv).await.map_err(|e| e.to_string());
+                    let result = slot.run_app_command(&argv).await;
                     if let Err(e) = &result {
                         tracing::info!(%vm, %app, "app command failed: {e}");
                     }
-                    HostInput::ActionResult { id, result }
+                    result
                 }
-                HostActionKind::StartVm { .. } => HostInput::ActionResult {
-                    id,
-                    result: slot.start().await.map_err(|e| e.to_string()),
-                },
-                HostActionKind::StopVm { timeout, .. } => HostInput::ActionResult {
-                    id,
-                    result: slot.stop(timeout).await.map_err(|e| e.to_string()),
-                },
-                HostActionKind::KillVm { .. } => HostInput::ActionResult {
-                    id,
-                    result: slot.kill().await.map_err(|e| e.to_string()),
-                },
+                HostActionKind::StartVm { .. } => slot.start().await.map_err(ActionError::from),
+                HostActionKind::StopVm { timeout, .. } => {
+                    slot.stop(timeout).await.map_err(ActionError::from)
+                }
+                HostActionKind::KillVm { .. } => slot.kill().await.map_err(ActionError::from),
             };
-            answers.send(answer).await;
+            answers.send(HostInput::ActionResult { id, result }).await;
         });
     }
 

@@ -1,5 +1,9 @@
 //! One VM of this host as the driver sees it: its QEMU (launched or adopted), the pump that
-//! turns its QMP events into VM monitor inputs, and the watcher of its guest channel.
+//! turns its QMP events into VM monitor inputs, and its guest channel.
+//!
+//! The slot reports what it observes as it is (a paused VM with its run state, a QEMU that does
+//! not answer, each guest call answered, refused or not) and judges nothing: the engine owns
+//! every guest-liveness timer and asks for pings (`PingGuest`) when it wants to know.
 //!
 //! Every operation here is idempotent: starting a running VM, stopping a stopped one or
 //! killing a dead one succeeds without doing anything.
@@ -9,13 +13,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::Mutex;
 use vmha_api::GuestOutput;
-use vmha_engine::{HostInput, VmObservation};
+use vmha_engine::{ActionError, ExitStatus, HostInput, ProbeCheck, ProbeOutcome, VmObservation};
 use vmha_model::{Accel, Driver, Name, Vm};
 use vmha_qemu::{
-    DriverConfig, ExecRequest, ExitStatus, LaunchSpec, ProbeResult, QemuVm, QgaClient, QgaError,
-    QmpEvent, RunStatus, VmEvent, VmStatus,
+    DriverConfig, ExecRequest, LaunchSpec, QemuVm, QgaClient, QgaError, QmpClient, VmEvent,
 };
 
 use crate::fence::Fence;
@@ -36,33 +39,63 @@ pub enum SlotError {
     /// The guest agent failed.
     #[error(transparent)]
     Guest(#[from] vmha_qemu::QgaError),
-    /// A guest command failed.
-    #[error("{0}")]
-    Command(String),
     /// The daemon is exiting with `--stop-vms-on-exit`: no VM is started any more.
     #[error("VM {0} not started: vmhad is exiting and stopping its VMs")]
     Exiting(Name),
     /// This host has fenced itself (or its lease is overdue): no VM may start.
     #[error("VM {0} not started: this host's lease is not live (self-fenced)")]
     Fenced(Name),
-    /// The guest agent refuses `guest-exec` (its configuration blocks it).
-    #[error("guest agent of VM {vm} blocks guest-exec: {detail}")]
-    ExecBlocked {
-        /// The VM.
-        vm: Name,
-        /// What the agent said.
-        detail: String,
-    },
+}
+
+/// What a failed driver operation means for the engine: the one place where the driver's
+/// errors become [`ActionError`]s.
+impl From<SlotError> for ActionError {
+    fn from(e: SlotError) -> ActionError {
+        match e {
+            SlotError::UnsupportedDriver(_) => ActionError::NotConfigured {
+                detail: e.to_string(),
+            },
+            SlotError::NoGuest(_) => ActionError::GuestUnreachable {
+                detail: e.to_string(),
+            },
+            SlotError::Guest(e) => guest_error(e),
+            SlotError::Vm(_) | SlotError::Exiting(_) | SlotError::Fenced(_) => {
+                ActionError::Driver {
+                    detail: e.to_string(),
+                }
+            }
+        }
+    }
+}
+
+/// What a guest-channel error means: a refused `guest-exec` is the agent's configuration, an
+/// error the agent returned for `guest-exec` is the command's (it could not be started), a
+/// command still running at its deadline timed out; anything else is the channel failing.
+fn guest_error(e: QgaError) -> ActionError {
+    match e {
+        QgaError::ExecBlocked { detail } => ActionError::ExecBlocked { detail },
+        QgaError::Remote { command, error } if command == "guest-exec" => {
+            ActionError::CommandFailed {
+                status: None,
+                stderr: error.to_string(),
+            }
+        }
+        other => ActionError::GuestUnreachable {
+            detail: other.to_string(),
+        },
+    }
 }
 
 /// Time a start/stop command of an app may take in the guest.
 const APP_COMMAND_DEADLINE: Duration = Duration::from_secs(30);
+/// Output kept of an app's start/stop command (its stderr goes into the reason).
+const APP_COMMAND_OUTPUT: usize = 4096;
+/// Output kept of an operator's guest command.
+const OPERATOR_OUTPUT: usize = 64 << 10;
 /// Time a QEMU whose QMP socket closed gets to exit before a start gives up on it.
 const EXIT_GRACE: Duration = Duration::from_secs(10);
-/// Guest channel ping period while it is down (boot, agent restart).
-const GUEST_DOWN_PERIOD: Duration = Duration::from_millis(250);
-/// Guest channel ping period while it is up and no probe proved it recently.
-const GUEST_UP_PERIOD: Duration = Duration::from_secs(2);
+/// Time the guest channel's own round trips may add to a probe's longest check.
+const PROBE_SLACK: Duration = Duration::from_secs(2);
 
 /// One VM of this host.
 pub struct VmSlot {
@@ -73,26 +106,19 @@ pub struct VmSlot {
     qemu: Mutex<Option<QemuVm>>,
     qga: std::sync::Mutex<Option<Arc<QgaClient>>>,
     /// Bumped on every launch/adopt (under the `qga` lock, together with the new client) so
-    /// the pump and guest-channel reports about an earlier QEMU fall silent.
+    /// the pump of an earlier QEMU falls silent.
     generation: AtomicU64,
     /// Set when the daemon stops its VMs on exit: a start still in flight must not launch.
     closing: AtomicBool,
-    guest_up: AtomicBool,
-    /// The guest agent refuses `guest-exec` (as last reported to the engine).
-    exec_blocked: AtomicBool,
-    /// Milliseconds (monotonic, since daemon start) of the last proof of a live guest channel.
-    guest_seen: AtomicU64,
-    poke: Notify,
     tx: HostInputs,
     fence: Arc<Fence>,
-    epoch: tokio::time::Instant,
 }
 
 impl VmSlot {
     /// A slot for `vm`, reporting to the core through `tx`; it starts nothing while `fence`
     /// says the host may not run VMs.
     pub fn new(vm: &Vm, runtime_dir: PathBuf, tx: HostInputs, fence: Arc<Fence>) -> Arc<Self> {
-        let slot = Arc::new(VmSlot {
+        Arc::new(VmSlot {
             name: vm.name.clone(),
             spec: launch_spec(vm),
             runtime_dir,
@@ -101,16 +127,9 @@ impl VmSlot {
             qga: std::sync::Mutex::new(None),
             generation: AtomicU64::new(0),
             closing: AtomicBool::new(false),
-            guest_up: AtomicBool::new(false),
-            exec_blocked: AtomicBool::new(false),
-            guest_seen: AtomicU64::new(0),
-            poke: Notify::new(),
             tx,
             fence,
-            epoch: tokio::time::Instant::now(),
-        });
-        tokio::spawn(guest_watcher(Arc::clone(&slot)));
-        slot
+        })
     }
 
     async fn send(&self, input: HostInput) {
@@ -122,25 +141,6 @@ impl VmSlot {
         self.qga.lock().ok().and_then(|g| g.clone())
     }
 
-    /// The current guest channel with the generation of the QEMU it belongs to.
-    fn current_qga(&self) -> Option<(u64, Arc<QgaClient>)> {
-        let g = self.qga.lock().ok()?;
-        let qga = g.clone()?;
-        Some((self.generation.load(Ordering::SeqCst), qga))
-    }
-
-    /// Whether the guest channel of QEMU `generation` is still the current, live one.
-    fn qga_is_current(&self, generation: u64) -> bool {
-        self.qga
-            .lock()
-            .is_ok_and(|g| g.is_some() && self.generation.load(Ordering::SeqCst) == generation)
-    }
-
-    fn mark_guest_seen(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.guest_seen.store(ms, Ordering::Relaxed);
-    }
-
     /// Installs a launched or adopted QEMU and starts pumping its events.
     fn install(self: &Arc<Self>, slot: &mut Option<QemuVm>, mut vm: QemuVm) {
         let generation = match self.qga.lock() {
@@ -150,22 +150,22 @@ impl VmSlot {
             }
             Err(_) => self.generation.fetch_add(1, Ordering::SeqCst) + 1,
         };
-        self.guest_up.store(false, Ordering::SeqCst);
         if let Some(events) = vm.take_events() {
-            tokio::spawn(pump(Arc::clone(self), generation, events));
+            let qmp = vm.qmp().clone();
+            tokio::spawn(pump(Arc::clone(self), generation, qmp, events));
         }
         *slot = Some(vm);
-        self.poke.notify_one();
     }
 
-    /// Reattaches to a QEMU left running by an earlier daemon and reports what it found.
+    /// Reattaches to a QEMU left running by an earlier daemon and reports what it found, as
+    /// it is (running, paused with its reason, unresponsive, or gone).
     pub async fn adopt(self: &Arc<Self>) {
         let mut guard = self.qemu.lock().await;
         let observation =
             match QemuVm::adopt(&self.runtime_dir, self.name.as_str(), &self.driver).await {
                 Ok(vm) => {
-                    let obs = observation_of(&vm.status().await);
-                    tracing::info!(vm = %self.name, pid = vm.pid(), "adopted running VM");
+                    let obs = vm.status().await;
+                    tracing::info!(vm = %self.name, pid = vm.pid(), "adopted running VM: {obs:?}");
                     self.install(&mut guard, vm);
                     obs
                 }
@@ -175,15 +175,6 @@ impl VmSlot {
                 }
             };
         drop(guard);
-        if observation == VmObservation::Paused {
-            // The engine learns of a paused VM as a running one whose vCPUs are stopped;
-            // `Paused` alone would leave it unknown (and unmanaged) for as long as it is paused.
-            self.send(HostInput::VmObserved {
-                vm: self.name.clone(),
-                kind: VmObservation::Running,
-            })
-            .await;
-        }
         self.send(HostInput::VmObserved {
             vm: self.name.clone(),
             kind: observation,
@@ -304,7 +295,7 @@ impl VmSlot {
             return;
         };
         let kind = match guard.as_ref() {
-            Some(vm) => observation_of(&vm.status().await),
+            Some(vm) => vm.status().await,
             None => VmObservation::Gone,
         };
         self.send(HostInput::VmObserved {
@@ -315,36 +306,37 @@ impl VmSlot {
         drop(guard);
     }
 
+    fn guest(&self) -> Result<Arc<QgaClient>, ActionError> {
+        self.qga()
+            .ok_or_else(|| SlotError::NoGuest(self.name.clone()).into())
+    }
+
     /// Runs an app's start or stop command in the guest; `Ok` iff it exits 0.
-    pub async fn run_app_command(&self, argv: &[String]) -> Result<(), SlotError> {
-        let qga = self
-            .qga()
-            .ok_or_else(|| SlotError::NoGuest(self.name.clone()))?;
-        let mut request = ExecRequest::new(argv.iter().cloned());
-        request.deadline = APP_COMMAND_DEADLINE;
-        request.output_cap = 4096;
-        let out = qga.exec(&request).await.map_err(|e| self.guest_error(e))?;
-        self.mark_guest_seen();
-        match out.status {
-            ExitStatus::Code(0) => Ok(()),
-            status => {
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                let stderr: String = stderr
-                    .chars()
-                    .filter(|c| !c.is_control() || *c == ' ')
-                    .take(200)
-                    .collect();
-                let how = match status {
-                    ExitStatus::Code(c) => format!("exited {c}"),
-                    ExitStatus::Signal(s) => format!("killed by signal {s}"),
-                };
-                Err(SlotError::Command(if stderr.trim().is_empty() {
-                    format!("`{}` {how}", argv.join(" "))
-                } else {
-                    format!("`{}` {how}: {}", argv.join(" "), stderr.trim())
-                }))
+    pub async fn run_app_command(&self, argv: &[String]) -> Result<(), ActionError> {
+        let qga = self.guest()?;
+        let request = exec_request(argv, APP_COMMAND_DEADLINE, APP_COMMAND_OUTPUT);
+        let out = match qga.exec(&request).await {
+            Ok(out) => out,
+            Err(QgaError::ExecDeadline { .. }) => {
+                return Err(ActionError::CommandTimedOut {
+                    after_ms: vmha_model::duration::millis(APP_COMMAND_DEADLINE),
+                });
             }
+            Err(e) => return Err(guest_error(e)),
+        };
+        if out.status == ExitStatus::Code(0) {
+            return Ok(());
         }
+        // Guest text goes into event reasons: no control characters, bounded.
+        let stderr: String = String::from_utf8_lossy(&out.stderr)
+            .chars()
+            .filter(|c| !c.is_control() || *c == ' ')
+            .take(200)
+            .collect();
+        Err(ActionError::CommandFailed {
+            status: Some(out.status),
+            stderr: stderr.trim().to_string(),
+        })
     }
 
     /// Runs an operator's command in the guest (capped output, bounded time).
@@ -356,11 +348,9 @@ impl VmSlot {
         let qga = self
             .qga()
             .ok_or_else(|| SlotError::NoGuest(self.name.clone()))?;
-        let mut request = ExecRequest::new(argv.iter().cloned());
-        request.deadline = deadline;
-        request.output_cap = 64 << 10;
-        let out = qga.exec(&request).await?;
-        self.mark_guest_seen();
+        let out = qga
+            .exec(&exec_request(argv, deadline, OPERATOR_OUTPUT))
+            .await?;
         let (exit, signal) = match out.status {
             ExitStatus::Code(c) => (Some(c), None),
             ExitStatus::Signal(s) => (None, Some(s)),
@@ -374,81 +364,39 @@ impl VmSlot {
         })
     }
 
-    /// Runs the checks of all due apps in one guest round trip.
+    /// Runs the checks of all due apps in one guest round trip; the outcomes as the guest
+    /// gave them (an unreadable answer is [`ProbeOutcome::Unreadable`], judged by the engine).
     pub async fn probe(
         &self,
-        checks: &[vmha_engine::ProbeCheck],
-    ) -> Result<Vec<(Name, vmha_engine::ProbeOutcome)>, SlotError> {
-        use vmha_engine::ProbeOutcome as O;
-        let qga = self
-            .qga()
-            .ok_or_else(|| SlotError::NoGuest(self.name.clone()))?;
-        let driver_checks: Vec<vmha_qemu::ProbeCheck> = checks
-            .iter()
-            .map(|c| vmha_qemu::ProbeCheck {
-                name: c.app.to_string(),
-                argv: c.argv.clone(),
-                timeout: c.timeout,
-            })
-            .collect();
-        let outcomes = qga
-            .probe(&driver_checks, Duration::from_secs(2))
+        checks: &[ProbeCheck],
+    ) -> Result<Vec<(Name, ProbeOutcome)>, ActionError> {
+        let qga = self.guest()?;
+        qga.probe(checks, PROBE_SLACK)
             .await
-            .map_err(|vmha_qemu::ProbeError::Channel(e)| self.guest_error(e))?;
-        self.mark_guest_seen();
-        Ok(checks
-            .iter()
-            .zip(outcomes)
-            .map(|(check, outcome)| {
-                let o = match outcome.result {
-                    ProbeResult::Running => O::Running,
-                    ProbeResult::NotRunning(ExitStatus::Code(c)) => O::NotRunning { exit: c },
-                    ProbeResult::NotRunning(ExitStatus::Signal(s)) => {
-                        O::NotRunning { exit: 128 + s }
-                    }
-                    // Unknown = no trustworthy answer: counts like a timeout (probe_failures).
-                    ProbeResult::TimedOut | ProbeResult::Unknown(_) => O::TimedOut,
-                };
-                (check.app.clone(), o)
-            })
-            .collect())
+            .map_err(|vmha_qemu::ProbeError::Channel(e)| guest_error(e))
     }
 
-    /// Classifies a guest channel error: a refused `guest-exec` is not a channel failure.
-    fn guest_error(&self, e: QgaError) -> SlotError {
-        match e {
-            QgaError::ExecBlocked { detail } => SlotError::ExecBlocked {
-                vm: self.name.clone(),
-                detail,
-            },
-            other => SlotError::Guest(other),
+    /// Pings the guest agent within `timeout`; with `check_exec`, also reads `guest-info` (in
+    /// `timeout` again) and answers [`ActionError::ExecBlocked`] when `guest-exec` is blocked.
+    /// Each call is bounded by the QGA client itself, which resyncs after any failed call.
+    pub async fn ping(&self, timeout: Duration, check_exec: bool) -> Result<(), ActionError> {
+        let qga = self.guest()?;
+        qga.ping_within(timeout).await.map_err(guest_error)?;
+        if check_exec {
+            let info = qga.info_within(timeout).await.map_err(guest_error)?;
+            info.check_exec().map_err(guest_error)?;
         }
+        Ok(())
     }
+}
 
-    /// Tells the engine whether `guest-exec` is allowed, when that changed (or `force`).
-    async fn report_exec(&self, allowed: bool, force: bool) {
-        let was_blocked = self.exec_blocked.swap(!allowed, Ordering::SeqCst);
-        if force || was_blocked == allowed {
-            if !allowed {
-                tracing::warn!(vm = %self.name, "the guest agent blocks guest-exec: apps cannot be monitored");
-            }
-            self.send(HostInput::GuestExec {
-                vm: self.name.clone(),
-                allowed,
-            })
-            .await;
-        }
-    }
-
-    /// Reports a refused `guest-exec` (answers a probe in flight, see the engine's contract).
-    pub async fn exec_refused(&self) {
-        self.report_exec(false, true).await;
-    }
-
-    /// Whether the guest channel is believed up.
-    pub fn guest_up(&self) -> bool {
-        self.guest_up.load(Ordering::SeqCst)
-    }
+/// A guest command as the driver runs it: the one place an engine's or an operator's argv
+/// becomes a `vmha_qemu::ExecRequest`.
+fn exec_request(argv: &[String], deadline: Duration, output_cap: usize) -> ExecRequest {
+    let mut request = ExecRequest::new(argv.iter().cloned());
+    request.deadline = deadline;
+    request.output_cap = output_cap;
+    request
 }
 
 /// Maps the configuration of a `qemu` VM onto the driver's launch spec (`None` for libvirt).
@@ -489,136 +437,39 @@ fn serde_plain<T: serde::Serialize>(v: &T) -> String {
         .unwrap_or_default()
 }
 
-fn observation_of(status: &VmStatus) -> VmObservation {
-    match status {
-        VmStatus::Qemu(RunStatus { running: true, .. }) => VmObservation::Running,
-        VmStatus::Qemu(RunStatus { status, .. }) if status == "shutdown" => {
-            VmObservation::Stopped { by_guest: true }
-        }
-        VmStatus::Qemu(RunStatus { status, .. })
-            if status == "guest-panicked" || status == "internal-error" =>
-        {
-            VmObservation::Panicked
-        }
-        VmStatus::Qemu(_) => VmObservation::Paused,
-        VmStatus::Gone => VmObservation::Gone,
-        // A QEMU that does not answer QMP properly is still there; the next poll decides.
-        VmStatus::Unresponsive(_) => VmObservation::Running,
-    }
-}
-
-/// Turns one QEMU's events into VM monitor inputs until it is gone.
+/// Turns one QEMU's events into VM monitor inputs, as they are, until it is gone.
 async fn pump(
     slot: Arc<VmSlot>,
     generation: u64,
+    qmp: QmpClient,
     mut events: tokio::sync::mpsc::Receiver<VmEvent>,
 ) {
     while let Some(event) = events.recv().await {
-        if slot.generation.load(Ordering::SeqCst) != generation {
+        // Nothing to report about a replaced QEMU, nor to a core that is gone (vmhad exits).
+        if slot.generation.load(Ordering::SeqCst) != generation || slot.tx.is_closed() {
             return;
         }
-        let kind = match event {
-            VmEvent::Exited(_) | VmEvent::Qmp(QmpEvent::Gone) => Some(VmObservation::Gone),
-            VmEvent::Qmp(QmpEvent::Shutdown { guest, .. }) => {
-                Some(VmObservation::Stopped { by_guest: guest })
-            }
-            VmEvent::Qmp(QmpEvent::Reset { .. }) => Some(VmObservation::Reset),
-            VmEvent::Qmp(QmpEvent::Stop) => Some(VmObservation::Paused),
-            VmEvent::Qmp(QmpEvent::Resume) => Some(VmObservation::Resumed),
-            VmEvent::Qmp(QmpEvent::GuestPanicked { .. } | QmpEvent::Watchdog { .. }) => {
-                Some(VmObservation::Panicked)
-            }
-            VmEvent::Qmp(QmpEvent::VserportChange { .. }) => {
-                slot.poke.notify_one();
-                None
-            }
-            VmEvent::Qmp(_) => None,
+        // `STOP` carries no reason: the driver asks `query-status` for it.
+        let Some(kind) = event.observation(&qmp).await else {
+            continue;
         };
-        if let Some(kind) = kind {
-            let gone = kind == VmObservation::Gone;
-            if gone {
-                if let Ok(mut g) = slot.qga.lock() {
-                    // Never the channel of a successor installed meanwhile.
-                    if slot.generation.load(Ordering::SeqCst) != generation {
-                        return;
-                    }
-                    *g = None;
-                }
-                slot.guest_up.store(false, Ordering::SeqCst);
-            }
-            slot.send(HostInput::VmObserved {
-                vm: slot.name.clone(),
-                kind,
-            })
-            .await;
-            if gone {
+        let gone = kind == VmObservation::Gone;
+        if let Ok(mut g) = slot.qga.lock() {
+            // Nothing about a QEMU replaced meanwhile, never the channel of its successor.
+            if slot.generation.load(Ordering::SeqCst) != generation {
                 return;
             }
-        }
-    }
-}
-
-/// Watches the guest channel: pings it while it is down (boot) or while no probe proved it
-/// alive recently, and reports each up/down transition.
-async fn guest_watcher(slot: Arc<VmSlot>) {
-    loop {
-        let up = slot.guest_up();
-        let period = if up {
-            GUEST_UP_PERIOD
-        } else {
-            GUEST_DOWN_PERIOD
-        };
-        tokio::select! {
-            () = tokio::time::sleep(period) => {}
-            () = slot.poke.notified() => {}
-        }
-        if slot.tx.is_closed() {
-            return;
-        }
-        let Some((generation, qga)) = slot.current_qga() else {
-            continue;
-        };
-        let now_ms = u64::try_from(slot.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let seen = slot.guest_seen.load(Ordering::Relaxed);
-        let blocked = slot.exec_blocked.load(Ordering::SeqCst);
-        if up && !blocked && now_ms.saturating_sub(seen) < 2_000 {
-            continue;
-        }
-        // While up, a long probe may hold the channel: only a long silence counts as loss.
-        let timeout = if up {
-            Duration::from_secs(10)
-        } else {
-            Duration::from_millis(800)
-        };
-        let alive = matches!(
-            tokio::time::timeout(timeout, qga.call("guest-ping", None, timeout)).await,
-            Ok(Ok(_))
-        );
-        if alive {
-            slot.mark_guest_seen();
-        }
-        let coming_up = alive && !slot.guest_up();
-        if alive && (coming_up || blocked) {
-            // Whether guest-exec is allowed: on every connect (before "up", so the engine
-            // never tries to start apps it cannot), and again while it is blocked.
-            let info = tokio::time::timeout(timeout, qga.info()).await;
-            let allowed = match info {
-                Ok(Ok(info)) => info.check_exec().is_ok(),
-                _ => !blocked,
-            };
-            // Nothing about a QEMU that was replaced (or died) during the calls above.
-            if !slot.qga_is_current(generation) {
-                continue;
+            if gone {
+                *g = None;
             }
-            slot.report_exec(allowed, coming_up).await;
         }
-        if alive != slot.guest_up() && slot.qga_is_current(generation) {
-            slot.guest_up.store(alive, Ordering::SeqCst);
-            slot.send(HostInput::GuestChannel {
-                vm: slot.name.clone(),
-                up: alive,
-            })
-            .await;
+        slot.send(HostInput::VmObserved {
+            vm: slot.name.clone(),
+            kind,
+        })
+        .await;
+        if gone {
+            return;
         }
     }
 }

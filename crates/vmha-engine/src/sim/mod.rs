@@ -28,7 +28,10 @@ use vmha_model::{Config, Name, Store};
 use crate::command::AdminCommand;
 use crate::controller::{Controller, ControllerActionKind};
 use crate::host_agent::{HostAgent, HostAgentError};
-use crate::host_io::{HostAction, HostActionKind, HostInput, ProbeOutcome, VmObservation};
+use crate::host_io::{
+    ActionError, ExitStatus, HostAction, HostActionKind, HostInput, ProbeOutcome, Unreadable,
+    VmObservation,
+};
 use crate::ids::ActionId;
 use crate::node::{CommandOrigin, Effects, Node, NodeInput, Receiver};
 use crate::records::Record;
@@ -306,8 +309,12 @@ impl Sim {
         let memory = self.config.host(name.as_str()).and_then(|c| c.memory_mb);
         self.host_input(h, HostInput::Lease { live: true });
         for vm in self.hosts[h].vms.clone() {
+            // Adoption reports the VM as it is: paused with its reason, running, or gone.
             let kind = if self.hosts[h].running.contains(&vm) {
-                VmObservation::Running
+                match self.guests.get(&vm).and_then(|g| g.paused) {
+                    Some(reason) => VmObservation::Paused { reason },
+                    None => VmObservation::Running,
+                }
             } else {
                 VmObservation::Gone
             };
@@ -401,11 +408,11 @@ impl Sim {
     fn fire(&mut self, t: Timer) {
         match t {
             Timer::GuestUp { host, vm } => {
+                // The guest agent runs from now on; the engine finds out by pinging it.
                 if self.hosts[host].running.contains(&vm)
                     && !self.guests.get(&vm).is_some_and(|g| g.hung || g.boot_hang)
                 {
-                    self.hosts[host].guest_up.insert(vm.clone());
-                    self.host_input(host, HostInput::GuestChannel { vm, up: true });
+                    self.hosts[host].guest_up.insert(vm);
                 }
             }
             Timer::Fence { host, epoch } => {
@@ -567,7 +574,22 @@ impl Sim {
     fn guest_reachable(&self, h: usize, vm: &Name) -> bool {
         self.hosts[h].running.contains(vm)
             && self.hosts[h].guest_up.contains(vm)
-            && !self.guests.get(vm).is_some_and(|g| g.hung)
+            && !self
+                .guests
+                .get(vm)
+                .is_some_and(|g| g.hung || g.paused.is_some())
+    }
+
+    /// How the guest agent of `vm` on host `h` answers a guest-exec: refused when it is out of
+    /// reach or blocks `guest-exec`.
+    fn guest_exec(&self, h: usize, vm: &Name) -> Result<(), ActionError> {
+        if !self.guest_reachable(h, vm) {
+            return Err(unreachable());
+        }
+        if self.guests.get(vm).is_some_and(|g| g.exec_blocked) {
+            return Err(exec_blocked());
+        }
+        Ok(())
     }
 
     fn host_action(&mut self, h: usize, a: HostAction) {
@@ -579,8 +601,9 @@ impl Sim {
         let line = |what: &str| format!("{now} {host} action {what}");
         match a.kind {
             HostActionKind::Probe { vm, checks } => {
-                if !self.guest_reachable(h, &vm) {
-                    self.host_input(h, HostInput::GuestUnreachable { vm });
+                if let Err(e) = self.guest_exec(h, &vm) {
+                    let result = Err(e);
+                    self.host_input(h, HostInput::ActionResult { id, result });
                     return;
                 }
                 let guest = self.guests.get(&vm);
@@ -590,34 +613,39 @@ impl Sim {
                         let m = guest.and_then(|g| g.apps.get(&c.app));
                         let o = match m {
                             Some(m) if m.hang => ProbeOutcome::TimedOut,
+                            Some(m) if m.garbled => ProbeOutcome::Unreadable(Unreadable::Missing),
                             Some(m) if m.running => ProbeOutcome::Running,
-                            Some(m) => ProbeOutcome::NotRunning { exit: m.exit },
-                            None => ProbeOutcome::NotRunning { exit: 127 },
+                            Some(m) => ProbeOutcome::NotRunning(ExitStatus::Code(m.exit)),
+                            None => ProbeOutcome::NotRunning(ExitStatus::Code(127)),
                         };
                         (c.app, o)
                     })
                     .collect();
                 self.host_input(h, HostInput::ProbeResult { id, vm, outcomes });
             }
+            HostActionKind::PingGuest { vm, check_exec, .. } => {
+                let result = match self.guest_exec(h, &vm) {
+                    Err(ActionError::ExecBlocked { .. }) if !check_exec => Ok(()),
+                    other => other,
+                };
+                self.host_input(h, HostInput::ActionResult { id, result });
+            }
             HostActionKind::StartApp { vm, app, .. } => {
                 self.log.push(line(&format!("start-app {vm}/{app}")));
-                let reachable = self.guest_reachable(h, &vm);
-                let result = match self.app_model(&vm, &app) {
-                    Some(m) if reachable => m.start(),
-                    _ => Err("guest unreachable".to_string()),
-                };
+                let result = self.guest_exec(h, &vm).and_then(|()| {
+                    self.app_model(&vm, &app)
+                        .map_or(Err(unreachable()), AppModel::start)
+                });
                 self.host_input(h, HostInput::ActionResult { id, result });
             }
             HostActionKind::StopApp { vm, app, .. } => {
                 self.log.push(line(&format!("stop-app {vm}/{app}")));
-                let reachable = self.guest_reachable(h, &vm);
-                let result = match self.app_model(&vm, &app) {
-                    Some(m) if reachable => {
+                let result = self.guest_exec(h, &vm).and_then(|()| {
+                    self.app_model(&vm, &app).map_or(Err(unreachable()), |m| {
                         m.running = false;
                         Ok(())
-                    }
-                    _ => Err("guest unreachable".to_string()),
-                };
+                    })
+                });
                 self.host_input(h, HostInput::ActionResult { id, result });
             }
             HostActionKind::StartVm { vm } => {
@@ -670,6 +698,7 @@ impl Sim {
             && let Some(g) = self.guests.get_mut(vm)
         {
             g.apps_down();
+            g.paused = None;
         }
         self.hosts[h].guest_up.remove(vm);
     }
@@ -747,6 +776,11 @@ impl Sim {
                     m.hang = on;
                 }
             }
+            SimCommand::AppGarble { vm, app, on } => {
+                if let Some(m) = self.app_model(&vm, &app) {
+                    m.garbled = on;
+                }
+            }
             SimCommand::AppStart { vm, app, behaviour } => {
                 if let Some(m) = self.app_model(&vm, &app) {
                     m.on_start = behaviour;
@@ -773,10 +807,9 @@ impl Sim {
                             g.apps_down();
                         }
                         self.hosts[h].guest_up.remove(&vm);
-                        let (v1, v2) = (vm.clone(), vm.clone());
-                        self.host_input(h, HostInput::GuestChannel { vm: v1, up: false });
                         let kind = VmObservation::Reset;
-                        self.host_input(h, HostInput::VmObserved { vm: v2, kind });
+                        let v = vm.clone();
+                        self.host_input(h, HostInput::VmObserved { vm: v, kind });
                         let t = Timer::GuestUp {
                             host: h,
                             vm: vm.clone(),
@@ -786,16 +819,39 @@ impl Sim {
                 }
             }
             SimCommand::GuestHang { vm, on } => {
+                // The engine finds out by its next ping or probe.
                 if let Some(g) = self.guests.get_mut(&vm) {
                     g.hung = on;
                 }
-                for h in 0..self.hosts.len() {
-                    if self.hosts[h].running.contains(&vm) {
-                        if !on {
+                if !on {
+                    for h in 0..self.hosts.len() {
+                        if self.hosts[h].running.contains(&vm) {
                             self.hosts[h].guest_up.insert(vm.clone());
                         }
+                    }
+                }
+            }
+            SimCommand::VmPause { vm, reason } => {
+                for h in 0..self.hosts.len() {
+                    if self.hosts[h].running.contains(&vm) {
+                        if let Some(g) = self.guests.get_mut(&vm) {
+                            g.paused = Some(reason);
+                        }
+                        let kind = VmObservation::Paused { reason };
                         let vm = vm.clone();
-                        self.host_input(h, HostInput::GuestChannel { vm, up: !on });
+                        self.host_input(h, HostInput::VmObserved { vm, kind });
+                    }
+                }
+            }
+            SimCommand::VmResume { vm } => {
+                for h in 0..self.hosts.len() {
+                    if self.hosts[h].running.contains(&vm)
+                        && let Some(g) = self.guests.get_mut(&vm)
+                        && g.paused.take().is_some()
+                    {
+                        let kind = VmObservation::Resumed;
+                        let vm = vm.clone();
+                        self.host_input(h, HostInput::VmObserved { vm, kind });
                     }
                 }
             }
@@ -850,11 +906,9 @@ impl Sim {
                 }
             }
             SimCommand::ExecBlocked { vm, on } => {
-                for h in 0..self.hosts.len() {
-                    if self.hosts[h].running.contains(&vm) {
-                        let vm = vm.clone();
-                        self.host_input(h, HostInput::GuestExec { vm, allowed: !on });
-                    }
+                // The engine finds out from its next probe, guest command or ping.
+                if let Some(g) = self.guests.get_mut(&vm) {
+                    g.exec_blocked = on;
                 }
             }
             SimCommand::DaemonRestart(host) => {
@@ -947,6 +1001,20 @@ impl Sim {
             self.apply(cmd);
         }
         Ok(())
+    }
+}
+
+/// What a driver answers when the guest agent does not.
+fn unreachable() -> ActionError {
+    ActionError::GuestUnreachable {
+        detail: "the guest agent did not answer".to_string(),
+    }
+}
+
+/// What a driver answers when the guest agent blocks `guest-exec`.
+fn exec_blocked() -> ActionError {
+    ActionError::ExecBlocked {
+        detail: "guest-exec is disabled".to_string(),
     }
 }
 

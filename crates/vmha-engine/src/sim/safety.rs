@@ -24,14 +24,14 @@ impl Sim {
         }
     }
 
-    /// No action but a probe on a frozen group (self-fencing excepted); no app started before
+    /// No action but a probe or a ping on a frozen group (self-fencing excepted); no app started before
     /// what it requires is online. Also records in-guest restarts for the budget checks.
     pub(super) fn check_action(&mut self, h: usize, a: &HostAction) {
         let Some(agent) = self.hosts[h].node.as_ref().map(Node::agent) else {
             return;
         };
         let (vm, app) = match &a.kind {
-            HostActionKind::Probe { .. } => return,
+            HostActionKind::Probe { .. } | HostActionKind::PingGuest { .. } => return,
             HostActionKind::StartApp { vm, app, .. } => (vm, Some(app)),
             HostActionKind::StopApp { vm, .. }
             | HostActionKind::StartVm { vm }

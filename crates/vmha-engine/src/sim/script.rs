@@ -1,7 +1,7 @@
 //! The script language of simulations: one command per line, `+DELAY command` (see
 //! [`parse_script`]), shared by the scenario tests and operators' what-if runs.
 
-use vmha_model::{Name, Policy, Tie};
+use vmha_model::{Name, PauseReason, Policy, Tie};
 
 use crate::command::AdminCommand;
 use crate::time::millis;
@@ -67,6 +67,15 @@ pub enum SimCommand {
         /// Hanging.
         on: bool,
     },
+    /// The guest's answer to the app's check is garbled (no status line for it), or no longer.
+    AppGarble {
+        /// VM.
+        vm: Name,
+        /// App.
+        app: Name,
+        /// Garbled.
+        on: bool,
+    },
     /// What the app's start command does from now on.
     AppStart {
         /// VM.
@@ -85,6 +94,18 @@ pub enum SimCommand {
     },
     /// The guest reboots by itself.
     VmReset {
+        /// VM.
+        vm: Name,
+    },
+    /// The VM's vCPUs stop (`STOP`, run state by `reason`) on whichever host runs it.
+    VmPause {
+        /// VM.
+        vm: Name,
+        /// Why (QEMU's run state).
+        reason: PauseReason,
+    },
+    /// The paused VM's vCPUs run again (`RESUME`).
+    VmResume {
         /// VM.
         vm: Name,
     },
@@ -111,8 +132,9 @@ pub enum SimCommand {
     HostRecover(Name),
     /// The host's daemon restarts with its persisted state while its VMs keep running.
     DaemonRestart(Name),
-    /// The guest agent of the VM starts (`on`) or stops refusing `guest-exec`; the driver
-    /// reports it as [`HostInput::GuestExec`].
+    /// The guest agent of the VM starts (`on`) or stops refusing `guest-exec`: probes, app
+    /// starts and stops are answered [`crate::ActionError::ExecBlocked`], and so are pings
+    /// that ask whether it is allowed.
     ExecBlocked {
         /// VM.
         vm: Name,
@@ -194,6 +216,15 @@ fn ms_of(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("bad duration `{s}`: {e}"))
 }
 
+/// A pause reason by its serialized name (`admin`, `io-error`, …).
+fn pause_reason(s: &str) -> Result<PauseReason, String> {
+    use serde::Deserialize as _;
+    use serde::de::IntoDeserializer;
+    let text: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+        s.into_deserializer();
+    PauseReason::deserialize(text).map_err(|_| format!("unknown pause reason `{s}`"))
+}
+
 fn name(s: &str) -> Result<Name, String> {
     Name::new(s).map_err(|e| e.to_string())
 }
@@ -252,12 +283,13 @@ fn parse_command(w: &[&str]) -> Result<SimCommand, String> {
             let (vm, app) = va(1)?;
             SimCommand::AppRecover { vm, app }
         }
-        "app-hang" | "app-unhang" => {
+        "app-hang" | "app-unhang" | "app-garble" | "app-ungarble" => {
             let (vm, app) = va(1)?;
-            SimCommand::AppHang {
-                vm,
-                app,
-                on: w[0] == "app-hang",
+            let on = !w[0].starts_with("app-un");
+            if w[0].ends_with("hang") {
+                SimCommand::AppHang { vm, app, on }
+            } else {
+                SimCommand::AppGarble { vm, app, on }
             }
         }
         "app-start-fails" | "app-start-noop" | "app-start-ok" => {
@@ -279,6 +311,11 @@ fn parse_command(w: &[&str]) -> Result<SimCommand, String> {
             },
         },
         "vm-reset" => SimCommand::VmReset { vm: vm(1)? },
+        "vm-pause" => SimCommand::VmPause {
+            vm: vm(1)?,
+            reason: pause_reason(w.get(2).copied().unwrap_or("admin"))?,
+        },
+        "vm-resume" => SimCommand::VmResume { vm: vm(1)? },
         "guest-hang" => SimCommand::GuestHang {
             vm: vm(1)?,
             on: true,

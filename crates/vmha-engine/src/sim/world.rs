@@ -1,11 +1,13 @@
-//! The simulated world inside the VMs: each guest's apps (running or not, hanging checks,
-//! what their start command does) and the guest agent (hung, or never coming up at boot).
+//! The simulated world inside the VMs: each guest's apps (running or not, hanging or garbled
+//! checks, what their start command does), the guest agent (hung, never coming up at boot,
+//! blocking `guest-exec`) and the VM's vCPUs (paused, and why).
 
 use std::collections::BTreeMap;
 
-use vmha_model::{Name, Vm};
+use vmha_model::{Name, PauseReason, Vm};
 
 use super::StartBehaviour;
+use crate::host_io::{ActionError, ExitStatus};
 
 /// One app inside a simulated guest.
 #[derive(Debug, Clone)]
@@ -15,19 +17,24 @@ pub(super) struct AppModel {
     pub exit: i32,
     /// Its check never finishes.
     pub hang: bool,
+    /// The guest's answer for its check is garbled (no status line for it).
+    pub garbled: bool,
     /// What its start command does.
     pub on_start: StartBehaviour,
 }
 
 impl AppModel {
     /// Runs its start command in the guest.
-    pub fn start(&mut self) -> Result<(), String> {
+    pub fn start(&mut self) -> Result<(), ActionError> {
         match self.on_start {
             StartBehaviour::Ok => {
                 self.running = true;
                 Ok(())
             }
-            StartBehaviour::Fails => Err("exit 1".to_string()),
+            StartBehaviour::Fails => Err(ActionError::CommandFailed {
+                status: Some(ExitStatus::Code(1)),
+                stderr: String::new(),
+            }),
             StartBehaviour::Noop => Ok(()),
         }
     }
@@ -41,6 +48,10 @@ pub(super) struct GuestModel {
     pub hung: bool,
     /// Booting never brings the guest agent up.
     pub boot_hang: bool,
+    /// The guest agent refuses `guest-exec` (its configuration blocks it).
+    pub exec_blocked: bool,
+    /// The VM's vCPUs are stopped, and why.
+    pub paused: Option<PauseReason>,
 }
 
 impl GuestModel {
@@ -54,6 +65,7 @@ impl GuestModel {
                     running: false,
                     exit: 3,
                     hang: false,
+                    garbled: false,
                     on_start: StartBehaviour::Ok,
                 };
                 (a.name.clone(), model)
@@ -70,9 +82,10 @@ impl GuestModel {
         self.apps.values_mut().for_each(|m| m.running = false);
     }
 
-    /// A fresh boot: apps down, a hung guest agent is gone with the old guest.
+    /// A fresh boot: apps down, a hung guest agent is gone with the old guest, the vCPUs run.
     pub fn fresh_boot(&mut self) {
         self.apps_down();
         self.hung = false;
+        self.paused = None;
     }
 }

@@ -62,23 +62,30 @@ impl VmMonitor {
 
     pub fn on_observed(&mut self, out: &mut Out<'_>, kind: VmObservation) {
         match kind {
-            VmObservation::Running => {
-                if self.run == Run::Stopped || self.run == Run::Unknown {
-                    self.set_run(Run::Running);
-                }
-                self.paused = false;
-                self.reconcile(out);
+            VmObservation::Running | VmObservation::Resumed => {
+                self.found_running(out);
+                self.resume(out);
             }
-            VmObservation::Paused => self.paused = true,
-            VmObservation::Resumed => self.paused = false,
+            VmObservation::Unresponsive => {
+                // QEMU is there but does not answer: whether the VM runs is not known. A VM
+                // not known to run here is taken as running (never started twice); otherwise
+                // nothing changes, and if its guest stops answering the guest-channel timers
+                // decide (on_guest_loss).
+                self.found_running(out);
+            }
+            VmObservation::Paused { reason } if !guest::pause_is_failure(reason) => {
+                if self.run == Run::Crashed {
+                    return;
+                }
+                // Adopted paused, or paused while running: it runs, held on purpose.
+                self.found_running(out);
+                self.hold_paused(out, reason);
+            }
             VmObservation::Reset => {
                 if self.run != Run::Running || self.plan.is_some() {
                     return;
                 }
-                self.guest_up = None;
-                self.exec_blocked = false;
-                self.guest_down_since = None;
-                self.guest_lost = false;
+                self.guest_forget(out.now);
                 self.apps_down(out, "VM reset (guest reboot)");
                 if self.frozen || !self.should_run(out) {
                     return;
@@ -93,7 +100,10 @@ impl VmMonitor {
                     plan.fresh_guest = true;
                 }
             }
-            VmObservation::Stopped { .. } | VmObservation::Panicked | VmObservation::Gone => {
+            VmObservation::Stopped { .. }
+            | VmObservation::Panicked
+            | VmObservation::Gone
+            | VmObservation::Paused { .. } => {
                 let gone = kind == VmObservation::Gone;
                 let expected = matches!(
                     self.plan.as_ref().and_then(|p| p.cur),
@@ -106,16 +116,22 @@ impl VmMonitor {
                 } else if self.run != Run::Stopped {
                     self.set_run(Run::Crashed);
                 }
+                self.paused = None;
                 if expected {
                     if was_unknown {
                         self.reconcile(out);
                     }
                     return;
                 }
+                let paused;
                 let why = match kind {
                     VmObservation::Stopped { by_guest: true } => "VM shut down by the guest",
                     VmObservation::Stopped { by_guest: false } => "VM stopped unexpectedly",
                     VmObservation::Panicked => "guest panicked",
+                    VmObservation::Paused { reason } => {
+                        paused = format!("VM {}", guest::pause_text(reason));
+                        paused.as_str()
+                    }
                     _ => "VM process gone",
                 };
                 let intent = self.plan.as_ref().map(|p| p.intent);
@@ -136,37 +152,22 @@ impl VmMonitor {
         }
     }
 
+    /// The VM's QEMU is there: a VM not known to run here (not observed yet, or believed
+    /// stopped) runs, and is reconciled with ownership.
+    fn found_running(&mut self, out: &mut Out<'_>) {
+        if self.run == Run::Stopped || self.run == Run::Unknown {
+            self.set_run(Run::Running);
+            self.next_ping = out.now;
+            self.reconcile(out);
+        }
+    }
+
     pub(super) fn cancel_stops(&mut self) {
         self.to_stop.iter_mut().for_each(|s| *s = false);
         for a in &mut self.apps {
             if matches!(a.op, Some(AppOp::Stop(_, StopWhy::Plan))) {
                 a.op = None;
             }
-        }
-    }
-
-    pub fn on_guest_channel(&mut self, out: &mut Out<'_>, up: bool) {
-        if up {
-            self.guest_up = Some(true);
-            self.guest_down_since = None;
-            if self.guest_lost {
-                self.guest_lost = false;
-                for a in &mut self.apps {
-                    a.next_probe = out.now;
-                }
-            }
-            if let Some(plan) = self.plan.as_mut()
-                && matches!(
-                    plan.cur,
-                    Some(Cur::Until(_, Step::WaitGuest) | Cur::Open(Step::WaitGuest))
-                )
-            {
-                plan.cur = None;
-                self.advance(out);
-            }
-        } else {
-            self.guest_up = Some(false);
-            self.guest_down_since.get_or_insert(out.now);
         }
     }
 
@@ -177,6 +178,7 @@ impl VmMonitor {
     /// Whether `id` is an action of this VM still awaited.
     pub fn owns(&self, id: ActionId) -> bool {
         self.owns_probe(id)
+            || self.ping.as_ref().is_some_and(|p| p.id == id)
             || self.apps.iter().any(
                 |a| matches!(a.op, Some(AppOp::Start(x, _)) | Some(AppOp::Stop(x, _)) if x == id),
             )
@@ -207,9 +209,7 @@ impl VmMonitor {
         let Some(probe) = self.finish_probe() else {
             return;
         };
-        self.guest_up = Some(true);
-        self.guest_down_since = None;
-        self.guest_lost = false;
+        self.guest_answered(out);
         let mut changed = false;
         for (name, outcome) in outcomes {
             let Some(i) = self.apps.iter().position(|a| &a.name == name) else {
@@ -246,62 +246,26 @@ impl VmMonitor {
         }
     }
 
-    /// The guest agent allows `guest-exec` again, or refuses it (its configuration blocks it).
-    /// Blocked: the channel itself is fine (no guest loss), apps become `unknown` and are
-    /// neither probed nor started until it is allowed again; the VM is left alone.
-    pub fn on_guest_exec(&mut self, out: &mut Out<'_>, allowed: bool) {
-        if allowed != self.exec_blocked {
-            return;
-        }
-        self.exec_blocked = !allowed;
-        if allowed {
-            for a in &mut self.apps {
-                a.next_probe = out.now;
-            }
-            return;
-        }
-        self.finish_probe();
-        self.guest_up = Some(true);
-        self.guest_down_since = None;
-        self.guest_lost = false;
-        self.apps_unprobeable(out);
-        // A start plan waiting for its apps is done: they cannot be started.
-        self.after_app_changes(out, false);
-    }
-
-    /// Marks every app that is not intentionally offline `unknown` because `guest-exec` is
-    /// blocked, cancelling pending starts.
-    pub(super) fn apps_unprobeable(&mut self, out: &mut Out<'_>) {
-        for i in 0..self.apps.len() {
-            self.apps[i].pending = None;
-            // A start in flight will be refused too: its answer no longer counts.
-            if matches!(self.apps[i].op, Some(AppOp::Start(..))) {
-                self.apps[i].op = None;
-            }
-            if self.apps[i].offline.is_none() {
-                self.set_app(out, i, AppState::Unknown, EXEC_BLOCKED);
-                // Already unknown (e.g. before the first probe): the reason still says why.
-                self.apps[i].reason = EXEC_BLOCKED.to_string();
-            }
-        }
-    }
-
-    pub fn on_guest_unreachable(&mut self, out: &mut Out<'_>) {
-        self.finish_probe();
-        self.guest_up = Some(false);
-        self.guest_down_since.get_or_insert(out.now);
-    }
-
     pub fn on_action_result(
         &mut self,
         out: &mut Out<'_>,
         id: ActionId,
-        result: Result<(), String>,
+        result: Result<(), ActionError>,
     ) {
         if self.owns_probe(id) {
-            if result.is_err() {
-                self.on_guest_unreachable(out);
+            // A probe that could not run (its outcomes come as a ProbeResult).
+            let Some(probe) = self.finish_probe() else {
+                return;
+            };
+            match result {
+                Ok(()) => {}
+                Err(ActionError::ExecBlocked { .. }) => self.exec_refused(out),
+                Err(_) => self.guest_failed(out, probe.sent),
             }
+            return;
+        }
+        if self.ping.as_ref().is_some_and(|p| p.id == id) {
+            self.on_ping_result(out, result);
             return;
         }
         if let Some(i) = self.apps.iter().position(
@@ -319,11 +283,8 @@ impl VmMonitor {
         match (step, result) {
             (Step::StopVm | Step::KillVm, Ok(())) => {
                 self.set_run(Run::Stopped);
-                self.guest_up = None;
-                self.exec_blocked = false;
-                self.guest_down_since = None;
-                self.guest_lost = false;
-                self.paused = false;
+                self.guest_forget(out.now);
+                self.paused = None;
                 self.apps_down(out, "VM stopped");
                 self.advance(out);
             }
@@ -343,11 +304,7 @@ impl VmMonitor {
                     plan.fresh_guest = true;
                 }
                 self.set_run(Run::Running);
-                self.guest_up = None;
-                self.exec_blocked = false;
-                self.guest_down_since = None;
-                self.guest_lost = false;
-                self.paused = false;
+                self.guest_forget(out.now);
                 self.advance(out);
             }
             (Step::StartVm, Err(e)) => {
@@ -364,27 +321,27 @@ impl VmMonitor {
         &mut self,
         out: &mut Out<'_>,
         i: usize,
-        result: Result<(), String>,
+        result: Result<(), ActionError>,
     ) {
         let op = self.apps[i].op.take();
+        if op.is_none() {
+            return;
+        }
+        // What the answer says about the guest channel: not the app's business.
+        match &result {
+            Ok(())
+            | Err(ActionError::CommandFailed { .. } | ActionError::CommandTimedOut { .. }) => {
+                self.guest_answered(out)
+            }
+            Err(ActionError::ExecBlocked { .. }) => {}
+            Err(_) => self.guest_failed(out, out.now),
+        }
         let mut changed = false;
         match (op, result) {
-            (Some(AppOp::Start(..)), Ok(())) => self.apps[i].next_probe = out.now,
-            (Some(AppOp::Start(_, why)), Err(e)) => {
-                let what = if why == StartWhy::Restart {
-                    "restart"
-                } else {
-                    "start"
-                };
-                let r = format!("{what} command failed: {e}");
-                changed |= self.fault_app(out, i, FaultKind::Sticky, &r);
-            }
-            (Some(AppOp::Stop(_, StopWhy::Admin)), Ok(())) => {
-                changed |= self.set_app(out, i, AppState::Offline, "stopped by admin");
-                self.apps[i].next_probe = out.now.plus(self.apps[i].cfg.interval);
-            }
-            (Some(AppOp::Stop(_, StopWhy::Admin)), Err(_)) => self.apps[i].next_probe = out.now,
-            (Some(AppOp::Stop(_, StopWhy::Plan)), _) => {
+            (Some(AppOp::Stop(_, StopWhy::Plan)), result) => {
+                if matches!(result, Err(ActionError::ExecBlocked { .. })) {
+                    self.exec_refused(out);
+                }
                 self.drive_stops(out);
                 if self.stops_done()
                     && let Some(plan) = self.plan.as_mut()
@@ -395,8 +352,46 @@ impl VmMonitor {
                 }
                 return;
             }
+            (_, Err(ActionError::ExecBlocked { .. })) => {
+                // Blocked is the agent's configuration, not the app's fault: the app is
+                // unknown like every other, and the VM is left alone.
+                self.exec_refused(out);
+                return;
+            }
+            (Some(AppOp::Start(..)), Ok(())) => self.apps[i].next_probe = out.now,
+            (Some(AppOp::Start(_, why)), Err(e)) => {
+                let what = if why == StartWhy::Restart {
+                    "restart"
+                } else {
+                    "start"
+                };
+                if command_ran(&e) {
+                    let r = format!("{what} command failed: {e}");
+                    changed |= self.fault_app(out, i, FaultKind::Sticky, &r);
+                } else {
+                    // The guest channel failed under it (the command may or may not have
+                    // run): not the app's fault; the next probe tells.
+                    let r = format!("{what} command did not reach the guest: {e}");
+                    changed |= self.set_app(out, i, AppState::Unknown, &r);
+                    self.apps[i].next_probe = out.now;
+                }
+            }
+            (Some(AppOp::Stop(_, StopWhy::Admin)), Ok(())) => {
+                changed |= self.set_app(out, i, AppState::Offline, "stopped by admin");
+                self.apps[i].next_probe = out.now.plus(self.apps[i].cfg.interval);
+            }
+            (Some(AppOp::Stop(_, StopWhy::Admin)), Err(_)) => self.apps[i].next_probe = out.now,
             (None, _) => return,
         }
         self.after_app_changes(out, changed);
     }
+}
+
+/// Whether a failed guest command ran in the guest (its failure is the app's), as opposed to
+/// a channel or driver failure (nobody knows whether it ran).
+fn command_ran(e: &ActionError) -> bool {
+    matches!(
+        e,
+        ActionError::CommandFailed { .. } | ActionError::CommandTimedOut { .. }
+    )
 }

@@ -16,6 +16,7 @@
 //! while this host owns it with desired `run` and holds a live lease.
 
 mod admin;
+mod guest;
 mod inputs;
 mod ordering;
 mod plan;
@@ -33,7 +34,8 @@ use crate::command::CommandError;
 use crate::decision_agent::{AppView, Verdict, explain};
 use crate::event::{Event, ObjectRef, Origin};
 use crate::host_io::{
-    Desired, HostAction, HostActionKind, ProbeCheck, ProbeOutcome, VmObservation, VmReport,
+    ActionError, Desired, HostAction, HostActionKind, PauseReason, ProbeCheck, ProbeOutcome,
+    VmObservation, VmReport,
 };
 use crate::ids::ActionId;
 use crate::persist::{Dirty, PlanIntent, VmLocal};
@@ -160,14 +162,25 @@ pub(crate) struct VmMonitor {
     budget: Budget,
     budget_override: bool,
     pub frozen: bool,
-    paused: bool,
+    /// Paused on purpose (an admin, a debugger, a migration), and since when: no probes, no
+    /// guest-loss timers until it resumes.
+    paused: Option<(PauseReason, Timestamp)>,
     fault: Option<String>,
     owner: Option<Option<Name>>,
     desired: Option<Desired>,
     run: Run,
+    /// The guest channel as the engine judges it: `None` no news since the guest (re)started,
+    /// `Some(true)` it answered last, `Some(false)` it failed last.
     guest_up: Option<bool>,
+    /// When the guest agent last answered anything.
+    guest_seen: Option<Timestamp>,
+    /// When the current streak of failed attempts began.
     guest_down_since: Option<Timestamp>,
     guest_lost: bool,
+    /// The ping in flight.
+    ping: Option<guest::Ping>,
+    /// When the next ping is due while the channel is not known up.
+    next_ping: Timestamp,
     /// The guest agent answers but refuses `guest-exec` (blocked by its configuration): apps
     /// cannot be probed or started, which is no reason to restart the VM.
     exec_blocked: bool,
@@ -232,14 +245,17 @@ impl VmMonitor {
             budget: Budget::new(cfg.vm_restart_limit, millis(cfg.vm_restart_window)),
             budget_override: false,
             frozen: false,
-            paused: false,
+            paused: None,
             fault: None,
             owner: None,
             desired: None,
             run: Run::Unknown,
             guest_up: None,
+            guest_seen: None,
             guest_down_since: None,
             guest_lost: false,
+            ping: None,
+            next_ping: now,
             exec_blocked: false,
             probe: None,
             plan: None,
@@ -434,7 +450,7 @@ impl VmMonitor {
         for i in 0..self.apps.len() {
             self.apps[i].op = None;
             self.apps[i].pending = None;
-            self.apps[i].timeouts = 0;
+            self.apps[i].clear_streak();
             self.to_stop[i] = false;
             if self.apps[i].offline.is_some() {
                 self.set_app(out, i, AppState::Offline, "intentionally offline");

@@ -78,6 +78,10 @@ impl VmMonitor {
                 let a = &self.apps[r];
                 match a.state {
                     AppState::Online => {}
+                    // Unknown because the guest channel failed: not broken, wait for it.
+                    AppState::Unknown if self.guest_up == Some(false) => {
+                        waiting.push(a.name.to_string())
+                    }
                     AppState::Offline => offline.push(a.name.to_string()),
                     AppState::Faulted | AppState::Unknown => {
                         broken.push(format!("{} ({})", a.name, a.state))

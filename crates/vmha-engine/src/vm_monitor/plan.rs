@@ -72,7 +72,12 @@ impl VmMonitor {
         let vm = self.name.clone();
         match step {
             Step::StopApps => {
-                if self.run != Run::Running || self.guest_up != Some(true) {
+                // Nothing can be run in the guest: no channel, exec blocked, or vCPUs held.
+                if self.run != Run::Running
+                    || self.guest_up != Some(true)
+                    || self.exec_blocked
+                    || self.paused.is_some()
+                {
                     return None;
                 }
                 for i in 0..self.apps.len() {
@@ -152,7 +157,7 @@ impl VmMonitor {
                 let fresh = self.plan.as_ref().is_some_and(|p| p.fresh_guest);
                 for i in 0..self.apps.len() {
                     self.apps[i].op = None;
-                    self.apps[i].timeouts = 0;
+                    self.apps[i].clear_streak();
                     if fresh {
                         // A fresh guest re-arms the in-guest restart budget.
                         self.apps[i].budget.reset();

@@ -11,7 +11,16 @@ impl VmMonitor {
             for a in &mut self.apps {
                 a.next_probe = out.now;
             }
-            self.set_state(out, VmState::Online, reason);
+            match self.paused {
+                Some((why, _)) => {
+                    let r = format!(
+                        "{reason}; {}: probes and guest-loss timers suspended until it resumes",
+                        guest::pause_text(why)
+                    );
+                    self.set_state(out, VmState::Online, &r);
+                }
+                None => self.set_state(out, VmState::Online, reason),
+            }
         }
     }
 

@@ -1,4 +1,4 @@
-//! Timers of the VM monitor: probe schedule, plan deadlines, guest-channel loss.
+//! Timers of the VM monitor: probe schedule, plan deadlines, guest pings, guest-channel loss.
 
 use super::*;
 
@@ -15,14 +15,14 @@ impl VmMonitor {
 
     pub(super) fn probing(&self) -> bool {
         self.run == Run::Running
-            && !self.paused
+            && self.paused.is_none()
             && !self.exec_blocked
             && self.probe.is_none()
             && self.monitoring()
     }
 
     pub(super) fn guest_deadline(&self) -> Option<Timestamp> {
-        if self.run != Run::Running || self.guest_lost {
+        if self.run != Run::Running || self.guest_lost || self.paused.is_some() {
             return None;
         }
         let in_monitoring = self.monitoring();
@@ -43,18 +43,31 @@ impl VmMonitor {
                 }
             }
         }
-        if let Some(Some(Cur::Until(x, _))) = self.plan.as_ref().map(|p| p.cur) {
+        if let Some((x, _)) = self.plan_deadline() {
             consider(x);
         }
         if let Some(x) = self.guest_deadline() {
             consider(x);
         }
+        if let Some(x) = self.ping_due() {
+            consider(x);
+        }
         t
+    }
+
+    /// The deadline of the plan's step; waiting for the guest is suspended while the VM is
+    /// paused on purpose.
+    fn plan_deadline(&self) -> Option<(Timestamp, Step)> {
+        match self.plan.as_ref().and_then(|p| p.cur) {
+            Some(Cur::Until(_, Step::WaitGuest)) if self.paused.is_some() => None,
+            Some(Cur::Until(t, step)) => Some((t, step)),
+            _ => None,
+        }
     }
 
     pub fn on_timeout(&mut self, out: &mut Out<'_>) {
         let now = out.now;
-        if let Some(Some(Cur::Until(t, step))) = self.plan.as_ref().map(|p| p.cur)
+        if let Some((t, step)) = self.plan_deadline()
             && t <= now
         {
             match step {
@@ -91,6 +104,7 @@ impl VmMonitor {
             && deadline <= now
         {
             self.guest_lost = true;
+            self.next_ping = now.plus_ms(guest::PING_UP_MS);
             let lost = format!(
                 "guest channel unreachable for {}",
                 human(millis(self.cfg.guest_timeout))
@@ -136,6 +150,9 @@ impl VmMonitor {
                     apps: due,
                 });
             }
+        }
+        if self.ping_due().is_some_and(|t| t <= now) {
+            self.send_ping(out);
         }
     }
 }
