@@ -12,7 +12,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use vmha_engine::AdminCommand;
 use vmha_engine::sim::{CrashKind, Sim, SimCommand, StartBehaviour};
-use vmha_model::{Config, Name};
+use vmha_model::{Config, Name, PauseReason};
 
 #[derive(Debug, Clone)]
 struct AppSpec {
@@ -151,6 +151,11 @@ fn command(budget_safe: bool) -> impl Strategy<Value = SimCommand> {
         2 => (vm.clone(), 0usize..3).prop_map(|(vm, k)| SimCommand::VmCrash {
             vm, kind: [CrashKind::Panic, CrashKind::Shutdown, CrashKind::Gone][k] }),
         1 => (vm.clone(), any::<bool>()).prop_map(|(vm, on)| SimCommand::GuestHang { vm, on }),
+        1 => (vm.clone(), any::<bool>()).prop_map(|(vm, on)| SimCommand::ExecBlocked { vm, on }),
+        1 => (vm.clone(), app.clone(), any::<bool>()).prop_map(|(vm, app, on)| SimCommand::AppGarble { vm, app, on }),
+        1 => (vm.clone(), 0usize..4).prop_map(|(vm, r)| SimCommand::VmPause {
+            vm, reason: [PauseReason::Admin, PauseReason::Debug, PauseReason::IoError, PauseReason::GuestPanicked][r] }),
+        1 => vm.clone().prop_map(|vm| SimCommand::VmResume { vm }),
         1 => (vm.clone(), any::<bool>()).prop_map(|(vm, on)| SimCommand::BootHang { vm, on }),
         1 => host.clone().prop_map(SimCommand::HostRecover),
         1 => host.clone().prop_map(SimCommand::DaemonRestart),
