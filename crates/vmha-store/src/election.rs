@@ -23,6 +23,9 @@ use crate::store::{
 /// failing is not hammered.
 const REWATCH_PAUSE: Duration = Duration::from_millis(100);
 
+/// How often `resign` reads the key again after its delete failed with `Unavailable`.
+const RESIGN_RETRIES: u32 = 2;
+
 fn prefix(election: &str) -> String {
     format!("{election}/")
 }
@@ -51,20 +54,10 @@ pub async fn campaign<S: ClusterStore>(
     }
     let prefix = prefix(election);
     let key = format!("{prefix}{lease}");
-    let created = store
-        .compare_and_swap(
-            &key,
-            Expect::Absent,
-            Mutation::Put {
-                value: value.clone(),
-                lease: Some(lease),
-            },
-        )
-        .await?;
-    if let CasOutcome::Conflict { .. } = created {
-        // Resuming a candidacy with the same lease: keep its place, update the value.
-        store.put(&key, value, Some(lease)).await?;
-    }
+    // Creates the candidate key, or resumes a candidacy with the same lease: a put keeps the key's
+    // create revision, hence its place. Unconditional, so a store may re-send it after an attempt
+    // went unanswered (a conditional create could not be: its second attempt would fail).
+    store.put(&key, value, Some(lease)).await?;
     loop {
         let listing = store.list(&prefix).await?;
         let mut candidates: Vec<KeyValue> = listing
@@ -118,7 +111,12 @@ pub async fn leader<S: ClusterStore>(
 }
 
 /// Deletes the leader's key if it is still the same term; see [`ClusterStore::resign`].
+///
+/// The delete is a compare-and-swap, which a networked store does not re-send once its outcome is
+/// unknown; such an `Unavailable` is retried here (a few times) after reading the key again, which
+/// tells whether the delete was applied.
 pub async fn resign<S: ClusterStore>(store: &S, leader: &Leader) -> Result<(), StoreError> {
+    let mut unknown_outcomes = 0;
     loop {
         let Some(current) = store.get(&leader.key).await? else {
             return Ok(());
@@ -132,9 +130,14 @@ pub async fn resign<S: ClusterStore>(store: &S, leader: &Leader) -> Result<(), S
                 Expect::Revision(current.mod_revision),
                 Mutation::Delete,
             )
-            .await?;
-        if let CasOutcome::Swapped { .. } = outcome {
-            return Ok(());
+            .await;
+        match outcome {
+            Ok(CasOutcome::Swapped { .. }) => return Ok(()),
+            Ok(CasOutcome::Conflict { .. }) => {}
+            Err(StoreError::Unavailable(_)) if unknown_outcomes < RESIGN_RETRIES => {
+                unknown_outcomes += 1;
+            }
+            Err(e) => return Err(e),
         }
     }
 }

@@ -9,21 +9,38 @@
 //! - `watch`: a `Watch` stream forwarded by a task through a bounded channel.
 //! - elections: [`crate::election`] on the KV primitives (the keys etcd's election service uses).
 //!
-//! Every call has a deadline ([`EtcdOptions::request_timeout`]): a cut network becomes
-//! [`StoreError::Unavailable`] within it, never a hang. A request that certainly never reached a
-//! server (its connection could not be made, or the member has no leader and refused it) is
-//! retried on another member within the deadline; reads and keepalives are also retried after
-//! other transient failures. A write that fails with `Unavailable` may or may not have been
-//! applied. Every method is cancel-safe: a dropped future leaves nothing half-done in the handle
-//! (a keepalive stream in use is dropped with it and recreated by the next call).
+//! **Members.** The handle keeps one connection per member and sends each request to one member,
+//! the *preferred* one (the last that answered) first. A member that does not answer an attempt
+//! within [`EtcdOptions::attempt_timeout`] (a member cut off the network, or frozen, accepts
+//! requests and never answers) or whose connection fails is *suspect*: calls try it only after
+//! every other member, a fresh connection probes it every second, and it is trusted again once it
+//! answers. A member without a leader refuses requests at once ("require leader"): the next member
+//! is tried.
+//!
+//! **Retries.** Every call has a deadline ([`EtcdOptions::request_timeout`]), retries included: a
+//! cut network becomes [`StoreError::Unavailable`] within it, never a hang. Reads, keepalives,
+//! lease grants and revokes, watch creation, unconditional `put`s and `txn`s without conditions
+//! are idempotent enough to re-send: after an attempt went unanswered for the attempt timeout,
+//! another member is tried while the first attempt may still answer (the first answer wins), and
+//! after a transient error too. A `txn` with conditions, `compare_and_swap` and `delete` are
+//! re-sent only when the attempt certainly did not reach a server (its connection could not be
+//! made, or the member had no leader and refused it): their answer depends on whether an earlier
+//! attempt was applied. When such an attempt goes unanswered and its member does not answer a
+//! probe either, they fail with `Unavailable` saying that the outcome is unknown. A write that
+//! fails with `Unavailable` may or may not have been applied. Every method is cancel-safe: a
+//! dropped future leaves nothing half-done in the handle (a keepalive stream in use is dropped
+//! with it and recreated by the next call).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use etcd_client as etcd;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -41,6 +58,7 @@ const WATCH_BUFFER: usize = 256;
 
 /// Interval of HTTP/2 pings while streams are open. etcd (grpc-go) answers pings more often than
 /// every 5 s (`--grpc-keepalive-min-time`) with GOAWAY "too_many_pings", so stay well above it.
+/// (Too slow to notice a silent member: attempt timeouts and probes do that.)
 const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How many idle keepalive streams the handle keeps at most (one per lease in use).
@@ -50,14 +68,41 @@ const MAX_KEEPERS: usize = 64;
 /// 4 MiB is too small for, e.g., a full event log; etcd itself sends responses of any size.
 const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 
+/// Upper bound of [`EtcdOptions::attempt_timeout`]: an etcd member on a LAN answers within a few
+/// milliseconds, a commit within tens; 700 ms without an answer means the member is gone or cut
+/// off (or the cluster has no leader, which no other member can help with either).
+const MAX_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(700);
+
+/// How long a member that did not answer (or could not be connected to) stays suspect after its
+/// last failed probe: calls try it only after every other member meanwhile.
+const SUSPECT_FOR: Duration = Duration::from_secs(5);
+
+/// Pause between two probes of a suspect member.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a member that answered "no leader" is tried after the others.
+const NO_LEADER_AVOID: Duration = Duration::from_secs(1);
+
+/// First pause before re-sending a request to a member that failed it; doubles up to
+/// [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_millis(200);
+
+/// How often in a row a watch may lose its stream (and be re-created on another member) without
+/// any answer on the re-created stream before it fails with `Unavailable`.
+const MAX_WATCH_RESUMES: u32 = 3;
+
 /// Timeouts of an [`EtcdStore`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EtcdOptions {
-    /// How long establishing a TCP connection to one member may take.
+    /// How long establishing a TCP connection to one member may take; capped at three quarters of
+    /// [`EtcdOptions::attempt_timeout`], so that a member whose host is unreachable fails the
+    /// connection (the request certainly not sent: safe to re-send anywhere) before the attempt
+    /// times out.
     pub connect_timeout: Duration,
-    /// The deadline of every call, retries included: after it the call fails with
-    /// [`StoreError::Unavailable`]. Also the interval at which an idle watch probes its stream:
-    /// a watch whose stream stops answering fails within about twice this time.
+    /// The deadline of every call, retries and failover included: after it the call fails with
+    /// [`StoreError::Unavailable`]. Also sets the attempt timeout
+    /// ([`EtcdOptions::attempt_timeout`]).
     pub request_timeout: Duration,
 }
 
@@ -71,42 +116,92 @@ impl Default for EtcdOptions {
     }
 }
 
+impl EtcdOptions {
+    /// How long one attempt on one member may go unanswered before that member is suspected to
+    /// be silent and another one is tried: a third of `request_timeout`, at most 700 ms (667 ms
+    /// with the defaults). Also how long an idle watch waits for the answer to a progress request
+    /// (sent every attempt timeout while idle) before it moves to another member.
+    pub fn attempt_timeout(&self) -> Duration {
+        (self.request_timeout / 3)
+            .min(MAX_ATTEMPT_TIMEOUT)
+            .max(Duration::from_millis(1))
+    }
+
+    fn member_connect_timeout(&self) -> Duration {
+        self.connect_timeout
+            .min(self.attempt_timeout() * 3 / 4)
+            .max(Duration::from_millis(1))
+    }
+}
+
 /// The cluster store on etcd 3.4. Cheap to clone (an `Arc` inside), `Send + Sync`; all clones share
-/// one gRPC channel (balanced over the endpoints) and the keepalive streams.
+/// the connections (one per member), the member states and the keepalive streams.
 #[derive(Clone)]
 pub struct EtcdStore {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    clients: Clients,
+    members: Vec<Member>,
+    /// The member tried first: the last one that answered.
+    preferred: AtomicUsize,
     options: EtcdOptions,
+    connect: etcd::ConnectOptions,
     endpoints: String,
     /// Idle keepalive streams by lease. A call takes its lease's stream out while using it, so a
     /// cancelled call drops the stream instead of leaving an unread response on it.
     keepers: Mutex<HashMap<LeaseId, Keeper>>,
 }
 
+struct Member {
+    endpoint: String,
+    state: Mutex<MemberState>,
+}
+
+struct MemberState {
+    /// The member's connection (re-made by each probe of a suspect member).
+    clients: Clients,
+    /// While set and in the future, calls try this member only after every other one.
+    avoid_until: Option<Instant>,
+    /// Whether a probe task is checking on this member.
+    probing: bool,
+}
+
 struct Keeper {
+    /// The member the stream is open on.
+    member: usize,
     keeper: etcd::LeaseKeeper,
     stream: etcd::LeaseKeepAliveStream,
 }
 
-/// The etcd service clients (cheap clones sharing one channel), each request using fresh clones.
+/// The etcd service clients of one member (cheap clones sharing its connection).
 #[derive(Clone)]
 struct Clients {
     kv: etcd::KvClient,
     watch: etcd::WatchClient,
     lease: etcd::LeaseClient,
+    maintenance: etcd::MaintenanceClient,
 }
 
-/// How a failed request may be retried.
+/// What a request does, which decides how it may be re-sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Retry {
-    /// Only if it certainly did not reach a server (writes).
-    IfNotSent,
-    /// After any transient failure (reads, keepalives, lease grants and revokes).
-    Transient,
+enum Kind {
+    /// Reads, keepalives, lease grants and revokes, watch creation: re-sent after any transient
+    /// failure, and on another member while an unanswered attempt may still answer.
+    Read,
+    /// Unconditional writes (`put`, `txn` without conditions): re-sent like reads; an attempt that
+    /// timed out may still be applied, so the write may be applied twice (same result, two
+    /// revisions).
+    Write,
+    /// Writes whose answer depends on whether an earlier attempt was applied (`txn` with
+    /// conditions, `compare_and_swap`, `delete`): re-sent only if certainly not sent.
+    Guarded,
+}
+
+impl Kind {
+    fn writes(self) -> bool {
+        self != Kind::Read
+    }
 }
 
 /// What an etcd error means for the caller.
@@ -131,7 +226,7 @@ fn classify(e: &etcd::Error) -> Class {
                 return Class::NotSent;
             }
             let message = status.message();
-            if message.contains("etcdserver: no leader") {
+            if no_leader(e) {
                 // Refused by the member before it did anything: with the "require leader" flag
                 // the request never reaches raft on a member that has no leader.
                 Class::NotSent
@@ -180,6 +275,188 @@ fn connect_failed(status: &tonic::Status) -> bool {
         source = e.source();
     }
     false
+}
+
+/// Whether the member refused the request for lack of a leader.
+fn no_leader(e: &etcd::Error) -> bool {
+    matches!(e, etcd::Error::GRpcStatus(status) if status.message().contains("etcdserver: no leader"))
+}
+
+/// Whether the error is an answer of the etcd server itself (the member is alive), not a failure
+/// of the connection.
+fn server_answered(e: &etcd::Error) -> bool {
+    match e {
+        etcd::Error::GRpcStatus(status) => {
+            std::error::Error::source(status).is_none()
+                && (status.message().starts_with("etcdserver:")
+                    || status.message().starts_with("mvcc:"))
+        }
+        _ => false,
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The clients of a member, on a new connection (made lazily, on the first request).
+async fn member_clients(
+    endpoint: &str,
+    connect: &etcd::ConnectOptions,
+) -> Result<Clients, etcd::Error> {
+    let client = etcd::Client::connect([endpoint], Some(connect.clone())).await?;
+    Ok(Clients {
+        kv: client
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES),
+        watch: client
+            .watch_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES),
+        lease: client.lease_client(),
+        maintenance: client.maintenance_client(),
+    })
+}
+
+impl Inner {
+    /// The members in the order a call tries them: the preferred one, then the others in endpoint
+    /// order after it; members under suspicion (or without a leader a moment ago) after all
+    /// others.
+    fn order(&self) -> Vec<usize> {
+        let n = self.members.len();
+        let first = self.preferred.load(Ordering::Relaxed) % n;
+        let now = Instant::now();
+        let (mut order, avoided): (Vec<usize>, Vec<usize>) = (0..n)
+            .map(|k| (first + k) % n)
+            .partition(|&i| !self.avoided(i, now));
+        order.extend(avoided);
+        order
+    }
+
+    fn avoided(&self, i: usize, now: Instant) -> bool {
+        lock(&self.members[i].state)
+            .avoid_until
+            .is_some_and(|until| until > now)
+    }
+
+    /// Whether member `i` is suspect and has not answered a probe since.
+    fn silent(&self, i: usize) -> bool {
+        let state = lock(&self.members[i].state);
+        state.probing
+            && state
+                .avoid_until
+                .is_some_and(|until| until > Instant::now())
+    }
+
+    fn clients(&self, i: usize) -> Clients {
+        lock(&self.members[i].state).clients.clone()
+    }
+
+    fn endpoint(&self, i: usize) -> &str {
+        &self.members[i].endpoint
+    }
+
+    /// Member `i` answered: it is tried first from now on and is no longer avoided.
+    fn answered(&self, i: usize) {
+        self.preferred.store(i, Ordering::Relaxed);
+        lock(&self.members[i].state).avoid_until = None;
+    }
+
+    /// Member `i` has no leader: try the others first for a moment.
+    fn avoid_briefly(&self, i: usize) {
+        let until = Instant::now() + NO_LEADER_AVOID;
+        let mut state = lock(&self.members[i].state);
+        state.avoid_until = Some(state.avoid_until.map_or(until, |t| t.max(until)));
+    }
+}
+
+/// Member `i` did not answer in time, or its connection failed: calls try it after every other
+/// member, and a task probes it (on a fresh connection) until it answers.
+fn suspect(inner: &Arc<Inner>, i: usize, why: &str) {
+    let member = &inner.members[i];
+    let start_probing = {
+        let mut state = lock(&member.state);
+        state.avoid_until = Some(Instant::now() + SUSPECT_FOR);
+        !std::mem::replace(&mut state.probing, true)
+    };
+    if start_probing {
+        tracing::warn!(
+            endpoint = %member.endpoint,
+            why,
+            "etcd member suspect: trying the other members first until it answers a probe"
+        );
+        tokio::spawn(probe(Arc::downgrade(inner), i));
+    }
+}
+
+/// Notes what a failed request says about member `i`.
+fn note_failure(inner: &Arc<Inner>, i: usize, error: &etcd::Error) {
+    if no_leader(error) {
+        inner.avoid_briefly(i);
+    } else if matches!(classify(error), Class::NotSent | Class::Transient)
+        && !server_answered(error)
+    {
+        suspect(inner, i, &error.to_string());
+    }
+}
+
+/// Probes suspect member `i` every [`PROBE_INTERVAL`], each time on a new connection (the old one
+/// may be what is broken), until it answers (any answer of etcd, "no leader" included: it is
+/// alive) or the store is dropped. The new connection replaces the member's.
+async fn probe(inner: Weak<Inner>, i: usize) {
+    loop {
+        let Some(store) = inner.upgrade() else {
+            return;
+        };
+        let member = &store.members[i];
+        let clients = match member_clients(&member.endpoint, &store.connect).await {
+            Ok(clients) => clients,
+            Err(e) => {
+                // Cannot happen: the endpoint was accepted by `connect`.
+                tracing::error!(endpoint = %member.endpoint, error = %e, "cannot probe etcd member");
+                lock(&member.state).probing = false;
+                return;
+            }
+        };
+        let answer = tokio::time::timeout(
+            store.options.attempt_timeout(),
+            clients.maintenance.clone().status(),
+        )
+        .await;
+        let alive = match &answer {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => server_answered(e),
+            Err(_) => false,
+        };
+        {
+            let mut state = lock(&member.state);
+            state.clients = clients;
+            if alive {
+                state.avoid_until = None;
+                state.probing = false;
+            } else {
+                state.avoid_until = Some(Instant::now() + SUSPECT_FOR);
+            }
+        }
+        if alive {
+            tracing::info!(endpoint = %member.endpoint, "etcd member answers again");
+            return;
+        }
+        drop(store);
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
+
+/// One member's part in a call.
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    /// When the attempt in flight on this member was sent.
+    sent: Option<Instant>,
+    /// The attempt in flight went unanswered for the attempt timeout.
+    overdue: bool,
+    /// (Guarded) whether the overdue attempt's member was checked for silence.
+    checked: bool,
+    /// After a failure: not before then again.
+    ready_at: Option<Instant>,
 }
 
 /// Runs `f`, turning a panic inside etcd-client (it unwraps a few fields a conforming server
@@ -263,10 +540,11 @@ impl std::fmt::Debug for EtcdStore {
 }
 
 impl EtcdStore {
-    /// A store on the etcd cluster at `endpoints` (`http://host:port`; TLS is not built in).
+    /// A store on the etcd cluster at `endpoints` (`http://host:port`, one per member; TLS is not
+    /// built in). The first endpoint is the first preferred member.
     ///
-    /// Does not wait for the cluster: connections are made lazily (per member, each within
-    /// `connect_timeout`) and re-made after failures, so the handle works once the cluster is
+    /// Does not wait for the cluster: connections are made lazily (one per member, each within
+    /// the connect timeout) and re-made after failures, so the handle works once the cluster is
     /// reachable and every call fails with [`StoreError::Unavailable`] within `request_timeout`
     /// while it is not. Requests carry etcd's "require leader" flag, so a member cut off from its
     /// quorum refuses them (and they are retried on another member). Fails with
@@ -284,33 +562,37 @@ impl EtcdStore {
             ));
         }
         let connect = etcd::ConnectOptions::new()
-            .with_connect_timeout(options.connect_timeout)
+            .with_connect_timeout(options.member_connect_timeout())
             .with_keep_alive(HTTP2_PING_INTERVAL, options.request_timeout)
             .with_keep_alive_while_idle(false)
             .with_require_leader(true);
-        let client = tokio::time::timeout(
-            options.request_timeout,
-            etcd::Client::connect(endpoints, Some(connect)),
-        )
-        .await
-        .map_err(|_| StoreError::Unavailable("etcd client set-up timed out".into()))?
-        .map_err(|e| match classify(&e) {
-            Class::Invalid => StoreError::InvalidArgument(format!("etcd endpoints: {e}")),
-            _ => StoreError::Unavailable(format!("etcd connect: {e}")),
-        })?;
-        let clients = Clients {
-            kv: client
-                .kv_client()
-                .max_decoding_message_size(MAX_RESPONSE_BYTES),
-            watch: client
-                .watch_client()
-                .max_decoding_message_size(MAX_RESPONSE_BYTES),
-            lease: client.lease_client(),
-        };
+        let mut members = Vec::with_capacity(endpoints.len());
+        for endpoint in endpoints {
+            let clients =
+                tokio::time::timeout(options.request_timeout, member_clients(endpoint, &connect))
+                    .await
+                    .map_err(|_| StoreError::Unavailable("etcd client set-up timed out".into()))?
+                    .map_err(|e| match classify(&e) {
+                        Class::Invalid => {
+                            StoreError::InvalidArgument(format!("etcd endpoint {endpoint}: {e}"))
+                        }
+                        _ => StoreError::Unavailable(format!("etcd connect to {endpoint}: {e}")),
+                    })?;
+            members.push(Member {
+                endpoint: endpoint.clone(),
+                state: Mutex::new(MemberState {
+                    clients,
+                    avoid_until: None,
+                    probing: false,
+                }),
+            });
+        }
         Ok(EtcdStore {
             inner: Arc::new(Inner {
-                clients,
+                members,
+                preferred: AtomicUsize::new(0),
                 options,
+                connect,
                 endpoints: endpoints.join(","),
                 keepers: Mutex::new(HashMap::new()),
             }),
@@ -322,23 +604,67 @@ impl EtcdStore {
         self.inner.options
     }
 
-    fn timed_out(&self, what: &str) -> StoreError {
+    /// The endpoint of the member calls currently try first (the last one that answered, unless
+    /// it is suspect): for diagnostics and tests.
+    pub fn preferred_endpoint(&self) -> &str {
+        self.inner.endpoint(self.inner.order()[0])
+    }
+
+    /// The call's deadline passed.
+    fn no_answer(&self, what: &str, kind: Kind, failures: &[String]) -> StoreError {
+        let tried = if failures.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", failures.join("; "))
+        };
+        let write = if kind.writes() {
+            "; the write may or may not have been applied"
+        } else {
+            ""
+        };
         StoreError::Unavailable(format!(
-            "etcd {what}: no answer within {:?} from {} (a write may or may not have been \
-             applied)",
+            "etcd {what}: no answer within {:?} from {}{tried}{write}",
             self.inner.options.request_timeout, self.inner.endpoints
         ))
     }
 
-    /// Maps an etcd error of `what`; `lease` is the lease a "lease not found" is about.
-    fn map_error(&self, what: &str, e: &etcd::Error, lease: Option<LeaseId>) -> StoreError {
+    /// A guarded write went unanswered by a member that is silent.
+    fn outcome_unknown(&self, what: &str, i: usize) -> StoreError {
+        StoreError::Unavailable(format!(
+            "etcd {what}: {} did not answer within {:?} and does not answer probes: the outcome \
+             is unknown (the write may or may not have been applied, and is not re-sent: a \
+             second attempt could fail its conditions although the first one committed); \
+             re-read before retrying",
+            self.inner.endpoint(i),
+            self.inner.options.attempt_timeout()
+        ))
+    }
+
+    /// Maps an etcd error of `what` answered by member `i`; `lease` is the lease a "lease not
+    /// found" is about.
+    fn map_error(
+        &self,
+        what: &str,
+        kind: Kind,
+        i: usize,
+        e: &etcd::Error,
+        lease: Option<LeaseId>,
+    ) -> StoreError {
         match classify(e) {
             Class::LeaseNotFound => match lease {
                 Some(lease) => StoreError::LeaseExpired { lease },
                 None => StoreError::Backend(format!("etcd {what}: {e}")),
             },
-            Class::NotSent | Class::Transient => {
-                StoreError::Unavailable(format!("etcd {what} ({}): {e}", self.inner.endpoints))
+            class @ (Class::NotSent | Class::Transient) => {
+                let unknown = if kind.writes() && class == Class::Transient {
+                    "; the outcome is unknown: the write may or may not have been applied"
+                } else {
+                    ""
+                };
+                StoreError::Unavailable(format!(
+                    "etcd {what} ({}): {e}{unknown}",
+                    self.inner.endpoint(i)
+                ))
             }
             Class::Invalid | Class::FutureRevision => {
                 StoreError::InvalidArgument(format!("etcd {what}: {e}"))
@@ -355,39 +681,135 @@ impl EtcdStore {
         }
     }
 
-    /// Runs one request with the deadline, retrying as `retry` allows while time remains.
+    /// Runs one request within the deadline, on the members in preference order, re-sending it
+    /// as `kind` allows. `f(member, clients)` makes one attempt on `member`.
+    ///
+    /// One attempt is in flight at first, on the preferred member. An attempt unanswered after
+    /// the attempt timeout makes its member suspect; a `Read`/`Write` then also goes to the next
+    /// member while the overdue attempt keeps running (the first answer wins), and a `Guarded`
+    /// one keeps waiting if the member answers a probe (alive, just slow) and fails with "outcome
+    /// unknown" otherwise. A failed attempt is re-sent (with a growing pause per member) when the
+    /// error says it was not sent, and for `Read`/`Write` after any transient error.
     async fn call<T, F, Fut>(
         &self,
         what: &str,
-        retry: Retry,
+        kind: Kind,
         lease: Option<LeaseId>,
         mut f: F,
     ) -> Result<T, StoreError>
     where
-        F: FnMut(Clients) -> Fut,
+        F: FnMut(usize, Clients) -> Fut,
         Fut: Future<Output = Result<T, etcd::Error>>,
     {
-        let deadline = Instant::now() + self.inner.options.request_timeout;
-        let mut backoff = Duration::from_millis(10);
+        let inner = &self.inner;
+        let deadline = Instant::now() + inner.options.request_timeout;
+        let attempt_timeout = inner.options.attempt_timeout();
+        let mut slots = vec![Slot::default(); inner.members.len()];
+        let mut attempts = FuturesUnordered::new();
+        let mut backoff = FIRST_BACKOFF;
+        let mut failures: Vec<String> = Vec::new();
         loop {
-            let error = match tokio::time::timeout_at(deadline, f(self.inner.clients.clone())).await
-            {
-                Err(_) => return Err(self.timed_out(what)),
-                Ok(Ok(value)) => return Ok(value),
-                Ok(Err(e)) => e,
+            let now = Instant::now();
+            let in_flight = slots.iter().filter(|s| s.sent.is_some()).count();
+            let live = slots
+                .iter()
+                .filter(|s| s.sent.is_some() && !s.overdue)
+                .count();
+            let launch = match kind {
+                Kind::Guarded => in_flight == 0,
+                Kind::Read | Kind::Write => live == 0,
             };
-            let class = classify(&error);
-            let again = match class {
-                Class::NotSent => true,
-                Class::Transient => retry == Retry::Transient,
-                _ => false,
-            };
-            if !again || Instant::now() + backoff >= deadline {
-                return Err(self.map_error(what, &error, lease));
+            let mut wake = deadline;
+            if launch {
+                let idle: Vec<usize> = inner
+                    .order()
+                    .into_iter()
+                    .filter(|&i| slots[i].sent.is_none())
+                    .collect();
+                let ready = idle
+                    .iter()
+                    .copied()
+                    .find(|&i| slots[i].ready_at.is_none_or(|t| t <= now));
+                if let Some(i) = ready {
+                    slots[i].sent = Some(now);
+                    slots[i].overdue = false;
+                    slots[i].checked = false;
+                    let attempt = f(i, inner.clients(i));
+                    attempts.push(async move { (i, attempt.await) });
+                    continue;
+                }
+                let next_ready = idle.iter().filter_map(|&i| slots[i].ready_at).min();
+                if in_flight == 0 && next_ready.is_none_or(|t| t >= deadline) {
+                    return Err(self.no_answer(what, kind, &failures));
+                }
+                if let Some(t) = next_ready {
+                    wake = wake.min(t);
+                }
             }
-            tracing::debug!(what, error = %error, "etcd request failed; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(200));
+            for slot in &slots {
+                if let Some(sent) = slot.sent {
+                    if !slot.overdue {
+                        wake = wake.min(sent + attempt_timeout);
+                    } else if kind == Kind::Guarded && !slot.checked {
+                        // The probe started when it became overdue has had its time by then.
+                        wake = wake.min(sent + 2 * attempt_timeout);
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                Some((i, result)) = attempts.next() => {
+                    slots[i].sent = None;
+                    let error = match result {
+                        Ok(value) => {
+                            inner.answered(i);
+                            return Ok(value);
+                        }
+                        Err(error) => error,
+                    };
+                    note_failure(inner, i, &error);
+                    let again = match classify(&error) {
+                        Class::NotSent => true,
+                        Class::Transient => kind != Kind::Guarded,
+                        _ => false,
+                    };
+                    if !again {
+                        return Err(self.map_error(what, kind, i, &error, lease));
+                    }
+                    tracing::debug!(what, endpoint = inner.endpoint(i), %error, "etcd request failed; retrying");
+                    failures.push(format!("{}: {error}", inner.endpoint(i)));
+                    slots[i].ready_at = Some(Instant::now() + backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                () = tokio::time::sleep_until(wake) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(self.no_answer(what, kind, &failures));
+                    }
+                    for (i, slot) in slots.iter_mut().enumerate() {
+                        let Some(sent) = slot.sent else { continue };
+                        if !slot.overdue && now >= sent + attempt_timeout {
+                            slot.overdue = true;
+                            suspect(inner, i, "no answer within the attempt timeout");
+                            failures.push(format!(
+                                "{}: no answer within {attempt_timeout:?}",
+                                inner.endpoint(i)
+                            ));
+                        } else if kind == Kind::Guarded
+                            && slot.overdue
+                            && !slot.checked
+                            && now >= sent + 2 * attempt_timeout
+                        {
+                            slot.checked = true;
+                            if inner.silent(i) {
+                                return Err(self.outcome_unknown(what, i));
+                            }
+                            // It answers probes: alive, just slow (e.g. waiting for a new
+                            // leader). Its answer may still come before the deadline.
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -397,7 +819,7 @@ impl EtcdStore {
         key: Vec<u8>,
         options: etcd::GetOptions,
     ) -> Result<etcd::GetResponse, StoreError> {
-        self.call(what, Retry::Transient, None, |mut client| {
+        self.call(what, Kind::Read, None, |_, mut client| {
             let key = key.clone();
             let options = options.clone();
             async move { client.kv.get(key, Some(options)).await }
@@ -420,56 +842,81 @@ impl EtcdStore {
     async fn send_txn(
         &self,
         what: &str,
+        kind: Kind,
         txn: etcd::Txn,
         lease: Option<LeaseId>,
     ) -> Result<etcd::TxnResponse, StoreError> {
-        self.call(what, Retry::IfNotSent, lease, |mut client| {
+        self.call(what, kind, lease, |_, mut client| {
             let txn = txn.clone();
             async move { client.kv.txn(txn).await }
         })
         .await
     }
 
-    /// One keepalive on `lease`'s stream (created if there is none): the TTL etcd answered, and
-    /// the stream to keep for the next call.
-    async fn keep_alive_once(
+    /// Opens a watch stream on some member and reads its creation response.
+    async fn open_watch(
         &self,
-        lease: LeaseId,
-        existing: Option<Keeper>,
-    ) -> Result<(i64, Keeper), etcd::Error> {
-        let mut keeper = match existing {
-            Some(keeper) => keeper,
-            None => {
-                // Opening the stream already renews the lease once (and fails with "lease not
-                // found" if it ended); the request below then reports its TTL.
-                let (keeper, stream) = self.inner.clients.lease.clone().keep_alive(lease.0).await?;
-                Keeper { keeper, stream }
+        key: &[u8],
+        options: &etcd::WatchOptions,
+    ) -> Result<(usize, etcd::WatchStream, etcd::WatchResponse), StoreError> {
+        self.call("watch", Kind::Read, None, |member, mut client| {
+            let key = key.to_vec();
+            let options = options.clone();
+            async move {
+                let mut stream = client.watch.watch(key, Some(options)).await?;
+                let created = stream.message().await?.ok_or_else(|| {
+                    etcd::Error::WatchError("stream closed before creation".into())
+                })?;
+                Ok((member, stream, created))
             }
-        };
-        keeper.keeper.keep_alive().await?;
-        match keeper.stream.message().await? {
-            Some(response) if response.id() == lease.0 => Ok((response.ttl(), keeper)),
-            Some(response) => Err(etcd::Error::LeaseKeepAliveError(format!(
-                "keepalive answered for lease {:x}, not {lease}",
-                response.id()
-            ))),
-            None => Err(etcd::Error::LeaseKeepAliveError(
-                "keepalive stream closed".into(),
-            )),
-        }
+        })
+        .await
     }
 
     fn take_keeper(&self, lease: LeaseId) -> Option<Keeper> {
-        self.inner.keepers.lock().ok()?.remove(&lease)
+        lock(&self.inner.keepers).remove(&lease)
     }
 
     fn return_keeper(&self, lease: LeaseId, keeper: Keeper) {
-        if let Ok(mut keepers) = self.inner.keepers.lock() {
-            if keepers.len() >= MAX_KEEPERS {
-                keepers.clear();
-            }
-            keepers.insert(lease, keeper);
+        let mut keepers = lock(&self.inner.keepers);
+        if keepers.len() >= MAX_KEEPERS {
+            keepers.clear();
         }
+        keepers.insert(lease, keeper);
+    }
+}
+
+/// One keepalive on `lease`'s stream on `member` (opened if `existing` is `None`): the TTL etcd
+/// answered, and the stream to keep for the next call.
+async fn keep_alive_once(
+    lease: LeaseId,
+    member: usize,
+    mut clients: Clients,
+    existing: Option<Keeper>,
+) -> Result<(i64, Keeper), etcd::Error> {
+    let mut keeper = match existing {
+        Some(keeper) => keeper,
+        None => {
+            // Opening the stream already renews the lease once (and fails with "lease not found"
+            // if it ended); the request below then reports its TTL.
+            let (keeper, stream) = clients.lease.keep_alive(lease.0).await?;
+            Keeper {
+                member,
+                keeper,
+                stream,
+            }
+        }
+    };
+    keeper.keeper.keep_alive().await?;
+    match keeper.stream.message().await? {
+        Some(response) if response.id() == lease.0 => Ok((response.ttl(), keeper)),
+        Some(response) => Err(etcd::Error::LeaseKeepAliveError(format!(
+            "keepalive answered for lease {:x}, not {lease}",
+            response.id()
+        ))),
+        None => Err(etcd::Error::LeaseKeepAliveError(
+            "keepalive stream closed".into(),
+        )),
     }
 }
 
@@ -520,8 +967,9 @@ impl ClusterStore for EtcdStore {
     ) -> Result<Revision, StoreError> {
         check_key(key)?;
         let options = etcd::PutOptions::new().with_lease(lease.map_or(0, |l| l.0));
+        // Unconditional: re-sending it writes the same value again.
         let response = self
-            .call("put", Retry::IfNotSent, lease, |mut client| {
+            .call("put", Kind::Write, lease, |_, mut client| {
                 let value = value.clone();
                 let options = options.clone();
                 async move { client.kv.put(key, value, Some(options)).await }
@@ -570,7 +1018,9 @@ impl ClusterStore for EtcdStore {
             .when(compares)
             .and_then(vec![op])
             .or_else(vec![etcd::TxnOp::get(key, None)]);
-        let response = self.send_txn("compare_and_swap", txn, lease).await?;
+        let response = self
+            .send_txn("compare_and_swap", Kind::Guarded, txn, lease)
+            .await?;
         let revision = header_revision("compare_and_swap", response.header())?;
         if response.succeeded() {
             return Ok(CasOutcome::Swapped { revision });
@@ -593,6 +1043,12 @@ impl ClusterStore for EtcdStore {
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
         validate(&compares, &ops)?;
+        // Without conditions the outcome does not depend on an earlier attempt: re-sendable.
+        let kind = if compares.is_empty() {
+            Kind::Write
+        } else {
+            Kind::Guarded
+        };
         let mut when = Vec::with_capacity(compares.len());
         for compare in &compares {
             match compare {
@@ -646,7 +1102,7 @@ impl ClusterStore for EtcdStore {
             })
             .collect();
         let txn = etcd::Txn::new().when(when).and_then(then);
-        let response = self.send_txn("txn", txn, lease).await?;
+        let response = self.send_txn("txn", kind, txn, lease).await?;
         if response.succeeded() {
             Ok(TxnOutcome::Committed {
                 revision: header_revision("txn", response.header())?,
@@ -658,8 +1114,9 @@ impl ClusterStore for EtcdStore {
 
     async fn delete(&self, key: &str) -> Result<Option<Revision>, StoreError> {
         check_key(key)?;
+        // Guarded: a second attempt after an applied first one would report `None`.
         let response = self
-            .call("delete", Retry::IfNotSent, None, |mut client| async move {
+            .call("delete", Kind::Guarded, None, |_, mut client| async move {
                 client.kv.delete(key, None).await
             })
             .await?;
@@ -676,9 +1133,10 @@ impl ClusterStore for EtcdStore {
         let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
         let secs = i64::try_from(secs)
             .map_err(|_| StoreError::InvalidArgument(format!("lease TTL {ttl:?} too long")))?;
-        // Retried after transient failures too: a lease granted by a lost attempt just expires.
+        // Re-sent like a read: a lease granted by an attempt whose answer is lost (or comes
+        // second) is never used and expires by itself after its TTL.
         let response = self
-            .call("grant", Retry::Transient, None, |mut client| async move {
+            .call("grant", Kind::Read, None, |_, mut client| async move {
                 client.lease.grant(secs, None).await
             })
             .await?;
@@ -701,36 +1159,22 @@ impl ClusterStore for EtcdStore {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
-        let deadline = Instant::now() + self.inner.options.request_timeout;
-        let mut backoff = Duration::from_millis(10);
-        loop {
-            let existing = self.take_keeper(lease);
-            // On timeout or cancellation the stream in use is dropped with the future.
-            let attempt =
-                tokio::time::timeout_at(deadline, self.keep_alive_once(lease, existing)).await;
-            let error = match attempt {
-                Err(_) => return Err(self.timed_out("keep_alive")),
-                Ok(Ok((ttl, keeper))) => {
-                    return match u64::try_from(ttl).ok().filter(|t| *t > 0) {
-                        Some(ttl) => {
-                            self.return_keeper(lease, keeper);
-                            Ok(Duration::from_secs(ttl))
-                        }
-                        None => Err(StoreError::LeaseExpired { lease }),
-                    };
-                }
-                Ok(Err(e)) => e,
-            };
-            // The stream (if any) is gone: the next attempt opens a new one, possibly to another
-            // member.
-            match classify(&error) {
-                Class::NotSent | Class::Transient if Instant::now() + backoff < deadline => {
-                    tracing::debug!(lease = %lease, error = %error, "keepalive failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(200));
-                }
-                _ => return Err(self.map_error("keep_alive", &error, Some(lease))),
+        let mut existing = self.take_keeper(lease);
+        // A renewal is idempotent: re-sent like a read. Each attempt uses the open stream if it
+        // goes to that stream's member, else opens one; on failure, timeout or cancellation the
+        // streams in use are dropped with their attempts.
+        let (ttl, keeper) = self
+            .call("keep_alive", Kind::Read, Some(lease), |member, clients| {
+                let keeper = existing.take().filter(|k| k.member == member);
+                keep_alive_once(lease, member, clients, keeper)
+            })
+            .await?;
+        match u64::try_from(ttl).ok().filter(|t| *t > 0) {
+            Some(ttl) => {
+                self.return_keeper(lease, keeper);
+                Ok(Duration::from_secs(ttl))
             }
+            None => Err(StoreError::LeaseExpired { lease }),
         }
     }
 
@@ -739,9 +1183,9 @@ impl ClusterStore for EtcdStore {
         let result = self
             .call(
                 "revoke",
-                Retry::Transient,
+                Kind::Read,
                 Some(lease),
-                |mut client| async move { client.lease.revoke(lease.0).await },
+                |_, mut client| async move { client.lease.revoke(lease.0).await },
             )
             .await;
         match result {
@@ -758,30 +1202,11 @@ impl ClusterStore for EtcdStore {
             etcd::WatchOptions::new().with_all_keys()
         } else {
             etcd::WatchOptions::new().with_prefix()
-        }
-        .with_start_revision(start);
-        let key = prefix_key(prefix);
-        let deadline = Instant::now() + self.inner.options.request_timeout;
-        let open = async {
-            let mut stream = self
-                .call("watch", Retry::Transient, None, |mut client| {
-                    let key = key.clone();
-                    let options = options.clone();
-                    async move { client.watch.watch(key, Some(options)).await }
-                })
-                .await?;
-            let created = stream
-                .message()
-                .await
-                .map_err(|e| self.map_error("watch", &e, None))?
-                .ok_or_else(|| {
-                    StoreError::Unavailable("etcd watch: stream closed before creation".into())
-                })?;
-            Ok::<_, StoreError>((stream, created))
         };
-        let (mut stream, created) = tokio::time::timeout_at(deadline, open)
-            .await
-            .map_err(|_| self.timed_out("watch"))??;
+        let key = prefix_key(prefix);
+        let (member, mut stream, created) = self
+            .open_watch(&key, &options.clone().with_start_revision(start))
+            .await?;
         if let Some(error) = watch_failure(&created, from) {
             return Err(error);
         }
@@ -805,11 +1230,9 @@ impl ClusterStore for EtcdStore {
                 .await;
             if let Err(StoreError::Compacted { .. }) = check {
                 // etcd cancels the watch with the compaction revision right after creating it.
-                let cancel = tokio::time::timeout_at(
-                    Instant::now() + self.inner.options.request_timeout,
-                    stream.message(),
-                )
-                .await;
+                let cancel =
+                    tokio::time::timeout(self.inner.options.request_timeout, stream.message())
+                        .await;
                 if let Ok(Ok(Some(response))) = cancel {
                     if let Some(error) = watch_failure(&response, from) {
                         return Err(error);
@@ -823,12 +1246,12 @@ impl ClusterStore for EtcdStore {
             check?;
         }
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        tokio::spawn(forward(
-            stream,
-            tx,
-            from,
-            self.inner.options.request_timeout,
-        ));
+        let follower = Follower {
+            store: self.clone(),
+            key,
+            options,
+        };
+        tokio::spawn(follower.forward(member, stream, tx, from));
         Ok(EtcdWatch { rx, failed: false })
     }
 
@@ -854,21 +1277,23 @@ impl ClusterStore for EtcdStore {
 /// `compact_revision` is the first revision kept, so the last one forgotten is one less) or a
 /// cancellation.
 fn watch_failure(response: &etcd::WatchResponse, requested: Revision) -> Option<StoreError> {
+    compaction(response, requested).or_else(|| {
+        response.canceled().then(|| {
+            StoreError::Unavailable(format!(
+                "etcd cancelled the watch: {}",
+                response.cancel_reason()
+            ))
+        })
+    })
+}
+
+/// `Compacted` if the response says the history from `requested` is gone.
+fn compaction(response: &etcd::WatchResponse, requested: Revision) -> Option<StoreError> {
     let compact = response.compact_revision();
-    if compact > 0 {
-        let compact_revision = u64::try_from(compact - 1).unwrap_or(0).max(requested);
-        return Some(StoreError::Compacted {
-            requested,
-            compact_revision,
-        });
-    }
-    if response.canceled() {
-        return Some(StoreError::Unavailable(format!(
-            "etcd cancelled the watch: {}",
-            response.cancel_reason()
-        )));
-    }
-    None
+    (compact > 0).then(|| StoreError::Compacted {
+        requested,
+        compact_revision: u64::try_from(compact - 1).unwrap_or(0).max(requested),
+    })
 }
 
 fn convert_event(event: &etcd::Event) -> Result<WatchEvent, StoreError> {
@@ -890,82 +1315,177 @@ fn convert_event(event: &etcd::Event) -> Result<WatchEvent, StoreError> {
     }
 }
 
-/// Forwards a watch stream's events to `tx` in order until an error (sent as the last item) or
-/// until the receiver is dropped (which drops the stream, cancelling the watch in etcd).
-///
-/// While idle, it asks etcd for a progress report every `probe` and fails the watch with
-/// `Unavailable` when one goes unanswered for `probe`: a dead connection cannot keep a watch
-/// silent forever.
-async fn forward(
-    stream: etcd::WatchStream,
-    tx: mpsc::Sender<Result<WatchEvent, StoreError>>,
-    from: Revision,
-    probe: Duration,
-) {
-    let (mut requests, mut responses) = stream.split();
-    let mut ticker = tokio::time::interval_at(Instant::now() + probe, probe);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut probe_sent: Option<Instant> = None;
-    let mut next_revision = from;
-    let failure = loop {
-        tokio::select! {
-            () = tx.closed() => return,
-            message = responses.message() => {
-                let response = match message {
-                    Ok(Some(response)) => response,
-                    Ok(None) => break StoreError::Unavailable("etcd closed the watch stream".into()),
-                    Err(e) => break StoreError::Unavailable(format!("etcd watch stream failed: {e}")),
-                };
-                if let Some(error) = watch_failure(&response, next_revision) {
-                    break error;
+/// How following one watch stream ended.
+enum Ended {
+    /// The receiver is gone: nothing more to do.
+    ReceiverGone,
+    /// An error that ends the watch (compaction, an undecodable event).
+    Failed(StoreError),
+    /// The stream broke or its member went silent: re-create it elsewhere.
+    Lost(String),
+}
+
+/// What a watch needs to re-create its stream (on another member, from the next revision).
+struct Follower {
+    store: EtcdStore,
+    key: Vec<u8>,
+    /// Without the start revision.
+    options: etcd::WatchOptions,
+}
+
+impl Follower {
+    /// Forwards the watch's events to `tx` in order until an error (sent as the last item) or
+    /// until the receiver is dropped (which drops the stream, cancelling the watch in etcd).
+    ///
+    /// When the stream breaks, or its member goes silent (an idle watch asks for a progress report
+    /// every attempt timeout and expects the answer within the next), the watch is re-created on
+    /// another member from the revision after the last event delivered: the caller sees no gap
+    /// and no repeat. It fails with `Unavailable` when that cannot be done within the request
+    /// timeout, or when re-created streams keep breaking before answering anything.
+    async fn forward(
+        self,
+        mut member: usize,
+        mut stream: etcd::WatchStream,
+        tx: mpsc::Sender<Result<WatchEvent, StoreError>>,
+        from: Revision,
+    ) {
+        let mut next_revision = from;
+        let mut resumes = 0;
+        let failure = loop {
+            let reason = match self
+                .follow(member, stream, &tx, &mut next_revision, &mut resumes)
+                .await
+            {
+                Ended::ReceiverGone => return,
+                Ended::Failed(error) => break error,
+                Ended::Lost(reason) => reason,
+            };
+            resumes += 1;
+            if resumes > MAX_WATCH_RESUMES {
+                break StoreError::Unavailable(format!(
+                    "etcd watch: {reason} (re-created {MAX_WATCH_RESUMES} times without an answer)"
+                ));
+            }
+            tracing::info!(%reason, next_revision, "etcd watch lost its stream; re-creating it");
+            let resumed = tokio::select! {
+                () = tx.closed() => return,
+                resumed = self.resume(next_revision) => resumed,
+            };
+            match resumed {
+                Ok((resumed_member, resumed_stream)) => {
+                    member = resumed_member;
+                    stream = resumed_stream;
                 }
-                let mut failed = None;
-                for event in response.events() {
-                    let event = match convert_event(event) {
-                        Ok(event) => event,
+                Err(StoreError::Unavailable(why)) => {
+                    break StoreError::Unavailable(format!(
+                        "etcd watch: {reason}; re-creating it failed: {why}"
+                    ));
+                }
+                Err(error) => break error,
+            }
+        };
+        // The receiver may be gone too; nothing else to tell.
+        let _ = tx.send(Err(failure)).await;
+    }
+
+    /// Opens the watch again from `from`.
+    async fn resume(&self, from: Revision) -> Result<(usize, etcd::WatchStream), StoreError> {
+        let start = to_i64("watch", from)?;
+        let (member, stream, created) = self
+            .store
+            .open_watch(&self.key, &self.options.clone().with_start_revision(start))
+            .await?;
+        if let Some(error) = watch_failure(&created, from) {
+            return Err(error);
+        }
+        if !created.created() {
+            return Err(StoreError::Backend(
+                "etcd watch: first response is not the creation".into(),
+            ));
+        }
+        Ok((member, stream))
+    }
+
+    /// Forwards one stream's events; any answer on it resets `resumes`.
+    async fn follow(
+        &self,
+        member: usize,
+        stream: etcd::WatchStream,
+        tx: &mpsc::Sender<Result<WatchEvent, StoreError>>,
+        next_revision: &mut Revision,
+        resumes: &mut u32,
+    ) -> Ended {
+        let inner = &self.store.inner;
+        let endpoint = inner.endpoint(member);
+        let probe = inner.options.attempt_timeout();
+        let (mut requests, mut responses) = stream.split();
+        let mut ticker = tokio::time::interval_at(Instant::now() + probe, probe);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut probe_sent: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                () = tx.closed() => return Ended::ReceiverGone,
+                message = responses.message() => {
+                    let response = match message {
+                        Ok(Some(response)) => response,
+                        Ok(None) => {
+                            return Ended::Lost(format!("{endpoint} closed the watch stream"));
+                        }
                         Err(e) => {
-                            failed = Some(e);
-                            break;
+                            note_failure(inner, member, &e);
+                            return Ended::Lost(format!("the watch stream on {endpoint} failed: {e}"));
                         }
                     };
-                    next_revision = event.revision() + 1;
-                    if tx.send(Ok(event)).await.is_err() {
-                        return;
+                    if let Some(error) = compaction(&response, *next_revision) {
+                        return Ended::Failed(error);
                     }
-                }
-                if let Some(error) = failed {
-                    break error;
-                }
-                // Any answer (and the time spent waiting for the receiver) clears the probe.
-                probe_sent = None;
-                ticker.reset();
-            }
-            _ = ticker.tick() => {
-                match probe_sent {
-                    Some(sent) if sent.elapsed() >= probe => {
-                        break StoreError::Unavailable(format!(
-                            "etcd watch stream silent for {:?}; connection presumed lost",
-                            sent.elapsed()
+                    if response.canceled() {
+                        return Ended::Lost(format!(
+                            "{endpoint} cancelled the watch: {}",
+                            response.cancel_reason()
                         ));
                     }
-                    Some(_) => {}
-                    None => {
-                        if let Err(e) = requests.request_progress().await {
-                            break StoreError::Unavailable(format!("etcd watch stream failed: {e}"));
+                    for event in response.events() {
+                        let event = match convert_event(event) {
+                            Ok(event) => event,
+                            Err(e) => return Ended::Failed(e),
+                        };
+                        *next_revision = event.revision() + 1;
+                        if tx.send(Ok(event)).await.is_err() {
+                            return Ended::ReceiverGone;
                         }
-                        probe_sent = Some(Instant::now());
+                    }
+                    // Any answer (and the time spent waiting for the receiver) clears the probe.
+                    *resumes = 0;
+                    probe_sent = None;
+                    ticker.reset();
+                }
+                _ = ticker.tick() => {
+                    match probe_sent {
+                        Some(sent) if sent.elapsed() >= probe => {
+                            suspect(inner, member, "a watch's progress request went unanswered");
+                            return Ended::Lost(format!(
+                                "{endpoint} did not answer a progress request within {probe:?}"
+                            ));
+                        }
+                        Some(_) => {}
+                        None => {
+                            if let Err(e) = requests.request_progress().await {
+                                return Ended::Lost(format!("the watch stream on {endpoint} failed: {e}"));
+                            }
+                            probe_sent = Some(Instant::now());
+                        }
                     }
                 }
             }
         }
-    };
-    // The receiver may be gone too; nothing else to tell.
-    let _ = tx.send(Err(failure)).await;
+    }
 }
 
 /// The watch stream of the etcd store. Events come through a bounded channel from a task reading
-/// the etcd stream, in revision order, none dropped; the first error (`Compacted`, `Unavailable`,
-/// …) ends it, and every later `next` fails too. Dropping it cancels the watch in etcd.
+/// the etcd stream (re-created on another member when its member fails), in revision order, none
+/// dropped or repeated; the first error (`Compacted`, `Unavailable`, …) ends it, and every later
+/// `next` fails too. Dropping it cancels the watch in etcd.
 pub struct EtcdWatch {
     rx: mpsc::Receiver<Result<WatchEvent, StoreError>>,
     failed: bool,

@@ -282,6 +282,13 @@ pub trait WatchStream: Send + 'static {
 ///
 /// Handles are cheap to clone and safe to use from many tasks at once; every operation is atomic.
 /// Keys are non-empty strings (hierarchy by `/`, see [`crate::layout`]); values are bytes.
+///
+/// **Failures and re-sending.** A networked store (etcd) may send one call to several servers in
+/// turn when one does not answer. Each write method says whether it may be re-sent after an
+/// attempt whose outcome is unknown; whatever it says, a write that fails with
+/// [`StoreError::Unavailable`] may or may not have been applied (re-read before acting on it), and
+/// an attempt that went unanswered may still be applied later. An answer other than an error is
+/// always genuine (a `Failed` or `Conflict` means the conditions really did not hold).
 pub trait ClusterStore: Clone + Send + Sync + 'static {
     /// The watch stream type of this store.
     type Watch: WatchStream;
@@ -295,6 +302,11 @@ pub trait ClusterStore: Clone + Send + Sync + 'static {
 
     /// Writes a key unconditionally, bound to `lease` if given (the lease must be live, else
     /// [`StoreError::LeaseExpired`]). Returns the revision of the write. Durable on return.
+    ///
+    /// Writing an existing key keeps its `create_revision`. A networked store may re-send it
+    /// after an attempt went unanswered: it may then be applied twice (the same value, two
+    /// revisions; watchers see two `Put`s), and the revision returned is that of the answered
+    /// attempt.
     fn put(
         &self,
         key: &str,
@@ -304,6 +316,10 @@ pub trait ClusterStore: Clone + Send + Sync + 'static {
 
     /// Atomically: if the key matches `expected`, apply `mutation`, else change nothing and report
     /// the current key. Exactly one of concurrent swaps with the same expectation wins.
+    ///
+    /// Never re-sent once an attempt may have reached the store (a second attempt would report a
+    /// `Conflict` with the first one's own write): when its outcome is unknown it fails with
+    /// [`StoreError::Unavailable`] saying so; re-read the key to find out.
     fn compare_and_swap(
         &self,
         key: &str,
@@ -316,8 +332,15 @@ pub trait ClusterStore: Clone + Send + Sync + 'static {
     /// [`TxnOutcome::Failed`]. At most [`MAX_TXN_OPS`] writes (and as many conditions), no empty
     /// key, every `DeleteRange` with `start < end`, and no key written twice (a `DeleteRange`
     /// covering a `Put` key counts, as do overlapping writes of any kind): else
-    /// [`StoreError::InvalidArgument`] and nothing changes. A condition on revision 0 never holds. A `Put` with a lease that is not live fails the whole transaction with
+    /// [`StoreError::InvalidArgument`] and nothing changes. A condition on revision 0 never holds.
+    /// A `Put` with a lease that is not live fails the whole transaction with
     /// [`StoreError::LeaseExpired`]. Durable on return.
+    ///
+    /// Without conditions it may be re-sent like [`ClusterStore::put`] (and then be applied twice:
+    /// the same writes, two revisions). With conditions it is never re-sent once an attempt may
+    /// have reached the store (a second attempt could return `Failed` although the first one
+    /// committed): when its outcome is unknown it fails with [`StoreError::Unavailable`] saying so;
+    /// read what it writes (or its conditions) to find out.
     fn txn(
         &self,
         compares: Vec<Compare>,
@@ -334,7 +357,9 @@ pub trait ClusterStore: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Listing, StoreError>> + Send;
 
     /// Deletes a key. Returns the revision of the deletion, or `None` if the key did not exist
-    /// (then nothing changes).
+    /// (then nothing changes). Not re-sent once an attempt may have reached the store (a second
+    /// attempt would report `None`): when its outcome is unknown it fails with
+    /// [`StoreError::Unavailable`].
     fn delete(
         &self,
         key: &str,
@@ -342,18 +367,23 @@ pub trait ClusterStore: Clone + Send + Sync + 'static {
 
     /// Grants a lease of at least `ttl` (rounded up to whole seconds, raised to the store's
     /// minimum). The lease ends when not kept alive for its TTL, or when revoked.
+    ///
+    /// A networked store may re-send it after an attempt went unanswered; a lease granted by an
+    /// attempt whose answer was lost is never returned to anyone and expires by itself after its
+    /// TTL.
     fn grant(&self, ttl: Duration) -> impl Future<Output = Result<Lease, StoreError>> + Send;
 
     /// Renews a lease: it now lives at least its TTL from the moment this call was *sent*.
     /// Returns the TTL. [`StoreError::LeaseExpired`] if the lease already ended (keys are gone).
-    /// Callers time self-fencing from when they sent the last acknowledged keepalive.
+    /// Callers time self-fencing from when they sent the last acknowledged keepalive. A renewal is
+    /// idempotent: a networked store may send it to several servers in turn within one call.
     fn keep_alive(
         &self,
         lease: LeaseId,
     ) -> impl Future<Output = Result<Duration, StoreError>> + Send;
 
     /// Ends a lease now, deleting every key bound to it (in one revision; watchers see `Delete`s).
-    /// Revoking a lease that already ended is not an error.
+    /// Revoking a lease that already ended is not an error (so it may be re-sent).
     fn revoke(&self, lease: LeaseId) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Watches every key starting with `prefix`, delivering each change with revision
