@@ -294,7 +294,7 @@ pub enum CommandError {
     #[error("no cluster controller is available right now; retry shortly")]
     NoController,
     /// The host that must carry out the command did not take it in time; it was withdrawn.
-    #[error("host {0} did not take the command in time; nothing was changed")]
+    #[error("{0} did not take the command in time; nothing was changed")]
     NotTaken(String),
     /// The VM group has no owner host right now (being placed or failed over).
     #[error("VM `{0}` has no owner host right now (being placed or failed over); retry shortly")]

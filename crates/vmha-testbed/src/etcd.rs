@@ -101,6 +101,8 @@ impl Testbed {
             .args(["--initial-cluster-token", &self.etcd_token])
             .args(["--initial-cluster-state", cluster_state])
             .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+            // Pre-vote: a member that was cut off does not disrupt the leader when it returns.
+            .arg("--pre-vote")
             .args(["--logger", "zap", "--log-outputs", "stderr"]);
         let process = self
             .spawn(&host.name, command)

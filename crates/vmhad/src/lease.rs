@@ -17,6 +17,9 @@ use crate::codec;
 use crate::fence::Fence;
 use crate::inbox::{Inbox, Msg};
 
+/// Pause before retrying a failed renewal.
+const RETRY: Duration = Duration::from_millis(100);
+
 /// Errors acquiring the lease.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
@@ -102,15 +105,20 @@ impl<S: ClusterStore> LeaseKeeper<S> {
     pub async fn run(self, mut lease: LeaseId) {
         let period = (self.ttl / 4).max(Duration::from_millis(250));
         let mut told_live = true;
+        let mut wait = period;
         loop {
-            tokio::time::sleep(period).await;
+            tokio::time::sleep(wait).await;
             if self.inbox.is_closed() {
                 return;
             }
+            // A failed renewal is retried at once (an etcd leader election, a member gone:
+            // the next attempt may reach a working member), each attempt bounded.
+            wait = RETRY;
             let sent = Instant::now();
-            let renewal = tokio::time::timeout(period * 2, self.store.keep_alive(lease)).await;
+            let renewal = tokio::time::timeout(period, self.store.keep_alive(lease)).await;
             match renewal {
                 Ok(Ok(_)) => {
+                    wait = period;
                     if self.fence.fenced() {
                         // The lease never ended: this host still owns its VMs; it starts them
                         // again from a fresh view of the store.
@@ -126,7 +134,7 @@ impl<S: ClusterStore> LeaseKeeper<S> {
                     told_live = false;
                 }
                 Ok(Err(e)) => tracing::warn!("host lease renewal failed: {e}"),
-                Err(_) => tracing::warn!("host lease renewal timed out after {:?}", period * 2),
+                Err(_) => tracing::warn!("host lease renewal timed out after {period:?}"),
             }
             let live = !self.fence.fenced();
             if live != told_live {

@@ -177,6 +177,8 @@ pub struct Node {
     incarnation: u64,
     agent: HostAgent,
     leader: Option<Leader>,
+    /// The term this host won, as last told (it leads in it while its lease is live).
+    elected: Option<u64>,
     /// Every record of the cluster as last seen; complete once `synced`.
     mirror: BTreeMap<RecordKey, Record>,
     synced: bool,
@@ -213,6 +215,7 @@ impl Node {
             incarnation,
             agent,
             leader: None,
+            elected: None,
             mirror: BTreeMap::new(),
             synced: false,
             next_event: restored.next_event,
@@ -289,14 +292,28 @@ impl Node {
     fn apply(&mut self, now: Timestamp, input: NodeInput) {
         match input {
             NodeInput::Host(input) => {
-                if input == (HostInput::Lease { live: false }) {
-                    // A host without a live lease leads nothing: its term is over.
+                let live = match input {
+                    HostInput::Lease { live } => Some(live),
+                    _ => None,
+                };
+                if live == Some(false) {
+                    // A host without a live lease acts for nobody: its term may end any time.
                     self.leader = None;
                 }
                 self.agent.handle_input(now, input);
+                if live == Some(true)
+                    && self.leader.is_none()
+                    && let Some(term) = self.elected
+                {
+                    // The same lease lives again, and with it the term it won.
+                    self.leadership(now, Some(term));
+                }
             }
             NodeInput::Records { records, full } => self.records(now, records, full),
-            NodeInput::Leadership(term) => self.leadership(now, term),
+            NodeInput::Leadership(term) => {
+                self.elected = term;
+                self.leadership(now, term);
+            }
             NodeInput::Incarnation(incarnation) => self.incarnation = incarnation,
             NodeInput::CasResult { id, revision } => {
                 if let Some(l) = self.leader.as_mut() {
@@ -770,6 +787,7 @@ impl Node {
             Commit::Deposed => {
                 effects = self.undo(flight.persist, effects, CommandError::NoController);
                 self.leader = None;
+                self.elected = None;
                 effects.controller_actions.clear();
             }
         }

@@ -521,8 +521,8 @@ impl Sim {
                 None => {
                     let text = self.pending.remove(&(h, f.id)).unwrap_or_default();
                     let who = match f.to {
-                        Receiver::Controller => "controller".to_string(),
-                        Receiver::Host(n) => n.to_string(),
+                        Receiver::Controller => "the cluster controller".to_string(),
+                        Receiver::Host(n) => format!("host {n}"),
                     };
                     let e = crate::CommandError::NotTaken(who);
                     self.admin_result(&text, &Err(e));
