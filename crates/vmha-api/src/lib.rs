@@ -7,6 +7,8 @@
 //! - `GET  /v1/events?limit=N&follow=true` → NDJSON of [`EventLine`]
 //! - `POST /v1/commands` with a [`vmha_engine::AdminCommand`] → [`Applied`]
 //! - `POST /v1/vms/{vm}/exec` with an [`ExecRequest`] → [`GuestOutput`]
+//! - `POST /v1/config` with a [`ConfigApply`] → [`ConfigApplied`]
+//! - `POST /v1/config/reload` (the daemon's own file) → [`ConfigApplied`]
 //! - any refusal → an HTTP error status with an [`ErrorBody`]
 
 use serde::{Deserialize, Serialize};
@@ -33,6 +35,10 @@ pub struct StatusView {
     /// commands are refused, monitoring and local restarts go on).
     #[serde(default)]
     pub store: StoreHealth,
+    /// Why the last configuration this host saw was not applied (invalid, or it cannot
+    /// change live); it keeps running the previous one.
+    #[serde(default)]
+    pub config_error: Option<String>,
     /// The host's VM groups and their apps.
     pub agent: HostStatus,
     /// The controller's view (hosts, placement), when that host is the controller.
@@ -76,6 +82,28 @@ pub struct EventLine {
 pub struct Applied {
     /// Always true.
     pub ok: bool,
+}
+
+/// `POST /v1/config`: a new cluster configuration to validate, store and apply on every host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigApply {
+    /// The whole configuration file (TOML).
+    pub toml: String,
+}
+
+/// `POST /v1/config` and `POST /v1/config/reload`: the configuration is valid and stored in
+/// the cluster store; every host applies it as soon as it sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfigApplied {
+    /// Hosts in it.
+    pub hosts: usize,
+    /// VM groups in it.
+    pub vms: usize,
+    /// Apps in it.
+    pub apps: usize,
+    /// What it changes, compared with the configuration the answering host runs.
+    pub change: String,
 }
 
 /// `POST /v1/vms/{vm}/exec`: a command to run in the guest.

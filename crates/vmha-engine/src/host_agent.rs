@@ -91,6 +91,11 @@ impl HostAgent {
         })
     }
 
+    /// Whether this host's lease is live, as last told.
+    pub fn lease_live(&self) -> bool {
+        self.lease_live
+    }
+
     /// This host's name.
     pub fn host(&self) -> &Name {
         &self.host

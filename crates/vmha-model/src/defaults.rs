@@ -19,11 +19,11 @@ pub const STATE_DIR: &str = "/var/lib/vmha";
 /// Directory for per-VM runtime files (QMP/QGA sockets, pidfiles, console logs).
 pub const RUNTIME_DIR: &str = "/run/vmha";
 /// etcd lease time-to-live of a host.
-pub const TTL: Duration = Duration::from_secs(3);
+pub const TTL: Duration = Duration::from_secs(5);
 /// Allowed `ttl` (etcd's minimum lease is 2 s).
 pub const TTL_RANGE: RangeInclusive<Duration> = Duration::from_secs(2)..=HOUR;
 /// A host that has not renewed its lease for `ttl - fence_margin` kills its HA VMs.
-pub const FENCE_MARGIN: Duration = Duration::from_secs(1);
+pub const FENCE_MARGIN: Duration = Duration::from_millis(1500);
 /// Allowed `fence_margin` (and it must also be shorter than `ttl`).
 pub const FENCE_MARGIN_RANGE: RangeInclusive<Duration> = Duration::from_millis(100)..=HOUR;
 

@@ -1,14 +1,22 @@
-//! `vmha config …`: check configuration files and show them resolved.
+//! `vmha config …`: check configuration files and show them resolved; apply one to the running
+//! cluster, or have vmhad reload its own file.
 //!
-//! Exit codes: 0 when every file is valid, [`EXIT_INVALID`] (2) when a file is invalid or
-//! unreadable (the diagnostic goes to stderr), 1 when the output cannot be written.
+//! Exit codes: 0 when every file is valid (and, for `apply`/`reload`, stored), [`EXIT_INVALID`]
+//! (2) when a file is invalid or unreadable (the diagnostic goes to stderr; nothing is sent),
+//! 1 when vmhad refuses or cannot be reached, or the output cannot be written.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Subcommand;
+use serde_json::json;
+use vmha_api::ConfigApplied;
 use vmha_model::Config;
+
+use crate::api_args::ApiArgs;
+use crate::client::Client;
+use crate::output::{Output, print_json, print_text};
 
 /// Exit code for an invalid or unreadable configuration (clap's usage errors use 2 as well).
 pub const EXIT_INVALID: u8 = crate::report::EXIT_USAGE;
@@ -22,6 +30,21 @@ pub enum ConfigCommand {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Validate FILE, then store it in the cluster store through vmhad: every host applies it
+    /// (new VMs placed, removed ones released and left running, changes in effect).
+    Apply {
+        /// Configuration file (TOML).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Have vmhad reload its own configuration file (like SIGHUP): validated, then applied by
+    /// every host.
+    Reload {
+        #[command(flatten)]
+        out: Output,
+    },
     /// Print the resolved configuration with every default filled in.
     Show {
         /// Configuration file (TOML).
@@ -33,10 +56,25 @@ pub enum ConfigCommand {
     },
 }
 
-/// Runs one `vmha config` subcommand. `Err` only when stdout cannot be written.
-pub fn run(cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
+/// Runs one `vmha config` subcommand (`apply` and `reload` through the vmhad at `api`).
+pub fn run(cmd: ConfigCommand, api: &ApiArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     match cmd {
+        ConfigCommand::Apply { file, out: fmt } => {
+            // Checked here first: an invalid file is not sent at all.
+            if load(&file).is_none() {
+                return Ok(exit(false));
+            }
+            let text = std::fs::read_to_string(&file)?;
+            let client = Client::new(api.socket());
+            let answer = client.post("/v1/config", &json!({ "toml": text }))?;
+            applied(&answer, fmt)
+        }
+        ConfigCommand::Reload { out: fmt } => {
+            let client = Client::new(api.socket());
+            let answer = client.post("/v1/config/reload", &json!({}))?;
+            applied(&answer, fmt)
+        }
         ConfigCommand::Validate { files } => {
             let mut all_valid = true;
             for file in &files {
@@ -60,6 +98,20 @@ pub fn run(cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
             Ok(exit(true))
         }
     }
+}
+
+/// Prints vmhad's answer to a stored configuration.
+fn applied(answer: &serde_json::Value, fmt: Output) -> anyhow::Result<ExitCode> {
+    if fmt.json {
+        print_json(answer)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let applied: ConfigApplied = serde_json::from_value(answer.clone())?;
+    print_text(&format!(
+        "configuration stored ({} hosts, {} VMs, {} apps); every host applies it: {}\n",
+        applied.hosts, applied.vms, applied.apps, applied.change
+    ))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Parses `file`, printing the diagnostic to stderr when it is invalid or unreadable.

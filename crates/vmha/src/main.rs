@@ -53,7 +53,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Config(cmd) => config_cmd::run(cmd),
+        Command::Config(cmd) => config_cmd::run(cmd, &cli.api),
         Command::Daemon(cmd) => daemon_cmd::run(cmd, &cli.api),
         Command::Demo(args) => demo::run(args),
     };

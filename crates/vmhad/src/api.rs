@@ -6,10 +6,11 @@
 //! - `GET  /v1/vms/{vm}/explain` — one VM group with its recent decisions and events
 //! - `GET  /v1/events?limit=N&follow=true` — the event log as NDJSON, optionally live
 //! - `POST /v1/commands` — an admin command (JSON, `{"command": "app-offline", …}`)
+//! - `POST /v1/config` — a new cluster configuration (`{"toml": "..."}`): validated, stored in
+//!   the cluster store, applied by every host; `POST /v1/config/reload` — this daemon's file
 //! - `POST /v1/vms/{vm}/exec` — run a command in the guest (`{"argv": [...], "timeout_ms": N}`),
 //!   like `qm guest exec`: for operators and failure drills; output is capped
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,16 +29,19 @@ use vmha_store::records::EventLog;
 
 use vmha_model::Name;
 
-use vmha_api::{Applied, ErrorBody, EventLine, ExecRequest, Explain, GuestOutput, StatusView};
+use vmha_api::{
+    Applied, ConfigApplied, ConfigApply, ErrorBody, EventLine, ExecRequest, Explain, GuestOutput,
+    StatusView,
+};
 
-use crate::inbox::{ApiRequest, Inbox, Msg};
-use crate::vm_slot::VmSlot;
+use crate::inbox::{ApiRequest, ConfigRefused, Inbox, Msg};
+use crate::slots::Slots;
 
 struct Ctx<S> {
     core: Inbox,
     log: EventLog<S>,
     hosts: Vec<Name>,
-    slots: BTreeMap<Name, Arc<VmSlot>>,
+    slots: Slots,
 }
 
 type Shared<S> = Arc<Ctx<S>>;
@@ -84,7 +88,7 @@ pub async fn serve<S: ClusterStore>(
     core: Inbox,
     log: EventLog<S>,
     hosts: Vec<Name>,
-    slots: BTreeMap<Name, Arc<VmSlot>>,
+    slots: Slots,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     // A socket file left by an earlier run; nothing else may live at this path.
     let _ = std::fs::remove_file(socket);
@@ -105,6 +109,8 @@ pub async fn serve<S: ClusterStore>(
         .route("/v1/events", get(events::<S>))
         .route("/v1/commands", post(command::<S>))
         .route("/v1/vms/{vm}/exec", post(exec::<S>))
+        .route("/v1/config", post(apply_config::<S>))
+        .route("/v1/config/reload", post(reload_config::<S>))
         .with_state(ctx);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -253,6 +259,43 @@ async fn command<S: ClusterStore>(
     }
 }
 
+async fn config_request<S>(
+    ctx: &Ctx<S>,
+    toml: Option<String>,
+) -> Result<Json<ConfigApplied>, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    if !ctx.core.send(Msg::Api(ApiRequest::Config(toml, tx))).await {
+        return Err(unavailable());
+    }
+    match rx.await.map_err(|_| unavailable())? {
+        Ok(applied) => Ok(Json(applied)),
+        Err(e) => {
+            let status = match e {
+                ConfigRefused::Invalid(_) => StatusCode::BAD_REQUEST,
+                ConfigRefused::Incompatible(_) => StatusCode::CONFLICT,
+                ConfigRefused::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            Err(ApiError::new(status, e.to_string()))
+        }
+    }
+}
+
+/// `POST /v1/config`: validates a new configuration, stores it, every host applies it.
+async fn apply_config<S: ClusterStore>(
+    State(ctx): State<Shared<S>>,
+    body: Result<Json<ConfigApply>, JsonRejection>,
+) -> Result<Json<ConfigApplied>, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    config_request(&ctx, Some(body.toml)).await
+}
+
+/// `POST /v1/config/reload`: the daemon's own configuration file again (like SIGHUP).
+async fn reload_config<S: ClusterStore>(
+    State(ctx): State<Shared<S>>,
+) -> Result<Json<ConfigApplied>, ApiError> {
+    config_request(&ctx, None).await
+}
+
 fn status_of(e: &CommandError) -> StatusCode {
     match e {
         CommandError::UnknownVm(_)
@@ -290,7 +333,8 @@ async fn exec<S: ClusterStore>(
             ),
         ));
     }
-    let Some(slot) = ctx.slots.get(vm.as_str()) else {
+    let slot = Name::new(&vm).ok().and_then(|n| ctx.slots.get(&n));
+    let Some(slot) = slot else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no VM named `{vm}` on this host"),

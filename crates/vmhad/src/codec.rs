@@ -82,6 +82,8 @@ pub enum Decoded {
         /// The answer (`None`: deleted).
         reply: Option<StoredReply>,
     },
+    /// The stored cluster configuration (`None`: deleted).
+    Config(Option<String>),
     /// Nothing the core needs (events, elections, other hosts' requests).
     Ignored,
 }
@@ -173,6 +175,10 @@ fn decode(layout: &Layout, me: &Name, key: &str, kv: Option<&KeyValue>) -> Decod
             for_controller,
             command: stored.command,
         });
+    }
+    if key == layout.config() {
+        let text = kv.and_then(|kv| String::from_utf8(kv.value.clone()).ok());
+        return Decoded::Config(text);
     }
     if let Some(id) = layout.parse_reply(key) {
         return Decoded::Reply {

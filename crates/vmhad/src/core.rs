@@ -18,12 +18,13 @@ use vmha_store::layout::Layout;
 use vmha_store::{ClusterStore, Compare, TxnOutcome};
 
 use crate::codec::{self, CommitContext};
+use crate::configure::ConfigState;
 use crate::election::Leadership;
 use crate::executor::Executor;
 use crate::fence::Fence;
 use crate::forward::Forwarder;
 use crate::inbox::{ApiRequest, Msg, Request};
-use crate::vm_slot::VmSlot;
+use crate::slots::Slots;
 
 /// Period of the safety-net status poll of every VM (events are the fast path).
 const SAFETY_POLL: Duration = Duration::from_secs(5);
@@ -58,8 +59,10 @@ pub struct Core<S> {
     pub leadership: Arc<Leadership>,
     /// The fence.
     pub fence: Arc<Fence>,
-    /// The VM slots (for the safety poll).
-    pub slots: BTreeMap<Name, Arc<VmSlot>>,
+    /// The VM slots.
+    pub slots: Slots,
+    /// The configuration as it runs, its text, and where it came from.
+    pub config_state: ConfigState,
     /// Local callers waiting for their command's answer.
     pub pending: BTreeMap<u64, oneshot::Sender<Result<(), CommandError>>>,
     /// Next local caller id.
@@ -84,6 +87,9 @@ impl<S: ClusterStore> Core<S> {
         let mut in_flight: Option<InFlight> = None;
         loop {
             self.pump(&mut in_flight);
+            if in_flight.is_none() && self.try_reconfigure() {
+                self.pump(&mut in_flight);
+            }
             let wake = self.node.poll_timeout();
             let accepting = self.node.accepting_inputs();
             tokio::select! {
@@ -106,10 +112,7 @@ impl<S: ClusterStore> Core<S> {
                 },
                 () = sleep_until(wake) => self.node.handle_timeout(now()),
                 _ = safety.tick() => {
-                    for slot in self.slots.values() {
-                        let slot = Arc::clone(slot);
-                        tokio::spawn(async move { slot.poll_status().await });
-                    }
+                    self.poll_slots();
                 }
             }
         }
@@ -119,6 +122,13 @@ impl<S: ClusterStore> Core<S> {
                 .await
                 .unwrap_or_else(|_| Commit::Failed("commit task ended".into()));
             self.finish(id, outcome);
+        }
+    }
+
+    /// Asks every VM slot for its VM's status (the safety net; also after a reconfiguration).
+    pub fn poll_slots(&self) {
+        for (_, slot) in self.slots.all() {
+            tokio::spawn(async move { slot.poll_status().await });
         }
     }
 
@@ -285,6 +295,8 @@ impl<S: ClusterStore> Core<S> {
                 self.node.handle(t, NodeInput::CasResult { id, revision });
             }
             Msg::Incarnation(i) => self.node.handle(t, NodeInput::Incarnation(i)),
+            Msg::Config(text) => self.stored_config(text),
+            Msg::Api(ApiRequest::Config(text, reply)) => self.config_request(text, reply),
             Msg::Api(ApiRequest::Status(reply)) => {
                 let _ = reply.send(self.status());
             }
@@ -328,6 +340,7 @@ impl<S: ClusterStore> Core<S> {
                 "up".to_string()
             },
             store: status.store,
+            config_error: self.config_state.error.clone(),
             agent: status.agent,
             cluster_view: status.controller,
         }

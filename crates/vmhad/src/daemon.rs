@@ -18,6 +18,7 @@ use vmha_store::{ClusterStore, EmbeddedStore, EtcdOptions, EtcdStore};
 
 use crate::Options;
 use crate::api;
+use crate::configure::ConfigState;
 use crate::core::{self, Core};
 use crate::election::{self, Leadership};
 use crate::executor::Executor;
@@ -26,7 +27,7 @@ use crate::follow::{Follower, HostLeases, Replies};
 use crate::forward::Forwarder;
 use crate::inbox;
 use crate::lease::{self, LeaseKeeper};
-use crate::vm_slot::VmSlot;
+use crate::slots::Slots;
 
 /// Host lease TTL on the embedded store (single host: membership only, never fencing).
 const EMBEDDED_TTL: Duration = Duration::from_secs(60);
@@ -99,6 +100,7 @@ async fn run_with<S: ClusterStore>(
     options: Options,
 ) -> anyhow::Result<()> {
     let layout = Layout::new(config.cluster.name.as_str())?;
+    let (config, config_text) = effective_config(&store, &layout, config, &host, &options).await;
     let (ttl, fence_after, etcd) = match &config.cluster.store {
         Store::Etcd {
             ttl, fence_margin, ..
@@ -154,18 +156,9 @@ async fn run_with<S: ClusterStore>(
     );
 
     // The VMs this host may run: adopt what is already running.
-    let mut slots = BTreeMap::new();
-    for vm in &vms {
-        let slot = VmSlot::new(
-            vm,
-            dirs.runtime.clone(),
-            inbox.host_inputs(),
-            Arc::clone(&fence),
-        );
-        slots.insert(vm.name.clone(), slot);
-    }
-    for slot in slots.values() {
-        let slot = Arc::clone(slot);
+    let slots = Slots::default();
+    let created = slots.configure(&config, &host, &dirs.runtime, &inbox.host_inputs(), &fence);
+    for slot in created.added {
         tokio::spawn(async move { slot.adopt().await });
     }
 
@@ -269,6 +262,14 @@ async fn run_with<S: ClusterStore>(
         leadership,
         fence: Arc::clone(&fence),
         slots: slots.clone(),
+        config_state: ConfigState {
+            text: config_text,
+            file: options.config.clone(),
+            runtime_dir: dirs.runtime.clone(),
+            inputs: inbox.host_inputs(),
+            pending: None,
+            error: None,
+        },
         pending: BTreeMap::new(),
         next_caller: 0,
         requests: BTreeMap::new(),
@@ -278,7 +279,7 @@ async fn run_with<S: ClusterStore>(
     let (stop_tx, stop_rx) = watch::channel(false);
     let core_task = tokio::spawn(core.run(rx, stop_rx));
 
-    wait_for_stop().await?;
+    signals(&inbox).await?;
     tracing::info!("vmhad stopping");
     // No new API requests; the core finishes the commit in flight and answers it.
     api.abort();
@@ -287,7 +288,8 @@ async fn run_with<S: ClusterStore>(
     if options.stop_vms_on_exit {
         // All at once: one by one, N guests slow to shut down would take N × stop_timeout
         // (and the service manager would SIGKILL vmhad with VMs still running).
-        let stops = slots.iter().map(|(name, slot)| {
+        let all = slots.all();
+        let stops = all.iter().map(|(name, slot)| {
             let timeout = config
                 .vm(name.as_str())
                 .map_or(vmha_model::defaults::STOP_TIMEOUT, |v| v.stop_timeout);
@@ -307,15 +309,91 @@ async fn run_with<S: ClusterStore>(
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT. Other signals keep their defaults (documented in the README).
-async fn wait_for_stop() -> anyhow::Result<()> {
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = sigterm.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// Handles signals until one asks vmhad to stop: SIGTERM, SIGINT and SIGQUIT stop it
+/// (gracefully: the commit in flight finishes and is answered); SIGHUP reloads the
+/// configuration file (validated first: a bad file changes nothing, and says why in the log
+/// and in `vmha status`); SIGUSR1 and SIGUSR2 are logged and otherwise ignored.
+async fn signals(inbox: &crate::inbox::Inbox) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut quit = signal(SignalKind::quit()).context("installing the SIGQUIT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = quit.recv() => return Ok(()),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration file");
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let msg = crate::inbox::Msg::Api(crate::inbox::ApiRequest::Config(None, tx));
+                if !inbox.send(msg).await {
+                    return Ok(());
+                }
+                tokio::spawn(async move {
+                    match rx.await {
+                        Ok(Ok(applied)) => tracing::info!(
+                            "configuration stored, every host applies it: {}",
+                            applied.change
+                        ),
+                        Ok(Err(e)) => tracing::error!("configuration not reloaded: {e}"),
+                        Err(_) => {}
+                    }
+                });
+            }
+            _ = usr1.recv() => tracing::info!("SIGUSR1 ignored (see the README)"),
+            _ = usr2.recv() => tracing::info!("SIGUSR2 ignored (see the README)"),
+        }
     }
-    Ok(())
+}
+
+/// The configuration to run: the one stored in the cluster store (`vmha config apply`) when
+/// there is one that fits this daemon (same cluster and store, this host in it), else this
+/// daemon's file. Returns it with its text.
+async fn effective_config<S: ClusterStore>(
+    store: &S,
+    layout: &Layout,
+    file: Arc<Config>,
+    host: &Name,
+    options: &Options,
+) -> (Arc<Config>, String) {
+    let file_text = std::fs::read_to_string(&options.config).unwrap_or_default();
+    let stored = patiently("reading the stored configuration", || {
+        let store = store.clone();
+        let key = layout.config();
+        async move { store.get(&key).await }
+    })
+    .await;
+    let Some(text) = stored.and_then(|kv| String::from_utf8(kv.value).ok()) else {
+        return (file, file_text);
+    };
+    if text == file_text {
+        return (file, file_text);
+    }
+    match Config::from_toml_str(&text, "the configuration in the cluster store") {
+        Ok(c)
+            if c.cluster.name == file.cluster.name
+                && c.cluster.store == file.cluster.store
+                && c.host(host.as_str()).is_some() =>
+        {
+            tracing::warn!(
+                file = %options.config.display(),
+                "running the configuration stored in the cluster store (vmha config apply), which differs from the file"
+            );
+            (Arc::new(c), text)
+        }
+        Ok(_) => {
+            tracing::error!("the stored configuration does not fit this daemon; running the file");
+            (file, file_text)
+        }
+        Err(e) => {
+            tracing::error!("the stored configuration is invalid; running the file:\n{e}");
+            (file, file_text)
+        }
+    }
 }
 
 /// Total memory of this machine in MiB (`/proc/meminfo`), 0 if unreadable.

@@ -3,7 +3,6 @@
 //! Controller writes of ownership records are compare-and-swaps fenced by the controller's
 //! term and, on etcd, bound to the new owner's lease.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use vmha_engine::{
@@ -17,14 +16,14 @@ use vmha_store::{ClusterStore, Compare, Op, TxnOutcome};
 use crate::election::Leadership;
 use crate::follow::HostLeases;
 use crate::inbox::{HostInputs, Inbox, Msg};
-use crate::vm_slot::VmSlot;
+use crate::slots::Slots;
 
 /// Runs actions against this host's VM slots and the cluster store.
 pub struct Executor<S> {
     /// This host.
     pub host: Name,
     /// The VMs this host may run.
-    pub slots: BTreeMap<Name, Arc<VmSlot>>,
+    pub slots: Slots,
     /// Answers to host actions.
     pub answers: HostInputs,
     /// Answers to controller actions.
@@ -57,7 +56,7 @@ impl<S: ClusterStore> Executor<S> {
             | HostActionKind::StopVm { vm, .. }
             | HostActionKind::KillVm { vm } => vm.clone(),
         };
-        let Some(slot) = self.slots.get(&vm).cloned() else {
+        let Some(slot) = self.slots.get(&vm) else {
             // Every action is answered exactly once, even for a VM without a slot here.
             let result = Err(ActionError::NotConfigured {
                 detail: format!("VM {vm} is not configured on host {}", self.host),

@@ -98,6 +98,13 @@ impl Fence {
         self.killed.load(Ordering::Relaxed)
     }
 
+    /// Replaces the VMs this host may run (after a configuration change).
+    pub fn set_vms(&self, vms: Vec<VmPaths>) {
+        if let Ok(mut v) = self.vms.write() {
+            *v = vms;
+        }
+    }
+
     /// Stops the fence thread (the daemon exits).
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);

@@ -97,6 +97,8 @@ pub struct Follower<S> {
 /// One batch under construction.
 #[derive(Default)]
 struct Batch {
+    /// The stored configuration, when the batch saw it.
+    config: Option<Option<String>>,
     records: Vec<Record>,
     new_requests: Vec<crate::inbox::Request>,
     gone_requests: Vec<String>,
@@ -121,6 +123,7 @@ impl<S: ClusterStore> Follower<S> {
                     self.replies.deliver(&id, reply);
                 }
             }
+            Decoded::Config(text) => batch.config = Some(text),
             Decoded::Ignored => {}
         }
     }
@@ -131,6 +134,17 @@ impl<S: ClusterStore> Follower<S> {
     }
 
     async fn send(&self, batch: Batch, full: bool) -> bool {
+        // A full listing without a stored configuration says there is none.
+        let config = if full {
+            Some(batch.config.clone().flatten())
+        } else {
+            batch.config.clone()
+        };
+        if let Some(config) = config
+            && !self.inbox.send(Msg::Config(config)).await
+        {
+            return false;
+        }
         if full || !batch.records.is_empty() {
             let msg = Msg::Records {
                 records: batch.records,

@@ -4,7 +4,7 @@
 //! module knows the core.
 
 use tokio::sync::{mpsc, oneshot};
-use vmha_api::StatusView;
+use vmha_api::{ConfigApplied, StatusView};
 use vmha_engine::{ActionId, AdminCommand, CommandError, HostInput, Record};
 use vmha_model::Name;
 
@@ -59,6 +59,8 @@ pub enum Msg {
     },
     /// This host holds a new lease (a new life: reports carry it).
     Incarnation(u64),
+    /// The configuration stored in the cluster store (`None`: none stored).
+    Config(Option<String>),
     /// A request from the API.
     Api(ApiRequest),
 }
@@ -70,6 +72,26 @@ pub enum ApiRequest {
     Status(oneshot::Sender<StatusView>),
     /// An admin command; answered once committed (or refused, changing nothing).
     Command(AdminCommand, oneshot::Sender<Result<(), CommandError>>),
+    /// A new configuration (TOML) to validate and store, or `None`: this daemon's own file
+    /// again (SIGHUP, `vmha config reload`). Answered once stored, or refused.
+    Config(
+        Option<String>,
+        oneshot::Sender<Result<ConfigApplied, ConfigRefused>>,
+    ),
+}
+
+/// Why a configuration was not stored.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConfigRefused {
+    /// It does not parse or validate (file:line:column and a hint).
+    #[error("{0}")]
+    Invalid(String),
+    /// It changes what cannot change while the cluster runs.
+    #[error("{0}")]
+    Incompatible(String),
+    /// The cluster store did not store it.
+    #[error("the cluster store did not store it: {0}")]
+    Store(String),
 }
 
 /// Creates the inbox: the sending side to clone into handles, and the core's receiver.

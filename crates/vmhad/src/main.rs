@@ -8,6 +8,7 @@
 
 mod api;
 mod codec;
+mod configure;
 mod core;
 mod daemon;
 mod election;
@@ -18,6 +19,7 @@ mod forward;
 mod host;
 mod inbox;
 mod lease;
+mod slots;
 mod vm_slot;
 
 use std::path::PathBuf;

@@ -100,7 +100,8 @@ const PROBE_SLACK: Duration = Duration::from_secs(2);
 /// One VM of this host.
 pub struct VmSlot {
     name: Name,
-    spec: Option<LaunchSpec>,
+    /// How to launch it (changed by a new configuration; used at the next start).
+    spec: std::sync::Mutex<Option<LaunchSpec>>,
     runtime_dir: PathBuf,
     driver: DriverConfig,
     qemu: Mutex<Option<QemuVm>>,
@@ -120,7 +121,7 @@ impl VmSlot {
     pub fn new(vm: &Vm, runtime_dir: PathBuf, tx: HostInputs, fence: Arc<Fence>) -> Arc<Self> {
         Arc::new(VmSlot {
             name: vm.name.clone(),
-            spec: launch_spec(vm),
+            spec: std::sync::Mutex::new(launch_spec(vm)),
             runtime_dir,
             driver: DriverConfig::default(),
             qemu: Mutex::new(None),
@@ -130,6 +131,14 @@ impl VmSlot {
             tx,
             fence,
         })
+    }
+
+    /// The VM's definition changed (a new configuration): its next start uses it. A running
+    /// QEMU keeps what it was started with.
+    pub fn set_vm(&self, vm: &Vm) {
+        if let Ok(mut spec) = self.spec.lock() {
+            *spec = launch_spec(vm);
+        }
     }
 
     async fn send(&self, input: HostInput) {
@@ -186,7 +195,9 @@ impl VmSlot {
     pub async fn start(self: &Arc<Self>) -> Result<(), SlotError> {
         let spec = self
             .spec
-            .as_ref()
+            .lock()
+            .ok()
+            .and_then(|s| s.clone())
             .ok_or_else(|| SlotError::UnsupportedDriver(self.name.clone()))?;
         let mut guard = self.qemu.lock().await;
         if self.closing.load(Ordering::SeqCst) {
@@ -211,7 +222,7 @@ impl VmSlot {
         if !self.fence.may_run() {
             return Err(SlotError::Fenced(self.name.clone()));
         }
-        match QemuVm::launch(spec, &self.runtime_dir, &self.driver).await {
+        match QemuVm::launch(&spec, &self.runtime_dir, &self.driver).await {
             Ok(vm) => {
                 tracing::info!(vm = %self.name, pid = vm.pid(), "QEMU started");
                 self.install(&mut guard, vm);

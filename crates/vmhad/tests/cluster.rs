@@ -52,9 +52,8 @@ fn budget_failover_keeps_admin_state() {
     // Two crashes: restart 1/1 on kvm1, then faulted there → the controller moves it.
     kill_qemu(&c, "kvm1");
     c.wait("shop restarted on kvm1", BOOT, || {
-        c.vm_on("kvm1", VM).is_some_and(|v| {
-            v["state"] == "online" && v["vm_restarts_in_window"] == 1
-        })
+        c.vm_on("kvm1", VM)
+            .is_some_and(|v| v["state"] == "online" && v["vm_restarts_in_window"] == 1)
     });
     kill_qemu(&c, "kvm1");
     let t0 = Instant::now();
@@ -121,25 +120,33 @@ fn budget_failover_keeps_admin_state() {
 
 /// The host a VM runs on, waiting until it runs on exactly one.
 fn placed(c: &Cluster, vm: &str) -> String {
-    c.wait(&format!("{vm} runs on one host"), BOOT, || c.running_on(vm).len() == 1);
+    c.wait(&format!("{vm} runs on one host"), BOOT, || {
+        c.running_on(vm).len() == 1
+    });
     c.running_on(vm)[0].clone()
 }
 
 /// The current leader, as all live hosts agree.
 fn leader(c: &Cluster, hosts: &[&str]) -> String {
     let mut l = None;
-    c.wait("one leader all hosts agree on", Duration::from_secs(30), || {
-        let seen: Vec<Option<String>> = hosts.iter().map(|h| c.leader(h)).collect();
-        l = seen[0].clone();
-        l.is_some() && seen.iter().all(|s| *s == l)
-    });
+    c.wait(
+        "one leader all hosts agree on",
+        Duration::from_secs(30),
+        || {
+            let seen: Vec<Option<String>> = hosts.iter().map(|h| c.leader(h)).collect();
+            l = seen[0].clone();
+            l.is_some() && seen.iter().all(|s| *s == l)
+        },
+    );
     l.unwrap()
 }
 
 /// Moves `vm` to `to` (two phases: stopped where it runs, then started there).
 fn move_to(c: &Cluster, via: &str, vm: &str, to: &str) {
     c.command_ok(via, &json!({"command": "vm-move", "vm": vm, "to": to}));
-    c.wait(&format!("{vm} online on {to}"), BOOT, || c.online_on(to, vm));
+    c.wait(&format!("{vm} online on {to}"), BOOT, || {
+        c.online_on(to, vm)
+    });
 }
 
 /// A host is killed → its VM starts on another host once the lease expired; then the
@@ -186,7 +193,9 @@ fn host_loss_and_controller_loss() {
         c.leader(survivor).is_some_and(|x| x != l)
     });
     let last = placed(&c, VM);
-    c.wait("shop online on the survivor", BOOT, || c.online_on(&last, VM));
+    c.wait("shop online on the survivor", BOOT, || {
+        c.online_on(&last, VM)
+    });
     println!(
         "LATENCY controller's host killed → VM online on {last}: {} ms",
         t0.elapsed().as_millis()
@@ -206,14 +215,20 @@ fn cut_off_host_fences_and_etcd_member_loss_changes_nothing() {
 
     let t0 = Instant::now();
     c.bed.cut(&owner).unwrap();
-    c.wait("the cut-off host killed its VM", Duration::from_secs(10), || {
-        c.qemu_pid(&owner, VM).is_none()
-    });
+    c.wait(
+        "the cut-off host killed its VM",
+        Duration::from_secs(10),
+        || c.qemu_pid(&owner, VM).is_none(),
+    );
     let fenced_after = t0.elapsed();
-    c.wait("the cut-off host reports fenced", Duration::from_secs(10), || {
-        c.try_status(&owner)
-            .is_some_and(|s| s["host_state"] == "fenced")
-    });
+    c.wait(
+        "the cut-off host reports fenced",
+        Duration::from_secs(10),
+        || {
+            c.try_status(&owner)
+                .is_some_and(|s| s["host_state"] == "fenced")
+        },
+    );
     let new = placed(&c, VM);
     let started_after = t0.elapsed();
     println!(
@@ -228,7 +243,8 @@ fn cut_off_host_fences_and_etcd_member_loss_changes_nothing() {
     // It comes back: a new lease, up again, leaves the VM where it is.
     c.bed.restore(&owner).unwrap();
     c.wait("the host rejoined", Duration::from_secs(30), || {
-        c.try_status(&owner).is_some_and(|s| s["host_state"] == "up")
+        c.try_status(&owner)
+            .is_some_and(|s| s["host_state"] == "up")
     });
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(c.running_on(VM), vec![new.clone()]);
@@ -242,7 +258,10 @@ fn cut_off_host_fences_and_etcd_member_loss_changes_nothing() {
     assert_eq!(c.qemu_pid(&new, VM), Some(pid), "the VM was restarted");
     for h in ["kvm1", "kvm2", "kvm3"] {
         let s = c.status(h);
-        assert_eq!(s["host_state"], "up", "{h} fenced with one etcd member down");
+        assert_eq!(
+            s["host_state"], "up",
+            "{h} fenced with one etcd member down"
+        );
     }
     c.bed.restart_etcd(member).unwrap();
     c.checker.assert_never_double();
@@ -252,10 +271,7 @@ fn cut_off_host_fences_and_etcd_member_loss_changes_nothing() {
 /// `failback = true` moves back to its preferred host.
 #[test]
 fn maintenance_drain_and_failback() {
-    let c = Cluster::new(
-        &[VM],
-        &[vm(VM, &["kvm1", "kvm2"], "failback = true")],
-    );
+    let c = Cluster::new(&[VM], &[vm(VM, &["kvm1", "kvm2"], "failback = true")]);
     c.wait("shop online on kvm1", BOOT, || c.online_on("kvm1", VM));
     let t0 = Instant::now();
     c.command_ok(
@@ -263,7 +279,10 @@ fn maintenance_drain_and_failback() {
         &json!({"command": "host-maintenance", "host": "kvm1", "on": true}),
     );
     c.wait("shop online on kvm2", BOOT, || c.online_on("kvm2", VM));
-    println!("LATENCY drain → VM online on kvm2: {} ms", t0.elapsed().as_millis());
+    println!(
+        "LATENCY drain → VM online on kvm2: {} ms",
+        t0.elapsed().as_millis()
+    );
     assert_eq!(c.running_on(VM), vec!["kvm2".to_string()]);
     c.command_ok(
         "kvm2",

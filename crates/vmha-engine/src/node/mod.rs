@@ -31,6 +31,7 @@
 //! - Deterministic: same inputs at the same times, same outputs.
 
 mod ready;
+mod reconfigure;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -51,6 +52,7 @@ use crate::time::Timestamp;
 pub use ready::{
     CommandOrigin, Commit, ControllerPersist, Effects, Forward, Persist, Ready, Receiver,
 };
+pub use reconfigure::{ConfigChange, ReconfigureError, diff as config_diff};
 
 /// Commands waiting for a clean node beyond this are refused with
 /// [`CommandError::Overloaded`].
@@ -314,7 +316,14 @@ impl Node {
                 self.elected = term;
                 self.leadership(now, term);
             }
-            NodeInput::Incarnation(incarnation) => self.incarnation = incarnation,
+            NodeInput::Incarnation(incarnation) => {
+                if incarnation != self.incarnation {
+                    // A new lease: whatever term the old one won is over.
+                    self.elected = None;
+                    self.leader = None;
+                }
+                self.incarnation = incarnation;
+            }
             NodeInput::CasResult { id, revision } => {
                 if let Some(l) = self.leader.as_mut() {
                     l.controller
@@ -770,7 +779,10 @@ impl Node {
             Commit::Ok => {
                 self.health.degraded = None;
                 self.retry_at = None;
-                self.health.commits = self.health.commits.saturating_add(1);
+                if !flight.persist.is_empty() {
+                    self.health.commits = self.health.commits.saturating_add(1);
+                }
+                self.remember(&flight.persist);
                 self.health.pending_events = self.out.events.len();
                 self.barrier = None;
             }
@@ -794,6 +806,46 @@ impl Node {
         // Inputs that waited for the commands are applied at the next call (handle, ready,
         // handle_timeout): the state right after `advance` is the committed (or restored) one.
         effects
+    }
+
+    /// What this node committed is in the store now: its view of the store holds it too
+    /// (before the watch echoes it back), so nothing built from the view misses it.
+    fn remember(&mut self, persist: &Persist) {
+        let mut records = Vec::new();
+        if let Some(state) = &persist.node {
+            records.push(Record::Agent {
+                host: self.host.clone(),
+                state: Some(state.clone()),
+            });
+        }
+        for (vm, settings) in &persist.settings {
+            records.push(Record::Settings {
+                vm: vm.clone(),
+                settings: Some(settings.clone()),
+            });
+        }
+        for (vm, report) in &persist.reports {
+            records.push(Record::Report {
+                vm: vm.clone(),
+                report: Some(report.clone()),
+            });
+        }
+        if let Some(c) = &persist.controller {
+            if let Some(state) = &c.state {
+                records.push(Record::Controller {
+                    state: Some(state.clone()),
+                });
+            }
+            for (vm, admin) in &c.admin {
+                records.push(Record::Admin {
+                    vm: vm.clone(),
+                    admin: Some(admin.clone()),
+                });
+            }
+        }
+        for record in records {
+            self.mirror.insert(record.key(), record);
+        }
     }
 
     /// A commit failed: undo the commands it held (and refuse them), or keep what it should

@@ -993,6 +993,53 @@ impl Sim {
             .push_back((h, Delivery::Command(CommandOrigin::Local(id), command)));
     }
 
+    /// Applies a new configuration to every live node, as `vmha config apply` does, once each
+    /// is idle; the hosts then report what runs on them, as the daemon does after a reload.
+    /// Returns each host's outcome.
+    pub fn reconfigure(
+        &mut self,
+        config: Arc<Config>,
+    ) -> Vec<(
+        Name,
+        Result<crate::node::ConfigChange, crate::node::ReconfigureError>,
+    )> {
+        self.settle();
+        for v in &config.vms {
+            self.guests
+                .entry(v.name.clone())
+                .or_insert_with(|| GuestModel::new(v));
+        }
+        self.config = Arc::clone(&config);
+        let now = self.now;
+        let mut outcomes = Vec::new();
+        for h in 0..self.hosts.len() {
+            let name = self.hosts[h].name.clone();
+            self.hosts[h].vms = config
+                .vms
+                .iter()
+                .filter(|v| v.hosts.contains(&name))
+                .map(|v| v.name.clone())
+                .collect();
+            let Some(node) = self.hosts[h].node.as_mut() else {
+                continue;
+            };
+            let outcome = node.reconfigure(now, Arc::clone(&config));
+            if outcome.is_ok() {
+                for vm in self.hosts[h].vms.clone() {
+                    let kind = if self.hosts[h].running.contains(&vm) {
+                        VmObservation::Running
+                    } else {
+                        VmObservation::Gone
+                    };
+                    self.host_input(h, HostInput::VmObserved { vm, kind });
+                }
+            }
+            outcomes.push((name, outcome));
+        }
+        self.settle();
+        outcomes
+    }
+
     /// Runs a script (see [`parse_script`] for the language).
     pub fn run_script(&mut self, script: &str) -> Result<(), SimError> {
         let parsed = parse_script(script)?;
