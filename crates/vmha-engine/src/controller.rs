@@ -461,7 +461,11 @@ impl Controller {
 
     fn cas(&mut self, i: usize, record: OwnerRecord, reason: String) {
         let vm = self.vms[i].name.clone();
-        let expected_revision = self.vms[i].revision;
+        // An absent record is expected absent, whatever revision deleted it.
+        let expected_revision = match &self.vms[i].record {
+            Some(Some(_)) => self.vms[i].revision,
+            _ => 0,
+        };
         let id = self.act(
             ControllerActionKind::CasOwner {
                 vm,
@@ -986,7 +990,10 @@ impl Controller {
                 let Some(&i) = self.vm_index.get(&vm) else {
                     return;
                 };
-                if revision < self.vms[i].revision {
+                // An older record than the one known is stale; a deletion is not (the store
+                // deleted a record the controller knew: its owner's lease ended). A wrong
+                // belief is harmless either way: every write is a compare-and-swap.
+                if revision < self.vms[i].revision && record.is_some() {
                     return;
                 }
                 self.vms[i].retry_at = None;

@@ -28,6 +28,10 @@ pub struct DemoArgs {
     /// many samples, and report medians (a benchmark of detection and recovery).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=50))]
     rounds: u32,
+    /// The multi-host demo instead: three hosts as network namespaces, a 3-member etcd, a host
+    /// killed, a host cut off, a host drained — failover narrated and timed (needs root).
+    #[arg(long)]
+    cluster: bool,
 }
 
 /// vmhad as a child process, stopped (with its VMs) when dropped.
@@ -311,6 +315,9 @@ name = "kvm1"
 
 /// Runs the demo.
 pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
+    if args.cluster {
+        return crate::cluster_demo::run(&args.vmhad, &args.guest, args.rounds);
+    }
     let started = Instant::now();
     for f in ["vmlinux", "initrd.img"] {
         let p = args.guest.join(f);

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod admin_cmd;
 mod api_args;
 mod client;
+mod cluster_demo;
 mod config_cmd;
 mod daemon_cmd;
 mod demo;

@@ -84,8 +84,10 @@ impl<S: ClusterStore> Core<S> {
     /// ends with "vmhad is shutting down": nothing of theirs was changed).
     pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>, mut shutdown: watch::Receiver<bool>) {
         let mut safety = tokio::time::interval(SAFETY_POLL);
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
         let mut in_flight: Option<InFlight> = None;
         loop {
+            self.fence.core_alive();
             self.pump(&mut in_flight);
             if in_flight.is_none() && self.try_reconfigure() {
                 self.pump(&mut in_flight);
@@ -111,6 +113,7 @@ impl<S: ClusterStore> Core<S> {
                     None => break,
                 },
                 () = sleep_until(wake) => self.node.handle_timeout(now()),
+                _ = heartbeat.tick() => {}
                 _ = safety.tick() => {
                     self.poll_slots();
                 }

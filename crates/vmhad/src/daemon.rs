@@ -141,6 +141,15 @@ async fn run_with<S: ClusterStore>(
     let fence = Fence::new(fence_after, etcd, paths);
     fence.rearm(sent);
     let fence_thread = fence.spawn().context("starting the fence thread")?;
+    if etcd {
+        spawn_guard(&fence, &dirs.state)?;
+    }
+    if let Some(h) = config.host(host.as_str())
+        && let Some(path) = &h.watchdog
+    {
+        let dog = crate::watchdog::Watchdog::open(path, h.watchdog_timeout)?;
+        fence.attach_watchdog(dog);
+    }
 
     let (inbox, rx) = inbox::channel();
     let mut node = Node::new(
@@ -348,6 +357,29 @@ async fn signals(inbox: &crate::inbox::Inbox) -> anyhow::Result<()> {
             _ = usr2.recv() => tracing::info!("SIGUSR2 ignored (see the README)"),
         }
     }
+}
+
+/// Starts the fence guard (see [`crate::guard`]) in its own process group, so that it outlives
+/// this vmhad, and takes over from the previous vmhad's guard.
+fn spawn_guard(fence: &Fence, state_dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("finding vmhad's executable")?;
+    let mut child = std::process::Command::new(exe)
+        .arg(crate::guard::FLAG)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .context("starting the fence guard")?;
+    let Some(stdin) = child.stdin.take() else {
+        anyhow::bail!("the fence guard has no stdin");
+    };
+    fence.attach_guard(stdin);
+    crate::guard::take_over(&state_dir.join("fence-guard.pid"), child.id());
+    // Reaped by whoever outlives it: it lives on when vmhad exits.
+    drop(child);
+    Ok(())
 }
 
 /// The configuration to run: the one stored in the cluster store (`vmha config apply`) when

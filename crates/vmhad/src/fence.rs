@@ -26,6 +26,10 @@ const TICK: Duration = Duration::from_millis(20);
 #[derive(Debug)]
 pub struct Fence {
     epoch: Instant,
+    /// The system-wide monotonic clock at `epoch`, in ms (for the fence guard).
+    epoch_mono: u64,
+    /// The fence guard's stdin, while one watches (etcd clusters).
+    guard: std::sync::Mutex<Option<GuardLink>>,
     /// Milliseconds since `epoch` at which the last acknowledged renewal was sent.
     renewal_sent_ms: AtomicU64,
     fence_after: Duration,
@@ -34,6 +38,10 @@ pub struct Fence {
     stop: AtomicBool,
     vms: RwLock<Vec<VmPaths>>,
     killed: AtomicU64,
+    /// Milliseconds since `epoch` of the core loop's last sign of life.
+    core_seen_ms: AtomicU64,
+    /// The hardware watchdog, when configured.
+    watchdog: std::sync::Mutex<Option<crate::watchdog::Watchdog>>,
 }
 
 impl Fence {
@@ -42,6 +50,8 @@ impl Fence {
     /// store: no other host can take a VM over) it never fences.
     pub fn new(fence_after: Duration, armed: bool, vms: Vec<VmPaths>) -> Arc<Fence> {
         Arc::new(Fence {
+            epoch_mono: crate::guard::monotonic_ms(),
+            guard: std::sync::Mutex::new(None),
             epoch: Instant::now(),
             renewal_sent_ms: AtomicU64::new(0),
             fence_after,
@@ -50,6 +60,8 @@ impl Fence {
             stop: AtomicBool::new(false),
             vms: RwLock::new(vms),
             killed: AtomicU64::new(0),
+            core_seen_ms: AtomicU64::new(0),
+            watchdog: std::sync::Mutex::new(None),
         })
     }
 
@@ -70,6 +82,38 @@ impl Fence {
         if self.fenced.swap(false, Ordering::SeqCst) {
             tracing::warn!("lease held again: fence lifted, VMs may be started again");
         }
+    }
+
+    /// The core loop is alive (it calls this every turn, and at least every second).
+    pub fn core_alive(&self) {
+        self.core_seen_ms
+            .store(self.ms(Instant::now()), Ordering::SeqCst);
+    }
+
+    /// Feeds `watchdog` from the fence thread while the core loop is alive and, when armed, the
+    /// lease is not so overdue that a reset after the device's timeout could land after the
+    /// lease expired elsewhere.
+    pub fn attach_watchdog(&self, watchdog: crate::watchdog::Watchdog) {
+        self.core_alive();
+        if let Ok(mut w) = self.watchdog.lock() {
+            *w = Some(watchdog);
+        }
+    }
+
+    /// Whether the hardware watchdog may be fed now.
+    fn may_feed(&self, now: Instant, timeout: Duration) -> bool {
+        let now_ms = self.ms(now);
+        let core_age = now_ms.saturating_sub(self.core_seen_ms.load(Ordering::SeqCst));
+        // A core silent for half the timeout is taken for hung: stop feeding, the device
+        // resets the host.
+        if Duration::from_millis(core_age) > timeout / 2 {
+            return false;
+        }
+        if !self.armed {
+            return true;
+        }
+        let since = now_ms.saturating_sub(self.renewal_sent_ms.load(Ordering::SeqCst));
+        Duration::from_millis(since) + timeout < self.fence_after
     }
 
     /// Whether the host has fenced itself (and not held a lease since).
@@ -100,14 +144,45 @@ impl Fence {
 
     /// Replaces the VMs this host may run (after a configuration change).
     pub fn set_vms(&self, vms: Vec<VmPaths>) {
+        if let Ok(mut g) = self.guard.lock()
+            && let Some(link) = g.as_mut()
+        {
+            link.vms(&vms);
+        }
         if let Ok(mut v) = self.vms.write() {
             *v = vms;
         }
     }
 
-    /// Stops the fence thread (the daemon exits).
+    /// Hands the fence over to a guard process when vmhad is gone (see [`crate::guard`]):
+    /// tells it the deadline rule and the VMs; then every acknowledged renewal.
+    pub fn attach_guard(&self, stdin: std::process::ChildStdin) {
+        let mut link = GuardLink {
+            stdin,
+            written: u64::MAX,
+            broken: false,
+        };
+        link.line(&format!("epoch {}", self.epoch_mono));
+        let after = u64::try_from(self.fence_after.as_millis()).unwrap_or(u64::MAX);
+        link.line(&format!("fence-after {after}"));
+        if let Ok(v) = self.vms.read() {
+            link.vms(&v);
+        }
+        link.renewed(self.renewal_sent_ms.load(Ordering::SeqCst));
+        if let Ok(mut g) = self.guard.lock() {
+            *g = Some(link);
+        }
+    }
+
+    /// Stops the fence thread (the daemon exits cleanly: the watchdog is disarmed; VMs left
+    /// running are the fence guard's).
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        if let Ok(mut w) = self.watchdog.lock()
+            && let Some(w) = w.take()
+        {
+            w.disarm();
+        }
     }
 
     /// Starts the fence thread.
@@ -130,6 +205,17 @@ impl Fence {
             }
             if self.fenced() {
                 self.kill_all();
+            }
+            if let Ok(mut g) = self.guard.lock()
+                && let Some(link) = g.as_mut()
+            {
+                link.renewed(self.renewal_sent_ms.load(Ordering::SeqCst));
+            }
+            if let Ok(mut w) = self.watchdog.lock()
+                && let Some(dog) = w.as_mut()
+                && self.may_feed(now, dog.timeout())
+            {
+                dog.feed();
             }
             std::thread::sleep(TICK);
         }
@@ -156,6 +242,42 @@ impl Fence {
                     Err(e) => tracing::error!(pid, "self-fencing: cannot kill QEMU: {e}"),
                 }
             }
+        }
+    }
+}
+
+/// The write end of the fence guard's stdin.
+#[derive(Debug)]
+struct GuardLink {
+    stdin: std::process::ChildStdin,
+    /// The last renewal written.
+    written: u64,
+    broken: bool,
+}
+
+impl GuardLink {
+    fn line(&mut self, line: &str) {
+        use std::io::Write;
+        if self.broken {
+            return;
+        }
+        if let Err(e) = writeln!(self.stdin, "{line}") {
+            tracing::error!("the fence guard is gone ({e}): vmhad's VMs lose their fence when vmhad stops");
+            self.broken = true;
+        }
+    }
+
+    fn vms(&mut self, vms: &[VmPaths]) {
+        self.line("vms");
+        for v in vms {
+            self.line(&format!("vm {}", v.qmp.display()));
+        }
+    }
+
+    fn renewed(&mut self, ms: u64) {
+        if ms != self.written {
+            self.written = ms;
+            self.line(&format!("renewed {ms}"));
         }
     }
 }

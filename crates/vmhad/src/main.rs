@@ -16,11 +16,13 @@ mod executor;
 mod fence;
 mod follow;
 mod forward;
+mod guard;
 mod host;
 mod inbox;
 mod lease;
 mod slots;
 mod vm_slot;
+mod watchdog;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,6 +77,9 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some(guard::FLAG) {
+        return guard::run();
+    }
     let options = Options::parse();
     init_logging(options.log_format);
     let config = match Config::from_file(&options.config) {

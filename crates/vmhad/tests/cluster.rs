@@ -291,5 +291,41 @@ fn maintenance_drain_and_failback() {
     c.wait("shop back on kvm1", BOOT, || c.online_on("kvm1", VM));
     assert_eq!(c.running_on(VM), vec!["kvm1".to_string()]);
     c.checker.assert_never_double();
-    let _ = Signal::SIGTERM;
+}
+
+/// vmhad restarted quickly (an upgrade, a crash): the VM keeps running, nothing moves. vmhad
+/// stopped for good: its fence guard kills the VM before the lease can expire, and only then
+/// another host starts it.
+#[test]
+fn a_restarted_vmhad_keeps_its_vms_and_a_stopped_one_is_fenced() {
+    let mut c = Cluster::new(&[VM], &[vm(VM, &["kvm1", "kvm2", "kvm3"], "")]);
+    let owner = placed(&c, VM);
+    c.wait("shop online", BOOT, || c.online_on(&owner, VM));
+    let pid = c.qemu_pid(&owner, VM).unwrap();
+
+    // SIGKILL and an immediate restart: the lease is kept, the VM adopted.
+    c.stop_vmhad(&owner, Signal::SIGKILL);
+    c.start(&owner);
+    c.wait_api(&owner);
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(c.running_on(VM), vec![owner.clone()]);
+    assert_eq!(c.qemu_pid(&owner, VM), Some(pid), "the VM was restarted");
+    c.wait("shop adopted online", BOOT, || c.online_on(&owner, VM));
+
+    // SIGTERM, no restart: the guard fences at ttl - fence_margin, then another host runs it.
+    let t0 = Instant::now();
+    c.stop_vmhad(&owner, Signal::SIGTERM);
+    c.wait("the stopped host's VM killed", Duration::from_secs(20), || {
+        c.qemu_pid(&owner, VM).is_none()
+    });
+    let killed = t0.elapsed();
+    let new = placed(&c, VM);
+    println!(
+        "LATENCY vmhad stopped → its VM killed by the guard: {} ms; → started on {new}: {} ms",
+        killed.as_millis(),
+        t0.elapsed().as_millis()
+    );
+    assert_ne!(new, owner);
+    c.wait("shop online elsewhere", BOOT, || c.online_on(&new, VM));
+    c.checker.assert_never_double();
 }
