@@ -62,7 +62,7 @@ pub enum ControllerInput {
         /// MiB available to VMs.
         memory_mb: u64,
     },
-    /// A host's report about a VM group (see [`crate::HostActionKind::Report`]).
+    /// A host's report about a VM group (a [`crate::node::Persist`] report, as stored).
     Report {
         /// Reporting host.
         host: Name,
@@ -1046,8 +1046,8 @@ impl Controller {
         }
     }
 
-    /// Applies an admin command routed to the controller ([`crate::Route::Controller`] or
-    /// [`crate::Route::Both`]). On `Err` nothing changed.
+    /// Applies an admin command routed to the controller ([`crate::Route::Controller`]). On
+    /// `Err` nothing changed.
     pub fn command(&mut self, now: Timestamp, cmd: AdminCommand) -> Result<(), CommandError> {
         let before = self.now;
         self.now = self.now.max(now);

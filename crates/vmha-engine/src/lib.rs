@@ -13,7 +13,8 @@
 //! ([`Timestamp`], milliseconds); observations and admin commands come in as typed inputs;
 //! actions and [`Event`]s come out; `poll_timeout` says when to wake the engine next. The
 //! engine never reads a clock, does no I/O and iterates no hash map: same inputs, same outputs.
-//! [`sim`] wires N host agents and a controller through an in-memory cluster store.
+//! [`node::Node`] wires a host agent and (when elected) the controller for one daemon;
+//! [`sim`] wires N nodes — the same code — through an in-memory cluster store.
 
 pub mod app_monitor;
 mod budget;

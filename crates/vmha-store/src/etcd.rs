@@ -388,6 +388,47 @@ fn suspect(inner: &Arc<Inner>, i: usize, why: &str) {
     }
 }
 
+/// What went wrong with each member during one call: the last failure of each and how many
+/// there were, so an error names every member once however often it was retried.
+#[derive(Debug, Default)]
+struct Failures {
+    /// `(member, last failure, count)`, in the order members first failed.
+    members: Vec<(usize, String, u32)>,
+}
+
+impl Failures {
+    /// Notes a failure of member `i`.
+    fn note(&mut self, i: usize, failure: String) {
+        match self.members.iter_mut().find(|(m, _, _)| *m == i) {
+            Some(entry) => {
+                entry.1 = failure;
+                entry.2 += 1;
+            }
+            None => self.members.push((i, failure, 1)),
+        }
+    }
+
+    /// ` (endpoint: last failure [×N]; …)`, or nothing when nothing failed.
+    fn describe(&self, inner: &Inner) -> String {
+        if self.members.is_empty() {
+            return String::new();
+        }
+        let parts: Vec<String> = self
+            .members
+            .iter()
+            .map(|(i, failure, n)| {
+                let times = if *n > 1 {
+                    format!(" (×{n})")
+                } else {
+                    String::new()
+                };
+                format!("{}: {failure}{times}", inner.endpoint(*i))
+            })
+            .collect();
+        format!(" ({})", parts.join("; "))
+    }
+}
+
 /// Notes what a failed request says about member `i`.
 fn note_failure(inner: &Arc<Inner>, i: usize, error: &etcd::Error) {
     if no_leader(error) {
@@ -611,12 +652,8 @@ impl EtcdStore {
     }
 
     /// The call's deadline passed.
-    fn no_answer(&self, what: &str, kind: Kind, failures: &[String]) -> StoreError {
-        let tried = if failures.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", failures.join("; "))
-        };
+    fn no_answer(&self, what: &str, kind: Kind, failures: &Failures) -> StoreError {
+        let tried = failures.describe(&self.inner);
         let write = if kind.writes() {
             "; the write may or may not have been applied"
         } else {
@@ -707,7 +744,7 @@ impl EtcdStore {
         let mut slots = vec![Slot::default(); inner.members.len()];
         let mut attempts = FuturesUnordered::new();
         let mut backoff = FIRST_BACKOFF;
-        let mut failures: Vec<String> = Vec::new();
+        let mut failures = Failures::default();
         loop {
             let now = Instant::now();
             let in_flight = slots.iter().filter(|s| s.sent.is_some()).count();
@@ -777,7 +814,7 @@ impl EtcdStore {
                         return Err(self.map_error(what, kind, i, &error, lease));
                     }
                     tracing::debug!(what, endpoint = inner.endpoint(i), %error, "etcd request failed; retrying");
-                    failures.push(format!("{}: {error}", inner.endpoint(i)));
+                    failures.note(i, error.to_string());
                     slots[i].ready_at = Some(Instant::now() + backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -791,10 +828,7 @@ impl EtcdStore {
                         if !slot.overdue && now >= sent + attempt_timeout {
                             slot.overdue = true;
                             suspect(inner, i, "no answer within the attempt timeout");
-                            failures.push(format!(
-                                "{}: no answer within {attempt_timeout:?}",
-                                inner.endpoint(i)
-                            ));
+                            failures.note(i, format!("no answer within {attempt_timeout:?}"));
                         } else if kind == Kind::Guarded
                             && slot.overdue
                             && !slot.checked

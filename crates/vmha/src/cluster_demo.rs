@@ -38,7 +38,12 @@ fn config(bed: &Testbed, guest: &Path) -> String {
         .collect();
     let hosts: String = HOSTS
         .iter()
-        .map(|h| format!("\n[[host]]\nname = \"{h}\"\naddress = \"{}\"\n", bed.addr(h)))
+        .map(|h| {
+            format!(
+                "\n[[host]]\nname = \"{h}\"\naddress = \"{}\"\n",
+                bed.addr(h)
+            )
+        })
         .collect();
     let app = |name: &str, priority: u32, requires: &str| {
         format!(
@@ -173,9 +178,11 @@ impl Cluster {
     }
 
     fn placed(&mut self, vm: &str) -> anyhow::Result<String> {
-        self.wait(&format!("{vm} on one host"), Duration::from_secs(180), |c| {
-            c.running_on(vm).len() == 1
-        })?;
+        self.wait(
+            &format!("{vm} on one host"),
+            Duration::from_secs(180),
+            |c| c.running_on(vm).len() == 1,
+        )?;
         Ok(self.running_on(vm)[0].clone())
     }
 
@@ -211,15 +218,22 @@ impl Cluster {
         println!("  ✖ killing {owner} (every process in its namespace, its etcd member too)");
         let t0 = Instant::now();
         self.bed.kill_host(&owner)?;
-        self.wait(&format!("{vm} started elsewhere"), Duration::from_secs(60), |c| {
-            c.running_on(vm).iter().any(|h| *h != owner)
-        })?;
+        self.wait(
+            &format!("{vm} started elsewhere"),
+            Duration::from_secs(60),
+            |c| c.running_on(vm).iter().any(|h| *h != owner),
+        )?;
         self.figure("host killed → VM started on another host", t0.elapsed());
         let new = self.running_on(vm)[0].clone();
-        self.wait(&format!("{vm} online on {new}"), Duration::from_secs(180), |c| {
-            c.online_on(&new, vm)
-        })?;
-        self.figure("host killed → VM and apps online on another host", t0.elapsed());
+        self.wait(
+            &format!("{vm} online on {new}"),
+            Duration::from_secs(180),
+            |c| c.online_on(&new, vm),
+        )?;
+        self.figure(
+            "host killed → VM and apps online on another host",
+            t0.elapsed(),
+        );
         self.revive(&owner)
     }
 
@@ -232,20 +246,26 @@ impl Cluster {
         println!("  ✂ cutting {owner} off the network (its link down)");
         let t0 = Instant::now();
         self.bed.cut(&owner)?;
-        self.wait("the cut-off host killed its VM", Duration::from_secs(30), |c| {
-            !c.running_on(vm).contains(&owner)
-        })?;
+        self.wait(
+            "the cut-off host killed its VM",
+            Duration::from_secs(30),
+            |c| !c.running_on(vm).contains(&owner),
+        )?;
         self.figure("host cut off → its VM killed (self-fencing)", t0.elapsed());
-        self.wait(&format!("{vm} started elsewhere"), Duration::from_secs(60), |c| {
-            c.running_on(vm).iter().any(|h| *h != owner)
-        })?;
+        self.wait(
+            &format!("{vm} started elsewhere"),
+            Duration::from_secs(60),
+            |c| c.running_on(vm).iter().any(|h| *h != owner),
+        )?;
         self.figure("host cut off → VM started on another host", t0.elapsed());
         self.bed.restore(&owner)?;
         println!("  ⟳ {owner} reconnected");
         let new = self.running_on(vm)[0].clone();
-        self.wait(&format!("{vm} online on {new}"), Duration::from_secs(180), |c| {
-            c.online_on(&new, vm)
-        })?;
+        self.wait(
+            &format!("{vm} online on {new}"),
+            Duration::from_secs(180),
+            |c| c.online_on(&new, vm),
+        )?;
         Ok(())
     }
 }
@@ -259,8 +279,12 @@ fn median(v: &[u64]) -> u64 {
 /// Runs the cluster demo with the vmhad binary `vmhad`, the test guest in `guest`, `rounds`
 /// repetitions of the failure drills.
 pub fn run(vmhad: &Path, guest: &Path, rounds: u32) -> anyhow::Result<ExitCode> {
-    let guest = std::fs::canonicalize(guest)
-        .with_context(|| format!("{}: run scripts/build-guest-image.sh first", guest.display()))?;
+    let guest = std::fs::canonicalize(guest).with_context(|| {
+        format!(
+            "{}: run scripts/build-guest-image.sh first",
+            guest.display()
+        )
+    })?;
     let vmhad = std::fs::canonicalize(vmhad)
         .with_context(|| format!("{}: build vmhad first", vmhad.display()))?;
     println!("vmha demo --cluster — three hosts (network namespaces), a 3-member etcd, two VMs");
@@ -268,7 +292,10 @@ pub fn run(vmhad: &Path, guest: &Path, rounds: u32) -> anyhow::Result<ExitCode> 
     let config_path = bed.dir().join("vmha.toml");
     std::fs::write(&config_path, config(&bed, &guest))?;
     vmha_model::Config::from_file(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!("  config: {} (ttl {TTL}, fence_margin {FENCE_MARGIN})", config_path.display());
+    println!(
+        "  config: {} (ttl {TTL}, fence_margin {FENCE_MARGIN})",
+        config_path.display()
+    );
     for h in HOSTS {
         println!("  {h}: {} (etcd member and vmhad)", bed.addr(h));
     }

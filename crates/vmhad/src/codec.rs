@@ -114,12 +114,11 @@ pub fn decode_delete(layout: &Layout, me: &Name, key: &str) -> Decoded {
 
 fn decode(layout: &Layout, me: &Name, key: &str, kv: Option<&KeyValue>) -> Decoded {
     if let Some(host) = layout.parse_host(key).and_then(name) {
-        let member = kv.and_then(|kv| {
-            let m: StoredMember = json(kv)?;
-            Some(HostMember {
-                memory_mb: Some(m.memory_mb),
-                incarnation: kv.lease.map_or(0, |l| l.0.unsigned_abs()),
-            })
+        // A membership record is there while its lease lives: one this version cannot read
+        // (another version wrote it) is still a live member, of unknown memory.
+        let member = kv.map(|kv| HostMember {
+            memory_mb: json::<StoredMember>(kv).map(|m| m.memory_mb),
+            incarnation: kv.lease.map_or(0, |l| l.0.unsigned_abs()),
         });
         return Decoded::Record(Record::Host { host, member });
     }
@@ -418,6 +417,15 @@ mod tests {
             decode_put(&l, &me, &junk),
             Decoded::Record(Record::Settings { settings: None, .. })
         ));
+        // A membership this version cannot read is still a live member (its lease lives).
+        let odd = kv(l.host("kvm3").unwrap(), b"{\"v\":2}".to_vec(), 4, Some(7));
+        match decode_put(&l, &me, &odd) {
+            Decoded::Record(Record::Host { member, .. }) => {
+                let m = member.unwrap();
+                assert_eq!((m.memory_mb, m.incarnation), (None, 7));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::configure::ConfigState;
 use crate::core::{self, Core};
 use crate::election::{self, Leadership};
 use crate::executor::Executor;
-use crate::fence::Fence;
+use crate::fence::{Fence, FenceRule};
 use crate::follow::{Follower, HostLeases, Replies};
 use crate::forward::Forwarder;
 use crate::inbox;
@@ -101,11 +101,11 @@ async fn run_with<S: ClusterStore>(
 ) -> anyhow::Result<()> {
     let layout = Layout::new(config.cluster.name.as_str())?;
     let (config, config_text) = effective_config(&store, &layout, config, &host, &options).await;
-    let (ttl, fence_after, etcd) = match &config.cluster.store {
+    let (ttl, margin) = match &config.cluster.store {
         Store::Etcd {
             ttl, fence_margin, ..
-        } => (*ttl, ttl.saturating_sub(*fence_margin), true),
-        Store::Embedded => (EMBEDDED_TTL, EMBEDDED_TTL, false),
+        } => (*ttl, Some(*fence_margin)),
+        Store::Embedded => (EMBEDDED_TTL, None),
     };
     let memory_mb = config
         .host(host.as_str())
@@ -125,7 +125,7 @@ async fn run_with<S: ClusterStore>(
     .with_context(|| format!("this host's committed state in {agent_key} is damaged"))?;
 
     // The host lease (kept from an earlier run while it lives), then the fence on it.
-    let (lease, sent) = patiently("acquiring the host lease", || {
+    let (lease, sent, held_ttl) = patiently("acquiring the host lease", || {
         lease::acquire(&store, &layout, &host, memory_mb, ttl)
     })
     .await;
@@ -138,10 +138,19 @@ async fn run_with<S: ClusterStore>(
         .iter()
         .filter_map(|v| vmha_qemu::VmPaths::new(&dirs.runtime, v.name.as_str()).ok())
         .collect();
-    let fence = Fence::new(fence_after, etcd, paths);
+    // A kept lease has the TTL it was granted with, maybe shorter than the configured one
+    // (the TTL was raised since): the fence times itself on the shorter.
+    let rule = match margin {
+        Some(margin) => FenceRule::BeforeExpiry {
+            lease_ttl: held_ttl.min(ttl),
+            margin,
+        },
+        None => FenceRule::Never,
+    };
+    let fence = Fence::new(rule, paths);
     fence.rearm(sent);
     let fence_thread = fence.spawn().context("starting the fence thread")?;
-    if etcd {
+    if margin.is_some() {
         spawn_guard(&fence, &dirs.state)?;
     }
     if let Some(h) = config.host(host.as_str())
@@ -248,7 +257,7 @@ async fn run_with<S: ClusterStore>(
         inbox: inbox.clone(),
         store: store.clone(),
         layout: layout.clone(),
-        leased_owners: etcd,
+        leased_owners: margin.is_some(),
         leases,
         leadership: Arc::clone(&leadership),
     };

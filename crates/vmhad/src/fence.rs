@@ -21,6 +21,20 @@ use vmha_qemu::VmPaths;
 /// How often the fence thread checks the deadline (and, fenced, looks for QEMUs to kill).
 const TICK: Duration = Duration::from_millis(20);
 
+/// When a host fences itself.
+#[derive(Debug, Clone, Copy)]
+pub enum FenceRule {
+    /// Never: the embedded store, no other host can take a VM over.
+    Never,
+    /// `margin` before the lease could expire: no renewal acknowledged for `lease_ttl - margin`.
+    BeforeExpiry {
+        /// The lease's TTL as the store holds it.
+        lease_ttl: Duration,
+        /// How long before the lease could expire the VMs are dead.
+        margin: Duration,
+    },
+}
+
 /// The state shared by the lease keeper (renewals), the VM slots (may a VM start?) and the
 /// fence thread.
 #[derive(Debug)]
@@ -33,6 +47,8 @@ pub struct Fence {
     /// Milliseconds since `epoch` at which the last acknowledged renewal was sent.
     renewal_sent_ms: AtomicU64,
     fence_after: Duration,
+    /// The lease's TTL (the fence guard kills a hung vmhad's VMs between the two).
+    lease_ttl: Duration,
     armed: bool,
     fenced: AtomicBool,
     stop: AtomicBool,
@@ -45,11 +61,17 @@ pub struct Fence {
 }
 
 impl Fence {
-    /// A fence that kills the QEMUs of `vms` once no renewal was acknowledged for
-    /// `fence_after` (counted from now: the lease was just granted). Unarmed (the embedded
-    /// store: no other host can take a VM over) it never fences.
-    pub fn new(fence_after: Duration, armed: bool, vms: Vec<VmPaths>) -> Arc<Fence> {
+    /// A fence that kills the QEMUs of `vms` by `rule` (its deadline counted from now: the
+    /// lease was just granted).
+    pub fn new(rule: FenceRule, vms: Vec<VmPaths>) -> Arc<Fence> {
+        let (fence_after, lease_ttl, armed) = match rule {
+            FenceRule::Never => (Duration::MAX, Duration::MAX, false),
+            FenceRule::BeforeExpiry { lease_ttl, margin } => {
+                (lease_ttl.saturating_sub(margin), lease_ttl, true)
+            }
+        };
         Arc::new(Fence {
+            lease_ttl,
             epoch_mono: crate::guard::monotonic_ms(),
             guard: std::sync::Mutex::new(None),
             epoch: Instant::now(),
@@ -77,10 +99,33 @@ impl Fence {
     }
 
     /// A lease is held again (its grant or first renewal was sent at `sent`): VMs may run.
+    /// The fence guard hears of it first.
     pub fn rearm(&self, sent: Instant) {
         self.renewal_sent_ms.store(self.ms(sent), Ordering::SeqCst);
+        self.tell_guard();
         if self.fenced.swap(false, Ordering::SeqCst) {
             tracing::warn!("lease held again: fence lifted, VMs may be started again");
+        }
+    }
+
+    /// The lease ended while the fence had not fired (the machine was suspended and the
+    /// monotonic clock stood still): fences now and kills this host's VMs before returning.
+    pub fn lost(&self) {
+        if !self.armed {
+            return;
+        }
+        if !self.fenced.swap(true, Ordering::SeqCst) {
+            tracing::error!("host lease ended before the fence fired: killing this host's VMs");
+        }
+        self.kill_all();
+    }
+
+    /// Writes the last acknowledged renewal to the fence guard (if any, and if new).
+    fn tell_guard(&self) {
+        if let Ok(mut g) = self.guard.lock()
+            && let Some(link) = g.as_mut()
+        {
+            link.renewed(self.renewal_sent_ms.load(Ordering::SeqCst));
         }
     }
 
@@ -156,15 +201,32 @@ impl Fence {
 
     /// Hands the fence over to a guard process when vmhad is gone (see [`crate::guard`]):
     /// tells it the deadline rule and the VMs; then every acknowledged renewal.
+    ///
+    /// The pipe is non-blocking: a guard that stops reading is given up on (logged), it never
+    /// holds up the fence.
     pub fn attach_guard(&self, stdin: std::process::ChildStdin) {
+        use std::os::fd::AsFd;
+        let flags = nix::fcntl::fcntl(stdin.as_fd(), nix::fcntl::FcntlArg::F_GETFL)
+            .map(nix::fcntl::OFlag::from_bits_truncate);
+        let nonblocking = flags.and_then(|f| {
+            nix::fcntl::fcntl(
+                stdin.as_fd(),
+                nix::fcntl::FcntlArg::F_SETFL(f | nix::fcntl::OFlag::O_NONBLOCK),
+            )
+        });
         let mut link = GuardLink {
             stdin,
             written: u64::MAX,
             broken: false,
         };
+        if let Err(e) = nonblocking {
+            tracing::error!("cannot make the fence guard's pipe non-blocking ({e}): not using it");
+            link.broken = true;
+        }
         link.line(&format!("epoch {}", self.epoch_mono));
-        let after = u64::try_from(self.fence_after.as_millis()).unwrap_or(u64::MAX);
-        link.line(&format!("fence-after {after}"));
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        link.line(&format!("fence-after {}", ms(self.fence_after)));
+        link.line(&format!("lease-ttl {}", ms(self.lease_ttl)));
         if let Ok(v) = self.vms.read() {
             link.vms(&v);
         }
@@ -206,11 +268,7 @@ impl Fence {
             if self.fenced() {
                 self.kill_all();
             }
-            if let Ok(mut g) = self.guard.lock()
-                && let Some(link) = g.as_mut()
-            {
-                link.renewed(self.renewal_sent_ms.load(Ordering::SeqCst));
-            }
+            self.tell_guard();
             if let Ok(mut w) = self.watchdog.lock()
                 && let Some(dog) = w.as_mut()
                 && self.may_feed(now, dog.timeout())
@@ -261,8 +319,13 @@ impl GuardLink {
         if self.broken {
             return;
         }
-        if let Err(e) = writeln!(self.stdin, "{line}") {
-            tracing::error!("the fence guard is gone ({e}): vmhad's VMs lose their fence when vmhad stops");
+        // One write per line: below PIPE_BUF it is all or nothing, so a full pipe never
+        // leaves half a line behind.
+        if let Err(e) = self.stdin.write_all(format!("{line}\n").as_bytes()) {
+            tracing::error!(
+                "the fence guard is gone or not reading ({e}): vmhad's VMs lose their fence \
+                 when vmhad stops"
+            );
             self.broken = true;
         }
     }
@@ -287,9 +350,17 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// A rule that fences `ms` after the last renewal.
+    fn rule(ms: u64) -> FenceRule {
+        FenceRule::BeforeExpiry {
+            lease_ttl: Duration::from_millis(ms + 100),
+            margin: Duration::from_millis(100),
+        }
+    }
+
     #[test]
     fn the_deadline_runs_from_the_send_time_of_the_last_acknowledged_renewal() {
-        let fence = Fence::new(Duration::from_millis(200), true, Vec::new());
+        let fence = Fence::new(rule(200), Vec::new());
         let start = Instant::now();
         assert!(fence.may_run());
         // A renewal sent 150 ms ago and acknowledged just now buys only 50 ms more.
@@ -306,9 +377,72 @@ mod tests {
         assert!(fence.may_run());
     }
 
+    /// A stand-in "QEMU" of VM `vm1` under `dir`: a process whose command line names the VM's
+    /// QMP socket, visible in /proc when this returns.
+    fn stand_in(dir: &std::path::Path) -> (VmPaths, std::process::Child) {
+        let paths = VmPaths::new(dir, "vm1").unwrap();
+        std::fs::create_dir_all(paths.qmp.parent().unwrap()).unwrap();
+        let child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("while :; do sleep 0.2; done")
+            .arg(&paths.qmp)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while vmha_qemu::qemu_processes(&paths).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (paths, child)
+    }
+
+    #[test]
+    fn a_lease_found_ended_kills_at_once_even_before_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, mut child) = stand_in(dir.path());
+        let fence = Fence::new(rule(60_000), vec![paths]);
+        assert!(fence.may_run());
+        fence.lost();
+        assert!(fence.fenced());
+        assert!(!child.wait().unwrap().success(), "killed, not exited");
+        fence.rearm(Instant::now());
+        assert!(fence.may_run(), "a new lease lifts it");
+    }
+
+    #[test]
+    fn a_guard_that_stops_reading_never_blocks_the_fence() {
+        // A "guard" that never reads its stdin: the pipe fills up.
+        let mut guard = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let fence = Fence::new(rule(60_000), Vec::new());
+        fence.attach_guard(guard.stdin.take().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let vms: Vec<VmPaths> = (0..50)
+            .map(|i| VmPaths::new(dir.path(), &format!("vm{i}")).unwrap())
+            .collect();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let writer = Arc::clone(&fence);
+        std::thread::spawn(move || {
+            // Far more than a pipe holds (64 KiB).
+            for _ in 0..200 {
+                writer.set_vms(vms.clone());
+                writer.rearm(Instant::now());
+            }
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(20)).is_ok(),
+            "writing to a guard that does not read blocked"
+        );
+        guard.kill().unwrap();
+        guard.wait().unwrap();
+    }
+
     #[test]
     fn an_unarmed_fence_never_fences() {
-        let fence = Fence::new(Duration::from_millis(1), false, Vec::new());
+        let fence = Fence::new(FenceRule::Never, Vec::new());
         std::thread::sleep(Duration::from_millis(5));
         assert!(fence.may_run());
     }
@@ -316,21 +450,8 @@ mod tests {
     #[test]
     fn the_thread_fences_and_kills_a_matching_process() {
         let dir = tempfile::tempdir().unwrap();
-        let paths = VmPaths::new(dir.path(), "vm1").unwrap();
-        std::fs::create_dir_all(paths.qmp.parent().unwrap()).unwrap();
-        // A stand-in "QEMU": a process whose command line names the VM's QMP socket.
-        let mut child = std::process::Command::new("sh")
-            .arg("-c")
-            .arg("while :; do sleep 0.2; done")
-            .arg(&paths.qmp)
-            .spawn()
-            .unwrap();
-        // Wait until the exec is visible in /proc.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while vmha_qemu::qemu_processes(&paths).is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let fence = Fence::new(Duration::from_millis(100), true, vec![paths]);
+        let (paths, mut child) = stand_in(dir.path());
+        let fence = Fence::new(rule(100), vec![paths]);
         let thread = fence.spawn().unwrap();
         let status = child.wait().unwrap();
         assert!(fence.fenced());

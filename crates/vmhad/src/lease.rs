@@ -54,15 +54,16 @@ pub struct LeaseKeeper<S> {
 }
 
 /// Acquires this host's lease and registers it as a member: reuses the lease of an earlier
-/// run of this daemon when it is still live, else grants a new one. Returns the lease and
-/// when its grant (or renewal) was sent.
+/// run of this daemon when it is still live, else grants a new one. Returns the lease, when
+/// its grant (or renewal) was sent, and its TTL as the store holds it (a kept lease has the TTL
+/// of the run that granted it, which may be shorter than `ttl` now).
 pub async fn acquire<S: ClusterStore>(
     store: &S,
     layout: &Layout,
     host: &Name,
     memory_mb: u64,
     ttl: Duration,
-) -> Result<(LeaseId, Instant), LeaseError> {
+) -> Result<(LeaseId, Instant, Duration), LeaseError> {
     let key = layout
         .host(host.as_str())
         .map_err(codec::CodecError::from)?;
@@ -71,10 +72,10 @@ pub async fn acquire<S: ClusterStore>(
     {
         let sent = Instant::now();
         match store.keep_alive(old).await {
-            Ok(_) => {
-                tracing::info!(lease = %old, "kept the lease of this host's previous run");
+            Ok(held) => {
+                tracing::info!(lease = %old, ttl = ?held, "kept the lease of this host's previous run");
                 register(store, layout, host, memory_mb, old).await?;
-                return Ok((old, sent));
+                return Ok((old, sent, held));
             }
             Err(StoreError::LeaseExpired { .. }) => {}
             Err(e) => return Err(e.into()),
@@ -84,7 +85,7 @@ pub async fn acquire<S: ClusterStore>(
     let lease = store.grant(ttl).await?;
     register(store, layout, host, memory_mb, lease.id).await?;
     tracing::info!(lease = %lease.id, ttl = ?lease.ttl, "host lease granted");
-    Ok((lease.id, sent))
+    Ok((lease.id, sent, lease.ttl))
 }
 
 async fn register<S: ClusterStore>(
@@ -129,6 +130,9 @@ impl<S: ClusterStore> LeaseKeeper<S> {
                     }
                 }
                 Ok(Err(StoreError::LeaseExpired { .. })) => {
+                    // The lease ended before the fence fired (the machine was suspended, its
+                    // clock stood still): other hosts may already run these VMs.
+                    self.fence.lost();
                     tracing::error!(lease = %lease, "host lease ended: acquiring a new one");
                     lease = self.renew_life().await;
                     told_live = false;
@@ -159,7 +163,7 @@ impl<S: ClusterStore> LeaseKeeper<S> {
             )
             .await
             {
-                Ok((lease, sent)) => {
+                Ok((lease, sent, _)) => {
                     self.fence.rearm(sent);
                     let _ = self.lease_tx.send(Some(lease));
                     let _ = self

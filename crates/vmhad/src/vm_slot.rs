@@ -517,7 +517,7 @@ kernel = "/nonexistent/vmlinuz"
         )
         .unwrap();
         let (tx, rx) = HostInputs::for_test();
-        let fence = Fence::new(Duration::from_secs(60), false, Vec::new());
+        let fence = Fence::new(crate::fence::FenceRule::Never, Vec::new());
         let slot = VmSlot::new(&config.vms[0], dir.path().to_path_buf(), tx, fence);
         (slot, rx, dir)
     }

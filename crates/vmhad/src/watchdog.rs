@@ -31,47 +31,65 @@ pub struct WatchdogError {
 }
 
 nix::ioctl_readwrite!(wdioc_settimeout, b'W', 6, nix::libc::c_int);
+nix::ioctl_read!(wdioc_gettimeout, b'W', 7, nix::libc::c_int);
 
 impl Watchdog {
-    /// Opens `path` (which arms a real device) and asks the driver for `timeout`.
+    /// Opens `path` (which arms a real device) and asks the driver for `timeout`; the device's
+    /// actual timeout is what [`Watchdog::timeout`] then returns.
     pub fn open(path: &Path, timeout: Duration) -> Result<Watchdog, WatchdogError> {
         let file = std::fs::OpenOptions::new()
-            .write(true)
             .append(true)
             .open(path)
             .map_err(|source| WatchdogError {
                 path: path.to_path_buf(),
                 source,
             })?;
-        let dog = Watchdog {
+        let mut dog = Watchdog {
             file,
             path: path.to_path_buf(),
             timeout,
             last_feed: None,
         };
-        dog.set_timeout();
+        dog.timeout = dog.set_timeout();
         Ok(dog)
     }
 
-    /// Asks the driver for the configured timeout (WDIOC_SETTIMEOUT); a device or file that
-    /// does not take it keeps its own (logged).
-    fn set_timeout(&self) {
+    /// Asks the driver for the configured timeout (WDIOC_SETTIMEOUT) and returns the one the
+    /// device actually has: what the driver wrote back (it may round), else what it reports
+    /// (WDIOC_GETTIMEOUT) when it does not take a timeout; the configured one only when it
+    /// says neither (logged).
+    fn set_timeout(&self) -> Duration {
         use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
         let mut secs = nix::libc::c_int::try_from(self.timeout.as_secs()).unwrap_or(60);
         // SAFETY: `file` is an open descriptor for the whole call and `secs` a live c_int the
         // ioctl reads and writes back, as WDIOC_SETTIMEOUT's contract says.
         #[allow(unsafe_code)]
-        let result = unsafe { wdioc_settimeout(self.file.as_raw_fd(), &mut secs) };
-        match result {
-            Ok(_) => tracing::info!(path = %self.path.display(), secs, "hardware watchdog armed"),
-            Err(e) => tracing::warn!(
-                path = %self.path.display(),
-                "the watchdog does not take a timeout ({e}): its own timeout applies"
-            ),
+        let set = unsafe { wdioc_settimeout(fd, &mut secs) };
+        if let Err(e) = set {
+            tracing::warn!(path = %self.path.display(), "the watchdog does not take a timeout ({e})");
+            // SAFETY: as above; WDIOC_GETTIMEOUT writes one c_int.
+            #[allow(unsafe_code)]
+            let get = unsafe { wdioc_gettimeout(fd, &mut secs) };
+            if let Err(e) = get {
+                tracing::warn!(
+                    path = %self.path.display(),
+                    "nor says its timeout ({e}): assuming {:?}",
+                    self.timeout
+                );
+                return self.timeout;
+            }
+        }
+        match u64::try_from(secs) {
+            Ok(s) if s > 0 => {
+                tracing::info!(path = %self.path.display(), secs, "hardware watchdog armed");
+                Duration::from_secs(s)
+            }
+            _ => self.timeout,
         }
     }
 
-    /// The timeout it was opened with.
+    /// The device's timeout (see [`Watchdog::open`]).
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
@@ -108,7 +126,11 @@ mod tests {
         let mut dog = Watchdog::open(&path, Duration::from_secs(10)).unwrap();
         dog.feed();
         dog.feed();
-        assert_eq!(std::fs::read(&path).unwrap().len(), 1, "fed twice within a second");
+        assert_eq!(
+            std::fs::read(&path).unwrap().len(),
+            1,
+            "fed twice within a second"
+        );
         dog.disarm();
         assert_eq!(std::fs::read(&path).unwrap().last(), Some(&b'V'));
     }

@@ -178,7 +178,19 @@ impl Cluster {
 
     /// Kills `host`: every process in its namespace (vmhad, its QEMUs, its etcd member).
     pub fn kill_host(&mut self, host: &str) {
-        self.bed.kill_host(host).expect("killing the host");
+        self.kill_host_processes(host, false);
+    }
+
+    /// Kills every process of `host` but its etcd member (as if etcd ran on other machines:
+    /// a second host lost must not take etcd's quorum with it).
+    pub fn kill_host_but_etcd(&mut self, host: &str) {
+        self.kill_host_processes(host, true);
+    }
+
+    fn kill_host_processes(&mut self, host: &str, keep_etcd: bool) {
+        self.bed
+            .kill_host_processes(host, keep_etcd)
+            .expect("killing the host");
         if let Some(mut p) = self.daemons.remove(host) {
             let _ = p.kill_and_wait();
         }
