@@ -187,6 +187,29 @@ impl Testbed {
             .collect()
     }
 
+    /// The `[cluster]` and `[[host]]` sections of a vmha configuration for this testbed: cluster
+    /// `name` on its etcd with `ttl` and `fence_margin` (TOML durations such as `"5s"`), every
+    /// host at its testbed address. Append `[[vm]]` sections to make a whole configuration.
+    pub fn cluster_toml(&self, name: &str, ttl: &str, fence_margin: &str) -> String {
+        let endpoints: Vec<String> = self
+            .etcd_endpoints()
+            .iter()
+            .map(|e| format!("\"{e}\""))
+            .collect();
+        let mut toml = format!(
+            "[cluster]\nname = \"{name}\"\nstore = \"etcd\"\nendpoints = [{}]\n\
+             ttl = \"{ttl}\"\nfence_margin = \"{fence_margin}\"\n",
+            endpoints.join(", ")
+        );
+        for h in &self.hosts {
+            toml.push_str(&format!(
+                "\n[[host]]\nname = \"{}\"\naddress = \"{}\"\n",
+                h.name, h.addr
+            ));
+        }
+        toml
+    }
+
     /// The host running etcd member `i`: host `i`. Panics if there is no member `i`.
     pub fn etcd_host(&self, i: usize) -> &str {
         if let Err(e) = self.check_member(i) {

@@ -160,15 +160,8 @@ impl<S: ClusterStore> Core<S> {
                 for vm in changes.removed {
                     tracing::warn!(%vm, "no longer in this host's configuration: not managed any more, left running");
                 }
-                let paths = self
-                    .slots
-                    .all()
-                    .iter()
-                    .filter_map(|(name, _)| {
-                        vmha_qemu::VmPaths::new(&self.config_state.runtime_dir, name.as_str()).ok()
-                    })
-                    .collect();
-                self.fence.set_vms(paths);
+                self.fence
+                    .set_vms(fenced_vms(&config, &self.config_state.runtime_dir));
                 self.config = config;
                 self.config_state.text = text;
                 self.config_state.error = None;
@@ -186,4 +179,17 @@ impl<S: ClusterStore> Core<S> {
             }
         }
     }
+}
+
+/// The VMs the fence kills on this host: every VM of the cluster's configuration, not only those
+/// this host may run — a VM whose `hosts` no longer name this host is left running here when the
+/// configuration changes, and its ownership record may still name this host, so it must die
+/// with the lease like any other. (A VM removed from the configuration altogether is no longer
+/// vmha's: no host will start it.)
+pub fn fenced_vms(config: &Config, runtime_dir: &std::path::Path) -> Vec<vmha_qemu::VmPaths> {
+    config
+        .vms
+        .iter()
+        .filter_map(|v| vmha_qemu::VmPaths::new(runtime_dir, v.name.as_str()).ok())
+        .collect()
 }

@@ -129,15 +129,7 @@ async fn run_with<S: ClusterStore>(
         lease::acquire(&store, &layout, &host, memory_mb, ttl)
     })
     .await;
-    let vms: Vec<&vmha_model::Vm> = config
-        .vms
-        .iter()
-        .filter(|v| v.hosts.contains(&host))
-        .collect();
-    let paths = vms
-        .iter()
-        .filter_map(|v| vmha_qemu::VmPaths::new(&dirs.runtime, v.name.as_str()).ok())
-        .collect();
+    let paths = crate::configure::fenced_vms(&config, &dirs.runtime);
     // A kept lease has the TTL it was granted with, maybe shorter than the configured one
     // (the TTL was raised since): the fence times itself on the shorter.
     let rule = match margin {

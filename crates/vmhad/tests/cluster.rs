@@ -274,6 +274,31 @@ fn cut_off_host_fences_and_etcd_member_loss_changes_nothing() {
 fn maintenance_drain_and_failback() {
     let c = Cluster::new(&[VM], &[vm(VM, &["kvm1", "kvm2"], "failback = true")]);
     c.wait("shop online on kvm1", BOOT, || c.online_on("kvm1", VM));
+
+    // Steady monitoring writes nothing: apps probed every second, no commit on any host.
+    let commits = |c: &Cluster| -> Vec<u64> {
+        ["kvm1", "kvm2", "kvm3"]
+            .iter()
+            .map(|h| c.status(h)["store"]["commits"].as_u64().unwrap())
+            .collect()
+    };
+    let mut last = commits(&c);
+    c.wait(
+        "the store writes to settle",
+        Duration::from_secs(30),
+        || {
+            std::thread::sleep(Duration::from_millis(1500));
+            let now = commits(&c);
+            std::mem::replace(&mut last, now.clone()) == now
+        },
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        commits(&c),
+        last,
+        "commits during 5 s of steady probing (5 probes of each app)"
+    );
+
     let t0 = Instant::now();
     c.command_ok(
         "kvm3",

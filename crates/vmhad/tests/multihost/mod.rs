@@ -91,27 +91,12 @@ impl Cluster {
     pub fn new(vms: &[&str], vm_sections: &[String]) -> Cluster {
         let hosts = ["kvm1", "kvm2", "kvm3"];
         let bed = Testbed::new(&hosts, 3).expect("building the testbed (needs root)");
-        let endpoints: Vec<String> = bed
-            .etcd_endpoints()
-            .iter()
-            .map(|e| format!("\"{e}\""))
-            .collect();
-        let host_sections: String = hosts
-            .iter()
-            .map(|h| {
-                format!(
-                    "\n[[host]]\nname = \"{h}\"\naddress = \"{}\"\nmemory_mb = 4096\n",
-                    bed.addr(h)
-                )
-            })
-            .collect();
         let config = bed.dir().join("vmha.toml");
         std::fs::write(
             &config,
             format!(
-                "[cluster]\nname = \"t\"\nstore = \"etcd\"\nendpoints = [{}]\nttl = \"{TTL}\"\n\
-                 fence_margin = \"{FENCE_MARGIN}\"\n{host_sections}{}",
-                endpoints.join(", "),
+                "{}{}",
+                bed.cluster_toml("t", TTL, FENCE_MARGIN),
                 vm_sections.concat()
             ),
         )
