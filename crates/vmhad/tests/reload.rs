@@ -119,3 +119,29 @@ fn configuration_reloads_are_validated_then_applied() {
         .collect();
     assert_eq!(names, vec!["shop".to_string()]);
 }
+
+/// SIGUSR1/2 are logged and change nothing; SIGQUIT stops vmhad cleanly like SIGTERM: it exits
+/// 0, removes its API socket and leaves the VMs running.
+#[test]
+fn other_signals_have_a_defined_behaviour() {
+    let _lock = vm_test_lock();
+    let mut h = Vmhad::new(&["shop"]);
+    write_config(&h, &["shop"]);
+    h.start();
+    h.wait_for(0, "shop", "starting", "online");
+    let shop = h.qemu_pid("shop");
+    for signal in [Signal::SIGUSR1, Signal::SIGUSR2] {
+        kill(Pid::from_raw(h.pid()), signal).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(h.status()["host"], "kvm1", "vmhad answers after SIGUSR1/2");
+    assert_eq!(h.qemu_pid("shop"), shop);
+    let status = h.signal_and_wait(Signal::SIGQUIT);
+    assert!(status.success(), "SIGQUIT: {status}");
+    assert!(!h.socket().exists(), "the API socket was left behind");
+    assert_eq!(
+        h.qemu_processes("shop"),
+        vec![shop],
+        "SIGQUIT stopped the VM"
+    );
+}
