@@ -318,12 +318,25 @@ async fn silent_member_round(etcd: &mut EtcdServer, victim: usize) {
 
     // The lone campaign, on a store that preferred the victim.
     let lone_started = Instant::now();
-    let lone = tokio::time::timeout(
-        PATIENCE,
-        lone_store.campaign(&format!("{base}lone"), b"lone".to_vec(), lone_lease.id),
-    )
-    .await
-    .expect("the lone campaign hung");
+    // During the election a campaign may fail like any write; a repeated campaign with the same
+    // lease resumes the same candidacy.
+    let lone = loop {
+        let attempt = tokio::time::timeout(
+            PATIENCE,
+            lone_store.campaign(&format!("{base}lone"), b"lone".to_vec(), lone_lease.id),
+        )
+        .await
+        .expect("the lone campaign hung");
+        match attempt {
+            Err(StoreError::Unavailable(reason))
+                if victim_was_leader && frozen_at.elapsed() < ELECTION_ALLOWANCE =>
+            {
+                eprintln!("lone campaign during the election: {reason}");
+                tokio::time::sleep(PACE).await;
+            }
+            other => break other,
+        }
+    };
     let lone_took = lone_started.elapsed();
 
     // The watch created before the freeze delivers writes made after it (re-created by the store
