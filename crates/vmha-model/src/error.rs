@@ -221,8 +221,9 @@ impl Source<'_> {
                 best.map(|(_, k)| k)
             }
             Err(_) => {
-                // Not parseable: the key written at `offset` (a duplicate key), else the key
-                // that starts the line (`key = <broken value>`).
+                // Not parseable: the key that starts the line (`key = <broken value>`, a
+                // duplicate key), else the key written at `offset`. Never the broken value
+                // itself (`name = shop` is about `name`, not `shop`).
                 let bare = |s: &str| {
                     let len = s
                         .bytes()
@@ -232,13 +233,9 @@ impl Source<'_> {
                 };
                 let line_start = self.text.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
                 let line = self.text.get(line_start..)?.trim_start();
-                bare(self.text.get(offset..)?).or_else(|| {
-                    let key = bare(line)?;
-                    line[key.len()..]
-                        .trim_start()
-                        .starts_with('=')
-                        .then_some(key)
-                })
+                bare(line)
+                    .filter(|key| line[key.len()..].trim_start().starts_with('='))
+                    .or_else(|| bare(self.text.get(offset..)?))
             }
         }
     }
