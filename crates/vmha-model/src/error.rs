@@ -289,8 +289,9 @@ pub fn shorten(text: &str, max: usize) -> Cow<'_, str> {
     }
 }
 
-/// A message with every over-long word (a quoted value without spaces) shortened, and the
-/// whole shortened if it is still too long.
+/// A message with every over-long word (a quoted value without spaces) shortened; if it is
+/// still too long (a long value with spaces), its middle is cut so that its start and its end
+/// (what is wrong with the value) stay readable.
 fn clip(message: String) -> String {
     if message.chars().count() <= SHOWN_CHARS {
         return message;
@@ -299,7 +300,24 @@ fn clip(message: String) -> String {
         .split(' ')
         .map(|w| shorten(w, SHOWN_CHARS))
         .collect();
-    shorten(&words.join(" "), MESSAGE_CHARS).into_owned()
+    let joined = words.join(" ");
+    let chars = joined.chars().count();
+    if chars <= MESSAGE_CHARS {
+        return joined;
+    }
+    let byte = |c: usize| {
+        joined
+            .char_indices()
+            .nth(c)
+            .map_or(joined.len(), |(i, _)| i)
+    };
+    let (head, tail) = (byte(2 * SHOWN_CHARS), byte(chars - SHOWN_CHARS));
+    format!(
+        "{}… ({} more bytes) …{}",
+        &joined[..head],
+        tail - head,
+        &joined[tail..]
+    )
 }
 
 /// The part of `line` shown under a diagnostic: the whole line when short, else
