@@ -7,7 +7,8 @@ use std::ops::Range;
 /// The class of a configuration error (stable, for tests and tools).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
-    /// The file could not be read.
+    /// The file could not be read, or is no configuration file at all (not a regular file,
+    /// too large).
     Io,
     /// Not valid TOML.
     Syntax,
