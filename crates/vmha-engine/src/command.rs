@@ -3,7 +3,11 @@
 //! A command is validated completely before anything changes: a refused command leaves the
 //! engine exactly as it was. [`AdminCommand::route`] says which engine applies it.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
+use vmha_model::defaults as d;
+use vmha_model::range::{OutOfRange, check_duration, check_number};
 use vmha_model::{Name, Policy, Tie};
 
 /// An administrator's request.
@@ -95,7 +99,7 @@ pub enum AdminCommand {
         vm: Name,
         /// App.
         app: Name,
-        /// New priority (≥ 1).
+        /// New priority, within the configuration's [`d::APP_PRIORITY_RANGE`].
         priority: u32,
     },
     /// Change an app's restart budget at run time.
@@ -104,18 +108,18 @@ pub enum AdminCommand {
         vm: Name,
         /// App.
         app: Name,
-        /// Restarts allowed within the window.
+        /// Restarts allowed within the window, within [`d::APP_RESTART_LIMIT_RANGE`].
         restart_limit: u32,
-        /// Window in milliseconds (≥ 1).
+        /// Window in milliseconds, within [`d::APP_RESTART_WINDOW_RANGE`].
         restart_window_ms: u64,
     },
     /// Change a VM's restart budget at run time.
     SetVmBudget {
         /// VM.
         vm: Name,
-        /// VM restarts allowed within the window.
+        /// VM restarts allowed within the window, within [`d::VM_RESTART_LIMIT_RANGE`].
         vm_restart_limit: u32,
-        /// Window in milliseconds (≥ 1).
+        /// Window in milliseconds, within [`d::VM_RESTART_WINDOW_RANGE`].
         vm_restart_window_ms: u64,
     },
     /// Change a VM's decision-agent policy (and tie rule) at run time.
@@ -152,6 +156,48 @@ impl AdminCommand {
             | AdminCommand::Clear { .. } => Route::Controller,
             _ => Route::OwnerHost,
         }
+    }
+
+    /// Checks every number of the command against the range the configuration file allows
+    /// for the same setting (the ranges of [`vmha_model::defaults`], checked by
+    /// [`vmha_model::range`], as the parser does): a run-time change can set nothing a file
+    /// could not. A refusal is [`CommandError::InvalidValue`] naming the setting, the value and
+    /// the allowed range.
+    pub fn check_values(&self) -> Result<(), CommandError> {
+        let window = Duration::from_millis;
+        let checked: Result<(), OutOfRange> = match self {
+            AdminCommand::SetPriority { priority, .. } => {
+                check_number("priority", *priority, &d::APP_PRIORITY_RANGE).map(drop)
+            }
+            AdminCommand::SetAppBudget {
+                restart_limit,
+                restart_window_ms,
+                ..
+            } => check_number("restart_limit", *restart_limit, &d::APP_RESTART_LIMIT_RANGE)
+                .and(check_duration(
+                    "restart_window",
+                    window(*restart_window_ms),
+                    &d::APP_RESTART_WINDOW_RANGE,
+                ))
+                .map(drop),
+            AdminCommand::SetVmBudget {
+                vm_restart_limit,
+                vm_restart_window_ms,
+                ..
+            } => check_number(
+                "vm_restart_limit",
+                *vm_restart_limit,
+                &d::VM_RESTART_LIMIT_RANGE,
+            )
+            .and(check_duration(
+                "vm_restart_window",
+                window(*vm_restart_window_ms),
+                &d::VM_RESTART_WINDOW_RANGE,
+            ))
+            .map(drop),
+            _ => Ok(()),
+        };
+        checked.map_err(|e| CommandError::InvalidValue(e.to_string()))
     }
 
     /// The VM the command is about, if any.
@@ -284,7 +330,8 @@ pub enum CommandError {
     /// The VM group is being moved, started or stopped; retry when it settles.
     #[error("VM `{0}` has a change in progress; retry when it settles")]
     Busy(Name),
-    /// A numeric argument is out of range.
+    /// A numeric argument is out of the range the configuration allows for the same setting
+    /// (see [`AdminCommand::check_values`]); the text names the setting, value and range.
     #[error("invalid value: {0}")]
     InvalidValue(String),
     /// The cluster store could not commit the change: it was undone (or never made).
@@ -306,4 +353,95 @@ pub enum CommandError {
 
 fn names(v: &[Name]) -> String {
     v.iter().map(Name::as_str).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn name(s: &str) -> Name {
+        Name::new(s).unwrap()
+    }
+
+    fn priority(priority: u32) -> AdminCommand {
+        AdminCommand::SetPriority {
+            vm: name("shop"),
+            app: name("web"),
+            priority,
+        }
+    }
+
+    fn app_budget(limit: u32, window_ms: u64) -> AdminCommand {
+        AdminCommand::SetAppBudget {
+            vm: name("shop"),
+            app: name("web"),
+            restart_limit: limit,
+            restart_window_ms: window_ms,
+        }
+    }
+
+    fn vm_budget(limit: u32, window_ms: u64) -> AdminCommand {
+        AdminCommand::SetVmBudget {
+            vm: name("shop"),
+            vm_restart_limit: limit,
+            vm_restart_window_ms: window_ms,
+        }
+    }
+
+    fn refusal(cmd: AdminCommand) -> String {
+        match cmd.check_values() {
+            Err(CommandError::InvalidValue(why)) => why,
+            other => panic!("{cmd:?}: {other:?}"),
+        }
+    }
+
+    const WEEK_MS: u64 = 7 * 86_400_000;
+
+    #[test]
+    fn run_time_values_have_the_ranges_of_the_configuration() {
+        // The bounds themselves are accepted.
+        for ok in [
+            priority(1),
+            priority(1_000_000),
+            app_budget(0, 1000),
+            app_budget(1000, WEEK_MS),
+            vm_budget(0, 1000),
+            vm_budget(100, WEEK_MS),
+        ] {
+            assert_eq!(ok.check_values(), Ok(()), "{ok:?}");
+        }
+        for (cmd, why) in [
+            (
+                priority(4_000_000_000),
+                "`priority` = 4000000000 is out of range (allowed: 1 to 1000000)",
+            ),
+            (
+                priority(0),
+                "`priority` = 0 is out of range (allowed: 1 to 1000000)",
+            ),
+            (
+                app_budget(u32::MAX, 60_000),
+                "`restart_limit` = 4294967295 is out of range (allowed: 0 to 1000)",
+            ),
+            (
+                app_budget(3, u64::MAX),
+                "`restart_window` = \"213503982334d14h25m51s615ms\" is out of range (allowed: 1s to 7d)",
+            ),
+            (
+                app_budget(3, 999),
+                "`restart_window` = \"999ms\" is out of range (allowed: 1s to 7d)",
+            ),
+            (
+                vm_budget(101, 60_000),
+                "`vm_restart_limit` = 101 is out of range (allowed: 0 to 100)",
+            ),
+            (
+                vm_budget(3, WEEK_MS + 1),
+                "`vm_restart_window` = \"7d1ms\" is out of range (allowed: 1s to 7d)",
+            ),
+        ] {
+            assert_eq!(refusal(cmd), why);
+        }
+    }
 }

@@ -198,6 +198,7 @@ impl HostAgent {
     /// nothing changed.
     pub fn command(&mut self, now: Timestamp, cmd: AdminCommand) -> Result<(), CommandError> {
         use AdminCommand as C;
+        cmd.check_values()?;
         if cmd.route() == crate::Route::Controller {
             return Err(CommandError::WrongReceiver(
                 "cluster controller".to_string(),
@@ -245,7 +246,7 @@ impl HostAgent {
                             vm_restart_limit,
                             vm_restart_window_ms,
                             ..
-                        } => v.set_vm_budget(vm_restart_limit, vm_restart_window_ms)?,
+                        } => v.set_vm_budget(vm_restart_limit, vm_restart_window_ms),
                         C::SetPolicy { policy, tie, .. } => v.set_policy(out, policy, tie),
                         _ => {
                             return Err(CommandError::WrongReceiver(

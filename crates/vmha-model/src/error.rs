@@ -1,12 +1,14 @@
 //! Configuration errors that point at the offending line and key.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 
 /// The class of a configuration error (stable, for tests and tools).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
-    /// The file could not be read.
+    /// The file could not be read, or is no configuration file at all (not a regular file,
+    /// too large).
     Io,
     /// Not valid TOML.
     Syntax,
@@ -30,6 +32,8 @@ pub enum ErrorKind {
     Conflict,
     /// A malformed value (bad name, bad duration, bad URL).
     BadValue,
+    /// The file is not UTF-8 text.
+    Encoding,
 }
 
 /// One configuration error with its position.
@@ -41,6 +45,9 @@ pub struct Diagnostic {
     pub line: usize,
     /// 1-based column (in characters).
     pub column: usize,
+    /// 1-based column of the error within `source_line` (differs from `column` when a long
+    /// line is shown shortened).
+    pub caret: usize,
     /// Error class.
     pub kind: ErrorKind,
     /// What is wrong, naming the key.
@@ -68,7 +75,7 @@ impl fmt::Display for Diagnostic {
                 self.source_line,
                 "",
                 "^",
-                col = self.column
+                col = self.caret
             )?;
         }
         if let Some(hint) = &self.hint {
@@ -89,6 +96,26 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The path is not a regular file (a directory, a FIFO, a device): refused without
+    /// reading it.
+    #[error("{file}: is {what}, not a configuration file (a regular file is needed)")]
+    NotAFile {
+        /// The path.
+        file: String,
+        /// What it is instead ("a directory", "a named pipe (FIFO)", …).
+        what: &'static str,
+    },
+    /// The file is larger than [`crate::file::MAX_CONFIG_BYTES`]; nothing of it was parsed.
+    #[error(
+        "{file}: has {size} bytes, more than a configuration file may have ({} bytes)",
+        crate::file::MAX_CONFIG_BYTES
+    )]
+    TooLarge {
+        /// The path.
+        file: String,
+        /// Its size in bytes.
+        size: u64,
+    },
     /// The file is invalid; the diagnostic says where and why.
     #[error("{0}")]
     Invalid(Box<Diagnostic>),
@@ -99,7 +126,9 @@ impl ConfigError {
     pub fn diagnostic(&self) -> Option<&Diagnostic> {
         match self {
             ConfigError::Invalid(d) => Some(d),
-            ConfigError::Io { .. } => None,
+            ConfigError::Io { .. }
+            | ConfigError::NotAFile { .. }
+            | ConfigError::TooLarge { .. } => None,
         }
     }
 
@@ -107,7 +136,9 @@ impl ConfigError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ConfigError::Invalid(d) => d.kind,
-            ConfigError::Io { .. } => ErrorKind::Io,
+            ConfigError::Io { .. }
+            | ConfigError::NotAFile { .. }
+            | ConfigError::TooLarge { .. } => ErrorKind::Io,
         }
     }
 }
@@ -135,18 +166,16 @@ impl Source<'_> {
             .text
             .get(line_start..offset)
             .map_or(1, |s| s.chars().count() + 1);
-        let source_line = self.text[line_start..]
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_string();
+        let full_line = self.text[line_start..].lines().next().unwrap_or("");
+        let (source_line, caret) = window(full_line, column);
         ConfigError::Invalid(Box::new(Diagnostic {
             file: self.file.to_string(),
             line,
             column,
+            caret,
             kind,
-            message: message.into(),
-            hint,
+            message: clip(message.into()),
+            hint: hint.map(clip),
             source_line,
         }))
     }
@@ -193,8 +222,9 @@ impl Source<'_> {
                 best.map(|(_, k)| k)
             }
             Err(_) => {
-                // Not parseable: the key written at `offset` (a duplicate key), else the key
-                // that starts the line (`key = <broken value>`).
+                // Not parseable: the key that starts the line (`key = <broken value>`, a
+                // duplicate key), else the key written at `offset`. Never the broken value
+                // itself (`name = shop` is about `name`, not `shop`).
                 let bare = |s: &str| {
                     let len = s
                         .bytes()
@@ -204,13 +234,9 @@ impl Source<'_> {
                 };
                 let line_start = self.text.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
                 let line = self.text.get(line_start..)?.trim_start();
-                bare(self.text.get(offset..)?).or_else(|| {
-                    let key = bare(line)?;
-                    line[key.len()..]
-                        .trim_start()
-                        .starts_with('=')
-                        .then_some(key)
-                })
+                bare(line)
+                    .filter(|key| line[key.len()..].trim_start().starts_with('='))
+                    .or_else(|| bare(self.text.get(offset..)?))
             }
         }
     }
@@ -242,6 +268,83 @@ fn innermost_value(
         }
         _ => {}
     }
+}
+
+/// Characters of a value shown whole in a message; longer ones are shortened by [`shorten`].
+pub const SHOWN_CHARS: usize = 120;
+
+/// Characters of a whole message (or hint) shown at most.
+const MESSAGE_CHARS: usize = 4 * SHOWN_CHARS;
+
+/// `text` itself when it has at most `max` characters, else its first `max` characters
+/// followed by `… (N more bytes)`. Every value a diagnostic quotes goes through here, so a
+/// 10 MB line cannot become 10 MB of error message.
+pub fn shorten(text: &str, max: usize) -> Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        None => Cow::Borrowed(text),
+        Some((cut, _)) => Cow::Owned(format!(
+            "{}… ({} more bytes)",
+            &text[..cut],
+            text.len() - cut
+        )),
+    }
+}
+
+/// A message with every over-long word (a quoted value without spaces) shortened; if it is
+/// still too long (a long value with spaces), its middle is cut so that its start and its end
+/// (what is wrong with the value) stay readable.
+fn clip(message: String) -> String {
+    if message.chars().count() <= SHOWN_CHARS {
+        return message;
+    }
+    let words: Vec<Cow<'_, str>> = message
+        .split(' ')
+        .map(|w| shorten(w, SHOWN_CHARS))
+        .collect();
+    let joined = words.join(" ");
+    let chars = joined.chars().count();
+    if chars <= MESSAGE_CHARS {
+        return joined;
+    }
+    let byte = |c: usize| {
+        joined
+            .char_indices()
+            .nth(c)
+            .map_or(joined.len(), |(i, _)| i)
+    };
+    let (head, tail) = (byte(2 * SHOWN_CHARS), byte(chars - SHOWN_CHARS));
+    format!(
+        "{}… ({} more bytes) …{}",
+        &joined[..head],
+        tail - head,
+        &joined[tail..]
+    )
+}
+
+/// The part of `line` shown under a diagnostic: the whole line when short, else
+/// [`SHOWN_CHARS`] characters around `column`, marked `…` where cut. Returns it with the
+/// caret's column inside it.
+fn window(line: &str, column: usize) -> (String, usize) {
+    let chars = line.chars().count();
+    if chars <= SHOWN_CHARS {
+        return (line.to_string(), column);
+    }
+    let start = column
+        .saturating_sub(1 + SHOWN_CHARS / 2)
+        .min(chars - SHOWN_CHARS);
+    let byte = |c: usize| line.char_indices().nth(c).map_or(line.len(), |(i, _)| i);
+    let (from, to) = (byte(start), byte(start + SHOWN_CHARS));
+    let mut shown = String::new();
+    let mut caret = column - start;
+    if start > 0 {
+        shown.push('…');
+        caret += 1;
+    }
+    shown.push_str(&line[from..to]);
+    if to < line.len() {
+        shown.push_str(&format!("… ({} more bytes)", line.len() - to));
+    }
+    (shown, caret)
 }
 
 fn backticked(s: &str) -> Vec<&str> {
@@ -356,7 +459,93 @@ fn classify(msg: &str, key: Option<&str>) -> (ErrorKind, String, Option<String>)
         Some(k) => format!("invalid TOML in `{k}`: {first_line}"),
         None => format!("invalid TOML: {first_line}"),
     };
-    (ErrorKind::Syntax, message, None)
+    (
+        ErrorKind::Syntax,
+        message,
+        Some(syntax_hint(first_line).into()),
+    )
+}
+
+/// How to fix a TOML syntax error, from the parser's message; a general reminder of the
+/// syntax when the message is not one of the common mistakes.
+fn syntax_hint(msg: &str) -> &'static str {
+    const HINTS: &[(&str, &str)] = &[
+        (
+            "string values must be quoted",
+            "put text in double quotes, e.g. name = \"shop\"; a key needs a value after `=`",
+        ),
+        (
+            "key with no value",
+            "write `key = value` on one line; to start a table write [name] or [[name]]",
+        ),
+        (
+            "unclosed array table",
+            "close the header with `]]`, e.g. [[vm]]",
+        ),
+        (
+            "unclosed table",
+            "close the header with `]`, e.g. [cluster]",
+        ),
+        (
+            "unclosed inline table",
+            "close the inline table with `}` on the same line, e.g. { path = \"/a\" }",
+        ),
+        (
+            "unclosed array",
+            "close the list with `]`, with commas between the items, e.g. [\"a\", \"b\"]",
+        ),
+        (
+            "missing comma",
+            "separate the items of a list with commas, e.g. [\"a\", \"b\"]",
+        ),
+        (
+            "extra comma",
+            "remove the extra comma: items are separated by exactly one comma",
+        ),
+        (
+            "invalid basic string",
+            "close the string with `\"` on the same line (use \"\"\" for text over several lines)",
+        ),
+        (
+            "invalid literal string",
+            "close the string with `'` on the same line (use ''' for text over several lines)",
+        ),
+        (
+            "escape",
+            "a backslash starts an escape in \"…\" strings: write \\\\ for one backslash, or use '…' for text taken literally",
+        ),
+        (
+            "unexpected key or value, expected newline",
+            "one `key = value` per line, nothing after the value but a # comment (no trailing comma; a list goes in brackets)",
+        ),
+        (
+            "invalid boolean",
+            "write true or false, in lower case and without quotes",
+        ),
+        (
+            "keys cannot be empty",
+            "a key is letters, digits, `-` and `_`, followed by `= value`",
+        ),
+        (
+            "may only go between digits",
+            "write whole numbers as plain digits, e.g. 1024; put text in double quotes",
+        ),
+        (
+            "leading zero",
+            "write whole numbers without leading zeros, e.g. 12; put text in double quotes",
+        ),
+        (
+            "invalid date",
+            "dates are not used in vmha files: put the value in double quotes",
+        ),
+    ];
+    HINTS
+        .iter()
+        .find(|(pattern, _)| msg.contains(pattern))
+        .map_or(
+            "check the TOML syntax at the caret: `key = value` per line, text in double quotes, lists in [ ], tables as [name] or [[name]]",
+            |(_, hint)| hint,
+        )
 }
 
 /// The candidate closest to `bad` by edit distance, if close enough to be a typo.

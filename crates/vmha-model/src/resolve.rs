@@ -22,14 +22,11 @@ impl Config {
         Resolver { src: &src }.config(raw)
     }
 
-    /// Reads, parses and checks a configuration file.
+    /// Reads (see [`crate::file::read_text`]: a regular UTF-8 file of bounded size), parses
+    /// and checks a configuration file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            file: file.clone(),
-            source,
-        })?;
-        Config::from_toml_str(&text, &file)
+        let text = crate::file::read_text(path)?;
+        Config::from_toml_str(&text, &path.display().to_string())
     }
 }
 
@@ -58,23 +55,19 @@ impl Resolver<'_> {
         range: RangeInclusive<Duration>,
     ) -> R<Duration> {
         let Some(v) = value else { return Ok(default) };
-        let dur = v.get_ref().0;
-        if !range.contains(&dur) {
-            return Err(self.err(
-                v.span(),
-                ErrorKind::OutOfRange,
-                format!(
-                    "`{key}` = \"{}\" is out of range",
-                    crate::duration::format(dur)
-                ),
-                Some(format!(
-                    "allowed: {} to {}",
-                    crate::duration::format(*range.start()),
-                    crate::duration::format(*range.end())
-                )),
-            ));
-        }
-        Ok(dur)
+        crate::range::check_duration(key, v.get_ref().0, &range)
+            .map_err(|e| self.out_of_range(v.span(), &e))
+    }
+
+    /// The diagnostic of a value outside its range: the value in the message, the range in
+    /// the hint.
+    fn out_of_range(&self, span: Range<usize>, e: &crate::range::OutOfRange) -> ConfigError {
+        self.err(
+            span,
+            ErrorKind::OutOfRange,
+            format!("`{}` = {} is out of range", e.key, e.value),
+            Some(format!("allowed: {}", e.allowed)),
+        )
     }
 
     fn integer(
@@ -85,16 +78,12 @@ impl Resolver<'_> {
         range: RangeInclusive<u64>,
     ) -> R<u64> {
         let Some(v) = value else { return Ok(default) };
-        let n = *v.get_ref();
-        match u64::try_from(n) {
-            Ok(n) if range.contains(&n) => Ok(n),
-            _ => Err(self.err(
-                v.span(),
-                ErrorKind::OutOfRange,
-                format!("`{key}` = {n} is out of range"),
-                Some(format!("allowed: {} to {}", range.start(), range.end())),
-            )),
-        }
+        // A negative number is checked as an i128 so that the message shows it as written.
+        let n = i128::from(*v.get_ref());
+        let wide = i128::from(*range.start())..=i128::from(*range.end());
+        crate::range::check_number(key, n, &wide)
+            .map_err(|e| self.out_of_range(v.span(), &e))
+            .map(|n| u64::try_from(n).unwrap_or(u64::MAX))
     }
 
     fn integer_u32(

@@ -91,6 +91,20 @@ fn every_bad_fixture_is_rejected_where_and_how_it_says() {
 }
 
 #[test]
+fn every_syntax_error_has_a_hint() {
+    let mut syntax = 0;
+    for path in fixtures() {
+        let d = match Config::from_file(&path) {
+            Err(e) if e.kind() == ErrorKind::Syntax => e.diagnostic().unwrap().clone(),
+            _ => continue,
+        };
+        syntax += 1;
+        assert!(d.hint.is_some(), "{}: no hint\n{d}", path.display());
+    }
+    assert!(syntax >= 5, "only {syntax} syntax fixtures");
+}
+
+#[test]
 fn fixtures_cover_every_error_kind_but_io() {
     let mut kinds: Vec<String> = fixtures()
         .iter()

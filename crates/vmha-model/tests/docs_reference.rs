@@ -159,3 +159,45 @@ fn optional_without_default(section: &str, key: &str) -> bool {
             | ("vm.app", "stop")
     )
 }
+
+/// The range column of `key` in the `[section]` table of docs/config.md.
+fn documented_range(section: &str, key: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/config.md");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut current = false;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            current = line.contains(&format!("`[{section}]`"))
+                || line.contains(&format!("`[[{section}]]`"));
+            continue;
+        }
+        if let Some(row) = line
+            .strip_prefix(&format!("| `{key}` | "))
+            .filter(|_| current)
+        {
+            return row.split(" | ").nth(2).unwrap().trim().to_string();
+        }
+    }
+    panic!("[{section}] `{key}` has no row in docs/config.md");
+}
+
+/// The settings an admin command changes at run time are documented with the ranges the code
+/// checks (the same ranges for the file and for `vmha set …`).
+#[test]
+fn run_time_settings_are_documented_with_their_ranges() {
+    use vmha_model::defaults as d;
+    use vmha_model::duration::format;
+    let n = |r: &std::ops::RangeInclusive<u32>| format!("{} – {}", r.start(), r.end());
+    let t = |r: &std::ops::RangeInclusive<std::time::Duration>| {
+        format!("{} – {}", format(*r.start()), format(*r.end()))
+    };
+    for (section, key, range) in [
+        ("vm.app", "priority", n(&d::APP_PRIORITY_RANGE)),
+        ("vm.app", "restart_limit", n(&d::APP_RESTART_LIMIT_RANGE)),
+        ("vm.app", "restart_window", t(&d::APP_RESTART_WINDOW_RANGE)),
+        ("vm", "vm_restart_limit", n(&d::VM_RESTART_LIMIT_RANGE)),
+        ("vm", "vm_restart_window", t(&d::VM_RESTART_WINDOW_RANGE)),
+    ] {
+        assert_eq!(documented_range(section, key), range, "[{section}] `{key}`");
+    }
+}

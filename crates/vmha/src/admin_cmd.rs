@@ -6,6 +6,7 @@
 //! [`crate::report`]).
 
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::process::ExitCode;
 use std::str::FromStr;
 use std::time::Duration;
@@ -15,7 +16,8 @@ use serde::Deserialize;
 use serde::de::IntoDeserializer;
 use vmha_engine::AdminCommand;
 use vmha_model::duration::millis;
-use vmha_model::{Name, Policy, Tie};
+use vmha_model::range::{check_duration, check_number};
+use vmha_model::{Name, Policy, Tie, defaults};
 
 use crate::client::Client;
 use crate::output::{Output, print_json, print_text};
@@ -176,34 +178,34 @@ impl From<HostCommand> for AdminCommand {
 /// `vmha set …`: run-time changes, persisted by vmhad.
 #[derive(Debug, Subcommand)]
 pub enum SetCommand {
-    /// Set an app's priority (higher = more important, at least 1).
+    /// Set an app's priority (higher = more important, 1 to 1000000 as in the configuration).
     Priority {
         /// The app, as VM/APP.
         app: AppRef,
         /// The new priority.
-        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        #[arg(value_parser = parse_priority)]
         priority: u32,
     },
     /// Set an app's restart budget: at most LIMIT restarts within WINDOW.
     AppBudget {
         /// The app, as VM/APP.
         app: AppRef,
-        /// Restarts allowed within the window.
-        #[arg(long, value_name = "N")]
+        /// Restarts allowed within the window (0 to 1000).
+        #[arg(long, value_name = "N", value_parser = parse_app_limit)]
         limit: u32,
-        /// The window, e.g. `10m`, `1h30m`.
-        #[arg(long, value_name = "DUR", value_parser = parse_window)]
+        /// The window, e.g. `10m`, `1h30m` (1s to 7d).
+        #[arg(long, value_name = "DUR", value_parser = parse_app_window)]
         window: Duration,
     },
     /// Set a VM's restart budget: at most LIMIT VM restarts on a host within WINDOW.
     VmBudget {
         /// The VM.
         vm: Name,
-        /// VM restarts allowed within the window.
-        #[arg(long, value_name = "N")]
+        /// VM restarts allowed within the window (0 to 100).
+        #[arg(long, value_name = "N", value_parser = parse_vm_limit)]
         limit: u32,
-        /// The window, e.g. `10m`, `1h`.
-        #[arg(long, value_name = "DUR", value_parser = parse_window)]
+        /// The window, e.g. `10m`, `1h` (1s to 7d).
+        #[arg(long, value_name = "DUR", value_parser = parse_vm_window)]
         window: Duration,
     },
     /// Set a VM's decision policy: highest-priority, weighted, weighted-with-offline, critical.
@@ -243,13 +245,50 @@ impl From<SetCommand> for AdminCommand {
     }
 }
 
-/// A budget window: a duration of at least 1 ms.
-fn parse_window(s: &str) -> Result<Duration, String> {
+// Run-time values have the configuration's ranges (`vmha_model::defaults`), checked here for
+// an early usage error; vmhad checks them again (`AdminCommand::check_values`), since its API
+// can be called without this CLI.
+
+/// A whole number within the configuration's range of `key`.
+fn parse_number(s: &str, key: &str, range: &RangeInclusive<u32>) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| {
+        format!(
+            "`{s}` is not a whole number from {} to {}",
+            range.start(),
+            range.end()
+        )
+    })?;
+    check_number(key, n, range).map_err(|e| e.to_string())
+}
+
+/// A duration within the configuration's range of `key`.
+fn parse_duration(
+    s: &str,
+    key: &str,
+    range: &RangeInclusive<Duration>,
+) -> Result<Duration, String> {
     let d = vmha_model::duration::parse(s).map_err(|e| e.to_string())?;
-    if d.as_millis() == 0 {
-        return Err("the window must be at least 1ms".to_string());
-    }
-    Ok(d)
+    check_duration(key, d, range).map_err(|e| e.to_string())
+}
+
+fn parse_priority(s: &str) -> Result<u32, String> {
+    parse_number(s, "priority", &defaults::APP_PRIORITY_RANGE)
+}
+
+fn parse_app_limit(s: &str) -> Result<u32, String> {
+    parse_number(s, "restart_limit", &defaults::APP_RESTART_LIMIT_RANGE)
+}
+
+fn parse_vm_limit(s: &str) -> Result<u32, String> {
+    parse_number(s, "vm_restart_limit", &defaults::VM_RESTART_LIMIT_RANGE)
+}
+
+fn parse_app_window(s: &str) -> Result<Duration, String> {
+    parse_duration(s, "restart_window", &defaults::APP_RESTART_WINDOW_RANGE)
+}
+
+fn parse_vm_window(s: &str) -> Result<Duration, String> {
+    parse_duration(s, "vm_restart_window", &defaults::VM_RESTART_WINDOW_RANGE)
 }
 
 /// A policy, spelled as in the configuration file.
@@ -379,7 +418,7 @@ mod tests {
         let cmd: AdminCommand = SetCommand::AppBudget {
             app: "shop/db".parse().unwrap(),
             limit: 3,
-            window: parse_window("1m30s").unwrap(),
+            window: parse_app_window("1m30s").unwrap(),
         }
         .into();
         assert_eq!(
@@ -394,6 +433,48 @@ mod tests {
     }
 
     #[test]
+    fn run_time_values_have_the_configuration_ranges() {
+        assert_eq!(parse_priority("1000000"), Ok(1_000_000));
+        assert_eq!(
+            parse_priority("4000000000").unwrap_err(),
+            "`priority` = 4000000000 is out of range (allowed: 1 to 1000000)"
+        );
+        assert!(
+            parse_priority("0")
+                .unwrap_err()
+                .contains("allowed: 1 to 1000000")
+        );
+        assert!(
+            parse_priority("99999999999")
+                .unwrap_err()
+                .contains("whole number from 1 to 1000000")
+        );
+        assert_eq!(parse_app_limit("1000"), Ok(1000));
+        assert!(
+            parse_app_limit("1001")
+                .unwrap_err()
+                .contains("allowed: 0 to 1000")
+        );
+        assert_eq!(parse_vm_limit("100"), Ok(100));
+        assert!(
+            parse_vm_limit("101")
+                .unwrap_err()
+                .contains("allowed: 0 to 100")
+        );
+        assert_eq!(parse_app_window("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(
+            parse_app_window("0s")
+                .unwrap_err()
+                .contains("allowed: 1s to 7d")
+        );
+        assert!(
+            parse_vm_window("8d")
+                .unwrap_err()
+                .contains("`vm_restart_window` = \"8d\"")
+        );
+    }
+
+    #[test]
     fn policies_and_windows_are_checked() {
         assert_eq!(
             parse_policy("weighted-with-offline"),
@@ -402,8 +483,7 @@ mod tests {
         let err = parse_policy("fastest").unwrap_err();
         assert!(err.contains("highest-priority"), "{err}");
         assert_eq!(parse_tie("no-action"), Ok(Tie::NoAction));
-        assert!(parse_window("0s").is_err());
-        assert!(parse_window("ten minutes").is_err());
+        assert!(parse_app_window("ten minutes").is_err());
         let cmd = AdminCommand::SetPolicy {
             vm: Name::new("shop").unwrap(),
             policy: Policy::Weighted,

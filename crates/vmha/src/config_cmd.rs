@@ -62,10 +62,9 @@ pub fn run(cmd: ConfigCommand, api: &ApiArgs) -> anyhow::Result<ExitCode> {
     match cmd {
         ConfigCommand::Apply { file, out: fmt } => {
             // Checked here first: an invalid file is not sent at all.
-            if load(&file).is_none() {
+            let Some((_, text)) = load(&file) else {
                 return Ok(exit(false));
-            }
-            let text = std::fs::read_to_string(&file)?;
+            };
             let client = Client::new(api.socket());
             let answer = client.post("/v1/config", &json!({ "toml": text }))?;
             applied(&answer, fmt)
@@ -79,14 +78,16 @@ pub fn run(cmd: ConfigCommand, api: &ApiArgs) -> anyhow::Result<ExitCode> {
             let mut all_valid = true;
             for file in &files {
                 match load(file) {
-                    Some(config) => writeln!(out, "{}: ok ({})", file.display(), summary(&config))?,
+                    Some((config, _)) => {
+                        writeln!(out, "{}: ok ({})", file.display(), summary(&config))?
+                    }
                     None => all_valid = false,
                 }
             }
             Ok(exit(all_valid))
         }
         ConfigCommand::Show { file, json } => {
-            let Some(config) = load(&file) else {
+            let Some((config, _)) = load(&file) else {
                 return Ok(exit(false));
             };
             let text = if json {
@@ -114,10 +115,15 @@ fn applied(answer: &serde_json::Value, fmt: Output) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// Parses `file`, printing the diagnostic to stderr when it is invalid or unreadable.
-fn load(file: &Path) -> Option<Config> {
-    match Config::from_file(file) {
-        Ok(config) => Some(config),
+/// Reads and parses `file` (returned with its text), printing the diagnostic to stderr when it
+/// is invalid or cannot be a configuration file (a directory, a FIFO, a device: refused
+/// without being opened for reading, so a FIFO cannot hang the command).
+fn load(file: &Path) -> Option<(Config, String)> {
+    let parsed = vmha_model::file::read_text(file).and_then(|text| {
+        Config::from_toml_str(&text, &file.display().to_string()).map(|c| (c, text))
+    });
+    match parsed {
+        Ok(loaded) => Some(loaded),
         Err(e) => {
             eprintln!("{e}");
             None

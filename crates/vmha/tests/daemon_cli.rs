@@ -68,7 +68,48 @@ fn usage_errors_exit_2_and_send_nothing() {
         ),
         (
             &["set", "vm-budget", "shop", "--limit", "2", "--window", "0s"],
-            "at least 1ms",
+            "`vm_restart_window` = \"0s\" is out of range (allowed: 1s to 7d)",
+        ),
+        // Run-time values have the ranges of the configuration file.
+        (
+            &["set", "priority", "shop/web", "4000000000"],
+            "`priority` = 4000000000 is out of range (allowed: 1 to 1000000)",
+        ),
+        (
+            &[
+                "set",
+                "app-budget",
+                "shop/db",
+                "--limit",
+                "1001",
+                "--window",
+                "1m",
+            ],
+            "`restart_limit` = 1001 is out of range (allowed: 0 to 1000)",
+        ),
+        (
+            &[
+                "set",
+                "app-budget",
+                "shop/db",
+                "--limit",
+                "3",
+                "--window",
+                "8d",
+            ],
+            "`restart_window` = \"8d\" is out of range (allowed: 1s to 7d)",
+        ),
+        (
+            &[
+                "set",
+                "vm-budget",
+                "shop",
+                "--limit",
+                "4294967295",
+                "--window",
+                "1h",
+            ],
+            "`vm_restart_limit` = 4294967295 is out of range (allowed: 0 to 100)",
         ),
         (&["set", "policy", "shop", "fastest"], "highest-priority"),
         (

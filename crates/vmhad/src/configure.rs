@@ -64,10 +64,11 @@ impl<S: ClusterStore> Core<S> {
             Some(t) => (t, "the applied configuration".to_string()),
             None => {
                 let file = self.config_state.file.clone();
-                match std::fs::read_to_string(&file) {
+                // Never blocks: a FIFO or a device in place of the file is refused unopened.
+                match vmha_model::file::read_text(&file) {
                     Ok(t) => (t, file.display().to_string()),
                     Err(e) => {
-                        let e = format!("cannot read {}: {e}", file.display());
+                        let e = e.to_string();
                         self.config_state.error = Some(e.clone());
                         let _ = reply.send(Err(ConfigRefused::Invalid(e)));
                         return;

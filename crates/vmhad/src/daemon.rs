@@ -393,7 +393,7 @@ async fn effective_config<S: ClusterStore>(
     host: &Name,
     options: &Options,
 ) -> (Arc<Config>, String) {
-    let file_text = std::fs::read_to_string(&options.config).unwrap_or_default();
+    let file_text = vmha_model::file::read_text(&options.config).unwrap_or_default();
     let stored = patiently("reading the stored configuration", || {
         let store = store.clone();
         let key = layout.config();

@@ -333,6 +333,34 @@ fn bad_api_requests(h: &Vmhad) {
             "{method} {path} {body}: not a JSON error: {text}"
         );
     }
+    // Run-time values outside the ranges of the configuration: 400, naming the allowed range.
+    for (body, range) in [
+        (
+            r#"{"command":"set-priority","vm":"shop","app":"web","priority":4000000000}"#,
+            "`priority` = 4000000000 is out of range (allowed: 1 to 1000000)",
+        ),
+        (
+            r#"{"command":"set-app-budget","vm":"shop","app":"web","restart_limit":4294967295,"restart_window_ms":60000}"#,
+            "(allowed: 0 to 1000)",
+        ),
+        (
+            r#"{"command":"set-app-budget","vm":"shop","app":"web","restart_limit":3,"restart_window_ms":18446744073709551615}"#,
+            "(allowed: 1s to 7d)",
+        ),
+        (
+            r#"{"command":"set-vm-budget","vm":"shop","vm_restart_limit":101,"vm_restart_window_ms":60000}"#,
+            "(allowed: 0 to 100)",
+        ),
+        (
+            r#"{"command":"set-vm-budget","vm":"shop","vm_restart_limit":3,"vm_restart_window_ms":604800001}"#,
+            "(allowed: 1s to 7d)",
+        ),
+    ] {
+        let (status, text) = common::http(&h.socket(), "POST", "/v1/commands", Some(body));
+        println!("POST /v1/commands {body} → {status} {text}");
+        assert_eq!(status, 400, "{body}: {text}");
+        assert!(text.contains(range), "{body}: {text}");
+    }
     // Nothing changed: no events, the same status (apps, flags, budgets, decisions).
     let after = h.status()["agent"].clone();
     assert_eq!(before, after, "status changed by bad requests");
@@ -578,6 +606,59 @@ fn bad_config_exits_2_and_creates_nothing() {
             processes_naming(run.to_str().unwrap()).is_empty(),
             "{what}: a QEMU was started"
         );
+    }
+    // Not a configuration file at all: refused at once (a FIFO used to block vmhad forever).
+    let fifo = dir.path().join("fifo.toml");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let latin1 = dir.path().join("latin1.toml");
+    std::fs::write(&latin1, b"[cluster]\nname = \"caf\xe9\"\n").unwrap();
+    for (path, expect) in [
+        (
+            fifo.clone(),
+            format!("{}: is a named pipe (FIFO)", fifo.display()),
+        ),
+        (dir.path().to_path_buf(), "is a directory".to_string()),
+        (
+            std::path::PathBuf::from("/dev/null"),
+            "/dev/null: is a character device".to_string(),
+        ),
+        (
+            latin1.clone(),
+            format!("{}:2:12: not UTF-8 text", latin1.display()),
+        ),
+    ] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmhad"))
+            .arg("--config")
+            .arg(&path)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--runtime-dir")
+            .arg(&run)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A guard against a hang, not a speed check: vmhad refuses in milliseconds.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("vmhad --config {} hung", path.display());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {stderr}", path.display());
+        assert!(stderr.contains(&expect), "{}: {stderr}", path.display());
+        assert!(!state.exists() && !run.exists(), "{}", path.display());
     }
     // A valid config naming no host of this machine: exit 2 too, nothing created.
     let config = dir.path().join("vmha.toml");

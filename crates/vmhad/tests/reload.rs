@@ -63,6 +63,19 @@ fn configuration_reloads_are_validated_then_applied() {
     h.assert_running();
     assert_eq!(h.qemu_pid("shop"), shop);
 
+    // A FIFO in place of the file: refused unopened (it used to hang the daemon's core loop).
+    std::fs::remove_file(&h.config).unwrap();
+    nix::unistd::mkfifo(&h.config, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    sighup(&h);
+    wait("the FIFO's refusal in status", || {
+        h.status()["config_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is a named pipe (FIFO), not a configuration file"))
+    });
+    h.assert_running();
+    assert_eq!(h.qemu_pid("shop"), shop);
+    std::fs::remove_file(&h.config).unwrap();
+
     // A VM added: SIGHUP applies it; the running VM is left alone.
     write_config(&h, &["shop", "blog"]);
     let m = h.mark();

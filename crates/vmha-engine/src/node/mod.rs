@@ -462,10 +462,15 @@ impl Node {
 
     /// Queues an admin command. It is applied once everything before it is committed, and
     /// answered through [`Effects::replies`] (local callers) or [`Persist::replies`] (other
-    /// hosts) once its own change is committed. While the store is degraded it is refused at
-    /// once with [`CommandError::StoreUnavailable`], changing nothing.
+    /// hosts) once its own change is committed. A value outside the configuration's range
+    /// ([`AdminCommand::check_values`]) is refused at once, and so is every command while the
+    /// store is degraded ([`CommandError::StoreUnavailable`]); a refusal changes nothing.
     pub fn command(&mut self, now: Timestamp, origin: CommandOrigin, cmd: AdminCommand) {
         self.now = self.now.max(now);
+        if let Err(e) = cmd.check_values() {
+            self.reply(origin, Err(e));
+            return;
+        }
         if let Some(e) = self.health.degraded.clone() {
             self.reply(origin, Err(CommandError::StoreUnavailable(e)));
             return;

@@ -249,9 +249,7 @@ impl VmMonitor {
         app: &Name,
         priority: u32,
     ) -> Result<(), CommandError> {
-        if priority == 0 {
-            return Err(CommandError::InvalidValue("priority must be ≥ 1".into()));
-        }
+        // In range: checked by `AdminCommand::check_values` before the command got here.
         let i = self.app_index(app)?;
         self.apps[i].priority = priority;
         self.apps[i].priority_override = Some(priority);
@@ -266,11 +264,7 @@ impl VmMonitor {
         limit: u32,
         window_ms: u64,
     ) -> Result<(), CommandError> {
-        if window_ms == 0 {
-            return Err(CommandError::InvalidValue(
-                "restart window must be > 0".into(),
-            ));
-        }
+        // In range: checked by `AdminCommand::check_values` before the command got here.
         let i = self.app_index(app)?;
         self.apps[i].budget.limit = limit;
         self.apps[i].budget.window_ms = window_ms;
@@ -279,17 +273,12 @@ impl VmMonitor {
         Ok(())
     }
 
-    pub fn set_vm_budget(&mut self, limit: u32, window_ms: u64) -> Result<(), CommandError> {
-        if window_ms == 0 {
-            return Err(CommandError::InvalidValue(
-                "VM restart window must be > 0".into(),
-            ));
-        }
+    pub fn set_vm_budget(&mut self, limit: u32, window_ms: u64) {
+        // In range: checked by `AdminCommand::check_values` before the command got here.
         self.budget.limit = limit;
         self.budget.window_ms = window_ms;
         self.budget_override = true;
         self.settings_changed();
-        Ok(())
     }
 
     pub fn set_policy(&mut self, out: &mut Out<'_>, policy: Policy, tie: Option<Tie>) {
