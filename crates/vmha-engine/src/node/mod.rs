@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use vmha_model::{Config, Name};
 
 use crate::command::{AdminCommand, CommandError, Route};
-use crate::controller::{Controller, ControllerInput, ControllerStatus};
+use crate::controller::{Controller, ControllerInput, ControllerState, ControllerStatus};
 use crate::event::Event;
 use crate::host_agent::{HostAgent, HostAgentError};
 use crate::host_io::{HostInput, VmReport};
@@ -394,9 +394,13 @@ impl Node {
             Some(l) if !l.fed => Some(self.full_view()),
             _ => None,
         };
+        let restored = self.restored_controller();
         if let Some(l) = self.leader.as_mut() {
             match view {
                 Some(view) => {
+                    // Elected before the first listing: the controller built then could not
+                    // see what the previous controller committed; build it again from it.
+                    l.controller = Controller::new(Arc::clone(&self.config), restored, now);
                     l.controller.handle_inputs(now, view);
                     l.fed = true;
                 }
@@ -416,11 +420,8 @@ impl Node {
         if self.leader.as_ref().is_some_and(|l| l.term == term) {
             return;
         }
-        let restored = match self.mirror.get(&RecordKey::Controller) {
-            Some(Record::Controller { state }) => state.clone(),
-            _ => None,
-        };
-        let mut controller = Controller::new(Arc::clone(&self.config), restored, now);
+        let mut controller =
+            Controller::new(Arc::clone(&self.config), self.restored_controller(), now);
         if self.synced {
             controller.handle_inputs(now, self.full_view());
         }
@@ -429,6 +430,14 @@ impl Node {
             term,
             fed: self.synced,
         });
+    }
+
+    /// What the last controller committed, as far as this node has seen the store.
+    fn restored_controller(&self) -> Option<ControllerState> {
+        match self.mirror.get(&RecordKey::Controller) {
+            Some(Record::Controller { state }) => state.clone(),
+            _ => None,
+        }
     }
 
     /// The whole cluster as the controller must see it at election: every configured host's
@@ -634,7 +643,9 @@ impl Node {
         let dirty = self.agent.take_dirty();
         self.out.local |= dirty.local;
         self.out.settings.extend(dirty.settings);
-        if let Some(l) = self.leader.as_mut() {
+        // A controller not yet given the cluster decides and writes nothing (it is built again
+        // when the first listing arrives).
+        if let Some(l) = self.leader.as_mut().filter(|l| l.fed) {
             while let Some(a) = l.controller.poll_action() {
                 self.out.effects.controller_actions.push((l.term, a));
             }
