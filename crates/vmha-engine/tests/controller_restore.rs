@@ -55,8 +55,8 @@ fn host_state(node: &Node) -> Option<HostState> {
 fn controller_record(persisted: &[Persist]) -> Option<Record> {
     persisted
         .iter()
-        .filter_map(|p| p.controller.as_ref()?.state.clone())
-        .last()
+        .rev()
+        .find_map(|p| p.controller.as_ref()?.state.clone())
         .map(|state| Record::Controller { state: Some(state) })
 }
 
