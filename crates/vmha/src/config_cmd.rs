@@ -15,7 +15,6 @@ use vmha_api::ConfigApplied;
 use vmha_model::Config;
 
 use crate::api_args::ApiArgs;
-use crate::client::Client;
 use crate::output::{Output, print_json, print_text};
 
 /// Exit code for an invalid or unreadable configuration (clap's usage errors use 2 as well).
@@ -66,12 +65,12 @@ pub fn run(cmd: ConfigCommand, api: &ApiArgs) -> anyhow::Result<ExitCode> {
                 return Ok(exit(false));
             }
             let text = std::fs::read_to_string(&file)?;
-            let client = Client::new(api.socket());
+            let client = api.client()?;
             let answer = client.post("/v1/config", &json!({ "toml": text }))?;
             applied(&answer, fmt)
         }
         ConfigCommand::Reload { out: fmt } => {
-            let client = Client::new(api.socket());
+            let client = api.client()?;
             let answer = client.post("/v1/config/reload", &json!({}))?;
             applied(&answer, fmt)
         }
