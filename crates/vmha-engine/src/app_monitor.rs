@@ -8,7 +8,12 @@
 //!   after being seen down);
 //! - not running and flagged offline → `offline`, no action;
 //! - not running, not flagged → failed: restart within `restart_limit` per `restart_window`
-//!   (state `restarting`, probe again), else `faulted`; a failed start → `faulted`;
+//!   (state `restarting`, probe again), else `faulted`;
+//! - a start command that ran and failed, with restart budget left → still `restarting`, probed
+//!   again after a backoff (the probe interval, doubling with each failed start in a row, capped
+//!   at [`BACKOFF_CAP_MS`] or the interval if longer); the probe that finds it down restarts it,
+//!   taking one unit of the budget. With the budget spent → `faulted`: only then does the
+//!   decision agent weigh it;
 //! - online for `stable_after` → the restart counter resets;
 //! - a timeout counts as a failure only after `probe_failures` consecutive timeouts; an answer
 //!   that cannot be read or trusted counts like a timeout, with its own reason.
@@ -22,6 +27,9 @@ use crate::persist::Dirty;
 use crate::records::AppSettings;
 use crate::status::{AppStatus, OfflineFlag};
 use crate::time::{Timestamp, millis};
+
+/// The longest backoff between failed starts of an app, unless its probe interval is longer.
+pub const BACKOFF_CAP_MS: u64 = 60_000;
 
 /// Why an app is being started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,12 +58,11 @@ pub(crate) enum AppOp {
     Stop(ActionId, StopWhy),
 }
 
-/// How a `faulted` state came about: a spent budget or a failed start is sticky while the
-/// budget is spent (waits for a restart to leave the window, a clear, a VM restart or the app
-/// coming back by itself).
+/// How a `faulted` state came about: a spent budget is sticky while it is spent (waits for a
+/// restart to leave the window, a clear, a VM restart or the app coming back by itself).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FaultKind {
-    /// Budget spent or start failed.
+    /// Restart budget spent (by restarts, or by a last start that failed).
     Sticky,
     /// Could not be restarted because a required app is down, or the group is frozen: retried
     /// on the next failed probe.
@@ -88,6 +95,8 @@ pub(crate) struct AppMonitor {
     pub timeouts: u32,
     /// How many of those were unreadable, and why the last one was.
     unreadable: (u32, Option<Unreadable>),
+    /// Start commands that ran and failed in a row while `restarting` (sets the backoff).
+    failed_starts: u32,
     pub next_probe: Timestamp,
     pub op: Option<AppOp>,
     /// A start wanted once everything it requires is online.
@@ -125,6 +134,7 @@ impl AppMonitor {
             online_since: None,
             timeouts: 0,
             unreadable: (0, None),
+            failed_starts: 0,
             next_probe: now,
             op: None,
             pending: None,
@@ -164,9 +174,13 @@ impl AppMonitor {
         }
     }
 
-    /// Sets the state; returns the change when it is one.
+    /// Sets the state; returns the change when it is one. Leaving `restarting` ends a run of
+    /// failed starts (the next failure starts from the shortest backoff again).
     pub fn set(&mut self, to: AppState, reason: impl Into<String>) -> Option<Change> {
         let reason = reason.into();
+        if to != AppState::Restarting {
+            self.failed_starts = 0;
+        }
         if self.state == to {
             return None;
         }
@@ -180,6 +194,27 @@ impl AppMonitor {
             self.fault = None;
         }
         Some(Change { from, to, reason })
+    }
+
+    /// Counts one more failed start in a row and returns the backoff before the app is probed
+    /// (and, if down, restarted) again: the probe interval doubled per earlier failed start,
+    /// capped at [`BACKOFF_CAP_MS`] or the interval if that is longer.
+    pub fn start_failed_backoff(&mut self) -> u64 {
+        self.failed_starts = self.failed_starts.saturating_add(1);
+        let interval = millis(self.cfg.interval).max(1);
+        let doublings = self.failed_starts.saturating_sub(1).min(32);
+        interval
+            .saturating_mul(1u64 << doublings)
+            .min(BACKOFF_CAP_MS.max(interval))
+    }
+
+    /// Waits out the backoff after a failed start (`restarting`, nothing in flight): a VM start
+    /// plan counts it as settled.
+    pub fn awaits_retry(&self) -> bool {
+        self.state == AppState::Restarting
+            && self.failed_starts > 0
+            && self.op.is_none()
+            && self.pending.is_none()
     }
 
     /// Probed in the next batch when due: no operation in flight, no start pending.
@@ -398,6 +433,26 @@ start = ["s"]
         let (_, c) = m.observe(Timestamp(2), ProbeOutcome::Running);
         assert_eq!(c.unwrap().to, AppState::Online);
         assert_eq!(m.offline, None);
+    }
+
+    #[test]
+    fn start_backoff_doubles_up_to_the_cap_and_restarts_after_leaving_restarting() {
+        let mut m = AppMonitor::new(&app(""), None, Timestamp(0));
+        m.set(AppState::Restarting, "r");
+        let got: Vec<u64> = (0..8).map(|_| m.start_failed_backoff()).collect();
+        assert_eq!(
+            got,
+            [2_000, 4_000, 8_000, 16_000, 32_000, 60_000, 60_000, 60_000]
+        );
+        assert!(m.awaits_retry());
+        m.set(AppState::Online, "check passed");
+        assert!(!m.awaits_retry());
+        m.set(AppState::Restarting, "r");
+        assert_eq!(m.start_failed_backoff(), 2_000);
+        // An interval longer than the cap is the backoff.
+        let mut slow = AppMonitor::new(&app(r#"interval = "2m""#), None, Timestamp(0));
+        assert_eq!(slow.start_failed_backoff(), 120_000);
+        assert_eq!(slow.start_failed_backoff(), 120_000);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //!   dirty mark (all checked by the simulator) — also while the cluster store fails, daemons
 //!   restart and commands arrive through any host;
 //! - app and VM restarts never exceed their budget in any window;
-//! - determinism: the same sequence twice gives the identical log.
+//! - determinism: the same sequence twice gives the identical log;
+//! - an app is `faulted` only with its restart budget spent, or when it cannot be restarted (a
+//!   required app down, the group frozen): a failed start with budget left is never a fault.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::sync::Arc;
@@ -215,6 +217,24 @@ fn run(spec: &ClusterSpec, steps: &[(u64, SimCommand)]) -> Sim {
     sim
 }
 
+/// Why an app event `… → faulted: REASON` in a log line is not allowed, if it is not.
+fn bad_app_fault(line: &str) -> Option<String> {
+    let mut words = line.splitn(4, ' ');
+    let (_, _, object, rest) = (words.next()?, words.next()?, words.next()?, words.next()?);
+    let reason = rest.split_once(" → faulted: ")?.1;
+    if !object.contains('/') {
+        return None;
+    }
+    if let Some((_, after)) = reason.rsplit_once("restart budget ") {
+        let used = after.split_whitespace().next()?;
+        let (n, limit) = used.split_once('/')?;
+        let (n, limit): (u32, u32) = (n.parse().ok()?, limit.parse().ok()?);
+        return (n < limit).then(|| format!("faulted with budget left ({used}): {line}"));
+    }
+    let blocked = reason.contains("requires ") || reason.contains("frozen");
+    (!blocked).then(|| format!("faulted without a spent budget: {line}"))
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: 256,
@@ -226,6 +246,13 @@ proptest! {
     fn safety_rules_hold(spec in cluster_spec(), steps in script(false)) {
         let sim = run(&spec, &steps);
         prop_assert!(sim.violations().is_empty(), "{:?}\n{}", sim.violations(), sim.log().join("\n"));
+    }
+
+    #[test]
+    fn apps_fault_only_with_budget_spent_or_blocked(spec in cluster_spec(), steps in script(false)) {
+        let sim = run(&spec, &steps);
+        let bad: Vec<String> = sim.log().iter().filter_map(|l| bad_app_fault(l)).collect();
+        prop_assert!(bad.is_empty(), "{}\n{}", bad.join("\n"), sim.log().join("\n"));
     }
 
     #[test]

@@ -1,30 +1,122 @@
 //! A small HTTP/1.0 client for vmhad's local API on its Unix socket. HTTP/1.0 keeps it simple:
 //! one request per connection, and the body (streamed or not) ends when vmhad closes it.
+//!
+//! Whatever listens on the socket is not trusted to behave:
+//! - every call is bounded by the client's timeout ([`DEFAULT_TIMEOUT`], `--timeout`,
+//!   `$VMHA_TIMEOUT`): connecting (also to a socket whose listen queue is full), sending, and
+//!   reading the whole answer — except the body of a followed stream ([`Client::follow`]),
+//!   which may stay quiet for as long as nothing happens (its connection and answer head are
+//!   still bounded);
+//! - answers are size-limited, and one that is not HTTP with a JSON body is reported as "not
+//!   vmhad's API socket";
+//! - before anything is sent, the process serving the socket must run as root or as the user
+//!   running vmha (`SO_PEERCRED`): a socket planted by another user gets no request.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr, sockopt};
 use serde_json::Value;
 use vmha_api::ErrorBody;
+use vmha_model::duration::format as human;
 
-/// Why an API call failed.
+/// How long a call may take when neither `--timeout` nor `$VMHA_TIMEOUT` says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between connection attempts while the socket's listen queue is full.
+const CONNECT_RETRY: Duration = Duration::from_millis(10);
+/// Most bytes of an answer's status line and headers.
+const HEAD_LIMIT: u64 = 64 * 1024;
+/// Most bytes of an answer's body (a status of thousands of VMs fits many times).
+const BODY_LIMIT: u64 = 256 * 1024 * 1024;
+/// Most bytes of one line of an NDJSON stream.
+const LINE_LIMIT: u64 = 16 * 1024 * 1024;
+/// Most characters of a stranger's answer quoted in an error.
+const QUOTED: usize = 80;
+
+/// Why an API call failed. Each message names the socket and says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// vmhad is not listening on the socket.
-    #[error("cannot reach vmhad at {path} (is vmhad running? see --socket / --state-dir)")]
+    /// Nothing at the socket path.
+    #[error(
+        "vmhad is not running (no socket at {}); start it (`systemctl start vmhad`), or point \
+         --socket, --state-dir or $VMHA_SOCKET at its socket",
+        path.display()
+    )]
+    NoSocket {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// A socket file nobody listens on: vmhad died without removing it.
+    #[error(
+        "vmhad is not running (stale socket {}: nothing listens on it); start vmhad",
+        path.display()
+    )]
+    Stale {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The socket (or its directory) is closed to this user.
+    #[error(
+        "permission denied on {}: vmhad's API socket is open to root (and its configured group) \
+         only; run vmha as root",
+        path.display()
+    )]
+    PermissionDenied {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// Connecting failed otherwise.
+    #[error("cannot connect to {}: {cause}", path.display())]
     Connect {
         /// The socket path.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, not a separate source).
+        cause: io::Error,
+    },
+    /// No (complete) answer within the timeout.
+    #[error(
+        "no answer from {} within {} (vmhad busy or not vmhad?); wait longer with --timeout DUR \
+         or $VMHA_TIMEOUT",
+        path.display(),
+        human(*after)
+    )]
+    Timeout {
+        /// The socket path.
+        path: PathBuf,
+        /// The timeout.
+        after: Duration,
+    },
+    /// What answered is not vmhad's API.
+    #[error("{} is not vmhad's API socket ({detail})", path.display())]
+    NotVmhad {
+        /// The socket path.
+        path: PathBuf,
+        /// What was wrong with the answer.
+        detail: String,
+    },
+    /// The socket is served by a process of another user: nothing was sent.
+    #[error("{}", untrusted_text(path, *uid, *me))]
+    Untrusted {
+        /// The socket path.
+        path: PathBuf,
+        /// The serving process's user.
+        uid: u32,
+        /// This process's effective user.
+        me: u32,
     },
     /// The connection broke.
-    #[error("talking to vmhad")]
-    Io(#[from] std::io::Error),
-    /// vmhad answered something that is not HTTP + JSON.
-    #[error("unexpected answer from vmhad: {0}")]
-    Protocol(String),
+    #[error("connection to vmhad at {} broke: {cause}", path.display())]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// Why (in the message, not a separate source).
+        cause: io::Error,
+    },
     /// vmhad refused the request; the message is its error text.
     #[error("{}", .body.error)]
     Api {
@@ -35,32 +127,199 @@ pub enum ClientError {
     },
 }
 
+fn untrusted_text(path: &Path, uid: u32, me: u32) -> String {
+    let nor_you = if me == 0 {
+        String::new()
+    } else {
+        format!(" nor you (uid {me})")
+    };
+    format!(
+        "{} is served by uid {uid}, not root{nor_you} — refusing to send commands to it",
+        path.display()
+    )
+}
+
+/// Whether a socket served by user `peer` may get the requests of user `me`: only from root
+/// (vmhad's normal user) or from oneself.
+pub fn peer_trusted(peer: u32, me: u32) -> bool {
+    peer == 0 || peer == me
+}
+
 /// A client of one vmhad.
 #[derive(Debug, Clone)]
 pub struct Client {
     socket: PathBuf,
+    timeout: Duration,
+}
+
+/// A connection whose every read and write ends by `deadline` (none: reads wait forever).
+struct Conn {
+    stream: UnixStream,
+    deadline: Option<Instant>,
+}
+
+impl Conn {
+    /// Time left before the deadline (`None`: no deadline); `TimedOut` once it passed.
+    fn left(&self) -> io::Result<Option<Duration>> {
+        match self.deadline {
+            None => Ok(None),
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Ok(Some(left)),
+                _ => Err(io::ErrorKind::TimedOut.into()),
+            },
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.stream.set_read_timeout(left)?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.stream.set_write_timeout(left)?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// An answer whose status line and headers were read.
+struct Answer {
+    status: u16,
+    reader: BufReader<Conn>,
 }
 
 impl Client {
-    /// A client for the API socket at `socket`.
+    /// A client for the API socket at `socket`, with [`DEFAULT_TIMEOUT`].
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Client {
             socket: socket.into(),
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 
-    /// Sends a request; returns the status and a reader positioned at the body.
+    /// The same client with another timeout for each call.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The time each call may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn path(&self) -> PathBuf {
+        self.socket.clone()
+    }
+
+    /// An I/O failure on the connection: a timeout, or a broken connection.
+    fn io(&self, e: io::Error) -> ClientError {
+        match e.kind() {
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => ClientError::Timeout {
+                path: self.path(),
+                after: self.timeout,
+            },
+            _ => ClientError::Io {
+                path: self.path(),
+                cause: e,
+            },
+        }
+    }
+
+    fn not_vmhad(&self, detail: impl Into<String>) -> ClientError {
+        ClientError::NotVmhad {
+            path: self.path(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Connects by `deadline`; a full listen queue is waited out until then.
+    fn connect(&self, deadline: Instant) -> Result<UnixStream, ClientError> {
+        let addr = UnixAddr::new(&self.socket).map_err(|e| self.connect_error(e))?;
+        loop {
+            let fd = socket::socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .map_err(|e| self.connect_error(e))?;
+            match socket::connect(fd.as_raw_fd(), &addr) {
+                Ok(()) => {
+                    let stream = UnixStream::from(fd);
+                    stream.set_nonblocking(false).map_err(|e| self.io(e))?;
+                    return Ok(stream);
+                }
+                // The listen queue is full (vmhad busy, or flooded): try again until the
+                // deadline.
+                Err(Errno::EAGAIN) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(self.io(io::ErrorKind::TimedOut.into()));
+                    }
+                    std::thread::sleep(left.min(CONNECT_RETRY));
+                }
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(self.connect_error(e)),
+            }
+        }
+    }
+
+    fn connect_error(&self, e: Errno) -> ClientError {
+        let path = self.path();
+        match e {
+            Errno::ENOENT | Errno::ENOTDIR => ClientError::NoSocket { path },
+            Errno::ECONNREFUSED => match std::fs::metadata(&self.socket) {
+                Ok(m) if !m.file_type().is_socket() => self.not_vmhad("it is not a socket"),
+                _ => ClientError::Stale { path },
+            },
+            Errno::EACCES | Errno::EPERM => ClientError::PermissionDenied { path },
+            e => ClientError::Connect {
+                path,
+                cause: e.into(),
+            },
+        }
+    }
+
+    /// Refuses a socket served by another user than root or this one.
+    fn check_peer(&self, stream: &UnixStream) -> Result<(), ClientError> {
+        let cred =
+            socket::getsockopt(stream, sockopt::PeerCredentials).map_err(|e| self.io(e.into()))?;
+        let me = nix::unistd::geteuid().as_raw();
+        if peer_trusted(cred.uid(), me) {
+            Ok(())
+        } else {
+            Err(ClientError::Untrusted {
+                path: self.path(),
+                uid: cred.uid(),
+                me,
+            })
+        }
+    }
+
+    /// Sends a request and reads the answer's status line and headers, all by the deadline.
     fn request(
         &self,
         method: &str,
         path: &str,
         body: Option<&Value>,
-    ) -> Result<(u16, BufReader<UnixStream>), ClientError> {
-        let mut stream =
-            UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
-                path: self.socket.clone(),
-                source,
-            })?;
+    ) -> Result<Answer, ClientError> {
+        let deadline = Instant::now() + self.timeout;
+        let stream = self.connect(deadline)?;
+        self.check_peer(&stream)?;
+        let mut conn = Conn {
+            stream,
+            deadline: Some(deadline),
+        };
         let body = body.map(Value::to_string).unwrap_or_default();
         let mut head = format!("{method} {path} HTTP/1.0\r\nHost: vmhad\r\n");
         if method == "POST" {
@@ -70,75 +329,163 @@ impl Client {
             ));
         }
         head.push_str("\r\n");
-        stream.write_all(head.as_bytes())?;
-        stream.write_all(body.as_bytes())?;
-        let mut reader = BufReader::new(stream);
-        let mut status_line = String::new();
-        reader.read_line(&mut status_line)?;
-        let status = status_line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse::<u16>().ok())
-            .ok_or_else(|| ClientError::Protocol(status_line.trim().to_string()))?;
+        conn.write_all(head.as_bytes())
+            .and_then(|()| conn.write_all(body.as_bytes()))
+            .map_err(|e| self.io(e))?;
+        let mut reader = BufReader::new(conn);
+        let mut budget = HEAD_LIMIT;
+        let status_line = self.head_line(&mut reader, &mut budget)?;
+        if status_line.is_empty() {
+            return Err(self.not_vmhad("it closed the connection without an answer"));
+        }
+        let text = String::from_utf8_lossy(&status_line);
+        let status = text
+            .strip_prefix("HTTP/1.")
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .filter(|code| code.len() == 3)
+            .and_then(|code| code.parse::<u16>().ok())
+            .ok_or_else(|| self.not_vmhad(format!("it answered `{}`", quote(&text))))?;
         loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            let line = self.head_line(&mut reader, &mut budget)?;
+            if line.is_empty() || line == b"\r\n" || line == b"\n" {
                 break;
             }
         }
-        Ok((status, reader))
+        Ok(Answer { status, reader })
     }
 
-    fn finish(status: u16, mut reader: BufReader<UnixStream>) -> Result<Value, ClientError> {
-        let mut body = String::new();
-        reader.read_to_string(&mut body)?;
-        let value: Value = serde_json::from_str(&body)
-            .map_err(|e| ClientError::Protocol(format!("{e}: {}", body.trim())))?;
+    /// One line of the answer's head, counted against the head's `budget`.
+    fn head_line(
+        &self,
+        reader: &mut BufReader<Conn>,
+        budget: &mut u64,
+    ) -> Result<Vec<u8>, ClientError> {
+        let mut line = Vec::new();
+        let n = reader
+            .by_ref()
+            .take(*budget)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| self.io(e))?;
+        *budget = budget.saturating_sub(n as u64);
+        if !line.is_empty() && !line.ends_with(b"\n") && *budget == 0 {
+            return Err(self.not_vmhad(format!(
+                "its answer's head is longer than {} KiB",
+                HEAD_LIMIT / 1024
+            )));
+        }
+        Ok(line)
+    }
+
+    /// Reads the whole body (by the deadline) and parses it as JSON; a refusal is an error.
+    fn finish(&self, answer: Answer) -> Result<Value, ClientError> {
+        let Answer { status, reader } = answer;
+        let mut raw = Vec::new();
+        reader
+            .take(BODY_LIMIT + 1)
+            .read_to_end(&mut raw)
+            .map_err(|e| self.io(e))?;
+        if raw.len() as u64 > BODY_LIMIT {
+            return Err(self.not_vmhad(format!(
+                "its answer is larger than {} MiB",
+                BODY_LIMIT >> 20
+            )));
+        }
+        let text = String::from_utf8_lossy(&raw);
+        let value: Value = serde_json::from_str(&text).map_err(|_| {
+            self.not_vmhad(format!(
+                "it answered HTTP {status} with `{}`, not JSON",
+                quote(&text)
+            ))
+        })?;
         if (200..300).contains(&status) {
             Ok(value)
         } else {
             Err(ClientError::Api {
                 status,
-                body: error_body(value, &body),
+                body: error_body(value, &text),
             })
         }
     }
 
     /// `GET path`, parsed as JSON.
     pub fn get(&self, path: &str) -> Result<Value, ClientError> {
-        let (status, reader) = self.request("GET", path, None)?;
-        Self::finish(status, reader)
+        let answer = self.request("GET", path, None)?;
+        self.finish(answer)
     }
 
     /// `POST path` with a JSON body, parsed as JSON.
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
-        let (status, reader) = self.request("POST", path, Some(body))?;
-        Self::finish(status, reader)
+        let answer = self.request("POST", path, Some(body))?;
+        self.finish(answer)
     }
 
-    /// `GET path` of an NDJSON stream: calls `each` per JSON line until it returns false or
-    /// the stream ends.
-    pub fn stream(
+    /// `GET path` of a finite NDJSON stream (the whole stream by the deadline): calls `each`
+    /// per JSON line until it returns false or the stream ends.
+    pub fn stream(&self, path: &str, each: impl FnMut(Value) -> bool) -> Result<(), ClientError> {
+        let answer = self.request("GET", path, None)?;
+        self.lines(answer, each)
+    }
+
+    /// `GET path` of an NDJSON stream that stays open (`follow=true`): connecting and the
+    /// answer's head are bounded by the timeout, then lines are awaited as long as it takes.
+    /// Calls `each` per JSON line until it returns false or vmhad closes the stream.
+    pub fn follow(&self, path: &str, each: impl FnMut(Value) -> bool) -> Result<(), ClientError> {
+        let mut answer = self.request("GET", path, None)?;
+        if (200..300).contains(&answer.status) {
+            answer.reader.get_mut().deadline = None;
+        }
+        self.lines(answer, each)
+    }
+
+    fn lines(
         &self,
-        path: &str,
+        answer: Answer,
         mut each: impl FnMut(Value) -> bool,
     ) -> Result<(), ClientError> {
-        let (status, reader) = self.request("GET", path, None)?;
-        if !(200..300).contains(&status) {
-            return Self::finish(status, reader).map(drop);
+        if !(200..300).contains(&answer.status) {
+            return self.finish(answer).map(drop);
         }
-        for line in reader.lines() {
-            let line = line?;
-            if line.trim().is_empty() {
+        let mut reader = answer.reader;
+        loop {
+            let mut line = Vec::new();
+            let n = reader
+                .by_ref()
+                .take(LINE_LIMIT)
+                .read_until(b'\n', &mut line)
+                .map_err(|e| self.io(e))?;
+            if n == 0 {
+                return Ok(());
+            }
+            if n as u64 == LINE_LIMIT && !line.ends_with(b"\n") {
+                return Err(self.not_vmhad(format!(
+                    "a line of its stream is longer than {} MiB",
+                    LINE_LIMIT >> 20
+                )));
+            }
+            let text = String::from_utf8_lossy(&line);
+            if text.trim().is_empty() {
                 continue;
             }
-            let value: Value = serde_json::from_str(&line)
-                .map_err(|e| ClientError::Protocol(format!("{e}: {line}")))?;
+            let value: Value = serde_json::from_str(&text).map_err(|_| {
+                self.not_vmhad(format!("its stream sent `{}`, not JSON", quote(&text)))
+            })?;
             if !each(value) {
-                break;
+                return Ok(());
             }
         }
-        Ok(())
+    }
+}
+
+/// The start of a stranger's answer, on one line, for an error message.
+fn quote(text: &str) -> String {
+    let one_line: String = text
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    match one_line.char_indices().nth(QUOTED) {
+        Some((cut, _)) => format!("{}…", &one_line[..cut]),
+        None => one_line,
     }
 }
 
@@ -186,5 +533,47 @@ mod tests {
         let raw = r#"["not", "an", "error body"]"#;
         let body = error_body(serde_json::from_str(raw).unwrap(), raw);
         assert_eq!(body.error, raw);
+    }
+
+    #[test]
+    fn only_root_or_oneself_may_serve_the_socket() {
+        assert!(peer_trusted(0, 0));
+        assert!(peer_trusted(0, 1000));
+        assert!(peer_trusted(1000, 1000));
+        assert!(!peer_trusted(1000, 0));
+        assert!(!peer_trusted(1001, 1000));
+        let text = untrusted_text(Path::new("/run/vmhad.sock"), 1000, 0);
+        assert_eq!(
+            text,
+            "/run/vmhad.sock is served by uid 1000, not root — refusing to send commands to it"
+        );
+        assert!(
+            untrusted_text(Path::new("/s"), 1001, 1000).contains("not root nor you (uid 1000)")
+        );
+    }
+
+    #[test]
+    fn connect_failures_say_what_to_do() {
+        let c = Client::new("/run/vmha/vmhad.sock");
+        let text = |e: Errno| c.connect_error(e).to_string();
+        assert_eq!(
+            text(Errno::EACCES),
+            "permission denied on /run/vmha/vmhad.sock: vmhad's API socket is open to root (and \
+             its configured group) only; run vmha as root"
+        );
+        assert_eq!(text(Errno::EPERM), text(Errno::EACCES));
+        assert!(text(Errno::ENOTDIR).starts_with("vmhad is not running (no socket at "));
+        assert_eq!(
+            text(Errno::ENAMETOOLONG),
+            "cannot connect to /run/vmha/vmhad.sock: File name too long (os error 36)"
+        );
+    }
+
+    #[test]
+    fn strangers_answers_are_quoted_short_and_on_one_line() {
+        assert_eq!(quote("  SSH-2.0-OpenSSH\r\n"), "SSH-2.0-OpenSSH");
+        let long = "x".repeat(500);
+        assert_eq!(quote(&long), format!("{}…", "x".repeat(QUOTED)));
+        assert_eq!(quote("a\u{1b}[2Jb"), "a [2Jb");
     }
 }

@@ -15,7 +15,6 @@ use vmha_api::ConfigApplied;
 use vmha_model::Config;
 
 use crate::api_args::ApiArgs;
-use crate::client::Client;
 use crate::output::{Output, print_json, print_text};
 
 /// Exit code for an invalid or unreadable configuration (clap's usage errors use 2 as well).
@@ -65,12 +64,12 @@ pub fn run(cmd: ConfigCommand, api: &ApiArgs) -> anyhow::Result<ExitCode> {
             let Some((_, text)) = load(&file) else {
                 return Ok(exit(false));
             };
-            let client = Client::new(api.socket());
+            let client = api.client()?;
             let answer = client.post("/v1/config", &json!({ "toml": text }))?;
             applied(&answer, fmt)
         }
         ConfigCommand::Reload { out: fmt } => {
-            let client = Client::new(api.socket());
+            let client = api.client()?;
             let answer = client.post("/v1/config/reload", &json!({}))?;
             applied(&answer, fmt)
         }

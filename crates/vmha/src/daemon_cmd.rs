@@ -1,7 +1,8 @@
 //! The commands that talk to a running vmhad over its local API (SPEC §4.7): `status`,
 //! `events`, `explain`, the admin commands and `guest exec`. [`ApiArgs`] says which vmhad.
 //!
-//! Exit codes: 0 done; 2 usage error (bad `VM/APP`, name, duration, policy: nothing is sent);
+//! Exit codes: 0 done; 2 usage error (bad `VM/APP`, name, duration, policy, `$VMHA_TIMEOUT`:
+//! nothing is sent);
 //! 1 vmhad unreachable or refusing (its message goes to stderr, followed by a hint when the
 //! refused command changed nothing and may be retried, see [`crate::report`]). `guest exec`
 //! exits with the guest command's code.
@@ -14,7 +15,6 @@ use vmha_model::Name;
 
 use crate::admin_cmd::{self, AppCommand, HostCommand, SetCommand, VmCommand};
 use crate::api_args::ApiArgs;
-use crate::client::Client;
 use crate::events_cmd::{self, EventsArgs};
 use crate::guest_cmd::{self, GuestCommand};
 use crate::output::Output;
@@ -96,7 +96,7 @@ pub enum DaemonCommand {
 
 /// Runs one daemon command against the vmhad at `api`.
 pub fn run(cmd: DaemonCommand, api: &ApiArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::new(api.socket());
+    let client = api.client()?;
     match cmd {
         DaemonCommand::Status(out) => status_cmd::status(&client, out),
         DaemonCommand::Events(args) => events_cmd::run(&client, &args),

@@ -374,7 +374,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     let (tx, rx) = mpsc::channel();
     let follower = client.clone();
     std::thread::spawn(move || {
-        let _ = follower.stream("/v1/events?limit=0&follow=true", |v| {
+        let _ = follower.follow("/v1/events?limit=0&follow=true", |v| {
             Ev::parse(&v).is_none_or(|ev| tx.send(ev).is_ok())
         });
     });

@@ -1,8 +1,9 @@
 //! `vmha events [--limit N] [--follow]`: the event log, one line per state change with its
 //! reason, times in local `HH:MM:SS.mmm`; a controller's event names the host it ran on
 //! (`controller@kvm1`). `--json` prints vmhad's NDJSON lines (with `host`, `seq` — numbered
-//! per host — and `text`). With `--follow` it keeps printing new events until interrupted; if
-//! vmhad closes the stream (it stopped) that is a failure, exit 1.
+//! per host — and `text`). With `--follow` it keeps printing new events until interrupted (the
+//! timeout bounds only connecting and the stream's start); if vmhad closes the stream (it
+//! stopped) that is a failure, exit 1.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -37,7 +38,7 @@ pub fn run(client: &Client, args: &EventsArgs) -> anyhow::Result<ExitCode> {
     let render = Render::local();
     let mut stdout = std::io::stdout().lock();
     let mut failed: Option<anyhow::Error> = None;
-    client.stream(&path, |line| {
+    let each = |line: serde_json::Value| {
         let text = if args.out.json {
             Ok(line.to_string())
         } else {
@@ -53,7 +54,13 @@ pub fn run(client: &Client, args: &EventsArgs) -> anyhow::Result<ExitCode> {
                 false
             }
         }
-    })?;
+    };
+    // A followed stream may stay quiet for hours: only its start is bounded by the timeout.
+    if args.follow {
+        client.follow(&path, each)?;
+    } else {
+        client.stream(&path, each)?;
+    }
     match failed {
         Some(e) => Err(e),
         // A followed stream only ends when vmhad closes it (it stopped, or restarted).

@@ -11,6 +11,7 @@ use clap::Subcommand;
 use vmha_model::Name;
 use vmha_model::duration::millis;
 
+use crate::api_args::parse_timeout;
 use crate::client::Client;
 use crate::output::{Output, print_json};
 use vmha_api::{ExecRequest, GuestOutput};
@@ -22,7 +23,8 @@ pub enum GuestCommand {
     Exec {
         /// The VM.
         vm: Name,
-        /// How long the command may run (at most 10m).
+        /// How long the command may run (at most 10m); vmha waits 5s longer for vmhad's
+        /// answer.
         #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_timeout)]
         timeout: Duration,
         /// The command and its arguments, after `--`.
@@ -31,13 +33,9 @@ pub enum GuestCommand {
     },
 }
 
-fn parse_timeout(s: &str) -> Result<Duration, String> {
-    let d = vmha_model::duration::parse(s).map_err(|e| e.to_string())?;
-    if !ExecRequest::timeout_allowed(millis(d)) {
-        return Err("the timeout must be between 1ms and 10m".to_string());
-    }
-    Ok(d)
-}
+/// How much longer than the guest command's timeout vmha waits for vmhad's answer (vmhad
+/// reaches the guest, waits, then collects the output).
+pub const EXEC_MARGIN: Duration = Duration::from_secs(5);
 
 /// Runs the guest command and passes its output and exit status through.
 pub fn run(client: &Client, cmd: GuestCommand, out: Output) -> anyhow::Result<ExitCode> {
@@ -46,6 +44,9 @@ pub fn run(client: &Client, cmd: GuestCommand, out: Output) -> anyhow::Result<Ex
         argv,
         timeout_ms: millis(timeout),
     };
+    let client = client
+        .clone()
+        .with_timeout(client.timeout().max(timeout + EXEC_MARGIN));
     let answer = client.post(
         &format!("/v1/vms/{vm}/exec"),
         &serde_json::to_value(&request)?,

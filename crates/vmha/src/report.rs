@@ -16,6 +16,12 @@ pub const EXIT_FAILURE: u8 = 1;
 /// Exit code of a usage error or an invalid configuration (clap's usage errors use 2 too).
 pub const EXIT_USAGE: u8 = 2;
 
+/// A usage error found after parsing (e.g. a bad `$VMHA_TIMEOUT`): nothing was sent; exit
+/// [`EXIT_USAGE`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 /// Prints `err` on stderr (with a retry hint when one applies) and returns the exit code. A
 /// closed stdout (`vmha events | head`) is the reader's choice, not a failure: exit 0, silent.
 pub fn failure(err: &anyhow::Error) -> ExitCode {
@@ -27,6 +33,9 @@ pub fn failure(err: &anyhow::Error) -> ExitCode {
     }
     for line in lines(err) {
         eprintln!("vmha: {line}");
+    }
+    if err.downcast_ref::<UsageError>().is_some() {
+        return ExitCode::from(EXIT_USAGE);
     }
     ExitCode::from(EXIT_FAILURE)
 }

@@ -228,7 +228,7 @@ fn unreachable_daemon_exits_1_naming_the_socket() {
     let out = vmha(&["--socket", missing.to_str().unwrap(), "status"]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("cannot reach vmhad at"), "{err}");
+    assert!(err.contains("vmhad is not running (no socket at "), "{err}");
     assert!(err.contains(missing.to_str().unwrap()), "{err}");
 
     // --state-dir names DIR/vmhad.sock; $VMHA_SOCKET is the default.

@@ -180,12 +180,26 @@ fn app_and_vm_failures() {
     });
     assert_eq!(h.app(VM, "check", "web"), 0);
 
-    // 2. worker (lowest priority) keeps failing → faulted; highest-priority leaves the VM alone.
+    // 2. worker (lowest priority) keeps failing: its start fails; with budget left
+    // (restart_limit 2) it stays restarting and is retried after a backoff; the failed start
+    // that spends the budget faults it. Only then does the decision agent weigh it
+    // (highest-priority: the VM is left alone), and nothing retries it while the budget stays
+    // spent (10m window).
     let m = h.mark();
     assert_eq!(h.app(VM, "break", "worker"), 0);
     kill_app(&h, "worker");
-    let (_, faulted) = h.wait_for(m, "shop/worker", "*", "faulted");
+    let (i_retry, retry) = h.wait_for_event(m, "worker's failed start retried later", |e| {
+        e.is("shop/worker", "restarting", "restarting") && e.reason.contains("retry in")
+    });
+    println!("worker start failed: {}", retry.text);
+    let (i_faulted, faulted) = h.wait_for(m, "shop/worker", "*", "faulted");
     println!("worker faulted: {}", faulted.text);
+    assert!(i_retry < i_faulted, "faulted before its retry");
+    assert!(
+        faulted.reason.contains("restart budget 2/2") && faulted.reason.contains("spent"),
+        "faulted with budget left: {}",
+        faulted.text
+    );
     let explain = h.get(&format!("/v1/vms/{VM}/explain")).1;
     let last = explain["vm"]["decisions"]
         .as_array()
@@ -204,6 +218,17 @@ fn app_and_vm_failures() {
         texts(&vm_events(&evs))
     );
     assert_eq!(h.vm_status(VM)["state"], "online");
+    // Faulted with the budget spent: nothing retried it since.
+    let after: Vec<&Ev> = evs
+        .iter()
+        .skip(i_faulted + 1 - m)
+        .filter(|e| e.object == "shop/worker")
+        .collect();
+    assert!(
+        after.is_empty(),
+        "worker changed after faulting:\n{}",
+        texts(&after)
+    );
     assert_eq!(h.app_status(VM, "worker")["state"], "faulted");
     assert_eq!(h.qemu_processes(VM), vec![pid0]);
 

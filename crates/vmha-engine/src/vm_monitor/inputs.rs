@@ -191,8 +191,10 @@ impl VmMonitor {
     pub(super) fn finish_probe(&mut self) -> Option<Probe> {
         let probe = self.probe.take()?;
         for &i in &probe.apps {
+            // Never earlier than already planned (a backoff set while the probe ran).
             let interval = self.apps[i].cfg.interval;
-            self.apps[i].next_probe = probe.sent.plus(interval);
+            let next = probe.sent.plus(interval).max(self.apps[i].next_probe);
+            self.apps[i].next_probe = next;
         }
         Some(probe)
     }
@@ -366,8 +368,7 @@ impl VmMonitor {
                     "start"
                 };
                 if command_ran(&e) {
-                    let r = format!("{what} command failed: {e}");
-                    changed |= self.fault_app(out, i, FaultKind::Sticky, &r);
+                    changed |= self.start_failed(out, i, &format!("{what} command failed: {e}"));
                 } else {
                     // The guest channel failed under it (the command may or may not have
                     // run): not the app's fault; the next probe tells.

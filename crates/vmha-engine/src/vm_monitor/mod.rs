@@ -439,6 +439,20 @@ impl VmMonitor {
         self.app_event(out, i, change)
     }
 
+    /// Like `set_app`, but a restart or retry that leaves the app `restarting` is an event too
+    /// (every restart taken from the budget and every failed start shows, with its reason).
+    fn note_app(&mut self, out: &mut Out<'_>, i: usize, to: AppState, reason: &str) -> bool {
+        if self.apps[i].state == to && to == AppState::Restarting {
+            self.apps[i].reason = reason.to_string();
+            let s = to.as_str();
+            out.event(app_ref(&self.name, &self.apps[i].name), s, s, reason);
+            return false;
+        }
+        let changed = self.set_app(out, i, to, reason);
+        self.apps[i].reason = reason.to_string();
+        changed
+    }
+
     fn fault_app(&mut self, out: &mut Out<'_>, i: usize, kind: FaultKind, reason: &str) -> bool {
         let changed = self.set_app(out, i, AppState::Faulted, reason);
         self.apps[i].fault = Some(kind);

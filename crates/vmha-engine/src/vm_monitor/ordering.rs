@@ -12,11 +12,15 @@ impl VmMonitor {
                 .any(|a| matches!(a.op, Some(AppOp::Stop(_, StopWhy::Plan))))
     }
 
+    /// Every app's start has settled: none pending or in flight, none `starting` or
+    /// `restarting` — except an app waiting out the backoff after a failed start (a VM start
+    /// plan does not wait for its retries).
     pub(super) fn starts_done(&self) -> bool {
         !self.apps.iter().any(|a| {
             a.pending.is_some()
                 || matches!(a.op, Some(AppOp::Start(..)))
-                || matches!(a.state, AppState::Starting | AppState::Restarting)
+                || (matches!(a.state, AppState::Starting | AppState::Restarting)
+                    && !a.awaits_retry())
         })
     }
 
@@ -117,7 +121,16 @@ impl VmMonitor {
                 self.set_app(out, i, to, &r);
             } else {
                 self.apps[i].pending = None;
-                let reason = self.apps[i].reason.clone();
+                let waits = format!("{verb} waits for ");
+                let reason = if self.apps[i].reason.starts_with(&waits) {
+                    let names: Vec<&str> = self.requires[i]
+                        .iter()
+                        .map(|&r| self.apps[r].name.as_str())
+                        .collect();
+                    format!("{} online", names.join(", "))
+                } else {
+                    self.apps[i].reason.clone()
+                };
                 self.start_app(out, i, why, &reason);
             }
         }
@@ -157,7 +170,24 @@ impl VmMonitor {
             reason.clone(),
         );
         self.apps[i].op = Some(AppOp::Start(id, why));
-        self.set_app(out, i, to, &reason);
-        self.apps[i].reason = reason;
+        self.note_app(out, i, to, &reason);
+    }
+
+    /// A start command of app `i` ran and failed. With restart budget left the app stays (or
+    /// becomes) `restarting` and is probed again after its backoff — a probe that finds it
+    /// down restarts it, taking one unit of the budget; with the budget spent it is `faulted`
+    /// (the decision agent weighs it). Returns whether the app's state changed.
+    pub(super) fn start_failed(&mut self, out: &mut Out<'_>, i: usize, cause: &str) -> bool {
+        let now = out.now;
+        let budget = self.apps[i].budget.describe(now);
+        if self.apps[i].budget.used(now) >= self.apps[i].budget.limit {
+            let r = format!("{cause}; restart budget {budget} spent");
+            return self.fault_app(out, i, FaultKind::Sticky, &r);
+        }
+        // Counted before the state is set: entering `restarting` keeps the count.
+        let backoff = self.apps[i].start_failed_backoff();
+        self.apps[i].next_probe = now.plus_ms(backoff);
+        let r = format!("{cause}; retry in {} (restart {budget})", human(backoff));
+        self.note_app(out, i, AppState::Restarting, &r)
     }
 }
