@@ -208,7 +208,8 @@ fn check_meta(dir: &Path, meta: &Metadata) -> Result<(), FilesError> {
 /// Every existing parent of `dir` (symlinks resolved) belongs to root or vmhad's user and is
 /// writable by nobody else, unless it is sticky (then nobody else can rename `dir` out of it).
 fn check_parents(dir: &Path) -> Result<(), FilesError> {
-    let Some(parent) = dir.parent() else {
+    let absolute = std::path::absolute(dir).map_err(io("resolving", dir))?;
+    let Some(parent) = absolute.parent() else {
         return Ok(());
     };
     // The nearest parent that exists (missing ones are created by vmhad, mode 0700).
@@ -363,6 +364,29 @@ mod tests {
         assert!(!dir.exists(), "nothing is created under an unsafe parent");
         std::fs::set_permissions(&open, PermissionsExt::from_mode(0o1777)).unwrap();
         private_dir(&dir, None).unwrap();
+    }
+
+    #[test]
+    fn a_relative_dir_has_its_parents_checked_too() {
+        let base = tempfile::tempdir().unwrap();
+        let open = base.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, PermissionsExt::from_mode(0o777)).unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        let relative = pathdiff(&open.join("state"), &cwd);
+        let e = check_private_dir(&relative).unwrap_err();
+        assert!(matches!(e, FilesError::UnsafeParent { .. }), "{e}");
+    }
+
+    /// `path` relative to `base` (both absolute), with `..` as needed.
+    fn pathdiff(path: &Path, base: &Path) -> PathBuf {
+        let mut up = PathBuf::new();
+        let mut b = base;
+        while !path.starts_with(b) {
+            up.push("..");
+            b = b.parent().unwrap();
+        }
+        up.join(path.strip_prefix(b).unwrap())
     }
 
     #[test]
