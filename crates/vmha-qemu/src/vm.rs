@@ -181,6 +181,22 @@ impl VmPaths {
     }
 }
 
+/// Creates the VM's runtime directory owner-only (0700, whatever the umask), or makes an
+/// existing one owner-only: its QMP and guest agent sockets give control of the VM.
+fn private_dir(dir: &Path) -> Result<(), VmError> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let io = |source| VmError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)
+}
+
 /// Escapes a value for a QEMU `key=value,…` option (commas doubled).
 fn opt_escape(path: &Path) -> OsString {
     let text = path.as_os_str().to_string_lossy().replace(',', ",,");
@@ -389,10 +405,7 @@ impl QemuVm {
         config: &DriverConfig,
     ) -> Result<Self, VmError> {
         let paths = VmPaths::new(runtime_dir, &spec.name)?;
-        std::fs::create_dir_all(&paths.dir).map_err(|source| VmError::Io {
-            path: paths.dir.clone(),
-            source,
-        })?;
+        private_dir(&paths.dir)?;
         // Anyone accepting on the QMP socket (even a busy QEMU that would never greet us), a
         // live QEMU named by the pidfile, or any live process naming this VM's QMP socket (a QEMU
         // still starting, launched by a daemon that died meanwhile) means this VM already runs:
@@ -796,6 +809,21 @@ mod tests {
             accel: Accel::Tcg,
             extra_args: vec!["-S".into()],
         }
+    }
+
+    #[test]
+    fn the_vm_dir_is_owner_only_whatever_the_umask_or_its_old_mode() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let base = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let new = base.path().join("run/vm1");
+        private_dir(&new).unwrap();
+        assert_eq!(mode(&new), 0o700);
+        let old = base.path().join("run/vm2");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o777)).unwrap();
+        private_dir(&old).unwrap();
+        assert_eq!(mode(&old), 0o700);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::Duration;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
@@ -124,15 +124,23 @@ struct Written {
 }
 
 impl EmbeddedStore {
-    /// Opens (creating if needed) the store file at `path`, verifying its integrity.
+    /// Opens the store file at `path`, verifying its integrity, or creates it (mode 0600) when
+    /// nothing exists at `path`.
     ///
-    /// Keys bound to leases of a previous run are deleted (in one revision). Fails with
-    /// [`StoreError::Locked`] if another process has the file open, [`StoreError::Corrupt`] if it is
-    /// not an intact store. Blocks on disk I/O: call it at start-up or from a blocking context.
+    /// A new store is initialised under a temporary name and linked into place complete, so a
+    /// crash or a full disk while creating it never leaves a half-made `path` behind. Anything
+    /// that exists at `path` is opened, never re-initialised: an empty file, a damaged or foreign
+    /// file, or something that is not a regular file fails with [`StoreError::Unusable`] (naming
+    /// the file and how to recover) and is left untouched. Keys bound to leases of a previous run
+    /// are deleted (in one revision). Fails with [`StoreError::Locked`] if another process has
+    /// the file open. Blocks on disk I/O: call it at start-up or from a blocking context.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let db = open_db(&path)?;
-        let (revision, next_lease) = recover(&db).map_err(|e| map_redb(e, &path))?;
+        let db = match open_existing(&path)? {
+            Some(db) => db,
+            None => create_db(&path)?,
+        };
+        let (revision, next_lease) = recover(&db).map_err(|e| unusable(e, &path))?;
         let (events, _) = broadcast::channel(WATCH_BUFFER);
         tracing::debug!(path = %path.display(), revision, "embedded store open");
         let inner = Arc::new(Inner {
@@ -167,16 +175,147 @@ impl EmbeddedStore {
     }
 }
 
-fn open_db(path: &Path) -> Result<Database, StoreError> {
-    redb::Builder::new()
+fn builder() -> redb::Builder {
+    let mut builder = redb::Builder::new();
+    builder
         .set_cache_size(CACHE_BYTES)
-        .set_check_integrity_on_open(true)
-        .create(path)
-        .map_err(|e| map_redb(redb::Error::from(e), path))
+        .set_check_integrity_on_open(true);
+    builder
 }
 
-/// On open: create the tables, read the revision, delete keys bound to leases of a previous run.
+/// Opens the existing store file at `path` (never creating or re-initialising it); `None` if
+/// nothing exists there.
+fn open_existing(path: &Path) -> Result<Option<Database>, StoreError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::Io(e)),
+    };
+    // A symlink is followed; what it leads to must be a regular file.
+    let target = if meta.file_type().is_symlink() {
+        std::fs::metadata(path)
+            .map_err(|e| unusable_file(path, format!("a symlink that cannot be followed ({e})")))?
+    } else {
+        meta
+    };
+    if !target.is_file() {
+        return Err(unusable_file(path, "not a regular file"));
+    }
+    if target.len() == 0 {
+        return Err(unusable_file(path, "the file is empty (0 bytes)"));
+    }
+    // Looked at read-only first: a file that is not a vmha store is refused before the writer's
+    // open could change a byte of it. A store that needs repair (vmhad crashed) is repaired by
+    // the writer's open.
+    match builder().open_read_only(path) {
+        Ok(db) => {
+            if !has_meta(&db).map_err(|e| unusable(e, path))? {
+                return Err(unusable(not_a_store(), path));
+            }
+        }
+        Err(redb::DatabaseError::RepairAborted) => {}
+        Err(e) => return Err(unusable(e.into(), path)),
+    }
+    builder()
+        .open(path)
+        .map(Some)
+        .map_err(|e| unusable(redb::Error::from(e), path))
+}
+
+/// Whether the database has the store's metadata table (every store file has it from creation).
+fn has_meta(db: &impl ReadableDatabase) -> Result<bool, redb::Error> {
+    Ok(db
+        .begin_read()?
+        .list_tables()?
+        .any(|t| t.name() == META.name()))
+}
+
+fn not_a_store() -> redb::Error {
+    redb::Error::Corrupted("not a vmha store (a database without its metadata table)".to_owned())
+}
+
+/// Creates a new, initialised store at `path`: built under a temporary name in the same
+/// directory (mode 0600), made durable, then hard-linked to `path`, which fails if anything
+/// appeared there meanwhile (then that is opened instead).
+fn create_db(path: &Path) -> Result<Database, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(StoreError::InvalidArgument(format!(
+            "{} is not a file path",
+            path.display()
+        )));
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let mut temp_name = name.to_os_string();
+    temp_name.push(format!(".new-{}", std::process::id()));
+    let temp = dir.join(temp_name);
+    // A leftover of an earlier process with this pid that crashed while creating.
+    let _ = std::fs::remove_file(&temp);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temp)?;
+    let made = (|| {
+        let backend =
+            redb::backends::FileBackend::new(file).map_err(|e| map_redb(e.into(), &temp))?;
+        let db = builder()
+            .create_with_backend(backend)
+            .map_err(|e| map_redb(e.into(), &temp))?;
+        init(&db).map_err(|e| map_redb(e, &temp))?;
+        Ok::<_, StoreError>(db)
+    })();
+    let linked = made.and_then(|db| {
+        std::fs::hard_link(&temp, path)?;
+        Ok(db)
+    });
+    let _ = std::fs::remove_file(&temp);
+    match linked {
+        Ok(db) => {
+            std::fs::File::open(dir).and_then(|d| d.sync_all())?;
+            tracing::info!(path = %path.display(), "created a new, empty store");
+            Ok(db)
+        }
+        Err(StoreError::Io(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // Someone else created it meanwhile: theirs it is.
+            open_existing(path)?.ok_or(StoreError::Io(e))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes a new store's tables, so that every store file that exists has them.
+fn init(db: &Database) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        txn.open_table(KV)?;
+        meta.insert(META_REVISION, 0)?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+/// Opens the file again after an I/O error: it exists (it was open), and is never re-created.
+fn reopen_db(path: &Path) -> Result<Database, StoreError> {
+    open_existing(path)?.ok_or_else(|| {
+        StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("the store file {} was removed while open", path.display()),
+        ))
+    })
+}
+
+/// On open: check the tables, read the revision, delete keys bound to leases of a previous run.
 fn recover(db: &Database) -> Result<(Revision, u64), redb::Error> {
+    if !has_meta(db)? {
+        return Err(not_a_store());
+    }
     let txn = db.begin_write()?;
     let (revision, next_lease) = {
         let mut meta = txn.open_table(META)?;
@@ -236,6 +375,26 @@ fn map_redb(e: redb::Error, path: &Path) -> StoreError {
             ))
         }
         other => StoreError::Backend(other.to_string()),
+    }
+}
+
+/// [`StoreError::Unusable`] for a store file that cannot be opened, with how to recover; a lock
+/// held by another process or an I/O error of the file system keep their own variants.
+fn unusable(e: redb::Error, path: &Path) -> StoreError {
+    match map_redb(e, path) {
+        StoreError::Corrupt(detail) | StoreError::Backend(detail) => unusable_file(path, detail),
+        StoreError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            unusable_file(path, format!("the file is truncated ({io})"))
+        }
+        other => other,
+    }
+}
+
+/// [`StoreError::Unusable`] for the file at `path`.
+fn unusable_file(path: &Path, reason: impl Into<String>) -> StoreError {
+    StoreError::Unusable {
+        path: path.display().to_string(),
+        reason: reason.into(),
     }
 }
 
@@ -445,7 +604,7 @@ impl Inner {
                 tracing::warn!(error = %e, "closing the store file after an I/O error failed");
             }
         }
-        let db = open_db(&self.path)?;
+        let db = reopen_db(&self.path)?;
         self.reconcile(&db, state)?;
         *slot = Some(db);
         self.broken.store(false, Ordering::Release);

@@ -254,6 +254,20 @@ pub enum StoreError {
     /// Stored data is damaged or not a store of this format.
     #[error("store is corrupt: {0}")]
     Corrupt(String),
+    /// An existing store file cannot be opened as a store (empty, truncated, damaged, foreign, or
+    /// not a regular file). It was left as it is; the message says how to recover.
+    #[error(
+        "the store file {path} cannot be used: {reason}. It was left as it is. To recover: stop \
+         vmhad, move the file aside and restore a backup of it; or remove it to start with an \
+         empty store, which forgets what this host had stored (frozen VMs, offline apps, \
+         maintenance, run-time overrides, budgets, the applied configuration, the event log)"
+    )]
+    Unusable {
+        /// The store file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An I/O error of the store's storage.
     #[error("store I/O error: {0}")]
     Io(#[from] std::io::Error),

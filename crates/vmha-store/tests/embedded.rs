@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::Write;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -128,24 +129,10 @@ fn a_second_handle_in_the_same_process_is_refused() {
     ));
 }
 
-#[test]
-fn a_file_that_is_not_a_store_is_reported_corrupt() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("store.redb");
-    std::fs::write(&path, vec![0x5a; 64 * 1024]).unwrap();
-    match EmbeddedStore::open(&path) {
-        Err(StoreError::Corrupt(_)) => {}
-        Err(e) => panic!("expected Corrupt, got {e:?}"),
-        Ok(_) => panic!("garbage opened as a store"),
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_damaged_store_is_reported_corrupt() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("store.redb");
+/// A store with some data, as vmhad leaves it; returns its bytes.
+async fn good_store(path: &Path) -> Vec<u8> {
     {
-        let store = EmbeddedStore::open(&path).unwrap();
+        let store = EmbeddedStore::open(path).unwrap();
         for i in 0..100 {
             store
                 .put(&format!("/k/{i}"), vec![7; 512], None)
@@ -153,17 +140,178 @@ async fn a_damaged_store_is_reported_corrupt() {
                 .unwrap();
         }
     }
-    let mut bytes = std::fs::read(&path).unwrap();
-    let len = bytes.len();
-    for b in &mut bytes[len / 4..len * 3 / 4] {
-        *b ^= 0xff;
+    std::fs::read(path).unwrap()
+}
+
+/// The content of `path` if it is a regular file (reading a FIFO would block).
+fn read_if_file(path: &Path) -> Option<Vec<u8>> {
+    std::fs::metadata(path)
+        .is_ok_and(|m| m.is_file())
+        .then(|| std::fs::read(path).unwrap())
+}
+
+/// Checks that opening `path` is refused as unusable, naming the file and the way to recover,
+/// and that nothing at `path` changed.
+fn assert_refused(path: &Path, kind: &str) {
+    let before = std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.len(), m.mode()));
+    let bytes_before = read_if_file(path);
+    let error = match EmbeddedStore::open(path) {
+        Err(e @ StoreError::Unusable { .. }) => e.to_string(),
+        Err(e) => panic!("{kind}: expected Unusable, got {e:?}"),
+        Ok(_) => panic!("{kind}: opened as a store"),
+    };
+    for needle in [
+        &path.display().to_string()[..],
+        "left as it is",
+        "restore",
+        "remove it to start with an empty store",
+        "frozen VMs",
+    ] {
+        assert!(
+            error.contains(needle),
+            "{kind}: {needle:?} missing in: {error}"
+        );
     }
-    std::fs::write(&path, bytes).unwrap();
-    match EmbeddedStore::open(&path) {
-        Err(StoreError::Corrupt(_)) => {}
-        Err(e) => panic!("expected Corrupt, got {e:?}"),
-        Ok(_) => panic!("damaged store opened"),
+    let after = std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.len(), m.mode()));
+    assert_eq!(before, after, "{kind}: the file was changed");
+    assert!(
+        bytes_before == read_if_file(path),
+        "{kind}: the content was changed"
+    );
+    let dir = path.parent().unwrap();
+    let names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["store.redb"], "{kind}: nothing else is created");
+}
+
+/// Every kind of damage, including an empty file (a crashed copy, a full disk), is refused with
+/// the file's name and the way to recover, and the file is left as it was: an existing file is
+/// never re-initialised as an empty store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_file_that_cannot_be_read_is_refused_and_left_as_it_is() {
+    let scratch = tempfile::tempdir().unwrap();
+    let good = good_store(&scratch.path().join("store.redb")).await;
+    let len = good.len();
+    let flip = |range: std::ops::Range<usize>| {
+        let mut b = good.clone();
+        for x in &mut b[range] {
+            *x ^= 0xff;
+        }
+        b
+    };
+    let foreign = {
+        let path = scratch.path().join("foreign.redb");
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let def: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("other");
+            txn.open_table(def).unwrap().insert("a", "b").unwrap();
+        }
+        txn.commit().unwrap();
+        drop(db);
+        std::fs::read(&path).unwrap()
+    };
+    let mut noise = Vec::with_capacity(len);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        noise.push(x.to_le_bytes()[0]);
     }
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("empty file", Vec::new()),
+        ("one byte", good[..1].to_vec()),
+        ("half a header", good[..256].to_vec()),
+        ("first page only", good[..4096].to_vec()),
+        ("truncated to half", good[..len / 2].to_vec()),
+        ("zeros", vec![0; len]),
+        ("garbage", vec![0x5a; 64 * 1024]),
+        ("noise", noise),
+        ("header flipped", flip(0..64)),
+        ("middle flipped", flip(len / 4..len * 3 / 4)),
+        ("a redb database of something else", foreign),
+        ("a text file", b"[cluster]\nname = \"c\"\n".to_vec()),
+    ];
+    for (kind, bytes) in files {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        std::fs::write(&path, bytes).unwrap();
+        assert_refused(&path, kind);
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    std::fs::create_dir(&path).unwrap();
+    assert_refused(&path, "a directory");
+    std::fs::remove_dir(&path).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/store.redb", &path).unwrap();
+    assert_refused(&path, "a dangling symlink");
+    std::fs::remove_file(&path).unwrap();
+    let made = Command::new("mkfifo").arg(&path).status().unwrap();
+    assert!(made.success());
+    assert_refused(&path, "a FIFO");
+}
+
+const CRASH_ENV: &str = "VMHA_STORE_TEST_CRASH";
+
+/// Run by `a_store_left_by_a_crashed_process_opens_with_its_data` in a child process: writes,
+/// then dies without closing the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_write_and_crash() {
+    let Some(path) = std::env::var_os(CRASH_ENV) else {
+        return; // Not the child.
+    };
+    let store = EmbeddedStore::open(path).unwrap();
+    store.put("/crash/kept", b"v".to_vec(), None).await.unwrap();
+    std::process::abort();
+}
+
+/// A store whose process crashed is not damaged: it needs repair, which opening it does; it is
+/// not refused as unusable.
+#[test]
+fn a_store_left_by_a_crashed_process_opens_with_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_write_and_crash",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CRASH_ENV, &path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the child crashed");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let store = EmbeddedStore::open(&path).unwrap();
+    let kept = runtime.block_on(store.get("/crash/kept")).unwrap();
+    assert_eq!(kept.unwrap().value, b"v");
+}
+
+/// A new store is created only where nothing exists, complete, owner-only (0600 whatever the
+/// umask), with no temporary file left; a good store still opens after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_store_is_created_complete_and_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    good_store(&path).await;
+    let mode = std::fs::metadata(&path).unwrap().mode() & 0o7777;
+    assert_eq!(mode, 0o600, "store mode {mode:o}");
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["store.redb"]);
+    let store = EmbeddedStore::open(&path).unwrap();
+    assert_eq!(store.list("/k/").await.unwrap().kvs.len(), 100);
 }
 
 /// Whether this process runs as root (effective uid 0).
@@ -346,4 +494,27 @@ async fn writes_work_again_through_the_same_handle_after_the_disk_was_full() {
     );
     drop(store);
     drop(disk);
+}
+
+/// A full disk at first start leaves no store file behind (an empty one would be refused at the
+/// next start): creating fails cleanly, and works once there is space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_at_first_start_leaves_no_store_file() {
+    let disk = Tmpfs::mount("1m");
+    let path = disk.path().join("store.redb");
+    let filler = disk.path().join("filler");
+    fill(&filler);
+    match EmbeddedStore::open(&path) {
+        Err(StoreError::Io(_)) => {}
+        Err(e) => panic!("expected an I/O error, got {e:?}"),
+        Ok(_) => panic!("a store was created on a full disk"),
+    }
+    let names: Vec<_> = std::fs::read_dir(disk.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["filler"], "nothing is left behind");
+    std::fs::remove_file(&filler).unwrap();
+    let store = EmbeddedStore::open(&path).unwrap();
+    store.put("/a", b"1".to_vec(), None).await.unwrap();
 }

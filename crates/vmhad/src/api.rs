@@ -11,7 +11,6 @@
 //! - `POST /v1/vms/{vm}/exec` — run a command in the guest (`{"argv": [...], "timeout_ms": N}`),
 //!   like `qm guest exec`: for operators and failure drills; output is capped
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,21 +81,19 @@ fn unavailable() -> ApiError {
     )
 }
 
-/// Starts serving; the returned task runs until aborted.
+/// Starts serving on `listener` (bound with its final mode by
+/// [`crate::files::bind_api_socket`]); the returned task runs until aborted.
 pub async fn serve<S: ClusterStore>(
-    socket: &Path,
+    listener: std::os::unix::net::UnixListener,
     core: Inbox,
     log: EventLog<S>,
     hosts: Vec<Name>,
     slots: Slots,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    // A socket file left by an earlier run; nothing else may live at this path.
-    let _ = std::fs::remove_file(socket);
-    let listener = tokio::net::UnixListener::bind(socket)
-        .map_err(|e| anyhow::anyhow!("binding the API socket {}: {e}", socket.display()))?;
-    // Admin commands come through this socket: only its owner (and group) may connect.
-    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o660))
-        .map_err(|e| anyhow::anyhow!("restricting the API socket {}: {e}", socket.display()))?;
+    let listener = listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixListener::from_std(listener))
+        .map_err(|e| anyhow::anyhow!("serving the API socket: {e}"))?;
     let ctx = Arc::new(Ctx {
         core,
         log,

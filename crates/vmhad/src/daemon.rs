@@ -33,7 +33,12 @@ use crate::slots::Slots;
 const EMBEDDED_TTL: Duration = Duration::from_secs(60);
 
 /// Runs the daemon until SIGTERM / SIGINT.
-pub async fn run(config: Config, host: Name, options: Options) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    host: Name,
+    options: Options,
+    api_group: Option<nix::unistd::Gid>,
+) -> anyhow::Result<()> {
     let state_dir = options
         .state_dir
         .clone()
@@ -42,13 +47,17 @@ pub async fn run(config: Config, host: Name, options: Options) -> anyhow::Result
         .runtime_dir
         .clone()
         .unwrap_or_else(|| config.cluster.runtime_dir.clone());
-    std::fs::create_dir_all(&state_dir)
-        .with_context(|| format!("creating state dir {}", state_dir.display()))?;
-    std::fs::create_dir_all(&runtime_dir)
-        .with_context(|| format!("creating runtime dir {}", runtime_dir.display()))?;
+    // Everything checked before anything is created.
+    let api_socket = state_dir.join("vmhad.sock");
+    crate::files::check_private_dir(&state_dir).context("the state dir")?;
+    crate::files::check_private_dir(&runtime_dir).context("the runtime dir")?;
+    crate::files::check_api_socket(&api_socket).context("the API socket")?;
+    crate::files::private_dir(&state_dir, api_group).context("the state dir")?;
+    crate::files::private_dir(&runtime_dir, None).context("the runtime dir")?;
     let dirs = Dirs {
         state: state_dir,
         runtime: runtime_dir,
+        api_group,
     };
     match &config.cluster.store {
         Store::Embedded => {
@@ -69,6 +78,8 @@ pub async fn run(config: Config, host: Name, options: Options) -> anyhow::Result
 struct Dirs {
     state: PathBuf,
     runtime: PathBuf,
+    /// The group that may use the API socket (`--api-group`).
+    api_group: Option<nix::unistd::Gid>,
 }
 
 /// Retries `f` (a store read at start-up) until it succeeds, logging why it waits.
@@ -232,8 +243,10 @@ async fn run_with<S: ClusterStore>(
     );
 
     let api_socket = dirs.state.join("vmhad.sock");
+    let listener =
+        crate::files::bind_api_socket(&api_socket, dirs.api_group).context("the API socket")?;
     let api = api::serve(
-        &api_socket,
+        listener,
         inbox.clone(),
         EventLog::new(store.clone(), layout.clone()),
         config.hosts.iter().map(|h| h.name.clone()).collect(),

@@ -14,6 +14,7 @@ mod daemon;
 mod election;
 mod executor;
 mod fence;
+mod files;
 mod follow;
 mod forward;
 mod guard;
@@ -47,6 +48,10 @@ pub struct Options {
     /// Overrides `cluster.runtime_dir` (QMP/QGA sockets, pidfiles, console logs).
     #[arg(long)]
     pub runtime_dir: Option<PathBuf>,
+    /// Lets this group use the API socket (mode 0660 with this group; a state dir created by
+    /// vmhad gets the group and mode 0710). Without it, only vmhad's user (root) may.
+    #[arg(long, value_name = "GROUP")]
+    pub api_group: Option<String>,
     /// Log format.
     #[arg(long, value_enum, default_value = "human")]
     pub log_format: LogFormat,
@@ -77,6 +82,8 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // Before any thread and any file: nothing vmhad creates may depend on the inherited umask.
+    files::private_umask();
     if std::env::args().nth(1).as_deref() == Some(guard::FLAG) {
         return guard::run();
     }
@@ -96,6 +103,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let api_group = match options
+        .api_group
+        .as_deref()
+        .map(files::api_group)
+        .transpose()
+    {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("vmhad: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -107,7 +126,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(daemon::run(config, host, options)) {
+    match runtime.block_on(daemon::run(config, host, options, api_group)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("vmhad stopped: {e:#}");

@@ -264,7 +264,7 @@ fn a_full_disk_refuses_commands_and_recovers() {
     let mut h = Vmhad::new(&[]);
     std::fs::create_dir_all(&h.state).unwrap();
     sh(&format!(
-        "mount -t tmpfs -o size=4m tmpfs {}",
+        "mount -t tmpfs -o size=4m,mode=0700 tmpfs {}",
         h.state.display()
     ));
     let _mount = Mount(h.state.clone());
