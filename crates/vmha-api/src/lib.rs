@@ -185,6 +185,12 @@ pub struct ErrorReply {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ErrorCode {
+    /// 400: not an HTTP/1 request (malformed request line or header, bad framing).
+    MalformedHttp,
+    /// 414: the request's URI is too long.
+    UriTooLong,
+    /// 431: the request's head is too large.
+    HeadersTooLarge,
     /// 404: the path is not an API route.
     NoSuchRoute,
     /// 405: the route exists, but not with this method.
@@ -236,6 +242,9 @@ impl ErrorCode {
     /// The code as on the wire (`no-such-route`, …).
     pub fn as_str(self) -> &'static str {
         match self {
+            ErrorCode::MalformedHttp => "malformed-http",
+            ErrorCode::UriTooLong => "uri-too-long",
+            ErrorCode::HeadersTooLarge => "headers-too-large",
             ErrorCode::NoSuchRoute => "no-such-route",
             ErrorCode::MethodNotAllowed => "method-not-allowed",
             ErrorCode::InvalidPath => "invalid-path",
@@ -341,6 +350,9 @@ mod tests {
     fn error_codes_print_as_on_the_wire() {
         use ErrorCode::*;
         for code in [
+            MalformedHttp,
+            UriTooLong,
+            HeadersTooLarge,
             NoSuchRoute,
             MethodNotAllowed,
             InvalidPath,

@@ -20,7 +20,7 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinSet;
@@ -29,6 +29,7 @@ use tower_service::Service;
 use vmha_api::{ErrorBody, ErrorCode, ErrorReply, MAX_REQUEST_BODY};
 
 use crate::api_error::ApiError;
+use crate::api_io::{Io, raw_response};
 use crate::api_limit::{Admission, ConnId, Connections, MAX_CONNECTIONS};
 
 /// How long a connection may take, from being ready for a request (just accepted, or its last
@@ -145,17 +146,8 @@ async fn refuse(mut stream: UnixStream) {
             command_error: None,
         },
     };
-    let body = serde_json::to_string(&reply).unwrap_or_default();
-    let head = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    let written = tokio::time::timeout(LINGER, async {
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body.as_bytes()).await
-    })
-    .await;
+    let answer = raw_response(503, "Service Unavailable", &reply);
+    let written = tokio::time::timeout(LINGER, stream.write_all(&answer)).await;
     if matches!(written, Ok(Ok(()))) {
         linger(stream).await;
     }
@@ -180,7 +172,7 @@ async fn serve(
     let mut conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(REQUEST_HEAD_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(Io::new(stream), service);
     let mut shed_signal = std::pin::pin!(shed.notified());
     let mut grace: Option<Pin<Box<Sleep>>> = None;
     let ended = std::future::poll_fn(|cx| {

@@ -9,6 +9,7 @@
 mod api;
 mod api_conn;
 mod api_error;
+mod api_io;
 mod api_limit;
 mod codec;
 mod configure;

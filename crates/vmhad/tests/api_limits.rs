@@ -239,7 +239,32 @@ fn bad_requests_get_json_errors_with_stable_codes_and_change_nothing() {
             "command-refused",
         ),
     ];
-    for (raw, status, code) in &cases {
+    // What hyper cannot parse as a request at all: JSON too, not its bare status.
+    let many_headers: String = (0..150).map(|i| format!("X-H{i}: {i}\r\n")).collect();
+    let malformed: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"GARBAGE\r\n\r\n".to_vec(), 400, "malformed-http"),
+        (
+            b"GET /v1/status HTTP/1.1\r\nBad Header\r\n\r\n".to_vec(),
+            400,
+            "malformed-http",
+        ),
+        (
+            b"GET /v1/status HTTP/1.1\r\nContent-Length: abc\r\n\r\n".to_vec(),
+            400,
+            "malformed-http",
+        ),
+        (
+            format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(70_000)).into_bytes(),
+            414,
+            "uri-too-long",
+        ),
+        (
+            format!("GET /v1/status HTTP/1.1\r\n{many_headers}\r\n").into_bytes(),
+            431,
+            "headers-too-large",
+        ),
+    ];
+    for (raw, status, code) in cases.iter().chain(&malformed) {
         refused(&h, raw, *status, code);
     }
 
