@@ -1,11 +1,12 @@
 //! The API's connection layer on the Unix socket: accepts connections, admits them under the
 //! connection limit ([`crate::api_limit`]), serves each with HTTP/1 and times out the slow and
-//! the idle. What a peer that connects and sends nothing, half a head or half a body can hold:
-//! one connection slot, for at most [`REQUEST_HEAD_TIMEOUT`] or [`BODY_READ_TIMEOUT`]. A body
-//! longer than [`MAX_REQUEST_BODY`] is refused with 413 from its `Content-Length` before any of
-//! it is read (so `Expect: 100-continue` gets the 413, not a `100 Continue`); a chunked one is
-//! cut at the limit with the same 413. Running out of file descriptors makes accepting pause
-//! for [`ACCEPT_BACKOFF`] (and sheds an idle connection), never spin.
+//! the idle. What a peer that connects and sends nothing, half a head or half a body, or stops
+//! reading its response can hold: one connection slot, for at most [`REQUEST_HEAD_TIMEOUT`],
+//! [`BODY_READ_TIMEOUT`] or [`WRITE_STALL_TIMEOUT`]. A body longer than [`MAX_REQUEST_BODY`]
+//! is refused with 413 from its `Content-Length` before any of it is read (so
+//! `Expect: 100-continue` gets the 413, not a `100 Continue`); a chunked one is cut at the
+//! limit with the same 413. Running out of file descriptors makes accepting pause for
+//! [`ACCEPT_BACKOFF`] (and sheds an idle connection), never spin.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -40,6 +41,10 @@ pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a request's body may take to arrive, from the end of its head. Past it the request
 /// is refused with 408 `request-timeout` and the connection closed.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long writing a response may stay blocked because the client does not read it. Past it
+/// the connection is closed (a stream that is read, however slowly, is never cut).
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long a shed connection may take to finish what it is writing before it is dropped.
 const SHED_GRACE: Duration = Duration::from_secs(1);

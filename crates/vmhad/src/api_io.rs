@@ -2,8 +2,10 @@
 //! (malformed request line or header, bad framing, URI or head too long) itself, with a bare
 //! 400, 414 or 431 and no body; this stream rewrites that answer into a JSON [`ErrorReply`]
 //! like every other refusal. vmhad's own responses always carry a body, so a `4xx` head with
-//! `content-length: 0` can only be hyper's.
+//! `content-length: 0` can only be hyper's. A client that stops reading its response fails the
+//! connection after [`WRITE_STALL_TIMEOUT`] without progress.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -11,7 +13,10 @@ use std::task::{Context, Poll, ready};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
+use tokio::time::Sleep;
 use vmha_api::{ErrorBody, ErrorCode, ErrorReply};
+
+use crate::api_conn::WRITE_STALL_TIMEOUT;
 
 /// A complete raw HTTP/1.1 response carrying `reply`, after which the connection closes.
 pub fn raw_response(status: u16, reason: &str, reply: &ErrorReply) -> Vec<u8> {
@@ -72,6 +77,8 @@ pub struct Io {
     /// A rewritten answer still to be written, and how much of it is.
     pending: Vec<u8>,
     written: usize,
+    /// Since when writing is blocked (the client does not read), while it is.
+    stall: Option<Pin<Box<Sleep>>>,
 }
 
 impl Io {
@@ -81,6 +88,7 @@ impl Io {
             inner: TokioIo::new(stream),
             pending: Vec::new(),
             written: 0,
+            stall: None,
         }
     }
 
@@ -91,7 +99,12 @@ impl Io {
 
     fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while let Some(rest) = self.pending.get(self.written..).filter(|r| !r.is_empty()) {
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, rest))?;
+            let n = ready!(Self::write_inner(
+                &mut self.inner,
+                &mut self.stall,
+                cx,
+                rest
+            ))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -100,6 +113,33 @@ impl Io {
         self.pending.clear();
         self.written = 0;
         Poll::Ready(Ok(()))
+    }
+
+    /// Writes to the connection; fails once writing has been blocked for
+    /// [`WRITE_STALL_TIMEOUT`].
+    fn write_inner(
+        inner: &mut TokioIo<UnixStream>,
+        stall: &mut Option<Pin<Box<Sleep>>>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(inner).poll_write(cx, buf) {
+            Poll::Pending => {
+                let timer =
+                    stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_STALL_TIMEOUT)));
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client stopped reading its response",
+                    )));
+                }
+                Poll::Pending
+            }
+            done => {
+                *stall = None;
+                done
+            }
+        }
     }
 }
 
@@ -125,7 +165,7 @@ impl Write for Io {
             this.pending = answer;
             return Poll::Ready(Ok(buf.len()));
         }
-        Pin::new(&mut this.inner).poll_write(cx, buf)
+        Self::write_inner(&mut this.inner, &mut this.stall, cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -424,3 +424,35 @@ fn a_flood_of_idle_connections_never_locks_the_operator_out() {
     assert_unchanged(&h, &before);
     still_serves(&mut h);
 }
+
+#[test]
+fn a_client_that_stops_reading_its_responses_is_cut_off() {
+    let mut h = Vmhad::new(&[]);
+    h.start();
+    let before = snapshot(&h);
+    // Pipelined requests whose responses are never read: vmhad's writes block, and after its
+    // write stall timeout (20 s) it closes the connection — seen here as a broken pipe.
+    let s = connect(&h);
+    s.set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let request = b"GET /v1/status HTTP/1.1\r\nHost: vmhad\r\n\r\n";
+    let deadline = Instant::now() + CLOSED_WITHIN;
+    let mut sent = 0usize;
+    loop {
+        match (&s).write(request) {
+            Ok(n) => sent += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) => {
+                break;
+            }
+            Err(e) => panic!("writing: {e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a connection whose responses are not read is still open ({sent} bytes sent)"
+        );
+    }
+    println!("cut off after {sent} bytes of requests");
+    assert_unchanged(&h, &before);
+    still_serves(&mut h);
+}
