@@ -456,3 +456,64 @@ fn a_client_that_stops_reading_its_responses_is_cut_off() {
     assert_unchanged(&h, &before);
     still_serves(&mut h);
 }
+
+/// Opens `GET /v1/events?follow=true`; returns the connection and the response's status.
+fn follower(h: &Vmhad) -> (UnixStream, u16) {
+    let s = connect(h);
+    (&s).write_all(b"GET /v1/events?limit=1&follow=true HTTP/1.1\r\nHost: vmhad\r\n\r\n")
+        .unwrap();
+    let mut reader = BufReader::new(&s);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {line:?}"));
+    (s, status)
+}
+
+#[test]
+fn when_every_slot_is_busy_newcomers_get_a_json_503_until_one_frees() {
+    let mut h = Vmhad::new(&[]);
+    h.start();
+    let before = snapshot(&h);
+    // Event streams are requests in progress: never shed. The harness follows one already.
+    let mut streams = Vec::new();
+    let refused = loop {
+        let (s, status) = follower(&h);
+        if status != 200 {
+            break (s, status);
+        }
+        streams.push(s);
+        assert!(streams.len() < 200, "no connection limit");
+    };
+    assert_eq!(refused.1, 503);
+    assert_eq!(streams.len() + 1, 64, "the limit is 64 connections");
+    let raw = b"GET /v1/status HTTP/1.1\r\nHost: vmhad\r\n\r\n";
+    let s = connect(&h);
+    (&s).write_all(raw).unwrap();
+    check_refusal(&s, raw, 503, "too-many-connections");
+    assert!(closed(&s));
+
+    // One stream ends: its slot is free again.
+    drop(streams.pop());
+    let deadline = Instant::now() + CLOSED_WITHIN;
+    loop {
+        let s = connect(&h);
+        (&s).write_all(raw).unwrap();
+        let (status, _, body) = response(&s);
+        if status == 200 {
+            break;
+        }
+        assert_eq!(body["code"], "too-many-connections", "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "the ended stream's slot never freed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(streams);
+    assert_unchanged(&h, &before);
+    still_serves(&mut h);
+}
