@@ -11,6 +11,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioTimer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Sleep;
 use tower_service::Service;
@@ -102,8 +104,14 @@ pub async fn run(listener: UnixListener, router: Router) {
             .is_ok_and(|c| c.uid() == 0 || c.uid() == own_uid);
         let admission = lock(&conns).admit(operator);
         match admission {
-            Admission::Admit { id, shed } => {
-                tasks.spawn(serve(stream, router.clone(), Arc::clone(&conns), id, shed));
+            Admission::Admit { id, shed, busy } => {
+                let conn = Conn {
+                    id,
+                    conns: Arc::clone(&conns),
+                    shed,
+                    busy,
+                };
+                tasks.spawn(serve(stream, router.clone(), conn));
             }
             Admission::Refuse => {
                 tracing::debug!("API connection refused: all {MAX_CONNECTIONS} slots busy");
@@ -158,43 +166,49 @@ async fn refuse(mut stream: UnixStream) {
     }
 }
 
-/// Serves one admitted connection until it closes, times out or is shed.
-async fn serve(
-    stream: UnixStream,
-    router: Router,
-    conns: Shared,
+/// An admitted connection's place in [`Connections`].
+struct Conn {
     id: ConnId,
-    shed: Arc<tokio::sync::Notify>,
-) {
+    conns: Shared,
+    shed: Arc<Notify>,
+    busy: Arc<AtomicUsize>,
+}
+
+/// Serves one admitted connection until it closes, times out or is shed. A shed connection
+/// closes at once when idle; a request that raced in is answered first (the connection closes
+/// after it).
+async fn serve(stream: UnixStream, router: Router, me: Conn) {
     let service = {
-        let conns = Arc::clone(&conns);
+        let busy = Arc::clone(&me.busy);
         hyper::service::service_fn(
             move |req| -> Pin<
                 Box<dyn Future<Output = Result<Response<Guarded>, Infallible>> + Send>,
-            > { Box::pin(handle(router.clone(), Arc::clone(&conns), id, req)) },
+            > { Box::pin(handle(router.clone(), Busy::start(&busy), req)) },
         )
     };
     let mut conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(REQUEST_HEAD_TIMEOUT)
         .serve_connection(Io::new(stream), service);
-    let mut shed_signal = std::pin::pin!(shed.notified());
+    let mut shed_signal = std::pin::pin!(me.shed.notified());
     let mut grace: Option<Pin<Box<Sleep>>> = None;
     let ended = std::future::poll_fn(|cx| {
         if grace.is_none() && shed_signal.as_mut().poll(cx).is_ready() {
             Pin::new(&mut conn).graceful_shutdown();
             grace = Some(Box::pin(tokio::time::sleep(SHED_GRACE)));
         }
+        let idle = me.busy.load(Ordering::SeqCst) == 0;
         if grace
             .as_mut()
             .is_some_and(|g| g.as_mut().poll(cx).is_ready())
+            && idle
         {
             return Poll::Ready(None);
         }
         conn.poll_without_shutdown(cx).map(Some)
     })
     .await;
-    lock(&conns).remove(id);
+    lock(&me.conns).remove(me.id);
     match ended {
         _ if grace.is_some() => {
             tracing::debug!("API connection shed to make room for a newer one");
@@ -222,11 +236,9 @@ async fn linger(mut stream: UnixStream) {
 /// (never shed) until the response is written.
 async fn handle(
     mut router: Router,
-    conns: Shared,
-    id: ConnId,
+    busy: Busy,
     req: hyper::Request<Incoming>,
 ) -> Result<Response<Guarded>, Infallible> {
-    let busy = Busy::start(conns, id);
     let too_long =
         usize::try_from(req.body().size_hint().lower()).map_or(true, |len| len > MAX_REQUEST_BODY);
     let response = if too_long {
@@ -245,21 +257,18 @@ async fn handle(
 }
 
 /// Marks a connection busy (a request in progress) for as long as it lives.
-struct Busy {
-    conns: Shared,
-    id: ConnId,
-}
+struct Busy(Arc<AtomicUsize>);
 
 impl Busy {
-    fn start(conns: Shared, id: ConnId) -> Busy {
-        lock(&conns).set_busy(id, true);
-        Busy { conns, id }
+    fn start(busy: &Arc<AtomicUsize>) -> Busy {
+        busy.fetch_add(1, Ordering::SeqCst);
+        Busy(Arc::clone(busy))
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        lock(&self.conns).set_busy(self.id, false);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

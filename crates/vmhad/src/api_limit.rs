@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
 
@@ -30,6 +31,9 @@ pub enum Admission {
         id: ConnId,
         /// Notified (once) when the connection is shed.
         shed: Arc<Notify>,
+        /// How many of its requests are in progress (kept up to date by the connection); a
+        /// connection is idle, and may be shed, when it is 0.
+        busy: Arc<AtomicUsize>,
     },
     /// Every slot it may use is busy with a request in progress.
     Refuse,
@@ -37,8 +41,14 @@ pub enum Admission {
 
 struct Entry {
     operator: bool,
-    busy: usize,
+    busy: Arc<AtomicUsize>,
     shed: Arc<Notify>,
+}
+
+impl Entry {
+    fn idle(&self) -> bool {
+        self.busy.load(Ordering::SeqCst) == 0
+    }
 }
 
 /// The open API connections, and whether each has a request in progress.
@@ -61,15 +71,16 @@ impl Connections {
         let id = self.next;
         self.next += 1;
         let shed = Arc::new(Notify::new());
+        let busy = Arc::new(AtomicUsize::new(0));
         self.open.insert(
             id,
             Entry {
                 operator,
-                busy: 0,
+                busy: Arc::clone(&busy),
                 shed: Arc::clone(&shed),
             },
         );
-        Admission::Admit { id, shed }
+        Admission::Admit { id, shed, busy }
     }
 
     /// Sheds the oldest idle connection — another user's first, an operator's only if
@@ -78,7 +89,7 @@ impl Connections {
         let idle = |want_operator: bool| {
             self.open
                 .iter()
-                .find(|(_, e)| e.busy == 0 && e.operator == want_operator)
+                .find(|(_, e)| e.idle() && e.operator == want_operator)
                 .map(|(id, _)| *id)
         };
         let victim = idle(false).or_else(|| idle(true).filter(|_| operator))?;
@@ -86,17 +97,6 @@ impl Connections {
             entry.shed.notify_one();
         }
         Some(victim)
-    }
-
-    /// A request of connection `id` started (`true`) or ended (`false`).
-    pub fn set_busy(&mut self, id: ConnId, started: bool) {
-        if let Some(entry) = self.open.get_mut(&id) {
-            if started {
-                entry.busy += 1;
-            } else {
-                entry.busy = entry.busy.saturating_sub(1);
-            }
-        }
     }
 
     /// Connection `id` closed (a shed one was removed already).
@@ -110,9 +110,22 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn admit(c: &mut Connections, operator: bool) -> Option<ConnId> {
+    /// Admitted connections' numbers and busy counters.
+    #[derive(Default)]
+    struct Busy(BTreeMap<ConnId, Arc<AtomicUsize>>);
+
+    impl Busy {
+        fn set(&self, id: ConnId, busy: bool) {
+            self.0[&id].store(usize::from(busy), Ordering::SeqCst);
+        }
+    }
+
+    fn admit(c: &mut Connections, b: &mut Busy, operator: bool) -> Option<ConnId> {
         match c.admit(operator) {
-            Admission::Admit { id, .. } => Some(id),
+            Admission::Admit { id, busy, .. } => {
+                b.0.insert(id, busy);
+                Some(id)
+            }
             Admission::Refuse => None,
         }
     }
@@ -120,25 +133,26 @@ mod tests {
     #[test]
     fn others_leave_the_reserved_slots_to_the_operator() {
         let mut c = Connections::default();
+        let mut b = Busy::default();
         let others: Vec<ConnId> = (0..MAX_CONNECTIONS - RESERVED_FOR_OPERATOR)
-            .map(|_| admit(&mut c, false).unwrap())
+            .map(|_| admit(&mut c, &mut b, false).unwrap())
             .collect();
         for &id in &others {
-            c.set_busy(id, true);
+            b.set(id, true);
         }
         // Every slot of theirs is busy: another user is refused, the operator is not.
-        assert!(admit(&mut c, false).is_none());
+        assert!(admit(&mut c, &mut b, false).is_none());
         for _ in 0..RESERVED_FOR_OPERATOR {
-            let id = admit(&mut c, true).unwrap();
-            c.set_busy(id, true);
+            let id = admit(&mut c, &mut b, true).unwrap();
+            b.set(id, true);
         }
         assert_eq!(c.open.len(), MAX_CONNECTIONS);
         // All busy: even the operator must wait; nothing was shed.
-        assert!(admit(&mut c, true).is_none());
+        assert!(admit(&mut c, &mut b, true).is_none());
         assert_eq!(c.open.len(), MAX_CONNECTIONS);
         // One of theirs finishes its request: the operator sheds it (idle), not a busy one.
-        c.set_busy(others[3], false);
-        let id = admit(&mut c, true).unwrap();
+        b.set(others[3], false);
+        let id = admit(&mut c, &mut b, true).unwrap();
         assert!(!c.open.contains_key(&others[3]));
         assert!(c.open.contains_key(&id));
         assert_eq!(c.open.len(), MAX_CONNECTIONS);
@@ -147,28 +161,29 @@ mod tests {
     #[test]
     fn a_newcomer_sheds_the_oldest_idle_connection_it_may_shed() {
         let mut c = Connections::default();
+        let mut b = Busy::default();
         let ops: Vec<ConnId> = (0..RESERVED_FOR_OPERATOR)
-            .map(|_| admit(&mut c, true).unwrap())
+            .map(|_| admit(&mut c, &mut b, true).unwrap())
             .collect();
         let others: Vec<ConnId> = (RESERVED_FOR_OPERATOR..MAX_CONNECTIONS)
-            .map(|_| admit(&mut c, false).unwrap())
+            .map(|_| admit(&mut c, &mut b, false).unwrap())
             .collect();
         // Another user cannot shed the operator's idle connections, only its own kind's.
-        c.set_busy(others[0], true);
-        let id = admit(&mut c, false).unwrap();
+        b.set(others[0], true);
+        let id = admit(&mut c, &mut b, false).unwrap();
         assert!(!c.open.contains_key(&others[1]), "oldest idle other shed");
         assert!(c.open.contains_key(&others[0]), "a busy one is never shed");
         assert!(ops.iter().all(|o| c.open.contains_key(o)));
-        c.set_busy(id, true);
+        b.set(id, true);
         for &o in &others[2..] {
-            c.set_busy(o, true);
+            b.set(o, true);
         }
         assert!(
-            admit(&mut c, false).is_none(),
+            admit(&mut c, &mut b, false).is_none(),
             "only the operator's are idle"
         );
         // The operator sheds the oldest idle of its own when no other's is idle.
-        admit(&mut c, true).unwrap();
+        admit(&mut c, &mut b, true).unwrap();
         assert!(!c.open.contains_key(&ops[0]));
         assert_eq!(c.open.len(), MAX_CONNECTIONS);
     }
@@ -176,7 +191,7 @@ mod tests {
     #[test]
     fn shedding_notifies_the_connection_and_frees_its_slot_once() {
         let mut c = Connections::default();
-        let Admission::Admit { id, shed } = c.admit(false) else {
+        let Admission::Admit { id, shed, .. } = c.admit(false) else {
             panic!("refused");
         };
         assert_eq!(c.shed_oldest_idle(true), Some(id));
@@ -184,8 +199,7 @@ mod tests {
         // The permit is stored: the connection sees it even if it was not waiting yet.
         let waited = futures_util::FutureExt::now_or_never(shed.notified());
         assert!(waited.is_some());
-        // Its later end (and a stray request end) change nothing.
-        c.set_busy(id, false);
+        // Its later end changes nothing.
         c.remove(id);
         assert_eq!(c.shed_oldest_idle(true), None);
     }
