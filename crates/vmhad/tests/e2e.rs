@@ -332,6 +332,10 @@ fn bad_api_requests(h: &Vmhad) {
             json["error"].as_str().is_some_and(|e| !e.is_empty()),
             "{method} {path} {body}: not a JSON error: {text}"
         );
+        assert!(
+            json["code"].as_str().is_some_and(|c| !c.is_empty()),
+            "{method} {path} {body}: no error code: {text}"
+        );
     }
     // Nothing changed: no events, the same status (apps, flags, budgets, decisions).
     let after = h.status()["agent"].clone();
