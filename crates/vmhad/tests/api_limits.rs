@@ -123,8 +123,24 @@ fn get(method: &str, path: &str) -> Vec<u8> {
     format!("{method} {path} HTTP/1.1\r\nHost: vmhad\r\nConnection: close\r\n\r\n").into_bytes()
 }
 
+/// Starts a vmhad without VMs and waits until its start is written: this host `up` in the event
+/// log and no event waiting to be committed (so later changes can only come from the test).
+fn started() -> Vmhad {
+    let mut h = Vmhad::new(&[]);
+    h.start();
+    h.wait_for_event(0, "host kvm1 → up", |e| {
+        e.object == "host:kvm1" && e.to == "up"
+    });
+    let deadline = Instant::now() + common::WAIT;
+    while h.status()["store"]["pending_events"] != 0 {
+        assert!(Instant::now() < deadline, "events never committed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    h
+}
+
 /// What must not change: this host's state (`up`, not `maintenance`), its agent, the
-/// configuration and store state, no event.
+/// configuration and store state (commit counter included), no event.
 fn snapshot(h: &Vmhad) -> (Value, Value, usize) {
     let status = h.status();
     (
@@ -154,8 +170,7 @@ fn still_serves(h: &mut Vmhad) {
 
 #[test]
 fn bad_requests_get_json_errors_with_stable_codes_and_change_nothing() {
-    let mut h = Vmhad::new(&[]);
-    h.start();
+    let mut h = started();
     let before = snapshot(&h);
     let json_type = Some("application/json");
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
@@ -326,8 +341,7 @@ fn bad_requests_get_json_errors_with_stable_codes_and_change_nothing() {
 
 #[test]
 fn idle_and_half_sent_connections_are_closed_by_their_timeouts() {
-    let mut h = Vmhad::new(&[]);
-    h.start();
+    let mut h = started();
     let before = snapshot(&h);
     let idle = connect(&h);
     let half_head = connect(&h);
@@ -381,8 +395,7 @@ fn open_fds(pid: i32) -> usize {
 
 #[test]
 fn a_flood_of_idle_connections_never_locks_the_operator_out() {
-    let mut h = Vmhad::new(&[]);
-    h.start();
+    let mut h = started();
     let before = snapshot(&h);
     // As in the report: vmhad under `ulimit -n 1024`, 1,100 idle connections.
     let out = std::process::Command::new("prlimit")
@@ -427,8 +440,7 @@ fn a_flood_of_idle_connections_never_locks_the_operator_out() {
 
 #[test]
 fn a_client_that_stops_reading_its_responses_is_cut_off() {
-    let mut h = Vmhad::new(&[]);
-    h.start();
+    let mut h = started();
     let before = snapshot(&h);
     // Pipelined requests whose responses are never read: vmhad's writes block, and after its
     // write stall timeout (20 s) it closes the connection — seen here as a broken pipe.
@@ -475,8 +487,7 @@ fn follower(h: &Vmhad) -> (UnixStream, u16) {
 
 #[test]
 fn when_every_slot_is_busy_newcomers_get_a_json_503_until_one_frees() {
-    let mut h = Vmhad::new(&[]);
-    h.start();
+    let mut h = started();
     let before = snapshot(&h);
     // Event streams are requests in progress: never shed. The harness follows one already.
     let mut streams = Vec::new();
