@@ -9,7 +9,10 @@
 //! - `POST /v1/vms/{vm}/exec` with an [`ExecRequest`] → [`GuestOutput`]
 //! - `POST /v1/config` with a [`ConfigApply`] → [`ConfigApplied`]
 //! - `POST /v1/config/reload` (the daemon's own file) → [`ConfigApplied`]
-//! - any refusal → an HTTP error status with an [`ErrorBody`]
+//! - any refusal → an HTTP error status with an [`ErrorReply`]: a stable [`ErrorCode`] plus
+//!   the [`ErrorBody`] (readers that only know [`ErrorBody`] ignore the `code`)
+//!
+//! Request bodies are at most [`MAX_REQUEST_BODY`] bytes.
 
 use serde::{Deserialize, Serialize};
 use vmha_engine::{ClusterVmView, ControllerStatus, Event, HostStatus, StoreHealth, VmStatus};
@@ -148,7 +151,12 @@ pub struct GuestOutput {
     pub truncated: bool,
 }
 
-/// The body of every refusal.
+/// The largest request body vmhad reads (1 MiB; a `POST /v1/config` carries a whole
+/// configuration file). A longer one is refused with 413 [`ErrorCode::PayloadTooLarge`] — at
+/// once, from its `Content-Length`, when it has one.
+pub const MAX_REQUEST_BODY: usize = 1024 * 1024;
+
+/// The body of every refusal, as readers before [`ErrorReply`] know it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
     /// What was wrong, for a person.
@@ -157,6 +165,115 @@ pub struct ErrorBody {
     /// kind: `frozen`, `store-unavailable`, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command_error: Option<vmha_engine::CommandError>,
+}
+
+/// What vmhad answers to every request it refuses: a stable machine-readable code and the
+/// [`ErrorBody`] (`error` text, refused command's error), flattened into one JSON object:
+/// `{"code": "no-such-route", "error": "…"}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// What kind of refusal it is; stable across versions (scripts may match on it).
+    #[serde(default)]
+    pub code: ErrorCode,
+    /// The text for a person and, for a refused admin command, its error as data.
+    #[serde(flatten)]
+    pub body: ErrorBody,
+}
+
+/// The kind of a refusal (`code` of an [`ErrorReply`]), kebab-case on the wire. The HTTP
+/// status goes with it; the `error` text may change between versions, the code does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// 400: not an HTTP/1 request (malformed request line or header, bad framing).
+    MalformedHttp,
+    /// 414: the request's URI is too long.
+    UriTooLong,
+    /// 431: the request's head is too large.
+    HeadersTooLarge,
+    /// 404: the path is not an API route.
+    NoSuchRoute,
+    /// 405: the route exists, but not with this method.
+    MethodNotAllowed,
+    /// 400: a path segment (e.g. the VM name) cannot be decoded.
+    InvalidPath,
+    /// 400: the query string does not parse (e.g. `limit=abc`).
+    InvalidQuery,
+    /// 415: a body without `Content-Type: application/json`.
+    UnsupportedMediaType,
+    /// 400: the body is not JSON.
+    MalformedJson,
+    /// 422: the JSON has the wrong shape (unknown or missing field, wrong type).
+    InvalidRequest,
+    /// 400: a value is out of its range (`limit`, `argv`, `timeout_ms`).
+    InvalidValue,
+    /// 400: the body could not be read (broken chunked encoding, connection lost).
+    UnreadableBody,
+    /// 413: the body is longer than [`MAX_REQUEST_BODY`].
+    PayloadTooLarge,
+    /// 408: the body did not arrive in time.
+    RequestTimeout,
+    /// 404: no VM of that name on the answering host (explain, exec).
+    UnknownVm,
+    /// An admin command was refused (status by kind: 404, 400, 409, 503); `command_error`
+    /// says which refusal.
+    CommandRefused,
+    /// 400: the configuration is invalid.
+    ConfigInvalid,
+    /// 409: the configuration cannot be applied to the running cluster.
+    ConfigIncompatible,
+    /// 503: the cluster store did not take the configuration.
+    StoreUnavailable,
+    /// 502: the guest command could not be run (guest agent unreachable or refusing).
+    GuestError,
+    /// 500: vmhad failed to read its own event log.
+    Internal,
+    /// 503: vmhad is shutting down.
+    ShuttingDown,
+    /// 503: every connection slot is busy with a request in progress; retry.
+    TooManyConnections,
+    /// A code this reader does not know (a newer vmhad), or none (an older one).
+    #[default]
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The code as on the wire (`no-such-route`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedHttp => "malformed-http",
+            ErrorCode::UriTooLong => "uri-too-long",
+            ErrorCode::HeadersTooLarge => "headers-too-large",
+            ErrorCode::NoSuchRoute => "no-such-route",
+            ErrorCode::MethodNotAllowed => "method-not-allowed",
+            ErrorCode::InvalidPath => "invalid-path",
+            ErrorCode::InvalidQuery => "invalid-query",
+            ErrorCode::UnsupportedMediaType => "unsupported-media-type",
+            ErrorCode::MalformedJson => "malformed-json",
+            ErrorCode::InvalidRequest => "invalid-request",
+            ErrorCode::InvalidValue => "invalid-value",
+            ErrorCode::UnreadableBody => "unreadable-body",
+            ErrorCode::PayloadTooLarge => "payload-too-large",
+            ErrorCode::RequestTimeout => "request-timeout",
+            ErrorCode::UnknownVm => "unknown-vm",
+            ErrorCode::CommandRefused => "command-refused",
+            ErrorCode::ConfigInvalid => "config-invalid",
+            ErrorCode::ConfigIncompatible => "config-incompatible",
+            ErrorCode::StoreUnavailable => "store-unavailable",
+            ErrorCode::GuestError => "guest-error",
+            ErrorCode::Internal => "internal",
+            ErrorCode::ShuttingDown => "shutting-down",
+            ErrorCode::TooManyConnections => "too-many-connections",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[cfg(test)]
@@ -202,5 +319,63 @@ mod tests {
         let r: ExecRequest = serde_json::from_str(r#"{"argv": ["/bin/true"]}"#).unwrap();
         assert_eq!(r.timeout_ms, ExecRequest::DEFAULT_TIMEOUT_MS);
         assert!(serde_json::from_str::<ExecRequest>(r#"{"argv": [], "tmeout_ms": 5}"#).is_err());
+    }
+
+    #[test]
+    fn error_replies_carry_a_stable_code_and_stay_readable_as_error_bodies() {
+        let reply = ErrorReply {
+            code: ErrorCode::CommandRefused,
+            body: ErrorBody {
+                error: "no cluster controller".into(),
+                command_error: Some(vmha_engine::CommandError::NoController),
+            },
+        };
+        let json = serde_json::to_value(&reply).unwrap();
+        assert_eq!(json["code"], "command-refused");
+        assert_eq!(json["error"], "no cluster controller");
+        assert_eq!(json["command_error"]["error"], "no-controller");
+        // An older reader sees its ErrorBody; a reader meets an older or newer vmhad.
+        let old: ErrorBody = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(old.command_error, reply.body.command_error);
+        let back: ErrorReply = serde_json::from_value(json).unwrap();
+        assert_eq!(back.code, ErrorCode::CommandRefused);
+        let older: ErrorReply = serde_json::from_str(r#"{"error": "x"}"#).unwrap();
+        assert_eq!(older.code, ErrorCode::Unknown);
+        let newer: ErrorReply =
+            serde_json::from_str(r#"{"code": "brand-new", "error": "x"}"#).unwrap();
+        assert_eq!(newer.code, ErrorCode::Unknown);
+    }
+
+    #[test]
+    fn error_codes_print_as_on_the_wire() {
+        use ErrorCode::*;
+        for code in [
+            MalformedHttp,
+            UriTooLong,
+            HeadersTooLarge,
+            NoSuchRoute,
+            MethodNotAllowed,
+            InvalidPath,
+            InvalidQuery,
+            UnsupportedMediaType,
+            MalformedJson,
+            InvalidRequest,
+            InvalidValue,
+            UnreadableBody,
+            PayloadTooLarge,
+            RequestTimeout,
+            UnknownVm,
+            CommandRefused,
+            ConfigInvalid,
+            ConfigIncompatible,
+            StoreUnavailable,
+            GuestError,
+            Internal,
+            ShuttingDown,
+            TooManyConnections,
+            Unknown,
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
     }
 }

@@ -10,29 +10,33 @@
 //!   the cluster store, applied by every host; `POST /v1/config/reload` — this daemon's file
 //! - `POST /v1/vms/{vm}/exec` — run a command in the guest (`{"argv": [...], "timeout_ms": N}`),
 //!   like `qm guest exec`: for operators and failure drills; output is capped
+//!
+//! Every refusal is a JSON `ErrorReply` with a stable code ([`crate::api_error`]); connections
+//! are limited and timed out by [`crate::api_conn`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::sync::oneshot;
-use vmha_engine::{AdminCommand, CommandError, Event, ObjectRef};
+use vmha_engine::{AdminCommand, Event, ObjectRef};
 use vmha_store::ClusterStore;
 use vmha_store::records::EventLog;
 
 use vmha_model::Name;
 
 use vmha_api::{
-    Applied, ConfigApplied, ConfigApply, ErrorBody, EventLine, ExecRequest, Explain, GuestOutput,
-    StatusView,
+    Applied, ConfigApplied, ConfigApply, ErrorCode, EventLine, ExecRequest, Explain, GuestOutput,
+    MAX_REQUEST_BODY, StatusView,
 };
 
+use crate::api_error::{ApiError, method_not_allowed, no_such_route};
 use crate::inbox::{ApiRequest, ConfigRefused, Inbox, Msg};
 use crate::slots::Slots;
 
@@ -49,36 +53,6 @@ impl<S> Ctx<S> {
     fn host_names(&self) -> Vec<&str> {
         self.hosts.iter().map(Name::as_str).collect()
     }
-}
-
-/// A JSON error body with an HTTP status (and the refused command's error as data).
-struct ApiError(StatusCode, String, Option<CommandError>);
-
-impl ApiError {
-    fn new(status: StatusCode, error: impl Into<String>) -> Self {
-        ApiError(status, error.into(), None)
-    }
-
-    fn command(e: CommandError) -> Self {
-        ApiError(status_of(&e), e.to_string(), Some(e))
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: self.1,
-            command_error: self.2,
-        };
-        (self.0, Json(body)).into_response()
-    }
-}
-
-fn unavailable() -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "vmhad is shutting down; nothing of this request was changed",
-    )
 }
 
 /// Starts serving on `listener` (bound with its final mode by
@@ -108,20 +82,19 @@ pub async fn serve<S: ClusterStore>(
         .route("/v1/vms/{vm}/exec", post(exec::<S>))
         .route("/v1/config", post(apply_config::<S>))
         .route("/v1/config/reload", post(reload_config::<S>))
+        .fallback(no_such_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY))
         .with_state(ctx);
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("API server stopped: {e}");
-        }
-    }))
+    Ok(tokio::spawn(crate::api_conn::run(listener, app)))
 }
 
 async fn current_status<S>(ctx: &Ctx<S>) -> Result<StatusView, ApiError> {
     let (tx, rx) = oneshot::channel();
     if !ctx.core.send(Msg::Api(ApiRequest::Status(tx))).await {
-        return Err(unavailable());
+        return Err(ApiError::shutting_down());
     }
-    rx.await.map_err(|_| unavailable())
+    rx.await.map_err(|_| ApiError::shutting_down())
 }
 
 async fn status<S: ClusterStore>(
@@ -132,14 +105,12 @@ async fn status<S: ClusterStore>(
 
 async fn explain<S: ClusterStore>(
     State(ctx): State<Shared<S>>,
-    UrlPath(vm): UrlPath<String>,
+    vm: Result<UrlPath<String>, PathRejection>,
 ) -> Result<Json<Explain>, ApiError> {
+    let UrlPath(vm) = vm.map_err(|e| ApiError::path(&e))?;
     let status = current_status(&ctx).await?;
     let Some(vm_status) = status.agent.vms.into_iter().find(|v| v.name.as_str() == vm) else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no VM named `{vm}` on this host"),
-        ));
+        return Err(ApiError::unknown_vm(&vm));
     };
     let cluster = status
         .cluster_view
@@ -148,7 +119,7 @@ async fn explain<S: ClusterStore>(
         .log
         .last::<Event>(&ctx.host_names(), 2_000)
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(internal)?;
     let mut events: Vec<Event> = tail
         .events
         .into_iter()
@@ -198,20 +169,17 @@ fn ndjson(host: &str, seq: u64, event: Event) -> String {
 
 async fn events<S: ClusterStore>(
     State(ctx): State<Shared<S>>,
-    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Query(q) = query.map_err(|e| ApiError::query(&e))?;
     if q.limit > 10_000 {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "limit must be at most 10000",
-        ));
+        return Err(ApiError::invalid_value("limit must be at most 10000"));
     }
     let tail = ctx
         .log
         .last::<Event>(&ctx.host_names(), q.limit)
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(internal)?;
     let from = tail.follow_from;
     let head: String = tail
         .events
@@ -222,11 +190,7 @@ async fn events<S: ClusterStore>(
     if !q.follow {
         return Ok((ndjson_type, head).into_response());
     }
-    let follower = ctx
-        .log
-        .follow::<Event>(from)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let follower = ctx.log.follow::<Event>(from).await.map_err(internal)?;
     let live = futures_util::stream::unfold(follower, |mut f| async move {
         match f.next().await {
             Ok(e) => Some((Ok::<_, std::io::Error>(ndjson(&e.host, e.seq, e.event)), f)),
@@ -245,12 +209,12 @@ async fn command<S: ClusterStore>(
     State(ctx): State<Shared<S>>,
     body: Result<Json<AdminCommand>, JsonRejection>,
 ) -> Result<Json<Applied>, ApiError> {
-    let Json(cmd) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Json(cmd) = body.map_err(|e| ApiError::json(&e))?;
     let (tx, rx) = oneshot::channel();
     if !ctx.core.send(Msg::Api(ApiRequest::Command(cmd, tx))).await {
-        return Err(unavailable());
+        return Err(ApiError::shutting_down());
     }
-    match rx.await.map_err(|_| unavailable())? {
+    match rx.await.map_err(|_| ApiError::shutting_down())? {
         Ok(()) => Ok(Json(Applied { ok: true })),
         Err(e) => Err(ApiError::command(e)),
     }
@@ -262,17 +226,21 @@ async fn config_request<S>(
 ) -> Result<Json<ConfigApplied>, ApiError> {
     let (tx, rx) = oneshot::channel();
     if !ctx.core.send(Msg::Api(ApiRequest::Config(toml, tx))).await {
-        return Err(unavailable());
+        return Err(ApiError::shutting_down());
     }
-    match rx.await.map_err(|_| unavailable())? {
+    match rx.await.map_err(|_| ApiError::shutting_down())? {
         Ok(applied) => Ok(Json(applied)),
         Err(e) => {
-            let status = match e {
-                ConfigRefused::Invalid(_) => StatusCode::BAD_REQUEST,
-                ConfigRefused::Incompatible(_) => StatusCode::CONFLICT,
-                ConfigRefused::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            let (status, code) = match e {
+                ConfigRefused::Invalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::ConfigInvalid),
+                ConfigRefused::Incompatible(_) => {
+                    (StatusCode::CONFLICT, ErrorCode::ConfigIncompatible)
+                }
+                ConfigRefused::Store(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::StoreUnavailable)
+                }
             };
-            Err(ApiError::new(status, e.to_string()))
+            Err(ApiError::new(status, code, e.to_string()))
         }
     }
 }
@@ -282,7 +250,7 @@ async fn apply_config<S: ClusterStore>(
     State(ctx): State<Shared<S>>,
     body: Result<Json<ConfigApply>, JsonRejection>,
 ) -> Result<Json<ConfigApplied>, ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Json(body) = body.map_err(|e| ApiError::json(&e))?;
     config_request(&ctx, Some(body.toml)).await
 }
 
@@ -293,52 +261,43 @@ async fn reload_config<S: ClusterStore>(
     config_request(&ctx, None).await
 }
 
-fn status_of(e: &CommandError) -> StatusCode {
-    match e {
-        CommandError::UnknownVm(_)
-        | CommandError::UnknownApp { .. }
-        | CommandError::UnknownHost(_) => StatusCode::NOT_FOUND,
-        CommandError::InvalidValue(_) | CommandError::HostNotAcceptable { .. } => {
-            StatusCode::BAD_REQUEST
-        }
-        CommandError::StoreUnavailable(_)
-        | CommandError::NoController
-        | CommandError::NotTaken(_)
-        | CommandError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::CONFLICT,
-    }
-}
-
 async fn exec<S: ClusterStore>(
     State(ctx): State<Shared<S>>,
-    UrlPath(vm): UrlPath<String>,
+    vm: Result<UrlPath<String>, PathRejection>,
     body: Result<Json<ExecRequest>, JsonRejection>,
 ) -> Result<Json<GuestOutput>, ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let UrlPath(vm) = vm.map_err(|e| ApiError::path(&e))?;
+    let Json(body) = body.map_err(|e| ApiError::json(&e))?;
     if body.argv.first().is_none_or(String::is_empty) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "argv must name a program",
-        ));
+        return Err(ApiError::invalid_value("argv must name a program"));
     }
     if !(1..=ExecRequest::MAX_TIMEOUT_MS).contains(&body.timeout_ms) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "timeout_ms must be between 1 and {}",
-                ExecRequest::MAX_TIMEOUT_MS
-            ),
-        ));
+        return Err(ApiError::invalid_value(format!(
+            "timeout_ms must be between 1 and {}",
+            ExecRequest::MAX_TIMEOUT_MS
+        )));
     }
     let slot = Name::new(&vm).ok().and_then(|n| ctx.slots.get(&n));
     let Some(slot) = slot else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no VM named `{vm}` on this host"),
-        ));
+        return Err(ApiError::unknown_vm(&vm));
     };
     slot.exec(&body.argv, Duration::from_millis(body.timeout_ms))
         .await
         .map(Json)
-        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                ErrorCode::GuestError,
+                e.to_string(),
+            )
+        })
+}
+
+/// vmhad could not read its own event log: 500 `internal`.
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::Internal,
+        e.to_string(),
+    )
 }

@@ -7,6 +7,10 @@
 //! SIGTERM / SIGINT stop the daemon and leave the VMs running unless `--stop-vms-on-exit`.
 
 mod api;
+mod api_conn;
+mod api_error;
+mod api_io;
+mod api_limit;
 mod codec;
 mod configure;
 mod core;
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
     }
     let options = Options::parse();
     init_logging(options.log_format);
+    api_conn::raise_open_file_limit();
     let config = match Config::from_file(&options.config) {
         Ok(c) => c,
         Err(e) => {

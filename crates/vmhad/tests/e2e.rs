@@ -357,6 +357,10 @@ fn bad_api_requests(h: &Vmhad) {
             json["error"].as_str().is_some_and(|e| !e.is_empty()),
             "{method} {path} {body}: not a JSON error: {text}"
         );
+        assert!(
+            json["code"].as_str().is_some_and(|c| !c.is_empty()),
+            "{method} {path} {body}: no error code: {text}"
+        );
     }
     // Run-time values outside the ranges of the configuration: 400, naming the allowed range.
     for (body, range) in [
