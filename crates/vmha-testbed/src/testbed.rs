@@ -291,6 +291,30 @@ impl Testbed {
         self.host_or_panic(host).dir.clone()
     }
 
+    /// The API socket of the vmhad that [`Testbed::vmhad_command`] runs as `host`.
+    pub fn vmhad_socket(&self, host: &str) -> PathBuf {
+        self.host_dir(host).join("state").join("vmhad.sock")
+    }
+
+    /// The command that runs the `vmhad` binary as `host` of the cluster configured in
+    /// `config`, with its state and runtime directories `state/` and `run/` in
+    /// [`Testbed::host_dir`]; give it to [`Testbed::spawn`]. The API socket an earlier vmhad
+    /// of the host left behind is removed first.
+    pub fn vmhad_command(&self, vmhad: &Path, config: &Path, host: &str) -> Command {
+        let dir = self.host_dir(host);
+        let _ = std::fs::remove_file(self.vmhad_socket(host));
+        let mut cmd = Command::new(vmhad);
+        cmd.arg("--config")
+            .arg(config)
+            .arg("--host")
+            .arg(host)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--runtime-dir")
+            .arg(dir.join("run"));
+        cmd
+    }
+
     /// Starts `command` inside `host`'s network namespace, with stdin `/dev/null` and stdout and
     /// stderr appended to a fresh log file `logs/HOST-PROGRAM-N.log` (which starts with one
     /// `# vmha-testbed:` header line naming the command).

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -60,7 +60,7 @@ fn config(bed: &Testbed, guest: &Path) -> String {
 
 impl Cluster {
     fn socket(&self, host: &str) -> PathBuf {
-        self.bed.host_dir(host).join("state").join("vmhad.sock")
+        self.bed.vmhad_socket(host)
     }
 
     fn client(&self, host: &str) -> Client {
@@ -68,18 +68,8 @@ impl Cluster {
     }
 
     fn start(&self, host: &str) -> anyhow::Result<()> {
-        let dir = self.bed.host_dir(host);
-        let _ = std::fs::remove_file(self.socket(host));
-        let mut cmd = Command::new(&self.vmhad);
-        cmd.arg("--config")
-            .arg(&self.config)
-            .arg("--host")
-            .arg(host)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--runtime-dir")
-            .arg(dir.join("run"))
-            .env("VMHA_LOG", "info");
+        let mut cmd = self.bed.vmhad_command(&self.vmhad, &self.config, host);
+        cmd.env("VMHA_LOG", "info");
         // The testbed keeps the process; it is killed with the host or at the end.
         let proc = self.bed.spawn(host, cmd)?;
         std::mem::forget(proc);

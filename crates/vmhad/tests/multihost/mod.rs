@@ -6,8 +6,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -128,7 +127,7 @@ impl Cluster {
 
     /// vmhad's API socket on `host`.
     pub fn socket(&self, host: &str) -> PathBuf {
-        self.bed.host_dir(host).join("state").join("vmhad.sock")
+        self.bed.vmhad_socket(host)
     }
 
     /// `host`'s runtime dir (QMP/QGA sockets of its VMs).
@@ -138,18 +137,9 @@ impl Cluster {
 
     /// Starts vmhad on `host` (in its namespace).
     pub fn start(&mut self, host: &str) {
-        let dir = self.bed.host_dir(host);
-        let _ = std::fs::remove_file(self.socket(host));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmhad"));
-        cmd.arg("--config")
-            .arg(&self.config)
-            .arg("--host")
-            .arg(host)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--runtime-dir")
-            .arg(dir.join("run"))
-            .env("VMHA_LOG", "info,vmhad=debug");
+        let vmhad = Path::new(env!("CARGO_BIN_EXE_vmhad"));
+        let mut cmd = self.bed.vmhad_command(vmhad, &self.config, host);
+        cmd.env("VMHA_LOG", "info,vmhad=debug");
         let proc = self.bed.spawn(host, cmd).expect("starting vmhad");
         self.daemons.insert(host.to_string(), proc);
     }
