@@ -128,6 +128,36 @@ impl Sim {
         Ok(sim)
     }
 
+    /// The simulated cluster's state in the form a live one gives it: every record of the
+    /// store, and every running guest as its host sees it.
+    pub fn snapshot(&self) -> ClusterSnapshot {
+        let mut guests = Vec::new();
+        for h in &self.hosts {
+            for vm in &h.running {
+                let Some(g) = self.guests.get(vm) else {
+                    continue;
+                };
+                guests.push(GuestSnapshot {
+                    host: h.name.clone(),
+                    vm: vm.clone(),
+                    guest_up: h.guest_up.contains(vm) && !g.hung,
+                    paused: g.paused,
+                    apps_down: g
+                        .apps
+                        .iter()
+                        .filter(|(_, m)| !m.running)
+                        .map(|(a, _)| a.clone())
+                        .collect(),
+                });
+            }
+        }
+        ClusterSnapshot {
+            now: self.now,
+            records: self.store.listing(),
+            guests,
+        }
+    }
+
     /// VM `vm` runs on host `h`, its guest as `seen` (healthy when not seen).
     fn restore_guest(&mut self, h: usize, vm: &Name, seen: Option<&GuestSnapshot>) {
         self.hosts[h].running.insert(vm.clone());
