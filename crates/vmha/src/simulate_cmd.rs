@@ -11,6 +11,7 @@
 //! 2 for a bad script or configuration (nothing was simulated), 1 when vmhad cannot be read.
 
 use std::fmt::Write as _;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -50,7 +51,7 @@ pub struct SimulateArgs {
     /// budgets used, flags, faults, maintenance); read-only.
     #[arg(long)]
     from_cluster: bool,
-    /// The script of events to play (docs/simulate.md).
+    /// The script of events to play (docs/simulate.md); `-` reads it from stdin.
     #[arg(value_name = "SCRIPT")]
     script: PathBuf,
     /// Print one JSON object (log, hosts, placements, violations) instead of text.
@@ -87,8 +88,7 @@ struct Outcome {
 
 /// Runs `vmha simulate` (`--from-cluster` through the vmhad at `api`).
 pub fn run(args: SimulateArgs, api: &ApiArgs) -> anyhow::Result<ExitCode> {
-    let script = vmha_model::file::read_text(&args.script)
-        .map_err(|e| UsageError(format!("{}: {e}", args.script.display())))?;
+    let script = read_script(&args.script)?;
     let (config, source, mut sim) = match &args.config {
         Some(file) => {
             let config = load_config(file)?;
@@ -145,6 +145,29 @@ pub fn run(args: SimulateArgs, api: &ApiArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(EXIT_VIOLATION)
     })
+}
+
+/// The longest script read from stdin.
+const MAX_STDIN_SCRIPT: usize = 1 << 20;
+
+/// The script in `path`, or on stdin for `-` (at most [`MAX_STDIN_SCRIPT`] bytes of UTF-8).
+fn read_script(path: &Path) -> Result<String, UsageError> {
+    if path != Path::new("-") {
+        return vmha_model::file::read_text(path)
+            .map_err(|e| UsageError(format!("{}: {e}", path.display())));
+    }
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(MAX_STDIN_SCRIPT as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| UsageError(format!("reading the script from stdin: {e}")))?;
+    if bytes.len() > MAX_STDIN_SCRIPT {
+        return Err(UsageError(format!(
+            "the script on stdin is longer than {MAX_STDIN_SCRIPT} bytes"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| UsageError("the script on stdin is not UTF-8".into()))
 }
 
 /// Reads and validates a configuration file; its diagnostic is a usage error.

@@ -5,9 +5,10 @@
 //! in which a VM runs on two hosts fires a safety check (exit 3).
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use std::io::Write as _;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -68,6 +69,25 @@ fn the_example_what_if_prints_the_scenarios_event_log() {
     assert_eq!(db01["owner"], "kvm2");
     assert_eq!(db01["running_on"], json!(["kvm2"]));
     assert_eq!(outcome["hosts"][0]["running"], false);
+
+    // The same script on stdin (`-`) gives the same outcome, apart from where it came from.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmha"))
+        .current_dir(root())
+        .args(["simulate", "--config", EXAMPLE, "-", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(read(SCRIPT).as_bytes())
+        .unwrap();
+    let piped = child.wait_with_output().unwrap();
+    assert_eq!(piped.status.code(), Some(0));
+    let piped: Value = serde_json::from_slice(&piped.stdout).unwrap();
+    assert_eq!(piped, outcome);
 
     // The text form prints the same log, then the tables.
     let out = vmha(&["simulate", "--config", EXAMPLE, SCRIPT]);
