@@ -3,7 +3,9 @@
 //! `ttl` after a host stops renewing, the controller election with its term as fencing token),
 //! with a model of the VMs and of the apps inside them ([`world`]). Used by the scenario tests,
 //! the property tests and the benchmarks; like raft-rs's harness, everything happens in one
-//! thread in a fixed order, so a script always gives the same log.
+//! thread in a fixed order, so a script always gives the same log. `vmha simulate` runs it
+//! for operators ([`Sim::from_snapshot`] starts from a live cluster's state; [`script`] is the
+//! language, [`summary`] the final tables).
 //!
 //! Every node is driven exactly as the daemon drives it: inputs, then `ready()` → commit to the
 //! store → `advance()` → effects. Admin commands enter through one host's node (the first live
