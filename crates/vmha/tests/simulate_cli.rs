@@ -123,6 +123,7 @@ fn bad_scripts_and_arguments_exit_2_before_anything_runs() {
         ),
         ("+1s explode kvm1\n", "line 1: unknown command `explode`"),
         ("+1x tick\n", "line 1: bad duration"),
+        ("+1d tick\n+25h tick\n", "line 2: a delay is at most 1d"),
     ];
     for (i, (script, want)) in cases.iter().enumerate() {
         let file = dir.path().join(format!("s{i}.txt"));

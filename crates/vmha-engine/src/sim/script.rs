@@ -249,13 +249,22 @@ pub fn parse_script(script: &str) -> Result<Vec<(u64, SimCommand)>, SimError> {
         .collect())
 }
 
+/// The longest delay of one line in [`parse_script_for`]: one `advance` over a longer span can
+/// take more steps than the simulator's livelock guard allows.
+pub const MAX_DELAY_MS: u64 = 24 * 3600 * 1000;
+
 /// [`parse_script`] for a cluster of `config`: a host, VM or app it does not configure is an
-/// error too (the simulator would ignore the line). Admin commands are left to the engine,
-/// which refuses unknown names as the daemon does and logs why.
+/// error too (the simulator would ignore the line), and so is a delay over [`MAX_DELAY_MS`].
+/// Admin commands are left to the engine, which refuses unknown names as the daemon does and
+/// logs why.
 pub fn parse_script_for(script: &str, config: &Config) -> Result<Vec<(u64, SimCommand)>, SimError> {
     let mut out = Vec::new();
     for (line, delay, cmd) in parse_lines(script)? {
         if let Some(msg) = unknown_name(config, &cmd) {
+            return Err(SimError::Script { line, msg });
+        }
+        if delay > MAX_DELAY_MS {
+            let msg = "a delay is at most 1d: spread longer waits over several lines".to_string();
             return Err(SimError::Script { line, msg });
         }
         out.push((delay, cmd));
