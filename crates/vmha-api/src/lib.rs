@@ -5,6 +5,8 @@
 //! - `GET  /v1/status` → [`StatusView`]
 //! - `GET  /v1/vms/{vm}/explain` → [`Explain`]
 //! - `GET  /v1/events?limit=N&follow=true` → NDJSON of [`EventLine`]
+//! - `GET  /v1/snapshot` → [`SnapshotView`] (read-only: what `vmha simulate --from-cluster`
+//!   starts from)
 //! - `POST /v1/commands` with a [`vmha_engine::AdminCommand`] → [`Applied`]
 //! - `POST /v1/vms/{vm}/exec` with an [`ExecRequest`] → [`GuestOutput`]
 //! - `POST /v1/config` with a [`ConfigApply`] → [`ConfigApplied`]
@@ -78,6 +80,20 @@ pub struct EventLine {
     /// The event.
     #[serde(flatten)]
     pub event: Event,
+}
+
+/// `GET /v1/snapshot`: the cluster's state as the answering host sees it, with the
+/// configuration it runs. Reading it changes nothing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotView {
+    /// The host that answered.
+    pub host: Name,
+    /// Cluster name.
+    pub cluster: Name,
+    /// The configuration the host runs (TOML, as stored or read from its file).
+    pub config: String,
+    /// The cluster store's records and what the host sees in its guests.
+    pub snapshot: vmha_engine::sim::ClusterSnapshot,
 }
 
 /// `POST /v1/commands`: the command was applied.

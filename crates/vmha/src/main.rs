@@ -2,7 +2,7 @@
 //! one module per command group; each module owns its arguments and its output.
 //!
 //! Modules form a tree: `main` → the command groups (`config_cmd`, `daemon_cmd` → `admin_cmd`,
-//! `events_cmd`, `guest_cmd`, `status_cmd`; `demo`) → the shared leaves (`api_args`, `client`,
+//! `events_cmd`, `guest_cmd`, `status_cmd`; `demo`; `simulate_cmd`) → the shared leaves (`api_args`, `client`,
 //! `output`, `render`, `report`), which import no command module.
 
 use std::process::ExitCode;
@@ -21,6 +21,7 @@ mod guest_cmd;
 mod output;
 mod render;
 mod report;
+mod simulate_cmd;
 mod status_cmd;
 
 /// Application-aware high availability for KVM/QEMU VMs.
@@ -49,6 +50,9 @@ enum Command {
     Daemon(daemon_cmd::DaemonCommand),
     /// Run the single-host demo: two VMs, injected failures, narrated recovery, measured times.
     Demo(demo::DemoArgs),
+    /// What-if: play a script of events (host loss, faults, admin commands, time) through the
+    /// engine, from a configuration or the live cluster's state; nothing is executed.
+    Simulate(simulate_cmd::SimulateArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         Command::Config(cmd) => config_cmd::run(cmd, &cli.api),
         Command::Daemon(cmd) => daemon_cmd::run(cmd, &cli.api),
         Command::Demo(args) => demo::run(args),
+        Command::Simulate(args) => simulate_cmd::run(args, &cli.api),
     };
     result.unwrap_or_else(|e| report::failure(&e))
 }

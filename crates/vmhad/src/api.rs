@@ -5,6 +5,8 @@
 //! - `GET  /v1/status` — this host's VM groups and apps, and the cluster view
 //! - `GET  /v1/vms/{vm}/explain` — one VM group with its recent decisions and events
 //! - `GET  /v1/events?limit=N&follow=true` — the event log as NDJSON, optionally live
+//! - `GET  /v1/snapshot` — the cluster's records as this host sees them and its configuration
+//!   (read-only; `vmha simulate --from-cluster` starts from it)
 //! - `POST /v1/commands` — an admin command (JSON, `{"command": "app-offline", …}`)
 //! - `POST /v1/config` — a new cluster configuration (`{"toml": "..."}`): validated, stored in
 //!   the cluster store, applied by every host; `POST /v1/config/reload` — this daemon's file
@@ -33,7 +35,7 @@ use vmha_model::Name;
 
 use vmha_api::{
     Applied, ConfigApplied, ConfigApply, ErrorCode, EventLine, ExecRequest, Explain, GuestOutput,
-    MAX_REQUEST_BODY, StatusView,
+    MAX_REQUEST_BODY, SnapshotView, StatusView,
 };
 
 use crate::api_error::{ApiError, method_not_allowed, no_such_route};
@@ -78,6 +80,7 @@ pub async fn serve<S: ClusterStore>(
         .route("/v1/status", get(status::<S>))
         .route("/v1/vms/{vm}/explain", get(explain::<S>))
         .route("/v1/events", get(events::<S>))
+        .route("/v1/snapshot", get(snapshot::<S>))
         .route("/v1/commands", post(command::<S>))
         .route("/v1/vms/{vm}/exec", post(exec::<S>))
         .route("/v1/config", post(apply_config::<S>))
@@ -101,6 +104,16 @@ async fn status<S: ClusterStore>(
     State(ctx): State<Shared<S>>,
 ) -> Result<Json<StatusView>, ApiError> {
     current_status(&ctx).await.map(Json)
+}
+
+async fn snapshot<S: ClusterStore>(
+    State(ctx): State<Shared<S>>,
+) -> Result<Json<SnapshotView>, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    if !ctx.core.send(Msg::Api(ApiRequest::Snapshot(tx))).await {
+        return Err(ApiError::shutting_down());
+    }
+    rx.await.map(Json).map_err(|_| ApiError::shutting_down())
 }
 
 async fn explain<S: ClusterStore>(

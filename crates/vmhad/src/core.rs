@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
-use vmha_api::StatusView;
+use vmha_api::{SnapshotView, StatusView};
+use vmha_engine::sim::{ClusterSnapshot, GuestSnapshot};
 use vmha_engine::{
     CommandError, CommandOrigin, Commit, Effects, Node, NodeInput, Persist, Timestamp,
 };
@@ -303,6 +304,9 @@ impl<S: ClusterStore> Core<S> {
             Msg::Api(ApiRequest::Status(reply)) => {
                 let _ = reply.send(self.status());
             }
+            Msg::Api(ApiRequest::Snapshot(reply)) => {
+                let _ = reply.send(self.snapshot());
+            }
             Msg::Api(ApiRequest::Command(cmd, reply)) => {
                 tracing::info!("admin command: {cmd:?}");
                 self.next_caller += 1;
@@ -327,6 +331,30 @@ impl<S: ClusterStore> Core<S> {
             self.delivered.insert(r.id.clone());
             self.node
                 .command(t, CommandOrigin::Remote(r.id.clone()), r.command);
+        }
+    }
+
+    /// The records the node last saw, what this host sees in the guests it runs, and the
+    /// configuration it runs: what `vmha simulate --from-cluster` starts from.
+    fn snapshot(&self) -> SnapshotView {
+        let guests = self
+            .node
+            .agent()
+            .status()
+            .vms
+            .iter()
+            .filter(|v| v.owner.as_ref() == Some(&self.host))
+            .map(|v| GuestSnapshot::of(&self.host, v))
+            .collect();
+        SnapshotView {
+            host: self.host.clone(),
+            cluster: self.config.cluster.name.clone(),
+            config: self.config_state.text.clone(),
+            snapshot: ClusterSnapshot {
+                now: now(),
+                records: self.node.snapshot_records(),
+                guests,
+            },
         }
     }
 

@@ -4,7 +4,7 @@
 //! module knows the core.
 
 use tokio::sync::{mpsc, oneshot};
-use vmha_api::{ConfigApplied, StatusView};
+use vmha_api::{ConfigApplied, SnapshotView, StatusView};
 use vmha_engine::{ActionId, AdminCommand, CommandError, HostInput, Record};
 use vmha_model::Name;
 
@@ -70,6 +70,8 @@ pub enum Msg {
 pub enum ApiRequest {
     /// The current status.
     Status(oneshot::Sender<StatusView>),
+    /// The cluster's state as this host sees it (read-only).
+    Snapshot(oneshot::Sender<SnapshotView>),
     /// An admin command; answered once committed (or refused, changing nothing).
     Command(AdminCommand, oneshot::Sender<Result<(), CommandError>>),
     /// A new configuration (TOML) to validate and store, or `None`: this daemon's own file

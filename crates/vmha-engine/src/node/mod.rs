@@ -268,6 +268,12 @@ impl Node {
         self.mirror.get(key)
     }
 
+    /// Every record of the cluster as last seen (complete once the first full listing
+    /// arrived), in key order: what a snapshot of the cluster's state is made of.
+    pub fn snapshot_records(&self) -> Vec<Record> {
+        self.mirror.values().cloned().collect()
+    }
+
     /// Whether the node takes inputs now. `false` while commands wait for, or are in, their
     /// commit: the caller should leave further inputs in its (bounded) queue until this is
     /// `true` again. Inputs handed over anyway are kept and applied after the commit.

@@ -3,7 +3,9 @@
 //! `ttl` after a host stops renewing, the controller election with its term as fencing token),
 //! with a model of the VMs and of the apps inside them ([`world`]). Used by the scenario tests,
 //! the property tests and the benchmarks; like raft-rs's harness, everything happens in one
-//! thread in a fixed order, so a script always gives the same log.
+//! thread in a fixed order, so a script always gives the same log. `vmha simulate` runs it
+//! for operators ([`Sim::from_snapshot`] starts from a live cluster's state; [`script`] is the
+//! language, [`summary`] the final tables).
 //!
 //! Every node is driven exactly as the daemon drives it: inputs, then `ready()` → commit to the
 //! store → `advance()` → effects. Admin commands enter through one host's node (the first live
@@ -17,7 +19,9 @@
 
 mod safety;
 mod script;
+mod snapshot;
 mod store;
+mod summary;
 mod world;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -37,8 +41,12 @@ use crate::node::{CommandOrigin, Effects, Node, NodeInput, Receiver};
 use crate::records::Record;
 use crate::time::{Timestamp, millis};
 
-pub use script::{CrashKind, SimCommand, StartBehaviour, admin_text, parse_script};
+pub use script::{
+    CrashKind, SimCommand, StartBehaviour, admin_text, parse_script, parse_script_for,
+};
+pub use snapshot::{ClusterSnapshot, GuestSnapshot};
 use store::SimStore;
+pub use summary::{HostLine, Placement};
 use world::{AppModel, GuestModel};
 
 /// Why a simulation could not be built or a script line not be understood.
@@ -135,6 +143,24 @@ impl Sim {
     /// Builds the cluster at time 0: every host up with a live lease, no VM running, no
     /// ownership record; the first host is elected controller and places everything.
     pub fn new(config: Arc<Config>) -> Result<Sim, SimError> {
+        let mut sim = Sim::blank(config, Timestamp::ZERO);
+        for h in 0..sim.hosts.len() {
+            let name = sim.hosts[h].name.clone();
+            let node = Node::new(sim.config.clone(), name, 1, None, Timestamp::ZERO)?;
+            sim.hosts[h].node = Some(node);
+        }
+        // All hosts join before the first election (a cluster starting together).
+        for h in 0..sim.hosts.len() {
+            sim.join(h);
+        }
+        sim.elect();
+        sim.settle();
+        Ok(sim)
+    }
+
+    /// The cluster of `config` at `now` with every host down (no node), an empty store, every
+    /// guest's apps down: what [`Sim::new`] and [`Sim::from_snapshot`] start from.
+    fn blank(config: Arc<Config>, now: Timestamp) -> Sim {
         let (ttl_ms, fence_ms, leased) = match &config.cluster.store {
             Store::Etcd {
                 ttl, fence_margin, ..
@@ -145,12 +171,12 @@ impl Sim {
                 false,
             ),
         };
-        let mut hosts = Vec::new();
-        for h in &config.hosts {
-            let node = Node::new(config.clone(), h.name.clone(), 1, None, Timestamp::ZERO)?;
-            hosts.push(SimHost {
+        let hosts = config
+            .hosts
+            .iter()
+            .map(|h| SimHost {
                 name: h.name.clone(),
-                node: Some(node),
+                node: None,
                 connected: false,
                 epoch: 0,
                 running: BTreeSet::new(),
@@ -162,16 +188,16 @@ impl Sim {
                     .map(|v| v.name.clone())
                     .collect(),
                 incarnation: 1,
-            });
-        }
+            })
+            .collect();
         let guests = config
             .vms
             .iter()
             .map(|v| (v.name.clone(), GuestModel::new(v)))
             .collect();
-        let mut sim = Sim {
+        Sim {
             config,
-            now: Timestamp::ZERO,
+            now,
             hosts,
             store: SimStore::new(leased),
             guests,
@@ -189,14 +215,7 @@ impl Sim {
             pending: BTreeMap::new(),
             forwarded: BTreeMap::new(),
             next_command: 0,
-        };
-        // All hosts join before the first election (a cluster starting together).
-        for h in 0..sim.hosts.len() {
-            sim.join(h);
         }
-        sim.elect();
-        sim.settle();
-        Ok(sim)
     }
 
     /// Current simulated time.

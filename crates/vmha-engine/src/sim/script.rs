@@ -1,7 +1,7 @@
 //! The script language of simulations: one command per line, `+DELAY command` (see
 //! [`parse_script`]), shared by the scenario tests and operators' what-if runs.
 
-use vmha_model::{Name, PauseReason, Policy, Tie};
+use vmha_model::{Config, Name, PauseReason, Policy, Tie};
 
 use crate::command::AdminCommand;
 use crate::time::millis;
@@ -237,7 +237,90 @@ fn vm_app(s: &str) -> Result<(Name, Name), String> {
 }
 
 /// Parses a script (see [`Sim::run_script`]) into delays and commands.
+///
+/// One command per line, `+DELAY command …`: DELAY is milliseconds (`+500`) or a duration
+/// (`+3s`, `+1m30s`) to let pass before the command; `#` starts a comment. The commands are
+/// those of [`SimCommand`] (`host-crash kvm1`, `app-fail shop db exit:2`, `admin freeze shop`,
+/// `tick`, …); docs/simulate.md lists them all.
 pub fn parse_script(script: &str) -> Result<Vec<(u64, SimCommand)>, SimError> {
+    Ok(parse_lines(script)?
+        .into_iter()
+        .map(|(_, delay, cmd)| (delay, cmd))
+        .collect())
+}
+
+/// The longest delay of one line in [`parse_script_for`]: one `advance` over a longer span can
+/// take more steps than the simulator's livelock guard allows.
+pub const MAX_DELAY_MS: u64 = 24 * 3600 * 1000;
+
+/// [`parse_script`] for a cluster of `config`: a host, VM or app it does not configure is an
+/// error too (the simulator would ignore the line), and so is a delay over [`MAX_DELAY_MS`].
+/// Admin commands are left to the engine, which refuses unknown names as the daemon does and
+/// logs why.
+pub fn parse_script_for(script: &str, config: &Config) -> Result<Vec<(u64, SimCommand)>, SimError> {
+    let mut out = Vec::new();
+    for (line, delay, cmd) in parse_lines(script)? {
+        if let Some(msg) = unknown_name(config, &cmd) {
+            return Err(SimError::Script { line, msg });
+        }
+        if delay > MAX_DELAY_MS {
+            let msg = "a delay is at most 1d: spread longer waits over several lines".to_string();
+            return Err(SimError::Script { line, msg });
+        }
+        out.push((delay, cmd));
+    }
+    Ok(out)
+}
+
+/// What `cmd` names that `config` does not configure, if anything.
+fn unknown_name(config: &Config, cmd: &SimCommand) -> Option<String> {
+    use SimCommand as S;
+    let host = |h: &Name| {
+        config
+            .host(h.as_str())
+            .is_none()
+            .then(|| format!("unknown host `{h}`"))
+    };
+    let vm = |v: &Name| {
+        config
+            .vm(v.as_str())
+            .is_none()
+            .then(|| format!("unknown VM `{v}`"))
+    };
+    let app = |v: &Name, a: &Name| {
+        vm(v).or_else(|| {
+            config
+                .vm(v.as_str())
+                .and_then(|x| x.app(a.as_str()))
+                .is_none()
+                .then(|| format!("unknown app `{v}/{a}`"))
+        })
+    };
+    match cmd {
+        S::Tick | S::StoreFail { .. } => None,
+        S::AppFail { vm: v, app: a, .. }
+        | S::AppRecover { vm: v, app: a }
+        | S::AppHang { vm: v, app: a, .. }
+        | S::AppGarble { vm: v, app: a, .. }
+        | S::AppStart { vm: v, app: a, .. } => app(v, a),
+        S::VmCrash { vm: v, .. }
+        | S::VmReset { vm: v }
+        | S::VmPause { vm: v, .. }
+        | S::VmResume { vm: v }
+        | S::GuestHang { vm: v, .. }
+        | S::BootHang { vm: v, .. }
+        | S::ExecBlocked { vm: v, .. } => vm(v),
+        S::HostCrash(h)
+        | S::HostIsolate(h)
+        | S::HostRecover(h)
+        | S::DaemonRestart(h)
+        | S::HostMemory(h, _) => host(h),
+        S::Admin { via, .. } => via.as_ref().and_then(host),
+    }
+}
+
+/// Parses every line: its number, its delay and its command.
+fn parse_lines(script: &str) -> Result<Vec<(usize, u64, SimCommand)>, SimError> {
     let mut out = Vec::new();
     for (n, raw) in script.lines().enumerate() {
         let line = raw.split('#').next().unwrap_or("").trim();
@@ -253,7 +336,7 @@ pub fn parse_script(script: &str) -> Result<Vec<(u64, SimCommand)>, SimError> {
         let delay = ms_of(delay).map_err(err)?;
         let words: Vec<&str> = words.collect();
         let cmd = parse_command(&words).map_err(err)?;
-        out.push((delay, cmd));
+        out.push((n + 1, delay, cmd));
     }
     Ok(out)
 }

@@ -86,6 +86,17 @@ impl SimStore {
         changes.push(record);
     }
 
+    /// Puts a record taken from a live cluster (bound to host `lease`'s lease, if any); the
+    /// store's revision moves past the record's own, so later writes are newer.
+    pub fn seed(&mut self, record: Record, lease: Option<usize>) {
+        if let Record::Owner { revision, .. } = &record {
+            self.revision = self.revision.max(*revision);
+        }
+        self.revision += 1;
+        let mut changes = Vec::new();
+        self.put(record, lease, &mut changes);
+    }
+
     /// Registers host `h` (its membership, bound to its lease).
     pub fn register(
         &mut self,
