@@ -181,19 +181,20 @@ fn main() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let (hostile, mut servers): (Vec<PathBuf>, Vec<std::process::Child>) = ["amplify", "amplify", "endless", "endless"]
-        .iter()
-        .enumerate()
-        .map(|(i, kind)| (dir.path().join(format!("hostile{i}.sock")), *kind))
-        .map(|(path, kind)| {
-            let child = Command::new(std::env::current_exe().unwrap())
-                .env(HOSTILE_ENV, format!("{}|{kind}", path.display()))
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap();
-            (path, child)
-        })
-        .unzip();
+    let (hostile, mut servers): (Vec<PathBuf>, Vec<std::process::Child>) =
+        ["amplify", "amplify", "endless", "endless"]
+            .iter()
+            .enumerate()
+            .map(|(i, kind)| (dir.path().join(format!("hostile{i}.sock")), *kind))
+            .map(|(path, kind)| {
+                let child = Command::new(std::env::current_exe().unwrap())
+                    .env(HOSTILE_ENV, format!("{}|{kind}", path.display()))
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                (path, child)
+            })
+            .unzip();
     for s in hostile.iter().chain([&sock]) {
         while UnixStream::connect(s).is_err() {
             std::thread::sleep(Duration::from_millis(10));
@@ -209,7 +210,10 @@ fn main() {
         honest.ping().await.unwrap();
         let base = scenario(&honest, &[], probes).await;
         let with = scenario(&honest, &hostile, probes).await;
-        for (label, f) in [("1 honest + 0 hostile", &base), ("1 honest + 4 hostile", &with)] {
+        for (label, f) in [
+            ("1 honest + 0 hostile", &base),
+            ("1 honest + 4 hostile", &with),
+        ] {
             println!(
                 "{label}: honest probe p50={:?} p99={:?}; process CPU {:.1}% of a core, \
                  RSS {} kB (HWM {} kB)",

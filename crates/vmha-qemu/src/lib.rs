@@ -46,6 +46,7 @@
 //! - [`framing`], [`reply`]: the byte-level line framer and the total reply parser.
 
 pub mod framing;
+pub mod guest_text;
 pub mod probe;
 pub mod qga;
 pub mod qmp;

@@ -1,12 +1,32 @@
 //! QGA client: the guest channel of one VM (the QEMU guest agent over its virtio-serial socket).
 //!
-//! The connection is opened lazily and kept; every (re)connect and every call after a timeout or
-//! a protocol error first resynchronises (byte `0xFF`, then `guest-sync-delimited` with a random
-//! id, discarding everything until the matching reply). Lines are framed as raw bytes with a
-//! length cap. Every call is bounded by a timeout, so a silent or hostile agent costs the caller
-//! at most that timeout and never affects another VM's client. Calls on one client are
-//! serialised (one request in flight on the channel at a time), and cancel-safe: a call dropped
-//! half-way leaves the channel marked out of step, so the next call resynchronises first.
+//! The guest is hostile by default: it controls every byte on this socket.
+//!
+//! - **In step.** The connection is opened lazily and kept; every (re)connect and every call
+//!   after a timeout, a protocol error or a malformed result first resynchronises (byte `0xFF`,
+//!   then `guest-sync-delimited` with a random id, discarding everything until the matching
+//!   reply). Calls are serialised and cancel-safe: a call dropped half-way (its caller timed
+//!   out) leaves the channel marked out of step, so the next call resynchronises first. Every
+//!   request carries a fresh id and only a reply with that id answers it: a reply with another
+//!   id or none is [`QgaError::WrongId`], never an answer.
+//! - **Memory.** Lines are framed as raw bytes with a cap per command (4 KiB for a ping, 64 KiB
+//!   for `guest-info`, [`QgaConfig::max_line`] for exec results); lines discarded by a resync
+//!   are skipped unbuffered and never parsed; kept ones are parsed straight into typed structs
+//!   (nothing becomes a `serde_json::Value` except in [`QgaClient::call`], capped at 64 KiB),
+//!   with `serde_json`'s nesting limit, and above 64 KiB on a blocking thread, not a runtime
+//!   worker.
+//! - **CPU.** Each read has a byte budget (a resync: one [`QgaConfig::max_line`] plus 64 KiB)
+//!   and the channel a rate limit ([`QgaConfig::byte_rate`]); a guest that exceeds either is
+//!   disconnected and reported as [`QgaError::Hostile`] with the reason, and not reconnected
+//!   before a backoff (from [`QgaConfig::hostile_backoff`], doubling up to 64 times that).
+//! - **Text.** Every guest string in an error is capped and free of control and format
+//!   characters ([`crate::guest_text`]); pids and exit statuses out of range are malformed.
+//!
+//! Every call is bounded by a timeout, so a silent or hostile agent costs the caller at most
+//! that timeout and never affects another VM's client.
+
+mod guard;
+mod wire;
 
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
@@ -15,7 +35,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use serde::Deserialize;
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -26,7 +47,18 @@ use tokio::time::Instant;
 use vmha_model::ExitStatus;
 
 use crate::framing::{FrameError, Framer};
-use crate::reply::{Message, RemoteError, parse_line};
+use crate::reply::RemoteError;
+use guard::{Backoff, Rate};
+use wire::{GuestText, Reply, SYNC_LINE_MAX, describe, is_sync_reply, parse_reply};
+
+/// Line cap of a reply without payload (`guest-ping`, `guest-exec`).
+const SMALL_LINE: usize = 4 << 10;
+/// Line cap of `guest-info` and of [`QgaClient::call`].
+const INFO_LINE: usize = 64 << 10;
+/// Bytes a read may take beyond its line cap (a few short stray lines).
+const SLACK: u64 = 64 << 10;
+/// Replies longer than this are parsed on a blocking thread.
+const INLINE_PARSE: usize = 64 << 10;
 
 /// Errors of the QGA client. All are local to one VM's guest channel.
 #[derive(Debug, thiserror::Error)]
@@ -66,14 +98,14 @@ pub enum QgaError {
         /// What was wrong.
         detail: String,
     },
-    /// The reply carried another request's id.
+    /// The reply carried another request's id, or none: it answers nothing.
     #[error("reply to {command} has id {got}, expected {expected}")]
     WrongId {
         /// The command.
         command: String,
         /// The id sent.
         expected: u64,
-        /// The id received (as JSON text, truncated).
+        /// The id received (`none` if absent), capped and printable.
         got: String,
     },
     /// A reply line exceeded the cap.
@@ -98,6 +130,15 @@ pub enum QgaError {
     /// Writing to the socket failed.
     #[error("writing to the guest channel: {0}")]
     Write(std::io::Error),
+    /// The guest sent more than a read's byte budget or the channel's rate limit allows: it was
+    /// disconnected and is not reconnected for `retry_in`.
+    #[error("guest agent disconnected as hostile: {reason}; next attempt in {retry_in:?}")]
+    Hostile {
+        /// What it did (no guest text).
+        reason: String,
+        /// The backoff before the channel is tried again.
+        retry_in: Duration,
+    },
 }
 
 /// Tunables of a guest channel.
@@ -113,6 +154,10 @@ pub struct QgaConfig {
     pub poll_initial: Duration,
     /// Longest `guest-exec-status` poll interval.
     pub poll_max: Duration,
+    /// Sustained bytes per second a guest may send (bursts up to 2 × `max_line` + 1 MiB).
+    pub byte_rate: u64,
+    /// First wait before reconnecting to a guest found hostile; doubles up to 64 times this.
+    pub hostile_backoff: Duration,
 }
 
 impl Default for QgaConfig {
@@ -123,6 +168,8 @@ impl Default for QgaConfig {
             max_line: 4 << 20,
             poll_initial: Duration::from_millis(2),
             poll_max: Duration::from_millis(50),
+            byte_rate: 1 << 20,
+            hostile_backoff: Duration::from_secs(1),
         }
     }
 }
@@ -130,7 +177,8 @@ impl Default for QgaConfig {
 /// One command listed by `guest-info`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct CommandInfo {
-    /// The command name.
+    /// The command name (capped, printable).
+    #[serde(deserialize_with = "guest_string")]
     pub name: String,
     /// Whether the agent allows it.
     pub enabled: bool,
@@ -139,7 +187,8 @@ pub struct CommandInfo {
 /// The answer of `guest-info`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct GuestInfo {
-    /// The agent's version string.
+    /// The agent's version string (capped, printable).
+    #[serde(deserialize_with = "guest_string")]
     pub version: String,
     /// The commands it knows.
     #[serde(rename = "supported_commands")]
@@ -169,6 +218,11 @@ impl GuestInfo {
     }
 }
 
+/// A guest string as [`GuestText`] makes it: capped, no control or format characters.
+fn guest_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    GuestText::deserialize(d).map(|t| t.0)
+}
+
 /// A guest command to run with [`QgaClient::exec`].
 #[derive(Debug, Clone)]
 pub struct ExecRequest {
@@ -182,6 +236,9 @@ pub struct ExecRequest {
     pub deadline: Duration,
     /// At most this many bytes of stdout and of stderr are kept.
     pub output_cap: usize,
+    /// Longest accepted `guest-exec-status` reply line (also capped by
+    /// [`QgaConfig::max_line`]): a caller that knows its output is small lowers it.
+    pub max_reply_line: usize,
 }
 
 impl ExecRequest {
@@ -193,6 +250,7 @@ impl ExecRequest {
             input: None,
             deadline: Duration::from_secs(10),
             output_cap: 64 << 10,
+            max_reply_line: usize::MAX,
         }
     }
 }
@@ -217,6 +275,36 @@ struct Conn {
     writer: OwnedWriteHalf,
     framer: Framer,
     synced: bool,
+    /// Bytes the current read may still take.
+    budget: u64,
+    /// The current read's allowance.
+    granted: u64,
+    /// Bytes read under earlier allowances and not yet charged to the rate limit.
+    used: u64,
+}
+
+impl Conn {
+    /// Starts a read allowance of `bytes` (what the previous one used stays to be charged).
+    fn allow(&mut self, bytes: u64) {
+        self.used += self.granted - self.budget;
+        self.granted = bytes;
+        self.budget = bytes;
+    }
+
+    /// Bytes read since the last charge, for the rate limit.
+    fn take_used(&mut self) -> u64 {
+        let used = self.used + (self.granted - self.budget);
+        self.used = 0;
+        self.granted = self.budget;
+        used
+    }
+}
+
+/// The channel state behind the client's lock.
+struct Channel {
+    conn: Option<Conn>,
+    rate: Rate,
+    backoff: Backoff,
 }
 
 /// The guest channel of one VM. Methods take `&self`; calls are serialised internally.
@@ -224,14 +312,15 @@ struct Conn {
 pub struct QgaClient {
     path: PathBuf,
     config: QgaConfig,
-    conn: Mutex<Option<Conn>>,
+    channel: Mutex<Channel>,
     next_id: AtomicU64,
 }
 
-impl std::fmt::Debug for Conn {
+impl std::fmt::Debug for Channel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn")
-            .field("synced", &self.synced)
+        f.debug_struct("Channel")
+            .field("connected", &self.conn.is_some())
+            .field("synced", &self.conn.as_ref().map(|c| c.synced))
             .finish_non_exhaustive()
     }
 }
@@ -249,13 +338,52 @@ pub(crate) fn random_id() -> u64 {
     h.finish() & ((1 << 53) - 1)
 }
 
+/// The `return` of `guest-exec`.
+#[derive(Deserialize)]
+struct Started {
+    #[serde(deserialize_with = "pid")]
+    pid: i64,
+}
+
+/// A guest pid: `1..=i32::MAX`, anything else is malformed.
+fn pid<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    let pid = i64::deserialize(d)?;
+    if (1..=i64::from(i32::MAX)).contains(&pid) {
+        Ok(pid)
+    } else {
+        Err(serde::de::Error::custom(format!("pid {pid} out of range")))
+    }
+}
+
+/// The `return` of `guest-exec-status`.
+#[derive(Deserialize)]
+struct Status {
+    exited: bool,
+    exitcode: Option<i64>,
+    signal: Option<i64>,
+    #[serde(rename = "out-data")]
+    out_data: Option<String>,
+    #[serde(rename = "err-data")]
+    err_data: Option<String>,
+    #[serde(rename = "out-truncated", default)]
+    out_truncated: bool,
+    #[serde(rename = "err-truncated", default)]
+    err_truncated: bool,
+}
+
 impl QgaClient {
     /// A client for the agent socket at `path`. Does not connect until the first call.
     pub fn new(path: impl Into<PathBuf>, config: QgaConfig) -> Self {
+        let burst = (config.max_line as u64).saturating_mul(2) + (1 << 20);
+        let channel = Channel {
+            conn: None,
+            rate: Rate::new(burst, config.byte_rate),
+            backoff: Backoff::new(config.hostile_backoff, config.hostile_backoff * 64),
+        };
         Self {
             path: path.into(),
             config,
-            conn: Mutex::new(None),
+            channel: Mutex::new(channel),
             next_id: AtomicU64::new(1),
         }
     }
@@ -272,7 +400,10 @@ impl QgaClient {
 
     /// `guest-ping`: Ok if the agent answers within `timeout` (resync included).
     pub async fn ping_within(&self, timeout: Duration) -> Result<(), QgaError> {
-        self.call("guest-ping", None, timeout).await.map(drop)
+        self.call_typed("guest-ping", None, timeout, SMALL_LINE, |_: IgnoredAny| {
+            Ok(())
+        })
+        .await
     }
 
     /// `guest-info`: the agent version and its enabled commands.
@@ -282,11 +413,8 @@ impl QgaClient {
 
     /// `guest-info` within `timeout` (resync included).
     pub async fn info_within(&self, timeout: Duration) -> Result<GuestInfo, QgaError> {
-        let value = self.call("guest-info", None, timeout).await?;
-        serde_json::from_value(value).map_err(|e| QgaError::Malformed {
-            command: "guest-info".into(),
-            detail: e.to_string(),
-        })
+        self.call_typed("guest-info", None, timeout, INFO_LINE, Ok)
+            .await
     }
 
     /// Sends `guest-shutdown` (powerdown) without waiting for a reply: on success the agent
@@ -305,12 +433,13 @@ impl QgaClient {
             send(conn, &request).await
         })
         .await;
-        finish(&mut guard, result, "guest-shutdown", timeout)
+        self.finish(&mut guard, result, "guest-shutdown", timeout)
     }
 
     /// Runs a program in the guest (`guest-exec` with captured output), then polls
     /// `guest-exec-status` until it exits or the deadline passes. The first exited reply reaps
-    /// the process, so its result is the one returned.
+    /// the process, so its result is the one returned. A pid outside `1..=i32::MAX`, an exit
+    /// code outside `0..=255` or a signal outside `1..=64` is [`QgaError::Malformed`].
     pub async fn exec(&self, request: &ExecRequest) -> Result<ExecOutput, QgaError> {
         let deadline = Instant::now() + request.deadline;
         let Some((path, args)) = request.argv.split_first() else {
@@ -326,18 +455,17 @@ impl QgaClient {
         if let Some(input) = &request.input {
             arguments["input-data"] = json!(B64.encode(input));
         }
-        let started = self
-            .call("guest-exec", Some(arguments), self.bounded(deadline))
+        let pid = self
+            .call_typed(
+                "guest-exec",
+                Some(arguments),
+                self.bounded(deadline),
+                SMALL_LINE,
+                |s: Started| Ok(s.pid),
+            )
             .await
             .map_err(exec_blocked)?;
-        let pid =
-            started
-                .get("pid")
-                .and_then(Value::as_i64)
-                .ok_or_else(|| QgaError::Malformed {
-                    command: "guest-exec".into(),
-                    detail: "no integer pid".into(),
-                })?;
+        let cap = request.output_cap;
         let mut interval = self.config.poll_initial;
         loop {
             tokio::time::sleep(interval.min(deadline.saturating_duration_since(Instant::now())))
@@ -346,15 +474,17 @@ impl QgaClient {
                 return Err(QgaError::ExecDeadline { pid });
             }
             let status = self
-                .call(
+                .call_typed(
                     "guest-exec-status",
                     Some(json!({"pid": pid})),
                     self.bounded(deadline),
+                    request.max_reply_line,
+                    move |s: Status| exec_output(s, cap),
                 )
                 .await
                 .map_err(exec_blocked)?;
-            if status.get("exited").and_then(Value::as_bool) == Some(true) {
-                return exec_output(&status, request.output_cap);
+            if let Some(output) = status {
+                return Ok(output);
             }
             interval = (interval * 2).min(self.config.poll_max);
         }
@@ -367,14 +497,35 @@ impl QgaClient {
     }
 
     /// Runs one command and returns its `return` value, bounded by `timeout` (resync included).
+    /// The reply line is capped at 64 KiB (and [`QgaConfig::max_line`]).
     pub async fn call(
         &self,
         command: &str,
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QgaError> {
+        self.call_typed(command, arguments, timeout, INFO_LINE, Ok)
+            .await
+    }
+
+    /// Runs one command: its reply line (at most `line_cap` bytes) is parsed as `T` and turned
+    /// into the result by `convert` (an `Err` there is a malformed reply).
+    async fn call_typed<T, R, F>(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+        line_cap: usize,
+        convert: F,
+    ) -> Result<R, QgaError>
+    where
+        T: DeserializeOwned + Send + 'static,
+        R: Send + 'static,
+        F: FnOnce(T) -> Result<R, String> + Send + 'static,
+    {
         let deadline = Instant::now() + timeout;
         let mut guard = self.lock(deadline, command, timeout).await?;
+        let line_cap = line_cap.min(self.config.max_line);
         let result = tokio::time::timeout_at(deadline, async {
             let conn = self.ready(&mut guard).await?;
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -382,37 +533,39 @@ impl QgaClient {
             if let Some(args) = arguments {
                 request["arguments"] = args;
             }
-            // In step again only once this request's own reply is read: a call dropped
-            // half-way (its caller timed out or was cancelled) leaves the channel to resync.
+            // In step again only once this request's own reply is read and valid: a call
+            // dropped half-way (its caller timed out) or a malformed answer leaves the channel
+            // to resync.
             conn.synced = false;
             send(conn, &request).await?;
-            let line = read_line(conn, self.config.max_line).await?;
-            match parse_line(&line) {
-                Ok(Message::Return { id: got, value }) => {
-                    check_id(command, id, got)?;
+            conn.framer.set_max_line(line_cap);
+            conn.allow(line_cap as u64 + SLACK);
+            let line = read_line(conn, command).await?;
+            let malformed = |detail: String| QgaError::Malformed {
+                command: command.to_owned(),
+                detail,
+            };
+            match parse(line, id, convert).await.map_err(malformed)? {
+                Reply::Return(value) => {
                     conn.synced = true;
                     Ok(value)
                 }
-                Ok(Message::Error { id: got, error }) => {
-                    check_id(command, id, got)?;
+                Reply::Error(error) => {
                     conn.synced = true;
                     Err(QgaError::Remote {
                         command: command.to_owned(),
                         error,
                     })
                 }
-                Ok(_) => Err(QgaError::Malformed {
+                Reply::NotOurs { got } => Err(QgaError::WrongId {
                     command: command.to_owned(),
-                    detail: "not a reply".into(),
-                }),
-                Err(e) => Err(QgaError::Malformed {
-                    command: command.to_owned(),
-                    detail: e.to_string(),
+                    expected: id,
+                    got,
                 }),
             }
         })
         .await;
-        finish(&mut guard, result, command, timeout)
+        self.finish(&mut guard, result, command, timeout)
     }
 
     /// Waits for the channel (another call may hold it) until `deadline`.
@@ -421,8 +574,8 @@ impl QgaClient {
         deadline: Instant,
         command: &str,
         timeout: Duration,
-    ) -> Result<tokio::sync::MutexGuard<'_, Option<Conn>>, QgaError> {
-        tokio::time::timeout_at(deadline, self.conn.lock())
+    ) -> Result<tokio::sync::MutexGuard<'_, Channel>, QgaError> {
+        tokio::time::timeout_at(deadline, self.channel.lock())
             .await
             .map_err(|_| QgaError::Timeout {
                 command: command.to_owned(),
@@ -430,8 +583,16 @@ impl QgaClient {
             })
     }
 
-    /// Connects if needed and resynchronises if needed; returns the ready connection.
-    async fn ready<'a>(&self, slot: &'a mut Option<Conn>) -> Result<&'a mut Conn, QgaError> {
+    /// Connects if needed (not while backing off from a hostile guest) and resynchronises if
+    /// needed; returns the ready connection.
+    async fn ready<'a>(&self, channel: &'a mut Channel) -> Result<&'a mut Conn, QgaError> {
+        if let Some((reason, left)) = channel.backoff.active() {
+            return Err(QgaError::Hostile {
+                reason: reason.to_owned(),
+                retry_in: left,
+            });
+        }
+        let slot = &mut channel.conn;
         if slot.is_none() {
             let stream =
                 tokio::time::timeout(self.config.connect_timeout, UnixStream::connect(&self.path))
@@ -448,47 +609,105 @@ impl QgaClient {
             *slot = Some(Conn {
                 reader: BufReader::new(read),
                 writer,
-                framer: Framer::new(self.config.max_line, true),
+                framer: Framer::new(SYNC_LINE_MAX, true),
                 synced: false,
+                budget: 0,
+                granted: 0,
+                used: 0,
             });
         }
         let Some(conn) = slot.as_mut() else {
             return Err(QgaError::Disconnected);
         };
         if !conn.synced {
-            resync(conn, self.config.max_line).await?;
+            // One late reply of the largest size may still be on its way, and a few strays.
+            resync(conn, self.config.max_line as u64 + SLACK).await?;
             conn.synced = true;
         }
         Ok(conn)
     }
-}
 
-/// Applies the outcome of a call to the connection state: a broken connection is dropped, a
-/// timeout or protocol error forces a resync before the next call.
-fn finish<T>(
-    slot: &mut Option<Conn>,
-    result: Result<Result<T, QgaError>, tokio::time::error::Elapsed>,
-    command: &str,
-    timeout: Duration,
-) -> Result<T, QgaError> {
-    let result = result.unwrap_or_else(|_| {
-        Err(QgaError::Timeout {
-            command: command.to_owned(),
-            timeout,
-        })
-    });
-    match &result {
-        Ok(_) | Err(QgaError::Remote { .. }) => {}
-        Err(QgaError::Disconnected | QgaError::Write(_) | QgaError::Connect { .. }) => {
-            *slot = None;
+    /// Applies the outcome of a call to the channel: the bytes read are charged to the rate
+    /// limit, a hostile guest is disconnected and backed off from, a broken connection is
+    /// dropped, a timeout or protocol error forces a resync before the next call.
+    fn finish<T>(
+        &self,
+        channel: &mut Channel,
+        result: Result<Result<T, QgaError>, tokio::time::error::Elapsed>,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<T, QgaError> {
+        let mut result = result.unwrap_or_else(|_| {
+            Err(QgaError::Timeout {
+                command: command.to_owned(),
+                timeout,
+            })
+        });
+        let used = channel.conn.as_mut().map_or(0, Conn::take_used);
+        if !channel.rate.take(used) && channel.backoff.active().is_none() {
+            let reason = format!(
+                "sent more than {} bytes/s on average (rate limit)",
+                self.config.byte_rate
+            );
+            if result.is_ok() {
+                // The answer itself was valid; the next call finds the guest backed off.
+                channel.conn = None;
+                let retry_in = channel.backoff.hostile(reason.clone());
+                tracing::warn!(path = %self.path.display(), %reason, ?retry_in, "guest agent disconnected as hostile");
+                return result;
+            }
+            result = Err(QgaError::Hostile {
+                reason,
+                retry_in: Duration::ZERO,
+            });
         }
-        Err(_) => {
-            if let Some(conn) = slot.as_mut() {
-                conn.synced = false;
+        match &mut result {
+            Ok(_) => channel.backoff.reset(),
+            Err(QgaError::Remote { .. }) => {}
+            Err(QgaError::Hostile { reason, retry_in }) => {
+                if retry_in.is_zero() {
+                    channel.conn = None;
+                    *retry_in = channel.backoff.hostile(reason.clone());
+                    tracing::warn!(path = %self.path.display(), %reason, retry_in = ?*retry_in, "guest agent disconnected as hostile");
+                }
+            }
+            Err(QgaError::Disconnected | QgaError::Write(_) | QgaError::Connect { .. }) => {
+                channel.conn = None;
+            }
+            Err(_) => {
+                if let Some(conn) = channel.conn.as_mut() {
+                    conn.synced = false;
+                }
             }
         }
+        result
     }
-    result
+}
+
+/// Parses a reply line for request `id` and converts its `return`; a long line is parsed on a
+/// blocking thread so that no runtime worker is held up. `Err` is a safe description.
+async fn parse<T, R, F>(line: Vec<u8>, id: u64, convert: F) -> Result<Reply<R>, String>
+where
+    T: DeserializeOwned + Send + 'static,
+    R: Send + 'static,
+    F: FnOnce(T) -> Result<R, String> + Send + 'static,
+{
+    let inline = line.len() <= INLINE_PARSE;
+    let work = move || match parse_reply::<T>(&line, id)? {
+        Reply::Return(value) => {
+            drop(line);
+            convert(value).map(Reply::Return)
+        }
+        Reply::Error(e) => Ok(Reply::Error(e)),
+        Reply::NotOurs { got } => Ok(Reply::NotOurs { got }),
+    };
+    if inline {
+        work()
+    } else {
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|_| "the reply's parser failed".to_owned())?
+    }
 }
 
 async fn send(conn: &mut Conn, request: &Value) -> Result<(), QgaError> {
@@ -497,18 +716,25 @@ async fn send(conn: &mut Conn, request: &Value) -> Result<(), QgaError> {
     conn.writer.write_all(&bytes).await.map_err(QgaError::Write)
 }
 
-async fn read_line(conn: &mut Conn, max: usize) -> Result<Vec<u8>, QgaError> {
+/// Reads one line within the connection's budget and its framer's cap.
+async fn read_line(conn: &mut Conn, what: &str) -> Result<Vec<u8>, QgaError> {
+    let max = conn.framer.max_line();
     conn.framer
-        .next_line(&mut conn.reader)
+        .next_line_within(&mut conn.reader, &mut conn.budget)
         .await
         .map_err(|e| match e {
             FrameError::LineTooLong { .. } => QgaError::LineTooLong { max },
+            FrameError::OverBudget { budget } => QgaError::Hostile {
+                reason: format!("sent more than {budget} bytes while vmha waited for {what}"),
+                retry_in: Duration::ZERO,
+            },
             FrameError::Closed | FrameError::Io(_) => QgaError::Disconnected,
         })
 }
 
-/// Sends `0xFF` + `guest-sync-delimited` and discards everything until its reply.
-async fn resync(conn: &mut Conn, max: usize) -> Result<(), QgaError> {
+/// Sends `0xFF` + `guest-sync-delimited` and discards everything until its reply, reading at
+/// most `budget` bytes. Discarded lines are neither buffered beyond a short prefix nor parsed.
+async fn resync(conn: &mut Conn, budget: u64) -> Result<(), QgaError> {
     let id = random_id();
     let mut bytes = vec![0xFF];
     bytes.extend_from_slice(
@@ -521,30 +747,17 @@ async fn resync(conn: &mut Conn, max: usize) -> Result<(), QgaError> {
         .write_all(&bytes)
         .await
         .map_err(QgaError::Write)?;
+    conn.framer.set_max_line(SYNC_LINE_MAX);
+    conn.allow(budget);
     loop {
-        let line = match read_line(conn, max).await {
-            Ok(line) => line,
-            Err(QgaError::LineTooLong { .. }) => continue,
-            Err(e) => return Err(e),
-        };
-        if let Ok(Message::Return { value, .. }) = parse_line(&line) {
-            if value.as_u64() == Some(id) {
-                return Ok(());
+        match read_line(conn, "guest-sync-delimited").await {
+            Ok(line) if is_sync_reply(&line, id) => return Ok(()),
+            Ok(line) => {
+                tracing::debug!(len = line.len(), line = %describe(&line), "discarded a line while resynchronising");
             }
+            Err(QgaError::LineTooLong { .. }) => {}
+            Err(e) => return Err(e),
         }
-        tracing::debug!(len = line.len(), "discarded a line while resynchronising");
-    }
-}
-
-fn check_id(command: &str, expected: u64, got: Option<Value>) -> Result<(), QgaError> {
-    match got {
-        None => Ok(()),
-        Some(v) if v.as_u64() == Some(expected) => Ok(()),
-        Some(v) => Err(QgaError::WrongId {
-            command: command.to_owned(),
-            expected,
-            got: v.to_string().chars().take(64).collect(),
-        }),
     }
 }
 
@@ -561,39 +774,37 @@ fn exec_blocked(e: QgaError) -> QgaError {
     }
 }
 
-fn exec_output(status: &Value, cap: usize) -> Result<ExecOutput, QgaError> {
-    let malformed = |detail: &str| QgaError::Malformed {
-        command: "guest-exec-status".into(),
-        detail: detail.into(),
-    };
-    let int = |key: &str| status.get(key).and_then(Value::as_i64);
-    let status_kind = match (int("exitcode"), int("signal")) {
-        (_, Some(sig)) => ExitStatus::Signal(i32::try_from(sig).map_err(|_| malformed("signal"))?),
-        (Some(code), None) => {
-            ExitStatus::Code(i32::try_from(code).map_err(|_| malformed("exitcode"))?)
-        }
-        (None, None) => return Err(malformed("exited without exitcode or signal")),
+/// The result of a `guest-exec-status` reply: `None` while the process runs.
+fn exec_output(status: Status, cap: usize) -> Result<Option<ExecOutput>, String> {
+    if !status.exited {
+        return Ok(None);
+    }
+    let kind = match (status.exitcode, status.signal) {
+        (_, Some(sig)) if (1..=64).contains(&sig) => ExitStatus::Signal(sig as i32),
+        (_, Some(sig)) => return Err(format!("signal {sig} out of range")),
+        (Some(code), None) if (0..=255).contains(&code) => ExitStatus::Code(code as i32),
+        (Some(code), None) => return Err(format!("exit code {code} out of range")),
+        (None, None) => return Err("exited without exitcode or signal".into()),
     };
     let (stdout, out_cut) =
-        decode_capped(status.get("out-data"), cap).ok_or_else(|| malformed("out-data"))?;
+        decode_capped(status.out_data.as_deref(), cap).ok_or("out-data is not base64")?;
     let (stderr, err_cut) =
-        decode_capped(status.get("err-data"), cap).ok_or_else(|| malformed("err-data"))?;
-    let flag = |key: &str| status.get(key).and_then(Value::as_bool).unwrap_or(false);
-    Ok(ExecOutput {
-        status: status_kind,
+        decode_capped(status.err_data.as_deref(), cap).ok_or("err-data is not base64")?;
+    Ok(Some(ExecOutput {
+        status: kind,
         stdout,
         stderr,
-        stdout_truncated: out_cut || flag("out-truncated"),
-        stderr_truncated: err_cut || flag("err-truncated"),
-    })
+        stdout_truncated: out_cut || status.out_truncated,
+        stderr_truncated: err_cut || status.err_truncated,
+    }))
 }
 
 /// Decodes at most `cap` bytes of a base64 field (absent = empty). `None` if it is not base64.
-fn decode_capped(field: Option<&Value>, cap: usize) -> Option<(Vec<u8>, bool)> {
-    let Some(field) = field else {
+fn decode_capped(field: Option<&str>, cap: usize) -> Option<(Vec<u8>, bool)> {
+    let Some(text) = field else {
         return Some((Vec::new(), false));
     };
-    let text = field.as_str()?.as_bytes();
+    let text = text.as_bytes();
     // Decode only a prefix long enough for `cap` bytes (base64: 4 chars per 3 bytes).
     let prefix_len = cap.div_ceil(3).saturating_mul(4).min(text.len());
     let mut bytes = B64.decode(&text[..prefix_len]).ok()?;
@@ -607,22 +818,30 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    fn status(v: Value, cap: usize) -> Result<Option<ExecOutput>, String> {
+        exec_output(serde_json::from_value(v).map_err(|e| e.to_string())?, cap)
+    }
+
     #[test]
     fn exec_output_signal_and_code() {
-        let out = exec_output(
-            &json!({"exited": true, "signal": 9, "out-data": B64.encode("hi")}),
+        let out = status(
+            json!({"exited": true, "signal": 9, "out-data": B64.encode("hi")}),
             100,
         )
+        .unwrap()
         .unwrap();
         assert_eq!(out.status, ExitStatus::Signal(9));
         assert_eq!(out.stdout, b"hi");
-        let out = exec_output(&json!({"exited": true, "exitcode": 3}), 100).unwrap();
+        let out = status(json!({"exited": true, "exitcode": 3}), 100)
+            .unwrap()
+            .unwrap();
         assert_eq!(out.status, ExitStatus::Code(3));
         assert!(out.stdout.is_empty() && !out.stdout_truncated);
-        assert!(exec_output(&json!({"exited": true}), 100).is_err());
+        assert!(status(json!({"exited": false}), 100).unwrap().is_none());
+        assert!(status(json!({"exited": true}), 100).is_err());
         assert!(
-            exec_output(
-                &json!({"exited": true, "exitcode": 0, "out-data": "!!"}),
+            status(
+                json!({"exited": true, "exitcode": 0, "out-data": "!!"}),
                 100
             )
             .is_err()
@@ -630,20 +849,57 @@ mod tests {
     }
 
     #[test]
+    fn exit_status_out_of_range_is_malformed() {
+        for bad in [
+            json!({"exited": true, "exitcode": -1}),
+            json!({"exited": true, "exitcode": 256}),
+            json!({"exited": true, "exitcode": 1_i64 << 40}),
+            json!({"exited": true, "signal": 0}),
+            json!({"exited": true, "signal": 65}),
+            json!({"exited": true, "signal": -9}),
+        ] {
+            assert!(status(bad.clone(), 10).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pid_out_of_range_is_malformed() {
+        for bad in [
+            json!({"pid": 0}),
+            json!({"pid": -1}),
+            json!({"pid": 1_i64 << 31}),
+            json!({"pid": "7"}),
+        ] {
+            assert!(
+                serde_json::from_value::<Started>(bad.clone()).is_err(),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            serde_json::from_value::<Started>(json!({"pid": 42}))
+                .unwrap()
+                .pid,
+            42
+        );
+    }
+
+    #[test]
     fn output_is_capped_and_flagged() {
         let data = vec![b'x'; 1000];
-        let out = exec_output(
-            &json!({"exited": true, "exitcode": 0, "out-data": B64.encode(&data), "err-truncated": true}),
+        let out = status(
+            json!({"exited": true, "exitcode": 0, "out-data": B64.encode(&data), "err-truncated": true}),
             10,
         )
+        .unwrap()
         .unwrap();
         assert_eq!(out.stdout.len(), 10);
         assert!(out.stdout_truncated);
         assert!(out.stderr_truncated);
-        let out = exec_output(
-            &json!({"exited": true, "exitcode": 0, "out-data": B64.encode(&data[..9])}),
+        let out = status(
+            json!({"exited": true, "exitcode": 0, "out-data": B64.encode(&data[..9])}),
             9,
         )
+        .unwrap()
         .unwrap();
         assert_eq!(out.stdout.len(), 9);
         assert!(!out.stdout_truncated);
@@ -663,12 +919,13 @@ mod tests {
     }
 
     #[test]
-    fn wrong_id_is_an_error() {
-        assert!(check_id("x", 5, Some(json!(5))).is_ok());
-        assert!(check_id("x", 5, None).is_ok());
-        assert!(matches!(
-            check_id("x", 5, Some(json!("5"))),
-            Err(QgaError::WrongId { .. })
-        ));
+    fn guest_info_strings_are_made_safe() {
+        let info: GuestInfo = serde_json::from_value(json!({
+            "version": format!("7.2\u{202e}{}", "v".repeat(100_000)),
+            "supported_commands": [{"name": "guest-exec\u{2028}", "enabled": true}]}))
+        .unwrap();
+        assert!(info.version.chars().count() <= crate::guest_text::MAX_GUEST_TEXT + 1);
+        assert!(!info.version.chars().any(crate::guest_text::is_unsafe));
+        assert_eq!(info.commands[0].name, "guest-exec ");
     }
 }
