@@ -20,6 +20,8 @@ pub enum Answer {
     Bytes(Arc<Vec<u8>>),
     /// Sends these bytes after a delay (the connection handles nothing else meanwhile).
     Late(Duration, Arc<Vec<u8>>),
+    /// Sends these buffers one after the other (a big shared middle costs no copy).
+    Chunks(Vec<Arc<Vec<u8>>>),
     /// Streams bytes without end (no newline) until the peer goes away.
     Endless,
     /// Sends nothing.
@@ -102,6 +104,16 @@ pub fn serve(dir: &tempfile::TempDir, name: &str, script: Arc<Script>) -> PathBu
                     let n = count.fetch_add(1, Ordering::SeqCst);
                     let sent = match script(n, &req) {
                         Answer::Bytes(b) => write.write_all(&b).await,
+                        Answer::Chunks(parts) => {
+                            let mut sent = Ok(());
+                            for part in parts {
+                                sent = write.write_all(&part).await;
+                                if sent.is_err() {
+                                    break;
+                                }
+                            }
+                            sent
+                        }
                         Answer::Late(after, b) => {
                             tokio::time::sleep(after).await;
                             write.write_all(&b).await
