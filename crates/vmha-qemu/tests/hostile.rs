@@ -388,7 +388,7 @@ async fn a_probe_refuses_an_oversized_status_line() {
     };
     beside_an_honest_agent(async {
         let err = qga
-            .probe(&[check.clone()], Duration::from_secs(2))
+            .probe(std::slice::from_ref(&check), Duration::from_secs(2))
             .await
             .unwrap_err();
         let vmha_qemu::ProbeError::Channel(err) = err;
