@@ -2,7 +2,7 @@
 //!
 //! Lines are split on `\n` as bytes (never decoded as UTF-8 here), a trailing `\r` is removed,
 //! and a line longer than the cap is reported once and then skipped up to its end without
-//! buffering it. With [`Framer::reset_on_ff`] a `0xFF` byte anywhere discards the partial line:
+//! buffering it. With `reset_on_ff` ([`Framer::new`]) a `0xFF` byte anywhere discards the partial line:
 //! that is the QGA resynchronisation delimiter, so a stale half-line from a guest can never be
 //! glued to the reply that follows the delimiter.
 
