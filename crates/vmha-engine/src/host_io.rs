@@ -32,6 +32,15 @@ pub enum ActionError {
         /// What went wrong.
         detail: String,
     },
+    /// The guest agent sent more than it may (a read's byte budget or the channel's rate
+    /// limit): the driver disconnected it and waits before connecting again. For the engine the
+    /// channel failed, as with [`ActionError::GuestUnreachable`]; the first of a streak is
+    /// reported in an event with this detail (the driver's words, no guest text).
+    #[error("guest agent disconnected as hostile: {detail}")]
+    GuestHostile {
+        /// What it did.
+        detail: String,
+    },
     /// The command ran in the guest and failed: its exit code or the signal that killed it,
     /// or (`status: None`) the agent could not start it.
     #[error("{}", command_failed(status.as_ref(), stderr))]

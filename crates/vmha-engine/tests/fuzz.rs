@@ -112,6 +112,7 @@ fn action_error() -> impl Strategy<Value = ActionError> {
     prop_oneof![
         detail.prop_map(|detail| ActionError::ExecBlocked { detail }),
         detail.prop_map(|detail| ActionError::GuestUnreachable { detail }),
+        detail.prop_map(|detail| ActionError::GuestHostile { detail }),
         (proptest::option::of(any::<i32>()), detail).prop_map(|(code, stderr)| {
             ActionError::CommandFailed {
                 status: code.map(ExitStatus::Code),

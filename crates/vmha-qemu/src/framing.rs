@@ -2,7 +2,7 @@
 //!
 //! Lines are split on `\n` as bytes (never decoded as UTF-8 here), a trailing `\r` is removed,
 //! and a line longer than the cap is reported once and then skipped up to its end without
-//! buffering it. With [`Framer::reset_on_ff`] a `0xFF` byte anywhere discards the partial line:
+//! buffering it. With `reset_on_ff` ([`Framer::new`]) a `0xFF` byte anywhere discards the partial line:
 //! that is the QGA resynchronisation delimiter, so a stale half-line from a guest can never be
 //! glued to the reply that follows the delimiter.
 
@@ -20,6 +20,12 @@ pub enum FrameError {
     /// The peer closed the stream (a partial last line is dropped).
     #[error("stream closed by peer")]
     Closed,
+    /// The peer sent more bytes than the read was allowed (see [`Framer::next_line_within`]).
+    #[error("more than the {budget} bytes allowed for this read")]
+    OverBudget {
+        /// The budget the read started with.
+        budget: u64,
+    },
     /// Reading the stream failed.
     #[error("read failed: {0}")]
     Io(#[from] std::io::Error),
@@ -55,35 +61,50 @@ impl Framer {
         }
     }
 
+    /// Changes the cap for lines not yet complete (a line being skipped stays skipped).
+    pub fn set_max_line(&mut self, max_line: usize) {
+        self.max_line = max_line;
+    }
+
+    /// The cap on line length now in force.
+    pub fn max_line(&self) -> usize {
+        self.max_line
+    }
+
     /// Consumes bytes from the front of `buf` until one frame is complete. Returns the number of
     /// bytes consumed and the frame, if one completed. Never holds more than `max_line` bytes.
     pub fn feed(&mut self, buf: &[u8]) -> (usize, Option<Frame>) {
-        for (i, &b) in buf.iter().enumerate() {
-            if b == 0xFF && self.reset_on_ff {
-                self.partial.clear();
+        let mut i = 0;
+        while i < buf.len() {
+            let rest = &buf[i..];
+            let stop = rest
+                .iter()
+                .position(|&b| b == b'\n' || (b == 0xFF && self.reset_on_ff));
+            let data = &rest[..stop.unwrap_or(rest.len())];
+            if !self.skipping {
+                let room = self.max_line.saturating_sub(self.partial.len());
+                if data.len() > room {
+                    self.partial = Vec::new();
+                    self.skipping = true;
+                    return (i + room + 1, Some(Frame::TooLong));
+                }
+                self.partial.extend_from_slice(data);
+            }
+            let Some(at) = stop.map(|p| i + p) else {
+                return (buf.len(), None);
+            };
+            i = at + 1;
+            if buf[at] == 0xFF || self.skipping {
+                // A delimiter ends a partial line; a newline ends a skip.
+                self.partial = Vec::new();
                 self.skipping = false;
                 continue;
             }
-            if b == b'\n' {
-                if self.skipping {
-                    self.skipping = false;
-                    continue;
-                }
-                let mut line = std::mem::take(&mut self.partial);
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                return (i + 1, Some(Frame::Line(line)));
+            let mut line = std::mem::take(&mut self.partial);
+            if line.last() == Some(&b'\r') {
+                line.pop();
             }
-            if self.skipping {
-                continue;
-            }
-            if self.partial.len() >= self.max_line {
-                self.partial = Vec::new();
-                self.skipping = true;
-                return (i + 1, Some(Frame::TooLong));
-            }
-            self.partial.push(b);
+            return (i, Some(Frame::Line(line)));
         }
         (buf.len(), None)
     }
@@ -94,13 +115,33 @@ impl Framer {
         &mut self,
         reader: &mut R,
     ) -> Result<Vec<u8>, FrameError> {
+        let mut unlimited = u64::MAX;
+        self.next_line_within(reader, &mut unlimited).await
+    }
+
+    /// [`Framer::next_line`] consuming at most `budget` bytes (decremented by what is read,
+    /// skipped lines included): once it is spent without a complete line, the read ends with
+    /// [`FrameError::OverBudget`], so an endless stream costs a bounded amount of work.
+    pub async fn next_line_within<R: AsyncBufRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+        budget: &mut u64,
+    ) -> Result<Vec<u8>, FrameError> {
+        let start = *budget;
         loop {
             let buf = reader.fill_buf().await?;
             if buf.is_empty() {
                 return Err(FrameError::Closed);
             }
-            let (used, frame) = self.feed(buf);
+            let allowed = usize::try_from(*budget)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            if allowed == 0 {
+                return Err(FrameError::OverBudget { budget: start });
+            }
+            let (used, frame) = self.feed(&buf[..allowed]);
             reader.consume(used);
+            *budget -= used as u64;
             match frame {
                 Some(Frame::Line(line)) => return Ok(line),
                 Some(Frame::TooLong) => {
@@ -166,6 +207,37 @@ mod tests {
         let mut f = Framer::new(2, true);
         let frames = all(&mut f, b"abcdef\xffok\n");
         assert_eq!(frames, vec![Frame::TooLong, Frame::Line(b"ok".to_vec())]);
+    }
+
+    #[test]
+    fn a_delimiter_in_a_skipped_line_and_cr_handling() {
+        let mut f = Framer::new(3, true);
+        let frames = all(&mut f, b"abcdefgh\nab\r\nxyz\xffq\n");
+        assert_eq!(
+            frames,
+            vec![
+                Frame::TooLong,
+                Frame::Line(b"ab".to_vec()),
+                Frame::Line(b"q".to_vec())
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endless_line_ends_at_the_budget() {
+        let data = vec![b'0'; 1 << 20];
+        let mut r = tokio::io::BufReader::new(&data[..]);
+        let mut f = Framer::new(1000, true);
+        let mut budget = 10_000;
+        assert!(matches!(
+            f.next_line_within(&mut r, &mut budget).await,
+            Err(FrameError::LineTooLong { .. })
+        ));
+        assert!(matches!(
+            f.next_line_within(&mut r, &mut budget).await,
+            Err(FrameError::OverBudget { .. })
+        ));
+        assert_eq!(budget, 0);
     }
 
     #[tokio::test]

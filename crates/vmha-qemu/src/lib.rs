@@ -40,12 +40,16 @@
 //! - [`qmp`]: [`QmpClient`] — greeting with timeout, `qmp_capabilities`, one reader task,
 //!   commands matched by `id`, typed [`QmpEvent`]s ending with [`QmpEvent::Gone`].
 //! - [`qga`]: [`QgaClient`] — resync (`0xFF` + `guest-sync-delimited`) on every connect and after
-//!   every timeout or protocol error; `ping`, `info`, `exec`, `shutdown`.
+//!   every dropped call, timeout or protocol error; only a reply with the request's id answers
+//!   it; per-command line caps, typed parsing, byte budgets and a rate limit (a guest that
+//!   exceeds them is [`QgaError::Hostile`]); `ping`, `info`, `exec`, `shutdown`.
 //! - [`probe`]: [`QgaClient::probe`] — all app checks of a VM in one `guest-exec`.
 //! - [`vm`]: [`QemuVm`] — launch (own process group), adopt, status, stop, kill, events.
 //! - [`framing`], [`reply`]: the byte-level line framer and the total reply parser.
+//! - [`guest_text`]: guest strings made safe for errors, logs, events and API answers.
 
 pub mod framing;
+pub mod guest_text;
 pub mod probe;
 pub mod qga;
 pub mod qmp;

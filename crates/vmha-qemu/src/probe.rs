@@ -29,6 +29,8 @@ pub enum ProbeError {
 
 const MARK: &str = "vmha-probe";
 const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+/// Longest `guest-exec-status` reply line a probe accepts.
+const PROBE_REPLY_LINE: usize = 64 << 10;
 
 /// Quotes one argument for a POSIX shell: `'…'` with each `'` written as `'\''`.
 fn shell_quote(arg: &str) -> String {
@@ -158,6 +160,9 @@ impl QgaClient {
         let mut request = ExecRequest::new(["/bin/sh", "-c", &build_program(checks, nonce)]);
         request.deadline = longest + slack;
         request.output_cap = 64 + checks.len() * 64;
+        // Its output is a few short status lines: a bigger reply can only come from a hostile
+        // guest, and is refused before it costs memory.
+        request.max_reply_line = PROBE_REPLY_LINE;
         let output = self.exec(&request).await?;
         Ok(parse_output(checks, nonce, &output.stdout))
     }

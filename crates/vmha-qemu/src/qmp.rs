@@ -447,7 +447,8 @@ async fn read_loop(
                 tracing::warn!(max, "QMP line too long, skipped");
                 continue;
             }
-            Err(FrameError::Closed) => break,
+            // QMP comes from our own QEMU: its reads have no budget.
+            Err(FrameError::Closed | FrameError::OverBudget { .. }) => break,
             Err(FrameError::Io(e)) => {
                 tracing::warn!(error = %e, "QMP read failed");
                 break;

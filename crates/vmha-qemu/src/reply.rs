@@ -91,21 +91,10 @@ pub fn parse_line(line: &[u8]) -> Result<Message, ParseError> {
     Err(unrecognised(&obj))
 }
 
-/// Longest error class/description kept from a peer, in characters.
-const MAX_ERROR_TEXT: usize = 256;
-
-/// A peer's error text as it may reach logs, events and the API: control characters (terminal
-/// escapes, forged log lines) become spaces, and it is cut to [`MAX_ERROR_TEXT`] characters.
+/// A peer's error text as it may reach logs, events and the API: see
+/// [`crate::guest_text::guest_text`] (capped, no control or format characters).
 fn printable(text: &str) -> String {
-    let mut out: String = text
-        .chars()
-        .take(MAX_ERROR_TEXT)
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if text.chars().nth(MAX_ERROR_TEXT).is_some() {
-        out.push('…');
-    }
-    out
+    crate::guest_text::guest_text(text)
 }
 
 fn remote_error(err: Value) -> RemoteError {
@@ -125,7 +114,7 @@ fn unrecognised(obj: &Map<String, Value>) -> ParseError {
         keys: obj
             .keys()
             .take(8)
-            .map(|k| k.chars().take(64).collect())
+            .map(|k| crate::guest_text::guest_text(&k.chars().take(64).collect::<String>()))
             .collect(),
     }
 }

@@ -200,3 +200,36 @@ async fn reconnects_after_agent_restart() {
     common::wait_for_socket(&sock);
     qga.ping().await.unwrap();
 }
+
+/// vmhad's case: the agent is paused (SIGSTOP) for 1.2 s while an 800 ms ping and an
+/// `info()` cut short by the caller's 800 ms timeout are dropped; the next ping, sent while
+/// the agent is still paused, must get its own answer once the agent resumes — not a late one.
+#[tokio::test]
+async fn a_paused_agent_answers_the_next_ping_after_dropped_calls() {
+    let Some(agent) = common::host_agent() else {
+        return;
+    };
+    let qga = client(&agent);
+    for dropped_info in [false, true] {
+        qga.ping().await.unwrap();
+        agent.signal(Signal::SIGSTOP);
+        let pid = agent.child.0.id();
+        let resume = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1200));
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGCONT)
+                .unwrap();
+        });
+        let ping = Duration::from_millis(800);
+        if dropped_info {
+            let cut = tokio::time::timeout(ping, qga.info()).await;
+            assert!(cut.is_err(), "{cut:?}");
+        } else {
+            let late = qga.ping_within(ping).await;
+            assert!(matches!(late, Err(QgaError::Timeout { .. })), "{late:?}");
+        }
+        // Sent while the agent is still stopped; it resumes 400 ms into this call.
+        qga.ping_within(ping).await.unwrap();
+        resume.join().unwrap();
+        assert!(qga.info().await.unwrap().check_exec().is_ok());
+    }
+}

@@ -70,7 +70,8 @@ impl From<SlotError> for ActionError {
 
 /// What a guest-channel error means: a refused `guest-exec` is the agent's configuration, an
 /// error the agent returned for `guest-exec` is the command's (it could not be started), a
-/// command still running at its deadline timed out; anything else is the channel failing.
+/// command still running at its deadline timed out, an agent disconnected for sending too much
+/// is hostile (the engine reports it in an event); anything else is the channel failing.
 fn guest_error(e: QgaError) -> ActionError {
     match e {
         QgaError::ExecBlocked { detail } => ActionError::ExecBlocked { detail },
@@ -80,6 +81,7 @@ fn guest_error(e: QgaError) -> ActionError {
                 stderr: error.to_string(),
             }
         }
+        QgaError::Hostile { reason, .. } => ActionError::GuestHostile { detail: reason },
         other => ActionError::GuestUnreachable {
             detail: other.to_string(),
         },
@@ -338,12 +340,8 @@ impl VmSlot {
         if out.status == ExitStatus::Code(0) {
             return Ok(());
         }
-        // Guest text goes into event reasons: no control characters, bounded.
-        let stderr: String = String::from_utf8_lossy(&out.stderr)
-            .chars()
-            .filter(|c| !c.is_control() || *c == ' ')
-            .take(200)
-            .collect();
+        // Guest text goes into event reasons: no control or format characters, bounded.
+        let stderr = vmha_qemu::guest_text::guest_bytes(&out.stderr);
         Err(ActionError::CommandFailed {
             status: Some(out.status),
             stderr: stderr.trim().to_string(),
@@ -492,6 +490,24 @@ mod tests {
 
     use crate::inbox::Msg;
     use tokio::sync::mpsc;
+
+    #[test]
+    fn a_hostile_guest_is_its_own_error_kind_with_the_reason() {
+        let e = guest_error(QgaError::Hostile {
+            reason: "sent more than 42 bytes".into(),
+            retry_in: Duration::from_secs(1),
+        });
+        assert_eq!(
+            e,
+            ActionError::GuestHostile {
+                detail: "sent more than 42 bytes".into()
+            }
+        );
+        assert!(matches!(
+            guest_error(QgaError::Disconnected),
+            ActionError::GuestUnreachable { .. }
+        ));
+    }
 
     fn slot() -> (Arc<VmSlot>, mpsc::Receiver<Msg>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();

@@ -605,6 +605,12 @@ impl Sim {
         if !self.guest_reachable(h, vm) {
             return Err(unreachable());
         }
+        if self.guests.get(vm).is_some_and(|g| g.hostile) {
+            return Err(ActionError::GuestHostile {
+                detail: "sent more than 4259840 bytes while vmha waited for guest-sync-delimited"
+                    .to_string(),
+            });
+        }
         if self.guests.get(vm).is_some_and(|g| g.exec_blocked) {
             return Err(exec_blocked());
         }
@@ -872,6 +878,12 @@ impl Sim {
                         let vm = vm.clone();
                         self.host_input(h, HostInput::VmObserved { vm, kind });
                     }
+                }
+            }
+            SimCommand::GuestHostile { vm, on } => {
+                // The engine finds out by its next ping or probe.
+                if let Some(g) = self.guests.get_mut(&vm) {
+                    g.hostile = on;
                 }
             }
             SimCommand::BootHang { vm, on } => {

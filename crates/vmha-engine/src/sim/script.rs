@@ -116,6 +116,14 @@ pub enum SimCommand {
         /// Hanging.
         on: bool,
     },
+    /// The guest agent floods its channel, so the driver disconnects it as hostile (`on`), or
+    /// behaves again.
+    GuestHostile {
+        /// VM.
+        vm: Name,
+        /// Hostile.
+        on: bool,
+    },
     /// From now on, booting the VM never brings its guest channel up (`on`), or does again.
     BootHang {
         /// VM.
@@ -404,6 +412,14 @@ fn parse_command(w: &[&str]) -> Result<SimCommand, String> {
             on: true,
         },
         "guest-recover" => SimCommand::GuestHang {
+            vm: vm(1)?,
+            on: false,
+        },
+        "guest-hostile" => SimCommand::GuestHostile {
+            vm: vm(1)?,
+            on: true,
+        },
+        "guest-honest" => SimCommand::GuestHostile {
             vm: vm(1)?,
             on: false,
         },

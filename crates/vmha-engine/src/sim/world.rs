@@ -50,6 +50,8 @@ pub(super) struct GuestModel {
     pub boot_hang: bool,
     /// The guest agent refuses `guest-exec` (its configuration blocks it).
     pub exec_blocked: bool,
+    /// The guest agent floods its channel: the driver disconnects it as hostile.
+    pub hostile: bool,
     /// The VM's vCPUs are stopped, and why.
     pub paused: Option<PauseReason>,
 }

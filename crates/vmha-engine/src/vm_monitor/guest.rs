@@ -70,6 +70,7 @@ impl VmMonitor {
         self.guest_seen = None;
         self.guest_down_since = None;
         self.guest_lost = false;
+        self.guest_hostile = false;
         self.exec_blocked = false;
         self.ping = None;
         self.next_ping = now;
@@ -78,6 +79,7 @@ impl VmMonitor {
     /// The guest agent answered (a ping, a probe, a guest command that ran or was refused).
     pub(super) fn guest_answered(&mut self, out: &mut Out<'_>) {
         let was_up = self.guest_up == Some(true);
+        self.guest_hostile = false;
         self.guest_seen = Some(out.now);
         self.guest_up = Some(true);
         self.guest_down_since = None;
@@ -119,6 +121,18 @@ impl VmMonitor {
             PING_DOWN_MS
         };
         self.next_ping = out.now.plus_ms(period);
+    }
+
+    /// A guest agent disconnected as hostile is reported in an event, once per streak (until
+    /// it answers again); the failure itself counts like any channel failure.
+    pub(super) fn note_hostile(&mut self, out: &mut Out<'_>, error: &ActionError) {
+        if !matches!(error, ActionError::GuestHostile { .. }) || self.guest_hostile {
+            return;
+        }
+        self.guest_hostile = true;
+        let r = format!("{error}: the guest channel counts as failing until it answers again");
+        let state = self.state.as_str();
+        out.event(ObjectRef::Vm(self.name.clone()), state, state, &r);
     }
 
     /// The guest agent refuses `guest-exec` (a probe, a guest command or a ping said so).
@@ -181,7 +195,8 @@ impl VmMonitor {
                 self.guest_answered(out);
             }
             Err(ActionError::ExecBlocked { .. }) => self.exec_refused(out),
-            Err(_) => {
+            Err(e) => {
+                self.note_hostile(out, &e);
                 // It was failing at least since its timeout began to run.
                 let waited = Timestamp(out.now.0.saturating_sub(ping.timeout_ms));
                 self.guest_failed(out, ping.sent.max(waited));

@@ -262,7 +262,10 @@ impl VmMonitor {
             match result {
                 Ok(()) => {}
                 Err(ActionError::ExecBlocked { .. }) => self.exec_refused(out),
-                Err(_) => self.guest_failed(out, probe.sent),
+                Err(e) => {
+                    self.note_hostile(out, &e);
+                    self.guest_failed(out, probe.sent);
+                }
             }
             return;
         }

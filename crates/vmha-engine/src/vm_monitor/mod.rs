@@ -177,6 +177,8 @@ pub(crate) struct VmMonitor {
     /// When the current streak of failed attempts began.
     guest_down_since: Option<Timestamp>,
     guest_lost: bool,
+    /// The guest agent was found hostile (reported once) and has not answered since.
+    guest_hostile: bool,
     /// The ping in flight.
     ping: Option<guest::Ping>,
     /// When the next ping is due while the channel is not known up.
@@ -254,6 +256,7 @@ impl VmMonitor {
             guest_seen: None,
             guest_down_since: None,
             guest_lost: false,
+            guest_hostile: false,
             ping: None,
             next_ping: now,
             exec_blocked: false,

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: real peers with kill-on-drop guards.
 #![allow(clippy::unwrap_used, dead_code, missing_docs)]
 
+pub mod fake_agent;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
