@@ -1,5 +1,5 @@
 //! `vmha simulate`: on the shipped example configuration, the host-loss what-if prints the same
-//! event log as the engine's scenario 74 (the same config and script, played by the scenario
+//! event log as the engine's scenario 75 (the same config and script, played by the scenario
 //! tests); bad scripts are refused before anything runs (exit 2, naming the line); a snapshot
 //! read from vmhad (a one-shot stand-in here; the real vmhad is in vmhad's `simulate` test)
 //! in which a VM runs on two hosts fires a safety check (exit 3).
@@ -21,7 +21,7 @@ fn root() -> PathBuf {
 
 const EXAMPLE: &str = "examples/three-hosts-etcd.toml";
 const SCRIPT: &str = "examples/what-if-kvm1-down.txt";
-const SCENARIO: &str = "crates/vmha-engine/tests/scenarios/74-what-if-example-kvm1-down";
+const SCENARIO: &str = "crates/vmha-engine/tests/scenarios/75-what-if-example-kvm1-down";
 
 fn vmha(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vmha"))
