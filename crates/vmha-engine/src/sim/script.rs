@@ -316,6 +316,7 @@ fn unknown_name(config: &Config, cmd: &SimCommand) -> Option<String> {
         | S::VmPause { vm: v, .. }
         | S::VmResume { vm: v }
         | S::GuestHang { vm: v, .. }
+        | S::GuestHostile { vm: v, .. }
         | S::BootHang { vm: v, .. }
         | S::ExecBlocked { vm: v, .. } => vm(v),
         S::HostCrash(h)
