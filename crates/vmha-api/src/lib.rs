@@ -232,6 +232,11 @@ pub enum ErrorCode {
     ShuttingDown,
     /// 503: every connection slot is busy with a request in progress; retry.
     TooManyConnections,
+    /// 401: on a TCP listener, a request without a bearer token, or with one vmhad does not
+    /// know.
+    Unauthorized,
+    /// 403: on a TCP listener, a read-only token on an admin endpoint (a `POST`).
+    Forbidden,
     /// A code this reader does not know (a newer vmhad), or none (an older one).
     #[default]
     #[serde(other)]
@@ -265,6 +270,8 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::ShuttingDown => "shutting-down",
             ErrorCode::TooManyConnections => "too-many-connections",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::Unknown => "unknown",
         }
     }
