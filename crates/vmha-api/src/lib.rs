@@ -5,6 +5,8 @@
 //! - `GET  /v1/status` → [`StatusView`]
 //! - `GET  /v1/vms/{vm}/explain` → [`Explain`]
 //! - `GET  /v1/events?limit=N&follow=true` → NDJSON of [`EventLine`]
+//! - `GET  /v1/events/stream?limit=N` → server-sent events, `data:` one [`EventLine`] each
+//! - `GET  /v1/openapi.json` → the OpenAPI 3 document of all of these (`docs/openapi.json`)
 //! - `POST /v1/commands` with a [`vmha_engine::AdminCommand`] → [`Applied`]
 //! - `POST /v1/vms/{vm}/exec` with an [`ExecRequest`] → [`GuestOutput`]
 //! - `POST /v1/config` with a [`ConfigApply`] → [`ConfigApplied`]

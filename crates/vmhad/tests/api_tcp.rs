@@ -238,10 +238,14 @@ fn router_routes() -> BTreeSet<(String, String)> {
         let calls: Vec<&str> = text.split(".route(").skip(1).collect();
         for call in calls {
             let path = call.split('"').nth(1).unwrap();
+            // The method router right after the path: the first `get(`, `post(`, … in it.
+            let after = call.split('"').skip(2).collect::<Vec<_>>().join("\"");
             let method = ["get", "post", "put", "delete", "patch"]
                 .into_iter()
-                .find(|m| call.contains(&format!("{m}(")))
-                .unwrap();
+                .filter_map(|m| after.find(&format!("{m}(")).map(|at| (at, m)))
+                .min()
+                .unwrap()
+                .1;
             if path.starts_with("/v1") {
                 routes.insert((method.to_uppercase(), path.to_string()));
             }
