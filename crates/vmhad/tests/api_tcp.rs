@@ -162,6 +162,26 @@ fn tls_serves_the_same_api_and_refuses_plain_http() {
         !String::from_utf8_lossy(&got).contains("\"host\""),
         "{got:?}"
     );
+    // A client that connects and never starts its handshake is disconnected (after 5 s); the
+    // read timeout is only a hang guard.
+    let mut silent = std::net::TcpStream::connect(&api.addr).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut buf = [0; 64];
+    let read = std::io::Read::read(&mut silent, &mut buf);
+    assert!(
+        matches!(read, Ok(0))
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "a silent TLS client was not disconnected: {read:?}"
+    );
+    // And the API still answers.
+    assert_eq!(
+        api.request("GET", "/v1/status", Some(READER), None).status,
+        200
+    );
 }
 
 #[test]
