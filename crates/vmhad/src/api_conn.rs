@@ -2,12 +2,12 @@
 //! accepts connections, admits them under the connection limit ([`crate::api_limit`]; every
 //! listener has its own), serves each with HTTP/1 and times out the slow and the idle. A TLS
 //! handshake must end within [`REQUEST_HEAD_TIMEOUT`] and holds a connection slot meanwhile
-//! (idle: it may be shed). What a peer that connects and sends nothing, half a head or half a body, or stops
-//! reading its response can hold: one connection slot, for at most [`REQUEST_HEAD_TIMEOUT`],
-//! [`BODY_READ_TIMEOUT`] or [`WRITE_STALL_TIMEOUT`]. A body longer than [`MAX_REQUEST_BODY`]
-//! is refused with 413 from its `Content-Length` before any of it is read (so
-//! `Expect: 100-continue` gets the 413, not a `100 Continue`); a chunked one is cut at the
-//! limit with the same 413. Running out of file descriptors makes accepting pause for
+//! (idle: it may be shed). What a peer that connects and sends nothing, half a head or half a
+//! body, or stops reading its response can hold: one connection slot, for at most
+//! [`REQUEST_HEAD_TIMEOUT`], [`BODY_READ_TIMEOUT`] or [`WRITE_STALL_TIMEOUT`]. A body longer
+//! than [`MAX_REQUEST_BODY`] is refused with 413 from its `Content-Length` before any of it is
+//! read (so `Expect: 100-continue` gets the 413, not a `100 Continue`); a chunked one is cut at
+//! the limit with the same 413. Running out of file descriptors makes accepting pause for
 //! [`ACCEPT_BACKOFF`] (and sheds an idle connection), never spin.
 
 use std::convert::Infallible;
