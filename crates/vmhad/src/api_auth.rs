@@ -265,6 +265,100 @@ mod tests {
         assert!(!format!("{tokens:?}").contains("secret"));
     }
 
+    /// Sends `method path` with an optional `Authorization` header through a router guarded by
+    /// [`require_token`]; returns the status.
+    async fn status_of(tokens: &Arc<Tokens>, method: &str, path: &str, auth: Option<&str>) -> u16 {
+        use axum::routing::{get, post};
+        use tower_service::Service;
+        let mut router = axum::Router::new()
+            .route("/", get(|| async { "page" }))
+            .route("/v1/status", get(|| async { "status" }))
+            .route("/v1/commands", post(|| async { "done" }))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::clone(tokens),
+                require_token,
+            ));
+        let mut req = axum::http::Request::builder().method(method).uri(path);
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        let req = req.body(axum::body::Body::empty()).unwrap();
+        router.call(req).await.unwrap().status().as_u16()
+    }
+
+    #[tokio::test]
+    async fn the_middleware_lets_through_what_the_token_allows() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = Arc::new(
+            Tokens::load(&[
+                token(
+                    dir.path(),
+                    "ops",
+                    TokenRole::Admin,
+                    "admin-secret-0123456789",
+                ),
+                token(
+                    dir.path(),
+                    "view",
+                    TokenRole::ReadOnly,
+                    "read-secret-0123456789",
+                ),
+            ])
+            .unwrap(),
+        );
+        let t = &tokens;
+        assert_eq!(
+            status_of(t, "GET", "/", None).await,
+            200,
+            "the page is public"
+        );
+        assert_eq!(status_of(t, "GET", "/v1/status", None).await, 401);
+        assert_eq!(
+            status_of(t, "GET", "/v1/status", Some("Bearer nope")).await,
+            401
+        );
+        assert_eq!(
+            status_of(t, "GET", "/v1/status", Some("Basic read-secret-0123456789")).await,
+            401
+        );
+        assert_eq!(
+            status_of(
+                t,
+                "GET",
+                "/v1/status",
+                Some("bearer  read-secret-0123456789 ")
+            )
+            .await,
+            200,
+            "scheme case-insensitive, blanks around the token ignored"
+        );
+        assert_eq!(
+            status_of(
+                t,
+                "POST",
+                "/v1/commands",
+                Some("Bearer read-secret-0123456789")
+            )
+            .await,
+            403
+        );
+        assert_eq!(
+            status_of(t, "POST", "/", Some("Bearer read-secret-0123456789")).await,
+            403,
+            "only GET of a public path is public"
+        );
+        assert_eq!(
+            status_of(
+                t,
+                "POST",
+                "/v1/commands",
+                Some("Bearer admin-secret-0123456789")
+            )
+            .await,
+            200
+        );
+    }
+
     #[test]
     fn short_missing_and_duplicate_secrets_are_refused() {
         let dir = tempfile::tempdir().unwrap();
