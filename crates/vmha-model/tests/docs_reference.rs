@@ -157,6 +157,7 @@ fn optional_without_default(section: &str, key: &str) -> bool {
             "address" | "memory_mb" | "watchdog" | "watchdog_timeout"
         ) | ("vm.qemu", "kernel" | "initrd" | "append")
             | ("vm.app", "stop")
+            | ("api", "tls_cert" | "tls_key")
     )
 }
 

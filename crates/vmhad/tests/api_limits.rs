@@ -175,7 +175,8 @@ fn bad_requests_get_json_errors_with_stable_codes_and_change_nothing() {
     let json_type = Some("application/json");
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
         (get("GET", "/v1/nosuch"), 404, "no-such-route"),
-        (get("GET", "/"), 404, "no-such-route"),
+        (get("GET", "/web/nosuch.js"), 404, "no-such-route"),
+        (get("POST", "/"), 405, "method-not-allowed"),
         (
             post("/v1/status", json_type, "{}"),
             405,
