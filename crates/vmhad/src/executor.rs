@@ -70,23 +70,23 @@ impl<S: ClusterStore> Executor<S> {
         tokio::spawn(async move {
             // What happened, as it is: the engine decides what it means.
             let result = match action.kind {
-                HostActionKind::Probe { vm, checks } => match {
+                HostActionKind::Probe { vm, checks } => {
                     let started = std::time::Instant::now();
-                    let result = slot.probe(&checks).await;
-                    METRICS.probe(vm.as_str(), started.elapsed(), result.is_ok());
-                    result
-                } {
-                    Ok(outcomes) => {
-                        answers
-                            .send(HostInput::ProbeResult { id, vm, outcomes })
-                            .await;
-                        return;
+                    let probed = slot.probe(&checks).await;
+                    METRICS.probe(vm.as_str(), started.elapsed(), probed.is_ok());
+                    match probed {
+                        Ok(outcomes) => {
+                            answers
+                                .send(HostInput::ProbeResult { id, vm, outcomes })
+                                .await;
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(%vm, "probe failed: {e}");
+                            Err(e)
+                        }
                     }
-                    Err(e) => {
-                        tracing::debug!(%vm, "probe failed: {e}");
-                        Err(e)
-                    }
-                },
+                }
                 HostActionKind::PingGuest {
                     timeout,
                     check_exec,
