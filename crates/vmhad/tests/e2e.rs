@@ -117,6 +117,131 @@ fn check_start_order(h: &mut Vmhad, from: usize, vm_from: &str) -> Ev {
     vm_online
 }
 
+/// One sample of `GET /metrics`: `(name, labels, value)`.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// `GET /metrics`, parsed (the Prometheus text format; label values here have no quotes or
+/// commas).
+fn metrics(h: &Vmhad) -> Vec<Sample> {
+    let (status, text) = common::http(&h.socket(), "GET", "/metrics", None);
+    assert_eq!(status, 200, "metrics: {text}");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split(',')
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap();
+                    (k.to_string(), v.trim_matches('"').to_string())
+                })
+                .collect();
+            (name.to_string(), labels, value.parse().unwrap())
+        })
+        .collect()
+}
+
+/// The sum of the samples named `name` whose labels include all of `want`.
+fn sum(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, labels, _)| {
+            n == name
+                && want
+                    .iter()
+                    .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
+/// What `/v1/status` says that the metrics must say too: the VM's state and restart count,
+/// and each app's state and restart count.
+fn status_facts(h: &Vmhad) -> (Value, Vec<(String, String, u64)>, String) {
+    let vm = h.vm_status(VM);
+    let apps = vm["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["name"].as_str().unwrap().to_string(),
+                a["state"].as_str().unwrap().to_string(),
+                a["restarts_in_window"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let facts = json!({"state": vm["state"], "restarts": vm["vm_restarts_in_window"]});
+    (
+        facts,
+        apps,
+        h.status()["host_state"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Checks that `/metrics` and `/v1/status` agree (states, counts by state, restart counts):
+/// reads the status, the metrics, the status again, and compares once both statuses are the
+/// same (nothing changed in between). Returns the metrics.
+fn metrics_agree_with_status(h: &Vmhad) -> Vec<Sample> {
+    loop {
+        let before = status_facts(h);
+        let samples = metrics(h);
+        if status_facts(h) != before {
+            continue;
+        }
+        let (vm, apps, host_state) = before;
+        let vm_state = vm["state"].as_str().unwrap();
+        assert_eq!(sum(&samples, "vmha_vm_state", &[("vm", VM)]), 1.0);
+        assert_eq!(
+            sum(
+                &samples,
+                "vmha_vm_state",
+                &[("vm", VM), ("state", vm_state)]
+            ),
+            1.0
+        );
+        assert_eq!(
+            sum(&samples, "vmha_vm_restarts_in_window", &[("vm", VM)]),
+            vm["restarts"].as_f64().unwrap()
+        );
+        for (app, state, restarts) in &apps {
+            let labels = [("vm", VM), ("app", app.as_str())];
+            assert_eq!(sum(&samples, "vmha_app_state", &labels), 1.0, "{app}");
+            let mut with_state = labels.to_vec();
+            with_state.push(("state", state.as_str()));
+            assert_eq!(sum(&samples, "vmha_app_state", &with_state), 1.0, "{app}");
+            assert_eq!(
+                sum(&samples, "vmha_app_restarts_in_window", &labels),
+                *restarts as f64,
+                "{app}"
+            );
+        }
+        // Counts by state: as many apps in each state as the status lists.
+        for state in ["online", "offline", "faulted", "restarting", "unknown"] {
+            let listed = apps.iter().filter(|(_, s, _)| s == state).count();
+            assert_eq!(
+                sum(&samples, "vmha_app_state", &[("state", state)]),
+                listed as f64,
+                "apps {state}"
+            );
+        }
+        assert_eq!(
+            sum(
+                &samples,
+                "vmha_host_state",
+                &[("host", "kvm1"), ("state", host_state.as_str())]
+            ),
+            1.0
+        );
+        return samples;
+    }
+}
+
 /// Scenarios 1, 4, 2, 10, 3, 5 on one VM: app restarts in the guest, an intentionally offline
 /// app, a faulted low-priority app, bad API requests, the top app faulted (VM restart) and QEMU
 /// killed (VM restart).
@@ -147,6 +272,42 @@ fn app_and_vm_failures() {
     );
     assert_eq!(h.qemu_pid(VM), pid0);
     assert_eq!(h.qemu_processes(VM), vec![pid0]);
+    // The metrics say the same as the status, and count web's restart (a fresh vmhad: the
+    // count since it started is the count in the window).
+    let samples = metrics_agree_with_status(&h);
+    let web = [("vm", VM), ("app", "web")];
+    assert_eq!(sum(&samples, "vmha_app_restarts_total", &web), 1.0);
+    assert_eq!(
+        sum(
+            &samples,
+            "vmha_app_restarts_total",
+            &[("reason", "check-failed")]
+        ),
+        1.0
+    );
+    assert!(
+        sum(
+            &samples,
+            "vmha_probe_duration_seconds_count",
+            &[("vm", VM), ("result", "ok")]
+        ) > 0.0
+    );
+    assert!(
+        sum(
+            &samples,
+            "vmha_store_duration_seconds_count",
+            &[("operation", "commit")]
+        ) > 0.0
+    );
+    assert_eq!(
+        sum(
+            &samples,
+            "vmha_store_errors_total",
+            &[("operation", "commit")]
+        ),
+        0.0
+    );
+    assert_eq!(sum(&samples, "vmha_vm_restarts_total", &[]), 0.0);
 
     // 4. web marked offline (sticky) and then killed → offline, no restart, no VM action.
     let m = h.mark();
@@ -289,6 +450,39 @@ fn app_and_vm_failures() {
     latency("QEMU kill -9 → detected (gone)", t_kill, gone.time);
     latency("QEMU kill -9 → VM and apps online", t_kill, vm_online.time);
     println!("events of the QEMU kill:\n{}", h.events_text(m));
+
+    // The metrics count both VM restarts by reason, as many as the status's window holds,
+    // and the decision agent's verdicts (no action for worker, restart for db).
+    let samples = metrics_agree_with_status(&h);
+    let vm = [("vm", VM)];
+    assert_eq!(sum(&samples, "vmha_vm_restarts_total", &vm), 2.0);
+    assert_eq!(
+        sum(
+            &samples,
+            "vmha_vm_restarts_total",
+            &[("reason", "decision")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sum(&samples, "vmha_vm_restarts_total", &[("reason", "vm-down")]),
+        1.0
+    );
+    assert!(
+        sum(
+            &samples,
+            "vmha_decisions_total",
+            &[("verdict", "no-action")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        sum(
+            &samples,
+            "vmha_decisions_total",
+            &[("verdict", "restart-vm")]
+        ),
+        1.0
+    );
 }
 
 /// Scenario 10: requests vmhad must refuse without changing anything.
