@@ -222,11 +222,11 @@ fn retryable_refusals_exit_1_with_vmhads_message_and_a_hint() {
 }
 
 #[test]
-fn unreachable_daemon_exits_1_naming_the_socket() {
+fn unreachable_daemon_exits_3_naming_the_socket() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nothing.sock");
     let out = vmha(&["--socket", missing.to_str().unwrap(), "status"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3));
     let err = stderr(&out);
     assert!(err.contains("vmhad is not running (no socket at "), "{err}");
     assert!(err.contains(missing.to_str().unwrap()), "{err}");
@@ -238,7 +238,7 @@ fn unreachable_daemon_exits_1_naming_the_socket() {
         "--state-dir",
         dir.path().to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3));
     let expected = dir.path().join("vmhad.sock");
     assert!(
         stderr(&out).contains(expected.to_str().unwrap()),
@@ -250,7 +250,7 @@ fn unreachable_daemon_exits_1_naming_the_socket() {
         .env("VMHA_SOCKET", &missing)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3));
     assert!(
         stderr(&out).contains(missing.to_str().unwrap()),
         "{}",
