@@ -3,8 +3,8 @@
 //! stops half-way, or has a full listen queue), one that answers something else than vmhad's
 //! HTTP + JSON, and one planted by another user. Each ends with exit 3 (vmhad unreachable) and
 //! a message naming the socket — never a hang (every run is guarded: a regression fails instead
-//! of hanging). Also: `--timeout` wins over `$VMHA_TIMEOUT`, a followed event stream is not cut by the timeout, and
-//! `guest exec` waits for its guest command's timeout plus a margin.
+//! of hanging). Also: `--timeout` wins over `$VMHA_TIMEOUT`, a followed event stream is not cut
+//! by the timeout, and `guest exec` waits for its guest command's timeout plus a margin.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::io::{BufRead, BufReader, Read, Write};
