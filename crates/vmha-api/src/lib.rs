@@ -5,6 +5,8 @@
 //! - `GET  /v1/status` → [`StatusView`]
 //! - `GET  /v1/vms/{vm}/explain` → [`Explain`]
 //! - `GET  /v1/events?limit=N&follow=true` → NDJSON of [`EventLine`]
+//! - `GET  /v1/events/stream?limit=N` → server-sent events, `data:` one [`EventLine`] each
+//! - `GET  /v1/openapi.json` → the OpenAPI 3 document of all of these (`docs/openapi.json`)
 //! - `POST /v1/commands` with a [`vmha_engine::AdminCommand`] → [`Applied`]
 //! - `POST /v1/vms/{vm}/exec` with an [`ExecRequest`] → [`GuestOutput`]
 //! - `POST /v1/config` with a [`ConfigApply`] → [`ConfigApplied`]
@@ -232,6 +234,11 @@ pub enum ErrorCode {
     ShuttingDown,
     /// 503: every connection slot is busy with a request in progress; retry.
     TooManyConnections,
+    /// 401: on a TCP listener, a request without a bearer token, or with one vmhad does not
+    /// know.
+    Unauthorized,
+    /// 403: on a TCP listener, a read-only token on an admin endpoint (a `POST`).
+    Forbidden,
     /// A code this reader does not know (a newer vmhad), or none (an older one).
     #[default]
     #[serde(other)]
@@ -265,6 +272,8 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::ShuttingDown => "shutting-down",
             ErrorCode::TooManyConnections => "too-many-connections",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::Unknown => "unknown",
         }
     }

@@ -154,6 +154,13 @@ pub struct ApiConfig {
     /// Bearer tokens accepted on TCP listeners.
     #[serde(rename = "token")]
     pub tokens: Vec<ApiToken>,
+    /// PEM file of the TLS certificate chain served on the TCP listeners; set together with
+    /// `tls_key` (both or neither): with them the TCP API speaks only HTTPS, without plain HTTP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file of the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// A bearer token of the API (`[[api.token]]`).

@@ -80,6 +80,8 @@ pub(crate) struct RawApi {
     pub(crate) listen: Vec<Spanned<String>>,
     #[serde(default)]
     pub(crate) token: Vec<Spanned<RawToken>>,
+    pub(crate) tls_cert: Option<Spanned<PathBuf>>,
+    pub(crate) tls_key: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -435,7 +435,29 @@ impl Resolver<'_> {
                 })
             })
             .collect::<R<Vec<_>>>()?;
-        Ok(ApiConfig { listen, tokens })
+        let (tls_cert, tls_key) = match (raw.tls_cert, raw.tls_key) {
+            (Some(cert), Some(key)) => (
+                Some(self.path("tls_cert", cert)?),
+                Some(self.path("tls_key", key)?),
+            ),
+            (None, None) => (None, None),
+            (Some(one), None) | (None, Some(one)) => {
+                return Err(self.err(
+                    one.span(),
+                    ErrorKind::BadValue,
+                    "`tls_cert` and `tls_key` go together: set both or neither".into(),
+                    Some(
+                        "tls_cert = \"/etc/vmha/api.crt\"\ntls_key = \"/etc/vmha/api.key\"".into(),
+                    ),
+                ));
+            }
+        };
+        Ok(ApiConfig {
+            listen,
+            tokens,
+            tls_cert,
+            tls_key,
+        })
     }
 
     /// Rejects a name in `refs` that is not in `known` (`what` names the kind, `scope` where).

@@ -1,10 +1,14 @@
-//! The local HTTP API on a Unix socket in the state dir. Handlers only parse requests into
-//! typed commands for the core and render its answers: no HA logic lives here. Bad requests get
-//! a JSON error and change nothing.
+//! The HTTP API: on a Unix socket in the state dir (local root access, no tokens) and, when
+//! `[api] listen` is set, on TCP with bearer tokens ([`crate::api_auth`]) and optionally TLS
+//! ([`crate::api_tcp`]) — the same routes on both. Handlers only parse requests into typed
+//! commands for the core and render its answers: no HA logic lives here. Bad requests get a
+//! JSON error and change nothing. `docs/openapi.json` describes every `/v1` route.
 //!
+//! - `GET  /` (and `/web/…`) — the web page ([`crate::api_web`]); `GET /v1/openapi.json`
 //! - `GET  /v1/status` — this host's VM groups and apps, and the cluster view
 //! - `GET  /v1/vms/{vm}/explain` — one VM group with its recent decisions and events
 //! - `GET  /v1/events?limit=N&follow=true` — the event log as NDJSON, optionally live
+//! - `GET  /v1/events/stream?limit=N` — the same as server-sent events, always live
 //! - `POST /v1/commands` — an admin command (JSON, `{"command": "app-offline", …}`)
 //! - `POST /v1/config` — a new cluster configuration (`{"toml": "..."}`): validated, stored in
 //!   the cluster store, applied by every host; `POST /v1/config/reload` — this daemon's file
@@ -19,12 +23,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::sync::oneshot;
 use vmha_engine::{AdminCommand, Event, ObjectRef};
@@ -38,7 +42,9 @@ use vmha_api::{
     MAX_REQUEST_BODY, StatusView,
 };
 
+use crate::api_conn::Listener;
 use crate::api_error::{ApiError, method_not_allowed, no_such_route};
+use crate::api_tcp::TcpApi;
 use crate::inbox::{ApiRequest, ConfigRefused, Inbox, Msg};
 use crate::slots::Slots;
 
@@ -58,9 +64,11 @@ impl<S> Ctx<S> {
 }
 
 /// Starts serving on `listener` (bound with its final mode by
-/// [`crate::files::bind_api_socket`]); the returned task runs until aborted.
+/// [`crate::files::bind_api_socket`]) and on the TCP listeners of `tcp`; the returned task runs
+/// until aborted, and aborting it closes every listener and connection.
 pub async fn serve<S: ClusterStore>(
     listener: std::os::unix::net::UnixListener,
+    tcp: Option<TcpApi>,
     core: Inbox,
     log: EventLog<S>,
     hosts: Vec<Name>,
@@ -76,11 +84,12 @@ pub async fn serve<S: ClusterStore>(
         hosts,
         slots,
     });
-    let app = Router::new()
+    let app = crate::api_web::routes()
         .route("/v1/status", get(status::<S>))
         .route("/metrics", get(metrics::<S>))
         .route("/v1/vms/{vm}/explain", get(explain::<S>))
         .route("/v1/events", get(events::<S>))
+        .route("/v1/events/stream", get(event_stream::<S>))
         .route("/v1/commands", post(command::<S>))
         .route("/v1/vms/{vm}/exec", post(exec::<S>))
         .route("/v1/config", post(apply_config::<S>))
@@ -89,7 +98,42 @@ pub async fn serve<S: ClusterStore>(
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY))
         .with_state(ctx);
-    Ok(tokio::spawn(crate::api_conn::run(listener, app)))
+    let mut runs = vec![tokio::spawn(crate::api_conn::run(
+        Listener::Unix(listener),
+        app.clone(),
+    ))];
+    if let Some(tcp) = tcp {
+        let guarded = app.layer(axum::middleware::from_fn_with_state(
+            tcp.tokens,
+            crate::api_auth::require_token,
+        ));
+        for (addr, l) in tcp.listeners {
+            let l = tokio::net::TcpListener::from_std(l)
+                .map_err(|e| anyhow::anyhow!("serving the API on {addr}: {e}"))?;
+            let scheme = if tcp.tls.is_some() { "https" } else { "http" };
+            tracing::info!("API listening on {scheme}://{addr}");
+            runs.push(tokio::spawn(crate::api_conn::run(
+                Listener::Tcp(l, tcp.tls.clone()),
+                guarded.clone(),
+            )));
+        }
+    }
+    Ok(tokio::spawn(async move {
+        // Aborting this task aborts every listener's (a JoinHandle dropped does not).
+        let _abort = AbortAll(runs.iter().map(|r| r.abort_handle()).collect());
+        futures_util::future::join_all(runs).await;
+    }))
+}
+
+/// Aborts its tasks when dropped.
+struct AbortAll(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortAll {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 async fn current_status<S>(ctx: &Ctx<S>) -> Result<StatusView, ApiError> {
@@ -172,45 +216,66 @@ fn default_limit() -> usize {
     50
 }
 
-fn ndjson(host: &str, seq: u64, event: Event) -> String {
-    let mut line = serde_json::to_string(&EventLine {
+/// An event as its JSON line ([`EventLine`]).
+fn event_json(host: &str, seq: u64, event: Event) -> String {
+    serde_json::to_string(&EventLine {
         host: Name::new(host).ok(),
         seq,
         text: event.to_string(),
         event,
     })
-    .unwrap_or_default();
+    .unwrap_or_default()
+}
+
+/// An event as one NDJSON line.
+fn ndjson(host: &str, seq: u64, event: Event) -> String {
+    let mut line = event_json(host, seq, event);
     line.push('\n');
     line
 }
 
-async fn events<S: ClusterStore>(
-    State(ctx): State<Shared<S>>,
-    query: Result<Query<EventsQuery>, QueryRejection>,
+/// An event as one server-sent event (`event: event`, its JSON line as `data`).
+fn sse(host: &str, seq: u64, event: Event) -> String {
+    format!(
+        "id: {host}/{seq}\nevent: event\ndata: {}\n\n",
+        event_json(host, seq, event)
+    )
+}
+
+/// The last `limit` events, each rendered by `render`, then (if `follow`) every new one as it
+/// is written, for as long as the client reads.
+async fn tail_and_follow<S: ClusterStore>(
+    ctx: &Ctx<S>,
+    limit: usize,
+    follow: bool,
+    render: fn(&str, u64, Event) -> String,
+    content_type: &'static str,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::query(&e))?;
-    if q.limit > 10_000 {
+    if limit > 10_000 {
         return Err(ApiError::invalid_value("limit must be at most 10000"));
     }
     let tail = ctx
         .log
-        .last::<Event>(&ctx.host_names(), q.limit)
+        .last::<Event>(&ctx.host_names(), limit)
         .await
         .map_err(internal)?;
     let from = tail.follow_from;
     let head: String = tail
         .events
         .into_iter()
-        .map(|e| ndjson(&e.host, e.seq, e.event))
+        .map(|e| render(&e.host, e.seq, e.event))
         .collect();
-    let ndjson_type = [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")];
-    if !q.follow {
-        return Ok((ndjson_type, head).into_response());
+    let headers = [
+        (axum::http::header::CONTENT_TYPE, content_type),
+        (axum::http::header::CACHE_CONTROL, "no-store"),
+    ];
+    if !follow {
+        return Ok((headers, head).into_response());
     }
     let follower = ctx.log.follow::<Event>(from).await.map_err(internal)?;
-    let live = futures_util::stream::unfold(follower, |mut f| async move {
+    let live = futures_util::stream::unfold(follower, move |mut f| async move {
         match f.next().await {
-            Ok(e) => Some((Ok::<_, std::io::Error>(ndjson(&e.host, e.seq, e.event)), f)),
+            Ok(e) => Some((Ok::<_, std::io::Error>(render(&e.host, e.seq, e.event)), f)),
             Err(err) => {
                 tracing::debug!("event follower ended: {err}");
                 None
@@ -219,7 +284,30 @@ async fn events<S: ClusterStore>(
     });
     let first = futures_util::stream::once(async move { Ok::<_, std::io::Error>(head) });
     let body = axum::body::Body::from_stream(futures_util::StreamExt::chain(first, live));
-    Ok((ndjson_type, body).into_response())
+    Ok((headers, body).into_response())
+}
+
+async fn events<S: ClusterStore>(
+    State(ctx): State<Shared<S>>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::query(&e))?;
+    tail_and_follow(&ctx, q.limit, q.follow, ndjson, "application/x-ndjson").await
+}
+
+#[derive(Deserialize)]
+struct StreamQuery {
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+/// `GET /v1/events/stream`: the last `limit` events, then the live ones, as server-sent events.
+async fn event_stream<S: ClusterStore>(
+    State(ctx): State<Shared<S>>,
+    query: Result<Query<StreamQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::query(&e))?;
+    tail_and_follow(&ctx, q.limit, true, sse, "text/event-stream").await
 }
 
 async fn command<S: ClusterStore>(

@@ -1,6 +1,8 @@
-//! The API's connection layer on the Unix socket: accepts connections, admits them under the
-//! connection limit ([`crate::api_limit`]), serves each with HTTP/1 and times out the slow and
-//! the idle. What a peer that connects and sends nothing, half a head or half a body, or stops
+//! The API's connection layer, on the Unix socket and on each TCP listener (plain or TLS):
+//! accepts connections, admits them under the connection limit ([`crate::api_limit`]; every
+//! listener has its own), serves each with HTTP/1 and times out the slow and the idle. A TLS
+//! handshake must end within [`REQUEST_HEAD_TIMEOUT`] and holds a connection slot meanwhile
+//! (idle: it may be shed). What a peer that connects and sends nothing, half a head or half a body, or stops
 //! reading its response can hold: one connection slot, for at most [`REQUEST_HEAD_TIMEOUT`],
 //! [`BODY_READ_TIMEOUT`] or [`WRITE_STALL_TIMEOUT`]. A body longer than [`MAX_REQUEST_BODY`]
 //! is refused with 413 from its `Content-Length` before any of it is read (so
@@ -23,11 +25,12 @@ use axum::response::{IntoResponse, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioTimer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Sleep;
+use tokio_rustls::TlsAcceptor;
 use tower_service::Service;
 use vmha_api::{ErrorBody, ErrorCode, ErrorReply, MAX_REQUEST_BODY};
 
@@ -83,25 +86,57 @@ pub fn raise_open_file_limit() {
     }
 }
 
+/// Where API connections come from.
+pub enum Listener {
+    /// The local socket; its peers' credentials tell the operator (root or vmhad's user).
+    Unix(UnixListener),
+    /// A TCP listener (`[api] listen`), speaking TLS when it has an acceptor. Nobody on it
+    /// counts as the operator: its connections never take the operator's reserved slots.
+    Tcp(TcpListener, Option<TlsAcceptor>),
+}
+
+/// An accepted connection, before its TLS handshake (if any).
+enum Accepted {
+    Unix(UnixStream),
+    Tcp(TcpStream, Option<TlsAcceptor>),
+}
+
+impl Listener {
+    /// The next connection, and whether its peer is the operator.
+    async fn accept(&self, own_uid: u32) -> std::io::Result<(Accepted, bool)> {
+        match self {
+            Listener::Unix(l) => {
+                let (stream, _) = l.accept().await?;
+                let operator = stream
+                    .peer_cred()
+                    .is_ok_and(|c| c.uid() == 0 || c.uid() == own_uid);
+                Ok((Accepted::Unix(stream), operator))
+            }
+            Listener::Tcp(l, tls) => {
+                let (stream, _) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Ok((Accepted::Tcp(stream, tls.clone()), false))
+            }
+        }
+    }
+}
+
 /// Serves `router` on `listener` until the returned future is dropped; dropping it closes every
 /// connection.
-pub async fn run(listener: UnixListener, router: Router) {
+pub async fn run(listener: Listener, router: Router) {
     let conns: Shared = Arc::default();
     let own_uid = nix::unistd::geteuid().as_raw();
     let mut tasks = JoinSet::new();
     let mut warned: Option<Instant> = None;
     loop {
         while tasks.try_join_next().is_some() {}
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, operator) = match listener.accept(own_uid).await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 accept_failed(&e, &conns, &mut warned).await;
                 continue;
             }
         };
-        let operator = stream
-            .peer_cred()
-            .is_ok_and(|c| c.uid() == 0 || c.uid() == own_uid);
         let admission = lock(&conns).admit(operator);
         match admission {
             Admission::Admit { id, shed, busy } => {
@@ -111,11 +146,45 @@ pub async fn run(listener: UnixListener, router: Router) {
                     shed,
                     busy,
                 };
-                tasks.spawn(serve(stream, router.clone(), conn));
+                tasks.spawn(start(stream, router.clone(), conn));
             }
             Admission::Refuse => {
                 tracing::debug!("API connection refused: all {MAX_CONNECTIONS} slots busy");
-                tasks.spawn(refuse(stream));
+                tasks.spawn(start_refusal(stream));
+            }
+        }
+    }
+}
+
+/// Serves an admitted connection, after its TLS handshake if it has one.
+async fn start(accepted: Accepted, router: Router, conn: Conn) {
+    match accepted {
+        Accepted::Unix(stream) => serve(stream, router, conn).await,
+        Accepted::Tcp(stream, None) => serve(stream, router, conn).await,
+        Accepted::Tcp(stream, Some(tls)) => {
+            match tokio::time::timeout(REQUEST_HEAD_TIMEOUT, tls.accept(stream)).await {
+                Ok(Ok(stream)) => serve(stream, router, conn).await,
+                Ok(Err(e)) => {
+                    lock(&conn.conns).remove(conn.id);
+                    tracing::debug!("API TLS handshake failed: {e}");
+                }
+                Err(_) => {
+                    lock(&conn.conns).remove(conn.id);
+                    tracing::debug!("API TLS handshake timed out");
+                }
+            }
+        }
+    }
+}
+
+/// Refuses a connection that was not admitted (after its TLS handshake if it has one).
+async fn start_refusal(accepted: Accepted) {
+    match accepted {
+        Accepted::Unix(stream) => refuse(stream).await,
+        Accepted::Tcp(stream, None) => refuse(stream).await,
+        Accepted::Tcp(stream, Some(tls)) => {
+            if let Ok(Ok(stream)) = tokio::time::timeout(LINGER, tls.accept(stream)).await {
+                refuse(stream).await;
             }
         }
     }
@@ -148,7 +217,7 @@ async fn accept_failed(
 }
 
 /// Answers 503 `too-many-connections` on a connection that was not admitted, and closes it.
-async fn refuse(mut stream: UnixStream) {
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
     let reply = ErrorReply {
         code: ErrorCode::TooManyConnections,
         body: ErrorBody {
@@ -177,7 +246,10 @@ struct Conn {
 /// Serves one admitted connection until it closes, times out or is shed. A shed connection
 /// closes at once when idle; a request that raced in is answered first (the connection closes
 /// after it).
-async fn serve(stream: UnixStream, router: Router, me: Conn) {
+async fn serve<S>(stream: S, router: Router, me: Conn)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = {
         let busy = Arc::clone(&me.busy);
         hyper::service::service_fn(
@@ -222,7 +294,7 @@ async fn serve(stream: UnixStream, router: Router, me: Conn) {
 /// Closes a connection whose last response is written: no more writing, then reading (and
 /// discarding) what the client still sends for at most [`LINGER`], so that a client still
 /// sending a refused body reads the response instead of a connection reset.
-async fn linger(mut stream: UnixStream) {
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
     let _ = stream.shutdown().await;
     let mut buf = vec![0; 16 * 1024];
     let _ = tokio::time::timeout(LINGER, async {

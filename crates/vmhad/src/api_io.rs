@@ -12,7 +12,7 @@ use std::task::{Context, Poll, ready};
 
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 use vmha_api::{ErrorBody, ErrorCode, ErrorReply};
 
@@ -71,9 +71,10 @@ fn rewrite_bare_error(written: &[u8]) -> Option<Vec<u8>> {
     Some(raw_response(status, reason, &reply))
 }
 
-/// A connection's stream, rewriting hyper's bare error answers (see the module).
-pub struct Io {
-    inner: TokioIo<UnixStream>,
+/// A connection's stream (Unix socket, TCP or TLS over TCP), rewriting hyper's bare error
+/// answers (see the module).
+pub struct Io<S> {
+    inner: TokioIo<S>,
     /// A rewritten answer still to be written, and how much of it is.
     pending: Vec<u8>,
     written: usize,
@@ -81,9 +82,9 @@ pub struct Io {
     stall: Option<Pin<Box<Sleep>>>,
 }
 
-impl Io {
+impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
     /// Wraps an accepted connection.
-    pub fn new(stream: UnixStream) -> Io {
+    pub fn new(stream: S) -> Io<S> {
         Io {
             inner: TokioIo::new(stream),
             pending: Vec::new(),
@@ -93,7 +94,7 @@ impl Io {
     }
 
     /// The connection, once hyper is done with it.
-    pub fn into_inner(self) -> UnixStream {
+    pub fn into_inner(self) -> S {
         self.inner.into_inner()
     }
 
@@ -118,7 +119,7 @@ impl Io {
     /// Writes to the connection; fails once writing has been blocked for
     /// [`WRITE_STALL_TIMEOUT`].
     fn write_inner(
-        inner: &mut TokioIo<UnixStream>,
+        inner: &mut TokioIo<S>,
         stall: &mut Option<Pin<Box<Sleep>>>,
         cx: &mut Context<'_>,
         buf: &[u8],
@@ -143,7 +144,7 @@ impl Io {
     }
 }
 
-impl Read for Io {
+impl<S: AsyncRead + AsyncWrite + Unpin> Read for Io<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -153,7 +154,7 @@ impl Read for Io {
     }
 }
 
-impl Write for Io {
+impl<S: AsyncRead + AsyncWrite + Unpin> Write for Io<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -242,11 +242,13 @@ async fn run_with<S: ClusterStore>(
         .run(),
     );
 
+    let tcp_api = crate::api_tcp::TcpApi::prepare(&config.api).context("the TCP API")?;
     let api_socket = dirs.state.join("vmhad.sock");
     let listener =
         crate::files::bind_api_socket(&api_socket, dirs.api_group).context("the API socket")?;
     let api = api::serve(
         listener,
+        tcp_api,
         inbox.clone(),
         EventLog::new(store.clone(), layout.clone()),
         config.hosts.iter().map(|h| h.name.clone()).collect(),

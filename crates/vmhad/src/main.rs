@@ -7,10 +7,13 @@
 //! SIGTERM / SIGINT stop the daemon and leave the VMs running unless `--stop-vms-on-exit`.
 
 mod api;
+mod api_auth;
 mod api_conn;
 mod api_error;
 mod api_io;
 mod api_limit;
+mod api_tcp;
+mod api_web;
 mod codec;
 mod configure;
 mod core;

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod tcp;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
