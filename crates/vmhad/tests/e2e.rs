@@ -9,6 +9,9 @@
 
 mod common;
 
+use std::process::{Command, Output};
+
+use common::tcp::{self, ADMIN, READER};
 use common::{Ev, Vmhad, alive, latency, now_ms, processes_naming, vm_test_lock};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -18,7 +21,13 @@ const VM: &str = "shop";
 
 /// Starts a daemon on a fresh state dir and waits until the VM and all its apps are online.
 fn boot() -> Vmhad {
+    boot_with(|_| {})
+}
+
+/// [`boot`], with `prepare` run on the daemon before it starts (e.g. to add its TCP API).
+fn boot_with(prepare: impl FnOnce(&Vmhad)) -> Vmhad {
     let mut h = Vmhad::new(&[VM]);
+    prepare(&h);
     let t0 = now_ms();
     h.start();
     let (i, online) = h.wait_for(0, VM, "starting", "online");
@@ -248,7 +257,9 @@ fn metrics_agree_with_status(h: &Vmhad) -> Vec<Sample> {
 #[test]
 fn app_and_vm_failures() {
     let _lock = vm_test_lock();
-    let mut h = boot();
+    let mut api = None;
+    let mut h = boot_with(|h| api = Some(tcp::enable(h, true)));
+    let api = api.unwrap();
     let pid0 = h.qemu_pid(VM);
     assert_eq!(h.qemu_processes(VM), vec![pid0]);
 
@@ -482,6 +493,107 @@ fn app_and_vm_failures() {
             &[("verdict", "restart-vm")]
         ),
         1.0
+    );
+
+    cli_over_https(&mut h, &api);
+}
+
+/// The `vmha` CLI against this vmhad over HTTPS with its tokens: the read-only token reads
+/// (status, explain, events) and is refused an admin command (exit 4, nothing changes), no
+/// token is refused (exit 4); the admin token stops and starts an app in the guest. `/metrics`
+/// on TCP needs a token, the read-only one suffices.
+fn cli_over_https(h: &mut Vmhad, api: &tcp::Tcp) {
+    let vmha = std::path::Path::new(env!("CARGO_BIN_EXE_vmhad")).with_file_name("vmha");
+    assert!(
+        vmha.is_file(),
+        "this test runs {}: build it first (`cargo build -p vmha`)",
+        vmha.display()
+    );
+    let (cert, _) = tcp::test_cert();
+    let url = api.url();
+    let run = |token: Option<&str>, args: &[&str]| -> Output {
+        let mut cmd = Command::new(&vmha);
+        for var in ["VMHA_SOCKET", "VMHA_URL", "VMHA_TOKEN", "VMHA_CA_CERT"] {
+            cmd.env_remove(var);
+        }
+        if let Some(t) = token {
+            cmd.env("VMHA_TOKEN", t);
+        }
+        cmd.arg("--url")
+            .arg(&url)
+            .arg("--ca-cert")
+            .arg(&cert)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let worker = format!("{VM}/worker");
+
+    // Reading with the read-only token: the same status as the socket's.
+    let out = run(Some(READER), &["status", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let remote: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(remote["host"], "kvm1");
+    assert_eq!(remote["agent"]["vms"][0]["name"], VM);
+    assert_eq!(remote["agent"]["vms"][0]["state"], h.vm_status(VM)["state"]);
+    let out = run(Some(READER), &["explain", VM]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("worker"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(Some(READER), &["events", "--limit", "3", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let lines = text(&out.stdout);
+    assert_eq!(lines.lines().count(), 3, "{lines}");
+    for line in lines.lines() {
+        serde_json::from_str::<Value>(line).unwrap();
+    }
+
+    // The read-only token may not stop an app; no token may not even read: exit 4, said so,
+    // the tokens never printed.
+    let m = h.mark();
+    let out = run(Some(READER), &["app", "stop", &worker]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("admin commands need an admin token"), "{err}");
+    assert!(!err.contains(READER), "{err}");
+    let out = run(None, &["status"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("--token or $VMHA_TOKEN"), "{err}");
+    assert_eq!(h.app_status(VM, "worker")["state"], "online");
+
+    // The admin token stops worker in the guest (offline), then starts it again.
+    let out = run(Some(ADMIN), &["app", "stop", &worker]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).contains(ADMIN));
+    h.wait_for(m, &worker, "*", "offline");
+    assert!(
+        h.since(m).iter().all(|e| e.object == worker),
+        "the refused attempt or the stop changed something else:\n{}",
+        h.events_text(m)
+    );
+    assert_ne!(h.app(VM, "check", "worker"), 0, "worker still runs");
+    let m = h.mark();
+    let out = run(Some(ADMIN), &["app", "start", &worker, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    h.wait_for(m, &worker, "*", "online");
+    assert_eq!(h.app(VM, "check", "worker"), 0);
+
+    // /metrics on TCP: 401 without a token, served to the read-only one.
+    assert_eq!(api.request("GET", "/metrics", None, None).status, 401);
+    let r = api.request("GET", "/metrics", Some(READER), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body
+            .contains("vmha_app_state{vm=\"shop\",app=\"worker\",state=\"online\"} 1\n"),
+        "{}",
+        r.body
     );
 }
 
