@@ -790,6 +790,69 @@ mod tests {
     }
 
     #[test]
+    fn the_docs_list_every_metric_and_the_dashboard_uses_only_those() {
+        use std::collections::BTreeSet;
+        // A family shows once it has a series: give each one.
+        let m = Metrics::new();
+        let n = |s: &str| Name::new(s).unwrap();
+        let host = Origin::Host(n("h1"));
+        let app = ObjectRef::App {
+            vm: n("shop"),
+            app: n("web"),
+        };
+        let vm = ObjectRef::Vm(n("shop"));
+        let restart = "check exited 1; restart 1/3 in 10m";
+        m.event(&event(app, host.clone(), "online", "restarting", restart));
+        let admin = "restart requested by admin";
+        m.event(&event(vm.clone(), host, "online", "restarting", admin));
+        m.event(&event(
+            vm,
+            Origin::Controller,
+            "online",
+            "failing-over",
+            "x",
+        ));
+        m.probe("shop", Duration::from_millis(1), true);
+        m.guest_error("shop", "timeout");
+        m.store(StoreOp::Commit, Duration::from_millis(1), Some("error"));
+        let text = m.render(&view(vec![vm_json(
+            "online",
+            &[("web", "online", 0)],
+            &[(1, "no-action")],
+        )]));
+        let rendered: BTreeSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let docs = include_str!("../../../docs/metrics.md");
+        let documented: BTreeSet<&str> = docs
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .filter(|n| n.starts_with("vmha_"))
+            .collect();
+        assert_eq!(rendered, documented, "docs/metrics.md vs /metrics");
+        let dashboard = include_str!("../../../docs/grafana-dashboard.json");
+        let used: BTreeSet<&str> = dashboard
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("vmha_"))
+            .map(|w| {
+                ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| w.strip_suffix(s))
+                    .unwrap_or(w)
+            })
+            .collect();
+        assert!(used.len() >= 10, "{used:?}");
+        let unknown: Vec<_> = used.difference(&documented).collect();
+        assert!(
+            unknown.is_empty(),
+            "the dashboard uses unknown metrics: {unknown:?}"
+        );
+    }
+
+    #[test]
     fn reasons_are_classified_into_fixed_words() {
         assert_eq!(
             app_restart_reason("check answer unreadable 2 times in a row (x); restart 1/3 in 1m"),
