@@ -125,6 +125,11 @@ impl ApiArgs {
         } else {
             None
         };
+        if token.is_some() && !url.https && !is_loopback(&url.host) {
+            eprintln!(
+                "vmha: warning: the token crosses the network in clear to {url}; use https://"
+            );
+        }
         Ok(Client::remote(url, token, tls).with_timeout(timeout))
     }
 
@@ -139,6 +144,14 @@ impl ApiArgs {
         }
         url_from_env(std::env::var_os(URL_ENV))
     }
+}
+
+/// Whether `host` is this machine (a token sent there over plain HTTP stays on it).
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A token given on the command line (not empty).
@@ -278,5 +291,7 @@ mod tests {
             err.0
         );
         assert!(parse_token("").is_err());
+        assert!(is_loopback("127.0.0.1") && is_loopback("::1") && is_loopback("localhost"));
+        assert!(!is_loopback("kvm1") && !is_loopback("10.0.0.1"));
     }
 }
