@@ -671,6 +671,58 @@ fn remote_commands_with_tokens_over_http_and_https() {
         assert_eq!(out.status.code(), Some(0), "{url}: {}", stderr(&out));
         assert_eq!(stdout(&out).lines().count(), 2, "{}", stdout(&out));
 
+        // events --follow over TCP: an event after the follower connected reaches it.
+        let mut follower = Command::new(env!("CARGO_BIN_EXE_vmha"))
+            .args([
+                "--url", &url, "events", "--follow", "--limit", "0", "--json",
+            ])
+            .args(
+                ca.map(|c| vec!["--ca-cert".as_ref(), c.as_os_str()])
+                    .unwrap_or_default(),
+            )
+            .env_remove("VMHA_SOCKET")
+            .env_remove("VMHA_URL")
+            .env("VMHA_TOKEN", READER)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::io::BufReader::new(follower.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(lines) {
+                if tx.send(line.unwrap()).is_err() {
+                    return;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen: Vec<Value> = Vec::new();
+        while !seen.iter().any(|e| e["to"] == "maintenance") {
+            // Repeated until the follower has subscribed: each on/off pair is two new events.
+            assert!(
+                vmhad
+                    .vmha(&["host", "maintenance", "kvm1", "on"])
+                    .status
+                    .success()
+            );
+            assert!(
+                vmhad
+                    .vmha(&["host", "maintenance", "kvm1", "off"])
+                    .status
+                    .success()
+            );
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+                seen.push(serde_json::from_str(&line).unwrap());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{url}: nothing followed: {seen:?}"
+            );
+        }
+        follower.kill().unwrap();
+        follower.wait().unwrap();
+
         if tls {
             // https:// with only the system's CAs: vmhad's test certificate is not trusted.
             let out = remote(&url, None, Some(READER), &["status"]);
