@@ -426,9 +426,17 @@ impl Metrics {
                 .collect(),
             None => Vec::new(),
         };
-        // This host's own word wins: it knows when it fenced itself.
-        hosts.retain(|(name, _)| name != status.host.as_str());
-        hosts.push((status.host.to_string(), status.host_state.clone()));
+        // This host's own word: it knows when it fenced itself (the controller's view, when
+        // there is one, knows maintenance).
+        let own = status.host_state.clone();
+        match hosts
+            .iter_mut()
+            .find(|(name, _)| name == status.host.as_str())
+        {
+            Some(entry) if own == HostState::Fenced.as_str() => entry.1 = own,
+            Some(_) => {}
+            None => hosts.push((status.host.to_string(), own)),
+        }
         for (host, current) in hosts {
             let states = HostState::ALL.iter().map(|s| s.as_str()).chain(["unknown"]);
             for state in states {
@@ -635,6 +643,38 @@ mod tests {
         assert_eq!(ones("vmha_vm_state{"), 1);
         assert_eq!(ones("vmha_app_state{"), 2);
         assert_eq!(ones("vmha_host_state{"), 3);
+    }
+
+    #[test]
+    fn this_hosts_state_is_its_own_when_fenced_else_the_controllers() {
+        let m = Metrics::new();
+        let mut v = view(vec![]);
+        if let Some(c) = v.cluster_view.as_mut() {
+            c.hosts[0].state = Some(HostState::Maintenance);
+        }
+        let text = m.render(&v);
+        assert!(
+            text.contains("vmha_host_state{host=\"h1\",state=\"maintenance\"} 1\n"),
+            "{text}"
+        );
+        v.host_state = "fenced".to_string();
+        let text = m.render(&v);
+        assert!(
+            text.contains("vmha_host_state{host=\"h1\",state=\"fenced\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vmha_host_state{host=\"h1\",state=\"maintenance\"} 0\n"),
+            "{text}"
+        );
+        v.cluster_view = None;
+        v.host_state = "up".to_string();
+        let text = m.render(&v);
+        assert!(
+            text.contains("vmha_host_state{host=\"h1\",state=\"up\"} 1\n"),
+            "{text}"
+        );
+        assert!(!text.contains("host=\"h2\""), "{text}");
     }
 
     #[test]
