@@ -11,6 +11,9 @@ macro_rules! spelled_enum {
         }
 
         impl $name {
+            /// Every state, in declaration order (e.g. one metric series per state).
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
             /// The spelling used in events, the CLI and the API.
             pub fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }

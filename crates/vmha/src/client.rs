@@ -1,5 +1,7 @@
-//! A small HTTP/1.0 client for vmhad's local API on its Unix socket. HTTP/1.0 keeps it simple:
-//! one request per connection, and the body (streamed or not) ends when vmhad closes it.
+//! A small HTTP/1.0 client for vmhad's API: on its local Unix socket, or on a remote vmhad's
+//! TCP listener over `http://` or `https://` ([`crate::transport`]) with a bearer token.
+//! HTTP/1.0 keeps it simple: one request per connection, and the body (streamed or not) ends
+//! when vmhad closes it.
 //!
 //! Whatever listens on the socket is not trusted to behave:
 //! - every call is bounded by the client's timeout ([`DEFAULT_TIMEOUT`], `--timeout`,
@@ -10,13 +12,18 @@
 //! - answers are size-limited, and one that is not HTTP with a JSON body is reported as "not
 //!   vmhad's API socket";
 //! - before anything is sent, the process serving the socket must run as root or as the user
-//!   running vmha (`SO_PEERCRED`): a socket planted by another user gets no request.
+//!   running vmha (`SO_PEERCRED`): a socket planted by another user gets no request;
+//! - a remote vmhad over `https://` must show a certificate signed by `--ca-cert` (or the
+//!   system's CAs) for its host name; the token is sent only in the `Authorization` header and
+//!   never appears in a message.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -24,6 +31,8 @@ use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr, sockop
 use serde_json::Value;
 use vmha_api::ErrorBody;
 use vmha_model::duration::format as human;
+
+use crate::transport::{RemoteUrl, Target, Token, Transport, server_name};
 
 /// How long a call may take when neither `--timeout` nor `$VMHA_TIMEOUT` says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,33 +80,63 @@ pub enum ClientError {
         path: PathBuf,
     },
     /// Connecting failed otherwise.
-    #[error("cannot connect to {}: {cause}", path.display())]
+    #[error("cannot connect to {at}: {cause}")]
     Connect {
-        /// The socket path.
-        path: PathBuf,
+        /// The socket path or URL.
+        at: Target,
         /// Why (in the message, not a separate source).
         cause: io::Error,
     },
     /// No (complete) answer within the timeout.
     #[error(
-        "no answer from {} within {} (vmhad busy or not vmhad?); wait longer with --timeout DUR \
-         or $VMHA_TIMEOUT",
-        path.display(),
+        "no answer from {at} within {} (vmhad busy or not vmhad?); wait longer with --timeout \
+         DUR or $VMHA_TIMEOUT",
         human(*after)
     )]
     Timeout {
-        /// The socket path.
-        path: PathBuf,
+        /// The socket path or URL.
+        at: Target,
         /// The timeout.
         after: Duration,
     },
     /// What answered is not vmhad's API.
-    #[error("{} is not vmhad's API socket ({detail})", path.display())]
+    #[error("{at} is not vmhad's API{} ({detail})", if matches!(at, Target::Socket(_)) { " socket" } else { "" })]
     NotVmhad {
-        /// The socket path.
-        path: PathBuf,
+        /// The socket path or URL.
+        at: Target,
         /// What was wrong with the answer.
         detail: String,
+    },
+    /// The TLS handshake failed (e.g. a certificate not signed by the given CA, or for another
+    /// name).
+    #[error(
+        "TLS with {url} failed: {detail}; check --ca-cert (or $VMHA_CA_CERT) and the host name in the URL"
+    )]
+    Tls {
+        /// The URL.
+        url: RemoteUrl,
+        /// rustls's reason.
+        detail: String,
+    },
+    /// vmhad wants a (valid) token: HTTP 401.
+    #[error(
+        "{at} refused the request: no valid token ({message}); pass an API token with --token or $VMHA_TOKEN"
+    )]
+    Unauthorized {
+        /// The URL.
+        at: Target,
+        /// vmhad's message.
+        message: String,
+    },
+    /// The token is valid but may not do this (a read-only token on an admin command): 403.
+    #[error(
+        "{at} refused the request: this token may not do that ({message}); admin commands need an admin token"
+    )]
+    Forbidden {
+        /// The URL.
+        at: Target,
+        /// vmhad's message.
+        message: String,
     },
     /// The socket is served by a process of another user: nothing was sent.
     #[error("{}", untrusted_text(path, *uid, *me))]
@@ -110,10 +149,10 @@ pub enum ClientError {
         me: u32,
     },
     /// The connection broke.
-    #[error("connection to vmhad at {} broke: {cause}", path.display())]
+    #[error("connection to vmhad at {at} broke: {cause}")]
     Io {
-        /// The socket path.
-        path: PathBuf,
+        /// The socket path or URL.
+        at: Target,
         /// Why (in the message, not a separate source).
         cause: io::Error,
     },
@@ -148,13 +187,15 @@ pub fn peer_trusted(peer: u32, me: u32) -> bool {
 /// A client of one vmhad.
 #[derive(Debug, Clone)]
 pub struct Client {
-    socket: PathBuf,
+    target: Target,
     timeout: Duration,
+    token: Option<Token>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// A connection whose every read and write ends by `deadline` (none: reads wait forever).
 struct Conn {
-    stream: UnixStream,
+    stream: Transport,
     deadline: Option<Instant>,
 }
 
@@ -174,7 +215,7 @@ impl Conn {
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let left = self.left()?;
-        self.stream.set_read_timeout(left)?;
+        self.stream.set_timeouts(left)?;
         self.stream.read(buf)
     }
 }
@@ -182,7 +223,7 @@ impl Read for Conn {
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let left = self.left()?;
-        self.stream.set_write_timeout(left)?;
+        self.stream.set_timeouts(left)?;
         self.stream.write(buf)
     }
 
@@ -201,8 +242,25 @@ impl Client {
     /// A client for the API socket at `socket`, with [`DEFAULT_TIMEOUT`].
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Client {
-            socket: socket.into(),
+            target: Target::Socket(socket.into()),
             timeout: DEFAULT_TIMEOUT,
+            token: None,
+            tls: None,
+        }
+    }
+
+    /// A client for the remote vmhad at `url`, with [`DEFAULT_TIMEOUT`], sending `token` when
+    /// given; `tls` is required for an `https://` URL (else connecting fails).
+    pub fn remote(
+        url: RemoteUrl,
+        token: Option<Token>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Self {
+        Client {
+            target: Target::Url(url),
+            timeout: DEFAULT_TIMEOUT,
+            token,
+            tls,
         }
     }
 
@@ -217,19 +275,28 @@ impl Client {
         self.timeout
     }
 
-    fn path(&self) -> PathBuf {
-        self.socket.clone()
+    fn at(&self) -> Target {
+        self.target.clone()
     }
 
-    /// An I/O failure on the connection: a timeout, or a broken connection.
+    /// An I/O failure on the connection: a timeout, a failed TLS handshake, or a broken
+    /// connection.
     fn io(&self, e: io::Error) -> ClientError {
+        if let Target::Url(url) = &self.target
+            && let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+        {
+            return ClientError::Tls {
+                url: url.clone(),
+                detail: tls.to_string(),
+            };
+        }
         match e.kind() {
             io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => ClientError::Timeout {
-                path: self.path(),
+                at: self.at(),
                 after: self.timeout,
             },
             _ => ClientError::Io {
-                path: self.path(),
+                at: self.at(),
                 cause: e,
             },
         }
@@ -237,14 +304,75 @@ impl Client {
 
     fn not_vmhad(&self, detail: impl Into<String>) -> ClientError {
         ClientError::NotVmhad {
-            path: self.path(),
+            at: self.at(),
             detail: detail.into(),
         }
     }
 
-    /// Connects by `deadline`; a full listen queue is waited out until then.
-    fn connect(&self, deadline: Instant) -> Result<UnixStream, ClientError> {
-        let addr = UnixAddr::new(&self.socket).map_err(|e| self.connect_error(e))?;
+    /// Connects by `deadline` to the socket or the URL.
+    fn connect(&self, deadline: Instant) -> Result<Transport, ClientError> {
+        match &self.target {
+            Target::Socket(path) => {
+                let stream = self.connect_socket(path, deadline)?;
+                self.check_peer(path, &stream)?;
+                Ok(Transport::Unix(stream))
+            }
+            Target::Url(url) => self.connect_url(url, deadline),
+        }
+    }
+
+    /// Connects to a remote vmhad by `deadline`: TCP, then TLS for `https://` (its handshake
+    /// runs with the first bytes sent, bounded like them).
+    fn connect_url(&self, url: &RemoteUrl, deadline: Instant) -> Result<Transport, ClientError> {
+        let connect_error = |cause: io::Error| ClientError::Connect {
+            at: self.at(),
+            cause,
+        };
+        let addrs: Vec<_> = (url.host.as_str(), url.port)
+            .to_socket_addrs()
+            .map_err(connect_error)?
+            .collect();
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "the host name has no address");
+        let mut tcp = None;
+        for addr in addrs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.io(io::ErrorKind::TimedOut.into()));
+            }
+            match TcpStream::connect_timeout(&addr, left) {
+                Ok(s) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(self.io(e)),
+                Err(e) => last = e,
+            }
+        }
+        let tcp = tcp.ok_or_else(|| connect_error(last))?;
+        let _ = tcp.set_nodelay(true);
+        if !url.https {
+            return Ok(Transport::Tcp(tcp));
+        }
+        let tls_error = |detail: String| ClientError::Tls {
+            url: url.clone(),
+            detail,
+        };
+        let config = self
+            .tls
+            .clone()
+            .ok_or_else(|| tls_error("no TLS configuration".to_string()))?;
+        let name = server_name(url).map_err(tls_error)?;
+        let conn =
+            rustls::ClientConnection::new(config, name).map_err(|e| tls_error(e.to_string()))?;
+        Ok(Transport::Tls(Box::new(rustls::StreamOwned::new(
+            conn, tcp,
+        ))))
+    }
+
+    /// Connects to the local socket by `deadline`; a full listen queue is waited out until
+    /// then.
+    fn connect_socket(&self, path: &Path, deadline: Instant) -> Result<UnixStream, ClientError> {
+        let addr = UnixAddr::new(path).map_err(|e| self.connect_error(path, e))?;
         loop {
             let fd = socket::socket(
                 AddressFamily::Unix,
@@ -252,7 +380,7 @@ impl Client {
                 SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
                 None,
             )
-            .map_err(|e| self.connect_error(e))?;
+            .map_err(|e| self.connect_error(path, e))?;
             match socket::connect(fd.as_raw_fd(), &addr) {
                 Ok(()) => {
                     let stream = UnixStream::from(fd);
@@ -269,29 +397,29 @@ impl Client {
                     std::thread::sleep(left.min(CONNECT_RETRY));
                 }
                 Err(Errno::EINTR) => {}
-                Err(e) => return Err(self.connect_error(e)),
+                Err(e) => return Err(self.connect_error(path, e)),
             }
         }
     }
 
-    fn connect_error(&self, e: Errno) -> ClientError {
-        let path = self.path();
+    fn connect_error(&self, socket: &Path, e: Errno) -> ClientError {
+        let path = socket.to_path_buf();
         match e {
             Errno::ENOENT | Errno::ENOTDIR => ClientError::NoSocket { path },
-            Errno::ECONNREFUSED => match std::fs::metadata(&self.socket) {
+            Errno::ECONNREFUSED => match std::fs::metadata(socket) {
                 Ok(m) if !m.file_type().is_socket() => self.not_vmhad("it is not a socket"),
                 _ => ClientError::Stale { path },
             },
             Errno::EACCES | Errno::EPERM => ClientError::PermissionDenied { path },
             e => ClientError::Connect {
-                path,
+                at: self.at(),
                 cause: e.into(),
             },
         }
     }
 
     /// Refuses a socket served by another user than root or this one.
-    fn check_peer(&self, stream: &UnixStream) -> Result<(), ClientError> {
+    fn check_peer(&self, path: &Path, stream: &UnixStream) -> Result<(), ClientError> {
         let cred =
             socket::getsockopt(stream, sockopt::PeerCredentials).map_err(|e| self.io(e.into()))?;
         let me = nix::unistd::geteuid().as_raw();
@@ -299,7 +427,7 @@ impl Client {
             Ok(())
         } else {
             Err(ClientError::Untrusted {
-                path: self.path(),
+                path: path.to_path_buf(),
                 uid: cred.uid(),
                 me,
             })
@@ -315,13 +443,19 @@ impl Client {
     ) -> Result<Answer, ClientError> {
         let deadline = Instant::now() + self.timeout;
         let stream = self.connect(deadline)?;
-        self.check_peer(&stream)?;
         let mut conn = Conn {
             stream,
             deadline: Some(deadline),
         };
         let body = body.map(Value::to_string).unwrap_or_default();
-        let mut head = format!("{method} {path} HTTP/1.0\r\nHost: vmhad\r\n");
+        let (prefix, host) = match &self.target {
+            Target::Socket(_) => ("", "vmhad".to_string()),
+            Target::Url(url) => (url.prefix.as_str(), url.authority()),
+        };
+        let mut head = format!("{method} {prefix}{path} HTTP/1.0\r\nHost: {host}\r\n");
+        if let Some(token) = &self.token {
+            head.push_str(&token.header());
+        }
         if method == "POST" {
             head.push_str(&format!(
                 "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -398,13 +532,20 @@ impl Client {
             ))
         })?;
         if (200..300).contains(&status) {
-            Ok(value)
-        } else {
-            Err(ClientError::Api {
-                status,
-                body: error_body(value, &text),
-            })
+            return Ok(value);
         }
+        let body = error_body(value, &text);
+        Err(match status {
+            401 => ClientError::Unauthorized {
+                at: self.at(),
+                message: body.error,
+            },
+            403 => ClientError::Forbidden {
+                at: self.at(),
+                message: body.error,
+            },
+            _ => ClientError::Api { status, body },
+        })
     }
 
     /// `GET path`, parsed as JSON.
@@ -555,7 +696,10 @@ mod tests {
     #[test]
     fn connect_failures_say_what_to_do() {
         let c = Client::new("/run/vmha/vmhad.sock");
-        let text = |e: Errno| c.connect_error(e).to_string();
+        let text = |e: Errno| {
+            c.connect_error(Path::new("/run/vmha/vmhad.sock"), e)
+                .to_string()
+        };
         assert_eq!(
             text(Errno::EACCES),
             "permission denied on /run/vmha/vmhad.sock: vmhad's API socket is open to root (and \

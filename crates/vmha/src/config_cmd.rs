@@ -28,6 +28,10 @@ pub enum ConfigCommand {
         /// Configuration files (TOML).
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+        /// Print one JSON object per file instead: `{"file", "valid", "hosts", "vms", "apps"}`
+        /// or `{"file", "valid": false, "error"}`.
+        #[arg(long)]
+        json: bool,
     },
     /// Validate FILE, then store it in the cluster store through vmhad: every host applies it
     /// (new VMs placed, removed ones released and left running, changes in effect).
@@ -73,7 +77,7 @@ pub fn run(cmd: ConfigCommand, api: &ApiArgs) -> anyhow::Result<ExitCode> {
             let answer = client.post("/v1/config/reload", &json!({}))?;
             applied(&answer, fmt)
         }
-        ConfigCommand::Validate { files } => {
+        ConfigCommand::Validate { files, json: false } => {
             let mut all_valid = true;
             for file in &files {
                 match load(file) {
@@ -83,6 +87,28 @@ pub fn run(cmd: ConfigCommand, api: &ApiArgs) -> anyhow::Result<ExitCode> {
                     None => all_valid = false,
                 }
             }
+            Ok(exit(all_valid))
+        }
+        ConfigCommand::Validate { files, json: true } => {
+            let mut all_valid = true;
+            let mut results = Vec::new();
+            for file in &files {
+                let name = file.display().to_string();
+                results.push(match parse(file) {
+                    Ok((config, _)) => json!({
+                        "file": name,
+                        "valid": true,
+                        "hosts": config.hosts.len(),
+                        "vms": config.vms.len(),
+                        "apps": config.vms.iter().map(|v| v.apps.len()).sum::<usize>(),
+                    }),
+                    Err(error) => {
+                        all_valid = false;
+                        json!({"file": name, "valid": false, "error": error})
+                    }
+                });
+            }
+            print_json(&serde_json::Value::Array(results))?;
             Ok(exit(all_valid))
         }
         ConfigCommand::Show { file, json } => {
@@ -118,16 +144,22 @@ fn applied(answer: &serde_json::Value, fmt: Output) -> anyhow::Result<ExitCode> 
 /// is invalid or cannot be a configuration file (a directory, a FIFO, a device: refused
 /// without being opened for reading, so a FIFO cannot hang the command).
 fn load(file: &Path) -> Option<(Config, String)> {
-    let parsed = vmha_model::file::read_text(file).and_then(|text| {
-        Config::from_toml_str(&text, &file.display().to_string()).map(|c| (c, text))
-    });
-    match parsed {
+    match parse(file) {
         Ok(loaded) => Some(loaded),
         Err(e) => {
             eprintln!("{e}");
             None
         }
     }
+}
+
+/// Reads and parses `file` (returned with its text); the diagnostic when it is invalid.
+fn parse(file: &Path) -> Result<(Config, String), String> {
+    vmha_model::file::read_text(file)
+        .and_then(|text| {
+            Config::from_toml_str(&text, &file.display().to_string()).map(|c| (c, text))
+        })
+        .map_err(|e| e.to_string())
 }
 
 /// "N hosts, M VMs, K apps", with singulars where they apply.

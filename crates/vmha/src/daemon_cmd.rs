@@ -1,11 +1,11 @@
 //! The commands that talk to a running vmhad over its local API (SPEC §4.7): `status`,
 //! `events`, `explain`, the admin commands and `guest exec`. [`ApiArgs`] says which vmhad.
 //!
-//! Exit codes: 0 done; 2 usage error (bad `VM/APP`, name, duration, policy, `$VMHA_TIMEOUT`:
-//! nothing is sent);
-//! 1 vmhad unreachable or refusing (its message goes to stderr, followed by a hint when the
-//! refused command changed nothing and may be retried, see [`crate::report`]). `guest exec`
-//! exits with the guest command's code.
+//! Exit codes ([`crate::report::EXIT_CODES`]): 0 done; 2 usage error (bad `VM/APP`, name,
+//! duration, policy, URL, `$VMHA_TIMEOUT`: nothing is sent); 1 vmhad refusing (its message
+//! goes to stderr, followed by a hint when the refused command changed nothing and may be
+//! retried, see [`crate::report`]); 3 vmhad unreachable; 4 access denied. `guest exec` exits
+//! with the guest command's code.
 
 use std::process::ExitCode;
 

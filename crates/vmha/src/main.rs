@@ -23,6 +23,7 @@ mod render;
 mod report;
 mod simulate_cmd;
 mod status_cmd;
+mod transport;
 
 /// Application-aware high availability for KVM/QEMU VMs.
 #[derive(Debug, Parser)]
@@ -30,8 +31,9 @@ mod status_cmd;
     name = "vmha",
     version,
     propagate_version = true,
-    after_help = "Exit codes: 0 success, 2 invalid configuration or usage error, 1 other failure \
-                  (vmhad unreachable, or refusing the command)."
+    after_help = "Exit codes: 0 success, 1 refused or failed, 2 usage error or invalid \
+                  configuration, 3 vmhad unreachable, 4 access denied (see --help).",
+    after_long_help = report::EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]

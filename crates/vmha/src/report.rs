@@ -1,9 +1,13 @@
 //! How a failed command is reported: its message on stderr (vmhad's own text when it refused),
 //! a hint when a refused command changed nothing and may simply be retried, and the exit code.
 //!
-//! Exit codes: [`EXIT_FAILURE`] (1) for a failure or a refusal, [`EXIT_USAGE`] (2) for a
-//! usage error (clap's, and every argument check done before anything is sent) or an invalid
-//! configuration.
+//! Exit codes ([`EXIT_CODES`], also in `vmha --help`): 0 done; [`EXIT_FAILURE`] (1) vmhad
+//! refused the command or it failed; [`EXIT_USAGE`] (2) a usage error (clap's, and every
+//! argument check done before anything is sent) or an invalid configuration;
+//! [`EXIT_UNREACHABLE`] (3) vmhad could not be reached (not running, no answer, not vmhad, TLS
+//! failed); [`EXIT_DENIED`] (4) vmhad refused access (no or bad token, a read-only token on an
+//! admin command, the socket closed to this user). `vmha guest exec` exits with the guest
+//! command's code.
 
 use std::process::ExitCode;
 
@@ -11,10 +15,26 @@ use vmha_engine::CommandError;
 
 use crate::client::ClientError;
 
-/// Exit code of a failure: vmhad unreachable or refusing, output that cannot be written.
+/// Exit code of a failure: vmhad refusing the command, or output that cannot be written.
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit code of a usage error or an invalid configuration (clap's usage errors use 2 too).
 pub const EXIT_USAGE: u8 = 2;
+/// Exit code when vmhad cannot be reached: nothing was done.
+pub const EXIT_UNREACHABLE: u8 = 3;
+/// Exit code when vmhad refuses access (401, 403, or a socket closed to this user): nothing
+/// was done.
+pub const EXIT_DENIED: u8 = 4;
+
+/// The exit-code table of `vmha --help` and the docs.
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  vmhad refused the command, or it failed (vmhad's message on stderr)
+  2  usage error or invalid configuration: nothing was sent
+  3  vmhad unreachable (not running, no answer within --timeout, not vmhad, TLS failed)
+  4  access denied (no or invalid token, read-only token on an admin command,
+     socket closed to this user)
+  `vmha guest exec` exits with the guest command's own code.";
 
 /// A usage error found after parsing (e.g. a bad `$VMHA_TIMEOUT`): nothing was sent; exit
 /// [`EXIT_USAGE`].
@@ -34,10 +54,32 @@ pub fn failure(err: &anyhow::Error) -> ExitCode {
     for line in lines(err) {
         eprintln!("vmha: {line}");
     }
+    ExitCode::from(exit_code(err))
+}
+
+/// The exit code of `err` (see [`EXIT_CODES`]).
+fn exit_code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<UsageError>().is_some() {
-        return ExitCode::from(EXIT_USAGE);
+        return EXIT_USAGE;
     }
-    ExitCode::from(EXIT_FAILURE)
+    match err.downcast_ref::<ClientError>() {
+        Some(
+            ClientError::NoSocket { .. }
+            | ClientError::Stale { .. }
+            | ClientError::Connect { .. }
+            | ClientError::Timeout { .. }
+            | ClientError::NotVmhad { .. }
+            | ClientError::Untrusted { .. }
+            | ClientError::Io { .. }
+            | ClientError::Tls { .. },
+        ) => EXIT_UNREACHABLE,
+        Some(
+            ClientError::PermissionDenied { .. }
+            | ClientError::Unauthorized { .. }
+            | ClientError::Forbidden { .. },
+        ) => EXIT_DENIED,
+        Some(ClientError::Api { .. }) | None => EXIT_FAILURE,
+    }
 }
 
 /// The lines that report `err`: its message, then the retry hint if any.
@@ -128,5 +170,29 @@ mod tests {
             ["vmhad closed the event stream"]
         );
         assert!(retry_hint(&CommandError::NoOwner(Name::new("shop").unwrap())).is_none());
+    }
+
+    #[test]
+    fn exit_codes_tell_refused_from_unreachable_from_denied() {
+        use crate::transport::Target;
+        let at = || Target::Socket("/s".into());
+        assert_eq!(exit_code(&refusal(None)), EXIT_FAILURE);
+        assert_eq!(exit_code(&UsageError("x".into()).into()), EXIT_USAGE);
+        assert_eq!(exit_code(&anyhow::anyhow!("other")), EXIT_FAILURE);
+        let unreachable: anyhow::Error = ClientError::Timeout {
+            at: at(),
+            after: std::time::Duration::from_secs(1),
+        }
+        .into();
+        assert_eq!(exit_code(&unreachable), EXIT_UNREACHABLE);
+        let denied: anyhow::Error = ClientError::Forbidden {
+            at: at(),
+            message: "read-only token".into(),
+        }
+        .into();
+        assert_eq!(exit_code(&denied), EXIT_DENIED);
+        for code in [EXIT_FAILURE, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_DENIED] {
+            assert!(EXIT_CODES.contains(&format!("\n  {code}  ")), "{code}");
+        }
     }
 }

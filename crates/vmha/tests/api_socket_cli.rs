@@ -1,10 +1,10 @@
 //! Runs the built `vmha` binary against what may be found at vmhad's socket path instead of a
 //! healthy vmhad: nothing, a stale socket file, a plain file, a socket that never answers (or
 //! stops half-way, or has a full listen queue), one that answers something else than vmhad's
-//! HTTP + JSON, and one planted by another user. Each ends with exit 1 and a message naming the
-//! socket — never a hang (every run is guarded: a regression fails instead of hanging). Also:
-//! `--timeout` wins over `$VMHA_TIMEOUT`, a followed event stream is not cut by the timeout, and
-//! `guest exec` waits for its guest command's timeout plus a margin.
+//! HTTP + JSON, and one planted by another user. Each ends with exit 3 (vmhad unreachable) and
+//! a message naming the socket — never a hang (every run is guarded: a regression fails instead
+//! of hanging). Also: `--timeout` wins over `$VMHA_TIMEOUT`, a followed event stream is not cut
+//! by the timeout, and `guest exec` waits for its guest command's timeout plus a margin.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -56,9 +56,10 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Asserts exit 1 with exactly `message` on stderr (after `vmha: `) and nothing on stdout.
+/// Asserts exit 3 (vmhad unreachable) with exactly `message` on stderr (after `vmha: `) and
+/// nothing on stdout.
 fn fails_with(out: &Output, message: &str) {
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(out));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(out));
     assert_eq!(stderr(out), format!("vmha: {message}\n"));
     assert!(stdout(out).is_empty(), "{}", stdout(out));
 }

@@ -89,6 +89,21 @@ fn validate_checks_every_file_and_fails_if_any_is_bad() {
     let out = vmha(&["config", "validate", &good, &bad]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("{good}: ok")));
+
+    // --json: one object per file, the bad one with its diagnostic; still exit 2.
+    let out = vmha(&["config", "validate", "--json", &good, &bad]);
+    assert_eq!(out.status.code(), Some(2));
+    let results: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let config = Config::from_toml_str(&std::fs::read_to_string(&good).unwrap(), "x").unwrap();
+    assert_eq!(results[0]["file"], good.as_str());
+    assert_eq!(results[0]["valid"], true);
+    assert_eq!(results[0]["vms"], config.vms.len());
+    assert_eq!(results[1]["file"], bad.as_str());
+    assert_eq!(results[1]["valid"], false);
+    assert!(
+        results[1]["error"].as_str().unwrap().contains(&bad),
+        "{results}"
+    );
 }
 
 #[test]

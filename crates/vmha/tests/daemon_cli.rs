@@ -1,8 +1,9 @@
 //! Runs the built `vmha` binary against vmhad's API: usage errors are caught before anything is
-//! sent (exit 2), an absent daemon is reported (exit 1), a refusal prints vmhad's message and,
+//! sent (exit 2), an absent daemon is reported (exit 3), a refusal prints vmhad's message and,
 //! when the command may be retried, a hint (against a one-shot stand-in), and against a real
 //! `vmhad` (one host, no VMs, embedded store in a temp dir) status, events, refusals and host
-//! maintenance work end to end.
+//! maintenance work end to end — also remotely, over its TCP API with tokens, plain and TLS
+//! (401/403 → exit 4).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::io::ErrorKind;
@@ -222,11 +223,11 @@ fn retryable_refusals_exit_1_with_vmhads_message_and_a_hint() {
 }
 
 #[test]
-fn unreachable_daemon_exits_1_naming_the_socket() {
+fn unreachable_daemon_exits_3_naming_the_socket() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nothing.sock");
     let out = vmha(&["--socket", missing.to_str().unwrap(), "status"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3));
     let err = stderr(&out);
     assert!(err.contains("vmhad is not running (no socket at "), "{err}");
     assert!(err.contains(missing.to_str().unwrap()), "{err}");
@@ -238,7 +239,7 @@ fn unreachable_daemon_exits_1_naming_the_socket() {
         "--state-dir",
         dir.path().to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3));
     let expected = dir.path().join("vmhad.sock");
     assert!(
         stderr(&out).contains(expected.to_str().unwrap()),
@@ -250,7 +251,7 @@ fn unreachable_daemon_exits_1_naming_the_socket() {
         .env("VMHA_SOCKET", &missing)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3));
     assert!(
         stderr(&out).contains(missing.to_str().unwrap()),
         "{}",
@@ -281,11 +282,20 @@ impl Vmhad {
     /// Starts vmhad with one host, no VMs and an embedded store; waits until its API answers
     /// and it has become the cluster controller.
     fn start(binary: &Path) -> Vmhad {
+        Self::start_with(binary, |_| String::new())
+    }
+
+    /// [`Vmhad::start`] with more configuration: `extra(dir)` is appended (`dir`: the temp
+    /// dir, for files the configuration names).
+    fn start_with(binary: &Path, extra: impl FnOnce(&Path) -> String) -> Vmhad {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("vmha.toml");
+        let more = extra(dir.path());
         std::fs::write(
             &config,
-            "[cluster]\nname = \"lab\"\nstore = \"embedded\"\n\n[[host]]\nname = \"kvm1\"\n",
+            format!(
+                "[cluster]\nname = \"lab\"\nstore = \"embedded\"\n\n[[host]]\nname = \"kvm1\"\n{more}"
+            ),
         )
         .unwrap();
         let log = std::fs::File::create(dir.path().join("vmhad.log")).unwrap();
@@ -538,4 +548,194 @@ fn is_clock(s: &str) -> bool {
             8 => *c == b'.',
             _ => c.is_ascii_digit(),
         })
+}
+
+const ADMIN: &str = "admin-token-for-the-cli-tests-0123";
+const READER: &str = "reader-token-for-the-cli-tests-0123";
+
+/// The `[api]` section of a vmhad on 127.0.0.1:`port` with an admin and a read-only token
+/// (secret files written in `dir`), TLS with vmhad's test certificate when `tls`.
+fn api_section(dir: &Path, port: u16, tls: bool) -> String {
+    std::fs::write(dir.join("admin.token"), format!("{ADMIN}\n")).unwrap();
+    std::fs::write(dir.join("reader.token"), format!("{READER}\n")).unwrap();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmhad/tests/data");
+    let tls = if tls {
+        format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            data.join("tls-cert.pem").display(),
+            data.join("tls-key.pem").display()
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "\n[api]\nlisten = [\"127.0.0.1:{port}\"]\n{tls}token = [\n  \
+         {{ name = \"ops\", role = \"admin\", secret_file = \"{}\" }},\n  \
+         {{ name = \"viewer\", role = \"read-only\", secret_file = \"{}\" }},\n]\n",
+        dir.join("admin.token").display(),
+        dir.join("reader.token").display(),
+    )
+}
+
+/// Runs `vmha --url URL [--ca-cert CERT] args…` with `$VMHA_TOKEN` = `token` (if any).
+fn remote(url: &str, ca: Option<&Path>, token: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmha"));
+    for var in [
+        "VMHA_SOCKET",
+        "VMHA_URL",
+        "VMHA_TOKEN",
+        "VMHA_CA_CERT",
+        "VMHA_TIMEOUT",
+    ] {
+        cmd.env_remove(var);
+    }
+    if let Some(t) = token {
+        cmd.env("VMHA_TOKEN", t);
+    }
+    cmd.arg("--url").arg(url);
+    if let Some(ca) = ca {
+        cmd.arg("--ca-cert").arg(ca);
+    }
+    cmd.args(args).output().unwrap()
+}
+
+#[test]
+fn remote_commands_with_tokens_over_http_and_https() {
+    let Some(binary) = Vmhad::binary() else {
+        panic!("this test needs vmhad: run `cargo build -p vmhad` first");
+    };
+    let cert = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmhad/tests/data/tls-cert.pem");
+    for tls in [false, true] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let vmhad = Vmhad::start_with(&binary, |dir| api_section(dir, port, tls));
+        let scheme = if tls { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{port}");
+        let ca = tls.then_some(cert.as_path());
+        let run = |token: Option<&str>, args: &[&str]| remote(&url, ca, token, args);
+
+        // The read-only token reads: the same status as over the socket.
+        let out = run(Some(READER), &["status", "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{url}: {}", stderr(&out));
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(status["host"], "kvm1");
+        assert_eq!(host_state(&status, "kvm1").as_deref(), Some("up"));
+
+        // No token: 401 → exit 4 saying how to pass one. A wrong one: the same.
+        for token in [None, Some("not-a-token-vmhad-knows-0123")] {
+            let out = run(token, &["status"]);
+            assert_eq!(out.status.code(), Some(4), "{url}: {}", stderr(&out));
+            assert!(
+                stderr(&out).contains(&format!("{url} refused the request: no valid token")),
+                "{}",
+                stderr(&out)
+            );
+            assert!(stdout(&out).is_empty());
+        }
+
+        // The read-only token on an admin command: 403 → exit 4, nothing changed.
+        let out = run(Some(READER), &["host", "maintenance", "kvm1", "on"]);
+        assert_eq!(out.status.code(), Some(4), "{url}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("admin commands need an admin token"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(!stderr(&out).contains(READER), "{}", stderr(&out));
+        let status = vmhad.json(&["status"]).unwrap();
+        assert_eq!(host_state(&status, "kvm1").as_deref(), Some("up"));
+
+        // The admin token: maintenance on and off, seen over the socket.
+        let out = run(Some(ADMIN), &["host", "maintenance", "kvm1", "on"]);
+        assert_eq!(out.status.code(), Some(0), "{url}: {}", stderr(&out));
+        let status = vmhad.json(&["status"]).unwrap();
+        assert_eq!(host_state(&status, "kvm1").as_deref(), Some("maintenance"));
+        let out = run(
+            Some(ADMIN),
+            &["host", "maintenance", "kvm1", "off", "--json"],
+        );
+        assert_eq!(out.status.code(), Some(0), "{url}: {}", stderr(&out));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()["ok"],
+            Value::Bool(true)
+        );
+        // vmhad refusing the command itself (an unknown VM) is still exit 1.
+        let out = run(Some(ADMIN), &["vm", "restart", "ghost"]);
+        assert_eq!(out.status.code(), Some(1), "{url}: {}", stderr(&out));
+        assert!(stderr(&out).contains("ghost"), "{}", stderr(&out));
+        // events over TCP.
+        let out = run(Some(READER), &["events", "--limit", "2", "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{url}: {}", stderr(&out));
+        assert_eq!(stdout(&out).lines().count(), 2, "{}", stdout(&out));
+
+        // events --follow over TCP: an event after the follower connected reaches it.
+        let mut follower = Command::new(env!("CARGO_BIN_EXE_vmha"))
+            .args([
+                "--url", &url, "events", "--follow", "--limit", "0", "--json",
+            ])
+            .args(
+                ca.map(|c| vec!["--ca-cert".as_ref(), c.as_os_str()])
+                    .unwrap_or_default(),
+            )
+            .env_remove("VMHA_SOCKET")
+            .env_remove("VMHA_URL")
+            .env("VMHA_TOKEN", READER)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::io::BufReader::new(follower.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(lines) {
+                if tx.send(line.unwrap()).is_err() {
+                    return;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen: Vec<Value> = Vec::new();
+        while !seen.iter().any(|e| e["to"] == "maintenance") {
+            // Repeated until the follower has subscribed: each on/off pair is two new events.
+            assert!(
+                vmhad
+                    .vmha(&["host", "maintenance", "kvm1", "on"])
+                    .status
+                    .success()
+            );
+            assert!(
+                vmhad
+                    .vmha(&["host", "maintenance", "kvm1", "off"])
+                    .status
+                    .success()
+            );
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+                seen.push(serde_json::from_str(&line).unwrap());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{url}: nothing followed: {seen:?}"
+            );
+        }
+        follower.kill().unwrap();
+        follower.wait().unwrap();
+
+        if tls {
+            // https:// with only the system's CAs: vmhad's test certificate is not trusted.
+            let out = remote(&url, None, Some(READER), &["status"]);
+            assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+            assert!(
+                stderr(&out).starts_with(&format!("vmha: TLS with {url} failed: ")),
+                "{}",
+                stderr(&out)
+            );
+            // http:// to the TLS listener: not vmhad's answer.
+            let plain = format!("http://127.0.0.1:{port}");
+            let out = remote(&plain, None, Some(READER), &["status"]);
+            assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+        }
+    }
 }

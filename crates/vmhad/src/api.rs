@@ -14,6 +14,8 @@
 //! - `POST /v1/commands` — an admin command (JSON, `{"command": "app-offline", …}`)
 //! - `POST /v1/config` — a new cluster configuration (`{"toml": "..."}`): validated, stored in
 //!   the cluster store, applied by every host; `POST /v1/config/reload` — this daemon's file
+//! - `GET  /metrics` — Prometheus metrics ([`crate::metrics`]), the states taken from the same
+//!   status as `/v1/status`
 //! - `POST /v1/vms/{vm}/exec` — run a command in the guest (`{"argv": [...], "timeout_ms": N}`),
 //!   like `qm guest exec`: for operators and failure drills; output is capped
 //!
@@ -86,6 +88,7 @@ pub async fn serve<S: ClusterStore>(
     });
     let app = crate::api_web::routes()
         .route("/v1/status", get(status::<S>))
+        .route("/metrics", get(metrics::<S>))
         .route("/v1/vms/{vm}/explain", get(explain::<S>))
         .route("/v1/events", get(events::<S>))
         .route("/v1/snapshot", get(snapshot::<S>))
@@ -158,6 +161,20 @@ async fn snapshot<S: ClusterStore>(
         return Err(ApiError::shutting_down());
     }
     rx.await.map(Json).map_err(|_| ApiError::shutting_down())
+}
+
+/// `GET /metrics`: every metric, its state gauges from the status of this very moment.
+async fn metrics<S: ClusterStore>(State(ctx): State<Shared<S>>) -> Result<Response, ApiError> {
+    let status = current_status(&ctx).await?;
+    let text = crate::metrics::METRICS.render(&status);
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn explain<S: ClusterStore>(

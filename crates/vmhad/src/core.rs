@@ -25,6 +25,7 @@ use crate::executor::Executor;
 use crate::fence::Fence;
 use crate::forward::Forwarder;
 use crate::inbox::{ApiRequest, Msg, Request};
+use crate::metrics::{METRICS, StoreOp};
 use crate::slots::Slots;
 
 /// Period of the safety-net status poll of every VM (events are the fast path).
@@ -211,7 +212,16 @@ impl<S: ClusterStore> Core<S> {
             };
             for txn in txns {
                 let write = store.txn(txn.compares, txn.ops);
-                match tokio::time::timeout(TXN_TIMEOUT, write).await {
+                let started = std::time::Instant::now();
+                let outcome = tokio::time::timeout(TXN_TIMEOUT, write).await;
+                let error = match &outcome {
+                    Ok(Ok(TxnOutcome::Committed { .. })) => None,
+                    Ok(Ok(TxnOutcome::Failed)) => Some("conflict"),
+                    Ok(Err(_)) => Some("error"),
+                    Err(_) => Some("timeout"),
+                };
+                METRICS.store(StoreOp::Commit, started.elapsed(), error);
+                match outcome {
                     Ok(Ok(TxnOutcome::Committed { .. })) => {}
                     Ok(Ok(TxnOutcome::Failed)) => {
                         // A condition failed: the controller's term ended, or a forwarded
@@ -246,6 +256,11 @@ impl<S: ClusterStore> Core<S> {
     fn run_effects(&mut self, effects: Effects) {
         for event in &effects.events {
             tracing::info!("{event}");
+            METRICS.event(event);
+        }
+        if !effects.events.is_empty() {
+            // Decisions come with state changes: count them while the VM keeps them.
+            METRICS.decisions(&self.node.status().agent.vms);
         }
         for action in effects.host_actions {
             self.executor.host_action(action);

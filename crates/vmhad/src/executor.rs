@@ -16,6 +16,7 @@ use vmha_store::{ClusterStore, Compare, Op, TxnOutcome};
 use crate::election::Leadership;
 use crate::follow::HostLeases;
 use crate::inbox::{HostInputs, Inbox, Msg};
+use crate::metrics::{METRICS, StoreOp};
 use crate::slots::Slots;
 
 /// Runs actions against this host's VM slots and the cluster store.
@@ -69,18 +70,23 @@ impl<S: ClusterStore> Executor<S> {
         tokio::spawn(async move {
             // What happened, as it is: the engine decides what it means.
             let result = match action.kind {
-                HostActionKind::Probe { vm, checks } => match slot.probe(&checks).await {
-                    Ok(outcomes) => {
-                        answers
-                            .send(HostInput::ProbeResult { id, vm, outcomes })
-                            .await;
-                        return;
+                HostActionKind::Probe { vm, checks } => {
+                    let started = std::time::Instant::now();
+                    let probed = slot.probe(&checks).await;
+                    METRICS.probe(vm.as_str(), started.elapsed(), probed.is_ok());
+                    match probed {
+                        Ok(outcomes) => {
+                            answers
+                                .send(HostInput::ProbeResult { id, vm, outcomes })
+                                .await;
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(%vm, "probe failed: {e}");
+                            Err(e)
+                        }
                     }
-                    Err(e) => {
-                        tracing::debug!(%vm, "probe failed: {e}");
-                        Err(e)
-                    }
-                },
+                }
                 HostActionKind::PingGuest {
                     timeout,
                     check_exec,
@@ -174,7 +180,17 @@ impl<S: ClusterStore> Executor<S> {
             let Some((compares, ops)) = prepared? else {
                 return Ok(None);
             };
-            Ok(match store.txn(compares, ops).await {
+            let started = std::time::Instant::now();
+            let outcome = store.txn(compares, ops).await;
+            let error = match &outcome {
+                Ok(TxnOutcome::Committed { .. }) => None,
+                Ok(TxnOutcome::Failed) | Err(vmha_store::StoreError::LeaseExpired { .. }) => {
+                    Some("conflict")
+                }
+                Err(_) => Some("error"),
+            };
+            METRICS.store(StoreOp::OwnerCas, started.elapsed(), error);
+            Ok(match outcome {
                 Ok(TxnOutcome::Committed { revision }) => Some(revision),
                 Ok(TxnOutcome::Failed) => None,
                 Err(vmha_store::StoreError::LeaseExpired { .. }) => None,

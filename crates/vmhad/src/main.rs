@@ -28,6 +28,7 @@ mod guard;
 mod host;
 mod inbox;
 mod lease;
+mod metrics;
 mod slots;
 mod vm_slot;
 mod watchdog;

@@ -88,6 +88,22 @@ fn guest_error(e: QgaError) -> ActionError {
     }
 }
 
+/// The `kind` label of `vmha_guest_channel_errors_total` for a guest-channel error.
+fn guest_error_kind(e: &QgaError) -> &'static str {
+    match e {
+        QgaError::Connect { .. } => "connect",
+        QgaError::Timeout { .. } => "timeout",
+        QgaError::Disconnected => "disconnected",
+        QgaError::Remote { .. } => "agent-error",
+        QgaError::Malformed { .. } => "malformed",
+        QgaError::WrongId { .. } => "wrong-id",
+        QgaError::LineTooLong { .. } => "line-too-long",
+        QgaError::ExecBlocked { .. } => "exec-blocked",
+        QgaError::ExecDeadline { .. } => "exec-deadline",
+        QgaError::Write(_) => "write",
+    }
+}
+
 /// Time a start/stop command of an app may take in the guest.
 const APP_COMMAND_DEADLINE: Duration = Duration::from_secs(30);
 /// Output kept of an app's start/stop command (its stderr goes into the reason).
@@ -319,6 +335,12 @@ impl VmSlot {
         drop(guard);
     }
 
+    /// A guest-channel error of an engine's action: counted in the metrics, then translated.
+    fn guest_failed(&self, e: QgaError) -> ActionError {
+        crate::metrics::METRICS.guest_error(self.name.as_str(), guest_error_kind(&e));
+        guest_error(e)
+    }
+
     fn guest(&self) -> Result<Arc<QgaClient>, ActionError> {
         self.qga()
             .ok_or_else(|| SlotError::NoGuest(self.name.clone()).into())
@@ -335,7 +357,7 @@ impl VmSlot {
                     after_ms: vmha_model::duration::millis(APP_COMMAND_DEADLINE),
                 });
             }
-            Err(e) => return Err(guest_error(e)),
+            Err(e) => return Err(self.guest_failed(e)),
         };
         if out.status == ExitStatus::Code(0) {
             return Ok(());
@@ -382,7 +404,7 @@ impl VmSlot {
         let qga = self.guest()?;
         qga.probe(checks, PROBE_SLACK)
             .await
-            .map_err(|vmha_qemu::ProbeError::Channel(e)| guest_error(e))
+            .map_err(|vmha_qemu::ProbeError::Channel(e)| self.guest_failed(e))
     }
 
     /// Pings the guest agent within `timeout`; with `check_exec`, also reads `guest-info` (in
@@ -390,10 +412,15 @@ impl VmSlot {
     /// Each call is bounded by the QGA client itself, which resyncs after any failed call.
     pub async fn ping(&self, timeout: Duration, check_exec: bool) -> Result<(), ActionError> {
         let qga = self.guest()?;
-        qga.ping_within(timeout).await.map_err(guest_error)?;
+        qga.ping_within(timeout)
+            .await
+            .map_err(|e| self.guest_failed(e))?;
         if check_exec {
-            let info = qga.info_within(timeout).await.map_err(guest_error)?;
-            info.check_exec().map_err(guest_error)?;
+            let info = qga
+                .info_within(timeout)
+                .await
+                .map_err(|e| self.guest_failed(e))?;
+            info.check_exec().map_err(|e| self.guest_failed(e))?;
         }
         Ok(())
     }

@@ -9,6 +9,9 @@
 
 mod common;
 
+use std::process::{Command, Output};
+
+use common::tcp::{self, ADMIN, READER};
 use common::{Ev, Vmhad, alive, latency, now_ms, processes_naming, vm_test_lock};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -18,7 +21,13 @@ const VM: &str = "shop";
 
 /// Starts a daemon on a fresh state dir and waits until the VM and all its apps are online.
 fn boot() -> Vmhad {
+    boot_with(|_| {})
+}
+
+/// [`boot`], with `prepare` run on the daemon before it starts (e.g. to add its TCP API).
+fn boot_with(prepare: impl FnOnce(&Vmhad)) -> Vmhad {
     let mut h = Vmhad::new(&[VM]);
+    prepare(&h);
     let t0 = now_ms();
     h.start();
     let (i, online) = h.wait_for(0, VM, "starting", "online");
@@ -117,13 +126,140 @@ fn check_start_order(h: &mut Vmhad, from: usize, vm_from: &str) -> Ev {
     vm_online
 }
 
+/// One sample of `GET /metrics`: `(name, labels, value)`.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// `GET /metrics`, parsed (the Prometheus text format; label values here have no quotes or
+/// commas).
+fn metrics(h: &Vmhad) -> Vec<Sample> {
+    let (status, text) = common::http(&h.socket(), "GET", "/metrics", None);
+    assert_eq!(status, 200, "metrics: {text}");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split(',')
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap();
+                    (k.to_string(), v.trim_matches('"').to_string())
+                })
+                .collect();
+            (name.to_string(), labels, value.parse().unwrap())
+        })
+        .collect()
+}
+
+/// The sum of the samples named `name` whose labels include all of `want`.
+fn sum(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, labels, _)| {
+            n == name
+                && want
+                    .iter()
+                    .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
+/// What `/v1/status` says that the metrics must say too: the VM's state and restart count,
+/// and each app's state and restart count.
+fn status_facts(h: &Vmhad) -> (Value, Vec<(String, String, u64)>, String) {
+    let vm = h.vm_status(VM);
+    let apps = vm["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["name"].as_str().unwrap().to_string(),
+                a["state"].as_str().unwrap().to_string(),
+                a["restarts_in_window"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let facts = json!({"state": vm["state"], "restarts": vm["vm_restarts_in_window"]});
+    (
+        facts,
+        apps,
+        h.status()["host_state"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Checks that `/metrics` and `/v1/status` agree (states, counts by state, restart counts):
+/// reads the status, the metrics, the status again, and compares once both statuses are the
+/// same (nothing changed in between). Returns the metrics.
+fn metrics_agree_with_status(h: &Vmhad) -> Vec<Sample> {
+    loop {
+        let before = status_facts(h);
+        let samples = metrics(h);
+        if status_facts(h) != before {
+            continue;
+        }
+        let (vm, apps, host_state) = before;
+        let vm_state = vm["state"].as_str().unwrap();
+        assert_eq!(sum(&samples, "vmha_vm_state", &[("vm", VM)]), 1.0);
+        assert_eq!(
+            sum(
+                &samples,
+                "vmha_vm_state",
+                &[("vm", VM), ("state", vm_state)]
+            ),
+            1.0
+        );
+        assert_eq!(
+            sum(&samples, "vmha_vm_restarts_in_window", &[("vm", VM)]),
+            vm["restarts"].as_f64().unwrap()
+        );
+        for (app, state, restarts) in &apps {
+            let labels = [("vm", VM), ("app", app.as_str())];
+            assert_eq!(sum(&samples, "vmha_app_state", &labels), 1.0, "{app}");
+            let mut with_state = labels.to_vec();
+            with_state.push(("state", state.as_str()));
+            assert_eq!(sum(&samples, "vmha_app_state", &with_state), 1.0, "{app}");
+            assert_eq!(
+                sum(&samples, "vmha_app_restarts_in_window", &labels),
+                *restarts as f64,
+                "{app}"
+            );
+        }
+        // Counts by state: as many apps in each state as the status lists.
+        for state in ["online", "offline", "faulted", "restarting", "unknown"] {
+            let listed = apps.iter().filter(|(_, s, _)| s == state).count();
+            assert_eq!(
+                sum(&samples, "vmha_app_state", &[("state", state)]),
+                listed as f64,
+                "apps {state}"
+            );
+        }
+        assert_eq!(
+            sum(
+                &samples,
+                "vmha_host_state",
+                &[("host", "kvm1"), ("state", host_state.as_str())]
+            ),
+            1.0
+        );
+        return samples;
+    }
+}
+
 /// Scenarios 1, 4, 2, 10, 3, 5 on one VM: app restarts in the guest, an intentionally offline
 /// app, a faulted low-priority app, bad API requests, the top app faulted (VM restart) and QEMU
 /// killed (VM restart).
 #[test]
 fn app_and_vm_failures() {
     let _lock = vm_test_lock();
-    let mut h = boot();
+    let mut api = None;
+    let mut h = boot_with(|h| api = Some(tcp::enable(h, true)));
+    let api = api.unwrap();
     let pid0 = h.qemu_pid(VM);
     assert_eq!(h.qemu_processes(VM), vec![pid0]);
 
@@ -147,6 +283,42 @@ fn app_and_vm_failures() {
     );
     assert_eq!(h.qemu_pid(VM), pid0);
     assert_eq!(h.qemu_processes(VM), vec![pid0]);
+    // The metrics say the same as the status, and count web's restart (a fresh vmhad: the
+    // count since it started is the count in the window).
+    let samples = metrics_agree_with_status(&h);
+    let web = [("vm", VM), ("app", "web")];
+    assert_eq!(sum(&samples, "vmha_app_restarts_total", &web), 1.0);
+    assert_eq!(
+        sum(
+            &samples,
+            "vmha_app_restarts_total",
+            &[("reason", "check-failed")]
+        ),
+        1.0
+    );
+    assert!(
+        sum(
+            &samples,
+            "vmha_probe_duration_seconds_count",
+            &[("vm", VM), ("result", "ok")]
+        ) > 0.0
+    );
+    assert!(
+        sum(
+            &samples,
+            "vmha_store_duration_seconds_count",
+            &[("operation", "commit")]
+        ) > 0.0
+    );
+    assert_eq!(
+        sum(
+            &samples,
+            "vmha_store_errors_total",
+            &[("operation", "commit")]
+        ),
+        0.0
+    );
+    assert_eq!(sum(&samples, "vmha_vm_restarts_total", &[]), 0.0);
 
     // 4. web marked offline (sticky) and then killed → offline, no restart, no VM action.
     let m = h.mark();
@@ -289,6 +461,140 @@ fn app_and_vm_failures() {
     latency("QEMU kill -9 → detected (gone)", t_kill, gone.time);
     latency("QEMU kill -9 → VM and apps online", t_kill, vm_online.time);
     println!("events of the QEMU kill:\n{}", h.events_text(m));
+
+    // The metrics count both VM restarts by reason, as many as the status's window holds,
+    // and the decision agent's verdicts (no action for worker, restart for db).
+    let samples = metrics_agree_with_status(&h);
+    let vm = [("vm", VM)];
+    assert_eq!(sum(&samples, "vmha_vm_restarts_total", &vm), 2.0);
+    assert_eq!(
+        sum(
+            &samples,
+            "vmha_vm_restarts_total",
+            &[("reason", "decision")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sum(&samples, "vmha_vm_restarts_total", &[("reason", "vm-down")]),
+        1.0
+    );
+    assert!(
+        sum(
+            &samples,
+            "vmha_decisions_total",
+            &[("verdict", "no-action")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        sum(
+            &samples,
+            "vmha_decisions_total",
+            &[("verdict", "restart-vm")]
+        ),
+        1.0
+    );
+
+    cli_over_https(&mut h, &api);
+}
+
+/// The `vmha` CLI against this vmhad over HTTPS with its tokens: the read-only token reads
+/// (status, explain, events) and is refused an admin command (exit 4, nothing changes), no
+/// token is refused (exit 4); the admin token stops and starts an app in the guest. `/metrics`
+/// on TCP needs a token, the read-only one suffices.
+fn cli_over_https(h: &mut Vmhad, api: &tcp::Tcp) {
+    let vmha = std::path::Path::new(env!("CARGO_BIN_EXE_vmhad")).with_file_name("vmha");
+    assert!(
+        vmha.is_file(),
+        "this test runs {}: build it first (`cargo build -p vmha`)",
+        vmha.display()
+    );
+    let (cert, _) = tcp::test_cert();
+    let url = api.url();
+    let run = |token: Option<&str>, args: &[&str]| -> Output {
+        let mut cmd = Command::new(&vmha);
+        for var in ["VMHA_SOCKET", "VMHA_URL", "VMHA_TOKEN", "VMHA_CA_CERT"] {
+            cmd.env_remove(var);
+        }
+        if let Some(t) = token {
+            cmd.env("VMHA_TOKEN", t);
+        }
+        cmd.arg("--url")
+            .arg(&url)
+            .arg("--ca-cert")
+            .arg(&cert)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let worker = format!("{VM}/worker");
+
+    // Reading with the read-only token: the same status as the socket's.
+    let out = run(Some(READER), &["status", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let remote: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(remote["host"], "kvm1");
+    assert_eq!(remote["agent"]["vms"][0]["name"], VM);
+    assert_eq!(remote["agent"]["vms"][0]["state"], h.vm_status(VM)["state"]);
+    let out = run(Some(READER), &["explain", VM]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("worker"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(Some(READER), &["events", "--limit", "3", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let lines = text(&out.stdout);
+    assert_eq!(lines.lines().count(), 3, "{lines}");
+    for line in lines.lines() {
+        serde_json::from_str::<Value>(line).unwrap();
+    }
+
+    // The read-only token may not stop an app; no token may not even read: exit 4, said so,
+    // the tokens never printed.
+    let m = h.mark();
+    let out = run(Some(READER), &["app", "stop", &worker]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("admin commands need an admin token"), "{err}");
+    assert!(!err.contains(READER), "{err}");
+    let out = run(None, &["status"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("--token or $VMHA_TOKEN"), "{err}");
+    assert_eq!(h.app_status(VM, "worker")["state"], "online");
+
+    // The admin token stops worker in the guest (offline), then starts it again.
+    let out = run(Some(ADMIN), &["app", "stop", &worker]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).contains(ADMIN));
+    h.wait_for(m, &worker, "*", "offline");
+    assert!(
+        h.since(m).iter().all(|e| e.object == worker),
+        "the refused attempt or the stop changed something else:\n{}",
+        h.events_text(m)
+    );
+    assert_ne!(h.app(VM, "check", "worker"), 0, "worker still runs");
+    let m = h.mark();
+    let out = run(Some(ADMIN), &["app", "start", &worker, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    h.wait_for(m, &worker, "*", "online");
+    assert_eq!(h.app(VM, "check", "worker"), 0);
+
+    // /metrics on TCP: 401 without a token, served to the read-only one.
+    assert_eq!(api.request("GET", "/metrics", None, None).status, 401);
+    let r = api.request("GET", "/metrics", Some(READER), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body
+            .contains("vmha_app_state{vm=\"shop\",app=\"worker\",state=\"online\"} 1\n"),
+        "{}",
+        r.body
+    );
 }
 
 /// Scenario 10: requests vmhad must refuse without changing anything.
