@@ -101,6 +101,7 @@ fn guest_error_kind(e: &QgaError) -> &'static str {
         QgaError::ExecBlocked { .. } => "exec-blocked",
         QgaError::ExecDeadline { .. } => "exec-deadline",
         QgaError::Write(_) => "write",
+        QgaError::Hostile { .. } => "hostile",
     }
 }
 
