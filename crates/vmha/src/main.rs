@@ -2,7 +2,7 @@
 //! one module per command group; each module owns its arguments and its output.
 //!
 //! Modules form a tree: `main` → the command groups (`config_cmd`, `daemon_cmd` → `admin_cmd`,
-//! `events_cmd`, `guest_cmd`, `status_cmd`; `demo`) → the shared leaves (`api_args`, `client`,
+//! `events_cmd`, `guest_cmd`, `status_cmd`; `demo`; `gen_docs`) → the shared leaves (`api_args`, `client`,
 //! `output`, `render`, `report`), which import no command module.
 
 use std::process::ExitCode;
@@ -17,6 +17,7 @@ mod config_cmd;
 mod daemon_cmd;
 mod demo;
 mod events_cmd;
+mod gen_docs;
 mod guest_cmd;
 mod output;
 mod render;
@@ -52,6 +53,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = gen_docs::run_if_asked() {
+        return code;
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Config(cmd) => config_cmd::run(cmd, &cli.api),
