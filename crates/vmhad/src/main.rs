@@ -21,10 +21,12 @@ mod fence;
 mod files;
 mod follow;
 mod forward;
+mod gen_docs;
 mod guard;
 mod host;
 mod inbox;
 mod lease;
+mod sd_notify;
 mod slots;
 mod vm_slot;
 mod watchdog;
@@ -90,6 +92,9 @@ fn main() -> ExitCode {
     files::private_umask();
     if std::env::args().nth(1).as_deref() == Some(guard::FLAG) {
         return guard::run();
+    }
+    if let Some(code) = gen_docs::run_if_asked() {
+        return code;
     }
     let options = Options::parse();
     init_logging(options.log_format);
