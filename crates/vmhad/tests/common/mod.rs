@@ -344,6 +344,8 @@ pub struct Vmhad {
     /// Events of all runs.
     pub events: Events,
     follower: Option<std::thread::JoinHandle<()>>,
+    /// Extra environment variables of vmhad (`NOTIFY_SOCKET`, …).
+    pub env: Vec<(String, String)>,
 }
 
 impl Vmhad {
@@ -366,6 +368,7 @@ impl Vmhad {
             runs: 0,
             events: Events::default(),
             follower: None,
+            env: Vec::new(),
         }
     }
 
@@ -391,6 +394,7 @@ impl Vmhad {
             .arg("--runtime-dir")
             .arg(&self.run)
             .env("VMHA_LOG", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
