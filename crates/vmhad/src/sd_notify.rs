@@ -110,9 +110,19 @@ fn monotonic_usec() -> u64 {
 /// The watchdog interval systemd expects pings within (`$WATCHDOG_USEC`), if it is meant for
 /// this process (`$WATCHDOG_PID` unset or this pid).
 pub fn watchdog_interval() -> Option<Duration> {
-    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
-    if let Ok(pid) = std::env::var("WATCHDOG_PID")
-        && pid.trim().parse::<u32>().ok() != Some(std::process::id())
+    interval_for(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    )
+}
+
+/// The interval `usec` and `pid` (the two variables) give process `me`: none when `usec` is
+/// missing, malformed or 0, or when `pid` names another process.
+fn interval_for(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {
+    let usec: u64 = usec?.trim().parse().ok()?;
+    if let Some(pid) = pid
+        && pid.trim().parse::<u32>().ok() != Some(me)
     {
         return None;
     }
@@ -284,6 +294,19 @@ mod tests {
             .parse()
             .unwrap();
         assert!(text.starts_with("RELOADING=1\n") && usec > 0, "{text}");
+    }
+
+    #[test]
+    fn the_watchdog_interval_is_for_this_process_only() {
+        let ms = |n| Some(Duration::from_millis(n));
+        assert_eq!(interval_for(Some("30000000"), None, 7), ms(30_000));
+        assert_eq!(interval_for(Some("400000"), Some("7"), 7), ms(400));
+        assert_eq!(interval_for(Some("400000"), Some("8"), 7), None);
+        assert_eq!(interval_for(Some("400000"), Some("x"), 7), None);
+        assert_eq!(interval_for(None, Some("7"), 7), None);
+        assert_eq!(interval_for(Some("0"), None, 7), None);
+        assert_eq!(interval_for(Some("-5"), None, 7), None);
+        assert_eq!(interval_for(Some("soon"), None, 7), None);
     }
 
     #[test]
