@@ -104,6 +104,7 @@ fg=$(readme_block foreground)
 start=$(grep -m1 '^vmhad .*&$' <<<"$fg") || fail "no 'vmhad … &' line in the foreground block"
 echo "+ $start" >&2
 bash -c "${start%&} & echo \$! >$PIDFILE; wait" >/tmp/vmha-package-test.vmhad.log 2>&1 &
+runner=$!
 for i in $(seq 600); do
 	[[ -S /var/lib/vmha/vmhad.sock ]] && vmha status >/dev/null 2>&1 && break
 	if ! kill -0 "$(cat $PIDFILE 2>/dev/null || echo 0)" 2>/dev/null && ((i > 20)); then
@@ -121,8 +122,12 @@ while IFS= read -r line; do
 done <<<"$fg"
 vmha status | grep -q host1 || fail "vmha status does not show host1"
 
-step "upgrade over it: configuration and state kept"
+step "SIGTERM: a clean exit"
 stop_our_vmhad
+wait "$runner" || fail "the installed vmhad exited with $? on SIGTERM"
+grep -q 'leaving VMs running' /tmp/vmha-package-test.vmhad.log || fail "vmhad did not stop cleanly"
+
+step "upgrade over it: configuration and state kept"
 [[ -f /var/lib/vmha/store.redb ]] || fail "no embedded store after a run"
 echo "# changed by the operator" >>/etc/vmha/vmha.toml
 dpkg -i dist/vmha_*.deb >&2
