@@ -39,7 +39,24 @@ use vmha_model::Config;
 
 /// Command-line options of vmhad.
 #[derive(Debug, Parser)]
-#[command(name = "vmhad", version, about = "vmha host daemon")]
+#[command(
+    name = "vmhad",
+    version,
+    about = "vmha host daemon",
+    long_about = "vmha host daemon: watches this host's VMs and the applications inside them \
+                  (through the QEMU guest agent), restarts apps, restarts VMs and, on a cluster, \
+                  fails them over.\n\n\
+                  It refuses an invalid configuration (exit 2). It adopts the VMs already \
+                  running, so restarting vmhad restarts no VM. Signals: SIGTERM, SIGINT and \
+                  SIGQUIT stop it and leave the VMs running (unless --stop-vms-on-exit); SIGHUP \
+                  reloads the configuration file, validated first. Under systemd (Type=notify) \
+                  it reports READY=1 once the VMs are adopted, RELOADING=1 and READY=1 around a \
+                  reload, STOPPING=1, and pings the watchdog (WatchdogSec) while its core loop \
+                  runs.\n\n\
+                  Files: /etc/vmha/vmha.toml (configuration), /var/lib/vmha (embedded store, API \
+                  socket vmhad.sock), /run/vmha (QMP/QGA sockets, pidfiles and console logs of \
+                  the VMs). The CLI is vmha(1); logs go to stderr (VMHA_LOG=debug for more)."
+)]
 pub struct Options {
     /// The cluster configuration file (TOML).
     #[arg(long, short = 'c', default_value = "/etc/vmha/vmha.toml")]
