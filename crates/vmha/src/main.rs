@@ -2,8 +2,9 @@
 //! one module per command group; each module owns its arguments and its output.
 //!
 //! Modules form a tree: `main` → the command groups (`config_cmd`, `daemon_cmd` → `admin_cmd`,
-//! `events_cmd`, `guest_cmd`, `status_cmd`; `demo`; `gen_docs`) → the shared leaves (`api_args`, `client`,
-//! `output`, `render`, `report`), which import no command module.
+//! `events_cmd`, `guest_cmd`, `status_cmd`; `demo`) → the shared leaves (`api_args`, `client`,
+//! `output`, `render`, `report`), which import no command module. `gen_docs` (man pages and
+//! completions, `vmha --gen-docs DIR`) reads the clap definitions of `main` only.
 
 use std::process::ExitCode;
 
