@@ -12,6 +12,7 @@ PACKAGES=(
 	busybox-static linux-image-amd64 cpio        # the test guest image
 	etcd-server                                  # the multi-host cluster store
 	chromium                                     # the web page's headless-browser test
+	systemd                                      # the package test: systemd-analyze, systemd-tmpfiles
 )
 # Edition 2024 needs Rust 1.85; the workspace's rust-version says the same.
 RUST_MIN=1.85

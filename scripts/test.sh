@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what is missing, builds the test guest,
-# then formatting, lints, every test, and the shipped example configurations.
+# then formatting, lints, the shipped example configurations, the Debian package (as root:
+# built, installed, run, removed) and every test.
 #
 # usage: scripts/test.sh          (honours CARGO_TARGET_DIR)
 set -euo pipefail
@@ -26,6 +27,14 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "example configurations"
 cargo run --quiet -p vmha -- config validate examples/*.toml
+
+# Installs the package system-wide (and purges it again): as root only, as in CI.
+if [[ $(id -u) -eq 0 ]]; then
+	step "the Debian package (scripts/test-package.sh)"
+	./scripts/test-package.sh
+else
+	step "the Debian package: skipped (needs root)"
+fi
 
 if cargo nextest --version >/dev/null 2>&1; then
 	step "cargo test --workspace --doc"

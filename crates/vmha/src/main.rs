@@ -2,8 +2,9 @@
 //! one module per command group; each module owns its arguments and its output.
 //!
 //! Modules form a tree: `main` → the command groups (`config_cmd`, `daemon_cmd` → `admin_cmd`,
-//! `events_cmd`, `guest_cmd`, `status_cmd`; `demo`; `simulate_cmd`) → the shared leaves (`api_args`, `client`,
-//! `output`, `render`, `report`), which import no command module.
+//! `events_cmd`, `guest_cmd`, `status_cmd`; `demo`; `simulate_cmd`) → the shared leaves (`api_args`,
+//! `client`, `output`, `render`, `report`), which import no command module. `gen_docs` (man pages
+//! and completions, `vmha --gen-docs DIR`) reads the clap definitions of `main` only.
 
 use std::process::ExitCode;
 
@@ -17,6 +18,7 @@ mod config_cmd;
 mod daemon_cmd;
 mod demo;
 mod events_cmd;
+mod gen_docs;
 mod guest_cmd;
 mod output;
 mod render;
@@ -58,6 +60,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = gen_docs::run_if_asked() {
+        return code;
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Config(cmd) => config_cmd::run(cmd, &cli.api),

@@ -75,6 +75,8 @@ pub struct Core<S> {
     pub delivered: BTreeSet<String>,
     /// The host leading the cluster, as last seen.
     pub leader: Option<Name>,
+    /// Counts the loop's turns for systemd's watchdog (and sets the heartbeat).
+    pub beat: Arc<crate::sd_notify::CoreBeat>,
 }
 
 /// A commit in flight: its batch id and where its outcome arrives.
@@ -86,10 +88,13 @@ impl<S: ClusterStore> Core<S> {
     /// ends with "vmhad is shutting down": nothing of theirs was changed).
     pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>, mut shutdown: watch::Receiver<bool>) {
         let mut safety = tokio::time::interval(SAFETY_POLL);
-        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+        let mut heartbeat = tokio::time::interval(self.beat.period());
         let mut in_flight: Option<InFlight> = None;
         loop {
+            #[cfg(debug_assertions)]
+            crate::sd_notify::test_hang_point();
             self.fence.core_alive();
+            self.beat.turn();
             self.pump(&mut in_flight);
             if in_flight.is_none() && self.try_reconfigure() {
                 self.pump(&mut in_flight);

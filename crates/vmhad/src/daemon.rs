@@ -1,6 +1,7 @@
 //! Start-up and shutdown: opens the cluster store, takes the host lease, restores this host's
 //! committed state, adopts the VMs already running, starts the tasks around the core (lease
-//! keeper and fence, election, store follower, API) and runs the core until SIGTERM / SIGINT.
+//! keeper and fence, election, store follower, API) and runs the core until SIGTERM / SIGINT,
+//! telling systemd (`sd_notify`) when it is ready, reloading and stopping.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -27,6 +28,7 @@ use crate::follow::{Follower, HostLeases, Replies};
 use crate::forward::Forwarder;
 use crate::inbox;
 use crate::lease::{self, LeaseKeeper};
+use crate::sd_notify::Notifier;
 use crate::slots::Slots;
 
 /// Host lease TTL on the embedded store (single host: membership only, never fencing).
@@ -163,6 +165,9 @@ async fn run_with<S: ClusterStore>(
         fence.attach_watchdog(dog);
     }
 
+    let notifier = Arc::new(crate::sd_notify::Notifier::from_env());
+    let watchdog = crate::sd_notify::watchdog_interval();
+    let beat = crate::sd_notify::CoreBeat::new(watchdog);
     let (inbox, rx) = inbox::channel();
     let mut node = Node::new(
         Arc::clone(&config),
@@ -176,12 +181,17 @@ async fn run_with<S: ClusterStore>(
         NodeInput::Host(HostInput::Lease { live: true }),
     );
 
-    // The VMs this host may run: adopt what is already running.
+    // Caught from here on: a stop asked for during adoption waits for the start to finish.
+    let mut signals = Signals::install()?;
+    // The VMs this host may run: adopt what is already running (systemd hears "ready" once
+    // every adoption has reported to the core).
     let slots = Slots::default();
     let created = slots.configure(&config, &host, &dirs.runtime, &inbox.host_inputs(), &fence);
-    for slot in created.added {
-        tokio::spawn(async move { slot.adopt().await });
-    }
+    let adoptions: Vec<_> = created
+        .added
+        .into_iter()
+        .map(|slot| tokio::spawn(async move { slot.adopt().await }))
+        .collect();
 
     let relist = Arc::new(Notify::new());
     let (lease_tx, lease_rx) = watch::channel(Some(lease));
@@ -300,11 +310,26 @@ async fn run_with<S: ClusterStore>(
         requests: BTreeMap::new(),
         delivered: BTreeSet::new(),
         leader: None,
+        beat: Arc::clone(&beat),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let core_task = tokio::spawn(core.run(rx, stop_rx));
 
-    signals(&inbox).await?;
+    let adopted = tokio::select! {
+        _ = futures_util::future::join_all(adoptions) => true,
+        () = signals.stop() => false,
+    };
+    if adopted {
+        notifier.ready();
+        if let Some(interval) = watchdog
+            && notifier.enabled()
+        {
+            crate::sd_notify::spawn_watchdog(Arc::clone(&notifier), interval, beat)
+                .context("starting the systemd watchdog thread")?;
+        }
+        signals.run(&inbox, &notifier).await;
+    }
+    notifier.stopping();
     tracing::info!("vmhad stopping");
     // No new API requests; the core finishes the commit in flight and answers it.
     api.abort();
@@ -334,43 +359,74 @@ async fn run_with<S: ClusterStore>(
     Ok(())
 }
 
-/// Handles signals until one asks vmhad to stop: SIGTERM, SIGINT and SIGQUIT stop it
-/// (gracefully: the commit in flight finishes and is answered); SIGHUP reloads the
-/// configuration file (validated first: a bad file changes nothing, and says why in the log
-/// and in `vmha status`); SIGUSR1 and SIGUSR2 are logged and otherwise ignored.
-async fn signals(inbox: &crate::inbox::Inbox) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut quit = signal(SignalKind::quit()).context("installing the SIGQUIT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
-    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
-    loop {
+/// vmhad's signal handlers, installed before the VMs are adopted.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            quit: signal(SignalKind::quit()).context("installing the SIGQUIT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+            usr1: signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?,
+            usr2: signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?,
+        })
+    }
+
+    /// Returns on the first SIGTERM, SIGINT or SIGQUIT (the others wait: used while starting).
+    async fn stop(&mut self) {
         tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = quit.recv() => return Ok(()),
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading the configuration file");
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let msg = crate::inbox::Msg::Api(crate::inbox::ApiRequest::Config(None, tx));
-                if !inbox.send(msg).await {
-                    return Ok(());
-                }
-                tokio::spawn(async move {
-                    match rx.await {
-                        Ok(Ok(applied)) => tracing::info!(
-                            "configuration stored, every host applies it: {}",
-                            applied.change
-                        ),
-                        Ok(Err(e)) => tracing::error!("configuration not reloaded: {e}"),
-                        Err(_) => {}
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+            _ = self.quit.recv() => {}
+        }
+    }
+
+    /// Handles signals until one asks vmhad to stop: SIGTERM, SIGINT and SIGQUIT stop it
+    /// (gracefully: the commit in flight finishes and is answered); SIGHUP reloads the
+    /// configuration file (validated first: a bad file changes nothing, and says why in the
+    /// log and in `vmha status`), between `RELOADING=1` and `READY=1` to systemd; SIGUSR1 and
+    /// SIGUSR2 are logged and otherwise ignored.
+    async fn run(&mut self, inbox: &crate::inbox::Inbox, notifier: &Arc<Notifier>) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.quit.recv() => return,
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration file");
+                    notifier.reloading();
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let msg = crate::inbox::Msg::Api(crate::inbox::ApiRequest::Config(None, tx));
+                    if !inbox.send(msg).await {
+                        return;
                     }
-                });
+                    let notifier = Arc::clone(notifier);
+                    tokio::spawn(async move {
+                        match rx.await {
+                            Ok(Ok(applied)) => tracing::info!(
+                                "configuration stored, every host applies it: {}",
+                                applied.change
+                            ),
+                            Ok(Err(e)) => tracing::error!("configuration not reloaded: {e}"),
+                            Err(_) => {}
+                        }
+                        // Done either way: a refused file leaves the previous one running.
+                        notifier.ready();
+                    });
+                }
+                _ = self.usr1.recv() => tracing::info!("SIGUSR1 ignored (see the README)"),
+                _ = self.usr2.recv() => tracing::info!("SIGUSR2 ignored (see the README)"),
             }
-            _ = usr1.recv() => tracing::info!("SIGUSR1 ignored (see the README)"),
-            _ = usr2.recv() => tracing::info!("SIGUSR2 ignored (see the README)"),
         }
     }
 }

@@ -24,11 +24,13 @@ mod fence;
 mod files;
 mod follow;
 mod forward;
+mod gen_docs;
 mod guard;
 mod host;
 mod inbox;
 mod lease;
 mod metrics;
+mod sd_notify;
 mod slots;
 mod vm_slot;
 mod watchdog;
@@ -41,7 +43,24 @@ use vmha_model::Config;
 
 /// Command-line options of vmhad.
 #[derive(Debug, Parser)]
-#[command(name = "vmhad", version, about = "vmha host daemon")]
+#[command(
+    name = "vmhad",
+    version,
+    about = "vmha host daemon",
+    long_about = "vmha host daemon: watches this host's VMs and the applications inside them \
+                  (through the QEMU guest agent), restarts apps, restarts VMs and, on a cluster, \
+                  fails them over.\n\n\
+                  It refuses an invalid configuration (exit 2). It adopts the VMs already \
+                  running, so restarting vmhad restarts no VM. Signals: SIGTERM, SIGINT and \
+                  SIGQUIT stop it and leave the VMs running (unless --stop-vms-on-exit); SIGHUP \
+                  reloads the configuration file, validated first. Under systemd (Type=notify) \
+                  it reports READY=1 once the VMs are adopted, RELOADING=1 and READY=1 around a \
+                  reload, STOPPING=1, and pings the watchdog (WatchdogSec) while its core loop \
+                  runs.\n\n\
+                  Files: /etc/vmha/vmha.toml (configuration), /var/lib/vmha (embedded store, API \
+                  socket vmhad.sock), /run/vmha (QMP/QGA sockets, pidfiles and console logs of \
+                  the VMs). The CLI is vmha(1); logs go to stderr (VMHA_LOG=debug for more)."
+)]
 pub struct Options {
     /// The cluster configuration file (TOML).
     #[arg(long, short = 'c', default_value = "/etc/vmha/vmha.toml")]
@@ -94,6 +113,9 @@ fn main() -> ExitCode {
     files::private_umask();
     if std::env::args().nth(1).as_deref() == Some(guard::FLAG) {
         return guard::run();
+    }
+    if let Some(code) = gen_docs::run_if_asked() {
+        return code;
     }
     let options = Options::parse();
     init_logging(options.log_format);

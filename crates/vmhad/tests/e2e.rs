@@ -1181,3 +1181,37 @@ fn a_paused_vm_is_adopted() {
     );
     assert_no_vm_start(&h, m);
 }
+
+/// Under systemd (a fake `NOTIFY_SOCKET` here), a restarted vmhad says `READY=1` with the VM
+/// left running adopted: asked right then, it knows the VM online, with the same QEMU, and
+/// started none. (A single adoption is quick and ends before the API is up anyway: the daemon's
+/// explicit wait for every adoption before `READY=1` matters with many or slow QMP sockets,
+/// which this test does not make.)
+#[test]
+fn a_restarted_vmhad_is_ready_with_its_running_vm_adopted() {
+    use std::os::unix::net::UnixDatagram;
+    let _lock = vm_test_lock();
+    let mut h = boot();
+    let pid0 = h.qemu_pid(VM);
+    assert!(h.signal_and_wait(Signal::SIGTERM).success());
+    let socket = h.config.with_file_name("notify.sock");
+    let systemd = UnixDatagram::bind(&socket).unwrap();
+    systemd
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    h.env = vec![("NOTIFY_SOCKET".into(), socket.display().to_string())];
+    let m = h.mark();
+    h.start();
+    let mut buf = [0u8; 256];
+    let n = systemd.recv(&mut buf).expect("no READY=1 within 60 s");
+    assert_eq!(&buf[..n], b"READY=1\nSTATUS=running");
+    let log = h.log_tail(200);
+    assert!(
+        log.contains("adopted running VM"),
+        "READY=1 before the VM was adopted:\n{log}"
+    );
+    let vm = h.vm_status(VM);
+    assert_eq!(vm["state"], "online", "not adopted at READY=1: {vm}");
+    assert_eq!(h.qemu_processes(VM), vec![pid0]);
+    assert_no_vm_start(&h, m);
+}

@@ -347,6 +347,8 @@ pub struct Vmhad {
     /// Events of all runs.
     pub events: Events,
     follower: Option<std::thread::JoinHandle<()>>,
+    /// Extra environment variables of vmhad (`NOTIFY_SOCKET`, …).
+    pub env: Vec<(String, String)>,
 }
 
 impl Vmhad {
@@ -369,6 +371,7 @@ impl Vmhad {
             runs: 0,
             events: Events::default(),
             follower: None,
+            env: Vec::new(),
         }
     }
 
@@ -394,6 +397,7 @@ impl Vmhad {
             .arg("--runtime-dir")
             .arg(&self.run)
             .env("VMHA_LOG", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
