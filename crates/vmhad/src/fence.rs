@@ -456,7 +456,13 @@ mod tests {
         let status = child.wait().unwrap();
         assert!(fence.fenced());
         assert!(!status.success(), "killed, not exited");
-        assert!(fence.killed() >= 1);
+        // The fence counts a kill once kill(2) has returned, which may be after the child's
+        // wait() above has already seen it die: wait for the count, boundedly.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fence.killed() == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(fence.killed() >= 1, "the kill was not counted");
         fence.shutdown();
         thread.join().unwrap();
     }

@@ -249,7 +249,8 @@ fn bad_input_over_tcp_gets_json_errors_and_changes_nothing() {
     assert_unchanged(&h, &before);
 }
 
-/// The routes the router has under `/v1`: `(METHOD, path)` from the `.route(…)` calls.
+/// The routes the router has under `/v1`, and `/metrics`: `(METHOD, path)` from the `.route(…)`
+/// calls.
 fn router_routes() -> BTreeSet<(String, String)> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut routes = BTreeSet::new();
@@ -266,7 +267,7 @@ fn router_routes() -> BTreeSet<(String, String)> {
                 .min()
                 .unwrap()
                 .1;
-            if path.starts_with("/v1") {
+            if path.starts_with("/v1") || path == "/metrics" {
                 routes.insert((method.to_uppercase(), path.to_string()));
             }
         }
