@@ -155,7 +155,26 @@ impl QgaClient {
     }
 }
 
-fn exec_blocked(e: QgaError) -> QgaError {
+/// Parses the `return` of `guest-exec`: the guest pid, checked to be in `1..=i32::MAX`. `Err`
+/// holds a safe description. For drivers that carry agent commands themselves (libvirt).
+pub fn exec_started(value: serde_json::Value) -> Result<i64, String> {
+    serde_json::from_value::<Started>(value)
+        .map(|s| s.pid)
+        .map_err(|e| crate::guest_text::guest_text(&e.to_string()))
+}
+
+/// Parses the `return` of `guest-exec-status` exactly as [`QgaClient::exec`] does: `Ok(None)`
+/// while the process runs, its checked, capped result once it exited. `Err` holds a safe
+/// description. For drivers that carry agent commands themselves (libvirt).
+pub fn exec_status(value: serde_json::Value, cap: usize) -> Result<Option<ExecOutput>, String> {
+    let status = serde_json::from_value::<Status>(value)
+        .map_err(|e| crate::guest_text::guest_text(&e.to_string()))?;
+    exec_output(status, cap)
+}
+
+/// What an error of `guest-exec`/`guest-exec-status` means: a missing or disabled command is
+/// [`QgaError::ExecBlocked`], anything else stays as it is.
+pub fn exec_blocked(e: QgaError) -> QgaError {
     match e {
         QgaError::Remote { command, error }
             if error.class == "CommandNotFound" || error.desc.contains("disabled") =>
