@@ -779,8 +779,10 @@ impl Resolver<'_> {
                         .and_then(|l| l.domain.clone())
                         .unwrap_or_else(|| vm.to_string()),
                     uri: l
-                        .and_then(|l| l.uri)
+                        .as_ref()
+                        .and_then(|l| l.uri.clone())
                         .unwrap_or_else(|| d::LIBVIRT_URI.to_string()),
+                    xml: l.and_then(|l| l.xml),
                 }))
             }
         }

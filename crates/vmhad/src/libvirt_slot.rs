@@ -1,0 +1,176 @@
+//! The `libvirt` driver: one libvirt domain (`[vm.libvirt]`), started, stopped and destroyed
+//! through libvirt, watched through libvirt's lifecycle events (the core's periodic status
+//! poll is the safety net), its guest reached through libvirt's agent passthrough.
+//!
+//! The domain is adopted when it exists (a domain left running by an earlier vmhad, or one
+//! an admin defined) and defined from `xml` when it does not. Its events are reported as they
+//! are; the engine judges them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use vmha_api::GuestOutput;
+use vmha_engine::{ActionError, HostInput, ProbeCheck, ProbeOutcome, VmObservation};
+use vmha_libvirt::{Agent, Domain};
+use vmha_model::{LibvirtSpec, Name, Vm};
+use vmha_qemu::QgaConfig;
+
+use crate::driver::{BoxFut, VmDriver};
+use crate::fence::Fence;
+use crate::inbox::HostInputs;
+use crate::vm_slot::SlotError;
+
+/// One libvirt domain of this host.
+pub struct LibvirtSlot {
+    name: Name,
+    domain: Domain,
+    agent: Agent,
+    /// Serialises start/stop/kill; safety polls skip a busy slot.
+    busy: Mutex<()>,
+    /// Set when the daemon stops its VMs on exit: a start still in flight must not start.
+    closing: AtomicBool,
+    tx: HostInputs,
+    fence: Arc<Fence>,
+}
+
+impl LibvirtSlot {
+    /// A slot for the domain of `spec`, reporting to the core through `tx`; its events are
+    /// forwarded from now on (once connected, at the first call).
+    pub fn new(name: &Name, spec: &LibvirtSpec, tx: HostInputs, fence: Arc<Fence>) -> Arc<Self> {
+        let (domain, mut events) = Domain::new(&spec.uri, &spec.domain, spec.xml.as_deref());
+        let slot = Arc::new(LibvirtSlot {
+            name: name.clone(),
+            agent: Agent::new(domain.clone(), QgaConfig::default()),
+            domain,
+            busy: Mutex::new(()),
+            closing: AtomicBool::new(false),
+            tx: tx.clone(),
+            fence,
+        });
+        let vm = name.clone();
+        tokio::spawn(async move {
+            while let Some(kind) = events.recv().await {
+                if tx.is_closed() {
+                    return;
+                }
+                let _ = tx
+                    .send(HostInput::VmObserved {
+                        vm: vm.clone(),
+                        kind,
+                    })
+                    .await;
+            }
+        });
+        slot
+    }
+
+    async fn observed(&self, kind: VmObservation) {
+        // The core is gone only when the daemon exits.
+        let _ = self
+            .tx
+            .send(HostInput::VmObserved {
+                vm: self.name.clone(),
+                kind,
+            })
+            .await;
+    }
+
+    async fn do_stop(&self, timeout: Duration) -> Result<(), SlotError> {
+        let _busy = self.busy.lock().await;
+        let how = self.domain.stop(timeout).await?;
+        tracing::info!(vm = %self.name, ?how, "libvirt domain stopped");
+        Ok(())
+    }
+}
+
+impl VmDriver for LibvirtSlot {
+    fn set_vm(&self, vm: &Vm) {
+        // The domain's connection and name are fixed for the slot's life; the domain's own
+        // definition is libvirt's.
+        if !matches!(&vm.driver, vmha_model::Driver::Libvirt(s) if s.domain == self.domain.name()) {
+            tracing::warn!(vm = %self.name, "a changed [vm.libvirt] takes effect after a vmhad restart");
+        }
+    }
+
+    fn adopt(&self) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            let _busy = self.busy.lock().await;
+            let kind = self.domain.status().await;
+            tracing::info!(vm = %self.name, domain = self.domain.name(), "libvirt domain found: {kind:?}");
+            self.observed(kind).await;
+        })
+    }
+
+    fn start(&self) -> BoxFut<'_, Result<(), SlotError>> {
+        Box::pin(async move {
+            let _busy = self.busy.lock().await;
+            if self.closing.load(Ordering::SeqCst) {
+                return Err(SlotError::Exiting(self.name.clone()));
+            }
+            if self.domain.is_active().await? {
+                return Ok(());
+            }
+            if !self.fence.may_run() {
+                return Err(SlotError::Fenced(self.name.clone()));
+            }
+            self.domain.start().await?;
+            tracing::info!(vm = %self.name, domain = self.domain.name(), "libvirt domain started");
+            Ok(())
+        })
+    }
+
+    fn stop(&self, timeout: Duration) -> BoxFut<'_, Result<(), SlotError>> {
+        Box::pin(self.do_stop(timeout))
+    }
+
+    fn stop_for_exit(&self, timeout: Duration) -> BoxFut<'_, Result<(), SlotError>> {
+        self.closing.store(true, Ordering::SeqCst);
+        Box::pin(self.do_stop(timeout))
+    }
+
+    fn kill(&self) -> BoxFut<'_, Result<(), SlotError>> {
+        Box::pin(async move {
+            let _busy = self.busy.lock().await;
+            self.domain.destroy().await?;
+            tracing::warn!(vm = %self.name, "libvirt domain destroyed");
+            Ok(())
+        })
+    }
+
+    fn poll_status(&self) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            let Ok(busy) = self.busy.try_lock() else {
+                tracing::debug!(vm = %self.name, "slot busy: safety poll skipped");
+                return;
+            };
+            let kind = self.domain.status().await;
+            self.observed(kind).await;
+            drop(busy);
+        })
+    }
+
+    fn run_app_command<'a>(&'a self, argv: &'a [String]) -> BoxFut<'a, Result<(), ActionError>> {
+        Box::pin(crate::guest::run_app_command(&self.agent, argv))
+    }
+
+    fn exec<'a>(
+        &'a self,
+        argv: &'a [String],
+        deadline: Duration,
+    ) -> BoxFut<'a, Result<GuestOutput, SlotError>> {
+        Box::pin(async move { Ok(crate::guest::exec(&self.agent, argv, deadline).await?) })
+    }
+
+    fn probe<'a>(
+        &'a self,
+        checks: &'a [ProbeCheck],
+    ) -> BoxFut<'a, Result<Vec<(Name, ProbeOutcome)>, ActionError>> {
+        Box::pin(crate::guest::probe(&self.agent, checks))
+    }
+
+    fn ping(&self, timeout: Duration, check_exec: bool) -> BoxFut<'_, Result<(), ActionError>> {
+        Box::pin(crate::guest::ping(&self.agent, timeout, check_exec))
+    }
+}
