@@ -61,7 +61,7 @@ pub fn run(cmd: ConfigCommand, api: &ApiArgs) -> anyhow::Result<ExitCode> {
     match cmd {
         ConfigCommand::Apply { file, out: fmt } => {
             // Checked here first: an invalid file is not sent at all.
-            let Some((_, text)) = load(&file) else {
+            let Some((_, text)) = load(&file, DRIVERS) else {
                 return Ok(exit(false));
             };
             let client = api.client()?;
@@ -76,7 +76,7 @@ pub fn run(cmd: ConfigCommand, api: &ApiArgs) -> anyhow::Result<ExitCode> {
         ConfigCommand::Validate { files } => {
             let mut all_valid = true;
             for file in &files {
-                match load(file) {
+                match load(file, DRIVERS) {
                     Some((config, _)) => {
                         writeln!(out, "{}: ok ({})", file.display(), summary(&config))?
                     }
@@ -86,7 +86,8 @@ pub fn run(cmd: ConfigCommand, api: &ApiArgs) -> anyhow::Result<ExitCode> {
             Ok(exit(all_valid))
         }
         ConfigCommand::Show { file, json } => {
-            let Some((config, _)) = load(&file) else {
+            // Shown as written, whatever drivers this build includes.
+            let Some((config, _)) = load(&file, vmha_model::Drivers::ALL) else {
                 return Ok(exit(false));
             };
             let text = if json {
@@ -114,12 +115,17 @@ fn applied(answer: &serde_json::Value, fmt: Output) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// Reads and parses `file` (returned with its text), printing the diagnostic to stderr when it
+/// The drivers of this build: a configuration using another one is refused, with a hint.
+const DRIVERS: vmha_model::Drivers = vmha_model::Drivers {
+    libvirt: cfg!(feature = "libvirt"),
+};
+
+/// Reads and parses `file` (returned with its text) for a build with `drivers`, printing the diagnostic to stderr when it
 /// is invalid or cannot be a configuration file (a directory, a FIFO, a device: refused
 /// without being opened for reading, so a FIFO cannot hang the command).
-fn load(file: &Path) -> Option<(Config, String)> {
+fn load(file: &Path, drivers: vmha_model::Drivers) -> Option<(Config, String)> {
     let parsed = vmha_model::file::read_text(file).and_then(|text| {
-        Config::from_toml_str(&text, &file.display().to_string()).map(|c| (c, text))
+        Config::from_toml_str_for(&text, &file.display().to_string(), drivers).map(|c| (c, text))
     });
     match parsed {
         Ok(loaded) => Some(loaded),

@@ -22,6 +22,12 @@ use crate::fence::Fence;
 use crate::inbox::HostInputs;
 use crate::vm_slot::{SlotError, VmSlot};
 
+/// The drivers this build includes: a configuration that uses another one is refused when it
+/// is loaded, applied or reloaded.
+pub const DRIVERS: vmha_model::Drivers = vmha_model::Drivers {
+    libvirt: cfg!(feature = "libvirt"),
+};
+
 /// A boxed future borrowing its driver (the trait is used as `dyn VmDriver`).
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

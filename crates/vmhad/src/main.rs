@@ -98,7 +98,13 @@ fn main() -> ExitCode {
     let options = Options::parse();
     init_logging(options.log_format);
     api_conn::raise_open_file_limit();
-    let config = match Config::from_file(&options.config) {
+    let config = match vmha_model::file::read_text(&options.config).and_then(|text| {
+        Config::from_toml_str_for(
+            &text,
+            &options.config.display().to_string(),
+            driver::DRIVERS,
+        )
+    }) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmhad: invalid configuration, not starting:\n{e}");
