@@ -11,6 +11,7 @@ PACKAGES=(
 	qemu-system-x86 qemu-guest-agent             # the qemu driver and the test guest's agent
 	busybox-static linux-image-amd64 cpio        # the test guest image
 	etcd-server                                  # the multi-host cluster store
+	libvirt-dev libvirt-daemon-system            # the libvirt driver (build, and its tests' libvirtd)
 )
 # Edition 2024 needs Rust 1.85; the workspace's rust-version says the same.
 RUST_MIN=1.85
