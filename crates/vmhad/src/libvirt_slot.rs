@@ -4,7 +4,13 @@
 //!
 //! The domain is adopted when it exists (a domain left running by an earlier vmhad, or one
 //! an admin defined) and defined from `xml` when it does not. Its events are reported as they
-//! are; the engine judges them.
+//! are; the engine judges them — with one exception: a graceful shutdown that vmhad did not
+//! ask for (`virsh shutdown`, or a poweroff inside the guest: libvirt reports both as a
+//! guest shutdown) is an admin's intentional stop. The slot then issues `vm-stop` for the VM
+//! group and withholds the stop observations until the engine acts on it (its stop finds the
+//! domain already shut off), so the VM ends `offline`, not restarted. Were `vm-stop` refused,
+//! the observations go to the engine as they are (a failure). A destroyed domain or a killed
+//! QEMU is a failure, as with `qemu`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +37,12 @@ pub struct LibvirtSlot {
     busy: Mutex<()>,
     /// Set when the daemon stops its VMs on exit: a start still in flight must not start.
     closing: AtomicBool,
+    /// vmhad stopped or destroyed the domain (until it starts it again): its stop events are
+    /// vmhad's own.
+    own_stop: AtomicBool,
+    /// An admin shut the domain down and `vm-stop` was issued: stop observations are withheld
+    /// until the engine acts (its next start, stop or kill).
+    admin_stop: AtomicBool,
     tx: HostInputs,
     fence: Arc<Fence>,
 }
@@ -46,24 +58,45 @@ impl LibvirtSlot {
             domain,
             busy: Mutex::new(()),
             closing: AtomicBool::new(false),
-            tx: tx.clone(),
+            own_stop: AtomicBool::new(false),
+            admin_stop: AtomicBool::new(false),
+            tx,
             fence,
         });
-        let vm = name.clone();
+        let weak = Arc::downgrade(&slot);
         tokio::spawn(async move {
             while let Some(kind) = events.recv().await {
-                if tx.is_closed() {
+                let Some(slot) = weak.upgrade() else { return };
+                if slot.tx.is_closed() {
                     return;
                 }
-                let _ = tx
-                    .send(HostInput::VmObserved {
-                        vm: vm.clone(),
-                        kind,
-                    })
-                    .await;
+                slot.on_event(kind).await;
             }
         });
         slot
+    }
+
+    /// One observation from libvirt's events (see the module doc for the admin shutdown).
+    async fn on_event(&self, kind: VmObservation) {
+        let admin_pending = self.admin_stop.load(Ordering::SeqCst);
+        match kind {
+            VmObservation::Stopped { by_guest: true }
+                if !self.own_stop.load(Ordering::SeqCst) && !admin_pending =>
+            {
+                self.admin_stop.store(true, Ordering::SeqCst);
+                tracing::warn!(vm = %self.name, domain = self.domain.name(),
+                    "domain shut down outside vmha: stopping the VM group intentionally (vm-stop)");
+                if let Err(e) = self.tx.stop_vm(&self.name).await {
+                    tracing::warn!(vm = %self.name, "vm-stop refused ({e}): the shutdown is a failure");
+                    self.admin_stop.store(false, Ordering::SeqCst);
+                    self.observed(kind).await;
+                }
+            }
+            VmObservation::Stopped { .. } | VmObservation::Gone if admin_pending => {
+                tracing::debug!(vm = %self.name, "withheld while vm-stop is applied: {kind:?}");
+            }
+            _ => self.observed(kind).await,
+        }
     }
 
     async fn observed(&self, kind: VmObservation) {
@@ -79,6 +112,8 @@ impl LibvirtSlot {
 
     async fn do_stop(&self, timeout: Duration) -> Result<(), SlotError> {
         let _busy = self.busy.lock().await;
+        self.own_stop.store(true, Ordering::SeqCst);
+        self.admin_stop.store(false, Ordering::SeqCst);
         let how = self.domain.stop(timeout).await?;
         tracing::info!(vm = %self.name, ?how, "libvirt domain stopped");
         Ok(())
@@ -109,12 +144,14 @@ impl VmDriver for LibvirtSlot {
             if self.closing.load(Ordering::SeqCst) {
                 return Err(SlotError::Exiting(self.name.clone()));
             }
+            self.admin_stop.store(false, Ordering::SeqCst);
             if self.domain.is_active().await? {
                 return Ok(());
             }
             if !self.fence.may_run() {
                 return Err(SlotError::Fenced(self.name.clone()));
             }
+            self.own_stop.store(false, Ordering::SeqCst);
             self.domain.start().await?;
             tracing::info!(vm = %self.name, domain = self.domain.name(), "libvirt domain started");
             Ok(())
@@ -133,6 +170,8 @@ impl VmDriver for LibvirtSlot {
     fn kill(&self) -> BoxFut<'_, Result<(), SlotError>> {
         Box::pin(async move {
             let _busy = self.busy.lock().await;
+            self.own_stop.store(true, Ordering::SeqCst);
+            self.admin_stop.store(false, Ordering::SeqCst);
             self.domain.destroy().await?;
             tracing::warn!(vm = %self.name, "libvirt domain destroyed");
             Ok(())
@@ -146,7 +185,10 @@ impl VmDriver for LibvirtSlot {
                 return;
             };
             let kind = self.domain.status().await;
-            self.observed(kind).await;
+            // A shut-off domain whose vm-stop the engine has not acted on yet is not reported.
+            if !(self.admin_stop.load(Ordering::SeqCst) && kind == VmObservation::Gone) {
+                self.observed(kind).await;
+            }
             drop(busy);
         })
     }

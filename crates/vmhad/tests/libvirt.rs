@@ -6,7 +6,8 @@
 //! The single-host story of the qemu driver's e2e test: the domain is defined from the
 //! configured XML and started; an app killed in the guest is restarted; a domain destroyed by
 //! an admin (`virsh destroy`) and a killed QEMU are failures: the VM is started again; a
-//! daemon restart adopts the running domain without restarting it.
+//! daemon restart adopts the running domain without restarting it; a domain shut down by an
+//! admin (`virsh shutdown`) is an intentional stop: the VM group ends offline.
 //!
 //! Needs libvirt-daemon-system (scripts/install-deps.sh) and root (a privileged libvirtd).
 
@@ -312,5 +313,40 @@ fn libvirt_domain_story() {
         restarts.is_empty(),
         "adoption restarted the VM: {restarts:?}"
     );
+    assert_all_online(&h);
+
+    // 6. An admin shuts the domain down (virsh shutdown): an intentional stop, the VM group
+    //    ends offline and is not restarted; `vm-start` runs it again.
+    let m = h.mark();
+    let out = libvirtd.virsh(&["shutdown", &domain]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, offline) = h.wait_for(m, VM, "*", "offline");
+    println!("virsh shutdown: {}", offline.text);
+    assert_eq!(h.vm_status(VM)["state"], "offline");
+    // Barrier: an exec refused (the VM is not running) proves the core handled everything
+    // queued before it; no start was planned meanwhile.
+    let (status, _) = h.post_raw(
+        &format!("/v1/vms/{VM}/exec"),
+        &serde_json::json!({"argv": ["true"], "timeout_ms": 5000}).to_string(),
+    );
+    assert_ne!(status, 200, "exec in a shut-down VM succeeded");
+    let starts: Vec<_> = h
+        .since(m)
+        .into_iter()
+        .filter(|e| e.object == VM && (e.to == "starting" || e.to == "restarting"))
+        .collect();
+    assert!(
+        starts.is_empty(),
+        "the shut-down VM was restarted: {starts:?}"
+    );
+    assert!(libvirtd.qemu_pid().is_none(), "the domain runs again");
+    let m = h.mark();
+    h.command_ok(&serde_json::json!({"command": "vm-start", "vm": VM}));
+    h.wait_for(m, VM, "*", "online");
+    libvirtd.wait_qemu(Some(pid2));
     assert_all_online(&h);
 }
