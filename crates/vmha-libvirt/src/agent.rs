@@ -64,25 +64,7 @@ impl Agent {
         .await
         .map_err(|_| timeout_error())?
         .map_err(|e| agent_error(command, timeout, e))?;
-        let cap = cap.min(self.config.max_line);
-        if reply.len() > cap {
-            return Err(QgaError::LineTooLong { max: cap });
-        }
-        match parse_line(reply.as_bytes()) {
-            Ok(Message::Return { value, .. }) => Ok(value),
-            Ok(Message::Error { error, .. }) => Err(QgaError::Remote {
-                command: command.to_owned(),
-                error,
-            }),
-            Ok(_) => Err(QgaError::Malformed {
-                command: command.to_owned(),
-                detail: "not a reply".into(),
-            }),
-            Err(e) => Err(QgaError::Malformed {
-                command: command.to_owned(),
-                detail: vmha_qemu::guest_text::guest_text(&e.to_string()),
-            }),
-        }
+        parse_reply(command, &reply, cap.min(self.config.max_line))
     }
 
     /// `guest-ping` within `timeout`.
@@ -180,6 +162,28 @@ impl Agent {
     }
 }
 
+/// The agent's reply to `command` as libvirt returns it: refused above `cap` bytes before it is
+/// parsed; its `return` value, or the agent's error, or [`QgaError::Malformed`] (with a safe,
+/// sanitised description) for anything else. Total over arbitrary text.
+pub fn parse_reply(command: &str, reply: &str, cap: usize) -> Result<Value, QgaError> {
+    if reply.len() > cap {
+        return Err(QgaError::LineTooLong { max: cap });
+    }
+    let malformed = |detail: String| QgaError::Malformed {
+        command: command.to_owned(),
+        detail,
+    };
+    match parse_line(reply.as_bytes()) {
+        Ok(Message::Return { value, .. }) => Ok(value),
+        Ok(Message::Error { error, .. }) => Err(QgaError::Remote {
+            command: command.to_owned(),
+            error,
+        }),
+        Ok(_) => Err(malformed("not a reply".into())),
+        Err(e) => Err(malformed(vmha_qemu::guest_text::guest_text(&e.to_string()))),
+    }
+}
+
 /// A libvirt failure on the guest channel, in the QGA client's terms: an agent that does not
 /// answer (or is not connected) is a timeout, anything else the channel failing.
 fn agent_error(command: &str, timeout: Duration, e: DomainError) -> QgaError {
@@ -200,5 +204,68 @@ fn agent_error(command: &str, timeout: Duration, e: DomainError) -> QgaError {
             path: "libvirt".into(),
             source: std::io::Error::other(other.to_string()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn replies_are_capped_before_parsing() {
+        let big = format!("{{\"return\": \"{}\"}}", "A".repeat(5000));
+        assert!(matches!(
+            parse_reply("guest-ping", &big, 4096),
+            Err(QgaError::LineTooLong { max: 4096 })
+        ));
+        assert_eq!(
+            parse_reply("guest-ping", &big, 8192).unwrap(),
+            Value::String("A".repeat(5000))
+        );
+    }
+
+    #[test]
+    fn hostile_replies_are_typed_errors_with_safe_text() {
+        for garbage in [
+            "",
+            "nonsense",
+            "{\"return\": 1",
+            "[1,2]",
+            "{\"event\": \"X\"}",
+        ] {
+            match parse_reply("guest-exec", garbage, 4096) {
+                Err(QgaError::Malformed { command, detail }) => {
+                    assert_eq!(command, "guest-exec");
+                    assert!(!detail.chars().any(char::is_control), "{detail:?}");
+                }
+                other => panic!("{garbage:?}: {other:?}"),
+            }
+        }
+        let err = "{\"error\": {\"class\": \"GenericError\", \"desc\": \"bad\\u001b[2Jthing\"}}";
+        match parse_reply("guest-exec", err, 4096) {
+            Err(QgaError::Remote { command, error }) => {
+                assert_eq!(command, "guest-exec");
+                assert!(!error.to_string().contains('\u{1b}'), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn libvirt_failures_map_to_channel_errors() {
+        let timeout = Duration::from_secs(1);
+        let e = agent_error(
+            "guest-ping",
+            timeout,
+            DomainError::Libvirt {
+                domain: "d".into(),
+                what: "agent command",
+                detail: "Guest agent is not responding: QEMU guest agent is not connected".into(),
+            },
+        );
+        assert!(matches!(e, QgaError::Timeout { .. }), "{e:?}");
+        let e = agent_error("guest-ping", timeout, DomainError::NoDomain("d".into()));
+        assert!(matches!(e, QgaError::Connect { .. }), "{e:?}");
     }
 }

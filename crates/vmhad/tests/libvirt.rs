@@ -251,6 +251,19 @@ fn libvirt_domain_story() {
         out["stdout"].as_str().unwrap().starts_with("hello from"),
         "{out}"
     );
+    // Guest output is capped through libvirt as through the QGA socket (64 KiB for an
+    // operator's command), and flagged as cut.
+    let out = h.exec(
+        VM,
+        &["/bin/sh", "-c", "head -c 200000 /dev/zero | tr '\\0' x"],
+    );
+    assert_eq!(out["exit"], 0, "{out}");
+    assert_eq!(
+        out["stdout"].as_str().unwrap().len(),
+        64 << 10,
+        "output not capped"
+    );
+    assert_eq!(out["truncated"], true, "{out}");
 
     // 2. An app killed in the guest is restarted there; the VM is untouched.
     let m = h.mark();
