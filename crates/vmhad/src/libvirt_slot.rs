@@ -216,3 +216,109 @@ impl VmDriver for LibvirtSlot {
         Box::pin(crate::guest::ping(&self.agent, timeout, check_exec))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    use crate::inbox::{ApiRequest, Msg};
+    use tokio::sync::mpsc;
+    use vmha_engine::AdminCommand;
+
+    /// A slot on a libvirt URI nobody serves (nothing here connects).
+    fn slot() -> (Arc<LibvirtSlot>, mpsc::Receiver<Msg>) {
+        let (tx, rx) = HostInputs::for_test();
+        let fence = Fence::new(crate::fence::FenceRule::Never, Vec::new());
+        let spec = LibvirtSpec {
+            domain: "d1".into(),
+            uri: "test:///nonexistent".into(),
+            xml: None,
+        };
+        let slot = LibvirtSlot::new(&Name::new("vm1").unwrap(), &spec, tx, fence);
+        (slot, rx)
+    }
+
+    fn observed(msg: Option<Msg>) -> VmObservation {
+        match msg {
+            Some(Msg::Host(HostInput::VmObserved { kind, .. })) => kind,
+            other => panic!("expected an observation, got {other:?}"),
+        }
+    }
+
+    /// An admin's shutdown: vm-stop is issued and, once committed, the stop observations are
+    /// withheld (the engine's own stop finds the domain shut off).
+    #[tokio::test]
+    async fn an_admin_shutdown_issues_vm_stop_and_withholds_the_stop() {
+        let (slot, mut rx) = slot();
+        let events = {
+            let slot = Arc::clone(&slot);
+            tokio::spawn(async move {
+                slot.on_event(VmObservation::Stopped { by_guest: true })
+                    .await;
+                slot.on_event(VmObservation::Gone).await;
+                slot.on_event(VmObservation::Running).await;
+            })
+        };
+        match rx.recv().await {
+            Some(Msg::Api(ApiRequest::Command(AdminCommand::VmStop { vm }, reply))) => {
+                assert_eq!(vm.as_str(), "vm1");
+                reply.send(Ok(())).unwrap();
+            }
+            other => panic!("expected vm-stop, got {other:?}"),
+        }
+        events.await.unwrap();
+        // Stopped and Gone withheld; what follows is reported as it is.
+        assert_eq!(observed(rx.recv().await), VmObservation::Running);
+    }
+
+    /// A refused vm-stop leaves the shutdown to the engine as it is (a failure).
+    #[tokio::test]
+    async fn a_refused_vm_stop_reports_the_shutdown() {
+        let (slot, mut rx) = slot();
+        let events = {
+            let slot = Arc::clone(&slot);
+            tokio::spawn(async move {
+                slot.on_event(VmObservation::Stopped { by_guest: true })
+                    .await;
+                slot.on_event(VmObservation::Gone).await;
+            })
+        };
+        match rx.recv().await {
+            Some(Msg::Api(ApiRequest::Command(AdminCommand::VmStop { .. }, reply))) => {
+                reply
+                    .send(Err(vmha_engine::CommandError::UnknownVm(
+                        Name::new("vm1").unwrap(),
+                    )))
+                    .unwrap();
+            }
+            other => panic!("expected vm-stop, got {other:?}"),
+        }
+        events.await.unwrap();
+        assert_eq!(
+            observed(rx.recv().await),
+            VmObservation::Stopped { by_guest: true }
+        );
+        assert_eq!(observed(rx.recv().await), VmObservation::Gone);
+    }
+
+    /// A destroy (host-initiated stop) and vmhad's own stop are reported as they are.
+    #[tokio::test]
+    async fn destroys_and_own_stops_are_reported_as_they_are() {
+        let (slot, mut rx) = slot();
+        slot.on_event(VmObservation::Stopped { by_guest: false })
+            .await;
+        assert_eq!(
+            observed(rx.recv().await),
+            VmObservation::Stopped { by_guest: false }
+        );
+        slot.own_stop.store(true, Ordering::SeqCst);
+        slot.on_event(VmObservation::Stopped { by_guest: true })
+            .await;
+        assert_eq!(
+            observed(rx.recv().await),
+            VmObservation::Stopped { by_guest: true }
+        );
+        assert!(rx.try_recv().is_err(), "nothing else was sent");
+    }
+}
