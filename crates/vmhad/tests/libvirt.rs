@@ -7,7 +7,8 @@
 //! configured XML and started; an app killed in the guest is restarted; a domain destroyed by
 //! an admin (`virsh destroy`) and a killed QEMU are failures: the VM is started again; a
 //! daemon restart adopts the running domain without restarting it; a domain shut down by an
-//! admin (`virsh shutdown`) is an intentional stop: the VM group ends offline.
+//! admin (`virsh shutdown`) is an intentional stop: the VM group ends offline; after a libvirtd
+//! restart vmhad reconnects and still handles a killed QEMU.
 //!
 //! Needs libvirt-daemon-system (scripts/install-deps.sh) and root (a privileged libvirtd).
 
@@ -59,35 +60,57 @@ impl Libvirtd {
             .stderr(log("virtlogd.log"))
             .spawn()
             .expect("virtlogd (install libvirt-daemon-system: scripts/install-deps.sh)");
-        let libvirtd = Command::new("libvirtd")
-            .arg("-f")
-            .arg(&conf)
-            .arg("-p")
-            .arg(dir.path().join("libvirtd.pid"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log("libvirtd.log"))
-            .spawn()
-            .expect("libvirtd (install libvirt-daemon-system: scripts/install-deps.sh)");
-        let daemons = vec![virtlogd, libvirtd];
-        let d = Libvirtd {
+        let mut d = Libvirtd {
             dir,
             domain: domain.to_string(),
-            daemons,
+            daemons: vec![virtlogd],
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !d.virsh_ok(&["version"]) {
-            assert!(
-                Instant::now() < deadline,
-                "libvirtd did not come up:\n{}",
-                std::fs::read_to_string(d.dir.path().join("libvirtd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        d.spawn_libvirtd();
         // A domain of that name left over by an earlier, interrupted run.
         d.virsh_ok(&["destroy", domain]);
         d.virsh_ok(&["undefine", domain]);
         d
+    }
+
+    /// Starts libvirtd (the last of `daemons`) and waits until it answers.
+    fn spawn_libvirtd(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("libvirtd.log"))
+            .unwrap();
+        let libvirtd = Command::new("libvirtd")
+            .arg("-f")
+            .arg(self.dir.path().join("libvirtd.conf"))
+            .arg("-p")
+            .arg(self.dir.path().join("libvirtd.pid"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("libvirtd (install libvirt-daemon-system: scripts/install-deps.sh)");
+        self.daemons.push(libvirtd);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.virsh_ok(&["version"]) {
+            assert!(
+                Instant::now() < deadline,
+                "libvirtd did not come up:\n{}",
+                std::fs::read_to_string(self.dir.path().join("libvirtd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops libvirtd (its domains keep running) and starts it again.
+    fn restart_libvirtd(&mut self) {
+        let mut old = self.daemons.pop().expect("libvirtd runs");
+        kill(
+            Pid::from_raw(i32::try_from(old.id()).unwrap()),
+            Signal::SIGTERM,
+        )
+        .unwrap();
+        old.wait().unwrap();
+        self.spawn_libvirtd();
     }
 
     fn uri(&self) -> String {
@@ -223,7 +246,7 @@ fn wait_restarted(h: &mut Vmhad, m: usize, what: &str, t0: u64) {
 fn libvirt_domain_story() {
     let _lock = vm_test_lock();
     let domain = format!("vmha-e2e-{}", std::process::id());
-    let libvirtd = Libvirtd::start(&domain);
+    let mut libvirtd = Libvirtd::start(&domain);
     assert!(
         !libvirtd.virsh_ok(&["dominfo", &domain]),
         "the domain must not exist before vmhad defines it"
@@ -360,6 +383,20 @@ fn libvirt_domain_story() {
     let m = h.mark();
     h.command_ok(&serde_json::json!({"command": "vm-start", "vm": VM}));
     h.wait_for(m, VM, "*", "online");
-    libvirtd.wait_qemu(Some(pid2));
+    let pid3 = libvirtd.wait_qemu(Some(pid2));
     assert_all_online(&h);
+
+    // 7. libvirtd restarts (its domains keep running): vmhad reconnects, and a QEMU killed
+    //    afterwards is still a failure it handles.
+    libvirtd.restart_libvirtd();
+    assert_eq!(
+        libvirtd.qemu_pid(),
+        Some(pid3),
+        "the libvirtd restart stopped the domain"
+    );
+    let m = h.mark();
+    let t0 = now_ms();
+    kill(Pid::from_raw(pid3), Signal::SIGKILL).unwrap();
+    wait_restarted(&mut h, m, "QEMU kill -9 after a libvirtd restart", t0);
+    libvirtd.wait_qemu(Some(pid3));
 }
