@@ -67,9 +67,17 @@ pub enum StopOutcome {
 }
 
 /// The libvirt connection and the domain's event subscription (re-opened after a failure).
+/// Dropping it deregisters the callbacks, then closes the connection.
 struct Link {
     conn: Connect,
-    _events: Subscription,
+    events: Option<Subscription>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        drop(self.events.take());
+        let _ = self.conn.close();
+    }
 }
 
 /// One libvirt domain. Cheap to clone (shared).
@@ -84,17 +92,6 @@ struct Inner {
     xml: Option<PathBuf>,
     link: Mutex<Option<Link>>,
     events: mpsc::UnboundedSender<VmObservation>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Ok(mut link) = self.link.lock()
-            && let Some(Link { mut conn, _events }) = link.take()
-        {
-            drop(_events);
-            let _ = conn.close();
-        }
-    }
 }
 
 impl Domain {
@@ -277,16 +274,37 @@ impl Inner {
             what,
             detail,
         };
-        let mut link = self.link.lock().map_err(|e| err(e.to_string()))?;
-        if link
-            .as_ref()
-            .is_none_or(|l| !l.conn.is_alive().unwrap_or(false))
-        {
-            *link = Some(self.connect().map_err(err)?);
-        }
-        let Some(conn) = link.as_ref().map(|l| &l.conn) else {
-            return Err(err("not connected".into()));
+        // The lock is held only to (re)connect and take a reference on the connection: calls
+        // on one domain do not wait for each other (a destroy for an agent call, say).
+        let mut conn = {
+            let mut link = self.link.lock().map_err(|e| err(e.to_string()))?;
+            if link
+                .as_ref()
+                .is_none_or(|l| !l.conn.is_alive().unwrap_or(false))
+            {
+                // The old link (if any) goes first: callbacks deregistered, connection closed.
+                *link = None;
+                *link = Some(self.connect().map_err(err)?);
+            }
+            match link.as_ref() {
+                Some(l) => l.conn.clone(),
+                None => return Err(err("not connected".into())),
+            }
         };
+        let result = self.on_domain(&conn, define, f, &err);
+        let _ = conn.close();
+        result
+    }
+
+    /// Looks the domain up on `conn` (defining it from its XML when asked and configured) and
+    /// runs `f` on it.
+    fn on_domain<T>(
+        &self,
+        conn: &Connect,
+        define: bool,
+        f: impl FnOnce(Option<&virt::domain::Domain>) -> Result<T, CallError>,
+        err: &dyn Fn(String) -> DomainError,
+    ) -> Result<T, DomainError> {
         let domain = match virt::domain::Domain::lookup_by_name(conn, &self.name) {
             Ok(d) => Some(d),
             Err(e) if e.code() == virt::error::ErrorNumber::NoDomain => None,
@@ -318,7 +336,7 @@ impl Inner {
         let events = Subscription::new(&conn, &self.name, self.events.clone())?;
         Ok(Link {
             conn,
-            _events: events,
+            events: Some(events),
         })
     }
 }
