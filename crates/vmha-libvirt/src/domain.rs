@@ -188,23 +188,28 @@ impl Domain {
             return Ok(StopOutcome::AlreadyStopped);
         }
         let deadline = tokio::time::Instant::now() + timeout;
-        // The agent first (the guest shuts down cleanly); ACPI when the agent cannot.
-        let asked = self
-            .with("shutdown (agent)", false, |d| match d {
+        // The agent first (the guest shuts down cleanly); ACPI when the agent cannot. Both
+        // requests are bounded by the stop's own deadline.
+        let asked = tokio::time::timeout_at(
+            deadline,
+            self.with("shutdown (agent)", false, |d| match d {
                 Some(d) => Ok(d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)?),
                 None => Ok(0),
-            })
-            .await;
-        if let Err(e) = asked {
-            tracing::debug!(domain = %self.inner.name, "agent shutdown: {e}; trying ACPI");
-            let acpi = self
-                .with("shutdown (ACPI)", false, |d| match d {
+            }),
+        )
+        .await;
+        if !matches!(asked, Ok(Ok(_))) {
+            tracing::debug!(domain = %self.inner.name, "agent shutdown failed ({asked:?}); trying ACPI");
+            let acpi = tokio::time::timeout_at(
+                deadline,
+                self.with("shutdown (ACPI)", false, |d| match d {
                     Some(d) => Ok(d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)?),
                     None => Ok(0),
-                })
-                .await;
-            if let Err(e) = acpi {
-                tracing::debug!(domain = %self.inner.name, "ACPI shutdown: {e}");
+                }),
+            )
+            .await;
+            if !matches!(acpi, Ok(Ok(_))) {
+                tracing::debug!(domain = %self.inner.name, "ACPI shutdown failed ({acpi:?})");
             }
         }
         while tokio::time::Instant::now() < deadline {

@@ -8,7 +8,8 @@
 //! an admin (`virsh destroy`) and a killed QEMU are failures: the VM is started again; a
 //! daemon restart adopts the running domain without restarting it; a domain shut down by an
 //! admin (`virsh shutdown`) is an intentional stop: the VM group ends offline; after a libvirtd
-//! restart vmhad reconnects and still handles a killed QEMU.
+//! restart vmhad reconnects and still handles a killed QEMU; a restart through vmha shuts the
+//! domain down gracefully.
 //!
 //! Needs libvirt-daemon-system (scripts/install-deps.sh) and root (a privileged libvirtd).
 
@@ -398,5 +399,19 @@ fn libvirt_domain_story() {
     let t0 = now_ms();
     kill(Pid::from_raw(pid3), Signal::SIGKILL).unwrap();
     wait_restarted(&mut h, m, "QEMU kill -9 after a libvirtd restart", t0);
-    libvirtd.wait_qemu(Some(pid3));
+    let pid4 = libvirtd.wait_qemu(Some(pid3));
+
+    // 8. An admin restart through vmha: apps stopped, the domain shut down gracefully (agent,
+    //    then ACPI: no destroy), started again, apps started.
+    let m = h.mark();
+    h.command_ok(&serde_json::json!({"command": "vm-restart", "vm": VM}));
+    let (i, _) = h.wait_for(m, VM, "online", "restarting");
+    h.wait_for(i, VM, "restarting", "online");
+    libvirtd.wait_qemu(Some(pid4));
+    assert_all_online(&h);
+    let log = h.log_tail(400);
+    assert!(
+        log.contains("libvirt domain stopped") && log.contains("Graceful"),
+        "the domain was not shut down gracefully:\n{log}"
+    );
 }
