@@ -232,6 +232,37 @@ mod tests {
     use super::*;
     use serde_json::Value;
 
+    /// The public parsers (for drivers that carry agent commands themselves) check the same.
+    #[test]
+    fn public_parsers_check_pids_statuses_and_caps() {
+        assert_eq!(exec_started(json!({"pid": 42})), Ok(42));
+        for bad in [
+            json!({"pid": 0}),
+            json!({"pid": -1}),
+            json!({"pid": 1u64 << 40}),
+            json!({}),
+        ] {
+            assert!(exec_started(bad.clone()).is_err(), "{bad}");
+        }
+        assert_eq!(exec_status(json!({"exited": false}), 10), Ok(None));
+        let out = exec_status(
+            json!({"exited": true, "exitcode": 0, "out-data": B64.encode("0123456789abc")}),
+            10,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((out.stdout.len(), out.stdout_truncated), (10, true));
+        for bad in [
+            json!({"exited": true, "exitcode": 300}),
+            json!({"exited": true, "signal": 99}),
+            json!({"exited": true}),
+            json!({"exited": "yes"}),
+            json!({"exited": true, "exitcode": 0, "out-data": "!!"}),
+        ] {
+            assert!(exec_status(bad.clone(), 10).is_err(), "{bad}");
+        }
+    }
+
     fn status(v: Value, cap: usize) -> Result<Option<ExecOutput>, String> {
         exec_output(serde_json::from_value(v).map_err(|e| e.to_string())?, cap)
     }
