@@ -13,6 +13,7 @@ PACKAGES=(
 	etcd-server                                  # the multi-host cluster store
 	chromium                                     # the web page's headless-browser test
 	systemd                                      # the package test: systemd-analyze, systemd-tmpfiles
+	libvirt-dev libvirt-daemon-system            # the libvirt driver (build, and its tests' libvirtd)
 )
 # Edition 2024 needs Rust 1.85; the workspace's rust-version says the same.
 RUST_MIN=1.85

@@ -19,14 +19,18 @@ if [[ -x scripts/build-guest-image.sh ]]; then
 	./scripts/build-guest-image.sh >/dev/null
 fi
 
+# Every driver is built and tested: the libvirt driver is a cargo feature of vmhad and vmha.
+FEATURES=(--features libvirt)
+
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --workspace --all-targets -- -D warnings"
+step "cargo clippy --workspace --all-targets -- -D warnings (without, then with the libvirt driver)"
 cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --workspace --all-targets "${FEATURES[@]}" -- -D warnings
 
 step "example configurations"
-cargo run --quiet -p vmha -- config validate examples/*.toml
+cargo run --quiet -p vmha "${FEATURES[@]}" -- config validate examples/*.toml
 
 # Installs the package system-wide (and purges it again): as root only, as in CI.
 if [[ $(id -u) -eq 0 ]]; then
@@ -38,10 +42,10 @@ fi
 
 if cargo nextest --version >/dev/null 2>&1; then
 	step "cargo test --workspace --doc"
-	cargo test --workspace --doc
-	step "cargo nextest run --workspace"
-	cargo nextest run --workspace
+	cargo test --workspace --doc "${FEATURES[@]}"
+	step "cargo nextest run --workspace ${FEATURES[*]}"
+	cargo nextest run --workspace "${FEATURES[@]}"
 else
-	step "cargo test --workspace"
-	cargo test --workspace
+	step "cargo test --workspace ${FEATURES[*]}"
+	cargo test --workspace "${FEATURES[@]}"
 fi

@@ -400,6 +400,9 @@ pub struct LibvirtSpec {
     pub domain: String,
     /// Connection URI.
     pub uri: String,
+    /// Domain XML file that defines the domain when it does not exist (else it must exist).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xml: Option<PathBuf>,
 }
 
 /// An app inside a VM (`[[vm.app]]`).

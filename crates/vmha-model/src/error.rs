@@ -34,6 +34,8 @@ pub enum ErrorKind {
     BadValue,
     /// The file is not UTF-8 text.
     Encoding,
+    /// A feature this build does not include (e.g. the `libvirt` driver).
+    Unsupported,
 }
 
 /// One configuration error with its position.

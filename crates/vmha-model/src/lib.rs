@@ -18,6 +18,7 @@ pub mod observation;
 pub mod range;
 mod raw;
 mod resolve;
+pub use resolve::Drivers;
 pub mod state;
 
 pub use config::{

@@ -151,6 +151,7 @@ pub(crate) struct RawDisk {
 pub(crate) struct RawLibvirt {
     pub(crate) domain: Option<String>,
     pub(crate) uri: Option<String>,
+    pub(crate) xml: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -17,9 +17,20 @@ use crate::raw::*;
 impl Config {
     /// Parses and checks a configuration. `file` is only used in error messages.
     pub fn from_toml_str(text: &str, file: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str_for(text, file, Drivers::ALL)
+    }
+
+    /// Parses and checks a configuration for a build that includes only the `drivers` given:
+    /// a VM using another driver is an error ([`ErrorKind::Unsupported`]) at its `driver` key,
+    /// with a hint naming the cargo feature that includes it.
+    pub fn from_toml_str_for(
+        text: &str,
+        file: &str,
+        drivers: Drivers,
+    ) -> Result<Config, ConfigError> {
         let src = Source { file, text };
         let raw: RawConfig = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
-        Resolver { src: &src }.config(raw)
+        Resolver { src: &src, drivers }.config(raw)
     }
 
     /// Reads (see [`crate::file::read_text`]: a regular UTF-8 file of bounded size), parses
@@ -30,8 +41,21 @@ impl Config {
     }
 }
 
+/// The hypervisor drivers a build includes (`qemu` always).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drivers {
+    /// The `libvirt` driver (cargo feature `libvirt` of vmhad and vmha).
+    pub libvirt: bool,
+}
+
+impl Drivers {
+    /// Every driver: what the configuration language allows.
+    pub const ALL: Drivers = Drivers { libvirt: true };
+}
+
 struct Resolver<'a> {
     src: &'a Source<'a>,
+    drivers: Drivers,
 }
 
 type R<T> = Result<T, ConfigError>;
@@ -786,6 +810,20 @@ impl Resolver<'_> {
                 Ok(Driver::Qemu(self.qemu(q)?))
             }
             DriverKind::Libvirt => {
+                if !self.drivers.libvirt {
+                    return Err(self.err(
+                        kind_span,
+                        ErrorKind::Unsupported,
+                        format!(
+                            "VM `{vm}` uses driver \"libvirt\", which this build does not include"
+                        ),
+                        Some(
+                            "build vmha and vmhad with `cargo build --features libvirt` \
+                             (needs libvirt-dev and pkg-config), or use driver = \"qemu\""
+                                .into(),
+                        ),
+                    ));
+                }
                 if let Some(q) = qemu {
                     return Err(self.err(
                         q.span(),
@@ -801,8 +839,10 @@ impl Resolver<'_> {
                         .and_then(|l| l.domain.clone())
                         .unwrap_or_else(|| vm.to_string()),
                     uri: l
-                        .and_then(|l| l.uri)
+                        .as_ref()
+                        .and_then(|l| l.uri.clone())
                         .unwrap_or_else(|| d::LIBVIRT_URI.to_string()),
+                    xml: l.and_then(|l| l.xml),
                 }))
             }
         }

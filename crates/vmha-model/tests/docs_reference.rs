@@ -156,6 +156,7 @@ fn optional_without_default(section: &str, key: &str) -> bool {
             "host",
             "address" | "memory_mb" | "watchdog" | "watchdog_timeout"
         ) | ("vm.qemu", "kernel" | "initrd" | "append")
+            | ("vm.libvirt", "xml")
             | ("vm.app", "stop")
             | ("api", "tls_cert" | "tls_key")
     )

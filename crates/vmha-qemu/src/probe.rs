@@ -151,21 +151,30 @@ impl QgaClient {
         checks: &[ProbeCheck],
         slack: Duration,
     ) -> Result<Vec<(Name, ProbeOutcome)>, ProbeError> {
-        let nonce = crate::qga::random_id();
-        let longest = checks
-            .iter()
-            .map(|c| c.timeout.max(MIN_TIMEOUT))
-            .max()
-            .unwrap_or_default();
-        let mut request = ExecRequest::new(["/bin/sh", "-c", &build_program(checks, nonce)]);
-        request.deadline = longest + slack;
-        request.output_cap = 64 + checks.len() * 64;
-        // Its output is a few short status lines: a bigger reply can only come from a hostile
-        // guest, and is refused before it costs memory.
-        request.max_reply_line = PROBE_REPLY_LINE;
+        let (request, nonce) = probe_request(checks, slack);
         let output = self.exec(&request).await?;
         Ok(parse_output(checks, nonce, &output.stdout))
     }
+}
+
+/// The one `guest-exec` that runs every check (see [`build_program`]) and the nonce its status
+/// lines carry (for [`parse_output`]): bounded by the longest check timeout plus `slack`, with
+/// output and reply line capped to what the status lines need. Every driver's probe is this
+/// request.
+pub fn probe_request(checks: &[ProbeCheck], slack: Duration) -> (ExecRequest, u64) {
+    let nonce = crate::qga::random_id();
+    let longest = checks
+        .iter()
+        .map(|c| c.timeout.max(MIN_TIMEOUT))
+        .max()
+        .unwrap_or_default();
+    let mut request = ExecRequest::new(["/bin/sh", "-c", &build_program(checks, nonce)]);
+    request.deadline = longest + slack;
+    request.output_cap = 64 + checks.len() * 64;
+    // Its output is a few short status lines: a bigger reply can only come from a hostile
+    // guest, and is refused before it costs memory.
+    request.max_reply_line = PROBE_REPLY_LINE;
+    (request, nonce)
 }
 
 #[cfg(test)]

@@ -65,7 +65,7 @@ pub fn run(cmd: ConfigCommand, api: &ApiArgs) -> anyhow::Result<ExitCode> {
     match cmd {
         ConfigCommand::Apply { file, out: fmt } => {
             // Checked here first: an invalid file is not sent at all.
-            let Some((_, text)) = load(&file) else {
+            let Some((_, text)) = load(&file, DRIVERS) else {
                 return Ok(exit(false));
             };
             let client = api.client()?;
@@ -80,7 +80,7 @@ pub fn run(cmd: ConfigCommand, api: &ApiArgs) -> anyhow::Result<ExitCode> {
         ConfigCommand::Validate { files, json: false } => {
             let mut all_valid = true;
             for file in &files {
-                match load(file) {
+                match load(file, DRIVERS) {
                     Some((config, _)) => {
                         writeln!(out, "{}: ok ({})", file.display(), summary(&config))?
                     }
@@ -94,7 +94,7 @@ pub fn run(cmd: ConfigCommand, api: &ApiArgs) -> anyhow::Result<ExitCode> {
             let mut results = Vec::new();
             for file in &files {
                 let name = file.display().to_string();
-                results.push(match parse(file) {
+                results.push(match parse(file, DRIVERS) {
                     Ok((config, _)) => json!({
                         "file": name,
                         "valid": true,
@@ -112,7 +112,8 @@ pub fn run(cmd: ConfigCommand, api: &ApiArgs) -> anyhow::Result<ExitCode> {
             Ok(exit(all_valid))
         }
         ConfigCommand::Show { file, json } => {
-            let Some((config, _)) = load(&file) else {
+            // Shown as written, whatever drivers this build includes.
+            let Some((config, _)) = load(&file, vmha_model::Drivers::ALL) else {
                 return Ok(exit(false));
             };
             let text = if json {
@@ -140,11 +141,16 @@ fn applied(answer: &serde_json::Value, fmt: Output) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// Reads and parses `file` (returned with its text), printing the diagnostic to stderr when it
-/// is invalid or cannot be a configuration file (a directory, a FIFO, a device: refused
+/// The drivers of this build: a configuration using another one is refused, with a hint.
+const DRIVERS: vmha_model::Drivers = vmha_model::Drivers {
+    libvirt: cfg!(feature = "libvirt"),
+};
+
+/// Reads and parses `file` (returned with its text) for a build with `drivers`, printing the
+/// diagnostic to stderr when it is invalid or cannot be a configuration file (a directory, a FIFO, a device: refused
 /// without being opened for reading, so a FIFO cannot hang the command).
-fn load(file: &Path) -> Option<(Config, String)> {
-    match parse(file) {
+fn load(file: &Path, drivers: vmha_model::Drivers) -> Option<(Config, String)> {
+    match parse(file, drivers) {
         Ok(loaded) => Some(loaded),
         Err(e) => {
             eprintln!("{e}");
@@ -153,11 +159,13 @@ fn load(file: &Path) -> Option<(Config, String)> {
     }
 }
 
-/// Reads and parses `file` (returned with its text); the diagnostic when it is invalid.
-fn parse(file: &Path) -> Result<(Config, String), String> {
+/// Reads and parses `file` (returned with its text) for a build with `drivers`; the diagnostic
+/// when it is invalid.
+fn parse(file: &Path, drivers: vmha_model::Drivers) -> Result<(Config, String), String> {
     vmha_model::file::read_text(file)
         .and_then(|text| {
-            Config::from_toml_str(&text, &file.display().to_string()).map(|c| (c, text))
+            Config::from_toml_str_for(&text, &file.display().to_string(), drivers)
+                .map(|c| (c, text))
         })
         .map_err(|e| e.to_string())
 }

@@ -65,17 +65,56 @@ fn examples_validate_with_a_summary() {
     for path in examples() {
         let p = path.to_str().unwrap();
         let out = vmha(&["config", "validate", p]);
+        let config = Config::from_file(&path).unwrap();
+        let libvirt = config
+            .vms
+            .iter()
+            .any(|v| matches!(v.driver, vmha_model::Driver::Libvirt(_)));
+        if libvirt && !cfg!(feature = "libvirt") {
+            // Refused by a build without the driver, with the way to get it.
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{stderr}");
+            assert!(
+                stderr.contains("which this build does not include")
+                    && stderr.contains("--features libvirt"),
+                "{stderr}"
+            );
+            continue;
+        }
         assert_eq!(
             out.status.code(),
             Some(0),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let config = Config::from_file(&path).unwrap();
         let apps: usize = config.vms.iter().map(|v| v.apps.len()).sum();
         let stdout = String::from_utf8(out.stdout).unwrap();
         assert!(stdout.starts_with(&format!("{p}: ok (")), "{stdout}");
         assert!(stdout.contains(&format!("{apps} app")), "{stdout}");
+    }
+}
+
+/// A VM with `driver = "libvirt"`: accepted by a build with the `libvirt` feature, refused
+/// at its `driver` line with a hint by one without it.
+#[test]
+fn a_driver_missing_from_this_build_is_refused_with_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lv.toml");
+    std::fs::write(
+        &file,
+        "[cluster]\nname = \"c\"\nstore = \"embedded\"\n\n[[host]]\nname = \"h1\"\n\n\
+         [[vm]]\nname = \"v1\"\nhosts = [\"h1\"]\ndriver = \"libvirt\"\n",
+    )
+    .unwrap();
+    let p = file.to_str().unwrap();
+    let out = vmha(&["config", "validate", p]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if cfg!(feature = "libvirt") {
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+    } else {
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(&format!("{p}:11:")), "{stderr}");
+        assert!(stderr.contains("--features libvirt"), "{stderr}");
     }
 }
 

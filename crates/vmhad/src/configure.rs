@@ -76,7 +76,7 @@ impl<S: ClusterStore> Core<S> {
                 }
             }
         };
-        let config = match Config::from_toml_str(&text, &source) {
+        let config = match Config::from_toml_str_for(&text, &source, crate::driver::DRIVERS) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!("configuration refused, nothing changed:\n{e}");

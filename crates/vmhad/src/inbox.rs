@@ -144,6 +144,27 @@ impl HostInputs {
     pub fn is_closed(&self) -> bool {
         self.inbox.is_closed()
     }
+
+    /// The one admin command a driver issues: an admin shut `vm` down outside vmha (e.g.
+    /// `virsh shutdown`), so the VM group is stopped intentionally (`vm-stop`). `Ok` once it
+    /// is committed; the refusal as the core gave it otherwise.
+    #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
+    pub async fn stop_vm(&self, vm: &Name) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        let command = AdminCommand::VmStop { vm: vm.clone() };
+        if !self
+            .inbox
+            .send(Msg::Api(ApiRequest::Command(command, tx)))
+            .await
+        {
+            return Err("vmhad is exiting".into());
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("vmhad is exiting".into()),
+        }
+    }
 }
 
 #[cfg(test)]

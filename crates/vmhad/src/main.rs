@@ -18,6 +18,7 @@ mod codec;
 mod configure;
 mod core;
 mod daemon;
+mod driver;
 mod election;
 mod executor;
 mod fence;
@@ -26,9 +27,12 @@ mod follow;
 mod forward;
 mod gen_docs;
 mod guard;
+mod guest;
 mod host;
 mod inbox;
 mod lease;
+#[cfg(feature = "libvirt")]
+mod libvirt_slot;
 mod metrics;
 mod sd_notify;
 mod slots;
@@ -120,7 +124,13 @@ fn main() -> ExitCode {
     let options = Options::parse();
     init_logging(options.log_format);
     api_conn::raise_open_file_limit();
-    let config = match Config::from_file(&options.config) {
+    let config = match vmha_model::file::read_text(&options.config).and_then(|text| {
+        Config::from_toml_str_for(
+            &text,
+            &options.config.display().to_string(),
+            driver::DRIVERS,
+        )
+    }) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmhad: invalid configuration, not starting:\n{e}");

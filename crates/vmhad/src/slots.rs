@@ -7,33 +7,33 @@ use std::sync::{Arc, RwLock};
 
 use vmha_model::{Config, Name};
 
+use crate::driver::VmDriver;
 use crate::fence::Fence;
 use crate::inbox::HostInputs;
-use crate::vm_slot::VmSlot;
 
 /// The slots, by VM name (cheap to clone: shared).
 #[derive(Clone, Default)]
 pub struct Slots {
-    map: Arc<RwLock<BTreeMap<Name, Arc<VmSlot>>>>,
+    map: Arc<RwLock<BTreeMap<Name, Arc<dyn VmDriver>>>>,
 }
 
 /// What [`Slots::configure`] changed.
 #[derive(Default)]
 pub struct SlotChanges {
     /// Slots created (their VMs are to be adopted if running).
-    pub added: Vec<Arc<VmSlot>>,
+    pub added: Vec<Arc<dyn VmDriver>>,
     /// VMs whose slot was dropped (no longer managed here; their QEMU keeps running).
     pub removed: Vec<Name>,
 }
 
 impl Slots {
     /// The slot of `vm`, if this host may run it.
-    pub fn get(&self, vm: &Name) -> Option<Arc<VmSlot>> {
+    pub fn get(&self, vm: &Name) -> Option<Arc<dyn VmDriver>> {
         self.map.read().ok()?.get(vm).cloned()
     }
 
     /// Every slot, by name.
-    pub fn all(&self) -> Vec<(Name, Arc<VmSlot>)> {
+    pub fn all(&self) -> Vec<(Name, Arc<dyn VmDriver>)> {
         self.map
             .read()
             .map(|m| m.iter().map(|(n, s)| (n.clone(), Arc::clone(s))).collect())
@@ -72,7 +72,7 @@ impl Slots {
             match map.get(&vm.name) {
                 Some(slot) => slot.set_vm(vm),
                 None => {
-                    let slot = VmSlot::new(
+                    let slot = crate::driver::for_vm(
                         vm,
                         runtime_dir.to_path_buf(),
                         inputs.clone(),

@@ -15,11 +15,9 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 use vmha_api::GuestOutput;
-use vmha_engine::{ActionError, ExitStatus, HostInput, ProbeCheck, ProbeOutcome, VmObservation};
+use vmha_engine::{ActionError, HostInput, ProbeCheck, ProbeOutcome, VmObservation};
 use vmha_model::{Accel, Driver, Name, Vm};
-use vmha_qemu::{
-    DriverConfig, ExecRequest, LaunchSpec, QemuVm, QgaClient, QgaError, QmpClient, VmEvent,
-};
+use vmha_qemu::{DriverConfig, LaunchSpec, QemuVm, QgaClient, QmpClient, VmEvent};
 
 use crate::fence::Fence;
 use crate::inbox::HostInputs;
@@ -28,7 +26,9 @@ use crate::inbox::HostInputs;
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
     /// The VM's driver is not supported by this build.
-    #[error("VM {0}: driver `libvirt` is not supported by this vmhad build")]
+    #[error(
+        "VM {0}: driver `libvirt` is not supported by this vmhad build (build it with --features libvirt)"
+    )]
     UnsupportedDriver(Name),
     /// The guest channel is not connected.
     #[error("guest channel of VM {0} is not available")]
@@ -42,6 +42,10 @@ pub enum SlotError {
     /// The daemon is exiting with `--stop-vms-on-exit`: no VM is started any more.
     #[error("VM {0} not started: vmhad is exiting and stopping its VMs")]
     Exiting(Name),
+    /// libvirt failed (the `libvirt` driver).
+    #[cfg(feature = "libvirt")]
+    #[error(transparent)]
+    Libvirt(#[from] vmha_libvirt::DomainError),
     /// This host has fenced itself (or its lease is overdue): no VM may start.
     #[error("VM {0} not started: this host's lease is not live (self-fenced)")]
     Fenced(Name),
@@ -58,7 +62,17 @@ impl From<SlotError> for ActionError {
             SlotError::NoGuest(_) => ActionError::GuestUnreachable {
                 detail: e.to_string(),
             },
-            SlotError::Guest(e) => guest_error(e),
+            SlotError::Guest(e) => crate::guest::guest_error(e),
+            #[cfg(feature = "libvirt")]
+            SlotError::Libvirt(vmha_libvirt::DomainError::NoDomain(_)) => {
+                ActionError::NotConfigured {
+                    detail: e.to_string(),
+                }
+            }
+            #[cfg(feature = "libvirt")]
+            SlotError::Libvirt(_) => ActionError::Driver {
+                detail: e.to_string(),
+            },
             SlotError::Vm(_) | SlotError::Exiting(_) | SlotError::Fenced(_) => {
                 ActionError::Driver {
                     detail: e.to_string(),
@@ -68,53 +82,8 @@ impl From<SlotError> for ActionError {
     }
 }
 
-/// What a guest-channel error means: a refused `guest-exec` is the agent's configuration, an
-/// error the agent returned for `guest-exec` is the command's (it could not be started), a
-/// command still running at its deadline timed out, an agent disconnected for sending too much
-/// is hostile (the engine reports it in an event); anything else is the channel failing.
-fn guest_error(e: QgaError) -> ActionError {
-    match e {
-        QgaError::ExecBlocked { detail } => ActionError::ExecBlocked { detail },
-        QgaError::Remote { command, error } if command == "guest-exec" => {
-            ActionError::CommandFailed {
-                status: None,
-                stderr: error.to_string(),
-            }
-        }
-        QgaError::Hostile { reason, .. } => ActionError::GuestHostile { detail: reason },
-        other => ActionError::GuestUnreachable {
-            detail: other.to_string(),
-        },
-    }
-}
-
-/// The `kind` label of `vmha_guest_channel_errors_total` for a guest-channel error.
-fn guest_error_kind(e: &QgaError) -> &'static str {
-    match e {
-        QgaError::Connect { .. } => "connect",
-        QgaError::Timeout { .. } => "timeout",
-        QgaError::Disconnected => "disconnected",
-        QgaError::Remote { .. } => "agent-error",
-        QgaError::Malformed { .. } => "malformed",
-        QgaError::WrongId { .. } => "wrong-id",
-        QgaError::LineTooLong { .. } => "line-too-long",
-        QgaError::ExecBlocked { .. } => "exec-blocked",
-        QgaError::ExecDeadline { .. } => "exec-deadline",
-        QgaError::Write(_) => "write",
-        QgaError::Hostile { .. } => "hostile",
-    }
-}
-
-/// Time a start/stop command of an app may take in the guest.
-const APP_COMMAND_DEADLINE: Duration = Duration::from_secs(30);
-/// Output kept of an app's start/stop command (its stderr goes into the reason).
-const APP_COMMAND_OUTPUT: usize = 4096;
-/// Output kept of an operator's guest command.
-const OPERATOR_OUTPUT: usize = 64 << 10;
 /// Time a QEMU whose QMP socket closed gets to exit before a start gives up on it.
 const EXIT_GRACE: Duration = Duration::from_secs(10);
-/// Time the guest channel's own round trips may add to a probe's longest check.
-const PROBE_SLACK: Duration = Duration::from_secs(2);
 
 /// One VM of this host.
 pub struct VmSlot {
@@ -336,12 +305,6 @@ impl VmSlot {
         drop(guard);
     }
 
-    /// A guest-channel error of an engine's action: counted in the metrics, then translated.
-    fn guest_failed(&self, e: QgaError) -> ActionError {
-        crate::metrics::METRICS.guest_error(self.name.as_str(), guest_error_kind(&e));
-        guest_error(e)
-    }
-
     fn guest(&self) -> Result<Arc<QgaClient>, ActionError> {
         self.qga()
             .ok_or_else(|| SlotError::NoGuest(self.name.clone()).into())
@@ -349,26 +312,7 @@ impl VmSlot {
 
     /// Runs an app's start or stop command in the guest; `Ok` iff it exits 0.
     pub async fn run_app_command(&self, argv: &[String]) -> Result<(), ActionError> {
-        let qga = self.guest()?;
-        let request = exec_request(argv, APP_COMMAND_DEADLINE, APP_COMMAND_OUTPUT);
-        let out = match qga.exec(&request).await {
-            Ok(out) => out,
-            Err(QgaError::ExecDeadline { .. }) => {
-                return Err(ActionError::CommandTimedOut {
-                    after_ms: vmha_model::duration::millis(APP_COMMAND_DEADLINE),
-                });
-            }
-            Err(e) => return Err(self.guest_failed(e)),
-        };
-        if out.status == ExitStatus::Code(0) {
-            return Ok(());
-        }
-        // Guest text goes into event reasons: no control or format characters, bounded.
-        let stderr = vmha_qemu::guest_text::guest_bytes(&out.stderr);
-        Err(ActionError::CommandFailed {
-            status: Some(out.status),
-            stderr: stderr.trim().to_string(),
-        })
+        crate::guest::run_app_command(&self.name, &*self.guest()?, argv).await
     }
 
     /// Runs an operator's command in the guest (capped output, bounded time).
@@ -380,20 +324,7 @@ impl VmSlot {
         let qga = self
             .qga()
             .ok_or_else(|| SlotError::NoGuest(self.name.clone()))?;
-        let out = qga
-            .exec(&exec_request(argv, deadline, OPERATOR_OUTPUT))
-            .await?;
-        let (exit, signal) = match out.status {
-            ExitStatus::Code(c) => (Some(c), None),
-            ExitStatus::Signal(s) => (None, Some(s)),
-        };
-        Ok(GuestOutput {
-            exit,
-            signal,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            truncated: out.stdout_truncated || out.stderr_truncated,
-        })
+        Ok(crate::guest::exec(&*qga, argv, deadline).await?)
     }
 
     /// Runs the checks of all due apps in one guest round trip; the outcomes as the guest
@@ -402,38 +333,15 @@ impl VmSlot {
         &self,
         checks: &[ProbeCheck],
     ) -> Result<Vec<(Name, ProbeOutcome)>, ActionError> {
-        let qga = self.guest()?;
-        qga.probe(checks, PROBE_SLACK)
-            .await
-            .map_err(|vmha_qemu::ProbeError::Channel(e)| self.guest_failed(e))
+        crate::guest::probe(&self.name, &*self.guest()?, checks).await
     }
 
     /// Pings the guest agent within `timeout`; with `check_exec`, also reads `guest-info` (in
     /// `timeout` again) and answers [`ActionError::ExecBlocked`] when `guest-exec` is blocked.
     /// Each call is bounded by the QGA client itself, which resyncs after any failed call.
     pub async fn ping(&self, timeout: Duration, check_exec: bool) -> Result<(), ActionError> {
-        let qga = self.guest()?;
-        qga.ping_within(timeout)
-            .await
-            .map_err(|e| self.guest_failed(e))?;
-        if check_exec {
-            let info = qga
-                .info_within(timeout)
-                .await
-                .map_err(|e| self.guest_failed(e))?;
-            info.check_exec().map_err(|e| self.guest_failed(e))?;
-        }
-        Ok(())
+        crate::guest::ping(&self.name, &*self.guest()?, timeout, check_exec).await
     }
-}
-
-/// A guest command as the driver runs it: the one place an engine's or an operator's argv
-/// becomes a `vmha_qemu::ExecRequest`.
-fn exec_request(argv: &[String], deadline: Duration, output_cap: usize) -> ExecRequest {
-    let mut request = ExecRequest::new(argv.iter().cloned());
-    request.deadline = deadline;
-    request.output_cap = output_cap;
-    request
 }
 
 /// Maps the configuration of a `qemu` VM onto the driver's launch spec (`None` for libvirt).
@@ -518,24 +426,6 @@ mod tests {
 
     use crate::inbox::Msg;
     use tokio::sync::mpsc;
-
-    #[test]
-    fn a_hostile_guest_is_its_own_error_kind_with_the_reason() {
-        let e = guest_error(QgaError::Hostile {
-            reason: "sent more than 42 bytes".into(),
-            retry_in: Duration::from_secs(1),
-        });
-        assert_eq!(
-            e,
-            ActionError::GuestHostile {
-                detail: "sent more than 42 bytes".into()
-            }
-        );
-        assert!(matches!(
-            guest_error(QgaError::Disconnected),
-            ActionError::GuestUnreachable { .. }
-        ));
-    }
 
     fn slot() -> (Arc<VmSlot>, mpsc::Receiver<Msg>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();

@@ -155,7 +155,26 @@ impl QgaClient {
     }
 }
 
-fn exec_blocked(e: QgaError) -> QgaError {
+/// Parses the `return` of `guest-exec`: the guest pid, checked to be in `1..=i32::MAX`. `Err`
+/// holds a safe description. For drivers that carry agent commands themselves (libvirt).
+pub fn exec_started(value: serde_json::Value) -> Result<i64, String> {
+    serde_json::from_value::<Started>(value)
+        .map(|s| s.pid)
+        .map_err(|e| crate::guest_text::guest_text(&e.to_string()))
+}
+
+/// Parses the `return` of `guest-exec-status` exactly as [`QgaClient::exec`] does: `Ok(None)`
+/// while the process runs, its checked, capped result once it exited. `Err` holds a safe
+/// description. For drivers that carry agent commands themselves (libvirt).
+pub fn exec_status(value: serde_json::Value, cap: usize) -> Result<Option<ExecOutput>, String> {
+    let status = serde_json::from_value::<Status>(value)
+        .map_err(|e| crate::guest_text::guest_text(&e.to_string()))?;
+    exec_output(status, cap)
+}
+
+/// What an error of `guest-exec`/`guest-exec-status` means: a missing or disabled command is
+/// [`QgaError::ExecBlocked`], anything else stays as it is.
+pub fn exec_blocked(e: QgaError) -> QgaError {
     match e {
         QgaError::Remote { command, error }
             if error.class == "CommandNotFound" || error.desc.contains("disabled") =>
@@ -212,6 +231,37 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use serde_json::Value;
+
+    /// The public parsers (for drivers that carry agent commands themselves) check the same.
+    #[test]
+    fn public_parsers_check_pids_statuses_and_caps() {
+        assert_eq!(exec_started(json!({"pid": 42})), Ok(42));
+        for bad in [
+            json!({"pid": 0}),
+            json!({"pid": -1}),
+            json!({"pid": 1u64 << 40}),
+            json!({}),
+        ] {
+            assert!(exec_started(bad.clone()).is_err(), "{bad}");
+        }
+        assert_eq!(exec_status(json!({"exited": false}), 10), Ok(None));
+        let out = exec_status(
+            json!({"exited": true, "exitcode": 0, "out-data": B64.encode("0123456789abc")}),
+            10,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((out.stdout.len(), out.stdout_truncated), (10, true));
+        for bad in [
+            json!({"exited": true, "exitcode": 300}),
+            json!({"exited": true, "signal": 99}),
+            json!({"exited": true}),
+            json!({"exited": "yes"}),
+            json!({"exited": true, "exitcode": 0, "out-data": "!!"}),
+        ] {
+            assert!(exec_status(bad.clone(), 10).is_err(), "{bad}");
+        }
+    }
 
     fn status(v: Value, cap: usize) -> Result<Option<ExecOutput>, String> {
         exec_output(serde_json::from_value(v).map_err(|e| e.to_string())?, cap)

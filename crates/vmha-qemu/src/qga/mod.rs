@@ -26,7 +26,7 @@
 //! that timeout and never affects another VM's client.
 
 mod exec;
-pub use exec::{ExecOutput, ExecRequest};
+pub use exec::{ExecOutput, ExecRequest, exec_blocked, exec_started, exec_status};
 mod guard;
 mod wire;
 
