@@ -54,7 +54,10 @@ impl<S: ClusterStore> Executor<S> {
             | HostActionKind::StopApp { vm, .. }
             | HostActionKind::StartVm { vm }
             | HostActionKind::StopVm { vm, .. }
-            | HostActionKind::KillVm { vm } => vm.clone(),
+            | HostActionKind::KillVm { vm }
+            | HostActionKind::PrepareIncoming { vm }
+            | HostActionKind::Migrate { vm, .. }
+            | HostActionKind::CancelMigration { vm } => vm.clone(),
         };
         let Some(slot) = self.slots.get(&vm) else {
             // Every action is answered exactly once, even for a VM without a slot here.
@@ -99,6 +102,18 @@ impl<S: ClusterStore> Executor<S> {
                     slot.stop(timeout).await.map_err(ActionError::from)
                 }
                 HostActionKind::KillVm { .. } => slot.kill().await.map_err(ActionError::from),
+                HostActionKind::PrepareIncoming { .. } => {
+                    let result = Err(ActionError::NotConfigured {
+                        detail: "live migration is not supported by this vmhad yet".to_string(),
+                    });
+                    answers.send(HostInput::IncomingResult { id, result }).await;
+                    return;
+                }
+                HostActionKind::Migrate { .. } | HostActionKind::CancelMigration { .. } => {
+                    Err(ActionError::NotConfigured {
+                        detail: "live migration is not supported by this vmhad yet".to_string(),
+                    })
+                }
             };
             answers.send(HostInput::ActionResult { id, result }).await;
         });
