@@ -159,6 +159,11 @@ impl HostAgent {
                     });
                 }
             }
+            HostInput::MigrationResult { id, result } => {
+                if let Some(i) = self.vms.iter().position(|v| v.owns(id)) {
+                    self.with_vm(now, i, |v, out| v.on_migrated(out, id, result));
+                }
+            }
             HostInput::VmObserved { vm, kind } => {
                 if let Some(i) = self.vm_index(&vm) {
                     self.with_vm(now, i, |v, out| v.on_observed(out, kind));

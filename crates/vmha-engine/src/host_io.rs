@@ -116,6 +116,14 @@ pub enum HostInput {
         /// `tcp:ADDR:PORT`, or what went wrong.
         result: Result<String, ActionError>,
     },
+    /// The answer to a [`HostActionKind::Migrate`]: the migration completed (QEMU's own
+    /// figures), or why it did not.
+    MigrationResult {
+        /// The action.
+        id: ActionId,
+        /// Figures of the completed migration, or what went wrong.
+        result: Result<MigrationFigures, ActionError>,
+    },
     /// The answer to any other action, and to a probe that could not run (`Err`).
     ActionResult {
         /// The action.
@@ -156,6 +164,15 @@ pub struct VmReport {
     /// This host's side of a live migration, when one concerns it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationNote>,
+}
+
+/// A completed live migration as QEMU measured it on the source (`query-migrate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationFigures {
+    /// `total-time`: from `migrate` to completion, in ms.
+    pub total_ms: u64,
+    /// `downtime`: how long the guest was paused for the final copy, in ms.
+    pub downtime_ms: u64,
 }
 
 /// What a host says about its side of a live migration (in its [`VmReport`]).
@@ -244,8 +261,8 @@ pub enum HostActionKind {
         /// The VM.
         vm: Name,
     },
-    /// Source side of a live migration: QMP `migrate` to `uri`, followed until it ends. `Ok`:
-    /// completed (the source's QEMU is paused for good, the target runs the VM); `Err`: it
+    /// Source side of a live migration: QMP `migrate` to `uri`, followed until it ends.
+    /// Answered by [`HostInput::MigrationResult`]. `Ok`: completed (the source's QEMU is paused for good, the target runs the VM); `Err`: it
     /// failed, stalled or was cancelled, and the source's QEMU runs on.
     Migrate {
         /// The VM.

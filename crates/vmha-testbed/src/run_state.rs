@@ -15,9 +15,16 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_millis(500);
 /// `postmigrate` (a source that sent its last state and stopped its vCPUs for good).
 pub const MIGRATION_STATES: [&str; 3] = ["inmigrate", "finish-migrate", "postmigrate"];
 
-/// `query-status`'s `status` from the QMP socket `sock`, or `None` when it cannot be asked
-/// (no socket, no greeting, no answer within `timeout`: a stopped or hung QEMU).
-pub fn run_state(sock: &Path, timeout: Duration) -> Option<String> {
+/// Runs one QMP `command` (with `arguments`) on the QMP socket `sock` and returns its
+/// `return` value, or `None` when it cannot (no socket, no greeting, an error, no answer within
+/// `timeout`: a stopped or hung QEMU). Also what tests use to inject faults through a VM's
+/// observer socket (e.g. `migrate-set-parameters`).
+pub fn qmp(
+    sock: &Path,
+    command: &str,
+    arguments: Option<serde_json::Value>,
+    timeout: Duration,
+) -> Option<serde_json::Value> {
     let stream = UnixStream::connect(sock).ok()?;
     stream.set_read_timeout(Some(timeout)).ok()?;
     stream.set_write_timeout(Some(timeout)).ok()?;
@@ -43,10 +50,20 @@ pub fn run_state(sock: &Path, timeout: Duration) -> Option<String> {
         .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
         .ok()?;
     next(&mut reader)?.get("return")?;
-    writer.write_all(b"{\"execute\":\"query-status\"}\n").ok()?;
-    let answer = next(&mut reader)?;
-    answer
-        .pointer("/return/status")
+    let mut request = serde_json::json!({ "execute": command });
+    if let Some(args) = arguments {
+        request["arguments"] = args;
+    }
+    let mut bytes = request.to_string().into_bytes();
+    bytes.push(b'\n');
+    writer.write_all(&bytes).ok()?;
+    next(&mut reader)?.get("return").cloned()
+}
+
+/// `query-status`'s `status` from the QMP socket `sock` (see [`qmp`] for when it is `None`).
+pub fn run_state(sock: &Path, timeout: Duration) -> Option<String> {
+    qmp(sock, "query-status", None, timeout)?
+        .get("status")
         .and_then(serde_json::Value::as_str)
         .map(str::to_owned)
 }

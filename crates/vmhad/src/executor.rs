@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use vmha_engine::{
     ActionError, ControllerAction, ControllerActionKind, HostAction, HostActionKind, HostInput,
-    OwnerRecord,
+    MigrationFigures, OwnerRecord,
 };
 use vmha_model::Name;
 use vmha_store::layout::Layout;
@@ -86,6 +86,10 @@ impl<S: ClusterStore> Executor<S> {
                         id,
                         result: Err(error),
                     },
+                    HostActionKind::Migrate { .. } => HostInput::MigrationResult {
+                        id,
+                        result: Err(error),
+                    },
                     _ => HostInput::ActionResult {
                         id,
                         result: Err(error),
@@ -137,11 +141,20 @@ impl<S: ClusterStore> Executor<S> {
                     answers.send(HostInput::IncomingResult { id, result }).await;
                     return;
                 }
-                HostActionKind::Migrate { uri, .. } => slot
-                    .migrate(&uri)
-                    .await
-                    .map(drop)
-                    .map_err(ActionError::from),
+                HostActionKind::Migrate { uri, .. } => {
+                    let result = slot
+                        .migrate(&uri)
+                        .await
+                        .map(|s| MigrationFigures {
+                            total_ms: s.total_ms,
+                            downtime_ms: s.downtime_ms,
+                        })
+                        .map_err(ActionError::from);
+                    answers
+                        .send(HostInput::MigrationResult { id, result })
+                        .await;
+                    return;
+                }
                 HostActionKind::CancelMigration { .. } => {
                     slot.cancel_migration().await.map_err(ActionError::from)
                 }

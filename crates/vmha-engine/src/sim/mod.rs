@@ -93,6 +93,11 @@ enum Timer {
         host: usize,
         vm: Name,
     },
+    /// The source's `migrate` follower sees the completed migration (it polls).
+    MigrationSeen {
+        host: usize,
+        id: ActionId,
+    },
     Fence {
         host: usize,
         epoch: u64,
@@ -158,6 +163,13 @@ pub const BOOT_MS: u64 = 1_000;
 
 /// Time a simulated live migration takes from `migrate` to its end.
 pub const MIGRATE_MS: u64 = 500;
+
+/// The guest's pause at the end of a simulated live migration (reported, not simulated).
+pub const MIGRATE_DOWNTIME_MS: u64 = 10;
+
+/// How late the source's `migrate` follower sees a completed migration (it polls
+/// `query-migrate`): by then the target runs the VM and may own it already.
+pub const MIGRATE_POLL_MS: u64 = 100;
 
 /// Settle-loop bound: more steps than this at one instant is reported as a livelock.
 const MAX_STEPS: usize = 200_000;
@@ -461,6 +473,16 @@ impl Sim {
                 }
             }
             Timer::Migration { host, vm } => self.end_migration(host, &vm),
+            Timer::MigrationSeen { host, id } => {
+                if self.hosts[host].node.is_some() {
+                    let figures = crate::host_io::MigrationFigures {
+                        total_ms: MIGRATE_MS,
+                        downtime_ms: MIGRATE_DOWNTIME_MS,
+                    };
+                    let result = Ok(figures);
+                    self.host_input(host, HostInput::MigrationResult { id, result });
+                }
+            }
             Timer::Fence { host, epoch } => {
                 if self.hosts[host].epoch == epoch && self.hosts[host].node.is_some() {
                     self.host_input(host, HostInput::Lease { live: false });
@@ -763,7 +785,7 @@ impl Sim {
                         let result = Err(ActionError::Driver {
                             detail: format!("bad migration URI {uri}"),
                         });
-                        self.host_input(h, HostInput::ActionResult { id, result });
+                        self.host_input(h, HostInput::MigrationResult { id, result });
                     }
                 }
             }
@@ -773,7 +795,7 @@ impl Sim {
                     let result = Err(ActionError::Driver {
                         detail: "migration cancelled".to_string(),
                     });
-                    self.host_input(h, HostInput::ActionResult { id: mid, result });
+                    self.host_input(h, HostInput::MigrationResult { id: mid, result });
                 }
                 self.host_input(h, HostInput::ActionResult { id, result: Ok(()) });
             }
@@ -805,6 +827,19 @@ impl Sim {
             return;
         };
         let now = self.now;
+        let sending = self.hosts[h].node.is_some() && self.hosts[h].running.contains(vm);
+        let cut = !self.hosts[h].connected || !self.hosts[t].connected;
+        if sending && cut {
+            // A host cut off: the stream stalls (no reset reaches the source, whatever
+            // happens behind the cut) until the source cancels it or its QEMU goes.
+            self.migrations.insert((h, vm.clone()), (id, t));
+            let again = Timer::Migration {
+                host: h,
+                vm: vm.clone(),
+            };
+            self.timer(now.plus_ms(MIGRATE_MS), again);
+            return;
+        }
         let ok = self.hosts[h].node.is_some()
             && self.hosts[t].node.is_some()
             && self.hosts[h].connected
@@ -820,7 +855,7 @@ impl Sim {
                 detail: "migration failed: connection to the target lost".to_string(),
             });
             if self.hosts[h].node.is_some() {
-                self.host_input(h, HostInput::ActionResult { id, result });
+                self.host_input(h, HostInput::MigrationResult { id, result });
             }
             return;
         }
@@ -842,7 +877,9 @@ impl Sim {
                 kind: paused,
             },
         );
-        self.host_input(h, HostInput::ActionResult { id, result: Ok(()) });
+        // Its follower polls: it sees the completion a little after the target resumed.
+        let seen = Timer::MigrationSeen { host: h, id };
+        self.timer(now.plus_ms(MIGRATE_POLL_MS), seen);
         self.hosts[t].incoming.remove(vm);
         self.hosts[t].running.insert(vm.clone());
         if was_up {

@@ -280,6 +280,15 @@ impl VmMonitor {
             self.on_ping_result(out, result);
             return;
         }
+        if self.outgoing == Some(id) {
+            // A `migrate` answered as a plain action (e.g. no slot for it): no figures.
+            let figures = crate::host_io::MigrationFigures {
+                total_ms: 0,
+                downtime_ms: 0,
+            };
+            self.on_migrated(out, id, result.map(|()| figures));
+            return;
+        }
         if self.owns_migration(id) {
             self.on_migration_result(out, id, result.map(|()| None));
             return;

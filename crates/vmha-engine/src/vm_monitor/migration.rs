@@ -14,7 +14,7 @@
 
 use super::*;
 use crate::controller::Migration;
-use crate::host_io::MigrationNote;
+use crate::host_io::{MigrationFigures, MigrationNote};
 
 /// The target side of a migration on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +48,9 @@ impl VmMonitor {
         if !same_target {
             self.migration_note = None;
         }
+        if let Some(m) = &migrate {
+            self.migration_target = Some(m.to.clone());
+        }
         self.migrate = migrate;
     }
 
@@ -56,6 +59,11 @@ impl VmMonitor {
     pub(super) fn reconcile_target(&mut self, out: &mut Out<'_>) -> bool {
         let here = self.migrating_here(out.host);
         let owner = self.owner.clone().flatten();
+        if self.outgoing.is_some() {
+            // Ownership passed while our `migrate` still follows the migration: its answer
+            // (due at once, the migration completed) comes first, the kill after it.
+            return true;
+        }
         if !here {
             if self.incoming.take().is_some() && self.run != Run::Stopped {
                 let r = "live migration withdrawn: killing the incoming QEMU here";
@@ -153,9 +161,14 @@ impl VmMonitor {
         true
     }
 
-    /// A migration in flight from here whose record no longer asks for it is cancelled.
+    /// A migration in flight from here whose record no longer asks for it (and that did not
+    /// pass ownership: then it completed) is cancelled.
     pub(super) fn cancel_withdrawn(&mut self, out: &mut Out<'_>) {
-        if self.outgoing.is_some() && self.migrate.is_none() && self.cancel.is_none() {
+        if self.outgoing.is_some()
+            && self.migrate.is_none()
+            && self.cancel.is_none()
+            && self.mine(out.host)
+        {
             let id = out.act(
                 HostActionKind::CancelMigration {
                     vm: self.name.clone(),
@@ -190,8 +203,12 @@ impl VmMonitor {
                     let r = format!("incoming QEMU waits for the live migration at {uri}");
                     self.migration_note = Some(MigrationNote::Incoming { uri: uri.clone() });
                     self.incoming = Some(Incoming::Waiting(uri));
-                    out.event(ObjectRef::Vm(self.name.clone()), "starting", "starting", &r);
-                    self.last_report = None;
+                    // Its QEMU is there, holding the VM's vCPUs until the stream completes.
+                    self.set_run(Run::Running);
+                    self.guest_forget(out.now);
+                    self.hold_paused(out, PauseReason::Migration);
+                    let state = self.state.as_str();
+                    out.event(ObjectRef::Vm(self.name.clone()), state, state, &r);
                     self.report(out, &r);
                 }
                 Ok(None) | Err(_) => {
@@ -207,28 +224,45 @@ impl VmMonitor {
             }
             return;
         }
+    }
+
+    /// The answer to this host's `migrate`.
+    pub fn on_migrated(
+        &mut self,
+        out: &mut Out<'_>,
+        id: ActionId,
+        result: Result<MigrationFigures, ActionError>,
+    ) {
         if self.outgoing != Some(id) {
             return;
         }
         self.outgoing = None;
         self.cancel = None;
         let to = self
-            .migrate
+            .migration_target
             .as_ref()
-            .map_or_else(|| "its target".to_string(), |m| m.to.to_string());
+            .map_or_else(|| "its target".to_string(), Name::to_string);
         match result {
-            Ok(_) => {
+            Ok(f) => {
                 self.outgoing_sent = true;
                 let r = format!(
-                    "live migration to {to} completed: QEMU here paused for good, waiting for {to} to run it"
+                    "live migration to {to} completed in {} ms (guest paused {} ms): the QEMU here stays paused for good",
+                    f.total_ms, f.downtime_ms
                 );
-                self.set_state(out, VmState::Migrating, &r);
+                let state = self.state.as_str();
+                out.event(ObjectRef::Vm(self.name.clone()), state, state, &r);
             }
-            Err(e) => {
+            Err(e) if self.mine(out.host) => {
                 let why = format!("live migration to {to} failed: {e}");
-                self.migration_note = Some(MigrationNote::Failed { why: why.clone() });
+                if self.migrate.is_some() {
+                    // Still asked for: the controller learns it failed from this note.
+                    self.migration_note = Some(MigrationNote::Failed { why: why.clone() });
+                }
                 self.set_state(out, VmState::Online, &format!("{why}; it runs on here"));
             }
+            // Ownership passed (the target runs it): the migration completed, whatever its
+            // follower last heard.
+            Err(_) => self.outgoing_sent = true,
         }
         self.reconcile(out);
     }

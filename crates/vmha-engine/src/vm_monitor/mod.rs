@@ -205,6 +205,8 @@ pub(crate) struct VmMonitor {
     cancel: Option<ActionId>,
     /// What this host reports about its side of the migration.
     migration_note: Option<MigrationNote>,
+    /// The target of the latest migration the record carried (for reasons).
+    migration_target: Option<Name>,
     revision: u64,
     restored_restart: bool,
     /// The admin record's `clear` generation this host has applied.
@@ -284,6 +286,7 @@ impl VmMonitor {
             outgoing_sent: false,
             cancel: None,
             migration_note: None,
+            migration_target: None,
             revision: 0,
             restored_restart: false,
             clear_seen: 0,
