@@ -186,7 +186,7 @@ impl VmMonitor {
             || self.incoming == Some(Incoming::Preparing(id))
     }
 
-    /// The answer to a migration action.
+    /// The answer to a `prepare-incoming` (the URI, or why not) or a `cancel-migration`.
     pub fn on_migration_result(
         &mut self,
         out: &mut Out<'_>,
@@ -222,7 +222,6 @@ impl VmMonitor {
                     self.reconcile(out);
                 }
             }
-            return;
         }
     }
 
