@@ -114,12 +114,21 @@ fn listening_port(info: &Value) -> Option<u16> {
 }
 
 /// Source side: `migrate` to `uri`, followed until it ends (see the module documentation).
+/// A migration this QEMU already runs (started by an earlier daemon, which died) is followed
+/// instead of being started again; one it already completed is reported completed.
 pub async fn send(
     qmp: &QmpClient,
     uri: &str,
     limits: MigrationLimits,
 ) -> Result<MigrationStats, MigrationError> {
-    qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+    let before = qmp.execute("query-migrate", None).await?;
+    match before.get("status").and_then(Value::as_str).unwrap_or("") {
+        "completed" => return Ok(stats(&before)),
+        s if in_progress(s) => {}
+        _ => {
+            qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+        }
+    }
     let started = Instant::now();
     let mut progress = (0u64, Instant::now());
     loop {
@@ -161,6 +170,14 @@ pub async fn send(
             return Err(MigrationError::Cancelled(why));
         }
     }
+}
+
+/// Whether a `query-migrate` status is a migration still under way.
+fn in_progress(status: &str) -> bool {
+    matches!(
+        status,
+        "setup" | "active" | "pre-switchover" | "device" | "wait-unplug" | "cancelling"
+    )
 }
 
 /// `migrate_cancel` (a no-op when no migration runs).

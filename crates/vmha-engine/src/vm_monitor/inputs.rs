@@ -85,6 +85,11 @@ impl VmMonitor {
                 // Adopted paused, or paused while running: it runs, held on purpose.
                 self.found_running(out);
                 self.hold_paused(out, reason);
+                if reason == PauseReason::Migration {
+                    // Held by a migration: one this host no longer takes part in is a failure
+                    // (see `reconcile_source`).
+                    self.reconcile(out);
+                }
             }
             VmObservation::Reset => {
                 if self.run != Run::Running || self.plan.is_some() {

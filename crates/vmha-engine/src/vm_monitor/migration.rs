@@ -128,6 +128,18 @@ impl VmMonitor {
                 );
                 return true;
             }
+            let held = matches!(self.paused, Some((PauseReason::Migration, _)));
+            if held && self.outgoing.is_none() && self.run == Run::Running {
+                // Paused by a migration nobody asks for any more (found so after a daemon
+                // restart: a source done sending, or an incoming QEMU that never completed):
+                // QEMU will never resume it by itself.
+                self.set_run(Run::Crashed);
+                self.vm_failed(
+                    out,
+                    "VM held paused by a live migration that is no longer asked for",
+                );
+                return true;
+            }
             return false;
         };
         if self.desired != Some(Desired::Run) || self.run != Run::Running {
