@@ -91,6 +91,7 @@ fn bench(c: &mut Criterion) {
                 desired: Desired::Run,
                 move_to: None,
                 parked: false,
+                migrate: None,
             }),
             revision: 1,
         },

@@ -70,6 +70,7 @@ fn steady_on(config: Arc<Config>, owner: impl Fn(usize) -> usize) -> Controller 
                 desired: Desired::Run,
                 move_to: None,
                 parked: false,
+                migrate: None,
             }),
             revision: 1,
         });
@@ -86,6 +87,7 @@ fn steady_on(config: Arc<Config>, owner: impl Fn(usize) -> usize) -> Controller 
                 running: true,
                 reason: "online".into(),
                 revision: 1,
+                migration: None,
             },
         });
     }

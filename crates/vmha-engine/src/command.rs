@@ -63,12 +63,17 @@ pub enum AdminCommand {
         /// VM.
         vm: Name,
     },
-    /// Move the VM group to another host of its `hosts` list.
+    /// Move the VM group to another host of its `hosts` list: a live migration when the VM
+    /// runs and is live-migratable (`migrate`, shared storage), else a stop and start.
     VmMove {
         /// VM.
         vm: Name,
         /// Target host.
         to: Name,
+        /// Stop it and start it on `to` even when it could be migrated live (and the only way
+        /// to move a VM with `migrate` on whose disks are not on shared storage).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        restart: bool,
     },
     /// Host maintenance on (drain: move or stop its VM groups) or off.
     HostMaintenance {
@@ -319,6 +324,12 @@ pub enum CommandError {
         /// Why.
         why: String,
     },
+    /// A live migration was asked for (the VM has `migrate` on) but its disks are not on
+    /// shared storage.
+    #[error(
+        "VM `{0}` cannot be migrated live: its disks are not on shared storage (shared_storage = false); move it with --restart to stop it and start it there"
+    )]
+    NotSharedStorage(Name),
     /// The VM group is already on that host.
     #[error("VM `{vm}` is already on host `{host}`")]
     AlreadyThere {

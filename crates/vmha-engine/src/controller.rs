@@ -19,7 +19,7 @@ use vmha_model::{Config, HostState, Name, Placement, VmState};
 
 use crate::command::{AdminCommand, CommandError};
 use crate::event::{Event, ObjectRef, Origin};
-use crate::host_io::{Desired, VmReport};
+use crate::host_io::{Desired, MigrationNote, VmReport};
 use crate::ids::ActionId;
 use crate::records::VmAdmin;
 use crate::time::{Timestamp, human, millis};
@@ -39,6 +39,21 @@ pub struct OwnerRecord {
     /// owner leaves maintenance.
     #[serde(default)]
     pub parked: bool,
+    /// Set while a live migration is in progress: the owner keeps running the VM and sends
+    /// it to the target; ownership passes only once the target reports it running there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrate: Option<Migration>,
+}
+
+/// A live migration in progress (in an [`OwnerRecord`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    /// The target host: it prepares an incoming QEMU.
+    pub to: Name,
+    /// Where the target listens (`tcp:ADDR:PORT`), once it reported it: the owner then
+    /// starts sending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
 }
 
 /// An input to the [`Controller`].
@@ -230,6 +245,14 @@ struct VmCtl {
     retry_at: Option<Timestamp>,
     /// The latest report: host, the host's incarnation that wrote it, report.
     report: Option<(usize, u64, VmReport)>,
+    /// `migrate` is on for the VM (the admin asked for live moves).
+    migrate_on: bool,
+    /// It can be migrated live (`migrate` on, disks on shared storage, qemu driver).
+    migratable: bool,
+    /// The latest report of the target of the migration in progress: host, report.
+    target_report: Option<(usize, VmReport)>,
+    /// A live migration failed: no new one is tried before this time (the VM runs on).
+    migrate_hold: Option<Timestamp>,
 }
 
 impl VmCtl {
@@ -310,15 +333,28 @@ fn stopped_there(r: &VmReport) -> bool {
     !r.running && matches!(r.state, VmState::Offline | VmState::Faulted)
 }
 
-/// Hosts whose memory a record takes: the owner when it runs there, and a move target.
-fn takes(rec: &OwnerRecord, index: &BTreeMap<Name, usize>) -> [Option<usize>; 2] {
+/// Hosts whose memory a record takes: the owner when it runs there, a move target and a
+/// migration target.
+fn takes(rec: &OwnerRecord, index: &BTreeMap<Name, usize>) -> [Option<usize>; 3] {
     let owner = match (&rec.owner, rec.desired) {
         (Some(o), Desired::Run) => index.get(o).copied(),
         _ => None,
     };
     let target = rec.move_to.as_ref().and_then(|t| index.get(t).copied());
-    [owner, target]
+    let migration = rec.migrate.as_ref().and_then(|m| index.get(&m.to).copied());
+    [owner, target, migration]
 }
+
+/// Why a side of a live migration failed, if its report says so.
+fn failed_note(r: &VmReport) -> Option<String> {
+    match &r.migration {
+        Some(MigrationNote::Failed { why }) => Some(why.clone()),
+        _ => None,
+    }
+}
+
+/// How long a VM whose live migration failed waits before another one is tried.
+const MIGRATE_HOLD_MS: u64 = 60_000;
 
 impl Controller {
     /// Creates the controller, restoring maintenance flags, fault history and cluster-wide faults
@@ -376,6 +412,10 @@ impl Controller {
                 cluster_fault: None,
                 note: None,
                 report: None,
+                migrate_on: v.migrate,
+                migratable: v.live_migratable(),
+                target_report: None,
+                migrate_hold: None,
             })
             .collect();
         let order = start_order(&vms);
@@ -664,6 +704,7 @@ impl Controller {
             desired: Desired::Run,
             move_to: None,
             parked: false,
+            migrate: None,
         }
     }
 
@@ -733,6 +774,15 @@ impl Controller {
             None => {}
             Some(false) if rec.desired == Desired::Run || rec.move_to.is_some() => {
                 let cause = format!("{owner} down (lease expired): ");
+                if let Some(t) = self.arrived(i) {
+                    let host = self.hosts[t].name.clone();
+                    let reason = format!(
+                        "{cause}the live migration completed and {host} runs it: ownership passed"
+                    );
+                    self.cas(i, Self::run_record(&host), reason.clone());
+                    self.set_vm_state(i, VmState::FailingOver, &reason);
+                    return;
+                }
                 let target = rec
                     .move_to
                     .as_ref()
@@ -782,6 +832,9 @@ impl Controller {
                             self.set_vm_state(i, VmState::Offline, &format!("stopped on {owner}"));
                         }
                     }
+                    Desired::Run if rec.migrate.is_some() => {
+                        self.follow_migration(i, &rec, report.as_ref());
+                    }
                     Desired::Run => {
                         let faulted_here =
                             report.as_ref().is_some_and(|r| r.state == VmState::Faulted)
@@ -792,7 +845,26 @@ impl Controller {
                             } else {
                                 format!("drain {owner} (maintenance): ")
                             };
+                            let live = maintenance
+                                && !faulted_here
+                                && self.vms[i].migratable
+                                && report
+                                    .as_ref()
+                                    .is_some_and(|r| r.running && r.state == VmState::Online);
+                            if live && let Some(until) = self.vms[i].migrate_hold {
+                                let note = format!(
+                                    "{cause}a live migration failed: it runs on here; next attempt at {until}"
+                                );
+                                self.vms[i].note = Some(note);
+                                return;
+                            }
                             match self.choose(i, Some(h)) {
+                                Ok((t, how)) if live => {
+                                    let target = self.hosts[t].name.clone();
+                                    let reason =
+                                        format!("{cause}migrating live to {target} ({how})");
+                                    self.begin_migration(i, &rec, target, &reason);
+                                }
                                 Ok((t, how)) => {
                                     // Two phases, even if it looks stopped: the owner stops
                                     // (or confirms) first, then the target gets it.
@@ -807,6 +879,7 @@ impl Controller {
                                         desired: Desired::Stop,
                                         move_to: None,
                                         parked: true,
+                                        migrate: None,
                                     };
                                     self.cas(i, record, reason.clone());
                                     self.set_vm_state(i, VmState::Stopping, &reason);
@@ -944,6 +1017,14 @@ impl Controller {
                     &self.vms[i].record,
                     Some(Some(OwnerRecord { owner: Some(o), .. })) if *o == host
                 );
+                let target = matches!(
+                    &self.vms[i].record,
+                    Some(Some(OwnerRecord { migrate: Some(m), .. })) if m.to == host
+                );
+                if target {
+                    self.vms[i].target_report = Some((h, report));
+                    return;
+                }
                 if !is_owner {
                     // Not the owner's: only tells where an unowned VM already runs.
                     let unowned = matches!(
@@ -961,10 +1042,15 @@ impl Controller {
                 }
                 let moving = matches!(
                     &self.vms[i].record,
-                    Some(Some(OwnerRecord {
-                        move_to: Some(_),
-                        ..
-                    }))
+                    Some(
+                        Some(OwnerRecord {
+                            move_to: Some(_),
+                            ..
+                        }) | Some(OwnerRecord {
+                            migrate: Some(_),
+                            ..
+                        })
+                    )
                 );
                 let reason = format!("{host} reports {}: {}", report.state, report.reason);
                 match report.state {
@@ -1035,12 +1121,15 @@ impl Controller {
             return Err(CommandError::Frozen(v.name.clone()));
         }
         match (&v.cas, &v.record) {
-            (None, Some(Some(rec))) if rec.move_to.is_none() => Ok(rec.clone()),
+            (None, Some(Some(rec))) if rec.move_to.is_none() && rec.migrate.is_none() => {
+                Ok(rec.clone())
+            }
             (None, Some(None)) => Ok(OwnerRecord {
                 owner: None,
                 desired: Desired::Run,
                 move_to: None,
                 parked: false,
+                migrate: None,
             }),
             _ => Err(CommandError::Busy(v.name.clone())),
         }
@@ -1115,7 +1204,7 @@ impl Controller {
                 let i = self.vm_of(&vm)?;
                 self.admin_desire(i, Desired::Stop, VmState::Stopping, "stopped by admin")?;
             }
-            AdminCommand::VmMove { vm, to } => {
+            AdminCommand::VmMove { vm, to, restart } => {
                 let i = self.vm_of(&vm)?;
                 let t = *self
                     .host_index
@@ -1141,6 +1230,16 @@ impl Controller {
                     .as_ref()
                     .and_then(|o| self.host_index.get(o))
                     .is_none_or(|&h| self.hosts[h].lease == Some(false));
+                let live = !restart && !owner_down && self.vms[i].migrate_on;
+                if live && !self.vms[i].migratable {
+                    return Err(CommandError::NotSharedStorage(vm));
+                }
+                if live && self.online_on_owner(i) {
+                    let reason = format!("moved live to {to} by admin");
+                    self.begin_migration(i, &rec, to, &reason);
+                    self.reconcile();
+                    return Ok(());
+                }
                 let record = if owner_down {
                     Self::run_record(&to)
                 } else {
@@ -1177,6 +1276,9 @@ impl Controller {
             if v.retry_at.is_some_and(|t| t <= now) {
                 v.retry_at = None;
             }
+            if v.migrate_hold.is_some_and(|t| t <= now) {
+                v.migrate_hold = None;
+            }
         }
         self.reconcile();
     }
@@ -1184,7 +1286,11 @@ impl Controller {
     /// The earliest time a fault window ends or a failed write may be retried (then
     /// [`Controller::handle_timeout`] is due), if any.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        let retries = self.vms.iter().filter_map(|v| v.retry_at);
+        let retries = self
+            .vms
+            .iter()
+            .flat_map(|v| [v.retry_at, v.migrate_hold])
+            .flatten();
         self.vms
             .iter()
             .flat_map(|v| v.faults.values().map(move |t| t.plus_ms(v.window_ms)))
@@ -1268,9 +1374,125 @@ impl Controller {
             desired: Desired::Stop,
             move_to: Some(target),
             parked: false,
+            migrate: None,
         };
         self.cas(i, record, reason.to_string());
         self.set_vm_state(i, VmState::FailingOver, reason);
+    }
+
+    /// Starts a live migration of VM `i` (running on the owner of `rec`) to `target`: the
+    /// owner keeps it and sends it; the target prepares an incoming QEMU.
+    fn begin_migration(&mut self, i: usize, rec: &OwnerRecord, target: Name, reason: &str) {
+        let record = OwnerRecord {
+            desired: Desired::Run,
+            move_to: None,
+            parked: false,
+            migrate: Some(Migration {
+                to: target,
+                uri: None,
+            }),
+            ..rec.clone()
+        };
+        self.vms[i].target_report = None;
+        self.vms[i].note = None;
+        self.cas(i, record, reason.to_string());
+        self.set_vm_state(i, VmState::Migrating, reason);
+    }
+
+    /// Whether VM `i`'s owner reported it online (and running) for the current record.
+    fn online_on_owner(&self, i: usize) -> bool {
+        let v = &self.vms[i];
+        let owner = match &v.record {
+            Some(Some(OwnerRecord { owner: Some(o), .. })) => self.host_index.get(o).copied(),
+            _ => None,
+        };
+        v.report.as_ref().is_some_and(|(h, _, r)| {
+            Some(*h) == owner && r.revision == v.revision && r.running && r.state == VmState::Online
+        })
+    }
+
+    /// The migration target of VM `i` when it reported the VM running there (the migration
+    /// completed) for the current record, with a live lease.
+    fn arrived(&self, i: usize) -> Option<usize> {
+        let v = &self.vms[i];
+        let Some(Some(OwnerRecord {
+            migrate: Some(m), ..
+        })) = &v.record
+        else {
+            return None;
+        };
+        let t = self.host_index.get(&m.to).copied()?;
+        let (h, r) = v.target_report.as_ref()?;
+        let done = *h == t
+            && r.revision == v.revision
+            && r.running
+            && r.state == VmState::Online
+            && r.migration.is_none();
+        (done && self.hosts[t].lease == Some(true)).then_some(t)
+    }
+
+    /// Follows the live migration in `rec` (its owner's lease is live): hands the target's
+    /// URI to the owner, passes ownership once the target runs the VM, and withdraws the
+    /// migration when the target is down or either side failed (the owner runs on).
+    fn follow_migration(&mut self, i: usize, rec: &OwnerRecord, report: Option<&VmReport>) {
+        let Some(m) = rec.migrate.clone() else {
+            return;
+        };
+        if let Some(t) = self.arrived(i) {
+            let host = self.hosts[t].name.clone();
+            let reason = format!("live migration completed: {host} runs it, ownership passed");
+            self.cas(i, Self::run_record(&host), reason.clone());
+            self.set_vm_state(i, VmState::Online, &reason);
+            return;
+        }
+        let t = self.host_index.get(&m.to).copied();
+        let revision = self.vms[i].revision;
+        let target_report = self.vms[i]
+            .target_report
+            .as_ref()
+            .filter(|(h, r)| Some(*h) == t && r.revision == revision)
+            .map(|(_, r)| r.clone());
+        let failed = match (t, &target_report, report) {
+            (None, _, _) => Some(format!("{} is no longer configured", m.to)),
+            (Some(t), _, _) if self.hosts[t].lease == Some(false) => {
+                Some(format!("{} down (lease expired)", m.to))
+            }
+            (_, Some(r), _) | (_, _, Some(r)) if failed_note(r).is_some() => failed_note(r),
+            _ => None,
+        };
+        if let Some(why) = failed {
+            let owner = rec
+                .owner
+                .clone()
+                .map_or_else(String::new, |o| o.to_string());
+            let reason = format!(
+                "live migration to {} withdrawn: {why}; it runs on {owner}",
+                m.to
+            );
+            let record = OwnerRecord {
+                migrate: None,
+                ..rec.clone()
+            };
+            self.vms[i].migrate_hold = Some(self.now.plus_ms(MIGRATE_HOLD_MS));
+            self.cas(i, record, reason.clone());
+            self.set_vm_state(i, VmState::Online, &reason);
+            return;
+        }
+        if m.uri.is_none()
+            && let Some(MigrationNote::Incoming { uri }) =
+                target_report.as_ref().and_then(|r| r.migration.clone())
+        {
+            let reason = format!("{} waits for the migration at {uri}: sending", m.to);
+            let record = OwnerRecord {
+                migrate: Some(Migration {
+                    to: m.to.clone(),
+                    uri: Some(uri),
+                }),
+                ..rec.clone()
+            };
+            self.cas(i, record, reason.clone());
+            self.set_vm_state(i, VmState::Migrating, &reason);
+        }
     }
 
     /// An admin's VM start or stop: writes `desired` (and unparks) unless it already holds.

@@ -152,6 +152,18 @@ impl HostAgent {
                     self.with_vm(now, i, |v, out| v.on_action_result(out, id, result));
                 }
             }
+            HostInput::IncomingResult { id, result } => {
+                if let Some(i) = self.vms.iter().position(|v| v.owns(id)) {
+                    self.with_vm(now, i, |v, out| {
+                        v.on_migration_result(out, id, result.map(Some))
+                    });
+                }
+            }
+            HostInput::MigrationResult { id, result } => {
+                if let Some(i) = self.vms.iter().position(|v| v.owns(id)) {
+                    self.with_vm(now, i, |v, out| v.on_migrated(out, id, result));
+                }
+            }
             HostInput::VmObserved { vm, kind } => {
                 if let Some(i) = self.vm_index(&vm) {
                     self.with_vm(now, i, |v, out| v.on_observed(out, kind));
@@ -172,9 +184,10 @@ impl HostAgent {
                 if let Some(i) = self.vm_index(vm) {
                     let owner = record.as_ref().and_then(|r| r.owner.clone());
                     let desired = record.as_ref().map_or(crate::Desired::Run, |r| r.desired);
+                    let migrate = record.as_ref().and_then(|r| r.migrate.clone());
                     let revision = *revision;
                     self.with_vm(now, i, |v, out| {
-                        v.on_ownership(out, owner, desired, revision)
+                        v.on_ownership(out, owner, desired, revision, migrate)
                     });
                 }
             }

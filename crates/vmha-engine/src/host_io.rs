@@ -108,6 +108,22 @@ pub enum HostInput {
         /// One outcome per app.
         outcomes: Vec<(Name, ProbeOutcome)>,
     },
+    /// The answer to a [`HostActionKind::PrepareIncoming`]: the URI the incoming QEMU listens
+    /// on, or why it could not be prepared.
+    IncomingResult {
+        /// The action.
+        id: ActionId,
+        /// `tcp:ADDR:PORT`, or what went wrong.
+        result: Result<String, ActionError>,
+    },
+    /// The answer to a [`HostActionKind::Migrate`]: the migration completed (QEMU's own
+    /// figures), or why it did not.
+    MigrationResult {
+        /// The action.
+        id: ActionId,
+        /// Figures of the completed migration, or what went wrong.
+        result: Result<MigrationFigures, ActionError>,
+    },
     /// The answer to any other action, and to a probe that could not run (`Err`).
     ActionResult {
         /// The action.
@@ -145,6 +161,35 @@ pub struct VmReport {
     /// Revision of the ownership record this report answers: the controller acts only on
     /// reports that answer the record it currently knows.
     pub revision: u64,
+    /// This host's side of a live migration, when one concerns it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationNote>,
+}
+
+/// A completed live migration as QEMU measured it on the source (`query-migrate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationFigures {
+    /// `total-time`: from `migrate` to completion, in ms.
+    pub total_ms: u64,
+    /// `downtime`: how long the guest was paused for the final copy, in ms.
+    pub downtime_ms: u64,
+}
+
+/// What a host says about its side of a live migration (in its [`VmReport`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "migration", rename_all = "kebab-case")]
+pub enum MigrationNote {
+    /// The target: an incoming QEMU waits for the migration stream at `uri`.
+    Incoming {
+        /// Where the source sends it (`tcp:ADDR:PORT`).
+        uri: String,
+    },
+    /// This side failed (the target could not prepare, the source's migration failed or was
+    /// cancelled): the source keeps running the VM.
+    Failed {
+        /// Why.
+        why: String,
+    },
 }
 
 /// An action for the driver. Every action is idempotent and answered exactly once: a probe by
@@ -205,6 +250,29 @@ pub enum HostActionKind {
     },
     /// Kill the VM at once. `Ok` means it no longer runs.
     KillVm {
+        /// The VM.
+        vm: Name,
+    },
+    /// Target side of a live migration: start the VM's QEMU with the same machine spec,
+    /// waiting for an incoming migration (`-incoming defer`, then `migrate-incoming`) on this
+    /// host's cluster address. Answered by [`HostInput::IncomingResult`] with the URI. The
+    /// incoming QEMU runs nothing until the migration completes; then it resumes by itself.
+    PrepareIncoming {
+        /// The VM.
+        vm: Name,
+    },
+    /// Source side of a live migration: QMP `migrate` to `uri`, followed until it ends.
+    /// Answered by [`HostInput::MigrationResult`]. `Ok`: completed (the source's QEMU is paused for good, the target runs the VM); `Err`: it
+    /// failed, stalled or was cancelled, and the source's QEMU runs on.
+    Migrate {
+        /// The VM.
+        vm: Name,
+        /// The target's `tcp:ADDR:PORT`.
+        uri: String,
+    },
+    /// Cancel the migration in flight (QMP `migrate_cancel`); its [`HostActionKind::Migrate`]
+    /// then answers `Err`. `Ok` even when none runs.
+    CancelMigration {
         /// The VM.
         vm: Name,
     },

@@ -36,14 +36,14 @@ pub(crate) mod vm_monitor;
 pub use command::{AdminCommand, CommandError, Route};
 pub use controller::{
     ClusterVmView, Controller, ControllerAction, ControllerActionKind, ControllerInput,
-    ControllerState, ControllerStatus, HostView, OwnerRecord,
+    ControllerState, ControllerStatus, HostView, Migration, OwnerRecord,
 };
 pub use decision_agent::{AppView, Verdict};
 pub use event::{Event, ObjectRef, Origin};
 pub use host_agent::{HostAgent, HostAgentError};
 pub use host_io::{
-    ActionError, Desired, ExitStatus, HostAction, HostActionKind, HostInput, PauseReason,
-    ProbeCheck, ProbeOutcome, Unreadable, VmObservation, VmReport,
+    ActionError, Desired, ExitStatus, HostAction, HostActionKind, HostInput, MigrationFigures,
+    MigrationNote, PauseReason, ProbeCheck, ProbeOutcome, Unreadable, VmObservation, VmReport,
 };
 pub use ids::ActionId;
 pub use node::{

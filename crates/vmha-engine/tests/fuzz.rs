@@ -158,7 +158,11 @@ fn command() -> impl Strategy<Value = AdminCommand> {
         name().prop_map(|vm| AdminCommand::VmStart { vm }),
         name().prop_map(|vm| AdminCommand::VmStop { vm }),
         name().prop_map(|vm| AdminCommand::VmRestart { vm }),
-        (name(), name()).prop_map(|(vm, to)| AdminCommand::VmMove { vm, to }),
+        (name(), name()).prop_map(|(vm, to)| AdminCommand::VmMove {
+            vm,
+            to,
+            restart: false
+        }),
         (name(), any::<bool>()).prop_map(|(host, on)| AdminCommand::HostMaintenance { host, on }),
         name().prop_map(|vm| AdminCommand::Freeze { vm }),
         name().prop_map(|vm| AdminCommand::Unfreeze { vm }),
@@ -224,7 +228,8 @@ fn ctl_input() -> impl Strategy<Value = ControllerInput> {
                     state,
                     running,
                     reason: String::new(),
-                    revision
+                    revision,
+                    migration: None,
                 },
             }
         ),
@@ -245,6 +250,7 @@ fn ctl_input() -> impl Strategy<Value = ControllerInput> {
                     desired: if run { Desired::Run } else { Desired::Stop },
                     move_to,
                     parked,
+                    migrate: None,
                 }),
                 revision,
             }),
@@ -284,6 +290,7 @@ fn record() -> impl Strategy<Value = Record> {
                     desired,
                     move_to,
                     parked,
+                    migrate: None,
                 }),
                 revision,
             }),
@@ -333,6 +340,7 @@ fn record() -> impl Strategy<Value = Record> {
                         running,
                         reason: String::new(),
                         revision,
+                        migration: None,
                     },
                 }),
             }

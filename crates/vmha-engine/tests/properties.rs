@@ -1,5 +1,6 @@
 //! Property tests over random input sequences on small random clusters (simulated):
-//! - a VM group never runs on two hosts; a frozen group gets no start/stop/kill action; an app
+//! - a VM group never runs on two hosts (running: its vCPUs run; the incoming QEMU of a live
+//!   migration and the source's QEMU paused after one are not running); a frozen group gets no start/stop/kill action; an app
 //!   never starts before what it requires is online; persisted state never changes without its
 //!   dirty mark (all checked by the simulator) — also while the cluster store fails, daemons
 //!   restart and commands arrive through any host;
@@ -108,11 +109,18 @@ fn toml(spec: &ClusterSpec) -> String {
         let hosts: Vec<String> = vm.hosts.iter().map(|h| format!("\"h{h}\"")).collect();
         s.push_str(&format!(
             "[[vm]]\nname = \"v{v}\"\nhosts = [{}]\npolicy = \"{}\"\nvm_restart_limit = {}\n\
-             guest_timeout = \"6s\"\nboot_timeout = \"10s\"\nstop_timeout = \"5s\"\n\
+             guest_timeout = \"6s\"\nboot_timeout = \"10s\"\nstop_timeout = \"5s\"\n{}\
              [vm.qemu]\nmemory_mb = 64\ndisk = \"/d/v{v}.qcow2\"\n\n",
             hosts.join(", "),
             POLICIES[vm.policy],
-            vm.vm_restart_limit
+            vm.vm_restart_limit,
+            // Every other VM migrates live on drains and moves (a paused or incoming QEMU
+            // of it on a second host is not a second run).
+            if v % 2 == 0 {
+                "migrate = true\nshared_storage = true\n"
+            } else {
+                ""
+            },
         ));
         for (a, app) in vm.apps.iter().enumerate() {
             let req: Vec<String> = app.requires.iter().map(|r| format!("\"a{r}\"")).collect();
@@ -172,7 +180,7 @@ fn command(budget_safe: bool) -> impl Strategy<Value = SimCommand> {
         1 => (vm.clone(), app.clone()).prop_map(|(vm, app)| SimCommand::admin(AdminCommand::AppOnline { vm, app })),
         1 => (vm.clone(), app.clone()).prop_map(|(vm, app)| SimCommand::admin(AdminCommand::AppStop { vm, app })),
         1 => (vm.clone(), app.clone()).prop_map(|(vm, app)| SimCommand::admin(AdminCommand::AppStart { vm, app })),
-        1 => (vm.clone(), host.clone()).prop_map(|(vm, to)| SimCommand::admin(AdminCommand::VmMove { vm, to })),
+        1 => (vm.clone(), host.clone(), any::<bool>()).prop_map(|(vm, to, restart)| SimCommand::admin(AdminCommand::VmMove { vm, to, restart })),
         1 => (host.clone(), any::<bool>()).prop_map(|(host, on)| SimCommand::admin(AdminCommand::HostMaintenance { host, on })),
         1 => vm.clone().prop_map(|vm| SimCommand::admin(AdminCommand::VmStop { vm })),
         1 => vm.clone().prop_map(|vm| SimCommand::admin(AdminCommand::VmStart { vm })),

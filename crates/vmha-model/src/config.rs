@@ -63,6 +63,8 @@ pub struct Cluster {
     pub state_dir: PathBuf,
     /// Per-VM runtime files: QMP/QGA sockets, pidfiles, console logs.
     pub runtime_dir: PathBuf,
+    /// Default of each VM's `migrate`.
+    pub migrate: bool,
 }
 
 /// The cluster store.
@@ -83,7 +85,7 @@ pub enum Store {
 
 impl Serialize for Cluster {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("cluster", 7)?;
+        let mut st = s.serialize_struct("cluster", 8)?;
         st.serialize_field("name", &self.name)?;
         match &self.store {
             Store::Embedded => st.serialize_field("store", "embedded")?,
@@ -100,6 +102,7 @@ impl Serialize for Cluster {
         }
         st.serialize_field("state_dir", &self.state_dir)?;
         st.serialize_field("runtime_dir", &self.runtime_dir)?;
+        st.serialize_field("migrate", &self.migrate)?;
         st.end()
     }
 }
@@ -255,6 +258,12 @@ pub struct Vm {
     pub placement: Placement,
     /// Move back to the preferred host when it returns.
     pub failback: bool,
+    /// A drain or `vmha vm move` of the running VM is a live migration (when
+    /// [`Vm::live_migratable`]), not a stop and start.
+    pub migrate: bool,
+    /// The VM's disks are on storage every acceptable host sees (NFS, SAN, Ceph): a live
+    /// migration moves only memory and device state.
+    pub shared_storage: bool,
     /// VMs that must be online before this one starts (cluster-wide start order).
     pub requires: Vec<Name>,
     /// Hypervisor driver and its settings.
@@ -269,6 +278,21 @@ impl Vm {
         self.apps.iter().find(|a| a.name.as_str() == name)
     }
 
+    /// Whether a drain or a move of the running VM migrates it live: `migrate` is on, the
+    /// driver is `qemu`, and its disks are on shared storage (or it has none: a kernel and
+    /// initrd only).
+    pub fn live_migratable(&self) -> bool {
+        self.migrate && self.storage_shared()
+    }
+
+    /// Whether every disk of the VM is on shared storage (trivially so without disks).
+    pub fn storage_shared(&self) -> bool {
+        match &self.driver {
+            Driver::Qemu(q) => self.shared_storage || q.disks.is_empty(),
+            Driver::Libvirt(_) => false,
+        }
+    }
+
     /// Memory the VM needs on a host, in MiB (0 when the driver does not say).
     pub fn memory_mb(&self) -> u64 {
         match &self.driver {
@@ -280,7 +304,7 @@ impl Vm {
 
 impl Serialize for Vm {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("vm", 17)?;
+        let mut st = s.serialize_struct("vm", 19)?;
         st.serialize_field("name", &self.name)?;
         st.serialize_field(
             "driver",
@@ -301,6 +325,8 @@ impl Serialize for Vm {
         st.serialize_field("on_guest_loss", &self.on_guest_loss)?;
         st.serialize_field("placement", &self.placement)?;
         st.serialize_field("failback", &self.failback)?;
+        st.serialize_field("migrate", &self.migrate)?;
+        st.serialize_field("shared_storage", &self.shared_storage)?;
         st.serialize_field("requires", &self.requires)?;
         match &self.driver {
             Driver::Qemu(q) => st.serialize_field("qemu", q)?,

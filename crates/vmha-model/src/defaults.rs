@@ -71,6 +71,10 @@ pub const ON_GUEST_LOSS: OnGuestLoss = OnGuestLoss::RestartVm;
 pub const PLACEMENT: Placement = Placement::Priority;
 /// Whether a VM moves back to its preferred host when that host returns.
 pub const FAILBACK: bool = false;
+/// Default of `migrate` (cluster-wide and per VM): drains and moves stop and start VMs.
+pub const MIGRATE: bool = false;
+/// Default of `shared_storage`: disks are assumed local to a host (never migrated live).
+pub const SHARED_STORAGE: bool = false;
 
 // ---- [vm.qemu] ----
 

@@ -61,6 +61,7 @@ pub(crate) struct RawCluster {
     pub(crate) endpoints: Option<Spanned<Vec<Spanned<String>>>>,
     pub(crate) ttl: Option<Spanned<DurationValue>>,
     pub(crate) fence_margin: Option<Spanned<DurationValue>>,
+    pub(crate) migrate: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +116,8 @@ pub(crate) struct RawVm {
     pub(crate) on_guest_loss: Option<OnGuestLoss>,
     pub(crate) placement: Option<Placement>,
     pub(crate) failback: Option<bool>,
+    pub(crate) migrate: Option<Spanned<bool>>,
+    pub(crate) shared_storage: Option<bool>,
     #[serde(default)]
     pub(crate) requires: Vec<Spanned<Name>>,
     pub(crate) qemu: Option<Spanned<RawQemu>>,

@@ -211,7 +211,7 @@ impl Resolver<'_> {
         let vms = raw
             .vm
             .into_iter()
-            .map(|v| self.vm(v, &host_names, &host_memory))
+            .map(|v| self.vm(v, &host_names, &host_memory, cluster.migrate))
             .collect::<R<Vec<_>>>()?;
         Ok(Config {
             cluster,
@@ -314,6 +314,7 @@ impl Resolver<'_> {
             store,
             state_dir: self.opt_path("state_dir", raw.state_dir, d::STATE_DIR)?,
             runtime_dir: self.opt_path("runtime_dir", raw.runtime_dir, d::RUNTIME_DIR)?,
+            migrate: raw.migrate.unwrap_or(d::MIGRATE),
         })
     }
 
@@ -572,6 +573,7 @@ impl Resolver<'_> {
         raw: Spanned<RawVm>,
         host_names: &[&str],
         host_memory: &HashMap<&str, Option<u64>>,
+        migrate_default: bool,
     ) -> R<Vm> {
         let span = raw.span();
         let raw = raw.into_inner();
@@ -605,6 +607,7 @@ impl Resolver<'_> {
                 .as_ref()
                 .map_or_else(|| q.span(), Spanned::span)
         });
+        let driver_span = raw.driver.as_ref().map_or(span.clone(), Spanned::span);
         let driver = self.driver(&vm_name, span.clone(), raw.driver, raw.qemu, raw.libvirt)?;
         self.fits_somewhere(
             &vm_name,
@@ -613,6 +616,10 @@ impl Resolver<'_> {
             raw.hosts.get_ref(),
             host_memory,
         )?;
+        let shared_storage = raw.shared_storage.unwrap_or(d::SHARED_STORAGE);
+        self.migratable(&vm_name, &driver, raw.migrate.as_ref(), shared_storage)?;
+        // Last of the VM's own checks: a configuration is first made right, then a build found.
+        self.included(&vm_name, &driver, driver_span)?;
         self.unique(
             "app",
             &format!(" in VM `{vm_name}`"),
@@ -723,10 +730,51 @@ impl Resolver<'_> {
             on_guest_loss: raw.on_guest_loss.unwrap_or(d::ON_GUEST_LOSS),
             placement: raw.placement.unwrap_or(d::PLACEMENT),
             failback: raw.failback.unwrap_or(d::FAILBACK),
+            migrate: raw
+                .migrate
+                .as_ref()
+                .map_or(migrate_default, |m| *m.get_ref()),
+            shared_storage,
             requires: raw.requires.into_iter().map(Spanned::into_inner).collect(),
             driver,
             apps,
         })
+    }
+
+    /// Rejects a VM that asks for `migrate = true` itself while it cannot be migrated live: a
+    /// `libvirt` VM (not supported), or disks not declared on shared storage (a migration
+    /// would leave the target reading its own, different copy). The cluster-wide default does
+    /// not make such VMs an error: they are simply stopped and started elsewhere.
+    fn migratable(
+        &self,
+        vm: &Name,
+        driver: &Driver,
+        migrate: Option<&Spanned<bool>>,
+        shared_storage: bool,
+    ) -> R<()> {
+        let Some(m) = migrate.filter(|m| *m.get_ref()) else {
+            return Ok(());
+        };
+        match driver {
+            Driver::Libvirt(_) => Err(self.err(
+                m.span(),
+                ErrorKind::Conflict,
+                format!("VM `{vm}` sets migrate = true, but live migration needs driver = \"qemu\""),
+                Some("remove `migrate`, or run the VM with the qemu driver".into()),
+            )),
+            Driver::Qemu(q) if !q.disks.is_empty() && !shared_storage => Err(self.err(
+                m.span(),
+                ErrorKind::Conflict,
+                format!(
+                    "VM `{vm}` sets migrate = true, but its disks are not declared on shared storage"
+                ),
+                Some(
+                    "set shared_storage = true if every acceptable host sees the same disk images (NFS, SAN, Ceph); otherwise remove `migrate`"
+                        .into(),
+                ),
+            )),
+            Driver::Qemu(_) => Ok(()),
+        }
     }
 
     /// Rejects a VM that needs more memory than every acceptable host declares: it could never
@@ -762,6 +810,24 @@ impl Resolver<'_> {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Refuses a VM whose driver this build does not include ([`ErrorKind::Unsupported`], at
+    /// its `driver` key), with the way to get a build that does.
+    fn included(&self, vm: &Name, driver: &Driver, kind_span: Range<usize>) -> R<()> {
+        if matches!(driver, Driver::Libvirt(_)) && !self.drivers.libvirt {
+            return Err(self.err(
+                kind_span,
+                ErrorKind::Unsupported,
+                format!("VM `{vm}` uses driver \"libvirt\", which this build does not include"),
+                Some(
+                    "build vmha and vmhad with `cargo build --features libvirt` \
+                     (needs libvirt-dev and pkg-config), or use driver = \"qemu\""
+                        .into(),
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn driver(
@@ -810,20 +876,6 @@ impl Resolver<'_> {
                 Ok(Driver::Qemu(self.qemu(q)?))
             }
             DriverKind::Libvirt => {
-                if !self.drivers.libvirt {
-                    return Err(self.err(
-                        kind_span,
-                        ErrorKind::Unsupported,
-                        format!(
-                            "VM `{vm}` uses driver \"libvirt\", which this build does not include"
-                        ),
-                        Some(
-                            "build vmha and vmhad with `cargo build --features libvirt` \
-                             (needs libvirt-dev and pkg-config), or use driver = \"qemu\""
-                                .into(),
-                        ),
-                    ));
-                }
                 if let Some(q) = qemu {
                     return Err(self.err(
                         q.span(),

@@ -65,6 +65,8 @@ spelled_enum!(
         Faulted => "faulted",
         /// Being moved to another host by the cluster controller.
         FailingOver => "failing-over",
+        /// Running on its owner while being migrated live to another host.
+        Migrating => "migrating",
         /// Not known (e.g. its host is unreachable).
         Unknown => "unknown",
     }

@@ -98,3 +98,21 @@ fn the_embedded_store_puts_no_bound_on_the_watchdog_timeout() {
     );
     assert_eq!(c.hosts[0].watchdog_timeout, Duration::from_secs(300));
 }
+
+#[test]
+fn cluster_migrate_default_applies_only_where_storage_is_shared() {
+    let c = parse(&format!(
+        "{ETCD}migrate = true\n[[host]]\nname = \"h\"\n\
+         [[vm]]\nname = \"local\"\nhosts = [\"h\"]\n[vm.qemu]\ndisk = \"/l\"\n\
+         [[vm]]\nname = \"shared\"\nhosts = [\"h\"]\nshared_storage = true\n[vm.qemu]\ndisk = \"/s\"\n\
+         [[vm]]\nname = \"diskless\"\nhosts = [\"h\"]\n[vm.qemu]\nkernel = \"/k\"\n\
+         [[vm]]\nname = \"off\"\nhosts = [\"h\"]\nmigrate = false\nshared_storage = true\n[vm.qemu]\ndisk = \"/o\"\n"
+    ));
+    let live = |n: &str| c.vm(n).unwrap().live_migratable();
+    // The cluster default never makes a VM with local disks migrate: it is stopped and started.
+    assert!(c.vm("local").unwrap().migrate);
+    assert!(!live("local"));
+    assert!(live("shared"));
+    assert!(live("diskless"));
+    assert!(!live("off"));
+}

@@ -50,12 +50,14 @@
 
 pub mod framing;
 pub mod guest_text;
+pub mod migration;
 pub mod probe;
 pub mod qga;
 pub mod qmp;
 pub mod reply;
 pub mod vm;
 
+pub use migration::{MigrationError, MigrationLimits, MigrationStats};
 pub use probe::ProbeError;
 pub use qga::{ExecOutput, ExecRequest, GuestInfo, QgaClient, QgaConfig, QgaError};
 pub use qmp::{QmpClient, QmpConfig, QmpError, QmpEvent, QmpEvents, RunStatus, pause_reason};

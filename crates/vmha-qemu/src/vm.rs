@@ -1,6 +1,7 @@
 //! VM lifecycle: launch QEMU as a child, or adopt a running one; watch it; stop or kill it.
 //!
-//! Each VM gets `runtime_dir/<name>/` holding `qmp.sock`, `qga.sock`, `qemu.pid`, `console.log`
+//! Each VM gets `runtime_dir/<name>/` holding `qmp.sock` (vmhad's monitor), `observe.sock` (a second one for
+//! observers), `qga.sock`, `qemu.pid`, `console.log`
 //! (the serial console) and `qemu.log` (QEMU's own stdout/stderr). A launched QEMU runs in its own
 //! process group and is not killed when the daemon exits, so the daemon can restart and
 //! [`QemuVm::adopt`] it. Death is learnt at once: from the child's exit for a launched VM and
@@ -137,8 +138,11 @@ pub struct LaunchSpec {
 pub struct VmPaths {
     /// `runtime_dir/<name>/`.
     pub dir: PathBuf,
-    /// The QMP socket.
+    /// The QMP socket (vmhad's).
     pub qmp: PathBuf,
+    /// A second QMP socket for observers (a double-run checker asking `query-status`, an
+    /// operator): vmhad never connects to it, so it never takes vmhad's monitor away.
+    pub observe: PathBuf,
     /// The guest agent socket.
     pub qga: PathBuf,
     /// QEMU's pidfile.
@@ -166,13 +170,14 @@ impl VmPaths {
         let dir = runtime_dir.join(name);
         let paths = Self {
             qmp: dir.join("qmp.sock"),
+            observe: dir.join("observe.sock"),
             qga: dir.join("qga.sock"),
             pidfile: dir.join("qemu.pid"),
             console_log: dir.join("console.log"),
             qemu_log: dir.join("qemu.log"),
             dir,
         };
-        for sock in [&paths.qmp, &paths.qga] {
+        for sock in [&paths.qmp, &paths.observe, &paths.qga] {
             if sock.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(VmError::PathTooLong(sock.clone()));
             }
@@ -290,6 +295,11 @@ pub fn qemu_args(spec: &LaunchSpec, paths: &VmPaths) -> Vec<OsString> {
     qmp.push(",server=on,wait=off");
     args.push("-qmp".into());
     args.push(qmp);
+    let mut observe = OsString::from("unix:");
+    observe.push(opt_escape(&paths.observe));
+    observe.push(",server=on,wait=off");
+    args.push("-qmp".into());
+    args.push(observe);
     args.push("-pidfile".into());
     args.push(paths.pidfile.clone().into());
     args.extend(spec.extra_args.iter().map(OsString::from));
@@ -416,7 +426,7 @@ impl QemuVm {
         {
             return Err(VmError::AlreadyRunning(spec.name.clone()));
         }
-        for stale in [&paths.qmp, &paths.qga, &paths.pidfile] {
+        for stale in [&paths.qmp, &paths.observe, &paths.qga, &paths.pidfile] {
             // A stale file from a dead QEMU; absence is fine.
             let _ = std::fs::remove_file(stale);
         }
@@ -854,6 +864,7 @@ mod tests {
             "-device virtio-serial-pci -chardev socket,path=/run/vmha/vm1/qga.sock,server=on,wait=off,id=qga0",
             "-device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
             "-qmp unix:/run/vmha/vm1/qmp.sock,server=on,wait=off",
+            "-qmp unix:/run/vmha/vm1/observe.sock,server=on,wait=off",
             "-pidfile /run/vmha/vm1/qemu.pid -S",
         ] {
             assert!(joined.contains(part), "missing {part:?} in {joined}");

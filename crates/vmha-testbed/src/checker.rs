@@ -1,11 +1,19 @@
 //! The double-run checker: which hosts run each VM, sampled from `/proc`.
 //!
 //! vmhad starts a VM's QEMU with `-qmp unix:<runtime_dir>/<vm>/qmp.sock,…` (`VmPaths` in
-//! vmha-qemu). A VM counts as running on host H while a live process — not a zombie; a
-//! stopped (SIGSTOP) process does count: it still holds the disk — has a command line
-//! containing `<H's runtime dir>/<vm>/qmp.sock`. This is the same rule as
-//! `vmha_qemu::qemu_processes`, applied to every host at once. It is deliberately stricter
-//! than asking QMP (a second QMP client gets no greeting anyway): any live QEMU counts.
+//! vmha-qemu). A VM has a QEMU on host H while a live process — not a zombie; a stopped
+//! (SIGSTOP) process does count: it still holds the disk — has a command line containing
+//! `<H's runtime dir>/<vm>/qmp.sock`. This is the same rule as `vmha_qemu::qemu_processes`,
+//! applied to every host at once ([`vm_placement`]).
+//!
+//! A live migration has a QEMU of the VM on two hosts by design: the target's waits
+//! (`inmigrate`) while the source runs, then the source's stays paused (`postmigrate`) after
+//! the target took over. So when a VM has QEMUs on several hosts, each is asked its run state
+//! on its observer socket (`<runtime>/<vm>/observe.sock`, see [`crate::run_state`]): one in a
+//! migration state does not run the VM; any other state, and a QEMU that cannot be asked,
+//! counts. A violation is a VM *running* on two hosts, confirmed by a second pass in reverse
+//! host order (the source stops its vCPUs for good before the target starts them, so a
+//! migration completing between two questions never looks like a double run twice).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -180,7 +188,8 @@ impl DoubleRunChecker {
         self.shared.lock().samples
     }
 
-    /// The latest sample: for every VM, the hosts it ran on (sorted; empty if on none).
+    /// The latest sample: for every VM, the hosts with a live QEMU of it (sorted; empty if on
+    /// none), whether it runs there or waits for (or finished) a live migration.
     pub fn last_sample(&self) -> BTreeMap<String, Vec<String>> {
         self.shared.lock().last.clone()
     }
@@ -239,6 +248,30 @@ impl Drop for DoubleRunChecker {
     }
 }
 
+/// Of the hosts `on` (sorted, each with a live QEMU of `vm`), those where it runs the VM,
+/// asked twice (forward, then backward) and kept only if both passes say so.
+fn running_on(vm: &str, on: &[String], hosts: &[(String, PathBuf)]) -> Vec<String> {
+    let sock = |host: &str| {
+        hosts
+            .iter()
+            .find(|(h, _)| h == host)
+            .map(|(_, dir)| dir.join(vm).join("observe.sock"))
+    };
+    let asks = |host: &String| sock(host).is_none_or(|s| crate::run_state::counts_as_running(&s));
+    let first: Vec<&String> = on.iter().filter(|h| asks(h)).collect();
+    if first.len() < 2 {
+        return Vec::new();
+    }
+    let mut second: Vec<String> = first
+        .into_iter()
+        .rev()
+        .filter(|h| asks(h))
+        .cloned()
+        .collect();
+    second.reverse();
+    second
+}
+
 fn sample_loop(shared: &Shared, vms: &[String], hosts: &[(String, PathBuf)]) {
     let start = Instant::now();
     loop {
@@ -251,13 +284,16 @@ fn sample_loop(shared: &Shared, vms: &[String], hosts: &[(String, PathBuf)]) {
             let mut on: Vec<String> = processes.iter().map(|(h, _)| h.clone()).collect();
             on.dedup(); // sorted by host already
             if on.len() > 1 {
-                violations.push(Violation {
-                    at,
-                    since_start: began - start,
-                    vm: vm.clone(),
-                    hosts: on.clone(),
-                    processes,
-                });
+                let running = running_on(&vm, &on, hosts);
+                if running.len() > 1 {
+                    violations.push(Violation {
+                        at,
+                        since_start: began - start,
+                        vm: vm.clone(),
+                        hosts: running,
+                        processes,
+                    });
+                }
             }
             last.insert(vm, on);
         }

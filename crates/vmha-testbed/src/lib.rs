@@ -48,6 +48,7 @@ mod checker;
 mod etcd;
 mod netns;
 mod proc;
+pub mod run_state;
 mod testbed;
 
 pub use checker::{DoubleRunChecker, Violation, vm_placement};

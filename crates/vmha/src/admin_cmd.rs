@@ -122,12 +122,17 @@ pub enum VmCommand {
         /// The VM.
         vm: Name,
     },
-    /// Move a VM group to another of its acceptable hosts.
+    /// Move a VM group to another of its acceptable hosts: a live migration when it runs and
+    /// has `migrate` on with shared storage, else a stop and start.
     Move {
         /// The VM.
         vm: Name,
         /// The target host.
         host: Name,
+        /// Stop it and start it there, even if it could be migrated live (the only way to
+        /// move a VM with `migrate` on whose disks are not on shared storage).
+        #[arg(long)]
+        restart: bool,
     },
 }
 
@@ -137,7 +142,11 @@ impl From<VmCommand> for AdminCommand {
             VmCommand::Start { vm } => AdminCommand::VmStart { vm },
             VmCommand::Stop { vm } => AdminCommand::VmStop { vm },
             VmCommand::Restart { vm } => AdminCommand::VmRestart { vm },
-            VmCommand::Move { vm, host } => AdminCommand::VmMove { vm, to: host },
+            VmCommand::Move { vm, host, restart } => AdminCommand::VmMove {
+                vm,
+                to: host,
+                restart,
+            },
         }
     }
 }
@@ -341,7 +350,16 @@ fn done(cmd: &AdminCommand) -> String {
         C::VmStart { vm } => format!("VM group {vm} set to run"),
         C::VmStop { vm } => format!("VM group {vm} set to stop: apps, then the VM"),
         C::VmRestart { vm } => format!("restarting VM {vm} on its host"),
-        C::VmMove { vm, to } => format!("moving VM group {vm} to {to}"),
+        C::VmMove {
+            vm,
+            to,
+            restart: false,
+        } => format!("moving VM group {vm} to {to} (live when it can migrate)"),
+        C::VmMove {
+            vm,
+            to,
+            restart: true,
+        } => format!("moving VM group {vm} to {to}: stopping it, then starting it there"),
         C::HostMaintenance { host, on: true } => {
             format!("host {host} in maintenance: its VM groups are moved or stopped")
         }

@@ -238,6 +238,9 @@ impl Render {
         if let Some(to) = v.record.as_ref().and_then(|r| r.move_to.as_ref()) {
             parts.push(format!("moving to {to}"));
         }
+        if let Some(m) = v.record.as_ref().and_then(|r| r.migrate.as_ref()) {
+            parts.push(format!("migrating live to {}", m.to));
+        }
         if v.record.as_ref().is_some_and(|r| r.parked) {
             parts.push("parked by a maintenance drain".to_string());
         }

@@ -391,6 +391,7 @@ mod tests {
             desired: Desired::Run,
             move_to: None,
             parked: false,
+            migrate: None,
         };
         let v = serde_json::to_vec(&owner).unwrap();
         match decode_put(&l, &me, &kv(l.vm_owner("shop").unwrap(), v, 9, None)) {
@@ -492,6 +493,7 @@ mod tests {
                         running: true,
                         reason: String::new(),
                         revision: 1,
+                        migration: None,
                     },
                 },
             )],

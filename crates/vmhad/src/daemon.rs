@@ -277,6 +277,10 @@ async fn run_with<S: ClusterStore>(
         leased_owners: margin.is_some(),
         leases,
         leadership: Arc::clone(&leadership),
+        migration_address: config
+            .host(host.as_str())
+            .and_then(|h| h.address.as_deref())
+            .map(crate::executor::migration_address),
     };
     let forwarder = Arc::new(Forwarder {
         store: store.clone(),

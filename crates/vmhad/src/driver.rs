@@ -62,6 +62,18 @@ pub trait VmDriver: Send + Sync {
     ) -> BoxFut<'a, Result<Vec<(Name, ProbeOutcome)>, ActionError>>;
     /// Pings the guest agent within `timeout` (and checks `guest-exec` with `check_exec`).
     fn ping(&self, timeout: Duration, check_exec: bool) -> BoxFut<'_, Result<(), ActionError>>;
+    /// Target side of a live migration: an incoming VM listening on `address`; its URI.
+    fn prepare_incoming<'a>(
+        &'a self,
+        address: Option<&'a str>,
+    ) -> BoxFut<'a, Result<String, SlotError>>;
+    /// Source side of a live migration: sends the running VM to `uri`, `Ok` once completed.
+    fn migrate<'a>(
+        &'a self,
+        uri: &'a str,
+    ) -> BoxFut<'a, Result<vmha_qemu::MigrationStats, SlotError>>;
+    /// Cancels the live migration in flight, if any (`Ok` also when none runs).
+    fn cancel_migration(&self) -> BoxFut<'_, Result<(), SlotError>>;
 }
 
 /// The driver of `vm` on this host, reporting to the core through `tx`; it starts nothing
@@ -85,6 +97,21 @@ pub struct QemuDriver(pub Arc<VmSlot>);
 impl VmDriver for QemuDriver {
     fn set_vm(&self, vm: &Vm) {
         self.0.set_vm(vm);
+    }
+    fn prepare_incoming<'a>(
+        &'a self,
+        address: Option<&'a str>,
+    ) -> BoxFut<'a, Result<String, SlotError>> {
+        Box::pin(self.0.prepare_incoming(address))
+    }
+    fn migrate<'a>(
+        &'a self,
+        uri: &'a str,
+    ) -> BoxFut<'a, Result<vmha_qemu::MigrationStats, SlotError>> {
+        Box::pin(self.0.migrate(uri))
+    }
+    fn cancel_migration(&self) -> BoxFut<'_, Result<(), SlotError>> {
+        Box::pin(self.0.cancel_migration())
     }
     fn adopt(&self) -> BoxFut<'_, ()> {
         Box::pin(self.0.adopt())

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use vmha_engine::{
     ActionError, ControllerAction, ControllerActionKind, HostAction, HostActionKind, HostInput,
-    OwnerRecord,
+    MigrationFigures, OwnerRecord,
 };
 use vmha_model::Name;
 use vmha_store::layout::Layout;
@@ -18,6 +18,20 @@ use crate::follow::HostLeases;
 use crate::inbox::{HostInputs, Inbox, Msg};
 use crate::metrics::{METRICS, StoreOp};
 use crate::slots::Slots;
+
+/// The address part of a `[[host]] address` (`IP`, `name`, `IP:port`, `[v6]:port` or a
+/// URL), where incoming live migrations listen.
+pub fn migration_address(address: &str) -> String {
+    let rest = address.split_once("://").map_or(address, |(_, r)| r);
+    let rest = rest.split('/').next().unwrap_or(rest);
+    if let Some(v6) = rest.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or(v6).to_string();
+    }
+    if rest.parse::<std::net::Ipv6Addr>().is_ok() {
+        return rest.to_string();
+    }
+    rest.rsplit_once(':').map_or(rest, |(h, _)| h).to_string()
+}
 
 /// Runs actions against this host's VM slots and the cluster store.
 pub struct Executor<S> {
@@ -40,6 +54,8 @@ pub struct Executor<S> {
     pub leases: Arc<HostLeases>,
     /// This host's leadership (the fence of controller writes).
     pub leadership: Arc<Leadership>,
+    /// Where incoming live migrations listen: the host part of this host's `address`.
+    pub migration_address: Option<String>,
 }
 
 impl<S: ClusterStore> Executor<S> {
@@ -55,18 +71,36 @@ impl<S: ClusterStore> Executor<S> {
             | HostActionKind::StopApp { vm, .. }
             | HostActionKind::StartVm { vm }
             | HostActionKind::StopVm { vm, .. }
-            | HostActionKind::KillVm { vm } => vm.clone(),
+            | HostActionKind::KillVm { vm }
+            | HostActionKind::PrepareIncoming { vm }
+            | HostActionKind::Migrate { vm, .. }
+            | HostActionKind::CancelMigration { vm } => vm.clone(),
         };
         let Some(slot) = self.slots.get(&vm) else {
             // Every action is answered exactly once, even for a VM without a slot here.
-            let result = Err(ActionError::NotConfigured {
+            let error = ActionError::NotConfigured {
                 detail: format!("VM {vm} is not configured on host {}", self.host),
-            });
+            };
             tokio::spawn(async move {
-                answers.send(HostInput::ActionResult { id, result }).await;
+                let input = match action.kind {
+                    HostActionKind::PrepareIncoming { .. } => HostInput::IncomingResult {
+                        id,
+                        result: Err(error),
+                    },
+                    HostActionKind::Migrate { .. } => HostInput::MigrationResult {
+                        id,
+                        result: Err(error),
+                    },
+                    _ => HostInput::ActionResult {
+                        id,
+                        result: Err(error),
+                    },
+                };
+                answers.send(input).await;
             });
             return;
         };
+        let address = self.migration_address.clone();
         tokio::spawn(async move {
             // What happened, as it is: the engine decides what it means.
             let result = match action.kind {
@@ -105,6 +139,31 @@ impl<S: ClusterStore> Executor<S> {
                     slot.stop(timeout).await.map_err(ActionError::from)
                 }
                 HostActionKind::KillVm { .. } => slot.kill().await.map_err(ActionError::from),
+                HostActionKind::PrepareIncoming { .. } => {
+                    let result = slot
+                        .prepare_incoming(address.as_deref())
+                        .await
+                        .map_err(ActionError::from);
+                    answers.send(HostInput::IncomingResult { id, result }).await;
+                    return;
+                }
+                HostActionKind::Migrate { uri, .. } => {
+                    let result = slot
+                        .migrate(&uri)
+                        .await
+                        .map(|s| MigrationFigures {
+                            total_ms: s.total_ms,
+                            downtime_ms: s.downtime_ms,
+                        })
+                        .map_err(ActionError::from);
+                    answers
+                        .send(HostInput::MigrationResult { id, result })
+                        .await;
+                    return;
+                }
+                HostActionKind::CancelMigration { .. } => {
+                    slot.cancel_migration().await.map_err(ActionError::from)
+                }
             };
             answers.send(HostInput::ActionResult { id, result }).await;
         });
@@ -197,5 +256,19 @@ impl<S: ClusterStore> Executor<S> {
                 Err(e) => return Err(e.into()),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::migration_address;
+
+    #[test]
+    fn the_migration_address_is_the_host_part() {
+        assert_eq!(migration_address("10.0.0.2"), "10.0.0.2");
+        assert_eq!(migration_address("10.0.0.2:7000"), "10.0.0.2");
+        assert_eq!(migration_address("http://kvm2.lab:7000/x"), "kvm2.lab");
+        assert_eq!(migration_address("[fd00::2]:7000"), "fd00::2");
+        assert_eq!(migration_address("fd00::2"), "fd00::2");
     }
 }

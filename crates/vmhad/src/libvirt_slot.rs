@@ -120,7 +120,34 @@ impl LibvirtSlot {
     }
 }
 
+impl LibvirtSlot {
+    /// The refusal of a live migration step.
+    fn no_migration(&self) -> SlotError {
+        SlotError::MigrationState {
+            vm: self.name.clone(),
+            detail: "live migration is not supported by the libvirt driver".into(),
+        }
+    }
+}
+
 impl VmDriver for LibvirtSlot {
+    // Live migration is the qemu driver's (the configuration refuses `migrate` on a libvirt
+    // VM): a request that reaches this driver anyway is refused, and nothing runs to cancel.
+    fn prepare_incoming<'a>(
+        &'a self,
+        _address: Option<&'a str>,
+    ) -> BoxFut<'a, Result<String, SlotError>> {
+        Box::pin(async move { Err(self.no_migration()) })
+    }
+    fn migrate<'a>(
+        &'a self,
+        _uri: &'a str,
+    ) -> BoxFut<'a, Result<vmha_qemu::MigrationStats, SlotError>> {
+        Box::pin(async move { Err(self.no_migration()) })
+    }
+    fn cancel_migration(&self) -> BoxFut<'_, Result<(), SlotError>> {
+        Box::pin(async { Ok(()) })
+    }
     fn set_vm(&self, vm: &Vm) {
         // The domain's connection and name are fixed for the slot's life; the domain's own
         // definition is libvirt's.

@@ -49,6 +49,22 @@ pub enum SlotError {
     /// This host has fenced itself (or its lease is overdue): no VM may start.
     #[error("VM {0} not started: this host's lease is not live (self-fenced)")]
     Fenced(Name),
+    /// A live migration step failed.
+    #[error(transparent)]
+    Migration(#[from] vmha_qemu::MigrationError),
+    /// An incoming migration needs a QEMU-free slot, or an outgoing one a running QEMU.
+    #[error("VM {vm}: {detail}")]
+    MigrationState {
+        /// The VM.
+        vm: Name,
+        /// What is in the way.
+        detail: String,
+    },
+    /// This host has no `address` to receive a live migration on.
+    #[error(
+        "VM {0}: this host has no `address` in the configuration to receive a live migration on"
+    )]
+    NoAddress(Name),
 }
 
 /// What a failed driver operation means for the engine: the one place where the driver's
@@ -73,11 +89,14 @@ impl From<SlotError> for ActionError {
             SlotError::Libvirt(_) => ActionError::Driver {
                 detail: e.to_string(),
             },
-            SlotError::Vm(_) | SlotError::Exiting(_) | SlotError::Fenced(_) => {
-                ActionError::Driver {
-                    detail: e.to_string(),
-                }
-            }
+            SlotError::Vm(_)
+            | SlotError::Exiting(_)
+            | SlotError::Fenced(_)
+            | SlotError::Migration(_)
+            | SlotError::MigrationState { .. }
+            | SlotError::NoAddress(_) => ActionError::Driver {
+                detail: e.to_string(),
+            },
         }
     }
 }
@@ -245,6 +264,102 @@ impl VmSlot {
                 false
             }
         }
+    }
+
+    /// Target side of a live migration: starts QEMU with the same launch spec plus
+    /// `-incoming defer` and has it listen on `address` (a free port); returns the URI the
+    /// source sends to. Refused when a QEMU of this VM is already here, when this host is
+    /// fenced, or when it has no address.
+    pub async fn prepare_incoming(
+        self: &Arc<Self>,
+        address: Option<&str>,
+    ) -> Result<String, SlotError> {
+        let address = address.ok_or_else(|| SlotError::NoAddress(self.name.clone()))?;
+        let mut spec = self
+            .spec
+            .lock()
+            .ok()
+            .and_then(|s| s.clone())
+            .ok_or_else(|| SlotError::UnsupportedDriver(self.name.clone()))?;
+        spec.extra_args
+            .extend(["-incoming".to_string(), "defer".to_string()]);
+        let mut guard = self.qemu.lock().await;
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(SlotError::Exiting(self.name.clone()));
+        }
+        if self.reattach(&mut guard).await {
+            return Err(SlotError::MigrationState {
+                vm: self.name.clone(),
+                detail: "a QEMU of this VM already runs here: no incoming migration".to_string(),
+            });
+        }
+        if !self.fence.may_run() {
+            return Err(SlotError::Fenced(self.name.clone()));
+        }
+        let vm = QemuVm::launch(&spec, &self.runtime_dir, &self.driver).await?;
+        tracing::info!(vm = %self.name, pid = vm.pid(), "incoming QEMU started");
+        let qmp = vm.qmp().clone();
+        self.install(&mut guard, vm);
+        match vmha_qemu::migration::listen_incoming(&qmp, address).await {
+            Ok(uri) => {
+                tracing::info!(vm = %self.name, %uri, "waiting for the live migration");
+                Ok(uri)
+            }
+            Err(e) => {
+                // An incoming QEMU that cannot listen is of no use: it goes at once.
+                if let Some(vm) = guard.as_mut() {
+                    let _ = vm.kill().await;
+                }
+                *guard = None;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Source side: sends the running VM to `uri` and follows the migration to its end
+    /// (`Ok`: completed, the QEMU here is paused for good). The slot is not held meanwhile:
+    /// a kill (self-fencing) or a cancel goes through at any time.
+    pub async fn migrate(&self, uri: &str) -> Result<vmha_qemu::MigrationStats, SlotError> {
+        let qmp = {
+            let guard = self.qemu.lock().await;
+            match guard.as_ref() {
+                Some(vm) if !vm.is_gone() => vm.qmp().clone(),
+                _ => {
+                    return Err(SlotError::MigrationState {
+                        vm: self.name.clone(),
+                        detail: "no QEMU of this VM runs here to migrate".to_string(),
+                    });
+                }
+            }
+        };
+        let limits = vmha_qemu::MigrationLimits::default();
+        let stats = vmha_qemu::migration::send(&qmp, uri, limits).await?;
+        tracing::info!(
+            vm = %self.name,
+            %uri,
+            total_ms = stats.total_ms,
+            downtime_ms = stats.downtime_ms,
+            setup_ms = stats.setup_ms,
+            transferred = stats.transferred,
+            "live migration completed: total-time {} ms, downtime {} ms",
+            stats.total_ms,
+            stats.downtime_ms
+        );
+        Ok(stats)
+    }
+
+    /// Cancels the migration in flight, if any (`Ok` also when none runs or QEMU is gone).
+    pub async fn cancel_migration(&self) -> Result<(), SlotError> {
+        let qmp = {
+            let guard = self.qemu.lock().await;
+            match guard.as_ref() {
+                Some(vm) if !vm.is_gone() => vm.qmp().clone(),
+                _ => return Ok(()),
+            }
+        };
+        vmha_qemu::migration::cancel(&qmp).await?;
+        tracing::warn!(vm = %self.name, "live migration cancelled");
+        Ok(())
     }
 
     /// Stops the VM gracefully, forcing after `timeout`; `Ok` once QEMU is gone.

@@ -72,6 +72,10 @@ struct SimHost {
     connected: bool,
     epoch: u64,
     running: BTreeSet<Name>,
+    /// Incoming QEMUs (live migration targets) that run nothing yet.
+    incoming: BTreeSet<Name>,
+    /// Source QEMUs paused for good after a completed live migration.
+    migrated: BTreeSet<Name>,
     guest_up: BTreeSet<Name>,
     vms: Vec<Name>,
     /// The life of the host's lease (a new one after a crash or a lost lease).
@@ -80,9 +84,28 @@ struct SimHost {
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
-    GuestUp { host: usize, vm: Name },
-    Fence { host: usize, epoch: u64 },
-    LeaseExpire { host: usize, epoch: u64 },
+    GuestUp {
+        host: usize,
+        vm: Name,
+    },
+    /// A live migration sent from `host` ends.
+    Migration {
+        host: usize,
+        vm: Name,
+    },
+    /// The source's `migrate` follower sees the completed migration (it polls).
+    MigrationSeen {
+        host: usize,
+        id: ActionId,
+    },
+    Fence {
+        host: usize,
+        epoch: u64,
+    },
+    LeaseExpire {
+        host: usize,
+        epoch: u64,
+    },
 }
 
 /// Something for a node, in delivery order.
@@ -128,6 +151,8 @@ pub struct Sim {
     decisions: BTreeMap<(Name, Name), (Timestamp, String)>,
     /// Admin commands waiting for their answer: (host, caller id) → script text.
     pending: BTreeMap<(usize, u64), String>,
+    /// Live migrations in flight: (source host, VM) → (its `migrate` action, target host).
+    migrations: BTreeMap<(usize, Name), (ActionId, usize)>,
     /// Forwarded commands: request key → (origin host, caller id).
     forwarded: BTreeMap<String, (usize, u64)>,
     next_command: u64,
@@ -135,6 +160,16 @@ pub struct Sim {
 
 /// Time a simulated guest takes to bring its channel up after the VM starts.
 pub const BOOT_MS: u64 = 1_000;
+
+/// Time a simulated live migration takes from `migrate` to its end.
+pub const MIGRATE_MS: u64 = 500;
+
+/// The guest's pause at the end of a simulated live migration (reported, not simulated).
+pub const MIGRATE_DOWNTIME_MS: u64 = 10;
+
+/// How late the source's `migrate` follower sees a completed migration (it polls
+/// `query-migrate`): by then the target runs the VM and may own it already.
+pub const MIGRATE_POLL_MS: u64 = 100;
 
 /// Settle-loop bound: more steps than this at one instant is reported as a livelock.
 const MAX_STEPS: usize = 200_000;
@@ -180,6 +215,8 @@ impl Sim {
                 connected: false,
                 epoch: 0,
                 running: BTreeSet::new(),
+                incoming: BTreeSet::new(),
+                migrated: BTreeSet::new(),
                 guest_up: BTreeSet::new(),
                 vms: config
                     .vms
@@ -213,6 +250,7 @@ impl Sim {
             actions: Vec::new(),
             decisions: BTreeMap::new(),
             pending: BTreeMap::new(),
+            migrations: BTreeMap::new(),
             forwarded: BTreeMap::new(),
             next_command: 0,
         }
@@ -432,6 +470,17 @@ impl Sim {
                     && !self.guests.get(&vm).is_some_and(|g| g.hung || g.boot_hang)
                 {
                     self.hosts[host].guest_up.insert(vm);
+                }
+            }
+            Timer::Migration { host, vm } => self.end_migration(host, &vm),
+            Timer::MigrationSeen { host, id } => {
+                if self.hosts[host].node.is_some() {
+                    let figures = crate::host_io::MigrationFigures {
+                        total_ms: MIGRATE_MS,
+                        downtime_ms: MIGRATE_DOWNTIME_MS,
+                    };
+                    let result = Ok(figures);
+                    self.host_input(host, HostInput::MigrationResult { id, result });
                 }
             }
             Timer::Fence { host, epoch } => {
@@ -697,6 +746,59 @@ impl Sim {
                 self.timer(now.plus_ms(self.boot_ms), Timer::GuestUp { host: h, vm });
                 self.host_input(h, HostInput::ActionResult { id, result: Ok(()) });
             }
+            HostActionKind::PrepareIncoming { vm } => {
+                self.log.push(line(&format!("prepare-incoming {vm}")));
+                let busy = self.hosts[h].running.contains(&vm)
+                    || self.hosts[h].incoming.contains(&vm)
+                    || self.hosts[h].migrated.contains(&vm);
+                if busy {
+                    self.violations.push(format!(
+                        "{now} {host} prepared an incoming {vm} while a QEMU of it is there"
+                    ));
+                }
+                self.hosts[h].incoming.insert(vm.clone());
+                let uri = format!("tcp:{host}:49152");
+                self.host_input(
+                    h,
+                    HostInput::IncomingResult {
+                        id,
+                        result: Ok(uri),
+                    },
+                );
+                let kind = VmObservation::Paused {
+                    reason: vmha_model::PauseReason::Migration,
+                };
+                self.host_input(h, HostInput::VmObserved { vm, kind });
+            }
+            HostActionKind::Migrate { vm, uri } => {
+                self.log.push(line(&format!("migrate {vm} {uri}")));
+                let target = uri
+                    .strip_prefix("tcp:")
+                    .and_then(|r| r.rsplit_once(':'))
+                    .and_then(|(t, _)| self.host_idx(&Name::new(t).ok()?));
+                match target {
+                    Some(t) => {
+                        self.migrations.insert((h, vm.clone()), (id, t));
+                        self.timer(now.plus_ms(MIGRATE_MS), Timer::Migration { host: h, vm });
+                    }
+                    None => {
+                        let result = Err(ActionError::Driver {
+                            detail: format!("bad migration URI {uri}"),
+                        });
+                        self.host_input(h, HostInput::MigrationResult { id, result });
+                    }
+                }
+            }
+            HostActionKind::CancelMigration { vm } => {
+                self.log.push(line(&format!("cancel-migration {vm}")));
+                if let Some((mid, _)) = self.migrations.remove(&(h, vm)) {
+                    let result = Err(ActionError::Driver {
+                        detail: "migration cancelled".to_string(),
+                    });
+                    self.host_input(h, HostInput::MigrationResult { id: mid, result });
+                }
+                self.host_input(h, HostInput::ActionResult { id, result: Ok(()) });
+            }
             HostActionKind::StopVm { ref vm, .. } | HostActionKind::KillVm { ref vm } => {
                 let vm = vm.clone();
                 let what = match (&a.kind, a.reason.starts_with("self-fencing")) {
@@ -718,7 +820,84 @@ impl Sim {
         }
     }
 
+    /// A live migration from host `h` ends: it completes when both QEMUs are still there and
+    /// both hosts can reach each other (both connected), else it fails and the source runs on.
+    fn end_migration(&mut self, h: usize, vm: &Name) {
+        let Some((id, t)) = self.migrations.remove(&(h, vm.clone())) else {
+            return;
+        };
+        let now = self.now;
+        let sending = self.hosts[h].node.is_some() && self.hosts[h].running.contains(vm);
+        let cut = !self.hosts[h].connected || !self.hosts[t].connected;
+        if sending && cut {
+            // A host cut off: the stream stalls (no reset reaches the source, whatever
+            // happens behind the cut) until the source cancels it or its QEMU goes.
+            self.migrations.insert((h, vm.clone()), (id, t));
+            let again = Timer::Migration {
+                host: h,
+                vm: vm.clone(),
+            };
+            self.timer(now.plus_ms(MIGRATE_MS), again);
+            return;
+        }
+        let ok = self.hosts[h].node.is_some()
+            && self.hosts[t].node.is_some()
+            && self.hosts[h].connected
+            && self.hosts[t].connected
+            && self.hosts[h].running.contains(vm)
+            && self.hosts[t].incoming.contains(vm);
+        if !ok {
+            self.log.push(format!(
+                "{now} {} migration of {vm} to {} failed",
+                self.hosts[h].name, self.hosts[t].name
+            ));
+            let result = Err(ActionError::Driver {
+                detail: "migration failed: connection to the target lost".to_string(),
+            });
+            if self.hosts[h].node.is_some() {
+                self.host_input(h, HostInput::MigrationResult { id, result });
+            }
+            return;
+        }
+        self.log.push(format!(
+            "{now} {} migration of {vm} to {} completed",
+            self.hosts[h].name, self.hosts[t].name
+        ));
+        // The source's vCPUs stop before the target's start: never two running.
+        self.hosts[h].running.remove(vm);
+        self.hosts[h].migrated.insert(vm.clone());
+        let was_up = self.hosts[h].guest_up.remove(vm);
+        let paused = VmObservation::Paused {
+            reason: vmha_model::PauseReason::Migration,
+        };
+        self.host_input(
+            h,
+            HostInput::VmObserved {
+                vm: vm.clone(),
+                kind: paused,
+            },
+        );
+        // Its follower polls: it sees the completion a little after the target resumed.
+        let seen = Timer::MigrationSeen { host: h, id };
+        self.timer(now.plus_ms(MIGRATE_POLL_MS), seen);
+        self.hosts[t].incoming.remove(vm);
+        self.hosts[t].running.insert(vm.clone());
+        if was_up {
+            self.hosts[t].guest_up.insert(vm.clone());
+        }
+        let resumed = VmObservation::Resumed;
+        self.host_input(
+            t,
+            HostInput::VmObserved {
+                vm: vm.clone(),
+                kind: resumed,
+            },
+        );
+    }
+
     fn vm_down(&mut self, h: usize, vm: &Name) {
+        self.hosts[h].incoming.remove(vm);
+        self.hosts[h].migrated.remove(vm);
         if self.hosts[h].running.remove(vm)
             && let Some(g) = self.guests.get_mut(vm)
         {
@@ -900,6 +1079,9 @@ impl Sim {
                             g.apps_down();
                         }
                     }
+                    self.hosts[h].incoming.clear();
+                    self.hosts[h].migrated.clear();
+                    self.migrations.retain(|(x, _), _| *x != h);
                     self.hosts[h].guest_up.clear();
                     self.inbox.retain(|(x, _)| *x != h);
                     if self.hosts[h].connected {
@@ -1108,6 +1290,12 @@ fn record_text(record: &crate::controller::OwnerRecord) -> String {
     );
     if let Some(t) = &record.move_to {
         text.push_str(&format!(" move_to={t}"));
+    }
+    if let Some(m) = &record.migrate {
+        text.push_str(&format!(" migrate_to={}", m.to));
+        if let Some(uri) = &m.uri {
+            text.push_str(&format!(" uri={uri}"));
+        }
     }
     if record.parked {
         text.push_str(" parked");

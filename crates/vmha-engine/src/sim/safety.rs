@@ -36,7 +36,10 @@ impl Sim {
             HostActionKind::StopApp { vm, .. }
             | HostActionKind::StartVm { vm }
             | HostActionKind::StopVm { vm, .. }
-            | HostActionKind::KillVm { vm } => (vm, None),
+            | HostActionKind::KillVm { vm }
+            | HostActionKind::PrepareIncoming { vm }
+            | HostActionKind::Migrate { vm, .. }
+            | HostActionKind::CancelMigration { vm } => (vm, None),
         };
         let status = agent.status();
         let Some(vs) = status.vms.iter().find(|v| &v.name == vm) else {

@@ -184,7 +184,9 @@ pub fn admin_text(cmd: &AdminCommand) -> String {
         C::VmStart { vm } => format!("vm-start {vm}"),
         C::VmStop { vm } => format!("vm-stop {vm}"),
         C::VmRestart { vm } => format!("vm-restart {vm}"),
-        C::VmMove { vm, to } => format!("move {vm} {to}"),
+        C::VmMove { vm, to, restart } => {
+            format!("move {vm} {to}{}", if *restart { " --restart" } else { "" })
+        }
         C::HostMaintenance { host, on } => {
             format!("maintenance {host} {}", if *on { "on" } else { "off" })
         }
@@ -504,6 +506,11 @@ fn parse_admin(w: &[&str]) -> Result<AdminCommand, String> {
         "move" => C::VmMove {
             vm: name(arg(1)?)?,
             to: name(arg(2)?)?,
+            restart: match w.get(3).copied() {
+                None => false,
+                Some("--restart") => true,
+                Some(x) => return Err(format!("expected --restart or nothing, got `{x}`")),
+            },
         },
         "maintenance" => C::HostMaintenance {
             host: name(arg(1)?)?,

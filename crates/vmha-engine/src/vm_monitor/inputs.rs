@@ -12,8 +12,10 @@ impl VmMonitor {
         owner: Option<Name>,
         desired: Desired,
         revision: u64,
+        migrate: Option<Migration>,
     ) {
         self.revision = revision;
+        self.on_migration_record(migrate);
         let was_mine = self.mine(out.host);
         let now_mine = owner.as_ref() == Some(out.host);
         if now_mine && (!was_mine || self.owner.is_none()) {
@@ -34,7 +36,8 @@ impl VmMonitor {
             self.cancel_plan();
         }
         self.reconcile(out);
-        if now_mine {
+        self.cancel_withdrawn(out);
+        if now_mine || self.migrating_here(out.host) {
             // Answer every record revision, so the controller never acts on a stale report.
             let reason = format!("ownership revision {revision} seen");
             self.report(out, &reason);
@@ -51,6 +54,7 @@ impl VmMonitor {
         // again before a fresh record arrives.
         self.owner = None;
         self.desired = None;
+        self.incoming = None;
         if self.run == Run::Stopped {
             self.cancel_plan();
             return;
@@ -65,6 +69,7 @@ impl VmMonitor {
             VmObservation::Running | VmObservation::Resumed => {
                 self.found_running(out);
                 self.resume(out);
+                self.incoming_arrived(out);
             }
             VmObservation::Unresponsive => {
                 // QEMU is there but does not answer: whether the VM runs is not known. A VM
@@ -80,6 +85,11 @@ impl VmMonitor {
                 // Adopted paused, or paused while running: it runs, held on purpose.
                 self.found_running(out);
                 self.hold_paused(out, reason);
+                if reason == PauseReason::Migration {
+                    // Held by a migration: one this host no longer takes part in is a failure
+                    // (see `reconcile_source`).
+                    self.reconcile(out);
+                }
             }
             VmObservation::Reset => {
                 if self.run != Run::Running || self.plan.is_some() {
@@ -104,6 +114,7 @@ impl VmMonitor {
             | VmObservation::Panicked
             | VmObservation::Gone
             | VmObservation::Paused { .. } => {
+                self.incoming_lost();
                 let gone = kind == VmObservation::Gone;
                 let expected = matches!(
                     self.plan.as_ref().and_then(|p| p.cur),
@@ -186,6 +197,7 @@ impl VmMonitor {
                 self.plan.as_ref().and_then(|p| p.cur),
                 Some(Cur::Action(x, _)) if x == id
             )
+            || self.owns_migration(id)
     }
 
     pub(super) fn finish_probe(&mut self) -> Option<Probe> {
@@ -271,6 +283,19 @@ impl VmMonitor {
         }
         if self.ping.as_ref().is_some_and(|p| p.id == id) {
             self.on_ping_result(out, result);
+            return;
+        }
+        if self.outgoing == Some(id) {
+            // A `migrate` answered as a plain action (e.g. no slot for it): no figures.
+            let figures = crate::host_io::MigrationFigures {
+                total_ms: 0,
+                downtime_ms: 0,
+            };
+            self.on_migrated(out, id, result.map(|()| figures));
+            return;
+        }
+        if self.owns_migration(id) {
+            self.on_migration_result(out, id, result.map(|()| None));
             return;
         }
         if let Some(i) = self.apps.iter().position(

@@ -18,6 +18,7 @@
 mod admin;
 mod guest;
 mod inputs;
+mod migration;
 mod ordering;
 mod plan;
 mod reconcile;
@@ -31,11 +32,12 @@ use vmha_model::{AppState, Name, OnGuestLoss, Policy, Tie, Vm, VmState};
 use crate::app_monitor::{AppMonitor, AppOp, Change, FaultKind, Observed, StartWhy, StopWhy};
 use crate::budget::Budget;
 use crate::command::CommandError;
+use crate::controller::Migration;
 use crate::decision_agent::{AppView, Verdict, explain};
 use crate::event::{Event, ObjectRef, Origin};
 use crate::host_io::{
-    ActionError, Desired, HostAction, HostActionKind, PauseReason, ProbeCheck, ProbeOutcome,
-    VmObservation, VmReport,
+    ActionError, Desired, HostAction, HostActionKind, MigrationNote, PauseReason, ProbeCheck,
+    ProbeOutcome, VmObservation, VmReport,
 };
 use crate::ids::ActionId;
 use crate::persist::{Dirty, PlanIntent, VmLocal};
@@ -190,7 +192,21 @@ pub(crate) struct VmMonitor {
     plan: Option<Plan>,
     to_stop: Vec<bool>,
     decisions: VecDeque<DecisionRecord>,
-    last_report: Option<(VmState, bool, u64)>,
+    last_report: Option<(VmState, bool, u64, Option<MigrationNote>)>,
+    /// The live migration the ownership record carries, if any.
+    migrate: Option<Migration>,
+    /// Target side: the incoming QEMU on this host.
+    incoming: Option<migration::Incoming>,
+    /// Source side: the `migrate` action in flight.
+    outgoing: Option<ActionId>,
+    /// Source side: the migration completed; the QEMU here is paused for good.
+    outgoing_sent: bool,
+    /// Source side: the `migrate_cancel` in flight.
+    cancel: Option<ActionId>,
+    /// What this host reports about its side of the migration.
+    migration_note: Option<MigrationNote>,
+    /// The target of the latest migration the record carried (for reasons).
+    migration_target: Option<Name>,
     revision: u64,
     restored_restart: bool,
     /// The admin record's `clear` generation this host has applied.
@@ -264,6 +280,13 @@ impl VmMonitor {
             plan: None,
             decisions: VecDeque::new(),
             last_report: None,
+            migrate: None,
+            incoming: None,
+            outgoing: None,
+            outgoing_sent: false,
+            cancel: None,
+            migration_note: None,
+            migration_target: None,
             revision: 0,
             restored_restart: false,
             clear_seen: 0,
@@ -404,13 +427,20 @@ impl VmMonitor {
         }
         // `running = false` is the controller's licence to start the VM elsewhere: only when it
         // is stopped here and no plan could start it.
-        let running = self.run != Run::Stopped
-            || self.plan.is_some()
-            || matches!(self.state, VmState::Starting | VmState::Restarting);
-        if self.last_report == Some((self.state, running, self.revision)) {
+        // An incoming QEMU whose migration has not completed runs nothing.
+        let running = if self.incoming_incomplete() {
+            self.plan.is_some()
+        } else {
+            self.run != Run::Stopped
+                || self.plan.is_some()
+                || matches!(self.state, VmState::Starting | VmState::Restarting)
+        };
+        let note = self.migration_note.clone();
+        let key = (self.state, running, self.revision, note.clone());
+        if self.last_report.as_ref() == Some(&key) {
             return;
         }
-        self.last_report = Some((self.state, running, self.revision));
+        self.last_report = Some(key);
         out.reports.push_back((
             self.name.clone(),
             VmReport {
@@ -418,6 +448,7 @@ impl VmMonitor {
                 running,
                 reason: reason.to_string(),
                 revision: self.revision,
+                migration: note,
             },
         ));
     }

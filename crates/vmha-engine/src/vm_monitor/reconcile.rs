@@ -43,6 +43,11 @@ impl VmMonitor {
         if !mine {
             // Whether it ran here before says nothing once another host (or none) owns it.
             self.restored_running = false;
+            if self.reconcile_target(out) {
+                return;
+            }
+        } else if self.reconcile_source(out) {
+            return;
         }
         if mine && self.desired == Some(Desired::Run) {
             match self.run {
@@ -122,6 +127,13 @@ impl VmMonitor {
             return;
         }
         match self.owner.clone().flatten() {
+            Some(other) if std::mem::take(&mut self.outgoing_sent) => {
+                let r = format!(
+                    "migrated live to {other}, which owns it now: killing the paused QEMU here"
+                );
+                self.set_state(out, VmState::Stopping, &r);
+                self.begin(out, Intent::Release, &[Step::KillVm]);
+            }
             Some(other) => {
                 let r = format!("owned by {other}: killing it here at once");
                 self.set_state(out, VmState::Stopping, &r);
