@@ -131,6 +131,8 @@ pub struct Sim {
     /// Forwarded commands: request key → (origin host, caller id).
     forwarded: BTreeMap<String, (usize, u64)>,
     next_command: u64,
+    /// Probes are logged (script command `log-probes on`).
+    log_probes: bool,
 }
 
 /// Time a simulated guest takes to bring its channel up after the VM starts.
@@ -215,6 +217,7 @@ impl Sim {
             pending: BTreeMap::new(),
             forwarded: BTreeMap::new(),
             next_command: 0,
+            log_probes: false,
         }
     }
 
@@ -626,6 +629,11 @@ impl Sim {
         let line = |what: &str| format!("{now} {host} action {what}");
         match a.kind {
             HostActionKind::Probe { vm, checks } => {
+                if self.log_probes {
+                    let apps: Vec<&str> = checks.iter().map(|c| c.app.as_str()).collect();
+                    self.log
+                        .push(line(&format!("probe {vm}: {}", apps.join(", "))));
+                }
                 if let Err(e) = self.guest_exec(h, &vm) {
                     let result = Err(e);
                     self.host_input(h, HostInput::ActionResult { id, result });
@@ -782,6 +790,7 @@ impl Sim {
         let now = self.now;
         match cmd {
             SimCommand::Tick => {}
+            SimCommand::LogProbes(on) => self.log_probes = on,
             SimCommand::AppFail { vm, app, exit } => {
                 if let Some(m) = self.app_model(&vm, &app) {
                     m.running = false;

@@ -42,6 +42,8 @@ pub enum StartBehaviour {
 pub enum SimCommand {
     /// Nothing (time passes).
     Tick,
+    /// From now on, log (or stop logging) every probe sent, with the apps it checks.
+    LogProbes(bool),
     /// The app stops running; its check exits `exit`.
     AppFail {
         /// VM.
@@ -305,7 +307,7 @@ fn unknown_name(config: &Config, cmd: &SimCommand) -> Option<String> {
         })
     };
     match cmd {
-        S::Tick | S::StoreFail { .. } => None,
+        S::Tick | S::LogProbes(_) | S::StoreFail { .. } => None,
         S::AppFail { vm: v, app: a, .. }
         | S::AppRecover { vm: v, app: a }
         | S::AppHang { vm: v, app: a, .. }
@@ -360,6 +362,11 @@ fn parse_command(w: &[&str]) -> Result<SimCommand, String> {
     let va = |i: usize| -> Result<(Name, Name), String> { Ok((vm(i)?, vm(i + 1)?)) };
     let cmd = match arg(0)? {
         "tick" => SimCommand::Tick,
+        "log-probes" => SimCommand::LogProbes(match arg(1)? {
+            "on" => true,
+            "off" => false,
+            other => return Err(format!("log-probes takes on or off, not `{other}`")),
+        }),
         "app-fail" => {
             let (vm, app) = va(1)?;
             let exit = match w.get(3) {

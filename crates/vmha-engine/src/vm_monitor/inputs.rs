@@ -190,10 +190,12 @@ impl VmMonitor {
 
     pub(super) fn finish_probe(&mut self) -> Option<Probe> {
         let probe = self.probe.take()?;
+        let phase = timers::grid_phase(&self.name);
         for &i in &probe.apps {
             // Never earlier than already planned (a backoff set while the probe ran).
-            let interval = self.apps[i].cfg.interval;
-            let next = probe.sent.plus(interval).max(self.apps[i].next_probe);
+            let interval = millis(self.apps[i].cfg.interval);
+            let next =
+                timers::next_on_grid(probe.sent, interval, phase).max(self.apps[i].next_probe);
             self.apps[i].next_probe = next;
         }
         Some(probe)

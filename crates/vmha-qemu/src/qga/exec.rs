@@ -29,6 +29,10 @@ pub struct ExecRequest {
     /// Longest accepted `guest-exec-status` reply line (also capped by
     /// [`super::QgaConfig::max_line`]): a caller that knows its output is small lowers it.
     pub max_reply_line: usize,
+    /// When to send the first `guest-exec-status` (when the program can have finished);
+    /// `None`: [`super::QgaConfig::poll_initial`]. Later polls back off from a quarter of it
+    /// (at least `poll_initial`), doubling up to `poll_max`.
+    pub first_poll: Option<Duration>,
 }
 
 impl ExecRequest {
@@ -41,6 +45,7 @@ impl ExecRequest {
             deadline: Duration::from_secs(10),
             output_cap: 64 << 10,
             max_reply_line: usize::MAX,
+            first_poll: None,
         }
     }
 }
@@ -124,7 +129,8 @@ impl QgaClient {
             .await
             .map_err(exec_blocked)?;
         let cap = request.output_cap;
-        let mut interval = self.config.poll_initial;
+        let mut interval = request.first_poll.unwrap_or(self.config.poll_initial);
+        let mut first = true;
         loop {
             tokio::time::sleep(interval.min(deadline.saturating_duration_since(Instant::now())))
                 .await;
@@ -144,7 +150,12 @@ impl QgaClient {
             if let Some(output) = status {
                 return Ok(output);
             }
-            interval = (interval * 2).min(self.config.poll_max);
+            interval = if std::mem::take(&mut first) {
+                (interval / 4).max(self.config.poll_initial)
+            } else {
+                interval * 2
+            }
+            .min(self.config.poll_max);
         }
     }
 
