@@ -113,6 +113,8 @@ pub(crate) struct RawVm {
     pub(crate) on_guest_loss: Option<OnGuestLoss>,
     pub(crate) placement: Option<Placement>,
     pub(crate) failback: Option<bool>,
+    pub(crate) watch: Option<bool>,
+    pub(crate) watch_period: Option<Spanned<DurationValue>>,
     #[serde(default)]
     pub(crate) requires: Vec<Spanned<Name>>,
     pub(crate) qemu: Option<Spanned<RawQemu>>,
@@ -166,6 +168,8 @@ pub(crate) struct RawApp {
     pub(crate) stable_after: Option<Spanned<DurationValue>>,
     pub(crate) probe_failures: Option<Spanned<i64>>,
     pub(crate) critical: Option<bool>,
+    pub(crate) pid_file: Option<Spanned<String>>,
+    pub(crate) process: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) requires: Vec<Spanned<Name>>,
 }

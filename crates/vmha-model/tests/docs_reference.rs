@@ -156,7 +156,7 @@ fn optional_without_default(section: &str, key: &str) -> bool {
             "host",
             "address" | "memory_mb" | "watchdog" | "watchdog_timeout"
         ) | ("vm.qemu", "kernel" | "initrd" | "append")
-            | ("vm.app", "stop")
+            | ("vm.app", "stop" | "pid_file" | "process")
     )
 }
 
