@@ -55,6 +55,7 @@ pub mod qga;
 pub mod qmp;
 pub mod reply;
 pub mod vm;
+pub mod watch;
 
 pub use probe::ProbeError;
 pub use qga::{ExecOutput, ExecRequest, GuestInfo, QgaClient, QgaConfig, QgaError};
