@@ -133,6 +133,8 @@ pub struct Sim {
     next_command: u64,
     /// Probes are logged (script command `log-probes on`).
     log_probes: bool,
+    /// Watchers running: (host, VM) → (action, apps watched).
+    watchers: BTreeMap<(usize, Name), (crate::ActionId, Vec<Name>)>,
 }
 
 /// Time a simulated guest takes to bring its channel up after the VM starts.
@@ -218,6 +220,7 @@ impl Sim {
             forwarded: BTreeMap::new(),
             next_command: 0,
             log_probes: false,
+            watchers: BTreeMap::new(),
         }
     }
 
@@ -656,6 +659,51 @@ impl Sim {
                     .collect();
                 self.host_input(h, HostInput::ProbeResult { id, vm, outcomes });
             }
+            HostActionKind::Watch { vm, targets, .. } => {
+                let apps: Vec<&str> = targets.iter().map(|t| t.app.as_str()).collect();
+                self.log
+                    .push(line(&format!("watch {vm}: {}", apps.join(", "))));
+                if let Err(e) = self.guest_exec(h, &vm) {
+                    let result = Err(e);
+                    self.host_input(h, HostInput::ActionResult { id, result });
+                    return;
+                }
+                // A process not running is not found; the others are waited on.
+                let guest = self.guests.get(&vm);
+                let (found, not_found): (Vec<Name>, Vec<Name>) =
+                    targets.into_iter().map(|t| t.app).partition(|app| {
+                        guest
+                            .and_then(|g| g.apps.get(app))
+                            .is_some_and(|m| m.running)
+                    });
+                // The new watcher replaces the old one, whose poll ends.
+                if let Some((old, _)) = self.watchers.remove(&(h, vm.clone())) {
+                    let result = Err(ActionError::GuestUnreachable {
+                        detail: "replaced by a new watcher".into(),
+                    });
+                    self.host_input(h, HostInput::ActionResult { id: old, result });
+                }
+                if found.is_empty() {
+                    let report = crate::WatchReport {
+                        end: crate::WatchEnd::NothingToWatch,
+                        not_found,
+                    };
+                    self.host_input(h, HostInput::WatchResult { id, vm, report });
+                } else {
+                    if !not_found.is_empty() {
+                        // Reported when it ends, as the real watcher prints them first.
+                        self.log.push(line(&format!(
+                            "watch {vm}: not found: {}",
+                            not_found
+                                .iter()
+                                .map(Name::as_str)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )));
+                    }
+                    self.watchers.insert((h, vm), (id, found));
+                }
+            }
             HostActionKind::PingGuest { vm, check_exec, .. } => {
                 let result = match self.guest_exec(h, &vm) {
                     Err(ActionError::ExecBlocked { .. }) if !check_exec => Ok(()),
@@ -785,6 +833,38 @@ impl Sim {
         self.guests.get_mut(vm).and_then(|g| g.apps.get_mut(app))
     }
 
+    /// The watchers waiting on `app` of `vm` end: its process is gone.
+    fn watched_app_gone(&mut self, vm: &Name, app: &Name) {
+        self.end_watchers(vm, |apps| {
+            apps.contains(app)
+                .then(|| crate::WatchEnd::Gone(app.clone()))
+        });
+    }
+
+    /// Ends the watchers of `vm` for which `end` says how.
+    fn end_watchers(&mut self, vm: &Name, end: impl Fn(&[Name]) -> Option<crate::WatchEnd>) {
+        let keys: Vec<(usize, Name)> = self
+            .watchers
+            .iter()
+            .filter(|((_, v), (_, apps))| v == vm && end(apps).is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            let Some((id, apps)) = self.watchers.remove(&key) else {
+                continue;
+            };
+            let Some(end) = end(&apps) else {
+                continue;
+            };
+            let report = crate::WatchReport {
+                end,
+                not_found: Vec::new(),
+            };
+            let vm = key.1.clone();
+            self.host_input(key.0, HostInput::WatchResult { id, vm, report });
+        }
+    }
+
     /// Applies one command at the current time and lets the cluster settle.
     pub fn apply(&mut self, cmd: SimCommand) {
         let now = self.now;
@@ -796,6 +876,11 @@ impl Sim {
                     m.running = false;
                     m.exit = exit;
                 }
+                self.watched_app_gone(&vm, &app);
+            }
+            SimCommand::WatchKill { vm } => {
+                let ended = crate::WatchEnd::Ended("watcher killed by signal 9".into());
+                self.end_watchers(&vm, |_| Some(ended.clone()));
             }
             SimCommand::AppRecover { vm, app } => {
                 let up = self.hosts.iter().any(|h| h.guest_up.contains(&vm));

@@ -44,6 +44,11 @@ pub enum SimCommand {
     Tick,
     /// From now on, log (or stop logging) every probe sent, with the apps it checks.
     LogProbes(bool),
+    /// The watchers of the VM are killed in the guest (no news about its apps).
+    WatchKill {
+        /// VM.
+        vm: Name,
+    },
     /// The app stops running; its check exits `exit`.
     AppFail {
         /// VM.
@@ -320,7 +325,8 @@ fn unknown_name(config: &Config, cmd: &SimCommand) -> Option<String> {
         | S::GuestHang { vm: v, .. }
         | S::GuestHostile { vm: v, .. }
         | S::BootHang { vm: v, .. }
-        | S::ExecBlocked { vm: v, .. } => vm(v),
+        | S::ExecBlocked { vm: v, .. }
+        | S::WatchKill { vm: v } => vm(v),
         S::HostCrash(h)
         | S::HostIsolate(h)
         | S::HostRecover(h)
@@ -362,6 +368,7 @@ fn parse_command(w: &[&str]) -> Result<SimCommand, String> {
     let va = |i: usize| -> Result<(Name, Name), String> { Ok((vm(i)?, vm(i + 1)?)) };
     let cmd = match arg(0)? {
         "tick" => SimCommand::Tick,
+        "watch-kill" => SimCommand::WatchKill { vm: vm(1)? },
         "log-probes" => SimCommand::LogProbes(match arg(1)? {
             "on" => true,
             "off" => false,

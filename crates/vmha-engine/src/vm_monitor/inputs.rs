@@ -178,6 +178,7 @@ impl VmMonitor {
     /// Whether `id` is an action of this VM still awaited.
     pub fn owns(&self, id: ActionId) -> bool {
         self.owns_probe(id)
+            || self.owns_watch(id)
             || self.ping.as_ref().is_some_and(|p| p.id == id)
             || self.apps.iter().any(
                 |a| matches!(a.op, Some(AppOp::Start(x, _)) | Some(AppOp::Stop(x, _)) if x == id),
@@ -256,6 +257,14 @@ impl VmMonitor {
         id: ActionId,
         result: Result<(), ActionError>,
     ) {
+        if self.owns_watch(id) {
+            // A watcher answers with a WatchResult; an action result is its failure.
+            let error = result.err().unwrap_or(ActionError::GuestUnreachable {
+                detail: "watcher ended without a report".into(),
+            });
+            self.on_watch_failed(out, &error);
+            return;
+        }
         if self.owns_probe(id) {
             // A probe that could not run (its outcomes come as a ProbeResult).
             let Some(probe) = self.finish_probe() else {
@@ -365,7 +374,10 @@ impl VmMonitor {
                 self.exec_refused(out);
                 return;
             }
-            (Some(AppOp::Start(..)), Ok(())) => self.apps[i].next_probe = out.now,
+            (Some(AppOp::Start(..)), Ok(())) => {
+                self.apps[i].next_probe = out.now;
+                self.watch_app_started(i);
+            }
             (Some(AppOp::Start(_, why)), Err(e)) => {
                 let what = if why == StartWhy::Restart {
                     "restart"

@@ -97,6 +97,9 @@ impl VmMonitor {
         if let Some(x) = self.ping_due() {
             consider(x);
         }
+        if let Some(x) = self.watch_due() {
+            consider(x);
+        }
         t
     }
 
@@ -207,6 +210,7 @@ impl VmMonitor {
         if self.ping_due().is_some_and(|t| t <= now) {
             self.send_ping(out);
         }
+        self.arm_watch(out);
     }
 }
 
