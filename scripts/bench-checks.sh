@@ -77,18 +77,18 @@ done
 sleep 5 # let start-up probes settle
 QPID=$(cat "$W/run/bench/qemu.pid")
 ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
-counters() { status | jq -r '[.agent.probes_sent // "", .agent.checks_sent // ""] | @tsv'; }
+counters() { status | jq -r '[.guest_io.probes // "", .guest_io.checks // "", .guest_io.watchers // "", .guest_io.watch_polls // ""] | @tsv'; }
 v0=$(ticks "$PID"); q0=$(ticks "$QPID"); c0=$(counters)
 sleep "$SECONDS_"
 v1=$(ticks "$PID"); q1=$(ticks "$QPID"); c1=$(counters)
-checks=$(awk -v a="$c0" -v b="$c1" -v apps="$APPS" -v s="$SECONDS_" -v i="$INTERVAL" 'BEGIN {
+set -- $(awk -v a="$c0" -v b="$c1" -v apps="$APPS" -v s="$SECONDS_" -v i="$INTERVAL" 'BEGIN {
 	split(a, x, "\t"); split(b, y, "\t");
-	if (y[2] != "") { print y[2] - x[2], y[1] - x[1], "counted"; exit }
-	ms = i; if (ms ~ /ms$/) { sub(/ms$/, "", ms) } else { sub(/s$/, "", ms); ms *= 1000 }
-	print apps * s * 1000 / ms, "?", "estimated" }')
-set -- $checks
-awk -v v=$((v1 - v0)) -v q=$((q1 - q0)) -v hz="$HZ" -v c="$1" -v p="$2" -v how="$3" -v s="$SECONDS_" -v apps="$APPS" -v i="$INTERVAL" 'BEGIN {
-	printf "%d apps every %s, %d s: %s checks (%s), %s guest-execs\n", apps, i, s, c, how, p
-	printf "vmhad CPU: %.0f ms (%.3f ms per check)\n", v * 1000 / hz, v * 1000 / hz / c
-	printf "QEMU CPU:  %.0f ms (%.1f ms per check, %.1f %% of a core)\n", q * 1000 / hz, q * 1000 / hz / c, q * 100 / hz / s
+	if (y[2] != "") { print y[2] - x[2], y[1] - x[1], y[3] - x[3], y[4] - x[4], "counted"; exit }
+	ms = i; if (ms ~ /ms$/) { sub(/ms$/, "", ms) } else if (ms ~ /h$/) { sub(/h$/, "", ms); ms *= 3600000 } else { sub(/s$/, "", ms); ms *= 1000 }
+	print apps * s * 1000 / ms, "?", "?", "?", "estimated" }')
+awk -v v=$((v1 - v0)) -v q=$((q1 - q0)) -v hz="$HZ" -v c="$1" -v p="$2" -v w="$3" -v wp="$4" -v how="$5" -v s="$SECONDS_" -v apps="$APPS" -v i="$INTERVAL" 'BEGIN {
+	printf "%d apps every %s, %d s: %s checks (%s) in %s guest-execs; watchers %s, watcher polls %s\n", apps, i, s, c, how, p, w, wp
+	per = c > 0 ? c : 1
+	printf "vmhad CPU: %.0f ms (%.3f ms per check)\n", v * 1000 / hz, v * 1000 / hz / per
+	printf "QEMU CPU:  %.0f ms (%.1f ms per check, %.1f %% of a core)\n", q * 1000 / hz, q * 1000 / hz / per, q * 100 / hz / s
 }'

@@ -90,6 +90,11 @@ rm -f "$fifo"
 while :; do check; sleep "$tick"; done
 "#;
 
+/// A fresh random nonce for a watcher's answer lines.
+pub fn nonce() -> u64 {
+    crate::qga::random_id()
+}
+
 /// Seconds for the guest's `read -t`/`sleep`, with millisecond precision.
 fn seconds(d: Duration) -> String {
     let ms = d.as_millis().max(10);

@@ -22,6 +22,7 @@ mod files;
 mod follow;
 mod forward;
 mod guard;
+mod guest_io;
 mod host;
 mod inbox;
 mod lease;
