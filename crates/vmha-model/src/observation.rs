@@ -191,8 +191,8 @@ pub enum WatchEnd {
     /// The process of this app is gone (exited, a zombie, or its pid now names another
     /// process): the VM's apps should be checked now.
     Gone(Name),
-    /// Every target was missing (`not_found`): nothing was watched.
-    NothingToWatch,
+    /// Some targets were not found when it started (`not_found`): it ended at once.
+    NotFound,
     /// The watcher ended otherwise (killed in the guest, an unreadable answer): no news about
     /// the apps.
     Ended(String),

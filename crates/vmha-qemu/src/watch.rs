@@ -6,7 +6,8 @@
 //! (never spliced into the program text): `kind value` pairs, `f PATH` for a pid file, `p NAME`
 //! for a process name (`pidof -s`). At start it resolves each pid once and keeps the process's
 //! start time (field 22 of `/proc/PID/stat`), so a reused pid is not taken for the app; a target
-//! it cannot find is reported (`none INDEX`) and left out. It then waits, the cheapest way the
+//! it cannot find is reported (`none INDEX`) and the watcher ends at once (the app may have
+//! died since its check, or its `pid_file`/`process` is wrong: the engine tells them apart). It then waits, the cheapest way the
 //! guest offers: util-linux `waitpid --count 1` (≥ 2.38, no CPU while waiting) when present,
 //! then a loop of shell builtins — `read -t TICK` on a private fifo opened read-write (no fork;
 //! busybox ash, bash) or `sleep TICK` (a fork per tick, e.g. dash) — re-reading each
@@ -51,7 +52,7 @@ st() {
 	case "$1" in Z | X | x | '') return 1 ;; esac
 	s=${20}
 }
-n=0; pids=
+n=0; pids=; missing=
 while [ $# -ge 2 ]; do
 	p=
 	case "$1" in
@@ -62,11 +63,11 @@ while [ $# -ge 2 ]; do
 	if [ -n "$p" ] && st "$p"; then
 		eval "p$n=$p; s$n=$s"; pids="$pids $p"
 	else
-		eval "p$n="; echo "$M none $n"
+		eval "p$n="; echo "$M none $n"; missing=1
 	fi
 	n=$((n + 1)); shift 2
 done
-[ -n "$pids" ] || exit 0
+[ -z "$missing" ] || exit 0
 check() {
 	i=0
 	while [ $i -lt $n ]; do
@@ -160,9 +161,7 @@ pub fn parse_watch(targets: &[WatchTarget], nonce: u64, output: &ExecOutput) -> 
     }
     let end = match (gone, output.status) {
         (Some(app), _) => WatchEnd::Gone(app),
-        (None, ExitStatus::Code(0)) if !targets.is_empty() && not_found.len() == targets.len() => {
-            WatchEnd::NothingToWatch
-        }
+        (None, ExitStatus::Code(0)) if !not_found.is_empty() => WatchEnd::NotFound,
         (None, ExitStatus::Signal(sig)) => {
             WatchEnd::Ended(format!("watcher killed by signal {sig}"))
         }
@@ -211,15 +210,15 @@ mod tests {
         // Killed, or no line at all: no news about the apps.
         let r = parse_watch(&t, 7, &output(ExitStatus::Signal(9), b""));
         assert_eq!(r.end, WatchEnd::Ended("watcher killed by signal 9".into()));
+        let r = parse_watch(&t, 7, &output(ExitStatus::Code(0), b"vmha-watch 7 armed\n"));
+        assert_eq!(r.end, WatchEnd::Ended("watcher exited 0".into()));
         let r = parse_watch(
             &t,
             7,
             &output(ExitStatus::Code(0), b"vmha-watch 7 none 1\n"),
         );
-        assert_eq!(r.end, WatchEnd::Ended("watcher exited 0".into()));
-        let all = b"vmha-watch 7 none 1\nvmha-watch 7 none 0\n";
-        let r = parse_watch(&t, 7, &output(ExitStatus::Code(0), all));
-        assert_eq!(r.end, WatchEnd::NothingToWatch);
+        assert_eq!(r.end, WatchEnd::NotFound);
+        assert_eq!(r.not_found, vec![Name::new("b").unwrap()]);
     }
 
     #[test]
@@ -290,10 +289,13 @@ mod tests {
             let mut app = Command::new("sleep").arg("30").spawn().unwrap();
             let pid_file = dir.path().join("app.pid");
             std::fs::write(&pid_file, format!("{}\n", app.id())).unwrap();
+            let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+            let other_file = dir.path().join("other.pid");
+            std::fs::write(&other_file, format!("{}\n", other.id())).unwrap();
             let targets = vec![
                 target(
-                    "missing",
-                    ProcessRef::PidFile(dir.path().join("nope").display().to_string()),
+                    "other",
+                    ProcessRef::PidFile(other_file.display().to_string()),
                 ),
                 target("app", ProcessRef::PidFile(pid_file.display().to_string())),
             ];
@@ -316,15 +318,23 @@ mod tests {
                 "{shell}: {}",
                 String::from_utf8_lossy(&stdout)
             );
-            assert_eq!(report.not_found, vec![Name::new("missing").unwrap()]);
+            assert!(report.not_found.is_empty());
+            other.kill().unwrap();
+            other.wait().unwrap();
         }
     }
 
     #[test]
-    fn nothing_found_is_nothing_to_watch() {
+    fn a_target_not_found_ends_the_watcher_at_once() {
         let dir = tempfile::tempdir().unwrap();
         for shell in shells() {
-            let targets = vec![target("x", ProcessRef::Name("no-such-proc-xy".into()))];
+            let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+            let file = dir.path().join("me.pid");
+            std::fs::write(&file, format!("{}\n", sleeper.id())).unwrap();
+            let targets = vec![
+                target("me", ProcessRef::PidFile(file.display().to_string())),
+                target("x", ProcessRef::Name("no-such-proc-xy".into())),
+            ];
             let out = spawn_watcher(shell, dir.path(), &targets, 5)
                 .wait_with_output()
                 .unwrap();
@@ -333,7 +343,10 @@ mod tests {
                 5,
                 &output(ExitStatus::Code(out.status.code().unwrap()), &out.stdout),
             );
-            assert_eq!(report.end, WatchEnd::NothingToWatch, "{shell}");
+            assert_eq!(report.end, WatchEnd::NotFound, "{shell}");
+            assert_eq!(report.not_found, vec![Name::new("x").unwrap()]);
+            sleeper.kill().unwrap();
+            sleeper.wait().unwrap();
         }
     }
 

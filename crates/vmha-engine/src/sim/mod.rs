@@ -683,25 +683,15 @@ impl Sim {
                     });
                     self.host_input(h, HostInput::ActionResult { id: old, result });
                 }
-                if found.is_empty() {
+                if not_found.is_empty() {
+                    self.watchers.insert((h, vm), (id, found));
+                } else {
+                    // As the real watcher: a target not found ends it at once.
                     let report = crate::WatchReport {
-                        end: crate::WatchEnd::NothingToWatch,
+                        end: crate::WatchEnd::NotFound,
                         not_found,
                     };
                     self.host_input(h, HostInput::WatchResult { id, vm, report });
-                } else {
-                    if !not_found.is_empty() {
-                        // Reported when it ends, as the real watcher prints them first.
-                        self.log.push(line(&format!(
-                            "watch {vm}: not found: {}",
-                            not_found
-                                .iter()
-                                .map(Name::as_str)
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )));
-                    }
-                    self.watchers.insert((h, vm), (id, found));
                 }
             }
             HostActionKind::PingGuest { vm, check_exec, .. } => {

@@ -12,8 +12,9 @@
 //! - ended otherwise (killed in the guest, unreadable, the channel failed) → no app event;
 //!   armed again after [`WATCH_RETRY_MS`], doubling per such end in a row up to
 //!   [`WATCH_RETRY_CAP_MS`];
-//! - an app whose process the watcher cannot find is left to interval checks (with an event)
-//!   until it is started again or the guest restarts;
+//! - an app whose process a watcher cannot find is checked at once (it may have died since
+//!   its check); not found again after a passing check, it is left to interval checks (with
+//!   an event) until it is started again or the guest restarts;
 //! - a guest that refuses the watcher's `guest-exec` → watch off for this guest, with an event.
 
 use crate::host_io::{ProcessRef, WatchEnd, WatchReport, WatchTarget};
@@ -30,7 +31,11 @@ pub const WATCH_RETRY_CAP_MS: u64 = 60_000;
 pub(crate) struct Watch {
     /// The watcher running: its action and the apps it waits on.
     pub running: Option<(ActionId, Vec<usize>)>,
-    /// Apps whose process the last watcher could not find (left to interval checks).
+    /// Apps whose process a watcher could not find once (checked at once: they may have died
+    /// since their check).
+    pub missed: Vec<usize>,
+    /// Apps whose process watchers could not find twice in a row, the check passing in
+    /// between (a wrong `pid_file` or `process`): left to interval checks.
     pub unfound: Vec<usize>,
     /// Watchers ended without news in a row.
     pub ended: u32,
@@ -134,6 +139,11 @@ impl VmMonitor {
             if !apps.contains(&i) || self.watch.unfound.contains(&i) {
                 continue;
             }
+            if !self.watch.missed.contains(&i) {
+                self.watch.missed.push(i);
+                self.apps[i].next_probe = out.now;
+                continue;
+            }
             self.watch.unfound.push(i);
             let state = self.apps[i].state.as_str();
             out.event(
@@ -150,7 +160,7 @@ impl VmMonitor {
                     a.next_probe = a.next_probe.min(out.now);
                 }
             }
-            WatchEnd::NothingToWatch => self.watch.ended = 0,
+            WatchEnd::NotFound => self.watch.ended = 0,
             WatchEnd::Ended(_) => self.watch_ended(out.now),
         }
     }
@@ -188,5 +198,6 @@ impl VmMonitor {
     /// App `i` was (re)started: its process may be found again.
     pub(super) fn watch_app_started(&mut self, i: usize) {
         self.watch.unfound.retain(|&x| x != i);
+        self.watch.missed.retain(|&x| x != i);
     }
 }
