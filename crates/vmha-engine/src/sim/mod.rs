@@ -668,14 +668,22 @@ impl Sim {
                     self.host_input(h, HostInput::ActionResult { id, result });
                     return;
                 }
-                // A process not running is not found; the others are waited on.
+                // A process not running is not found, nor one named in a way the guest does
+                // not know (a pid file or process name ending in `.missing`, by convention
+                // of the simulation); the others are waited on.
                 let guest = self.guests.get(&vm);
-                let (found, not_found): (Vec<Name>, Vec<Name>) =
-                    targets.into_iter().map(|t| t.app).partition(|app| {
-                        guest
-                            .and_then(|g| g.apps.get(app))
-                            .is_some_and(|m| m.running)
+                let (found, not_found): (Vec<crate::WatchTarget>, Vec<crate::WatchTarget>) =
+                    targets.into_iter().partition(|t| {
+                        let named = match &t.process {
+                            crate::ProcessRef::PidFile(x) | crate::ProcessRef::Name(x) => x,
+                        };
+                        !named.ends_with(".missing")
+                            && guest
+                                .and_then(|g| g.apps.get(&t.app))
+                                .is_some_and(|m| m.running)
                     });
+                let found: Vec<Name> = found.into_iter().map(|t| t.app).collect();
+                let not_found: Vec<Name> = not_found.into_iter().map(|t| t.app).collect();
                 // The new watcher replaces the old one, whose poll ends.
                 if let Some((old, _)) = self.watchers.remove(&(h, vm.clone())) {
                     let result = Err(ActionError::GuestUnreachable {
