@@ -107,7 +107,8 @@ impl QgaClient {
         let deadline = Instant::now() + request.deadline;
         let pid = self.spawn_until(request, deadline).await?;
         let mut interval = request.first_poll.unwrap_or(self.config.poll_initial);
-        let mut first = true;
+        // With a first poll timed by the caller, later polls start from a quarter of it.
+        let mut first = request.first_poll.is_some();
         loop {
             tokio::time::sleep(interval.min(deadline.saturating_duration_since(Instant::now())))
                 .await;
