@@ -216,6 +216,7 @@ impl VmMonitor {
         };
         self.guest_answered(out);
         let mut changed = false;
+        let mut any_down = false;
         for (name, outcome) in outcomes {
             let Some(i) = self.apps.iter().position(|a| &a.name == name) else {
                 continue;
@@ -224,6 +225,9 @@ impl VmMonitor {
                 continue;
             }
             let before = self.apps[i].state;
+            if *outcome != ProbeOutcome::Running {
+                any_down = true;
+            }
             let (observed, change) = self.apps[i].observe(out.now, *outcome);
             changed |= self.app_event(out, i, change);
             if let Observed::Failed(cause) = observed {
@@ -231,6 +235,7 @@ impl VmMonitor {
             }
             changed |= self.apps[i].state != before;
         }
+        self.after_watch_probe(out.now, any_down);
         self.after_app_changes(out, changed);
     }
 

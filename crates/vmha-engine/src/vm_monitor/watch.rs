@@ -8,7 +8,9 @@
 //!   stop is in flight and at least one app naming its process is `online`; armed again (a new
 //!   watcher replaces the old one) whenever that set of apps changes — so an app restarted by
 //!   vmha is watched again with its new pid;
-//! - `gone` → every app probed now; the watcher is armed again after that probe;
+//! - `gone` → every app probed now; the watcher is armed again after that probe (if that probe
+//!   finds every app running, the `gone` was wrong: armed again only after the backoff below,
+//!   so a hostile guest cannot make vmha probe in a loop);
 //! - ended otherwise (killed in the guest, unreadable, the channel failed) → no app event;
 //!   armed again after [`WATCH_RETRY_MS`], doubling per such end in a row up to
 //!   [`WATCH_RETRY_CAP_MS`];
@@ -43,6 +45,8 @@ pub(crate) struct Watch {
     pub not_before: Timestamp,
     /// Why the watch is off for this guest, if it is.
     pub off: Option<String>,
+    /// The last watcher said an app was gone: the next probe tells whether it was right.
+    pub fired: bool,
 }
 
 fn process_of(app: &AppMonitor) -> Option<ProcessRef> {
@@ -155,7 +159,7 @@ impl VmMonitor {
         }
         match &report.end {
             WatchEnd::Gone(_) => {
-                self.watch.ended = 0;
+                self.watch.fired = true;
                 for a in &mut self.apps {
                     a.next_probe = a.next_probe.min(out.now);
                 }
@@ -178,6 +182,20 @@ impl VmMonitor {
             out.event(ObjectRef::Vm(self.name.clone()), state, state, &why);
         } else {
             self.watch_ended(out.now);
+        }
+    }
+
+    /// A probe answered: after a watcher said an app was gone, a probe that finds every app
+    /// running means it was wrong (a hostile or confused guest): the next watcher waits as
+    /// after a watcher that ended without news, so a guest cannot make vmha probe in a loop.
+    pub(super) fn after_watch_probe(&mut self, now: Timestamp, any_down: bool) {
+        if !std::mem::take(&mut self.watch.fired) {
+            return;
+        }
+        if any_down {
+            self.watch.ended = 0;
+        } else {
+            self.watch_ended(now);
         }
     }
 
