@@ -50,6 +50,22 @@ pub struct StatusView {
     pub agent: HostStatus,
     /// The controller's view (hosts, placement), when that host is the controller.
     pub cluster_view: Option<ControllerStatus>,
+    /// Work done through this host's guest agents since its daemon started.
+    #[serde(default)]
+    pub guest_io: GuestIoView,
+}
+
+/// Counters of the work done through guest agents (monotonic since the daemon started).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestIoView {
+    /// Probes started: one `guest-exec` each, whatever the number of checks in it.
+    pub probes: u64,
+    /// App checks run in those probes.
+    pub checks: u64,
+    /// Watchers started (one long-running `guest-exec` each).
+    pub watchers: u64,
+    /// `guest-exec-status` polls of watchers.
+    pub watch_polls: u64,
 }
 
 impl StatusView {

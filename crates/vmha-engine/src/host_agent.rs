@@ -147,6 +147,11 @@ impl HostAgent {
                     self.with_vm(now, i, |v, out| v.on_probe_result(out, id, &outcomes));
                 }
             }
+            HostInput::WatchResult { id, vm, report } => {
+                if let Some(i) = self.vm_index(&vm) {
+                    self.with_vm(now, i, |v, out| v.on_watch_result(out, id, &report));
+                }
+            }
             HostInput::ActionResult { id, result } => {
                 if let Some(i) = self.vms.iter().position(|v| v.owns(id)) {
                     self.with_vm(now, i, |v, out| v.on_action_result(out, id, result));

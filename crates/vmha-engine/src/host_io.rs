@@ -8,7 +8,8 @@ use vmha_model::{Name, VmState};
 use crate::ids::ActionId;
 
 pub use vmha_model::observation::{
-    ExitStatus, PauseReason, ProbeCheck, ProbeOutcome, Unreadable, VmObservation,
+    ExitStatus, PauseReason, ProbeCheck, ProbeOutcome, ProcessRef, Unreadable, VmObservation,
+    WatchEnd, WatchReport, WatchTarget,
 };
 
 /// Why an action failed, as the driver reports it. The driver only says what happened; the
@@ -124,6 +125,15 @@ pub enum HostInput {
         /// Figures of the completed migration, or what went wrong.
         result: Result<MigrationFigures, ActionError>,
     },
+    /// The answer to a [`HostActionKind::Watch`] whose watcher ended: what its answer says.
+    WatchResult {
+        /// The watch action.
+        id: ActionId,
+        /// The VM.
+        vm: Name,
+        /// How it ended.
+        report: WatchReport,
+    },
     /// The answer to any other action, and to a probe that could not run (`Err`).
     ActionResult {
         /// The action.
@@ -204,6 +214,18 @@ pub enum HostActionKind {
         vm: Name,
         /// Checks of the apps due.
         checks: Vec<ProbeCheck>,
+    },
+    /// Start the VM's watcher (replacing any earlier one) waiting on these apps' processes,
+    /// and poll it every `period`. Answered by [`HostInput::WatchResult`] when it ends, or by
+    /// [`HostInput::ActionResult`] with the error that ended it (a replaced watcher's answer
+    /// is ignored).
+    Watch {
+        /// The VM.
+        vm: Name,
+        /// The apps and how to find their processes.
+        targets: Vec<WatchTarget>,
+        /// How often the driver asks the guest agent whether it still runs.
+        period: Duration,
     },
     /// Is the guest agent there? `guest-ping` within `timeout`; with `check_exec`, also read
     /// `guest-info`. Answer `Ok` (it answered, and `guest-exec` is allowed if checked),

@@ -43,7 +43,8 @@ pub use event::{Event, ObjectRef, Origin};
 pub use host_agent::{HostAgent, HostAgentError};
 pub use host_io::{
     ActionError, Desired, ExitStatus, HostAction, HostActionKind, HostInput, MigrationFigures,
-    MigrationNote, PauseReason, ProbeCheck, ProbeOutcome, Unreadable, VmObservation, VmReport,
+    MigrationNote, PauseReason, ProbeCheck, ProbeOutcome, ProcessRef, Unreadable, VmObservation,
+    VmReport, WatchEnd, WatchReport, WatchTarget,
 };
 pub use ids::ActionId;
 pub use node::{

@@ -264,6 +264,11 @@ pub struct Vm {
     /// The VM's disks are on storage every acceptable host sees (NFS, SAN, Ceph): a live
     /// migration moves only memory and device state.
     pub shared_storage: bool,
+    /// Watch the processes of the apps that name one (`pid_file`, `process`): their death
+    /// brings the next check forward.
+    pub watch: bool,
+    /// How often vmhad asks the guest agent about the watcher.
+    pub watch_period: Duration,
     /// VMs that must be online before this one starts (cluster-wide start order).
     pub requires: Vec<Name>,
     /// Hypervisor driver and its settings.
@@ -327,6 +332,8 @@ impl Serialize for Vm {
         st.serialize_field("failback", &self.failback)?;
         st.serialize_field("migrate", &self.migrate)?;
         st.serialize_field("shared_storage", &self.shared_storage)?;
+        st.serialize_field("watch", &self.watch)?;
+        st.serialize_field("watch_period", &d(self.watch_period))?;
         st.serialize_field("requires", &self.requires)?;
         match &self.driver {
             Driver::Qemu(q) => st.serialize_field("qemu", q)?,
@@ -463,6 +470,12 @@ pub struct App {
     pub probe_failures: u32,
     /// The `critical` policy restarts the VM when this app is faulted.
     pub critical: bool,
+    /// The file in the guest holding the app's pid (absolute path), for the watch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid_file: Option<String>,
+    /// The app's process name in the guest (as `pidof` finds it), for the watch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
     /// Apps of the same VM that must be online before this one starts.
     pub requires: Vec<Name>,
 }

@@ -131,6 +131,17 @@ pub const APP_PROBE_FAILURES: u32 = 3;
 pub const APP_PROBE_FAILURES_RANGE: RangeInclusive<u32> = 1..=100;
 /// Whether an app is critical for the `critical` policy.
 pub const APP_CRITICAL: bool = false;
+/// Whether the processes of a VM's apps that name one (`pid_file`, `process`) are watched.
+pub const VM_WATCH: bool = true;
+/// How often vmhad asks the guest agent whether the watcher still runs.
+pub const VM_WATCH_PERIOD: Duration = Duration::from_millis(200);
+/// Allowed VM `watch_period`.
+pub const VM_WATCH_PERIOD_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(50)..=Duration::from_secs(10);
+/// Longest app `pid_file` path, in bytes.
+pub const APP_PID_FILE_MAX: usize = 1024;
+/// Longest app `process` name, in bytes (the kernel keeps 15 bytes of a process name).
+pub const APP_PROCESS_MAX: usize = 15;
 
 #[cfg(test)]
 mod tests {

@@ -28,6 +28,7 @@ pub use config::{
 pub use error::{ConfigError, Diagnostic, ErrorKind};
 pub use name::{Name, NameError};
 pub use observation::{
-    ExitStatus, PauseReason, ProbeCheck, ProbeOutcome, Unreadable, VmObservation,
+    ExitStatus, PauseReason, ProbeCheck, ProbeOutcome, ProcessRef, Unreadable, VmObservation,
+    WatchEnd, WatchReport, WatchTarget,
 };
 pub use state::{AppState, HostState, VmState};

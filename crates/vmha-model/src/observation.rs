@@ -164,3 +164,45 @@ pub enum VmObservation {
     /// in time or properly: whether the VM runs is not known.
     Unresponsive,
 }
+
+/// How the watch finds an app's process in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProcessRef {
+    /// The pid in this file (an absolute guest path).
+    PidFile(String),
+    /// The process of this name (as `pidof -s` finds it).
+    Name(String),
+}
+
+/// One app the VM's watcher waits on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchTarget {
+    /// The app.
+    pub app: Name,
+    /// Its process.
+    pub process: ProcessRef,
+}
+
+/// How a watcher ended, as the guest's answer says (untrusted: it only brings a check forward).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WatchEnd {
+    /// The process of this app is gone (exited, a zombie, or its pid now names another
+    /// process): the VM's apps should be checked now.
+    Gone(Name),
+    /// Some targets were not found when it started (`not_found`): it ended at once.
+    NotFound,
+    /// The watcher ended otherwise (killed in the guest, an unreadable answer): no news about
+    /// the apps.
+    Ended(String),
+}
+
+/// A watcher's report: how it ended and the apps whose process it could not find at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchReport {
+    /// How it ended.
+    pub end: WatchEnd,
+    /// Apps whose process could not be found when it started (left to interval checks).
+    pub not_found: Vec<Name>,
+}

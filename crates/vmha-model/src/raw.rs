@@ -118,6 +118,8 @@ pub(crate) struct RawVm {
     pub(crate) failback: Option<bool>,
     pub(crate) migrate: Option<Spanned<bool>>,
     pub(crate) shared_storage: Option<bool>,
+    pub(crate) watch: Option<bool>,
+    pub(crate) watch_period: Option<Spanned<DurationValue>>,
     #[serde(default)]
     pub(crate) requires: Vec<Spanned<Name>>,
     pub(crate) qemu: Option<Spanned<RawQemu>>,
@@ -172,6 +174,8 @@ pub(crate) struct RawApp {
     pub(crate) stable_after: Option<Spanned<DurationValue>>,
     pub(crate) probe_failures: Option<Spanned<i64>>,
     pub(crate) critical: Option<bool>,
+    pub(crate) pid_file: Option<Spanned<String>>,
+    pub(crate) process: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) requires: Vec<Spanned<Name>>,
 }

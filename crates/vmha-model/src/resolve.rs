@@ -735,6 +735,13 @@ impl Resolver<'_> {
                 .as_ref()
                 .map_or(migrate_default, |m| *m.get_ref()),
             shared_storage,
+            watch: raw.watch.unwrap_or(d::VM_WATCH),
+            watch_period: self.duration(
+                "watch_period",
+                raw.watch_period,
+                d::VM_WATCH_PERIOD,
+                d::VM_WATCH_PERIOD_RANGE,
+            )?,
             requires: raw.requires.into_iter().map(Spanned::into_inner).collect(),
             driver,
             apps,
@@ -1004,8 +1011,72 @@ impl Resolver<'_> {
         Ok(v.into_inner())
     }
 
+    /// An app's `pid_file`: an absolute path of at most [`d::APP_PID_FILE_MAX`] bytes,
+    /// without control characters.
+    fn pid_file(&self, app: &Name, v: Spanned<String>) -> R<String> {
+        let path = v.get_ref();
+        let problem = if !path.starts_with('/') {
+            Some("is not an absolute path")
+        } else if path.len() > d::APP_PID_FILE_MAX {
+            Some("is longer than 1024 bytes")
+        } else if path.chars().any(char::is_control) {
+            Some("contains a control character")
+        } else {
+            None
+        };
+        match problem {
+            Some(p) => Err(self.err(
+                v.span(),
+                ErrorKind::BadValue,
+                format!("`pid_file` of app `{app}` {p}"),
+                Some(
+                    "the guest path of the file holding the app's pid, e.g. \"/run/nginx.pid\""
+                        .into(),
+                ),
+            )),
+            None => Ok(v.into_inner()),
+        }
+    }
+
+    /// An app's `process`: 1 to [`d::APP_PROCESS_MAX`] bytes, no `/`, space or control
+    /// character (a process name as the kernel keeps it).
+    fn process(&self, app: &Name, v: Spanned<String>) -> R<String> {
+        let name = v.get_ref();
+        let problem = if name.is_empty() {
+            Some("is empty")
+        } else if name.len() > d::APP_PROCESS_MAX {
+            Some("is longer than 15 bytes (the kernel keeps 15)")
+        } else if name
+            .chars()
+            .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+        {
+            Some("contains `/`, a space or a control character")
+        } else {
+            None
+        };
+        match problem {
+            Some(p) => Err(self.err(
+                v.span(),
+                ErrorKind::BadValue,
+                format!("`process` of app `{app}` {p}"),
+                Some("the process name as `pidof` finds it, e.g. \"nginx\"".into()),
+            )),
+            None => Ok(v.into_inner()),
+        }
+    }
+
     fn app(&self, raw: RawApp) -> R<App> {
         let name = raw.name.into_inner();
+        if let (Some(_), Some(process)) = (&raw.pid_file, &raw.process) {
+            return Err(self.err(
+                process.span(),
+                ErrorKind::Conflict,
+                format!("app `{name}` has both `pid_file` and `process`"),
+                Some("name its process one way: `pid_file` (preferred: exact) or `process`".into()),
+            ));
+        }
+        let pid_file = raw.pid_file.map(|v| self.pid_file(&name, v)).transpose()?;
+        let process = raw.process.map(|v| self.process(&name, v)).transpose()?;
         let interval = self.duration(
             "interval",
             raw.interval,
@@ -1051,6 +1122,8 @@ impl Resolver<'_> {
                 d::APP_PROBE_FAILURES_RANGE,
             )?,
             critical: raw.critical.unwrap_or(d::APP_CRITICAL),
+            pid_file,
+            process,
             requires: raw.requires.into_iter().map(Spanned::into_inner).collect(),
             name,
         })

@@ -157,7 +157,7 @@ fn optional_without_default(section: &str, key: &str) -> bool {
             "address" | "memory_mb" | "watchdog" | "watchdog_timeout"
         ) | ("vm.qemu", "kernel" | "initrd" | "append")
             | ("vm.libvirt", "xml")
-            | ("vm.app", "stop")
+            | ("vm.app", "stop" | "pid_file" | "process")
             | ("api", "tls_cert" | "tls_key")
     )
 }

@@ -56,6 +56,7 @@ pub mod qga;
 pub mod qmp;
 pub mod reply;
 pub mod vm;
+pub mod watch;
 
 pub use migration::{MigrationError, MigrationLimits, MigrationStats};
 pub use probe::ProbeError;

@@ -12,6 +12,7 @@
 //! that ignores `SIGTERM` holds the whole probe until the exec deadline (busybox `timeout` has
 //! no kill-after), which then fails the probe as a whole.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use vmha_model::{ExitStatus, Name, ProbeCheck, ProbeOutcome, Unreadable};
@@ -141,6 +142,13 @@ pub fn parse_output(checks: &[ProbeCheck], nonce: u64, stdout: &[u8]) -> Vec<(Na
         .collect()
 }
 
+/// The first status poll of a probe: three quarters of how long the last one took (so a
+/// steady guest is asked about once or twice per probe), within 2..=500 ms; `None` while
+/// nothing is known.
+fn first_poll(last_ms: u64) -> Option<Duration> {
+    (last_ms > 0).then(|| Duration::from_millis((last_ms.saturating_mul(3) / 4).clamp(2, 500)))
+}
+
 impl QgaClient {
     /// Runs every check in ONE `guest-exec` and returns one outcome per check, with its app,
     /// in order. The whole probe is bounded by the longest check timeout plus `slack` (channel
@@ -151,8 +159,12 @@ impl QgaClient {
         checks: &[ProbeCheck],
         slack: Duration,
     ) -> Result<Vec<(Name, ProbeOutcome)>, ProbeError> {
-        let (request, nonce) = probe_request(checks, slack);
+        let (mut request, nonce) = probe_request(checks, slack);
+        request.first_poll = first_poll(self.probe_ms.load(Ordering::Relaxed));
+        let started = std::time::Instant::now();
         let output = self.exec(&request).await?;
+        let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.probe_ms.store(took, Ordering::Relaxed);
         Ok(parse_output(checks, nonce, &output.stdout))
     }
 }
@@ -207,6 +219,14 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(String::from_utf8(out.stdout).unwrap(), arg);
+    }
+
+    #[test]
+    fn first_poll_follows_the_last_probe_within_bounds() {
+        assert_eq!(first_poll(0), None);
+        assert_eq!(first_poll(1), Some(Duration::from_millis(2)));
+        assert_eq!(first_poll(200), Some(Duration::from_millis(150)));
+        assert_eq!(first_poll(u64::MAX / 2), Some(Duration::from_millis(500)));
     }
 
     #[test]

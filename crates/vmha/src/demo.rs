@@ -32,11 +32,19 @@ pub struct DemoArgs {
     /// killed, a host cut off, a host drained — failover narrated and timed (needs root).
     #[arg(long)]
     cluster: bool,
+    /// The watch benchmark instead: app kills at a random (seeded) phase → detected and →
+    /// running again, watch on vs off, apps at 1 s and 10 s, this many kills each; then
+    /// vmhad and QEMU CPU per check with the watch on, off, and checks every 200 ms.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    bench_watch: Option<u32>,
+    /// Seed of the benchmark's kill phases.
+    #[arg(long, default_value_t = 14)]
+    seed: u64,
 }
 
 /// vmhad as a child process, stopped (with its VMs) when dropped.
-struct Daemon {
-    child: Child,
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
 }
 
 impl Drop for Daemon {
@@ -56,7 +64,7 @@ impl Drop for Daemon {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -64,18 +72,18 @@ fn now_ms() -> u64 {
 
 /// An event of vmhad's stream.
 #[derive(Debug, Clone)]
-struct Ev {
-    time: u64,
-    vm: String,
-    app: Option<String>,
-    from: String,
-    to: String,
-    reason: String,
-    text: String,
+pub(crate) struct Ev {
+    pub(crate) time: u64,
+    pub(crate) vm: String,
+    pub(crate) app: Option<String>,
+    pub(crate) from: String,
+    pub(crate) to: String,
+    pub(crate) reason: String,
+    pub(crate) text: String,
 }
 
 impl Ev {
-    fn parse(v: &Value) -> Option<Ev> {
+    pub(crate) fn parse(v: &Value) -> Option<Ev> {
         let object = &v["object"];
         let (vm, app) = if let Some(vm) = object["vm"].as_str() {
             (vm.to_string(), None)
@@ -98,7 +106,7 @@ impl Ev {
         })
     }
 
-    fn is_app(&self, vm: &str, app: &str) -> bool {
+    pub(crate) fn is_app(&self, vm: &str, app: &str) -> bool {
         self.vm == vm && self.app.as_deref() == Some(app)
     }
 
@@ -261,6 +269,7 @@ interval = "1s"
 timeout = "2s"
 requires = [{}]
 check = ["/opt/demo/app", "check", "{name}"]
+pid_file = "/run/demo/{name}.pid"
 start = ["/opt/demo/app", "start", "{name}"]
 stop = ["/opt/demo/app", "stop", "{name}"]
 {extra}"#,
@@ -317,6 +326,9 @@ name = "kvm1"
 pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     if args.cluster {
         return crate::cluster_demo::run(&args.vmhad, &args.guest, args.rounds);
+    }
+    if let Some(runs) = args.bench_watch {
+        return crate::bench_watch::run(&args.vmhad, &args.guest, &args.workdir, runs, args.seed);
     }
     let started = Instant::now();
     for f in ["vmlinux", "initrd.img"] {
@@ -525,7 +537,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
 }
 
 /// CPU share (% of one core) and RSS (MiB) of `pid` over `window`.
-fn idle_usage(pid: u32, window: Duration) -> anyhow::Result<(f64, u64)> {
+pub(crate) fn idle_usage(pid: u32, window: Duration) -> anyhow::Result<(f64, u64)> {
     let ticks = || -> anyhow::Result<u64> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();

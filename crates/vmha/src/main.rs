@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod admin_cmd;
 mod api_args;
+mod bench_watch;
 mod client;
 mod cluster_demo;
 mod config_cmd;

@@ -394,6 +394,7 @@ impl<S: ClusterStore> Core<S> {
             config_error: self.config_state.error.clone(),
             agent: status.agent,
             cluster_view: status.controller,
+            guest_io: crate::guest_io::COUNTERS.view(),
         }
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vmha_api::GuestOutput;
-use vmha_engine::{ActionError, ProbeCheck, ProbeOutcome};
+use vmha_engine::{ActionError, ProbeCheck, ProbeOutcome, WatchReport, WatchTarget};
 use vmha_model::{Name, Vm};
 
 use crate::fence::Fence;
@@ -74,6 +74,12 @@ pub trait VmDriver: Send + Sync {
     ) -> BoxFut<'a, Result<vmha_qemu::MigrationStats, SlotError>>;
     /// Cancels the live migration in flight, if any (`Ok` also when none runs).
     fn cancel_migration(&self) -> BoxFut<'_, Result<(), SlotError>>;
+    /// Runs the VM's watcher of `targets` in the guest, polled every `period`, until it ends.
+    fn watch<'a>(
+        &'a self,
+        targets: &'a [WatchTarget],
+        period: Duration,
+    ) -> BoxFut<'a, Result<WatchReport, ActionError>>;
 }
 
 /// The driver of `vm` on this host, reporting to the core through `tx`; it starts nothing
@@ -112,6 +118,13 @@ impl VmDriver for QemuDriver {
     }
     fn cancel_migration(&self) -> BoxFut<'_, Result<(), SlotError>> {
         Box::pin(self.0.cancel_migration())
+    }
+    fn watch<'a>(
+        &'a self,
+        targets: &'a [WatchTarget],
+        period: Duration,
+    ) -> BoxFut<'a, Result<WatchReport, ActionError>> {
+        Box::pin(self.0.watch(targets, period))
     }
     fn adopt(&self) -> BoxFut<'_, ()> {
         Box::pin(self.0.adopt())

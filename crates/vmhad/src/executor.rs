@@ -66,6 +66,7 @@ impl<S: ClusterStore> Executor<S> {
         let answers = self.answers.clone();
         let vm = match &action.kind {
             HostActionKind::Probe { vm, .. }
+            | HostActionKind::Watch { vm, .. }
             | HostActionKind::PingGuest { vm, .. }
             | HostActionKind::StartApp { vm, .. }
             | HostActionKind::StopApp { vm, .. }
@@ -121,6 +122,23 @@ impl<S: ClusterStore> Executor<S> {
                         }
                     }
                 }
+                HostActionKind::Watch {
+                    vm,
+                    targets,
+                    period,
+                } => match slot.watch(&targets, period).await {
+                    Ok(report) => {
+                        tracing::debug!(%vm, "watcher ended: {:?}", report.end);
+                        answers
+                            .send(HostInput::WatchResult { id, vm, report })
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(%vm, "watcher failed: {e}");
+                        Err(e)
+                    }
+                },
                 HostActionKind::PingGuest {
                     timeout,
                     check_exec,

@@ -126,7 +126,7 @@ fn guest_error_kind(e: &QgaError) -> &'static str {
 
 /// A guest-channel error of an engine's action on `vm`: counted in the metrics, then
 /// translated by [`guest_error`].
-fn failed(vm: &Name, e: QgaError) -> ActionError {
+pub(crate) fn failed(vm: &Name, e: QgaError) -> ActionError {
     crate::metrics::METRICS.guest_error(vm.as_str(), guest_error_kind(&e));
     guest_error(e)
 }
@@ -203,6 +203,7 @@ pub async fn probe<G: GuestChannel>(
     guest: &G,
     checks: &[ProbeCheck],
 ) -> Result<Vec<(Name, ProbeOutcome)>, ActionError> {
+    crate::guest_io::COUNTERS.probe(checks.len());
     guest
         .probe(checks, PROBE_SLACK)
         .await

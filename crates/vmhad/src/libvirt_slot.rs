@@ -148,6 +148,19 @@ impl VmDriver for LibvirtSlot {
     fn cancel_migration(&self) -> BoxFut<'_, Result<(), SlotError>> {
         Box::pin(async { Ok(()) })
     }
+    // The watcher needs `guest-exec-status` of a running process, which the agent passthrough
+    // would poll through libvirt: not done yet, so this driver's apps keep interval checks.
+    fn watch<'a>(
+        &'a self,
+        _targets: &'a [vmha_engine::WatchTarget],
+        _period: Duration,
+    ) -> BoxFut<'a, Result<vmha_engine::WatchReport, ActionError>> {
+        Box::pin(async {
+            Err(ActionError::Driver {
+                detail: "the libvirt driver runs no watcher: interval checks only".into(),
+            })
+        })
+    }
     fn set_vm(&self, vm: &Vm) {
         // The domain's connection and name are fixed for the slot's life; the domain's own
         // definition is libvirt's.

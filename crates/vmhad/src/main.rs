@@ -28,6 +28,7 @@ mod forward;
 mod gen_docs;
 mod guard;
 mod guest;
+mod guest_io;
 mod host;
 mod inbox;
 mod lease;

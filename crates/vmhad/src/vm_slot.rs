@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 use vmha_api::GuestOutput;
-use vmha_engine::{ActionError, HostInput, ProbeCheck, ProbeOutcome, VmObservation};
+use vmha_engine::{
+    ActionError, HostInput, ProbeCheck, ProbeOutcome, VmObservation, WatchReport, WatchTarget,
+};
 use vmha_model::{Accel, Driver, Name, Vm};
 use vmha_qemu::{DriverConfig, LaunchSpec, QemuVm, QgaClient, QmpClient, VmEvent};
 
@@ -103,6 +105,8 @@ impl From<SlotError> for ActionError {
 
 /// Time a QEMU whose QMP socket closed gets to exit before a start gives up on it.
 const EXIT_GRACE: Duration = Duration::from_secs(10);
+/// Bound on each call of a watcher (its start, each status poll).
+const WATCH_CALL_DEADLINE: Duration = Duration::from_secs(5);
 
 /// One VM of this host.
 pub struct VmSlot {
@@ -116,6 +120,8 @@ pub struct VmSlot {
     /// Bumped on every launch/adopt (under the `qga` lock, together with the new client) so
     /// the pump of an earlier QEMU falls silent.
     generation: AtomicU64,
+    /// Bumped by every watcher started: an older one stops polling.
+    watch_generation: AtomicU64,
     /// Set when the daemon stops its VMs on exit: a start still in flight must not launch.
     closing: AtomicBool,
     tx: HostInputs,
@@ -134,6 +140,7 @@ impl VmSlot {
             qemu: Mutex::new(None),
             qga: std::sync::Mutex::new(None),
             generation: AtomicU64::new(0),
+            watch_generation: AtomicU64::new(0),
             closing: AtomicBool::new(false),
             tx,
             fence,
@@ -449,6 +456,46 @@ impl VmSlot {
         checks: &[ProbeCheck],
     ) -> Result<Vec<(Name, ProbeOutcome)>, ActionError> {
         crate::guest::probe(&self.name, &*self.guest()?, checks).await
+    }
+
+    /// Runs the VM's watcher for `targets` (replacing any earlier one, in the guest and here)
+    /// and polls its `guest-exec-status` every `period` until it ends; its answer as
+    /// `vmha_qemu::watch` reads it (untrusted, capped). A watcher replaced by a newer one
+    /// ends with [`ActionError::GuestUnreachable`] (the engine ignores it).
+    pub async fn watch(
+        &self,
+        targets: &[WatchTarget],
+        period: Duration,
+    ) -> Result<WatchReport, ActionError> {
+        let mine = self.watch_generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let qga = self.guest()?;
+        let nonce = vmha_qemu::watch::nonce();
+        // The guest re-reads the processes' stat twice per poll period.
+        let tick = (period / 2).max(Duration::from_millis(50));
+        let request = vmha_qemu::watch::watch_request(targets, nonce, tick, WATCH_CALL_DEADLINE);
+        crate::guest_io::COUNTERS.watcher();
+        let pid = qga
+            .exec_spawn(&request)
+            .await
+            .map_err(|e| crate::guest::failed(&self.name, e))?;
+        loop {
+            tokio::time::sleep(period).await;
+            crate::guest_io::COUNTERS.watch_poll();
+            let status = qga
+                .exec_status(pid, &request)
+                .await
+                .map_err(|e| crate::guest::failed(&self.name, e))?;
+            if let Some(output) = status {
+                return Ok(vmha_qemu::watch::parse_watch(targets, nonce, &output));
+            }
+            if self.watch_generation.load(Ordering::SeqCst) != mine {
+                // Killed in the guest by its successor; reaped by a last poll when it has
+                // exited, so the agent keeps no record of it.
+                return Err(ActionError::GuestUnreachable {
+                    detail: "replaced by a newer watcher".into(),
+                });
+            }
+        }
     }
 
     /// Pings the guest agent within `timeout`; with `check_exec`, also reads `guest-info` (in

@@ -156,6 +156,10 @@ pub struct Sim {
     /// Forwarded commands: request key → (origin host, caller id).
     forwarded: BTreeMap<String, (usize, u64)>,
     next_command: u64,
+    /// Probes are logged (script command `log-probes on`).
+    log_probes: bool,
+    /// Watchers running: (host, VM) → (action, apps watched).
+    watchers: BTreeMap<(usize, Name), (crate::ActionId, Vec<Name>)>,
 }
 
 /// Time a simulated guest takes to bring its channel up after the VM starts.
@@ -253,6 +257,8 @@ impl Sim {
             migrations: BTreeMap::new(),
             forwarded: BTreeMap::new(),
             next_command: 0,
+            log_probes: false,
+            watchers: BTreeMap::new(),
         }
     }
 
@@ -675,6 +681,11 @@ impl Sim {
         let line = |what: &str| format!("{now} {host} action {what}");
         match a.kind {
             HostActionKind::Probe { vm, checks } => {
+                if self.log_probes {
+                    let apps: Vec<&str> = checks.iter().map(|c| c.app.as_str()).collect();
+                    self.log
+                        .push(line(&format!("probe {vm}: {}", apps.join(", "))));
+                }
                 if let Err(e) = self.guest_exec(h, &vm) {
                     let result = Err(e);
                     self.host_input(h, HostInput::ActionResult { id, result });
@@ -696,6 +707,49 @@ impl Sim {
                     })
                     .collect();
                 self.host_input(h, HostInput::ProbeResult { id, vm, outcomes });
+            }
+            HostActionKind::Watch { vm, targets, .. } => {
+                let apps: Vec<&str> = targets.iter().map(|t| t.app.as_str()).collect();
+                self.log
+                    .push(line(&format!("watch {vm}: {}", apps.join(", "))));
+                if let Err(e) = self.guest_exec(h, &vm) {
+                    let result = Err(e);
+                    self.host_input(h, HostInput::ActionResult { id, result });
+                    return;
+                }
+                // A process not running is not found, nor one named in a way the guest does
+                // not know (a pid file or process name ending in `.missing`, by convention
+                // of the simulation); the others are waited on.
+                let guest = self.guests.get(&vm);
+                let (found, not_found): (Vec<crate::WatchTarget>, Vec<crate::WatchTarget>) =
+                    targets.into_iter().partition(|t| {
+                        let named = match &t.process {
+                            crate::ProcessRef::PidFile(x) | crate::ProcessRef::Name(x) => x,
+                        };
+                        !named.ends_with(".missing")
+                            && guest
+                                .and_then(|g| g.apps.get(&t.app))
+                                .is_some_and(|m| m.running)
+                    });
+                let found: Vec<Name> = found.into_iter().map(|t| t.app).collect();
+                let not_found: Vec<Name> = not_found.into_iter().map(|t| t.app).collect();
+                // The new watcher replaces the old one, whose poll ends.
+                if let Some((old, _)) = self.watchers.remove(&(h, vm.clone())) {
+                    let result = Err(ActionError::GuestUnreachable {
+                        detail: "replaced by a new watcher".into(),
+                    });
+                    self.host_input(h, HostInput::ActionResult { id: old, result });
+                }
+                if not_found.is_empty() {
+                    self.watchers.insert((h, vm), (id, found));
+                } else {
+                    // As the real watcher: a target not found ends it at once.
+                    let report = crate::WatchReport {
+                        end: crate::WatchEnd::NotFound,
+                        not_found,
+                    };
+                    self.host_input(h, HostInput::WatchResult { id, vm, report });
+                }
             }
             HostActionKind::PingGuest { vm, check_exec, .. } => {
                 let result = match self.guest_exec(h, &vm) {
@@ -956,16 +1010,54 @@ impl Sim {
         self.guests.get_mut(vm).and_then(|g| g.apps.get_mut(app))
     }
 
+    /// The watchers waiting on `app` of `vm` end: its process is gone.
+    fn watched_app_gone(&mut self, vm: &Name, app: &Name) {
+        self.end_watchers(vm, |apps| {
+            apps.contains(app)
+                .then(|| crate::WatchEnd::Gone(app.clone()))
+        });
+    }
+
+    /// Ends the watchers of `vm` for which `end` says how.
+    fn end_watchers(&mut self, vm: &Name, end: impl Fn(&[Name]) -> Option<crate::WatchEnd>) {
+        let keys: Vec<(usize, Name)> = self
+            .watchers
+            .iter()
+            .filter(|((_, v), (_, apps))| v == vm && end(apps).is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            let Some((id, apps)) = self.watchers.remove(&key) else {
+                continue;
+            };
+            let Some(end) = end(&apps) else {
+                continue;
+            };
+            let report = crate::WatchReport {
+                end,
+                not_found: Vec::new(),
+            };
+            let vm = key.1.clone();
+            self.host_input(key.0, HostInput::WatchResult { id, vm, report });
+        }
+    }
+
     /// Applies one command at the current time and lets the cluster settle.
     pub fn apply(&mut self, cmd: SimCommand) {
         let now = self.now;
         match cmd {
             SimCommand::Tick => {}
+            SimCommand::LogProbes(on) => self.log_probes = on,
             SimCommand::AppFail { vm, app, exit } => {
                 if let Some(m) = self.app_model(&vm, &app) {
                     m.running = false;
                     m.exit = exit;
                 }
+                self.watched_app_gone(&vm, &app);
+            }
+            SimCommand::WatchKill { vm } => {
+                let ended = crate::WatchEnd::Ended("watcher killed by signal 9".into());
+                self.end_watchers(&vm, |_| Some(ended.clone()));
             }
             SimCommand::AppRecover { vm, app } => {
                 let up = self.hosts.iter().any(|h| h.guest_up.contains(&vm));

@@ -31,7 +31,9 @@ impl Sim {
             return;
         };
         let (vm, app) = match &a.kind {
-            HostActionKind::Probe { .. } | HostActionKind::PingGuest { .. } => return,
+            HostActionKind::Probe { .. }
+            | HostActionKind::PingGuest { .. }
+            | HostActionKind::Watch { .. } => return,
             HostActionKind::StartApp { vm, app, .. } => (vm, Some(app)),
             HostActionKind::StopApp { vm, .. }
             | HostActionKind::StartVm { vm }

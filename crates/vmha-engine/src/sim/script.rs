@@ -42,6 +42,13 @@ pub enum StartBehaviour {
 pub enum SimCommand {
     /// Nothing (time passes).
     Tick,
+    /// From now on, log (or stop logging) every probe sent, with the apps it checks.
+    LogProbes(bool),
+    /// The watchers of the VM are killed in the guest (no news about its apps).
+    WatchKill {
+        /// VM.
+        vm: Name,
+    },
     /// The app stops running; its check exits `exit`.
     AppFail {
         /// VM.
@@ -307,7 +314,7 @@ fn unknown_name(config: &Config, cmd: &SimCommand) -> Option<String> {
         })
     };
     match cmd {
-        S::Tick | S::StoreFail { .. } => None,
+        S::Tick | S::LogProbes(_) | S::StoreFail { .. } => None,
         S::AppFail { vm: v, app: a, .. }
         | S::AppRecover { vm: v, app: a }
         | S::AppHang { vm: v, app: a, .. }
@@ -320,7 +327,8 @@ fn unknown_name(config: &Config, cmd: &SimCommand) -> Option<String> {
         | S::GuestHang { vm: v, .. }
         | S::GuestHostile { vm: v, .. }
         | S::BootHang { vm: v, .. }
-        | S::ExecBlocked { vm: v, .. } => vm(v),
+        | S::ExecBlocked { vm: v, .. }
+        | S::WatchKill { vm: v } => vm(v),
         S::HostCrash(h)
         | S::HostIsolate(h)
         | S::HostRecover(h)
@@ -362,6 +370,12 @@ fn parse_command(w: &[&str]) -> Result<SimCommand, String> {
     let va = |i: usize| -> Result<(Name, Name), String> { Ok((vm(i)?, vm(i + 1)?)) };
     let cmd = match arg(0)? {
         "tick" => SimCommand::Tick,
+        "watch-kill" => SimCommand::WatchKill { vm: vm(1)? },
+        "log-probes" => SimCommand::LogProbes(match arg(1)? {
+            "on" => true,
+            "off" => false,
+            other => return Err(format!("log-probes takes on or off, not `{other}`")),
+        }),
         "app-fail" => {
             let (vm, app) = va(1)?;
             let exit = match w.get(3) {

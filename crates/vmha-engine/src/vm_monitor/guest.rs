@@ -72,6 +72,7 @@ impl VmMonitor {
         self.guest_lost = false;
         self.guest_hostile = false;
         self.exec_blocked = false;
+        self.watch_forget();
         self.ping = None;
         self.next_ping = now;
     }

@@ -189,6 +189,7 @@ impl VmMonitor {
     /// Whether `id` is an action of this VM still awaited.
     pub fn owns(&self, id: ActionId) -> bool {
         self.owns_probe(id)
+            || self.owns_watch(id)
             || self.ping.as_ref().is_some_and(|p| p.id == id)
             || self.apps.iter().any(
                 |a| matches!(a.op, Some(AppOp::Start(x, _)) | Some(AppOp::Stop(x, _)) if x == id),
@@ -202,10 +203,12 @@ impl VmMonitor {
 
     pub(super) fn finish_probe(&mut self) -> Option<Probe> {
         let probe = self.probe.take()?;
+        let phase = timers::grid_phase(&self.name);
         for &i in &probe.apps {
             // Never earlier than already planned (a backoff set while the probe ran).
-            let interval = self.apps[i].cfg.interval;
-            let next = probe.sent.plus(interval).max(self.apps[i].next_probe);
+            let interval = millis(self.apps[i].cfg.interval);
+            let next =
+                timers::next_on_grid(probe.sent, interval, phase).max(self.apps[i].next_probe);
             self.apps[i].next_probe = next;
         }
         Some(probe)
@@ -225,6 +228,7 @@ impl VmMonitor {
         };
         self.guest_answered(out);
         let mut changed = false;
+        let mut any_down = false;
         for (name, outcome) in outcomes {
             let Some(i) = self.apps.iter().position(|a| &a.name == name) else {
                 continue;
@@ -233,6 +237,9 @@ impl VmMonitor {
                 continue;
             }
             let before = self.apps[i].state;
+            if *outcome != ProbeOutcome::Running {
+                any_down = true;
+            }
             let (observed, change) = self.apps[i].observe(out.now, *outcome);
             changed |= self.app_event(out, i, change);
             if let Observed::Failed(cause) = observed {
@@ -240,6 +247,7 @@ impl VmMonitor {
             }
             changed |= self.apps[i].state != before;
         }
+        self.after_watch_probe(out.now, any_down);
         self.after_app_changes(out, changed);
     }
 
@@ -266,6 +274,14 @@ impl VmMonitor {
         id: ActionId,
         result: Result<(), ActionError>,
     ) {
+        if self.owns_watch(id) {
+            // A watcher answers with a WatchResult; an action result is its failure.
+            let error = result.err().unwrap_or(ActionError::GuestUnreachable {
+                detail: "watcher ended without a report".into(),
+            });
+            self.on_watch_failed(out, &error);
+            return;
+        }
         if self.owns_probe(id) {
             // A probe that could not run (its outcomes come as a ProbeResult).
             let Some(probe) = self.finish_probe() else {
@@ -388,7 +404,10 @@ impl VmMonitor {
                 self.exec_refused(out);
                 return;
             }
-            (Some(AppOp::Start(..)), Ok(())) => self.apps[i].next_probe = out.now,
+            (Some(AppOp::Start(..)), Ok(())) => {
+                self.apps[i].next_probe = out.now;
+                self.watch_app_started(i);
+            }
             (Some(AppOp::Start(_, why)), Err(e)) => {
                 let what = if why == StartWhy::Restart {
                     "restart"

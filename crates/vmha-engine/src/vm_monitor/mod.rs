@@ -24,6 +24,7 @@ mod plan;
 mod reconcile;
 mod status;
 mod timers;
+mod watch;
 
 use std::collections::VecDeque;
 
@@ -189,6 +190,8 @@ pub(crate) struct VmMonitor {
     /// cannot be probed or started, which is no reason to restart the VM.
     exec_blocked: bool,
     probe: Option<Probe>,
+    /// The watch of the apps' processes.
+    watch: watch::Watch,
     plan: Option<Plan>,
     to_stop: Vec<bool>,
     decisions: VecDeque<DecisionRecord>,
@@ -277,6 +280,7 @@ impl VmMonitor {
             next_ping: now,
             exec_blocked: false,
             probe: None,
+            watch: watch::Watch::default(),
             plan: None,
             decisions: VecDeque::new(),
             last_report: None,

@@ -1,6 +1,51 @@
 //! Timers of the VM monitor: probe schedule, plan deadlines, guest pings, guest-channel loss.
+//!
+//! Probe schedule (SPEC §4.1, one guest round trip per VM per interval): the apps of a VM
+//! are probed on one grid per VM, `phase + k × interval` (the phase spreads VMs over the
+//! second, the same for all apps of a VM, so apps with intervals that divide each other
+//! meet). After a probe, an app is next probed at the grid point nearest to one interval
+//! later (so once, after a start or a backoff, a gap can be as short as half an interval);
+//! a probe takes every eligible app due within [`BATCH_WINDOW_MS`] (at most a quarter of
+//! its interval) of now.
 
 use super::*;
+
+/// Apps due within this many ms of a probe go with it (at most a quarter of their interval).
+pub const BATCH_WINDOW_MS: u64 = 250;
+
+/// The phase of a VM's probe grid in ms (0..1000), a stable hash of its name.
+pub(super) fn grid_phase(vm: &Name) -> u64 {
+    // FNV-1a: stable across builds and platforms (the std hasher is not promised to be).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in vm.as_str().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h % 1000
+}
+
+/// The grid point `phase + k × interval_ms` nearest to `sent + interval_ms`: always after
+/// `sent` (at least half an interval later).
+pub(super) fn next_on_grid(sent: Timestamp, interval_ms: u64, phase: u64) -> Timestamp {
+    let target = sent.0.saturating_add(interval_ms);
+    if interval_ms == 0 {
+        return Timestamp(target);
+    }
+    let rel = i128::from(target) - i128::from(phase % interval_ms);
+    let i = i128::from(interval_ms);
+    let k = (rel + i / 2).div_euclid(i);
+    let next = i128::from(phase % interval_ms) + k * i;
+    Timestamp(
+        u64::try_from(next)
+            .unwrap_or(target)
+            .max(sent.0.saturating_add(1)),
+    )
+}
+
+/// How early an app with this interval may be probed to join a batch.
+fn batch_window(interval_ms: u64) -> u64 {
+    BATCH_WINDOW_MS.min(interval_ms / 4)
+}
 
 impl VmMonitor {
     // ----- timers ----------------------------------------------------------------------------
@@ -50,6 +95,9 @@ impl VmMonitor {
             consider(x);
         }
         if let Some(x) = self.ping_due() {
+            consider(x);
+        }
+        if let Some(x) = self.watch_due() {
             consider(x);
         }
         t
@@ -125,10 +173,18 @@ impl VmMonitor {
             }
         }
         if self.probing() {
+            let eligible = |i: &usize| self.apps[*i].probe_eligible();
+            let any_due = (0..self.apps.len())
+                .filter(eligible)
+                .any(|i| self.apps[i].next_probe <= now);
             let due: Vec<usize> = (0..self.apps.len())
-                .filter(|&i| self.apps[i].probe_eligible() && self.apps[i].next_probe <= now)
+                .filter(eligible)
+                .filter(|&i| {
+                    let window = batch_window(millis(self.apps[i].cfg.interval));
+                    self.apps[i].next_probe <= now.plus_ms(window)
+                })
                 .collect();
-            if !due.is_empty() {
+            if any_due {
                 let checks = due
                     .iter()
                     .map(|&i| ProbeCheck {
@@ -154,5 +210,45 @@ impl VmMonitor {
         if self.ping_due().is_some_and(|t| t <= now) {
             self.send_ping(out);
         }
+        self.arm_watch(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn grid_points_are_nearest_to_one_interval_later() {
+        // Phase 300, interval 1 s: grid 300, 1300, 2300…
+        assert_eq!(next_on_grid(Timestamp(300), 1000, 300), Timestamp(1300));
+        assert_eq!(next_on_grid(Timestamp(700), 1000, 300), Timestamp(1300));
+        assert_eq!(next_on_grid(Timestamp(850), 1000, 300), Timestamp(2300));
+        // Intervals that divide each other meet on the same points.
+        assert_eq!(next_on_grid(Timestamp(1300), 5000, 300), Timestamp(5300));
+        // Small times and zero intervals stay sane.
+        assert_eq!(next_on_grid(Timestamp(0), 1000, 999), Timestamp(999));
+        assert_eq!(next_on_grid(Timestamp(5), 0, 3), Timestamp(5));
+        assert_eq!(next_on_grid(Timestamp(0), 1, 0), Timestamp(1));
+        assert_eq!(
+            next_on_grid(Timestamp(u64::MAX - 10), 1000, 5),
+            Timestamp(u64::MAX)
+        );
+    }
+
+    #[test]
+    fn the_phase_is_stable_and_spread() {
+        let a = grid_phase(&Name::new("shop").unwrap());
+        assert_eq!(a, grid_phase(&Name::new("shop").unwrap()));
+        assert!(a < 1000);
+        assert_ne!(a, grid_phase(&Name::new("billing").unwrap()));
+    }
+
+    #[test]
+    fn the_batch_window_is_at_most_a_quarter_interval() {
+        assert_eq!(batch_window(1000), 250);
+        assert_eq!(batch_window(10_000), BATCH_WINDOW_MS);
+        assert_eq!(batch_window(200), 50);
     }
 }

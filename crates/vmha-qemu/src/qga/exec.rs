@@ -29,6 +29,10 @@ pub struct ExecRequest {
     /// Longest accepted `guest-exec-status` reply line (also capped by
     /// [`super::QgaConfig::max_line`]): a caller that knows its output is small lowers it.
     pub max_reply_line: usize,
+    /// When to send the first `guest-exec-status` (when the program can have finished);
+    /// `None`: [`super::QgaConfig::poll_initial`]. Later polls back off from a quarter of it
+    /// (at least `poll_initial`), doubling up to `poll_max`.
+    pub first_poll: Option<Duration>,
 }
 
 impl ExecRequest {
@@ -41,6 +45,7 @@ impl ExecRequest {
             deadline: Duration::from_secs(10),
             output_cap: 64 << 10,
             max_reply_line: usize::MAX,
+            first_poll: None,
         }
     }
 }
@@ -100,6 +105,49 @@ impl QgaClient {
     /// code outside `0..=255` or a signal outside `1..=64` is [`QgaError::Malformed`].
     pub async fn exec(&self, request: &ExecRequest) -> Result<ExecOutput, QgaError> {
         let deadline = Instant::now() + request.deadline;
+        let pid = self.spawn_until(request, deadline).await?;
+        let mut interval = request.first_poll.unwrap_or(self.config.poll_initial);
+        // With a first poll timed by the caller, later polls start from a quarter of it.
+        let mut first = request.first_poll.is_some();
+        loop {
+            tokio::time::sleep(interval.min(deadline.saturating_duration_since(Instant::now())))
+                .await;
+            if Instant::now() >= deadline {
+                return Err(QgaError::ExecDeadline { pid });
+            }
+            if let Some(output) = self.status_until(pid, request, deadline).await? {
+                return Ok(output);
+            }
+            interval = if std::mem::take(&mut first) {
+                (interval / 4).max(self.config.poll_initial)
+            } else {
+                interval * 2
+            }
+            .min(self.config.poll_max);
+        }
+    }
+
+    /// Starts a program in the guest (`guest-exec` with captured output) and returns its pid
+    /// at once, for a caller that polls it with [`QgaClient::exec_status`] at its own pace.
+    /// `request.deadline` bounds this call only.
+    pub async fn exec_spawn(&self, request: &ExecRequest) -> Result<i64, QgaError> {
+        self.spawn_until(request, Instant::now() + request.deadline)
+            .await
+    }
+
+    /// One `guest-exec-status` of `pid`: `None` while it runs, else its result (which reaps it
+    /// in the agent), checked and capped as [`QgaClient::exec`] does with `request`'s
+    /// `output_cap` and `max_reply_line`; `request.deadline` bounds this call.
+    pub async fn exec_status(
+        &self,
+        pid: i64,
+        request: &ExecRequest,
+    ) -> Result<Option<ExecOutput>, QgaError> {
+        self.status_until(pid, request, Instant::now() + request.deadline)
+            .await
+    }
+
+    async fn spawn_until(&self, request: &ExecRequest, deadline: Instant) -> Result<i64, QgaError> {
         let Some((path, args)) = request.argv.split_first() else {
             return Err(QgaError::Malformed {
                 command: "guest-exec".into(),
@@ -113,39 +161,33 @@ impl QgaClient {
         if let Some(input) = &request.input {
             arguments["input-data"] = json!(B64.encode(input));
         }
-        let pid = self
-            .call_typed(
-                "guest-exec",
-                Some(arguments),
-                self.bounded(deadline),
-                SMALL_LINE,
-                |s: Started| Ok(s.pid),
-            )
-            .await
-            .map_err(exec_blocked)?;
+        self.call_typed(
+            "guest-exec",
+            Some(arguments),
+            self.bounded(deadline),
+            SMALL_LINE,
+            |s: Started| Ok(s.pid),
+        )
+        .await
+        .map_err(exec_blocked)
+    }
+
+    async fn status_until(
+        &self,
+        pid: i64,
+        request: &ExecRequest,
+        deadline: Instant,
+    ) -> Result<Option<ExecOutput>, QgaError> {
         let cap = request.output_cap;
-        let mut interval = self.config.poll_initial;
-        loop {
-            tokio::time::sleep(interval.min(deadline.saturating_duration_since(Instant::now())))
-                .await;
-            if Instant::now() >= deadline {
-                return Err(QgaError::ExecDeadline { pid });
-            }
-            let status = self
-                .call_typed(
-                    "guest-exec-status",
-                    Some(json!({"pid": pid})),
-                    self.bounded(deadline),
-                    request.max_reply_line,
-                    move |s: Status| exec_output(s, cap),
-                )
-                .await
-                .map_err(exec_blocked)?;
-            if let Some(output) = status {
-                return Ok(output);
-            }
-            interval = (interval * 2).min(self.config.poll_max);
-        }
+        self.call_typed(
+            "guest-exec-status",
+            Some(json!({"pid": pid})),
+            self.bounded(deadline),
+            request.max_reply_line,
+            move |s: Status| exec_output(s, cap),
+        )
+        .await
+        .map_err(exec_blocked)
     }
 
     fn bounded(&self, deadline: Instant) -> Duration {

@@ -265,6 +265,9 @@ pub struct QgaClient {
     config: QgaConfig,
     channel: Mutex<Channel>,
     next_id: AtomicU64,
+    /// How long the last probe ran in the guest as seen from here (ms; 0 = not known yet):
+    /// the next probe's first status poll is timed from it.
+    pub(crate) probe_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Channel {
@@ -302,6 +305,7 @@ impl QgaClient {
             path: path.into(),
             config,
             channel: Mutex::new(channel),
+            probe_ms: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
         }
     }

@@ -1,0 +1,380 @@
+//! The watcher: one long-running `guest-exec` per VM that exits the moment a watched app's
+//! process is gone, so vmhad only polls `guest-exec-status` of one pid (no process started in
+//! the guest per poll) and checks the VM's apps at once when it ends.
+//!
+//! The program is POSIX `sh` with no agent installed in the guest. Targets come as arguments
+//! (never spliced into the program text): `kind value` pairs, `f PATH` for a pid file, `p NAME`
+//! for a process name (`pidof -s`). At start it resolves each pid once and keeps the process's
+//! start time (field 22 of `/proc/PID/stat`), so a reused pid is not taken for the app; a target
+//! it cannot find is reported (`none INDEX`) and the watcher ends at once (the app may have
+//! died since its check, or its `pid_file`/`process` is wrong: the engine tells them apart). It then waits, the cheapest way the
+//! guest offers: util-linux `waitpid --count 1` (≥ 2.38, no CPU while waiting) when present,
+//! then a loop of shell builtins — `read -t TICK` on a private fifo opened read-write (no fork;
+//! busybox ash, bash) or `sleep TICK` (a fork per tick, e.g. dash) — re-reading each
+//! `/proc/PID/stat` per tick. When a process is gone (no stat, a zombie, another start time)
+//! it prints `gone INDEX` and exits 0. One watcher per VM: a new one kills the previous one
+//! (its pid kept in `/run/vmha-watch.pid` — `$VMHA_WATCH_DIR` instead of `/run` if set, `/tmp`
+//! if that is not writable — and checked to be a watcher before the kill).
+//!
+//! Its answer is untrusted: only well-formed lines with this watcher's nonce and a valid index
+//! count, the first `gone` wins, and anything else (killed, other exit, no line) is
+//! [`WatchEnd::Ended`]: no news about the apps.
+
+use std::time::Duration;
+
+use vmha_model::{ExitStatus, Name, ProcessRef, WatchEnd, WatchReport, WatchTarget};
+
+use crate::qga::{ExecOutput, ExecRequest};
+
+const MARK: &str = "vmha-watch";
+/// Bytes of the watcher's stdout kept: a few short lines.
+pub const WATCH_OUTPUT_CAP: usize = 1024;
+/// Longest `guest-exec-status` reply line accepted while watching.
+pub const WATCH_REPLY_LINE: usize = 16 << 10;
+
+/// The watcher program; its arguments come from [`watch_request`].
+pub const PROGRAM: &str = r#"M="vmha-watch $1"; tick=$2; shift 2
+d=${VMHA_WATCH_DIR:-/run}; [ -w "$d" ] || d=/tmp; pf=$d/vmha-watch.pid
+if read -r old <"$pf" 2>/dev/null; then
+	case "$old" in '' | *[!0-9]*) ;; *)
+		if [ "$old" != $$ ] && cl=$(tr '\0' ' ' <"/proc/$old/cmdline" 2>/dev/null); then
+			case "$cl" in *vmha-watch*) kill "$old" 2>/dev/null ;; esac
+		fi ;;
+	esac
+fi
+echo $$ >"$pf" 2>/dev/null
+fifo=${pf%.pid}.$$.fifo
+trap 'rm -f "$fifo"' EXIT
+trap 'exit 143' TERM INT HUP
+st() {
+	l=; read -r l <"/proc/$1/stat" 2>/dev/null || return 1
+	l=${l##*) }; set -- $l
+	case "$1" in Z | X | x | '') return 1 ;; esac
+	s=${20}
+}
+n=0; pids=; missing=
+while [ $# -ge 2 ]; do
+	p=
+	case "$1" in
+	f) read -r p <"$2" 2>/dev/null ;;
+	p) p=$(pidof -s "$2" 2>/dev/null) ;;
+	esac
+	case "$p" in '' | *[!0-9]*) p= ;; esac
+	if [ -n "$p" ] && st "$p"; then
+		eval "p$n=$p; s$n=$s"; pids="$pids $p"
+	else
+		eval "p$n="; echo "$M none $n"; missing=1
+	fi
+	n=$((n + 1)); shift 2
+done
+[ -z "$missing" ] || exit 0
+check() {
+	i=0
+	while [ $i -lt $n ]; do
+		eval "p=\$p$i; w=\$s$i"
+		if [ -n "$p" ] && { ! st "$p" || [ "$s" != "$w" ]; }; then
+			echo "$M gone $i"; exit 0
+		fi
+		i=$((i + 1))
+	done
+}
+check
+echo "$M armed"
+if command -v waitpid >/dev/null 2>&1 && waitpid --help 2>&1 | grep -q -- --count; then
+	waitpid --count 1 $pids >/dev/null 2>&1
+	check
+fi
+if mkfifo "$fifo" 2>/dev/null && { read -t 0.01 _w <>"$fifo"; [ $? -ne 2 ]; } 2>/dev/null; then
+	while :; do check; read -t "$tick" _w <>"$fifo"; done
+fi
+rm -f "$fifo"
+while :; do check; sleep "$tick"; done
+"#;
+
+/// A fresh random nonce for a watcher's answer lines.
+pub fn nonce() -> u64 {
+    crate::qga::random_id()
+}
+
+/// Seconds for the guest's `read -t`/`sleep`, with millisecond precision.
+fn seconds(d: Duration) -> String {
+    let ms = d.as_millis().max(10);
+    format!("{}.{:03}", ms / 1000, ms % 1000)
+}
+
+/// The `guest-exec` of a watcher for `targets` checking every `tick` in the guest; its
+/// output is capped at [`WATCH_OUTPUT_CAP`] bytes and its status replies at
+/// [`WATCH_REPLY_LINE`]; `deadline` bounds each call.
+pub fn watch_request(
+    targets: &[WatchTarget],
+    nonce: u64,
+    tick: Duration,
+    deadline: Duration,
+) -> ExecRequest {
+    let mut argv = vec![
+        "/bin/sh".to_string(),
+        "-c".to_string(),
+        PROGRAM.to_string(),
+        MARK.to_string(),
+        nonce.to_string(),
+        seconds(tick),
+    ];
+    for t in targets {
+        let (kind, value) = match &t.process {
+            ProcessRef::PidFile(path) => ("f", path),
+            ProcessRef::Name(name) => ("p", name),
+        };
+        argv.push(kind.to_string());
+        argv.push(value.clone());
+    }
+    let mut request = ExecRequest::new(argv);
+    request.deadline = deadline;
+    request.output_cap = WATCH_OUTPUT_CAP;
+    request.max_reply_line = WATCH_REPLY_LINE;
+    request
+}
+
+/// What a finished watcher's answer means. Total over arbitrary output.
+pub fn parse_watch(targets: &[WatchTarget], nonce: u64, output: &ExecOutput) -> WatchReport {
+    let nonce = nonce.to_string();
+    let mut not_found: Vec<Name> = Vec::new();
+    let mut gone: Option<Name> = None;
+    for line in output.stdout.split(|&b| b == b'\n') {
+        let Ok(line) = std::str::from_utf8(line) else {
+            continue;
+        };
+        let mut words = line.split(' ');
+        if words.next() != Some(MARK) || words.next() != Some(nonce.as_str()) {
+            continue;
+        }
+        let (Some(what), Some(index), None) = (words.next(), words.next(), words.next()) else {
+            continue;
+        };
+        let Some(target) = index.parse::<usize>().ok().and_then(|i| targets.get(i)) else {
+            continue;
+        };
+        match what {
+            "none" if !not_found.contains(&target.app) => not_found.push(target.app.clone()),
+            "gone" if gone.is_none() => gone = Some(target.app.clone()),
+            _ => {}
+        }
+    }
+    let end = match (gone, output.status) {
+        (Some(app), _) => WatchEnd::Gone(app),
+        (None, ExitStatus::Code(0)) if !not_found.is_empty() => WatchEnd::NotFound,
+        (None, ExitStatus::Signal(sig)) => {
+            WatchEnd::Ended(format!("watcher killed by signal {sig}"))
+        }
+        (None, ExitStatus::Code(code)) => WatchEnd::Ended(format!("watcher exited {code}")),
+    };
+    WatchReport { end, not_found }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::process::{Child, Command, Stdio};
+
+    fn target(app: &str, process: ProcessRef) -> WatchTarget {
+        WatchTarget {
+            app: Name::new(app).unwrap(),
+            process,
+        }
+    }
+
+    fn output(status: ExitStatus, stdout: &[u8]) -> ExecOutput {
+        ExecOutput {
+            status,
+            stdout: stdout.to_vec(),
+            stderr: Vec::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+        }
+    }
+
+    #[test]
+    fn parses_only_well_formed_lines_of_this_nonce() {
+        let t = vec![
+            target("a", ProcessRef::PidFile("/run/a.pid".into())),
+            target("b", ProcessRef::Name("b".into())),
+        ];
+        let out = output(
+            ExitStatus::Code(0),
+            b"vmha-watch 8 gone 0\nvmha-watch 7 gone 9\nvmha-watch 7 none 0 x\n\xff\n\
+              vmha-watch 7 none 0\nvmha-watch 7 gone 1\nvmha-watch 7 gone 0\n",
+        );
+        let r = parse_watch(&t, 7, &out);
+        assert_eq!(r.end, WatchEnd::Gone(Name::new("b").unwrap()));
+        assert_eq!(r.not_found, vec![Name::new("a").unwrap()]);
+        // Killed, or no line at all: no news about the apps.
+        let r = parse_watch(&t, 7, &output(ExitStatus::Signal(9), b""));
+        assert_eq!(r.end, WatchEnd::Ended("watcher killed by signal 9".into()));
+        let r = parse_watch(&t, 7, &output(ExitStatus::Code(0), b"vmha-watch 7 armed\n"));
+        assert_eq!(r.end, WatchEnd::Ended("watcher exited 0".into()));
+        let r = parse_watch(
+            &t,
+            7,
+            &output(ExitStatus::Code(0), b"vmha-watch 7 none 1\n"),
+        );
+        assert_eq!(r.end, WatchEnd::NotFound);
+        assert_eq!(r.not_found, vec![Name::new("b").unwrap()]);
+    }
+
+    #[test]
+    fn arguments_carry_the_targets_never_the_program() {
+        let t = vec![target("a", ProcessRef::PidFile("/x/$(reboot)'".into()))];
+        let r = watch_request(&t, 3, Duration::from_millis(100), Duration::from_secs(5));
+        assert_eq!(r.argv[2], PROGRAM);
+        assert_eq!(
+            &r.argv[3..],
+            ["vmha-watch", "3", "0.100", "f", "/x/$(reboot)'"]
+        );
+        assert_eq!(r.output_cap, WATCH_OUTPUT_CAP);
+    }
+
+    /// Runs the watcher under a host shell, its pid file in `dir`.
+    fn spawn_watcher(
+        shell: &str,
+        dir: &std::path::Path,
+        targets: &[WatchTarget],
+        nonce: u64,
+    ) -> Child {
+        let r = watch_request(targets, nonce, Duration::from_millis(20), Duration::ZERO);
+        let mut cmd = Command::new(shell);
+        if shell.ends_with("busybox") {
+            cmd.arg("sh");
+        }
+        cmd.args(&r.argv[1..])
+            .env("VMHA_WATCH_DIR", dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Reads the watcher's stdout up to its `armed` line; returns the lines read so far.
+    fn until_armed(child: &mut Child) -> Vec<u8> {
+        use std::io::Read;
+        let stdout = child.stdout.as_mut().unwrap();
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while !seen.ends_with(b" armed\n") {
+            match stdout.read(&mut byte).unwrap() {
+                0 => break,
+                _ => seen.push(byte[0]),
+            }
+        }
+        seen
+    }
+
+    /// Waits for the watcher and returns all its stdout (`head` = what was read before).
+    fn finish(child: Child, mut head: Vec<u8>) -> (Option<i32>, Vec<u8>) {
+        let out = child.wait_with_output().unwrap();
+        head.extend_from_slice(&out.stdout);
+        (out.status.code(), head)
+    }
+
+    fn shells() -> Vec<&'static str> {
+        ["/bin/sh", "/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .filter(|s| std::path::Path::new(s).exists())
+            .collect()
+    }
+
+    #[test]
+    fn watcher_exits_when_the_process_dies_and_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        for shell in shells() {
+            let mut app = Command::new("sleep").arg("30").spawn().unwrap();
+            let pid_file = dir.path().join("app.pid");
+            std::fs::write(&pid_file, format!("{}\n", app.id())).unwrap();
+            let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+            let other_file = dir.path().join("other.pid");
+            std::fs::write(&other_file, format!("{}\n", other.id())).unwrap();
+            let targets = vec![
+                target(
+                    "other",
+                    ProcessRef::PidFile(other_file.display().to_string()),
+                ),
+                target("app", ProcessRef::PidFile(pid_file.display().to_string())),
+            ];
+            let mut watcher = spawn_watcher(shell, dir.path(), &targets, 11);
+            // Armed while the app lives; it ends once the app is killed (and reaped, so its
+            // stat is gone): its answer names it.
+            let head = until_armed(&mut watcher);
+            assert!(head.ends_with(b"vmha-watch 11 armed\n"), "{shell}");
+            app.kill().unwrap();
+            app.wait().unwrap();
+            let (code, stdout) = finish(watcher, head);
+            let report = parse_watch(
+                &targets,
+                11,
+                &output(ExitStatus::Code(code.unwrap()), &stdout),
+            );
+            assert_eq!(
+                report.end,
+                WatchEnd::Gone(Name::new("app").unwrap()),
+                "{shell}: {}",
+                String::from_utf8_lossy(&stdout)
+            );
+            assert!(report.not_found.is_empty());
+            other.kill().unwrap();
+            other.wait().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_target_not_found_ends_the_watcher_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        for shell in shells() {
+            let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+            let file = dir.path().join("me.pid");
+            std::fs::write(&file, format!("{}\n", sleeper.id())).unwrap();
+            let targets = vec![
+                target("me", ProcessRef::PidFile(file.display().to_string())),
+                target("x", ProcessRef::Name("no-such-proc-xy".into())),
+            ];
+            let out = spawn_watcher(shell, dir.path(), &targets, 5)
+                .wait_with_output()
+                .unwrap();
+            let report = parse_watch(
+                &targets,
+                5,
+                &output(ExitStatus::Code(out.status.code().unwrap()), &out.stdout),
+            );
+            assert_eq!(report.end, WatchEnd::NotFound, "{shell}");
+            assert_eq!(report.not_found, vec![Name::new("x").unwrap()]);
+            sleeper.kill().unwrap();
+            sleeper.wait().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_new_watcher_replaces_the_previous_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut app = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid_file = dir.path().join("app.pid");
+        std::fs::write(&pid_file, format!("{}\n", app.id())).unwrap();
+        let targets = vec![target(
+            "app",
+            ProcessRef::PidFile(pid_file.display().to_string()),
+        )];
+        let mut first = spawn_watcher("/bin/sh", dir.path(), &targets, 1);
+        let head = until_armed(&mut first);
+        let mut second = spawn_watcher("/bin/sh", dir.path(), &targets, 2);
+        let (code, stdout) = finish(first, head);
+        let report = parse_watch(
+            &targets,
+            1,
+            &output(ExitStatus::Code(code.unwrap_or(143)), &stdout),
+        );
+        assert!(matches!(report.end, WatchEnd::Ended(_)), "{report:?}");
+        let head = until_armed(&mut second);
+        app.kill().unwrap();
+        app.wait().unwrap();
+        let (_, stdout) = finish(second, head);
+        let report = parse_watch(&targets, 2, &output(ExitStatus::Code(0), &stdout));
+        assert_eq!(report.end, WatchEnd::Gone(Name::new("app").unwrap()));
+    }
+}

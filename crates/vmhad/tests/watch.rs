@@ -1,0 +1,172 @@
+//! The watch and batched probes with the real TCG test guest (issue 14): a killed app is
+//! detected through the watch (its interval is an hour, so nothing else can see it) and
+//! restarted, then watched again with its new pid; a watcher killed in the guest is started
+//! again with no app event; three apps at the same interval cost one guest-exec per probe.
+//!
+//! Counts come from `guest_io` in `GET /v1/status`. Tests wait for states, never for time.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Vmhad, WAIT, latency, now_ms, vm_test_lock};
+use serde_json::Value;
+
+const VM: &str = "shop";
+
+/// The demo VM with its apps checked every `interval`, each naming its pid file when `watch`.
+fn config(h: &Vmhad, interval: &str, watch: bool) {
+    let mut vm =
+        common::demo_vm(VM).replace(r#"interval = "1s""#, &format!("interval = \"{interval}\""));
+    if watch {
+        for app in ["db", "web", "worker"] {
+            let check = format!(r#"check = ["/opt/demo/app", "check", "{app}"]"#);
+            vm = vm.replace(
+                &check,
+                &format!("{check}\npid_file = \"/run/demo/{app}.pid\""),
+            );
+        }
+        vm = vm.replace(
+            r#"boot_timeout = "90s""#,
+            "boot_timeout = \"90s\"\nwatch_period = \"200ms\"",
+        );
+    } else {
+        vm = vm.replace(
+            r#"boot_timeout = "90s""#,
+            "boot_timeout = \"90s\"\nwatch = false",
+        );
+    }
+    let config = common::cluster_config(h.config.parent().unwrap(), &[vm]);
+    std::fs::write(&h.config, config).unwrap();
+}
+
+/// Starts vmhad and waits until the VM and its apps are online.
+fn boot(h: &mut Vmhad) -> usize {
+    h.start();
+    let (i, _) = h.wait_for(0, VM, "starting", "online");
+    let states = h.app_states(VM);
+    assert!(states.iter().all(|(_, s)| s == "online"), "{states:?}");
+    i
+}
+
+fn guest_io(h: &Vmhad) -> Value {
+    h.status()["guest_io"].clone()
+}
+
+fn counter(h: &Vmhad, name: &str) -> u64 {
+    guest_io(h)[name].as_u64().unwrap()
+}
+
+/// Waits until `counter` is at least `at_least`; fails the test after [`WAIT`].
+fn wait_counter(h: &mut Vmhad, name: &str, at_least: u64) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let n = counter(h, name);
+        if n >= at_least {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest_io.{name} stayed at {n} (< {at_least}): {}",
+            h.log_tail(40)
+        );
+        h.assert_running();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The pid of the guest's current watcher (from its pid file).
+fn watcher_pid(h: &Vmhad) -> String {
+    let out = h.exec(VM, &["/bin/cat", "/run/vmha-watch.pid"]);
+    let text = out["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert!(!text.is_empty(), "no watcher pid file: {out}");
+    text
+}
+
+#[test]
+fn a_killed_app_is_detected_through_the_watch_restarted_and_watched_again() {
+    let _lock = vm_test_lock();
+    let mut h = Vmhad::new(&[VM]);
+    config(&h, "1h", true);
+    boot(&mut h);
+    wait_counter(&mut h, "watchers", 1);
+    for round in 1..=2 {
+        let mark = h.mark();
+        let t = now_ms();
+        assert_eq!(h.app(VM, "kill", "web"), 0);
+        let (i, detected) = h.wait_for(mark, &format!("{VM}/web"), "online", "restarting");
+        assert!(
+            detected.reason.starts_with("check exited 3"),
+            "{}",
+            detected.text
+        );
+        let (_, back) = h.wait_for(i, &format!("{VM}/web"), "restarting", "online");
+        latency(
+            &format!("watch: app kill → detected (round {round})"),
+            t,
+            detected.time,
+        );
+        latency(
+            &format!("watch: app kill → running again (round {round})"),
+            t,
+            back.time,
+        );
+        // Only web moved; the VM was left alone.
+        let others: Vec<_> = h
+            .since(mark)
+            .into_iter()
+            .filter(|e| e.origin != "controller" && e.object != format!("{VM}/web"))
+            .collect();
+        assert!(others.is_empty(), "unexpected events: {others:?}");
+    }
+}
+
+#[test]
+fn a_killed_watcher_is_started_again_without_an_app_event() {
+    let _lock = vm_test_lock();
+    let mut h = Vmhad::new(&[VM]);
+    config(&h, "1h", true);
+    boot(&mut h);
+    let watchers = wait_counter(&mut h, "watchers", 1);
+    let first = watcher_pid(&h);
+    let mark = h.mark();
+    let out = h.exec(VM, &["/bin/sh", "-c", &format!("kill -9 {first}")]);
+    assert_eq!(out["exit"].as_i64(), Some(0), "{out}");
+    wait_counter(&mut h, "watchers", watchers + 1);
+    let second = watcher_pid(&h);
+    assert_ne!(first, second, "the watcher was not replaced");
+    let events = h.since(mark);
+    assert!(
+        events.is_empty(),
+        "a killed watcher made events: {events:?}"
+    );
+    // The new watcher works: a killed app is still detected (its interval is an hour).
+    assert_eq!(h.app(VM, "kill", "db"), 0);
+    h.wait_for(mark, &format!("{VM}/db"), "online", "restarting");
+}
+
+#[test]
+fn three_apps_at_the_same_interval_cost_one_guest_exec_per_probe() {
+    let _lock = vm_test_lock();
+    let mut h = Vmhad::new(&[VM]);
+    config(&h, "1s", false);
+    boot(&mut h);
+    // Start-up probes come one app at a time; from the first grid point on, all together.
+    let start = counter(&h, "probes");
+    wait_counter(&mut h, "probes", start + 2);
+    let before = guest_io(&h);
+    let probes = before["probes"].as_u64().unwrap();
+    wait_counter(&mut h, "probes", probes + 10);
+    let io = guest_io(&h);
+    let p = io["probes"].as_u64().unwrap() - probes;
+    let c = io["checks"].as_u64().unwrap() - before["checks"].as_u64().unwrap();
+    assert!(p >= 10);
+    assert_eq!(c, 3 * p, "{p} probes carried {c} checks: {before} → {io}");
+    assert_eq!(io["watchers"].as_u64(), Some(0), "watch = false: {io}");
+}
