@@ -11,6 +11,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -244,6 +245,34 @@ fn the_page_shows_the_cluster_live_and_acts_behind_a_confirmation() {
         "the page was reloaded"
     );
 
+    // The page and /metrics tell the same: every app's state and its restarts in the window.
+    let on_page = |b: &mut Browser| {
+        b.eval(
+            "JSON.stringify([...document.querySelectorAll('tr[data-app]')].map(r => \
+             [r.dataset.app, r.dataset.state, (r.innerText.match(/(\\d+) \\/ \\d+/) || [])[1] || null]))",
+        )
+        .as_str()
+        .map(|s| serde_json::from_str::<Vec<(String, String, Option<String>)>>(s).unwrap())
+        .unwrap()
+        .into_iter()
+        .map(|(app, state, used)| (app, (state, used)))
+        .collect::<BTreeMap<_, _>>()
+    };
+    let deadline = std::time::Instant::now() + wait;
+    let (page, metrics) = loop {
+        let text = api.request("GET", "/metrics", Some(READER), None).body;
+        let metrics = page_view_of_metrics(&text);
+        let page = on_page(&mut b);
+        if page == metrics || std::time::Instant::now() > deadline {
+            break (page, metrics);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(page, metrics, "the page vs /metrics");
+    assert_eq!(page.len(), 3, "{page:?}");
+    assert_eq!(page["shop/web"], ("online".into(), Some("1".into())));
+    assert_eq!(page["shop/worker"].0, "offline");
+
     // States are colour-coded: online green, a state on the way amber, offline grey.
     let mut colour = |state: &str| {
         b.eval(&format!(
@@ -265,4 +294,31 @@ fn the_page_shows_the_cluster_live_and_acts_behind_a_confirmation() {
         Duration::from_secs(10),
     );
     b.screenshot(&artifacts().join("web-page-phone.png"), false);
+}
+
+/// From the Prometheus text of /metrics, per app (`VM/APP`): its state (the `vmha_app_state`
+/// series at 1) and its restarts in the window, as the page shows them.
+fn page_view_of_metrics(text: &str) -> BTreeMap<String, (String, Option<String>)> {
+    let label = |series: &str, name: &str| {
+        let start = series.find(&format!("{name}=\""))? + name.len() + 2;
+        let len = series[start..].find('"')?;
+        Some(series[start..start + len].to_string())
+    };
+    let mut out: BTreeMap<String, (String, Option<String>)> = BTreeMap::new();
+    for line in text.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (Some(vm), Some(app)) = (label(series, "vm"), label(series, "app")) else {
+            continue;
+        };
+        let entry = out.entry(format!("{vm}/{app}")).or_default();
+        if series.starts_with("vmha_app_state{") && value == "1" {
+            entry.0 = label(series, "state").unwrap_or_default();
+        } else if series.starts_with("vmha_app_restarts_in_window{") {
+            entry.1 = Some(value.to_string());
+        }
+    }
+    out.retain(|_, (state, _)| !state.is_empty());
+    out
 }
