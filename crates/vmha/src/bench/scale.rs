@@ -30,7 +30,7 @@ fn config(fake: &Path, guest_kernel: &Path, dir: &Path, n: u32) -> String {
         let _ = write!(
             s,
             "\n[[vm]]\nname = \"v{v:03}\"\ndriver = \"qemu\"\nhosts = [\"kvm1\"]\n\
-             boot_timeout = \"600s\"\n[vm.qemu]\nmemory_mb = 16\naccel = \"tcg\"\n\
+             boot_timeout = \"600s\"\nstop_timeout = \"2s\"\n[vm.qemu]\nmemory_mb = 16\naccel = \"tcg\"\n\
              kernel = \"{}\"\nemulator = \"{}\"\n",
             guest_kernel.display(),
             fake.display()
@@ -355,7 +355,7 @@ fn markdown(args: &BenchArgs, steps: &[Step]) -> String {
          `vmha-fake-qemu` (crates/vmha/src/bin/vmha-fake-qemu.rs), launched by vmhad's normal \
          driver path: it answers QMP on the VM's QMP socket and runs a real `qemu-ga` on the host \
          in unix-listen mode on the VM's guest-agent socket (every RPC but ping, sync, info and \
-         exec blocked). Each VM has {APPS} apps probed every {INTERVAL_S} s; a check is \
+         exec blocked, so `guest-shutdown` cannot reach the host and a stop ends with QMP `quit` after the VM's `stop_timeout = \"2s\"`). Each VM has {APPS} apps probed every {INTERVAL_S} s; a check is \
          `/bin/true`, run by that agent (vmhad sends one guest exec per VM per probe: a shell \
          running the VM's checks). Once all N VMs and their apps are online (startup time \
          below) and {settle} s more, a window of {window} s is measured: vmhad's CPU (utime + \

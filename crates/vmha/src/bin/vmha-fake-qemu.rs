@@ -2,7 +2,7 @@
 //! QEMU's command line as vmhad's driver writes it (`-qmp unix:…`, `-chardev socket,path=…`,
 //! `-pidfile …`), answers QMP on the VM's QMP socket (greeting, `qmp_capabilities`,
 //! `query-status` → running; `system_powerdown` and `quit` end it with a `SHUTDOWN` event), and
-//! runs a real `qemu-ga` on the host in unix-listen mode on the VM's guest-agent socket, so the
+//! runs a real `qemu-ga` on the host in unix-listen mode on the VM's guest-agent socket (its pid in `qga.pid` beside it), so the
 //! guest channel and the app checks are real. Every RPC but ping, sync, info and exec is blocked
 //! in that agent (a `guest-shutdown` must never reach the host). The agent is killed when the
 //! fake QEMU ends normally; after a SIGKILL it is left behind in the process group (vmhad starts
@@ -98,7 +98,7 @@ fn start_agent(socket: &Path, dir: &Path) -> anyhow::Result<Child> {
         .arg("-p")
         .arg(socket)
         .arg("-f")
-        .arg(dir.join("qga.pid"))
+        .arg(dir.join("qga-own.pid"))
         .arg("-t")
         .arg(dir)
         .arg("-b")
@@ -164,7 +164,10 @@ fn run() -> anyhow::Result<()> {
         .qga
         .context("no -chardev socket,path=…,id=qga0 argument")?;
     let dir = qmp.parent().context("QMP socket path has no directory")?;
-    let agent = Arc::new(Mutex::new(start_agent(&qga, dir)?));
+    let agent = start_agent(&qga, dir)?;
+    // qemu-ga writes its pidfile only when it daemonizes: the benchmark finds it here.
+    std::fs::write(dir.join("qga.pid"), format!("{}\n", agent.id()))?;
+    let agent = Arc::new(Mutex::new(agent));
     if let Some(pidfile) = &paths.pidfile {
         std::fs::write(pidfile, format!("{}\n", std::process::id()))?;
     }
