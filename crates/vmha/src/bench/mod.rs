@@ -53,7 +53,8 @@ pub struct BenchArgs {
     /// Scratch directory (recreated).
     #[arg(long, default_value = "/tmp/vmha-bench")]
     workdir: PathBuf,
-    /// Sections to run (default: all; with --smoke: all but sim).
+    /// Sections to run (default: all; with --smoke: all but sim). The report keeps the last
+    /// run of the others (from `<out>/bench/<section>.md`).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
     /// Runs per failure kind and interval in the detection section.
@@ -113,7 +114,47 @@ pub struct Done {
     pub took: Duration,
 }
 
-/// Runs the benchmark and writes the report.
+impl Section {
+    fn file_stem(self) -> &'static str {
+        match self {
+            Section::Detect => "detection",
+            Section::Scale => "scale",
+            Section::Failover => "failover",
+            Section::Sim => "sim",
+        }
+    }
+}
+
+/// The first line of a kept section file: how long it took.
+const TOOK: &str = "<!-- took (s): ";
+
+impl Done {
+    /// The section as kept in `bench/<section>.md`.
+    fn to_file(&self) -> String {
+        format!(
+            "{TOOK}{:.1} -->\n{}",
+            self.took.as_secs_f64(),
+            self.markdown
+        )
+    }
+
+    /// A kept section; `None` if `text` is not one.
+    fn from_file(text: &str) -> Option<Done> {
+        let (first, markdown) = text.split_once('\n')?;
+        let secs: f64 = first
+            .strip_prefix(TOOK)?
+            .strip_suffix(" -->")?
+            .parse()
+            .ok()?;
+        Some(Done {
+            markdown: markdown.to_string(),
+            took: Duration::try_from_secs_f64(secs).ok()?,
+        })
+    }
+}
+
+/// Runs the sections asked for, then writes the report from every section's latest run
+/// (sections not run now keep the Markdown of their last run, from `bench/<section>.md`).
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let args = args.effective();
     let started = Instant::now();
@@ -122,32 +163,42 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&raw).with_context(|| format!("creating {}", raw.display()))?;
     let _ = std::fs::remove_dir_all(&args.workdir);
     std::fs::create_dir_all(&args.workdir)?;
+    let all = [
+        (Section::Detect, "detection and recovery (real TCG VMs)"),
+        (
+            Section::Scale,
+            "monitoring cost at scale (fake QEMU, real qemu-ga)",
+        ),
+        (Section::Failover, "failover on the multi-host test bed"),
+        (Section::Sim, "controller in simulation (criterion)"),
+    ];
     let mut sections = Vec::new();
-    let timed = |f: &mut dyn FnMut() -> anyhow::Result<String>| -> anyhow::Result<Done> {
-        let t0 = Instant::now();
-        let markdown = f()?;
-        Ok(Done {
-            markdown,
-            took: t0.elapsed(),
-        })
-    };
-    if args.runs(Section::Detect) {
-        println!("━━ detection and recovery (real TCG VMs)");
-        sections.push(timed(&mut || detect::run(&args, &raw))?);
+    for (section, title) in all {
+        let kept = raw.join(format!("{}.md", section.file_stem()));
+        if args.runs(section) {
+            println!("━━ {title}");
+            let t0 = Instant::now();
+            let markdown = match section {
+                Section::Detect => detect::run(&args, &raw),
+                Section::Scale => scale::run(&args, &raw),
+                Section::Failover => failover::run(&args, &raw),
+                Section::Sim => sim::run(&raw),
+            }?;
+            let done = Done {
+                markdown,
+                took: t0.elapsed(),
+            };
+            std::fs::write(&kept, done.to_file())?;
+            sections.push(done);
+        } else if let Some(done) = std::fs::read_to_string(&kept)
+            .ok()
+            .and_then(|t| Done::from_file(&t))
+        {
+            // A section run earlier (`--only`): its kept Markdown, as it was generated.
+            sections.push(done);
+        }
     }
-    if args.runs(Section::Scale) {
-        println!("━━ monitoring cost at scale (fake QEMU, real qemu-ga)");
-        sections.push(timed(&mut || scale::run(&args, &raw))?);
-    }
-    if args.runs(Section::Failover) {
-        println!("━━ failover on the multi-host test bed");
-        sections.push(timed(&mut || failover::run(&args, &raw))?);
-    }
-    if args.runs(Section::Sim) {
-        println!("━━ controller in simulation (criterion)");
-        sections.push(timed(&mut || sim::run(&raw))?);
-    }
-    let doc = report::document(&args, wall_start, started.elapsed(), &sections);
+    let doc = report::document(&args, wall_start, &sections);
     let path = args.out.join("BENCHMARKS.md");
     std::fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
     println!(
@@ -157,4 +208,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         started.elapsed().as_secs()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_kept_section_reads_back_as_written() {
+        let done = Done {
+            markdown: "## 1. x\n\n| a |\n".into(),
+            took: Duration::from_millis(61_500),
+        };
+        let back = Done::from_file(&done.to_file()).unwrap();
+        assert_eq!(back.markdown, done.markdown);
+        assert_eq!(back.took, done.took);
+        assert!(Done::from_file("## 1. typed by hand\n").is_none());
+    }
 }
