@@ -28,7 +28,7 @@ const APP: &str = "db";
 const GUEST_TIMEOUT_S: u64 = 5;
 
 /// A failure the benchmark injects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Failure {
     /// The app killed in the guest (`kill -9`, through the guest channel).
     AppKill,
@@ -277,7 +277,7 @@ pub fn run(args: &BenchArgs, raw: &Path) -> anyhow::Result<String> {
     })?;
     let mut rng = Rng::new(args.seed);
     let mut samples = Vec::new();
-    let failures = [Failure::AppKill, Failure::QemuKill, Failure::AgentHang];
+    let failures = &args.failures;
     for &interval in &args.intervals {
         let dir = args.workdir.join(format!("detect-{interval}s"));
         std::fs::create_dir_all(&dir)?;
@@ -297,7 +297,7 @@ pub fn run(args: &BenchArgs, raw: &Path) -> anyhow::Result<String> {
             run_dir: dir.join("run"),
             interval,
         };
-        for failure in failures {
+        for &failure in failures {
             for run in 1..=args.runs {
                 bench.settle()?;
                 let phase = rng.fraction();
@@ -386,7 +386,7 @@ fn markdown(args: &BenchArgs, samples: &[Sample]) -> String {
     );
     md.push_str("| interval | failure | figure | median | p90 | max | runs |\n|---|---|---|---|---|---|---|\n");
     for &interval in &args.intervals {
-        for failure in [Failure::AppKill, Failure::QemuKill, Failure::AgentHang] {
+        for &failure in &args.failures {
             let mut figures: Vec<&str> = Vec::new();
             for s in samples
                 .iter()

@@ -60,6 +60,13 @@ pub struct BenchArgs {
     /// Runs per failure kind and interval in the detection section.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     runs: u32,
+    /// Failures injected by the detection section, in this order.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [
+        detect::Failure::AppKill,
+        detect::Failure::QemuKill,
+        detect::Failure::AgentHang,
+    ])]
+    failures: Vec<detect::Failure>,
     /// App probe intervals of the detection section, in seconds.
     #[arg(long, value_delimiter = ',', default_values_t = [1.0, 2.0])]
     intervals: Vec<f64>,
