@@ -132,6 +132,14 @@ impl Section {
     }
 }
 
+/// The 1-minute load average, as /proc/loadavg says.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
 /// The first line of a kept section file: how long it took.
 const TOOK: &str = "<!-- took (s): ";
 
@@ -185,12 +193,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         if args.runs(section) {
             println!("━━ {title}");
             let t0 = Instant::now();
-            let markdown = match section {
+            let load_before = load_average();
+            let mut markdown = match section {
                 Section::Detect => detect::run(&args, &raw),
                 Section::Scale => scale::run(&args, &raw),
                 Section::Failover => failover::run(&args, &raw),
                 Section::Sim => sim::run(&raw),
             }?;
+            markdown.push_str(&format!(
+                "\nLoad average (1 min) at the start and end of this section: {load_before} → {} \
+                 ({} cores; anything else running on the machine shares them).\n",
+                load_average(),
+                std::thread::available_parallelism().map_or(0, |n| n.get())
+            ));
             let done = Done {
                 markdown,
                 took: t0.elapsed(),
