@@ -98,9 +98,11 @@ pub fn run(raw: &Path) -> anyhow::Result<String> {
          Method: the engine's criterion benches (crates/vmha-engine/benches/replacement.rs), \
          run by this command with `cargo bench -p vmha-engine --bench replacement` (release \
          build, 10 samples each): the pure controller, no store and no I/O, from a steady \
-         cluster (every host up, VM `i` online on host `i mod 1000`, a third of the VMs with \
-         a preference list). Criterion's estimate with its confidence interval. Raw: \
-         `bench/sim.txt`.\n\n\
+         cluster (every host up, 10 VMs online on each). One host lost: each VM may run on \
+         three hosts, half placed by priority, half least-loaded. 500 hosts lost: hosts \
+         h0–h499 held all 10,000 VMs, whose second choice is one of h500–h999. Intake: a new \
+         leader reads the whole cluster as one batch. Criterion's estimate with its \
+         confidence interval. Raw: `bench/sim.txt`.\n\n\
          | benchmark | what | estimate | interval |\n|---|---|---|---|\n",
     );
     for e in &estimates {
