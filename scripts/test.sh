@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what is missing, builds the test guest,
-# then formatting, lints, the shipped example configurations, the Debian package (as root:
-# built, installed, run, removed) and every test.
+# then formatting, lints, the shipped example configurations, a benchmark smoke run and the
+# Debian package (as root: built, installed, run, removed), and every test.
 #
 # usage: scripts/test.sh          (honours CARGO_TARGET_DIR)
 set -euo pipefail
@@ -31,6 +31,15 @@ cargo clippy --workspace --all-targets "${FEATURES[@]}" -- -D warnings
 
 step "example configurations"
 cargo run --quiet -p vmha "${FEATURES[@]}" -- config validate examples/*.toml
+
+# The benchmark code must not rot: a smoke run (tiny N, 2 runs; boots VMs and a test bed, as
+# root only), written to $CARGO_TARGET_DIR/bench-smoke/. No timing is asserted.
+if [[ $(id -u) -eq 0 ]]; then
+	step "benchmark smoke run (scripts/bench.sh --smoke)"
+	./scripts/bench.sh --smoke
+else
+	step "benchmark smoke run: skipped (needs root)"
+fi
 
 # Installs the package system-wide (and purges it again): as root only, as in CI.
 if [[ $(id -u) -eq 0 ]]; then

@@ -373,6 +373,10 @@ pub struct QemuSpec {
     pub append: Option<String>,
     /// Extra QEMU arguments, appended verbatim.
     pub extra_args: Vec<String>,
+    /// The QEMU binary to run instead of `qemu-system-x86_64` from `PATH` (absolute; e.g. a
+    /// wrapper, or the benchmarks' fake QEMU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub emulator: Option<PathBuf>,
     /// Disks, in order.
     pub disks: Vec<QemuDisk>,
 }

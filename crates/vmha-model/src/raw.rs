@@ -139,6 +139,7 @@ pub(crate) struct RawQemu {
     pub(crate) append: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) extra_args: Vec<String>,
+    pub(crate) emulator: Option<Spanned<PathBuf>>,
     pub(crate) disk: Option<Spanned<PathBuf>>,
     pub(crate) disks: Option<Spanned<Vec<Spanned<RawDisk>>>>,
 }

@@ -974,6 +974,7 @@ impl Resolver<'_> {
             initrd: raw.initrd.map(|i| self.path("initrd", i)).transpose()?,
             append: raw.append.map(Spanned::into_inner),
             extra_args: raw.extra_args,
+            emulator: raw.emulator.map(|e| self.path("emulator", e)).transpose()?,
             disks,
         })
     }

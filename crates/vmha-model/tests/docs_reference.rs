@@ -155,7 +155,7 @@ fn optional_without_default(section: &str, key: &str) -> bool {
         (
             "host",
             "address" | "memory_mb" | "watchdog" | "watchdog_timeout"
-        ) | ("vm.qemu", "kernel" | "initrd" | "append")
+        ) | ("vm.qemu", "kernel" | "initrd" | "append" | "emulator")
             | ("vm.libvirt", "xml")
             | ("vm.app", "stop" | "pid_file" | "process")
             | ("api", "tls_cert" | "tls_key")

@@ -14,7 +14,7 @@
 //! let spec = LaunchSpec {
 //!     name: "db01".into(), memory_mb: 2048, cpus: 2,
 //!     disks: vec![Disk { path: "/shared/db01.qcow2".into(), format: "qcow2".into(), cache: "none".into() }],
-//!     kernel: None, initrd: None, append: None, accel: Accel::Auto, extra_args: vec![],
+//!     kernel: None, initrd: None, append: None, accel: Accel::Auto, extra_args: vec![], emulator: None,
 //! };
 //! let runtime_dir = std::path::Path::new("/run/vmha");
 //! let mut vm = QemuVm::launch(&spec, runtime_dir, &DriverConfig::default()).await?;

@@ -131,6 +131,8 @@ pub struct LaunchSpec {
     pub accel: Accel,
     /// Extra arguments appended verbatim.
     pub extra_args: Vec<String>,
+    /// The binary to run instead of [`DriverConfig::qemu_binary`], if any.
+    pub emulator: Option<PathBuf>,
 }
 
 /// The files of one VM under the runtime directory.
@@ -438,7 +440,8 @@ impl QemuVm {
             path: paths.qemu_log.clone(),
             source,
         })?;
-        let mut child = tokio::process::Command::new(&config.qemu_binary)
+        let binary = spec.emulator.as_ref().unwrap_or(&config.qemu_binary);
+        let mut child = tokio::process::Command::new(binary)
             .args(qemu_args(spec, &paths))
             .stdin(Stdio::null())
             .stdout(log)
@@ -446,7 +449,7 @@ impl QemuVm {
             .process_group(0)
             .spawn()
             .map_err(|source| VmError::Spawn {
-                binary: config.qemu_binary.display().to_string(),
+                binary: binary.display().to_string(),
                 source,
             })?;
         let pid = child.id().unwrap_or_default();
@@ -818,6 +821,7 @@ mod tests {
             append: Some("console=ttyS0 quiet".into()),
             accel: Accel::Tcg,
             extra_args: vec!["-S".into()],
+            emulator: None,
         }
     }
 

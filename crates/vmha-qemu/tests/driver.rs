@@ -24,6 +24,7 @@ fn spec(name: &str, extra: &[&str]) -> LaunchSpec {
         append: None,
         accel: Accel::Tcg,
         extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        emulator: None,
     }
 }
 

@@ -46,6 +46,7 @@ fn guest_spec(image: &Path, name: &str) -> LaunchSpec {
         append: Some(format!("{} demo_apps=web,db", cmdline.trim())),
         accel: Accel::Tcg,
         extra_args: vec![],
+        emulator: None,
     }
 }
 

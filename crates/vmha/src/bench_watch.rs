@@ -6,15 +6,14 @@
 //! and with checks every 200 ms.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use serde_json::{Value, json};
 
 use crate::client::Client;
-use crate::demo::{Daemon, Ev, now_ms};
+use crate::harness::{Daemon, Ev, cpu_ticks, follow_events, now_ms};
 
 const VM: &str = "bench";
 const APP: &str = "a2";
@@ -103,33 +102,14 @@ impl Run {
         let path = dir.join("vmha.toml");
         std::fs::write(&path, config(guest, dir, interval, watch))?;
         vmha_model::Config::from_file(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let log = std::fs::File::create(dir.join("vmhad.log"))?;
-        let child = Command::new(vmhad)
-            .arg("--config")
-            .arg(&path)
-            .arg("--stop-vms-on-exit")
-            .env("VMHA_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", vmhad.display()))?;
-        let daemon = Daemon { child };
-        let client = Client::new(dir.join("state").join("vmhad.sock"));
-        let t0 = Instant::now();
-        while client.get("/v1/status").is_err() {
-            if t0.elapsed() > Duration::from_secs(20) {
-                bail!("vmhad did not come up; see {}/vmhad.log", dir.display());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let (tx, rx) = mpsc::channel();
-        let follower = client.clone();
-        std::thread::spawn(move || {
-            let _ = follower.follow("/v1/events?limit=0&follow=true", |v| {
-                Ev::parse(&v).is_none_or(|ev| tx.send(ev).is_ok())
-            });
-        });
+        let (daemon, client) = Daemon::start(
+            vmhad,
+            &path,
+            &dir.join("vmhad.log"),
+            dir.join("state").join("vmhad.sock"),
+            Duration::from_secs(20),
+        )?;
+        let rx = follow_events(&client);
         let run = Run {
             daemon,
             client,
@@ -208,29 +188,20 @@ impl Run {
             ["checks", "probes", "watchers", "watch_polls"].map(|k| g[k].as_u64().unwrap_or(0))
         };
         let (v0, q0, c0) = (
-            ticks(self.daemon.child.id())?,
-            ticks(qemu)?,
+            cpu_ticks(self.daemon.pid(), false)?,
+            cpu_ticks(qemu, false)?,
             io(&self.status()?),
         );
         std::thread::sleep(window);
         let (v1, q1, c1) = (
-            ticks(self.daemon.child.id())?,
-            ticks(qemu)?,
+            cpu_ticks(self.daemon.pid(), false)?,
+            cpu_ticks(qemu, false)?,
             io(&self.status()?),
         );
         let counts = [0, 1, 2, 3].map(|i| c1[i].saturating_sub(c0[i]));
         // USER_HZ is 100 on Linux: 10 ms per tick.
         Ok(((v1 - v0) as f64 * 10.0, (q1 - q0) as f64 * 10.0, counts))
     }
-}
-
-fn ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let utime: u64 = f.get(11).context("stat utime")?.parse()?;
-    let stime: u64 = f.get(12).context("stat stime")?.parse()?;
-    Ok(utime + stime)
 }
 
 fn percentile(sorted: &[u64], p: usize) -> u64 {

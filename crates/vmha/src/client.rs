@@ -554,6 +554,21 @@ impl Client {
         self.finish(answer)
     }
 
+    /// `GET path` as text (e.g. `/metrics`); a refusal is an error as for [`Client::get`].
+    pub fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        let answer = self.request("GET", path, None)?;
+        if !(200..300).contains(&answer.status) {
+            return self.finish(answer).map(|_| String::new());
+        }
+        let mut raw = Vec::new();
+        answer
+            .reader
+            .take(BODY_LIMIT + 1)
+            .read_to_end(&mut raw)
+            .map_err(|e| self.io(e))?;
+        Ok(String::from_utf8_lossy(&raw).into_owned())
+    }
+
     /// `POST path` with a JSON body, parsed as JSON.
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         let answer = self.request("POST", path, Some(body))?;

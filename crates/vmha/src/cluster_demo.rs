@@ -263,9 +263,46 @@ fn median(v: &[u64]) -> u64 {
     s.get(s.len() / 2).copied().unwrap_or(0)
 }
 
+/// What the drills measured.
+pub struct Outcome {
+    /// Each figure's samples (ms), in the order first measured.
+    pub figures: Vec<(String, Vec<u64>)>,
+    /// Times a VM was seen running on two hosts at once.
+    pub double_runs: usize,
+    /// How many times the checker looked at every VM on every host.
+    pub checks: u64,
+}
+
 /// Runs the cluster demo with the vmhad binary `vmhad`, the test guest in `guest`, `rounds`
 /// repetitions of the failure drills.
 pub fn run(vmhad: &Path, guest: &Path, rounds: u32) -> anyhow::Result<ExitCode> {
+    let outcome = drive(vmhad, guest, rounds, true)?;
+    println!("\n━━ Figures (median of {rounds} run(s); ttl {TTL}, fence_margin {FENCE_MARGIN})");
+    for (name, samples) in &outcome.figures {
+        println!(
+            "  {name}: median {} ms (samples {:?})",
+            median(samples),
+            samples
+        );
+    }
+    println!(
+        "  double runs: {} in {} samples of every VM on every host (every 100 ms)",
+        outcome.double_runs, outcome.checks
+    );
+    if outcome.double_runs > 0 {
+        bail!("a VM ran on two hosts ({} samples)", outcome.double_runs);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Builds the three hosts and runs `rounds` drills (a host killed, a host cut off), narrated;
+/// with `maintenance`, the drain and failback after them.
+pub fn drive(
+    vmhad: &Path,
+    guest: &Path,
+    rounds: u32,
+    maintenance: bool,
+) -> anyhow::Result<Outcome> {
     let guest = std::fs::canonicalize(guest).with_context(|| {
         format!(
             "{}: run scripts/build-guest-image.sh first",
@@ -331,40 +368,29 @@ pub fn run(vmhad: &Path, guest: &Path, rounds: u32) -> anyhow::Result<ExitCode> 
         c.host_cut("shop")?;
     }
 
-    println!("\n━━ 4. Maintenance: drain a host, then blog fails back to its preferred host");
-    let blog_host = c.placed("blog")?;
-    c.client(HOSTS[0]).post(
-        "/v1/commands",
-        &json!({"command": "host-maintenance", "host": blog_host, "on": true}),
-    )?;
-    c.wait("blog moved away", Duration::from_secs(180), |c| {
-        let on = c.running_on("blog");
-        on.len() == 1 && on[0] != blog_host
-    })?;
-    c.client(HOSTS[0]).post(
-        "/v1/commands",
-        &json!({"command": "host-maintenance", "host": blog_host, "on": false}),
-    )?;
-    let _ = c.wait("blog back (failback)", Duration::from_secs(180), |c| {
-        c.running_on("blog") == vec![blog_host.clone()] && c.online_on(&blog_host, "blog")
-    });
-
-    println!("\n━━ Figures (median of {rounds} run(s); ttl {TTL}, fence_margin {FENCE_MARGIN})");
-    for (name, samples) in &c.figures {
-        println!(
-            "  {name}: median {} ms (samples {:?})",
-            median(samples),
-            samples
-        );
+    if maintenance {
+        println!("\n━━ 4. Maintenance: drain a host, then blog fails back to its preferred host");
+        let blog_host = c.placed("blog")?;
+        c.client(HOSTS[0]).post(
+            "/v1/commands",
+            &json!({"command": "host-maintenance", "host": blog_host, "on": true}),
+        )?;
+        c.wait("blog moved away", Duration::from_secs(180), |c| {
+            let on = c.running_on("blog");
+            on.len() == 1 && on[0] != blog_host
+        })?;
+        c.client(HOSTS[0]).post(
+            "/v1/commands",
+            &json!({"command": "host-maintenance", "host": blog_host, "on": false}),
+        )?;
+        let _ = c.wait("blog back (failback)", Duration::from_secs(180), |c| {
+            c.running_on("blog") == vec![blog_host.clone()] && c.online_on(&blog_host, "blog")
+        });
     }
     let violations = checker.violations();
-    println!(
-        "  double runs: {} in {} samples of every VM on every host (every 100 ms)",
-        violations.len(),
-        checker.samples()
-    );
-    if !violations.is_empty() {
-        bail!("a VM ran on two hosts: {violations:?}");
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(Outcome {
+        figures: c.figures,
+        double_runs: violations.len(),
+        checks: checker.samples(),
+    })
 }

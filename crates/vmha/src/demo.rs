@@ -3,14 +3,15 @@
 //! with the measured detection and recovery times.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use serde_json::{Value, json};
 
 use crate::client::Client;
+use crate::harness::{self, Daemon, Ev, now_ms};
 
 /// Arguments of `vmha demo`.
 #[derive(Debug, clap::Args)]
@@ -40,79 +41,6 @@ pub struct DemoArgs {
     /// Seed of the benchmark's kill phases.
     #[arg(long, default_value_t = 14)]
     seed: u64,
-}
-
-/// vmhad as a child process, stopped (with its VMs) when dropped.
-pub(crate) struct Daemon {
-    pub(crate) child: Child,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SIGTERM: vmhad stops its VMs (--stop-vms-on-exit) and exits.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..300 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// An event of vmhad's stream.
-#[derive(Debug, Clone)]
-pub(crate) struct Ev {
-    pub(crate) time: u64,
-    pub(crate) vm: String,
-    pub(crate) app: Option<String>,
-    pub(crate) from: String,
-    pub(crate) to: String,
-    pub(crate) reason: String,
-    pub(crate) text: String,
-}
-
-impl Ev {
-    pub(crate) fn parse(v: &Value) -> Option<Ev> {
-        let object = &v["object"];
-        let (vm, app) = if let Some(vm) = object["vm"].as_str() {
-            (vm.to_string(), None)
-        } else if let Some(app) = object.get("app") {
-            (
-                app["vm"].as_str()?.to_string(),
-                Some(app["app"].as_str()?.to_string()),
-            )
-        } else {
-            (String::new(), None)
-        };
-        Some(Ev {
-            time: v["time"].as_u64()?,
-            vm,
-            app,
-            from: v["from"].as_str()?.to_string(),
-            to: v["to"].as_str()?.to_string(),
-            reason: v["reason"].as_str().unwrap_or_default().to_string(),
-            text: v["text"].as_str().unwrap_or_default().to_string(),
-        })
-    }
-
-    pub(crate) fn is_app(&self, vm: &str, app: &str) -> bool {
-        self.vm == vm && self.app.as_deref() == Some(app)
-    }
-
-    fn is_vm(&self, vm: &str) -> bool {
-        self.vm == vm && self.app.is_none()
-    }
 }
 
 struct Demo {
@@ -165,13 +93,7 @@ impl Demo {
     }
 
     fn guest(&self, vm: &str, argv: &[&str]) -> anyhow::Result<()> {
-        let out = self
-            .client
-            .post(&format!("/v1/vms/{vm}/exec"), &json!({ "argv": argv }))?;
-        if out["exit"].as_i64() != Some(0) {
-            bail!("`{}` in {vm} failed: {out}", argv.join(" "));
-        }
-        Ok(())
+        harness::guest_exec(&self.client, vm, argv)
     }
 
     fn command(&self, body: Value) -> anyhow::Result<()> {
@@ -193,10 +115,7 @@ impl Demo {
     }
 
     fn qemu_pid(&self, vm: &str) -> anyhow::Result<u32> {
-        let path = self.runtime_dir.join(vm).join("qemu.pid");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        Ok(text.trim().parse()?)
+        harness::qemu_pid(&self.runtime_dir, vm)
     }
 
     fn figure(&mut self, name: &str, ms: u64) {
@@ -354,49 +273,23 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     println!("  config:  {}", config_path.display());
     println!("  shop:    db (priority 100) ← web (50) ← worker (10), policy highest-priority");
     println!("  billing: ledger (80), reports (20), policy weighted");
-    let log = std::fs::File::create(args.workdir.join("vmhad.log"))?;
-    let child = Command::new(&args.vmhad)
-        .arg("--config")
-        .arg(&config_path)
-        .arg("--stop-vms-on-exit")
-        .env("VMHA_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {}", args.vmhad.display()))?;
-    let daemon = Daemon { child };
-    println!(
-        "  vmhad:   pid {} (log {}/vmhad.log)",
-        daemon.child.id(),
-        args.workdir.display()
-    );
-
-    let client = Client::new(state.join("vmhad.sock"));
-    let t0 = Instant::now();
-    while client.get("/v1/status").is_err() {
-        if t0.elapsed() > Duration::from_secs(20) {
-            bail!(
-                "vmhad did not come up; see {}/vmhad.log",
-                args.workdir.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let (tx, rx) = mpsc::channel();
-    let follower = client.clone();
-    std::thread::spawn(move || {
-        let _ = follower.follow("/v1/events?limit=0&follow=true", |v| {
-            Ev::parse(&v).is_none_or(|ev| tx.send(ev).is_ok())
-        });
-    });
+    let log = args.workdir.join("vmhad.log");
+    let (daemon, client) = Daemon::start(
+        &args.vmhad,
+        &config_path,
+        &log,
+        state.join("vmhad.sock"),
+        Duration::from_secs(20),
+    )?;
+    println!("  vmhad:   pid {} (log {})", daemon.pid(), log.display());
+    let rx = harness::follow_events(&client);
     let mut demo = Demo {
         client,
         events: rx,
         runtime_dir: run_dir,
         figures: Vec::new(),
     };
-    let pid = daemon.child.id();
+    let pid = daemon.pid();
 
     step(
         0,
@@ -507,7 +400,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     }
 
     step(7, "vmhad at rest");
-    let (cpu, rss) = idle_usage(pid, Duration::from_secs(5))?;
+    let (cpu, rss) = harness::usage(pid, Duration::from_secs(5))?;
     println!("    vmhad: {cpu:.1}% of one core over 5 s idle, RSS {rss} MiB");
 
     println!(
@@ -534,28 +427,4 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     println!("\nstopping vmhad and its VMs…");
     drop(daemon);
     Ok(std::process::ExitCode::SUCCESS)
-}
-
-/// CPU share (% of one core) and RSS (MiB) of `pid` over `window`.
-pub(crate) fn idle_usage(pid: u32, window: Duration) -> anyhow::Result<(f64, u64)> {
-    let ticks = || -> anyhow::Result<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let utime: u64 = f.get(11).context("stat utime")?.parse()?;
-        let stime: u64 = f.get(12).context("stat stime")?.parse()?;
-        Ok(utime + stime)
-    };
-    let before = ticks()?;
-    std::thread::sleep(window);
-    let used = ticks()? - before;
-    // USER_HZ is 100 on Linux.
-    let cpu = used as f64 / window.as_secs_f64();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    Ok((cpu, rss_kb / 1024))
 }

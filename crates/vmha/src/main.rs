@@ -2,8 +2,9 @@
 //! one module per command group; each module owns its arguments and its output.
 //!
 //! Modules form a tree: `main` → the command groups (`config_cmd`, `daemon_cmd` → `admin_cmd`,
-//! `events_cmd`, `guest_cmd`, `status_cmd`; `demo`; `simulate_cmd`) → the shared leaves (`api_args`,
-//! `client`, `output`, `render`, `report`), which import no command module. `gen_docs` (man pages
+//! `events_cmd`, `guest_cmd`, `status_cmd`; `demo`; `bench`; `simulate_cmd`) → the shared leaves (`api_args`,
+//! `client`, `harness`, `output`, `render`, `report`), which import no command module
+//! (`bench` reuses `cluster_demo`'s drills). `gen_docs` (man pages
 //! and completions, `vmha --gen-docs DIR`) reads the clap definitions of `main` only.
 
 use std::process::ExitCode;
@@ -12,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod admin_cmd;
 mod api_args;
+mod bench;
 mod bench_watch;
 mod client;
 mod cluster_demo;
@@ -21,6 +23,7 @@ mod demo;
 mod events_cmd;
 mod gen_docs;
 mod guest_cmd;
+mod harness;
 mod output;
 mod render;
 mod report;
@@ -53,6 +56,10 @@ enum Command {
     Config(config_cmd::ConfigCommand),
     #[command(flatten)]
     Daemon(daemon_cmd::DaemonCommand),
+    /// Benchmarks: detection and recovery, cost at scale, failover, controller scale; writes
+    /// BENCHMARKS.md (run it through scripts/bench.sh).
+    #[command(hide = true)]
+    Bench(bench::BenchArgs),
     /// Run the single-host demo: two VMs, injected failures, narrated recovery, measured times.
     Demo(demo::DemoArgs),
     /// What-if: play a script of events (host loss, faults, admin commands, time) through the
@@ -68,6 +75,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Config(cmd) => config_cmd::run(cmd, &cli.api),
         Command::Daemon(cmd) => daemon_cmd::run(cmd, &cli.api),
+        Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Simulate(args) => simulate_cmd::run(args, &cli.api),
     };

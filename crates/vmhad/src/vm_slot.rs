@@ -533,6 +533,7 @@ fn launch_spec(vm: &Vm) -> Option<LaunchSpec> {
             Accel::Tcg => vmha_qemu::Accel::Tcg,
         },
         extra_args: q.extra_args.clone(),
+        emulator: q.emulator.clone(),
     })
 }
 
