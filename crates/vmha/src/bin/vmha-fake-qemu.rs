@@ -56,7 +56,9 @@ fn parse_args(args: &[OsString]) -> Paths {
         .collect();
     for pair in text.windows(2) {
         match pair[0].as_str() {
-            "-qmp" => {
+            // The first `-qmp` is vmhad's monitor; a later one (the observers' socket) is not
+            // served by this fake.
+            "-qmp" if paths.qmp.is_none() => {
                 let spec = pair[1].strip_prefix("unix:").unwrap_or(&pair[1]);
                 let path = spec.replace(",,", "\u{0}");
                 let path = path.split(',').next().unwrap_or_default();
@@ -208,23 +210,29 @@ mod tests {
 
     #[test]
     fn reads_the_paths_of_the_drivers_command_line() {
-        let args: Vec<OsString> = [
-            "-name",
-            "a",
-            "-chardev",
-            "socket,path=/run/v,,x/qga.sock,server=on,wait=off,id=qga0",
-            "-qmp",
-            "unix:/run/v,,x/qmp.sock,server=on,wait=off",
-            "-pidfile",
-            "/run/v,x/qemu.pid",
-        ]
-        .iter()
-        .map(OsString::from)
-        .collect();
-        let p = parse_args(&args);
-        assert_eq!(p.qmp.unwrap(), PathBuf::from("/run/v,x/qmp.sock"));
-        assert_eq!(p.qga.unwrap(), PathBuf::from("/run/v,x/qga.sock"));
-        assert_eq!(p.pidfile.unwrap(), PathBuf::from("/run/v,x/qemu.pid"));
+        // The command line exactly as the qemu driver writes it.
+        let dir = Path::new("/run/a,b/v");
+        let paths = vmha_qemu::VmPaths::new(Path::new("/run/a,b"), "v").unwrap();
+        let spec = vmha_qemu::LaunchSpec {
+            name: "v".into(),
+            memory_mb: 64,
+            cpus: 1,
+            disks: Vec::new(),
+            kernel: None,
+            initrd: None,
+            append: None,
+            accel: vmha_qemu::Accel::Tcg,
+            extra_args: Vec::new(),
+            emulator: None,
+        };
+        let p = parse_args(&vmha_qemu::vm::qemu_args(&spec, &paths));
+        assert_eq!(
+            p.qmp.unwrap(),
+            dir.join("qmp.sock"),
+            "vmhad's monitor, not the observers'"
+        );
+        assert_eq!(p.qga.unwrap(), dir.join("qga.sock"));
+        assert_eq!(p.pidfile.unwrap(), dir.join("qemu.pid"));
     }
 
     #[test]
