@@ -205,6 +205,8 @@ pub struct ControllerStatus {
 struct HostCtl {
     name: Name,
     lease: Option<bool>,
+    /// It has held a live lease since this controller started.
+    seen: bool,
     incarnation: u64,
     maintenance: bool,
     capacity: Option<u64>,
@@ -278,6 +280,9 @@ pub struct Controller {
     dirty_state: bool,
     /// VMs whose admin record changed since the last [`Controller::take_dirty`].
     dirty_admin: std::collections::BTreeSet<usize>,
+    /// Until then, a VM placed for the first time waits for its preferred hosts that have not
+    /// been seen yet (see [`Controller::wait_for_hosts_until`]).
+    startup_until: Option<Timestamp>,
 }
 
 /// What a controller changed in its persisted records since the last
@@ -366,6 +371,7 @@ impl Controller {
             .map(|h| HostCtl {
                 name: h.name.clone(),
                 lease: None,
+                seen: false,
                 incarnation: 0,
                 maintenance: false,
                 capacity: h.memory_mb,
@@ -432,6 +438,7 @@ impl Controller {
             events: VecDeque::new(),
             dirty_state: false,
             dirty_admin: std::collections::BTreeSet::new(),
+            startup_until: None,
         };
         if let Some(r) = restored {
             for h in &r.maintenance {
@@ -452,6 +459,43 @@ impl Controller {
             }
         }
         c
+    }
+
+    /// A cold start: until `until`, a VM that is placed for the first time (no owner, not
+    /// known to run anywhere, not a failover) is not put on a host while a host it prefers
+    /// (listed before it with `placement = "priority"`, any of its hosts with
+    /// `"least-loaded"`) has not taken a lease since this controller started: hosts boot at
+    /// different speeds, and the first one up must not collect every VM. Failovers never wait.
+    pub fn wait_for_hosts_until(&mut self, until: Timestamp) {
+        self.startup_until = Some(until);
+        self.reconcile();
+    }
+
+    /// Why VM `i`'s first placement waits for hosts still joining, if it does.
+    fn startup_hold(&self, i: usize) -> Option<String> {
+        let until = self.startup_until.filter(|u| self.now < *u)?;
+        let (chosen, _) = self.choose(i, None).ok()?;
+        let v = &self.vms[i];
+        let candidates: &[usize] = match v.placement {
+            Placement::Priority => {
+                let pos = v.hosts.iter().position(|&h| h == chosen)?;
+                &v.hosts[..pos]
+            }
+            Placement::LeastLoaded => &v.hosts,
+        };
+        let unseen: Vec<&str> = candidates
+            .iter()
+            .filter(|&&h| !self.hosts[h].seen)
+            .map(|&h| self.hosts[h].name.as_str())
+            .collect();
+        if unseen.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "waiting up to {} for {} to join before placing it (startup_wait)",
+            human(until.since(self.now)),
+            unseen.join(", ")
+        ))
     }
 
     /// The configuration the controller runs.
@@ -939,7 +983,13 @@ impl Controller {
                 let cause = format!("{} down (lease expired): ", self.hosts[h].name);
                 self.place(i, Some(h), &cause, VmState::FailingOver);
             }
-            (Desired::Run, None) => self.place(i, None, "", VmState::Starting),
+            (Desired::Run, None) => match self.startup_hold(i) {
+                Some(reason) => {
+                    self.set_vm_state(i, VmState::Starting, &reason);
+                    self.vms[i].note = Some(reason);
+                }
+                None => self.place(i, None, "", VmState::Starting),
+            },
             (Desired::Stop, _) => {
                 self.set_vm_state(i, VmState::Offline, "desired stop (admin), no owner")
             }
@@ -993,6 +1043,7 @@ impl Controller {
                     (false, Some(_)) => "lease expired in the cluster store",
                 };
                 self.hosts[h].incarnation = incarnation;
+                self.hosts[h].seen |= up;
                 self.set_host(h, |x| x.lease = Some(up), reason);
             }
             ControllerInput::HostCapacity { host, memory_mb } => {
@@ -1283,7 +1334,8 @@ impl Controller {
         self.reconcile();
     }
 
-    /// The earliest time a fault window ends or a failed write may be retried (then
+    /// The earliest time a fault window ends, a failed write may be retried or the startup
+    /// wait ends (then
     /// [`Controller::handle_timeout`] is due), if any.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         let retries = self
@@ -1291,10 +1343,12 @@ impl Controller {
             .iter()
             .flat_map(|v| [v.retry_at, v.migrate_hold])
             .flatten();
+        let startup = self.startup_until.filter(|u| self.now < *u);
         self.vms
             .iter()
             .flat_map(|v| v.faults.values().map(move |t| t.plus_ms(v.window_ms)))
             .chain(retries)
+            .chain(startup)
             .min()
     }
 

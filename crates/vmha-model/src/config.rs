@@ -80,12 +80,15 @@ pub enum Store {
         ttl: Duration,
         /// Self-fencing margin: a host fences after `ttl - fence_margin` without renewal.
         fence_margin: Duration,
+        /// A freshly started controller waits up to this long for a VM's preferred hosts to
+        /// take their leases before it first places the VM on another host.
+        startup_wait: Duration,
     },
 }
 
 impl Serialize for Cluster {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("cluster", 8)?;
+        let mut st = s.serialize_struct("cluster", 9)?;
         st.serialize_field("name", &self.name)?;
         match &self.store {
             Store::Embedded => st.serialize_field("store", "embedded")?,
@@ -93,11 +96,13 @@ impl Serialize for Cluster {
                 endpoints,
                 ttl,
                 fence_margin,
+                startup_wait,
             } => {
                 st.serialize_field("store", "etcd")?;
                 st.serialize_field("endpoints", endpoints)?;
                 st.serialize_field("ttl", &crate::duration::format(*ttl))?;
                 st.serialize_field("fence_margin", &crate::duration::format(*fence_margin))?;
+                st.serialize_field("startup_wait", &crate::duration::format(*startup_wait))?;
             }
         }
         st.serialize_field("state_dir", &self.state_dir)?;

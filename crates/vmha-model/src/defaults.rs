@@ -26,6 +26,11 @@ pub const TTL_RANGE: RangeInclusive<Duration> = Duration::from_secs(2)..=HOUR;
 pub const FENCE_MARGIN: Duration = Duration::from_millis(1500);
 /// Allowed `fence_margin` (and it must also be shorter than `ttl`).
 pub const FENCE_MARGIN_RANGE: RangeInclusive<Duration> = Duration::from_millis(100)..=HOUR;
+/// How long a freshly started controller waits for a VM's preferred hosts to join before it
+/// first places the VM elsewhere (a cold start of the cluster).
+pub const STARTUP_WAIT: Duration = Duration::from_secs(10);
+/// Allowed `startup_wait` (0 = place at once on whatever hosts are up).
+pub const STARTUP_WAIT_RANGE: RangeInclusive<Duration> = Duration::ZERO..=HOUR;
 
 // ---- [[host]] ----
 

@@ -61,6 +61,7 @@ pub(crate) struct RawCluster {
     pub(crate) endpoints: Option<Spanned<Vec<Spanned<String>>>>,
     pub(crate) ttl: Option<Spanned<DurationValue>>,
     pub(crate) fence_margin: Option<Spanned<DurationValue>>,
+    pub(crate) startup_wait: Option<Spanned<DurationValue>>,
     pub(crate) migrate: Option<bool>,
 }
 

@@ -234,6 +234,7 @@ impl Resolver<'_> {
                     ("endpoints", raw.endpoints.as_ref().map(Spanned::span)),
                     ("ttl", raw.ttl.as_ref().map(Spanned::span)),
                     ("fence_margin", raw.fence_margin.as_ref().map(Spanned::span)),
+                    ("startup_wait", raw.startup_wait.as_ref().map(Spanned::span)),
                 ] {
                     if let Some(s) = present {
                         return Err(self.err(
@@ -302,10 +303,17 @@ impl Resolver<'_> {
                         ),
                     ));
                 }
+                let startup_wait = self.duration(
+                    "startup_wait",
+                    raw.startup_wait,
+                    d::STARTUP_WAIT,
+                    d::STARTUP_WAIT_RANGE,
+                )?;
                 Store::Etcd {
                     endpoints: urls,
                     ttl,
                     fence_margin,
+                    startup_wait,
                 }
             }
         };

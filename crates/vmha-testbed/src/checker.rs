@@ -10,8 +10,9 @@
 //! (`inmigrate`) while the source runs, then the source's stays paused (`postmigrate`) after
 //! the target took over. So when a VM has QEMUs on several hosts, each is asked its run state
 //! on its observer socket (`<runtime>/<vm>/observe.sock`, see [`crate::run_state`]): one in a
-//! migration state does not run the VM; any other state, and a QEMU that cannot be asked,
-//! counts. A violation is a VM *running* on two hosts, confirmed by a second pass in reverse
+//! migration state does not run the VM; any other state counts, and so does a live QEMU that
+//! does not answer (stopped, hung) or has no socket listening for longer than a starting QEMU
+//! needs; a QEMU being torn down (killed, exiting) does not. A violation is a VM *running* on two hosts, confirmed by a second pass in reverse
 //! host order (the source stops its vCPUs for good before the target starts them, so a
 //! migration completing between two questions never looks like a double run twice).
 
@@ -120,6 +121,35 @@ fn is_live(pid: u32) -> bool {
             .is_some_and(|state| state != "Z" && state != "X")
     })
 }
+
+/// The kernel's `PF_EXITING` task flag (`/proc/PID/stat` field 9): the process is in `exit`.
+const PF_EXITING: u64 = 0x4;
+
+/// Whether `pid` is gone, a zombie, already exiting, or has a SIGKILL pending: a process the
+/// kernel is tearing down (its sockets may already be closed) runs no guest any more.
+fn is_dying(pid: u32) -> bool {
+    if !is_live(pid) {
+        return true;
+    }
+    let exiting = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(6)?.parse::<u64>().ok())
+            .is_some_and(|flags| flags & PF_EXITING != 0)
+    });
+    let sigkill = 1u64 << (SIGKILL - 1);
+    let kill_pending = std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|st| {
+        st.lines().any(|l| {
+            l.strip_prefix("ShdPnd:")
+                .or_else(|| l.strip_prefix("SigPnd:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .is_some_and(|mask| mask & sigkill != 0)
+        })
+    });
+    exiting || kill_pending
+}
+
+/// SIGKILL's number (9 on every Linux architecture).
+const SIGKILL: u32 = 9;
 
 #[derive(Debug, Default)]
 struct State {
@@ -248,16 +278,68 @@ impl Drop for DoubleRunChecker {
     }
 }
 
-/// Of the hosts `on` (sorted, each with a live QEMU of `vm`), those where it runs the VM,
-/// asked twice (forward, then backward) and kept only if both passes say so.
-fn running_on(vm: &str, on: &[String], hosts: &[(String, PathBuf)]) -> Vec<String> {
+/// How long a live QEMU may have no observer socket listening (still starting: QEMU creates
+/// its monitor sockets before it starts the guest) before it counts as running.
+const NOT_LISTENING_GRACE: Duration = Duration::from_secs(3);
+
+/// Whether a QEMU runs its VM, from its answers to `ask` and whether it is still `alive` (not
+/// dying): its run state when it gives one (a migration state does not run the VM); no answer
+/// from a connected socket (stopped, hung) counts while it lives; while nothing listens, it is
+/// asked again until it answers, dies (not counted) or `grace` ends (counted: the strict side).
+fn runs_vm(
+    mut ask: impl FnMut() -> crate::run_state::Answer,
+    alive: impl Fn() -> bool,
+    grace: Duration,
+) -> bool {
+    use crate::run_state::Answer;
+    let deadline = Instant::now() + grace;
+    loop {
+        match ask() {
+            Answer::State(s) => return !crate::run_state::is_migration_state(&s),
+            Answer::NoAnswer => return alive(),
+            Answer::NotListening => {
+                if !alive() {
+                    return false;
+                }
+                if Instant::now() >= deadline {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Of the hosts `on` (sorted, each with a live QEMU of `vm` among `processes`), those where
+/// it runs the VM ([`runs_vm`]), asked twice (forward, then backward) and kept only if both
+/// passes say so.
+fn running_on(
+    vm: &str,
+    on: &[String],
+    processes: &[(String, u32)],
+    hosts: &[(String, PathBuf)],
+) -> Vec<String> {
     let sock = |host: &str| {
         hosts
             .iter()
             .find(|(h, _)| h == host)
             .map(|(_, dir)| dir.join(vm).join("observe.sock"))
     };
-    let asks = |host: &String| sock(host).is_none_or(|s| crate::run_state::counts_as_running(&s));
+    let asks = |host: &String| {
+        let Some(sock) = sock(host) else {
+            return true;
+        };
+        let alive = || {
+            processes
+                .iter()
+                .any(|(h, pid)| h == host && !is_dying(*pid))
+        };
+        runs_vm(
+            || crate::run_state::ask(&sock, crate::run_state::QUERY_TIMEOUT),
+            alive,
+            NOT_LISTENING_GRACE,
+        )
+    };
     let first: Vec<&String> = on.iter().filter(|h| asks(h)).collect();
     if first.len() < 2 {
         return Vec::new();
@@ -284,7 +366,7 @@ fn sample_loop(shared: &Shared, vms: &[String], hosts: &[(String, PathBuf)]) {
             let mut on: Vec<String> = processes.iter().map(|(h, _)| h.clone()).collect();
             on.dedup(); // sorted by host already
             if on.len() > 1 {
-                let running = running_on(&vm, &on, hosts);
+                let running = running_on(&vm, &on, &processes, hosts);
                 if running.len() > 1 {
                     violations.push(Violation {
                         at,
@@ -338,6 +420,53 @@ mod tests {
         assert!(text.contains("2.3 s after start"), "{text}");
         assert!(text.contains("VM vm1 ran on h1 and h2"), "{text}");
         assert!(text.contains("1500 ms"), "{text}");
+    }
+
+    #[test]
+    fn a_killed_process_is_dying_a_running_one_is_not() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        assert!(!is_dying(pid), "a sleeping process is not dying");
+        child.kill().unwrap();
+        // Not reaped yet: a zombie (or still exiting) until wait().
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !is_dying(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(is_dying(pid), "a killed, unreaped process is dying");
+        child.wait().unwrap();
+        assert!(is_dying(pid), "a reaped process is gone");
+    }
+
+    #[test]
+    fn run_states_decide_and_the_unaskable_count_only_while_alive() {
+        use crate::run_state::Answer;
+        let grace = Duration::from_millis(200);
+        let state = |s: &str| Answer::State(s.into());
+        assert!(runs_vm(|| state("running"), || true, grace));
+        assert!(runs_vm(|| state("paused"), || true, grace));
+        assert!(!runs_vm(|| state("inmigrate"), || true, grace));
+        assert!(!runs_vm(|| state("postmigrate"), || true, grace));
+        assert!(runs_vm(|| Answer::NoAnswer, || true, grace), "a hung QEMU");
+        assert!(
+            !runs_vm(|| Answer::NoAnswer, || false, grace),
+            "a dying QEMU"
+        );
+        assert!(!runs_vm(|| Answer::NotListening, || false, grace));
+        assert!(
+            runs_vm(|| Answer::NotListening, || true, grace),
+            "never listening: counted after the grace"
+        );
+        // Starting: not listening at first, then an incoming migration's state.
+        let mut answers = vec![
+            state("inmigrate"),
+            Answer::NotListening,
+            Answer::NotListening,
+        ];
+        assert!(!runs_vm(|| answers.pop().unwrap(), || true, grace));
     }
 
     #[test]

@@ -26,6 +26,16 @@ pub fn qmp(
     timeout: Duration,
 ) -> Option<serde_json::Value> {
     let stream = UnixStream::connect(sock).ok()?;
+    qmp_on(stream, command, arguments, timeout)
+}
+
+/// [`qmp`] on a connected `stream`.
+fn qmp_on(
+    stream: UnixStream,
+    command: &str,
+    arguments: Option<serde_json::Value>,
+    timeout: Duration,
+) -> Option<serde_json::Value> {
     stream.set_read_timeout(Some(timeout)).ok()?;
     stream.set_write_timeout(Some(timeout)).ok()?;
     let mut writer = stream.try_clone().ok()?;
@@ -60,18 +70,31 @@ pub fn qmp(
     next(&mut reader)?.get("return").cloned()
 }
 
-/// `query-status`'s `status` from the QMP socket `sock` (see [`qmp`] for when it is `None`).
-pub fn run_state(sock: &Path, timeout: Duration) -> Option<String> {
-    qmp(sock, "query-status", None, timeout)?
-        .get("status")
-        .and_then(serde_json::Value::as_str)
-        .map(str::to_owned)
+/// What a QEMU's observer socket says when asked its run state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// `query-status`'s `status`.
+    State(String),
+    /// Nothing listens there (no socket file, connection refused): a QEMU that has not yet
+    /// created its monitor sockets (it starts no guest before), or one whose sockets closed.
+    NotListening,
+    /// Connected, but no usable answer within the timeout: a stopped or hung QEMU.
+    NoAnswer,
 }
 
-/// Whether the QEMU behind `sock` runs the VM for the checker: anything but a migration state
-/// counts, and so does a QEMU that cannot be asked (the strict side).
-pub fn counts_as_running(sock: &Path) -> bool {
-    run_state(sock, QUERY_TIMEOUT).is_none_or(|s| !MIGRATION_STATES.contains(&s.as_str()))
+/// Asks the QEMU behind the QMP socket `sock` its run state, waiting at most `timeout`.
+pub fn ask(sock: &Path, timeout: Duration) -> Answer {
+    let Ok(stream) = UnixStream::connect(sock) else {
+        return Answer::NotListening;
+    };
+    qmp_on(stream, "query-status", None, timeout)
+        .and_then(|r| r.get("status")?.as_str().map(str::to_owned))
+        .map_or(Answer::NoAnswer, Answer::State)
+}
+
+/// Whether a run state is a live migration's (see [`MIGRATION_STATES`]).
+pub fn is_migration_state(state: &str) -> bool {
+    MIGRATION_STATES.contains(&state)
 }
 
 #[cfg(test)]
@@ -80,23 +103,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_socket_nobody_serves_counts_as_running() {
+    fn no_socket_is_not_listening() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("observe.sock");
-        assert_eq!(run_state(&sock, QUERY_TIMEOUT), None);
-        assert!(counts_as_running(&sock));
+        assert_eq!(ask(&sock, QUERY_TIMEOUT), Answer::NotListening);
     }
 
     #[test]
-    fn a_silent_server_counts_as_running() {
+    fn a_silent_server_gives_no_answer() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("observe.sock");
         let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-        assert!(counts_as_running(&sock));
+        assert_eq!(ask(&sock, Duration::from_millis(200)), Answer::NoAnswer);
     }
 
     #[test]
-    fn migration_states_do_not_count() {
+    fn states_are_read_past_events() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("observe.sock");
         let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
@@ -118,10 +140,12 @@ mod tests {
                 s.write_all(answer.as_bytes()).unwrap();
             }
         });
-        assert!(!counts_as_running(&sock));
-        assert!(counts_as_running(&sock));
-        // An admin pause still holds the disk: it counts.
-        assert!(counts_as_running(&sock));
+        for status in ["inmigrate", "running", "paused"] {
+            assert_eq!(ask(&sock, QUERY_TIMEOUT), Answer::State(status.into()));
+        }
+        assert!(is_migration_state("inmigrate"));
+        // An admin pause still holds the disk: not a migration state.
+        assert!(!is_migration_state("paused") && !is_migration_state("running"));
         server.join().unwrap();
     }
 }

@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use vmha_model::{Config, Name};
+use vmha_model::{Config, Name, Store};
 
 use crate::command::{AdminCommand, CommandError, Route};
 use crate::controller::{Controller, ControllerInput, ControllerState, ControllerStatus};
@@ -185,6 +185,8 @@ pub struct Node {
     mirror: BTreeMap<RecordKey, Record>,
     synced: bool,
     next_event: u64,
+    /// When this node started (its controller's startup wait counts from it).
+    started: Timestamp,
     now: Timestamp,
     out: Outbox,
     queued: VecDeque<(CommandOrigin, AdminCommand)>,
@@ -216,6 +218,7 @@ impl Node {
             host,
             incarnation,
             agent,
+            started: now,
             leader: None,
             elected: None,
             mirror: BTreeMap::new(),
@@ -400,13 +403,15 @@ impl Node {
             Some(l) if !l.fed => Some(self.full_view()),
             _ => None,
         };
-        let restored = self.restored_controller();
+        let rebuilt = view
+            .is_some()
+            .then(|| self.new_controller(self.restored_controller(), now));
         if let Some(l) = self.leader.as_mut() {
-            match view {
-                Some(view) => {
+            match view.zip(rebuilt) {
+                Some((view, controller)) => {
                     // Elected before the first listing: the controller built then could not
                     // see what the previous controller committed; build it again from it.
-                    l.controller = Controller::new(Arc::clone(&self.config), restored, now);
+                    l.controller = controller;
                     l.controller.handle_inputs(now, view);
                     l.fed = true;
                 }
@@ -426,8 +431,7 @@ impl Node {
         if self.leader.as_ref().is_some_and(|l| l.term == term) {
             return;
         }
-        let mut controller =
-            Controller::new(Arc::clone(&self.config), self.restored_controller(), now);
+        let mut controller = self.new_controller(self.restored_controller(), now);
         if self.synced {
             controller.handle_inputs(now, self.full_view());
         }
@@ -436,6 +440,17 @@ impl Node {
             term,
             fed: self.synced,
         });
+    }
+
+    /// A controller for this node's term, restored from `restored`, waiting at a cold start
+    /// (`startup_wait` after this node started) for the hosts a VM prefers.
+    fn new_controller(&self, restored: Option<ControllerState>, now: Timestamp) -> Controller {
+        let mut controller = Controller::new(Arc::clone(&self.config), restored, now);
+        if let Store::Etcd { startup_wait, .. } = &self.config.cluster.store {
+            let ms = u64::try_from(startup_wait.as_millis()).unwrap_or(u64::MAX);
+            controller.wait_for_hosts_until(self.started.plus_ms(ms));
+        }
+        controller
     }
 
     /// What the last controller committed, as far as this node has seen the store.

@@ -4,9 +4,8 @@
 //! `query-status` → running; `system_powerdown` and `quit` end it with a `SHUTDOWN` event), and
 //! runs a real `qemu-ga` on the host in unix-listen mode on the VM's guest-agent socket (its pid in `qga.pid` beside it), so the
 //! guest channel and the app checks are real. Every RPC but ping, sync, info and exec is blocked
-//! in that agent (a `guest-shutdown` must never reach the host). The agent is killed when the
-//! fake QEMU ends normally; after a SIGKILL it is left behind in the process group (vmhad starts
-//! QEMU as a group leader): kill the group.
+//! in that agent (a `guest-shutdown` must never reach the host). The agent ends with the fake
+//! QEMU, however that ends (SIGKILL included: the kernel's parent-death signal).
 //!
 //! Set `emulator = "/path/to/vmha-fake-qemu"` in a VM's `[vm.qemu]` to use it.
 
@@ -91,10 +90,13 @@ fn blocked_rpcs() -> anyhow::Result<String> {
     Ok(blocked.join(","))
 }
 
-/// Starts `qemu-ga` listening on `socket`, its pidfile and state in `dir`.
+/// Starts `qemu-ga` listening on `socket`, its pidfile and state in `dir`. It is killed when
+/// this process dies, however it dies (util-linux `setpriv --pdeathsig`, which then execs
+/// qemu-ga under the same pid): a fake QEMU killed by vmhad or a test leaves no agent behind.
 fn start_agent(socket: &Path, dir: &Path) -> anyhow::Result<Child> {
     let _ = std::fs::remove_file(socket);
-    Command::new("qemu-ga")
+    Command::new("setpriv")
+        .args(["--pdeathsig", "KILL", "--", "qemu-ga"])
         .arg("-m")
         .arg("unix-listen")
         .arg("-p")
@@ -107,7 +109,7 @@ fn start_agent(socket: &Path, dir: &Path) -> anyhow::Result<Child> {
         .arg(blocked_rpcs()?)
         .stdin(Stdio::null())
         .spawn()
-        .context("starting qemu-ga")
+        .context("starting qemu-ga (through util-linux setpriv)")
 }
 
 /// The answer to one QMP command line; `true` when QEMU should end after it.
