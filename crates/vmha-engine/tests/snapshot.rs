@@ -148,3 +148,27 @@ fn a_snapshot_with_a_vm_on_two_hosts_is_reported_as_a_violation() {
         restored.violations()
     );
 }
+
+/// The live cluster's daemons run since long: a what-if places a VM at once, with no
+/// cold-start wait (`startup_wait`) for a preferred host that is down.
+#[test]
+fn a_restored_controller_does_not_wait_as_at_a_cold_start() {
+    let config = example();
+    let mut live = Sim::new(Arc::clone(&config)).unwrap();
+    live.run_script("+5s admin vm-stop legacy\n+5s host-crash kvm3\n+10s tick\n")
+        .unwrap();
+    let mut restored = Sim::from_snapshot(Arc::clone(&config), &live.snapshot()).unwrap();
+    restored
+        .run_script("+1s admin vm-start legacy\n+1s tick\n")
+        .unwrap();
+    let legacy = restored
+        .placements()
+        .into_iter()
+        .find(|p| p.vm.as_str() == "legacy")
+        .unwrap();
+    assert_eq!(
+        legacy.owner.as_ref().map(|o| o.as_str()),
+        Some("kvm1"),
+        "{legacy:?}"
+    );
+}

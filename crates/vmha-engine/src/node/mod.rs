@@ -442,6 +442,14 @@ impl Node {
         });
     }
 
+    /// Takes `started` as the time this host's daemon started, when that was before the node
+    /// was created (a node restored from a snapshot of a running cluster): its controller's
+    /// cold-start wait (`startup_wait`) counts from it.
+    pub fn started_at(mut self, started: Timestamp) -> Self {
+        self.started = started;
+        self
+    }
+
     /// A controller for this node's term, restored from `restored`, waiting at a cold start
     /// (`startup_wait` after this node started) for the hosts a VM prefers.
     fn new_controller(&self, restored: Option<ControllerState>, now: Timestamp) -> Controller {

@@ -107,7 +107,9 @@ impl Sim {
                 })
                 .cloned()
                 .collect();
-            let node = Node::new(sim.config.clone(), name, incarnation, saved, snapshot.now)?;
+            // The live cluster's daemons run since long: no cold-start wait in the what-if.
+            let node = Node::new(sim.config.clone(), name, incarnation, saved, snapshot.now)?
+                .started_at(Timestamp::ZERO);
             sim.hosts[h].node = Some(node);
             sim.hosts[h].incarnation = incarnation;
             for vm in running {
