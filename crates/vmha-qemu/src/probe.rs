@@ -3,7 +3,9 @@
 //! [`QgaClient::probe`] runs a single `guest-exec` of `/bin/sh -c <program>` in which every
 //! check runs in parallel under the guest's `timeout` (busybox or coreutils), with stdin, stdout
 //! and stderr on `/dev/null`, and the shell prints one status line per check. The cost per VM per
-//! period is one exec plus its status polls, whatever the number of checks.
+//! period is one exec plus its status polls, whatever the number of checks; in the guest, each
+//! check costs two processes (`timeout` and the check: the shell starts `timeout` as a plain
+//! background job and collects each status with `wait PID`, no subshell per check).
 //!
 //! Exit status mapping (shell convention): `0` → running; `124` (coreutils) or `143` (busybox,
 //! killed by the `TERM` of `timeout`) → timed out; `129..=192` → killed by signal `status − 128`;
@@ -69,18 +71,22 @@ pub fn build_program(checks: &[ProbeCheck], nonce: u64) -> String {
     let mut p = format!(
         "command -v timeout >/dev/null 2>&1 || {{ echo '{MARK} {nonce} none'; exit 0; }}\n"
     );
+    let mut started = Vec::new();
     for (i, check) in checks.iter().enumerate() {
         if !valid_argv(&check.argv) {
             continue;
         }
         let argv: Vec<String> = check.argv.iter().map(|a| shell_quote(a)).collect();
         p.push_str(&format!(
-            "( timeout -s TERM {} {} </dev/null >/dev/null 2>&1; echo \"{MARK} {nonce} {i} $?\" ) &\n",
+            "timeout -s TERM {} {} </dev/null >/dev/null 2>&1 & p{i}=$!\n",
             seconds(check.timeout),
             argv.join(" ")
         ));
+        started.push(i);
     }
-    p.push_str("wait\n");
+    for i in started {
+        p.push_str(&format!("wait $p{i}; echo \"{MARK} {nonce} {i} $?\"\n"));
+    }
     p
 }
 
@@ -193,6 +199,7 @@ pub fn probe_request(checks: &[ProbeCheck], slack: Duration) -> (ExecRequest, u6
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::path::Path;
 
     fn check(name: &str, argv: &[&str]) -> ProbeCheck {
         ProbeCheck {
@@ -279,9 +286,10 @@ mod tests {
     fn program_runs_each_valid_check_once_in_background() {
         let checks = vec![check("a", &["true"]), check("b", &[]), check("c", &["a b"])];
         let p = build_program(&checks, 3);
-        assert_eq!(p.matches(") &\n").count(), 2);
-        assert!(p.contains("timeout -s TERM 1 'a b' </dev/null"));
-        assert!(p.ends_with("wait\n"));
+        assert_eq!(p.matches(" & p").count(), 2);
+        assert!(p.contains("timeout -s TERM 1 'a b' </dev/null >/dev/null 2>&1 & p2=$!\n"));
+        assert!(!p.contains('('), "no subshell per check:\n{p}");
+        assert!(p.ends_with("wait $p2; echo \"vmha-probe 3 2 $?\"\n"), "{p}");
     }
 
     #[test]
@@ -296,24 +304,39 @@ mod tests {
                 ..check("s", &["sleep", "5"])
             },
         ];
-        let out = std::process::Command::new("/bin/sh")
-            .arg("-c")
-            .arg(build_program(&checks, 42))
-            .output()
-            .unwrap();
-        let got: Vec<ProbeOutcome> = parse_output(&checks, 42, &out.stdout)
-            .into_iter()
-            .map(|(_, o)| o)
-            .collect();
-        assert_eq!(
-            got,
-            vec![
-                ProbeOutcome::Running,
-                ProbeOutcome::NotRunning(ExitStatus::Code(1)),
-                ProbeOutcome::NotRunning(ExitStatus::Code(3)),
-                ProbeOutcome::NotRunning(ExitStatus::Signal(9)),
-                ProbeOutcome::TimedOut,
-            ]
-        );
+        // The host's sh (dash), and busybox's ash with its own applets as in the test guest
+        // (busybox-static is a test dependency).
+        let busybox = tempfile::tempdir().unwrap();
+        for applet in ["sh", "timeout", "true", "false", "sleep"] {
+            std::os::unix::fs::symlink("/bin/busybox", busybox.path().join(applet)).unwrap();
+        }
+        let shells = [
+            (Path::new("/bin/sh").to_path_buf(), None),
+            (busybox.path().join("sh"), Some(busybox.path())),
+        ];
+        for (shell, path) in shells {
+            let mut cmd = std::process::Command::new(&shell);
+            cmd.arg("-c").arg(build_program(&checks, 42));
+            if let Some(dir) = path {
+                cmd.env("PATH", dir);
+            }
+            let out = cmd.output().unwrap();
+            let got: Vec<ProbeOutcome> = parse_output(&checks, 42, &out.stdout)
+                .into_iter()
+                .map(|(_, o)| o)
+                .collect();
+            assert_eq!(
+                got,
+                vec![
+                    ProbeOutcome::Running,
+                    ProbeOutcome::NotRunning(ExitStatus::Code(1)),
+                    ProbeOutcome::NotRunning(ExitStatus::Code(3)),
+                    ProbeOutcome::NotRunning(ExitStatus::Signal(9)),
+                    ProbeOutcome::TimedOut,
+                ],
+                "under {}",
+                shell.display()
+            );
+        }
     }
 }
