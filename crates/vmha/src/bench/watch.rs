@@ -124,7 +124,7 @@ pub fn run(args: &BenchArgs, raw: &Path) -> anyhow::Result<String> {
     for (interval, watch, runs) in cases {
         let label = format!("interval {interval} s, watch {}", on_off(watch));
         println!(
-            "  {label}: CPU over {} s, then {runs} app kills",
+            "  {label}: CPU over {} s, then app kills: {runs}",
             args.window
         );
         let dir = args
