@@ -166,28 +166,34 @@ fn env_path(name: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-/// The URL `$VMHA_URL` (`value`) gives, if any.
-fn url_from_env(value: Option<std::ffi::OsString>) -> Result<Option<RemoteUrl>, UsageError> {
+/// The text of environment variable `var`, whose value is `value`: `None` when unset or empty,
+/// an error naming the variable when it is not UTF-8.
+fn env_text(var: &str, value: Option<std::ffi::OsString>) -> Result<Option<String>, UsageError> {
     let Some(value) = value.filter(|v| !v.is_empty()) else {
         return Ok(None);
     };
-    let bad = |why: String| UsageError(format!("${URL_ENV}: {why}"));
-    let text = value
+    value
         .into_string()
-        .map_err(|_| bad("not UTF-8".to_string()))?;
-    RemoteUrl::parse(&text).map(Some).map_err(bad)
+        .map(Some)
+        .map_err(|_| UsageError(format!("${var}: not UTF-8")))
+}
+
+/// The URL `$VMHA_URL` (`value`) gives, if any.
+fn url_from_env(value: Option<std::ffi::OsString>) -> Result<Option<RemoteUrl>, UsageError> {
+    let Some(text) = env_text(URL_ENV, value)? else {
+        return Ok(None);
+    };
+    RemoteUrl::parse(&text)
+        .map(Some)
+        .map_err(|why| UsageError(format!("${URL_ENV}: {why}")))
 }
 
 /// The timeout `$VMHA_TIMEOUT` (`value`) gives.
 fn timeout_from_env(value: Option<std::ffi::OsString>) -> Result<Duration, UsageError> {
-    let Some(value) = value.filter(|v| !v.is_empty()) else {
+    let Some(text) = env_text(TIMEOUT_ENV, value)? else {
         return Ok(DEFAULT_TIMEOUT);
     };
-    let bad = |why: String| UsageError(format!("${TIMEOUT_ENV}: {why}"));
-    let text = value
-        .into_string()
-        .map_err(|_| bad("not UTF-8".to_string()))?;
-    parse_timeout(&text).map_err(|e| bad(format!("`{text}`: {e}")))
+    parse_timeout(&text).map_err(|e| UsageError(format!("${TIMEOUT_ENV}: `{text}`: {e}")))
 }
 
 #[cfg(test)]
@@ -240,6 +246,17 @@ mod tests {
         assert!(err.0.contains("between 1ms and 10m"), "{}", err.0);
         assert!(parse_timeout("0s").is_err());
         assert_eq!(parse_timeout("10m"), Ok(Duration::from_secs(600)));
+    }
+
+    #[test]
+    fn a_variable_that_is_not_utf8_is_named_in_the_error() {
+        use std::os::unix::ffi::OsStringExt;
+        let bytes = || Some(std::ffi::OsString::from_vec(vec![b'1', 0xff]));
+        assert_eq!(
+            timeout_from_env(bytes()).unwrap_err().0,
+            "$VMHA_TIMEOUT: not UTF-8"
+        );
+        assert_eq!(url_from_env(bytes()).unwrap_err().0, "$VMHA_URL: not UTF-8");
     }
 
     #[test]
