@@ -201,24 +201,28 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn socket_comes_from_socket_then_state_dir() {
-        let explicit = ApiArgs {
-            socket: Some("/run/x.sock".into()),
+    /// No option given.
+    fn unset() -> ApiArgs {
+        ApiArgs {
+            socket: None,
             state_dir: None,
             timeout: None,
             url: None,
             token: None,
             ca_cert: None,
+        }
+    }
+
+    #[test]
+    fn socket_comes_from_socket_then_state_dir() {
+        let explicit = ApiArgs {
+            socket: Some("/run/x.sock".into()),
+            ..unset()
         };
         assert_eq!(explicit.socket(), PathBuf::from("/run/x.sock"));
         let dir = ApiArgs {
-            socket: None,
             state_dir: Some("/srv/vmha".into()),
-            timeout: None,
-            url: None,
-            token: None,
-            ca_cert: None,
+            ..unset()
         };
         assert_eq!(dir.socket(), PathBuf::from("/srv/vmha/vmhad.sock"));
     }
@@ -226,12 +230,8 @@ mod tests {
     #[test]
     fn timeout_comes_from_the_option_then_the_environment_then_the_default() {
         let flag = ApiArgs {
-            socket: None,
-            state_dir: None,
             timeout: Some(Duration::from_secs(3)),
-            url: None,
-            token: None,
-            ca_cert: None,
+            ..unset()
         };
         assert_eq!(flag.timeout().unwrap(), Duration::from_secs(3));
         assert_eq!(timeout_from_env(None).unwrap(), DEFAULT_TIMEOUT);
@@ -271,11 +271,7 @@ mod tests {
         assert!(err.0.starts_with("$VMHA_URL: `kvm1:9443`: "), "{}", err.0);
         let local = ApiArgs {
             socket: Some("/run/x.sock".into()),
-            state_dir: None,
-            timeout: None,
-            url: None,
-            token: None,
-            ca_cert: None,
+            ..unset()
         };
         // A named socket wins over $VMHA_URL (whatever the test's environment holds).
         assert_eq!(local.remote().unwrap(), None);
@@ -285,21 +281,15 @@ mod tests {
     fn a_token_or_ca_without_a_remote_vmhad_is_a_usage_error() {
         let args = ApiArgs {
             socket: Some("/run/x.sock".into()),
-            state_dir: None,
-            timeout: None,
-            url: None,
             token: Token::new("t"),
-            ca_cert: None,
+            ..unset()
         };
         let err = args.client().unwrap_err();
         assert!(err.0.contains("are for a remote vmhad"), "{}", err.0);
         let http = ApiArgs {
-            socket: None,
-            state_dir: None,
-            timeout: None,
             url: Some(RemoteUrl::parse("http://kvm1:8080").unwrap()),
-            token: None,
             ca_cert: Some("/etc/ca.pem".into()),
+            ..unset()
         };
         let err = http.client().unwrap_err();
         assert!(

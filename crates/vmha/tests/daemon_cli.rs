@@ -322,6 +322,14 @@ impl Vmhad {
         vmha(&argv)
     }
 
+    /// Puts host kvm1 in maintenance and takes it out again (two new events); both succeed.
+    fn maintenance_on_off(&self) {
+        for state in ["on", "off"] {
+            let out = self.vmha(&["host", "maintenance", "kvm1", state]);
+            assert!(out.status.success(), "{}", stderr(&out));
+        }
+    }
+
     /// `vmha … args… --json` parsed, if it succeeded.
     fn json(&self, args: &[&str]) -> Option<Value> {
         let mut argv = args.to_vec();
@@ -488,18 +496,7 @@ fn events_follow_streams_live_until_vmhad_goes_away() {
         .any(|l: &String| l.contains("host:kvm1 up → maintenance"))
     {
         // Repeated until the follower has subscribed: each on/off pair is two new events.
-        assert!(
-            vmhad
-                .vmha(&["host", "maintenance", "kvm1", "on"])
-                .status
-                .success()
-        );
-        assert!(
-            vmhad
-                .vmha(&["host", "maintenance", "kvm1", "off"])
-                .status
-                .success()
-        );
+        vmhad.maintenance_on_off();
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
             seen.push(line);
         }
@@ -664,18 +661,7 @@ fn remote_commands_with_tokens_over_http_and_https() {
         let mut seen: Vec<Value> = Vec::new();
         while !seen.iter().any(|e| e["to"] == "maintenance") {
             // Repeated until the follower has subscribed: each on/off pair is two new events.
-            assert!(
-                vmhad
-                    .vmha(&["host", "maintenance", "kvm1", "on"])
-                    .status
-                    .success()
-            );
-            assert!(
-                vmhad
-                    .vmha(&["host", "maintenance", "kvm1", "off"])
-                    .status
-                    .success()
-            );
+            vmhad.maintenance_on_off();
             if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
                 seen.push(serde_json::from_str(&line).unwrap());
             }
