@@ -364,3 +364,25 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     drop(demo);
     Ok(std::process::ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_demo_configuration_is_what_the_story_tells() {
+        let text = config(Path::new("/g"), Path::new("/tmp/demo"));
+        let c = vmha_model::Config::from_toml_str(&text, "demo.toml").unwrap();
+        let names = |vm: usize| -> Vec<String> {
+            c.vms[vm].apps.iter().map(|a| a.name.to_string()).collect()
+        };
+        assert_eq!(c.vms.len(), 2);
+        assert_eq!(names(0), ["db", "web", "worker"]);
+        assert_eq!(names(1), ["ledger", "reports"]);
+        let web = &c.vms[0].apps[1];
+        assert_eq!((web.priority, web.requires[0].as_str()), (50, "db"));
+        assert_eq!(web.pid_file.as_deref(), Some("/run/demo/web.pid"));
+        assert!(text.contains("state_dir = \"/tmp/demo/state\""));
+    }
+}

@@ -398,6 +398,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_detection_configuration_is_valid() {
+        let text = config(Path::new("/g"), Path::new("/tmp/d"), 1.5);
+        let c = vmha_model::Config::from_toml_str(&text, "d.toml").unwrap();
+        assert_eq!(c.vms[0].name.as_str(), VM);
+        assert_eq!(c.vms[0].apps[0].name.as_str(), APP);
+        assert!(text.contains("interval = \"1500ms\""));
+        assert!(text.contains("guest_timeout = \"5s\""));
+    }
+
+    #[test]
     fn probe_count_sums_the_vms_results_only() {
         let text = "# TYPE vmha_probe_duration_seconds histogram\n\
             vmha_probe_duration_seconds_count{vm=\"bench\",result=\"ok\"} 7\n\
