@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # vmha's benchmarks, one command: detection and recovery on real TCG VMs (failures injected at
 # a random, seeded phase of the probe cycle), the cost of watching 10/100/500 VMs (a fake QEMU
-# with a real qemu-ga), host-loss failover and self-fencing on the three-host test bed, and the
-# controller's 1,000-host simulation (criterion). Writes docs/BENCHMARKS.md (generated: do not
-# edit) and the raw samples in docs/bench/. The full run takes about an hour; it boots VMs, an
-# etcd cluster and 500 fake VMs: run it alone (on a shared machine: under the heavy-test lock,
-# `flock /tmp/vmha-heavy.lock scripts/bench.sh`). Needs root (QEMU, network namespaces).
+# with a real qemu-ga), host-loss failover and self-fencing on the three-host test bed, the
+# controller's 1,000-host simulation (criterion), and app kills with the VM's watch on and off
+# at 1 s and 10 s intervals with the CPU that checking and watching cost. Writes
+# docs/BENCHMARKS.md (generated: do not edit) and the raw samples in docs/bench/. The full run
+# takes over an hour; it boots VMs, an etcd cluster and 500 fake VMs: run it alone (on a shared
+# machine: under the heavy-test lock, `flock /tmp/vmha-heavy.lock scripts/bench.sh`). Needs root
+# (QEMU, network namespaces).
 #
 # usage: scripts/bench.sh [--smoke] [vmha bench options]   (honours CARGO_TARGET_DIR)
 #   --smoke   a quick run for CI (tiny N, 2 runs, no simulation; debug build), written to
 #             $CARGO_TARGET_DIR/bench-smoke/ instead of docs/; its figures mean nothing
 #   options   e.g. --runs 30 --intervals 1,2 --scale 10,100 --window 60 --failover-runs 10
-#             --only detect,scale --seed 7; see `vmha bench --help`
+#             --watch-intervals 1,10 --only detect,scale,watch --seed 7; see `vmha bench --help`
 set -euo pipefail
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 

@@ -8,6 +8,8 @@
 //! 2 s slack). Prints figures; asserts nothing.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -16,17 +18,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use vmha_qemu::{ProbeCheck, ProbeOutcome, QgaClient, QgaConfig};
+use common::{HostAgent, cpu_seconds, five_checks, percentile};
+use vmha_qemu::{ProbeOutcome, QgaClient, QgaConfig};
 
 const HOSTILE_ENV: &str = "VMHA_BENCH_HOSTILE";
-
-/// utime + stime of this process, in seconds.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<u64> = after.split(' ').map(|x| x.parse().unwrap_or(0)).collect();
-    (f[11] + f[12]) as f64 / 100.0
-}
 
 /// A `/proc/self/status` field in kB.
 fn status_kb(field: &str) -> u64 {
@@ -83,25 +78,10 @@ fn serve_one(stream: UnixStream, kind: &str) {
     }
 }
 
-fn checks() -> Vec<ProbeCheck> {
-    let check = |name: &str, argv: &[&str]| ProbeCheck {
-        app: vmha_model::Name::new(name).unwrap(),
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        timeout: Duration::from_secs(5),
-    };
-    vec![
-        check("a", &["true"]),
-        check("b", &["false"]),
-        check("c", &["sh", "-c", "exit 3"]),
-        check("d", &["test", "-d", "/"]),
-        check("e", &["true"]),
-    ]
-}
-
 /// Drives one hostile VM as vmhad would until `stop`: ping (800 ms), then a probe; 250 ms apart.
 async fn drive_hostile(sock: PathBuf, stop: Arc<AtomicBool>) {
     let qga = QgaClient::new(&sock, QgaConfig::default());
-    let checks = checks();
+    let checks = five_checks();
     while !stop.load(Ordering::Relaxed) {
         if qga.ping_within(Duration::from_millis(800)).await.is_ok() {
             let _ = qga.info_within(Duration::from_millis(800)).await;
@@ -125,9 +105,9 @@ async fn scenario(honest: &QgaClient, hostile: &[PathBuf], probes: usize) -> Fig
         .iter()
         .map(|s| tokio::spawn(drive_hostile(s.clone(), stop.clone())))
         .collect();
-    let checks = checks();
+    let checks = five_checks();
     let wall = Instant::now();
-    let cpu = cpu_seconds();
+    let cpu = cpu_seconds("self", false);
     let mut samples = Vec::with_capacity(probes);
     for _ in 0..probes {
         let t = Instant::now();
@@ -136,7 +116,7 @@ async fn scenario(honest: &QgaClient, hostile: &[PathBuf], probes: usize) -> Fig
         assert_eq!(out[0].1, ProbeOutcome::Running);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let cpu_core_pct = (cpu_seconds() - cpu) / wall.elapsed().as_secs_f64() * 100.0;
+    let cpu_core_pct = (cpu_seconds("self", false) - cpu) / wall.elapsed().as_secs_f64() * 100.0;
     let rss_kb = status_kb("VmRSS:");
     let hwm_kb = status_kb("VmHWM:");
     stop.store(true, Ordering::Relaxed);
@@ -144,10 +124,9 @@ async fn scenario(honest: &QgaClient, hostile: &[PathBuf], probes: usize) -> Fig
         let _ = t.await;
     }
     samples.sort();
-    let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p).round() as usize];
     Figures {
-        p50: pct(0.5),
-        p99: pct(0.99),
+        p50: percentile(&samples, 0.5),
+        p99: percentile(&samples, 0.99),
         cpu_core_pct,
         rss_kb,
         hwm_kb,
@@ -160,32 +139,19 @@ fn main() {
         serve_hostile(Path::new(sock), kind);
         return;
     }
-    if !Path::new("/usr/sbin/qemu-ga").exists() {
-        println!("SKIPPED: /usr/sbin/qemu-ga is not installed");
-        return;
-    }
     let probes: usize = std::env::var("VMHA_BENCH_PROBES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("qga.sock");
-    std::fs::create_dir(dir.path().join("state")).unwrap();
-    let mut agent = Command::new("/usr/sbin/qemu-ga")
-        .args(["-m", "unix-listen", "-p"])
-        .arg(&sock)
-        .arg("-f")
-        .arg(dir.path().join("pid"))
-        .arg("-t")
-        .arg(dir.path().join("state"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let Some(agent) = HostAgent::start() else {
+        return;
+    };
+    let dir = agent.dir.path();
     let (hostile, mut servers): (Vec<PathBuf>, Vec<std::process::Child>) =
         ["amplify", "amplify", "endless", "endless"]
             .iter()
             .enumerate()
-            .map(|(i, kind)| (dir.path().join(format!("hostile{i}.sock")), *kind))
+            .map(|(i, kind)| (dir.join(format!("hostile{i}.sock")), *kind))
             .map(|(path, kind)| {
                 let child = Command::new(std::env::current_exe().unwrap())
                     .env(HOSTILE_ENV, format!("{}|{kind}", path.display()))
@@ -195,7 +161,7 @@ fn main() {
                 (path, child)
             })
             .unzip();
-    for s in hostile.iter().chain([&sock]) {
+    for s in &hostile {
         while UnixStream::connect(s).is_err() {
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -206,7 +172,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let honest = QgaClient::new(&sock, QgaConfig::default());
+        let honest = QgaClient::new(&agent.sock, QgaConfig::default());
         honest.ping().await.unwrap();
         let base = scenario(&honest, &[], probes).await;
         let with = scenario(&honest, &hostile, probes).await;
@@ -229,8 +195,7 @@ fn main() {
         );
     });
     rt.shutdown_timeout(Duration::from_secs(1));
-    let _ = agent.kill();
-    let _ = agent.wait();
+    drop(agent);
     for s in &mut servers {
         let _ = s.kill();
         let _ = s.wait();

@@ -3,61 +3,34 @@
 //! with its reaped children (the guest side). Prints figures; asserts nothing.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::process::{Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
-use vmha_qemu::{ProbeCheck, ProbeOutcome, QgaClient, QgaConfig};
-
-/// utime + stime (+ cutime + cstime with `children`) of a process, in seconds.
-fn cpu_seconds(pid: &str, children: bool) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<u64> = after.split(' ').map(|x| x.parse().unwrap_or(0)).collect();
-    // Fields 14..17 of stat(5) are at 11..14 here (counting from field 3, the state).
-    let ticks = f[11] + f[12] + if children { f[13] + f[14] } else { 0 };
-    ticks as f64 / 100.0
-}
+use common::{HostAgent, cpu_seconds, five_checks, percentile};
+use vmha_qemu::{ProbeOutcome, QgaClient, QgaConfig};
 
 fn summary(label: &str, mut samples: Vec<Duration>) {
     samples.sort();
-    let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p).round() as usize];
     println!(
         "{label}: n={} median={:?} p99={:?} max={:?}",
         samples.len(),
-        pct(0.5),
-        pct(0.99),
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99),
         samples[samples.len() - 1]
     );
 }
 
 fn main() {
-    if !std::path::Path::new("/usr/sbin/qemu-ga").exists() {
-        println!("SKIPPED: /usr/sbin/qemu-ga is not installed");
+    let Some(agent) = HostAgent::start() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("qga.sock");
-    std::fs::create_dir(dir.path().join("state")).unwrap();
-    let mut agent = Command::new("/usr/sbin/qemu-ga")
-        .args(["-m", "unix-listen", "-p"])
-        .arg(&sock)
-        .arg("-f")
-        .arg(dir.path().join("pid"))
-        .arg("-t")
-        .arg(dir.path().join("state"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let agent_pid = agent.id().to_string();
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let qga = QgaClient::new(&sock, QgaConfig::default());
+        let qga = QgaClient::new(&agent.sock, QgaConfig::default());
         qga.ping().await.unwrap();
 
         let mut pings = Vec::new();
@@ -68,21 +41,10 @@ fn main() {
         }
         summary("guest-ping round trip", pings);
 
-        let check = |name: &str, argv: &[&str]| ProbeCheck {
-            app: vmha_model::Name::new(name).unwrap(),
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            timeout: Duration::from_secs(5),
-        };
-        let checks = vec![
-            check("a", &["true"]),
-            check("b", &["false"]),
-            check("c", &["sh", "-c", "exit 3"]),
-            check("d", &["test", "-d", "/"]),
-            check("e", &["true"]),
-        ];
+        let checks = five_checks();
         let n = 300;
         let self_before = cpu_seconds("self", false);
-        let agent_before = cpu_seconds(&agent_pid, true);
+        let agent_before = cpu_seconds(&agent.pid, true);
         let mut probes = Vec::new();
         for _ in 0..n {
             let t = Instant::now();
@@ -91,7 +53,7 @@ fn main() {
             assert_eq!(out[0].1, ProbeOutcome::Running);
         }
         let self_cpu = cpu_seconds("self", false) - self_before;
-        let agent_cpu = cpu_seconds(&agent_pid, true) - agent_before;
+        let agent_cpu = cpu_seconds(&agent.pid, true) - agent_before;
         summary("batched 5-app probe round trip", probes);
         println!(
             "CPU per probe: daemon side {:.3} ms, agent + check processes {:.3} ms (over {n} probes)",
@@ -99,6 +61,4 @@ fn main() {
             agent_cpu * 1000.0 / n as f64
         );
     });
-    let _ = agent.kill();
-    let _ = agent.wait();
 }

@@ -29,15 +29,43 @@ fn config() -> QgaConfig {
     }
 }
 
-/// A client for a fake agent running `script` for its first `bad` requests, honest after.
+/// A client for a fake agent running `script` for its first `bad` requests, honest after;
+/// the agent's socket lives in the returned temp dir (keep it for as long as the client).
 fn agent(
-    dir: &tempfile::TempDir,
     bad: usize,
     script: impl Fn(&Value) -> Answer + Send + Sync + 'static,
-) -> QgaClient {
+) -> (tempfile::TempDir, QgaClient) {
+    let dir = tempfile::tempdir().unwrap();
     let script: Arc<Script> =
         Arc::new(move |n, req| if n < bad { script(req) } else { honest(req) });
-    QgaClient::new(serve(dir, "hostile.sock", script), config())
+    let qga = QgaClient::new(serve(&dir, "hostile.sock", script), config());
+    (dir, qga)
+}
+
+/// An app `name` whose check is `true`, with check `timeout`.
+fn true_check(name: &str, timeout: Duration) -> ProbeCheck {
+    ProbeCheck {
+        app: vmha_model::Name::new(name).unwrap(),
+        argv: vec!["true".into()],
+        timeout,
+    }
+}
+
+/// An exec of `/bin/true` through `qga` fails as malformed, and the channel answers a ping
+/// right after.
+async fn exec_is_malformed(qga: &QgaClient) {
+    let err = qga
+        .exec(&ExecRequest::new(["/bin/true"]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, QgaError::Malformed { .. }), "{err:?}");
+    qga.ping_within(PING).await.unwrap();
+}
+
+/// The channel error a probe of `checks` (with `slack`) must end with.
+async fn probe_error(qga: &QgaClient, checks: &[ProbeCheck], slack: Duration) -> QgaError {
+    let vmha_qemu::ProbeError::Channel(err) = qga.probe(checks, slack).await.unwrap_err();
+    err
 }
 
 /// Runs `hostile` while an honest agent next to it is pinged (800 ms) in a loop; every one of
@@ -92,9 +120,8 @@ async fn after_backoff<T>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_reply_is_never_taken_for_the_next_calls() {
-    let dir = tempfile::tempdir().unwrap();
     // The first guest-info is answered 1.2 s late, with a version that gives it away.
-    let qga = agent(&dir, 2, |req| {
+    let (_dir, qga) = agent(2, |req| {
         if req["execute"] != "guest-info" {
             return honest(req);
         }
@@ -119,8 +146,7 @@ async fn a_late_reply_is_never_taken_for_the_next_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_without_id_answers_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let qga = agent(&dir, 3, |_| Answer::Bytes(line(r#"{"return": {}}"#)));
+    let (_dir, qga) = agent(3, |_| Answer::Bytes(line(r#"{"return": {}}"#)));
     beside_an_honest_agent(async {
         for _ in 0..3 {
             let err = qga.ping_within(PING).await.unwrap_err();
@@ -136,7 +162,6 @@ async fn a_reply_without_id_answers_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_flood_fails_one_call_and_is_discarded_by_the_resync() {
-    let dir = tempfile::tempdir().unwrap();
     let mut flood = Vec::new();
     for i in 0..20_000 {
         flood.extend_from_slice(
@@ -145,7 +170,7 @@ async fn a_stale_flood_fails_one_call_and_is_discarded_by_the_resync() {
         flood.extend_from_slice(b"{\"return\": {}}\n");
     }
     let flood = Arc::new(flood);
-    let qga = agent(&dir, 1, move |req| {
+    let (_dir, qga) = agent(1, move |req| {
         let Answer::Bytes(own) = reply(req, json!({})) else {
             unreachable!()
         };
@@ -167,9 +192,8 @@ async fn a_stale_flood_fails_one_call_and_is_discarded_by_the_resync() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_amplifying_line_is_refused_and_skipped() {
-    let dir = tempfile::tempdir().unwrap();
     let huge = zeros(4 << 20);
-    let qga = agent(&dir, 2, move |_| Answer::Bytes(huge.clone()));
+    let (_dir, qga) = agent(2, move |_| Answer::Bytes(huge.clone()));
     beside_an_honest_agent(async {
         assert!(matches!(
             qga.ping_within(PING).await,
@@ -187,8 +211,7 @@ async fn an_amplifying_line_is_refused_and_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_stream_is_cut_off_as_hostile_then_retried() {
-    let dir = tempfile::tempdir().unwrap();
-    let qga = agent(&dir, 1, |_| Answer::Endless);
+    let (_dir, qga) = agent(1, |_| Answer::Endless);
     beside_an_honest_agent(async {
         // The call itself stops at its line cap; the resync of the next one at its budget.
         assert!(matches!(
@@ -217,11 +240,10 @@ async fn an_endless_stream_is_cut_off_as_hostile_then_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_flooding_lines_is_rate_limited() {
-    let dir = tempfile::tempdir().unwrap();
     // Each answer: ~2 MiB of stray short lines, then the correct reply; cheap per call, but
     // far above the rate limit when it goes on.
     let strays = Arc::new(b"{}\n".repeat(700_000));
-    let qga = agent(&dir, usize::MAX, move |req| {
+    let (_dir, qga) = agent(usize::MAX, move |req| {
         let Answer::Bytes(own) = honest(req) else {
             unreachable!()
         };
@@ -250,13 +272,12 @@ async fn a_guest_flooding_lines_is_rate_limited() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn format_characters_never_reach_an_error() {
-    let dir = tempfile::tempdir().unwrap();
     let hostile_text = format!(
         "\\u202eevil\\u2028FAKE LOG\\u2029\\u200b\\ufeff\\u001b[2J\\u0007{}",
         "x".repeat(1500)
     );
     let text = hostile_text.clone();
-    let qga = agent(&dir, 3, move |req| match req["execute"].as_str() {
+    let (_dir, qga) = agent(3, move |req| match req["execute"].as_str() {
         Some("guest-ping") => Answer::Bytes(line(format!(
             r#"{{"error": {{"class": "Generic{text}", "desc": "{text}"}}, "id": {}}}"#,
             req["id"]
@@ -304,15 +325,9 @@ async fn a_bad_pid_or_exit_status_is_malformed() {
         json!({"pid": 1_i64 << 40}),
         json!({"pid": "12"}),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let qga = agent(&dir, 1, move |req| reply(req, bad.clone()));
+        let (_dir, qga) = agent(1, move |req| reply(req, bad.clone()));
         beside_an_honest_agent(async {
-            let err = qga
-                .exec(&ExecRequest::new(["/bin/true"]))
-                .await
-                .unwrap_err();
-            assert!(matches!(err, QgaError::Malformed { .. }), "{err:?}");
-            qga.ping_within(PING).await.unwrap();
+            exec_is_malformed(&qga).await;
             assert_eq!(
                 qga.exec(&ExecRequest::new(["/bin/true"]))
                     .await
@@ -328,8 +343,7 @@ async fn a_bad_pid_or_exit_status_is_malformed() {
         json!({"exited": true, "exitcode": 70000}),
         json!({"exited": true, "signal": 99}),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let qga = agent(&dir, 2, move |req| {
+        let (_dir, qga) = agent(2, move |req| {
             if req["execute"] == "guest-exec" {
                 reply(req, json!({"pid": 9}))
             } else {
@@ -337,12 +351,7 @@ async fn a_bad_pid_or_exit_status_is_malformed() {
             }
         });
         beside_an_honest_agent(async {
-            let err = qga
-                .exec(&ExecRequest::new(["/bin/true"]))
-                .await
-                .unwrap_err();
-            assert!(matches!(err, QgaError::Malformed { .. }), "{err:?}");
-            qga.ping_within(PING).await.unwrap();
+            exec_is_malformed(&qga).await;
         })
         .await;
     }
@@ -350,23 +359,14 @@ async fn a_bad_pid_or_exit_status_is_malformed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_never_ending_exec_ends_at_its_deadline() {
-    let dir = tempfile::tempdir().unwrap();
-    let qga = agent(&dir, usize::MAX, |req| match req["execute"].as_str() {
+    let (_dir, qga) = agent(usize::MAX, |req| match req["execute"].as_str() {
         Some("guest-exec") => reply(req, json!({"pid": 42})),
         Some("guest-exec-status") => reply(req, json!({"exited": false})),
         _ => honest(req),
     });
-    let check = ProbeCheck {
-        app: vmha_model::Name::new("app").unwrap(),
-        argv: vec!["true".into()],
-        timeout: Duration::from_millis(200),
-    };
+    let check = true_check("app", Duration::from_millis(200));
     beside_an_honest_agent(async {
-        let err = qga
-            .probe(&[check], Duration::from_millis(300))
-            .await
-            .unwrap_err();
-        let vmha_qemu::ProbeError::Channel(err) = err;
+        let err = probe_error(&qga, &[check], Duration::from_millis(300)).await;
         assert!(matches!(err, QgaError::ExecDeadline { pid: 42 }), "{err:?}");
         qga.ping_within(PING).await.unwrap();
     })
@@ -375,23 +375,14 @@ async fn a_never_ending_exec_ends_at_its_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_probe_refuses_an_oversized_status_line() {
-    let dir = tempfile::tempdir().unwrap();
     let huge = zeros(1 << 20);
-    let qga = agent(&dir, 2, move |req| match req["execute"].as_str() {
+    let (_dir, qga) = agent(2, move |req| match req["execute"].as_str() {
         Some("guest-exec") => reply(req, json!({"pid": 5})),
         _ => Answer::Bytes(huge.clone()),
     });
-    let check = ProbeCheck {
-        app: vmha_model::Name::new("app").unwrap(),
-        argv: vec!["true".into()],
-        timeout: Duration::from_secs(1),
-    };
+    let check = true_check("app", Duration::from_secs(1));
     beside_an_honest_agent(async {
-        let err = qga
-            .probe(std::slice::from_ref(&check), Duration::from_secs(2))
-            .await
-            .unwrap_err();
-        let vmha_qemu::ProbeError::Channel(err) = err;
+        let err = probe_error(&qga, std::slice::from_ref(&check), Duration::from_secs(2)).await;
         assert!(matches!(err, QgaError::LineTooLong { .. }), "{err:?}");
         // The honest fake's output has no status line for this probe's nonce: unreadable, but
         // the channel answers.
@@ -403,8 +394,7 @@ async fn a_probe_refuses_an_oversized_status_line() {
 
 #[tokio::test]
 async fn a_silent_agent_is_a_timeout_and_does_not_hold_up_a_healthy_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let qga = agent(&dir, usize::MAX, |_| Answer::Nothing);
+    let (_dir, qga) = agent(usize::MAX, |_| Answer::Nothing);
     beside_an_honest_agent(async {
         assert!(matches!(
             qga.ping_within(PING).await,
@@ -426,14 +416,9 @@ async fn a_real_probe_is_not_held_up_by_a_silent_agent() {
     let Some(agent_proc) = common::host_agent() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let hostile = agent(&dir, usize::MAX, |_| Answer::Nothing);
+    let (_dir, hostile) = agent(usize::MAX, |_| Answer::Nothing);
     let healthy = QgaClient::new(&agent_proc.sock, QgaConfig::default());
-    let checks = vec![ProbeCheck {
-        app: vmha_model::Name::new("ok").unwrap(),
-        argv: vec!["true".into()],
-        timeout: Duration::from_secs(2),
-    }];
+    let checks = vec![true_check("ok", Duration::from_secs(2))];
     let hostile_call = hostile.ping();
     tokio::pin!(hostile_call);
     // The healthy probe must finish while the hostile call is still pending.

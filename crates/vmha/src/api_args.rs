@@ -166,28 +166,34 @@ fn env_path(name: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-/// The URL `$VMHA_URL` (`value`) gives, if any.
-fn url_from_env(value: Option<std::ffi::OsString>) -> Result<Option<RemoteUrl>, UsageError> {
+/// The text of environment variable `var`, whose value is `value`: `None` when unset or empty,
+/// an error naming the variable when it is not UTF-8.
+fn env_text(var: &str, value: Option<std::ffi::OsString>) -> Result<Option<String>, UsageError> {
     let Some(value) = value.filter(|v| !v.is_empty()) else {
         return Ok(None);
     };
-    let bad = |why: String| UsageError(format!("${URL_ENV}: {why}"));
-    let text = value
+    value
         .into_string()
-        .map_err(|_| bad("not UTF-8".to_string()))?;
-    RemoteUrl::parse(&text).map(Some).map_err(bad)
+        .map(Some)
+        .map_err(|_| UsageError(format!("${var}: not UTF-8")))
+}
+
+/// The URL `$VMHA_URL` (`value`) gives, if any.
+fn url_from_env(value: Option<std::ffi::OsString>) -> Result<Option<RemoteUrl>, UsageError> {
+    let Some(text) = env_text(URL_ENV, value)? else {
+        return Ok(None);
+    };
+    RemoteUrl::parse(&text)
+        .map(Some)
+        .map_err(|why| UsageError(format!("${URL_ENV}: {why}")))
 }
 
 /// The timeout `$VMHA_TIMEOUT` (`value`) gives.
 fn timeout_from_env(value: Option<std::ffi::OsString>) -> Result<Duration, UsageError> {
-    let Some(value) = value.filter(|v| !v.is_empty()) else {
+    let Some(text) = env_text(TIMEOUT_ENV, value)? else {
         return Ok(DEFAULT_TIMEOUT);
     };
-    let bad = |why: String| UsageError(format!("${TIMEOUT_ENV}: {why}"));
-    let text = value
-        .into_string()
-        .map_err(|_| bad("not UTF-8".to_string()))?;
-    parse_timeout(&text).map_err(|e| bad(format!("`{text}`: {e}")))
+    parse_timeout(&text).map_err(|e| UsageError(format!("${TIMEOUT_ENV}: `{text}`: {e}")))
 }
 
 #[cfg(test)]
@@ -195,24 +201,28 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn socket_comes_from_socket_then_state_dir() {
-        let explicit = ApiArgs {
-            socket: Some("/run/x.sock".into()),
+    /// No option given.
+    fn unset() -> ApiArgs {
+        ApiArgs {
+            socket: None,
             state_dir: None,
             timeout: None,
             url: None,
             token: None,
             ca_cert: None,
+        }
+    }
+
+    #[test]
+    fn socket_comes_from_socket_then_state_dir() {
+        let explicit = ApiArgs {
+            socket: Some("/run/x.sock".into()),
+            ..unset()
         };
         assert_eq!(explicit.socket(), PathBuf::from("/run/x.sock"));
         let dir = ApiArgs {
-            socket: None,
             state_dir: Some("/srv/vmha".into()),
-            timeout: None,
-            url: None,
-            token: None,
-            ca_cert: None,
+            ..unset()
         };
         assert_eq!(dir.socket(), PathBuf::from("/srv/vmha/vmhad.sock"));
     }
@@ -220,12 +230,8 @@ mod tests {
     #[test]
     fn timeout_comes_from_the_option_then_the_environment_then_the_default() {
         let flag = ApiArgs {
-            socket: None,
-            state_dir: None,
             timeout: Some(Duration::from_secs(3)),
-            url: None,
-            token: None,
-            ca_cert: None,
+            ..unset()
         };
         assert_eq!(flag.timeout().unwrap(), Duration::from_secs(3));
         assert_eq!(timeout_from_env(None).unwrap(), DEFAULT_TIMEOUT);
@@ -243,6 +249,17 @@ mod tests {
     }
 
     #[test]
+    fn a_variable_that_is_not_utf8_is_named_in_the_error() {
+        use std::os::unix::ffi::OsStringExt;
+        let bytes = || Some(std::ffi::OsString::from_vec(vec![b'1', 0xff]));
+        assert_eq!(
+            timeout_from_env(bytes()).unwrap_err().0,
+            "$VMHA_TIMEOUT: not UTF-8"
+        );
+        assert_eq!(url_from_env(bytes()).unwrap_err().0, "$VMHA_URL: not UTF-8");
+    }
+
+    #[test]
     fn the_url_comes_from_the_environment_unless_a_local_vmhad_is_named() {
         assert_eq!(url_from_env(None).unwrap(), None);
         assert_eq!(url_from_env(Some("".into())).unwrap(), None);
@@ -254,11 +271,7 @@ mod tests {
         assert!(err.0.starts_with("$VMHA_URL: `kvm1:9443`: "), "{}", err.0);
         let local = ApiArgs {
             socket: Some("/run/x.sock".into()),
-            state_dir: None,
-            timeout: None,
-            url: None,
-            token: None,
-            ca_cert: None,
+            ..unset()
         };
         // A named socket wins over $VMHA_URL (whatever the test's environment holds).
         assert_eq!(local.remote().unwrap(), None);
@@ -268,21 +281,15 @@ mod tests {
     fn a_token_or_ca_without_a_remote_vmhad_is_a_usage_error() {
         let args = ApiArgs {
             socket: Some("/run/x.sock".into()),
-            state_dir: None,
-            timeout: None,
-            url: None,
             token: Token::new("t"),
-            ca_cert: None,
+            ..unset()
         };
         let err = args.client().unwrap_err();
         assert!(err.0.contains("are for a remote vmhad"), "{}", err.0);
         let http = ApiArgs {
-            socket: None,
-            state_dir: None,
-            timeout: None,
             url: Some(RemoteUrl::parse("http://kvm1:8080").unwrap()),
-            token: None,
             ca_cert: Some("/etc/ca.pem".into()),
+            ..unset()
         };
         let err = http.client().unwrap_err();
         assert!(

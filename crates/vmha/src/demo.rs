@@ -4,14 +4,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use serde_json::{Value, json};
 
-use crate::client::Client;
-use crate::harness::{self, Daemon, Ev, now_ms};
+use crate::harness::local::{demo_app, guest_vm, one_host};
+use crate::harness::{self, Ev, Local, now_ms};
 
 /// Arguments of `vmha demo`.
 #[derive(Debug, clap::Args)]
@@ -33,44 +32,25 @@ pub struct DemoArgs {
     /// killed, a host cut off, a host drained — failover narrated and timed (needs root).
     #[arg(long)]
     cluster: bool,
-    /// The watch benchmark instead: app kills at a random (seeded) phase → detected and →
-    /// running again, watch on vs off, apps at 1 s and 10 s, this many kills each; then
-    /// vmhad and QEMU CPU per check with the watch on, off, and checks every 200 ms.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
-    bench_watch: Option<u32>,
-    /// Seed of the benchmark's kill phases.
-    #[arg(long, default_value_t = 14)]
-    seed: u64,
 }
 
 struct Demo {
-    client: Client,
-    events: mpsc::Receiver<Ev>,
-    runtime_dir: PathBuf,
+    local: Local,
     figures: Vec<(String, Vec<u64>)>,
 }
 
 impl Demo {
     /// Waits for the first event matching `pred`, printing every event seen meanwhile.
     fn wait(
-        &mut self,
+        &self,
         what: &str,
         timeout: Duration,
         mut pred: impl FnMut(&Ev) -> bool,
     ) -> anyhow::Result<Ev> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.events.recv_timeout(left) {
-                Ok(ev) => {
-                    println!("    │ {}", short(&ev));
-                    if pred(&ev) {
-                        return Ok(ev);
-                    }
-                }
-                Err(_) => bail!("timed out after {timeout:?} waiting for: {what}"),
-            }
-        }
+        self.local.wait(what, timeout, |ev| {
+            println!("    │ {}", short(ev));
+            pred(ev)
+        })
     }
 
     /// Prints events that arrive within `quiet`, failing if one matches `forbidden`.
@@ -81,6 +61,7 @@ impl Demo {
     ) -> anyhow::Result<()> {
         let deadline = Instant::now() + quiet;
         while let Ok(ev) = self
+            .local
             .events
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
         {
@@ -93,16 +74,16 @@ impl Demo {
     }
 
     fn guest(&self, vm: &str, argv: &[&str]) -> anyhow::Result<()> {
-        harness::guest_exec(&self.client, vm, argv)
+        harness::guest_exec(&self.local.client, vm, argv)
     }
 
     fn command(&self, body: Value) -> anyhow::Result<()> {
-        self.client.post("/v1/commands", &body)?;
+        self.local.client.post("/v1/commands", &body)?;
         Ok(())
     }
 
     fn app_state(&self, vm: &str, app: &str) -> anyhow::Result<String> {
-        let status = self.client.get("/v1/status")?;
+        let status = self.local.client.get("/v1/status")?;
         let state = status["agent"]["vms"]
             .as_array()
             .and_then(|vms| vms.iter().find(|v| v["name"] == vm))
@@ -115,7 +96,7 @@ impl Demo {
     }
 
     fn qemu_pid(&self, vm: &str) -> anyhow::Result<u32> {
-        harness::qemu_pid(&self.runtime_dir, vm)
+        self.local.qemu_pid(vm)
     }
 
     fn figure(&mut self, name: &str, ms: u64) {
@@ -175,61 +156,31 @@ fn step(n: u32, title: &str) {
     println!("\n━━ {n}. {title}");
 }
 
-fn config(guest: &Path, state: &Path, run: &Path) -> String {
-    let g = guest.display();
+fn config(guest: &Path, dir: &Path) -> String {
     let app = |name: &str, priority: u32, requires: &[&str], extra: &str| {
         let requires: Vec<String> = requires.iter().map(|r| format!("\"{r}\"")).collect();
-        format!(
-            r#"
-[[vm.app]]
-name = "{name}"
-priority = {priority}
-interval = "1s"
-timeout = "2s"
-requires = [{}]
-check = ["/opt/demo/app", "check", "{name}"]
-pid_file = "/run/demo/{name}.pid"
-start = ["/opt/demo/app", "start", "{name}"]
-stop = ["/opt/demo/app", "stop", "{name}"]
-{extra}"#,
-            requires.join(", ")
+        demo_app(
+            name,
+            "1s",
+            &format!(
+                "priority = {priority}\nrequires = [{}]\npid_file = \"/run/demo/{name}.pid\"\n{extra}",
+                requires.join(", ")
+            ),
         )
     };
     let vm = |name: &str, policy: &str, vm_restart_limit: u32| {
-        format!(
-            r#"
-[[vm]]
-name = "{name}"
-driver = "qemu"
-hosts = ["kvm1"]
-policy = "{policy}"
-vm_restart_limit = {vm_restart_limit}
-stop_timeout = "5s"
-boot_timeout = "60s"
-
-[vm.qemu]
-memory_mb = 256
-cpus = 1
-accel = "auto"
-kernel = "{g}/vmlinux"
-initrd = "{g}/initrd.img"
-append = "console=ttyS0 quiet"
-"#
+        guest_vm(
+            name,
+            guest,
+            "auto",
+            &format!(
+                "policy = \"{policy}\"\nvm_restart_limit = {vm_restart_limit}\n\
+                 stop_timeout = \"5s\"\nboot_timeout = \"60s\"\n"
+            ),
         )
     };
-    format!(
-        r#"# Generated by `vmha demo`.
-[cluster]
-name = "demo"
-store = "embedded"
-state_dir = "{}"
-runtime_dir = "{}"
-
-[[host]]
-name = "kvm1"
-{}{}{}{}{}{}{}"#,
-        state.display(),
-        run.display(),
+    [
+        one_host("demo", "vmha demo", dir),
         vm("shop", "highest-priority", 3),
         app("db", 100, &[], "restart_limit = 1\n"),
         app("web", 50, &["db"], ""),
@@ -238,16 +189,14 @@ name = "kvm1"
         vm("billing", "weighted", 20),
         app("ledger", 80, &[], ""),
         app("reports", 20, &[], ""),
-    )
+    ]
+    .concat()
 }
 
 /// Runs the demo.
 pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     if args.cluster {
         return crate::cluster_demo::run(&args.vmhad, &args.guest, args.rounds);
-    }
-    if let Some(runs) = args.bench_watch {
-        return crate::bench_watch::run(&args.vmhad, &args.guest, &args.workdir, runs, args.seed);
     }
     let started = Instant::now();
     for f in ["vmlinux", "initrd.img"] {
@@ -260,36 +209,23 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         }
     }
     let guest = std::fs::canonicalize(&args.guest)?;
-    let _ = std::fs::remove_dir_all(&args.workdir);
-    let state = args.workdir.join("state");
-    let run_dir = args.workdir.join("run");
-    std::fs::create_dir_all(&args.workdir)?;
-    let config_path = args.workdir.join("vmha.toml");
-    std::fs::write(&config_path, config(&guest, &state, &run_dir))?;
-    // The demo config must be valid: the same parser vmhad uses.
-    vmha_model::Config::from_file(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-
-    println!("vmha demo — one host, embedded store, two VMs under TCG");
-    println!("  config:  {}", config_path.display());
-    println!("  shop:    db (priority 100) ← web (50) ← worker (10), policy highest-priority");
-    println!("  billing: ledger (80), reports (20), policy weighted");
-    let log = args.workdir.join("vmhad.log");
-    let (daemon, client) = Daemon::start(
+    // The config is checked with the parser vmhad uses before vmhad starts.
+    let local = Local::start(
         &args.vmhad,
-        &config_path,
-        &log,
-        state.join("vmhad.sock"),
+        &args.workdir,
+        &config(&guest, &args.workdir),
         Duration::from_secs(20),
     )?;
-    println!("  vmhad:   pid {} (log {})", daemon.pid(), log.display());
-    let rx = harness::follow_events(&client);
+    println!("vmha demo — one host, embedded store, two VMs under TCG");
+    println!("  config:  {}", local.config.display());
+    println!("  shop:    db (priority 100) ← web (50) ← worker (10), policy highest-priority");
+    println!("  billing: ledger (80), reports (20), policy weighted");
+    let pid = local.daemon.pid();
+    println!("  vmhad:   pid {pid} (log {})", local.log.display());
     let mut demo = Demo {
-        client,
-        events: rx,
-        runtime_dir: run_dir,
+        local,
         figures: Vec::new(),
     };
-    let pid = daemon.pid();
 
     step(
         0,
@@ -325,7 +261,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         e.is_app("shop", "worker") && e.to == "faulted"
     })?;
     demo.expect_quiet(Duration::from_secs(3), |e| e.is_vm("shop"))?;
-    let explain = demo.client.get("/v1/vms/shop/explain")?;
+    let explain = demo.local.client.get("/v1/vms/shop/explain")?;
     if let Some(d) = explain["vm"]["decisions"].as_array().and_then(|d| d.last()) {
         println!(
             "    decision agent: {}",
@@ -425,6 +361,28 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     );
     println!("  {:<52} {rss:>6} MiB", "vmhad RSS");
     println!("\nstopping vmhad and its VMs…");
-    drop(daemon);
+    drop(demo);
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_demo_configuration_is_what_the_story_tells() {
+        let text = config(Path::new("/g"), Path::new("/tmp/demo"));
+        let c = vmha_model::Config::from_toml_str(&text, "demo.toml").unwrap();
+        let names = |vm: usize| -> Vec<String> {
+            c.vms[vm].apps.iter().map(|a| a.name.to_string()).collect()
+        };
+        assert_eq!(c.vms.len(), 2);
+        assert_eq!(names(0), ["db", "web", "worker"]);
+        assert_eq!(names(1), ["ledger", "reports"]);
+        let web = &c.vms[0].apps[1];
+        assert_eq!((web.priority, web.requires[0].as_str()), (50, "db"));
+        assert_eq!(web.pid_file.as_deref(), Some("/run/demo/web.pid"));
+        assert!(text.contains("state_dir = \"/tmp/demo/state\""));
+    }
 }

@@ -14,7 +14,6 @@ use clap::{Parser, Subcommand};
 mod admin_cmd;
 mod api_args;
 mod bench;
-mod bench_watch;
 mod client;
 mod cluster_demo;
 mod config_cmd;

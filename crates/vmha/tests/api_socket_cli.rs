@@ -7,54 +7,21 @@
 //! by the timeout, and `guest exec` waits for its guest command's timeout plus a margin.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 
-/// Longer than any run below may take: reaching it means vmha hung.
-const GUARD: Duration = Duration::from_secs(60);
-
-/// Runs `vmha args…` (no `VMHA_SOCKET` / `VMHA_TIMEOUT` from the test's environment, plus
-/// `env`), killing it and failing the test if it has not ended by [`GUARD`].
-fn vmha(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmha"));
-    cmd.args(args)
-        .env_remove("VMHA_SOCKET")
-        .env_remove("VMHA_TIMEOUT")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + GUARD;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            let out = child.wait_with_output().unwrap();
-            panic!("vmha {args:?} hung; stderr: {}", stderr(&out));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{stderr, stdout, vmha};
 
 /// Asserts exit 3 (vmhad unreachable) with exactly `message` on stderr (after `vmha: `) and
 /// nothing on stdout.
@@ -62,27 +29,6 @@ fn fails_with(out: &Output, message: &str) {
     assert_eq!(out.status.code(), Some(3), "{}", stderr(out));
     assert_eq!(stderr(out), format!("vmha: {message}\n"));
     assert!(stdout(out).is_empty(), "{}", stdout(out));
-}
-
-/// Reads one request from `stream`: its head (returned) and its body (dropped), so that
-/// closing the connection resets nothing.
-fn read_head(stream: &UnixStream) -> String {
-    let mut reader = BufReader::new(stream);
-    let mut head = String::new();
-    let mut length = 0;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
-            break;
-        }
-        if let Some(n) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = n.trim().parse().unwrap();
-        }
-        head.push_str(&line);
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).unwrap();
-    head
 }
 
 /// A stand-in on `socket` that accepts connections and passes each (with the request head it
@@ -98,7 +44,7 @@ fn stand_in(
         for _ in 0..connections {
             let (stream, _) = listener.accept().unwrap();
             let head = if read_request {
-                read_head(&stream)
+                common::read_request(&stream).0
             } else {
                 String::new()
             };

@@ -6,29 +6,36 @@
 //! (401/403 → exit 4).
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::io::ErrorKind;
+mod common;
+
+use std::io::{ErrorKind, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// Runs `vmha args…` with no `VMHA_SOCKET` from the test's environment.
+use common::{read_request, stderr, stdout};
+
+/// Runs `vmha args…` with none of the test's `VMHA_*` variables (guarded against hangs).
 fn vmha(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmha"))
-        .args(args)
-        .env_remove("VMHA_SOCKET")
-        .output()
-        .unwrap()
+    common::vmha(args, &[])
 }
 
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+/// The lines `child` writes on its stdout (piped), as a background thread reads them.
+fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let lines = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(lines) {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 #[test]
@@ -149,26 +156,10 @@ fn answer_once(socket: &Path, status: &str, body: &str) -> std::thread::JoinHand
         body.len()
     );
     std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        let mut reader = std::io::BufReader::new(stream);
-        let mut request = String::new();
-        let mut length = 0;
-        loop {
-            let mut line = String::new();
-            std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
-            if let Some(n) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = n.trim().parse().unwrap();
-            }
-            request.push_str(&line);
-            if line == "\r\n" || line.is_empty() {
-                break;
-            }
-        }
-        let mut body = vec![0; length];
-        std::io::Read::read_exact(&mut reader, &mut body).unwrap();
-        request.push_str(&String::from_utf8(body).unwrap());
-        std::io::Write::write_all(reader.get_mut(), answer.as_bytes()).unwrap();
-        request
+        let (mut stream, _) = listener.accept().unwrap();
+        let (head, body) = read_request(&stream);
+        stream.write_all(answer.as_bytes()).unwrap();
+        head + "\r\n" + &String::from_utf8(body).unwrap()
     })
 }
 
@@ -331,6 +322,14 @@ impl Vmhad {
         vmha(&argv)
     }
 
+    /// Puts host kvm1 in maintenance and takes it out again (two new events); both succeed.
+    fn maintenance_on_off(&self) {
+        for state in ["on", "off"] {
+            let out = self.vmha(&["host", "maintenance", "kvm1", state]);
+            assert!(out.status.success(), "{}", stderr(&out));
+        }
+    }
+
     /// `vmha … args… --json` parsed, if it succeeded.
     fn json(&self, args: &[&str]) -> Option<Value> {
         let mut argv = args.to_vec();
@@ -487,15 +486,7 @@ fn events_follow_streams_live_until_vmhad_goes_away() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let lines = std::io::BufReader::new(follower.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(lines) {
-            if tx.send(line.unwrap()).is_err() {
-                return;
-            }
-        }
-    });
+    let rx = stdout_lines(&mut follower);
 
     // An event that happens after the follower connected reaches it.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -505,18 +496,7 @@ fn events_follow_streams_live_until_vmhad_goes_away() {
         .any(|l: &String| l.contains("host:kvm1 up → maintenance"))
     {
         // Repeated until the follower has subscribed: each on/off pair is two new events.
-        assert!(
-            vmhad
-                .vmha(&["host", "maintenance", "kvm1", "on"])
-                .status
-                .success()
-        );
-        assert!(
-            vmhad
-                .vmha(&["host", "maintenance", "kvm1", "off"])
-                .status
-                .success()
-        );
+        vmhad.maintenance_on_off();
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
             seen.push(line);
         }
@@ -579,19 +559,8 @@ fn api_section(dir: &Path, port: u16, tls: bool) -> String {
 
 /// Runs `vmha --url URL [--ca-cert CERT] args…` with `$VMHA_TOKEN` = `token` (if any).
 fn remote(url: &str, ca: Option<&Path>, token: Option<&str>, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmha"));
-    for var in [
-        "VMHA_SOCKET",
-        "VMHA_URL",
-        "VMHA_TOKEN",
-        "VMHA_CA_CERT",
-        "VMHA_TIMEOUT",
-    ] {
-        cmd.env_remove(var);
-    }
-    if let Some(t) = token {
-        cmd.env("VMHA_TOKEN", t);
-    }
+    let env: Vec<(&str, &str)> = token.map(|t| ("VMHA_TOKEN", t)).into_iter().collect();
+    let mut cmd = common::vmha_command(&[], &env);
     cmd.arg("--url").arg(url);
     if let Some(ca) = ca {
         cmd.arg("--ca-cert").arg(ca);
@@ -687,31 +656,12 @@ fn remote_commands_with_tokens_over_http_and_https() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let lines = std::io::BufReader::new(follower.stdout.take().unwrap());
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufRead::lines(lines) {
-                if tx.send(line.unwrap()).is_err() {
-                    return;
-                }
-            }
-        });
+        let rx = stdout_lines(&mut follower);
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut seen: Vec<Value> = Vec::new();
         while !seen.iter().any(|e| e["to"] == "maintenance") {
             // Repeated until the follower has subscribed: each on/off pair is two new events.
-            assert!(
-                vmhad
-                    .vmha(&["host", "maintenance", "kvm1", "on"])
-                    .status
-                    .success()
-            );
-            assert!(
-                vmhad
-                    .vmha(&["host", "maintenance", "kvm1", "off"])
-                    .status
-                    .success()
-            );
+            vmhad.maintenance_on_off();
             if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
                 seen.push(serde_json::from_str(&line).unwrap());
             }

@@ -5,75 +5,15 @@
 //! before anything is sent. (The same against a real vmhad: `daemon_cli.rs`.)
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
-/// Longer than any run below may take: reaching it means vmha hung.
-const GUARD: Duration = Duration::from_secs(60);
+use common::{read_request, stderr, stdout, vmha};
+
 const TOKEN: &str = "s3cret-token-value";
-
-/// Runs `vmha args…` with none of the test's `VMHA_*` variables, plus `env`.
-fn vmha(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmha"));
-    cmd.args(args).stdin(Stdio::null());
-    for var in [
-        "VMHA_SOCKET",
-        "VMHA_TIMEOUT",
-        "VMHA_URL",
-        "VMHA_TOKEN",
-        "VMHA_CA_CERT",
-    ] {
-        cmd.env_remove(var);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + GUARD;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("vmha {args:?} hung");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Reads a request's head and body; returns them.
-fn read_request(stream: &TcpStream) -> String {
-    let mut reader = BufReader::new(stream);
-    let mut head = String::new();
-    let mut length = 0;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
-            break;
-        }
-        if let Some(n) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = n.trim().parse().unwrap();
-        }
-        head.push_str(&line);
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).unwrap();
-    head + &String::from_utf8_lossy(&body)
-}
 
 /// A one-request stand-in on 127.0.0.1: answers `status` with the JSON `body`; returns its URL
 /// and the request it read.
@@ -87,7 +27,8 @@ fn answer_once(status: &str, body: &str) -> (String, JoinHandle<String>) {
     );
     let server = std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
-        let request = read_request(&stream);
+        let (head, body) = read_request(&stream);
+        let request = head + &String::from_utf8_lossy(&body);
         stream.write_all(answer.as_bytes()).unwrap();
         request
     });

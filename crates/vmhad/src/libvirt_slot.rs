@@ -291,27 +291,44 @@ mod tests {
         }
     }
 
-    /// An admin's shutdown: vm-stop is issued and, once committed, the stop observations are
-    /// withheld (the engine's own stop finds the domain shut off).
-    #[tokio::test]
-    async fn an_admin_shutdown_issues_vm_stop_and_withholds_the_stop() {
-        let (slot, mut rx) = slot();
+    /// The domain shut down from inside (stopped by the guest, then gone, then `after`), fed to
+    /// the slot in the background: that task, and the reply channel of the vm-stop of `vm1`
+    /// the slot sends for it.
+    async fn guest_shutdown(
+        slot: &Arc<LibvirtSlot>,
+        rx: &mut mpsc::Receiver<Msg>,
+        after: Option<VmObservation>,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        tokio::sync::oneshot::Sender<Result<(), vmha_engine::CommandError>>,
+    ) {
         let events = {
-            let slot = Arc::clone(&slot);
+            let slot = Arc::clone(slot);
             tokio::spawn(async move {
                 slot.on_event(VmObservation::Stopped { by_guest: true })
                     .await;
                 slot.on_event(VmObservation::Gone).await;
-                slot.on_event(VmObservation::Running).await;
+                if let Some(after) = after {
+                    slot.on_event(after).await;
+                }
             })
         };
         match rx.recv().await {
             Some(Msg::Api(ApiRequest::Command(AdminCommand::VmStop { vm }, reply))) => {
                 assert_eq!(vm.as_str(), "vm1");
-                reply.send(Ok(())).unwrap();
+                (events, reply)
             }
             other => panic!("expected vm-stop, got {other:?}"),
         }
+    }
+
+    /// An admin's shutdown: vm-stop is issued and, once committed, the stop observations are
+    /// withheld (the engine's own stop finds the domain shut off).
+    #[tokio::test]
+    async fn an_admin_shutdown_issues_vm_stop_and_withholds_the_stop() {
+        let (slot, mut rx) = slot();
+        let (events, reply) = guest_shutdown(&slot, &mut rx, Some(VmObservation::Running)).await;
+        reply.send(Ok(())).unwrap();
         events.await.unwrap();
         // Stopped and Gone withheld; what follows is reported as it is.
         assert_eq!(observed(rx.recv().await), VmObservation::Running);
@@ -321,24 +338,12 @@ mod tests {
     #[tokio::test]
     async fn a_refused_vm_stop_reports_the_shutdown() {
         let (slot, mut rx) = slot();
-        let events = {
-            let slot = Arc::clone(&slot);
-            tokio::spawn(async move {
-                slot.on_event(VmObservation::Stopped { by_guest: true })
-                    .await;
-                slot.on_event(VmObservation::Gone).await;
-            })
-        };
-        match rx.recv().await {
-            Some(Msg::Api(ApiRequest::Command(AdminCommand::VmStop { .. }, reply))) => {
-                reply
-                    .send(Err(vmha_engine::CommandError::UnknownVm(
-                        Name::new("vm1").unwrap(),
-                    )))
-                    .unwrap();
-            }
-            other => panic!("expected vm-stop, got {other:?}"),
-        }
+        let (events, reply) = guest_shutdown(&slot, &mut rx, None).await;
+        reply
+            .send(Err(vmha_engine::CommandError::UnknownVm(
+                Name::new("vm1").unwrap(),
+            )))
+            .unwrap();
         events.await.unwrap();
         assert_eq!(
             observed(rx.recv().await),

@@ -7,8 +7,7 @@ use std::path::Path;
 use anyhow::bail;
 
 use super::BenchArgs;
-use super::detect::ms;
-use super::stats::summary;
+use super::stats::ms_row;
 
 /// Runs the failover section; writes `raw/failover.csv`, returns the Markdown.
 pub fn run(args: &BenchArgs, raw: &Path) -> anyhow::Result<String> {
@@ -36,15 +35,8 @@ pub fn run(args: &BenchArgs, raw: &Path) -> anyhow::Result<String> {
     );
     for (figure, samples) in &outcome.figures {
         let values: Vec<f64> = samples.iter().map(|v| *v as f64).collect();
-        if let Some(s) = summary(&values) {
-            let _ = writeln!(
-                md,
-                "| {figure} | {} | {} | {} | {} |",
-                ms(s.median),
-                ms(s.p90),
-                ms(s.max),
-                s.n
-            );
+        if let Some(row) = ms_row(figure, &values) {
+            let _ = writeln!(md, "{row}");
         }
     }
     let _ = writeln!(

@@ -1,9 +1,10 @@
 //! `vmha bench` (hidden; run it through `scripts/bench.sh`): the project's figures from one
-//! command. Four sections, each in its own module — detection and recovery on real TCG VMs
+//! command. Five sections, each in its own module — detection and recovery on real TCG VMs
 //! ([`detect`]), the cost of watching many VMs through the fake QEMU ([`scale`]), failover and
 //! self-fencing on the multi-host test bed ([`failover`]), the controller in simulation
-//! ([`sim`]) — then `BENCHMARKS.md` is written from what was measured ([`report`]), with the raw
-//! samples as CSV files beside it.
+//! ([`sim`]), app failure detection and its cost with the VM's watch on and off ([`watch`]) —
+//! then `BENCHMARKS.md` is written from what was measured ([`report`]), with the raw samples as
+//! CSV files beside it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +18,7 @@ mod report;
 mod scale;
 mod sim;
 mod stats;
+mod watch;
 
 /// The sections of the benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -29,6 +31,9 @@ pub enum Section {
     Failover,
     /// The controller's criterion benches (1,000 hosts, 10,000 VMs).
     Sim,
+    /// App kills with the VM's watch on and off, and what checking and watching cost (real
+    /// TCG VMs).
+    Watch,
 }
 
 /// Arguments of `vmha bench`.
@@ -57,7 +62,8 @@ pub struct BenchArgs {
     /// run of the others (from `<out>/bench/<section>.md`).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
-    /// Runs per failure kind and interval in the detection section.
+    /// Runs per failure kind and interval in the detection section, and per interval and
+    /// watch setting in the watch section.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     runs: u32,
     /// Failures injected by the detection section, in this order.
@@ -76,7 +82,11 @@ pub struct BenchArgs {
     /// VM counts of the scale section.
     #[arg(long, value_delimiter = ',', default_values_t = [10, 100, 500])]
     scale: Vec<u32>,
-    /// Measurement window of each scale step, in seconds.
+    /// App intervals of the watch section, in seconds (each with the watch on and off).
+    #[arg(long, value_delimiter = ',', default_values_t = [1.0, 10.0])]
+    watch_intervals: Vec<f64>,
+    /// Measurement window of each scale step and of each CPU case of the watch section, in
+    /// seconds.
     #[arg(long, default_value_t = 60)]
     window: u64,
     /// Rounds of the failover section (each: a host killed, a host cut off).
@@ -94,7 +104,12 @@ impl BenchArgs {
             self.window = 6;
             self.failover_runs = 1;
             if self.only.is_empty() {
-                self.only = vec![Section::Detect, Section::Scale, Section::Failover];
+                self.only = vec![
+                    Section::Detect,
+                    Section::Scale,
+                    Section::Failover,
+                    Section::Watch,
+                ];
             }
         }
         if self.only.is_empty() {
@@ -103,6 +118,7 @@ impl BenchArgs {
                 Section::Scale,
                 Section::Failover,
                 Section::Sim,
+                Section::Watch,
             ];
         }
         self
@@ -110,6 +126,17 @@ impl BenchArgs {
 
     fn runs(&self, section: Section) -> bool {
         self.only.contains(&section)
+    }
+
+    /// App kills per watch setting at app interval `interval_s` in the watch section: `runs`,
+    /// but one in a smoke run when the interval is over 2 s (a 10 s interval makes each run
+    /// long).
+    fn watch_runs(&self, interval_s: f64) -> u32 {
+        if self.smoke && interval_s > 2.0 {
+            1
+        } else {
+            self.runs
+        }
     }
 }
 
@@ -128,6 +155,7 @@ impl Section {
             Section::Scale => "scale",
             Section::Failover => "failover",
             Section::Sim => "sim",
+            Section::Watch => "watch",
         }
     }
 }
@@ -186,6 +214,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         ),
         (Section::Failover, "failover on the multi-host test bed"),
         (Section::Sim, "controller in simulation (criterion)"),
+        (
+            Section::Watch,
+            "app failure detection with the watch on and off (real TCG VMs)",
+        ),
     ];
     let mut sections = Vec::new();
     for (section, title) in all {
@@ -199,6 +231,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 Section::Scale => scale::run(&args, &raw),
                 Section::Failover => failover::run(&args, &raw),
                 Section::Sim => sim::run(&raw),
+                Section::Watch => watch::run(&args, &raw),
             }?;
             markdown.push_str(&format!(
                 "\nLoad average (1 min) at the start and end of this section: {load_before} → {} \

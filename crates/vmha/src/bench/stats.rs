@@ -28,6 +28,28 @@ pub fn summary(samples: &[f64]) -> Option<Summary> {
     })
 }
 
+/// A Markdown table row: `cells` (already `|`-separated), then the median, p90 and maximum
+/// of `values` (milliseconds) as [`ms`] writes them and their count; `None` without values.
+pub fn ms_row(cells: &str, values: &[f64]) -> Option<String> {
+    let s = summary(values)?;
+    Some(format!(
+        "| {cells} | {} | {} | {} | {} |",
+        ms(s.median),
+        ms(s.p90),
+        ms(s.max),
+        s.n
+    ))
+}
+
+/// A duration in ms, written for people: `850 ms`, `3.2 s`.
+pub fn ms(v: f64) -> String {
+    if v < 1000.0 {
+        format!("{v:.0} ms")
+    } else {
+        format!("{:.2} s", v / 1000.0)
+    }
+}
+
 /// The nearest-rank `q` quantile of sorted, non-empty `s`.
 fn rank(s: &[f64], q: f64) -> f64 {
     let r = (q * s.len() as f64).ceil() as usize;
@@ -71,6 +93,17 @@ mod tests {
         assert_eq!(summary(&[5.0]).unwrap().p90, 5.0);
         assert!(summary(&[]).is_none());
         assert!(summary(&[f64::NAN]).is_none());
+    }
+
+    #[test]
+    fn rows_and_durations_read_well() {
+        assert_eq!(ms(850.0), "850 ms");
+        assert_eq!(ms(3210.0), "3.21 s");
+        assert_eq!(
+            ms_row("a | b", &[900.0, 1500.0]).unwrap(),
+            "| a | b | 1.50 s | 1.50 s | 1.50 s | 2 |"
+        );
+        assert!(ms_row("a", &[]).is_none());
     }
 
     #[test]

@@ -211,33 +211,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_the_paths_of_the_drivers_command_line() {
-        // The command line exactly as the qemu driver writes it.
-        let dir = Path::new("/run/a,b/v");
-        let paths = vmha_qemu::VmPaths::new(Path::new("/run/a,b"), "v").unwrap();
-        let spec = vmha_qemu::LaunchSpec {
-            name: "v".into(),
-            memory_mb: 64,
-            cpus: 1,
-            disks: Vec::new(),
-            kernel: None,
-            initrd: None,
-            append: None,
-            accel: vmha_qemu::Accel::Tcg,
-            extra_args: Vec::new(),
-            emulator: None,
-        };
-        let p = parse_args(&vmha_qemu::vm::qemu_args(&spec, &paths));
-        assert_eq!(
-            p.qmp.unwrap(),
-            dir.join("qmp.sock"),
-            "vmhad's monitor, not the observers'"
-        );
-        assert_eq!(p.qga.unwrap(), dir.join("qga.sock"));
-        assert_eq!(p.pidfile.unwrap(), dir.join("qemu.pid"));
-    }
-
-    #[test]
     fn answers_status_and_ends_on_quit_only() {
         let (r, end) = answer(r#"{"execute":"query-status","id":3}"#);
         assert_eq!(r["return"]["running"], true);

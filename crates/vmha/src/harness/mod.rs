@@ -1,6 +1,6 @@
 //! A local vmhad driven from outside, shared by `vmha demo` and `vmha bench`: vmhad as a child
 //! process, its event stream as typed events, guest commands, and what /proc says about a
-//! process (CPU ticks, RSS).
+//! process (CPU ticks, RSS); [`local`]: the one-host setup on the test guest built from these.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,6 +11,10 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use crate::client::Client;
+
+pub mod local;
+
+pub use local::Local;
 
 /// vmhad as a child process, stopped (with its VMs) when dropped.
 pub struct Daemon {
