@@ -201,6 +201,14 @@ mod tests {
     use super::*;
     use std::path::Path;
 
+    /// The outcomes of [`parse_output`] without their apps.
+    fn outcomes(checks: &[ProbeCheck], nonce: u64, stdout: &[u8]) -> Vec<ProbeOutcome> {
+        parse_output(checks, nonce, stdout)
+            .into_iter()
+            .map(|(_, o)| o)
+            .collect()
+    }
+
     fn check(name: &str, argv: &[&str]) -> ProbeCheck {
         ProbeCheck {
             app: Name::new(name).unwrap(),
@@ -255,10 +263,7 @@ mod tests {
         ];
         let out = b"vmha-probe 7 1 1\nvmha-probe 7 0 0\nvmha-probe 7 2 124\nvmha-probe 7 3 137\n\
                     vmha-probe 8 4 0\nvmha-probe 7 4 zz\nvmha-probe 7 0 5\nvmha-probe 7 5 0\n\xff\xfe\n";
-        let got: Vec<ProbeOutcome> = parse_output(&checks, 7, out)
-            .into_iter()
-            .map(|(_, o)| o)
-            .collect();
+        let got = outcomes(&checks, 7, out);
         assert_eq!(
             got,
             vec![
@@ -321,10 +326,7 @@ mod tests {
                 cmd.env("PATH", dir);
             }
             let out = cmd.output().unwrap();
-            let got: Vec<ProbeOutcome> = parse_output(&checks, 42, &out.stdout)
-                .into_iter()
-                .map(|(_, o)| o)
-                .collect();
+            let got = outcomes(&checks, 42, &out.stdout);
             assert_eq!(
                 got,
                 vec![
