@@ -278,21 +278,35 @@ impl Drop for DoubleRunChecker {
     }
 }
 
-/// How long a live QEMU may have no observer socket listening (still starting: QEMU creates
+/// How old a live QEMU may be with no observer socket listening (still starting: QEMU creates
 /// its monitor sockets before it starts the guest) before it counts as running.
-const NOT_LISTENING_GRACE: Duration = Duration::from_secs(3);
+const NOT_LISTENING_GRACE: Duration = Duration::from_secs(2);
 
-/// Whether a QEMU runs its VM, from its answers to `ask` and whether it is still `alive` (not
-/// dying): its run state when it gives one (a migration state does not run the VM); no answer
-/// from a connected socket (stopped, hung) counts while it lives; while nothing listens, it is
-/// asked again until it answers, dies (not counted) or `grace` ends (counted: the strict side).
+/// The unit of `/proc/PID/stat` start times (`USER_HZ`: 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// How long ago `pid` started, if it still exists.
+fn age(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    // Field 22 (starttime); `rest` starts at field 3.
+    let start: f64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+    let up: f64 = uptime.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_secs_f64((up - start / USER_HZ).max(0.0)))
+}
+
+/// Whether a QEMU runs its VM, from its answers to `ask`, whether it is still `alive` (not
+/// dying) and whether it is still `young` (within [`NOT_LISTENING_GRACE`] of its start): its
+/// run state when it gives one (a migration state does not run the VM); no answer from a
+/// connected socket (stopped, hung) counts while it lives; while nothing listens, it is asked
+/// again until it answers, dies (not counted) or is no longer young (counted: the strict side).
 fn runs_vm(
     mut ask: impl FnMut() -> crate::run_state::Answer,
     alive: impl Fn() -> bool,
-    grace: Duration,
+    young: impl Fn() -> bool,
 ) -> bool {
     use crate::run_state::Answer;
-    let deadline = Instant::now() + grace;
     loop {
         match ask() {
             Answer::State(s) => return !crate::run_state::is_migration_state(&s),
@@ -301,7 +315,7 @@ fn runs_vm(
                 if !alive() {
                     return false;
                 }
-                if Instant::now() >= deadline {
+                if !young() {
                     return true;
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -329,15 +343,14 @@ fn running_on(
         let Some(sock) = sock(host) else {
             return true;
         };
-        let alive = || {
-            processes
-                .iter()
-                .any(|(h, pid)| h == host && !is_dying(*pid))
-        };
+        let mine = || processes.iter().filter(|(h, _)| h == host).map(|(_, p)| *p);
+        let alive = || mine().any(|pid| !is_dying(pid));
+        // Young while every process of it is (the oldest decides); gone ones are not young.
+        let young = || mine().all(|pid| age(pid).is_some_and(|a| a < NOT_LISTENING_GRACE));
         runs_vm(
             || crate::run_state::ask(&sock, crate::run_state::QUERY_TIMEOUT),
             alive,
-            NOT_LISTENING_GRACE,
+            young,
         )
     };
     let first: Vec<&String> = on.iter().filter(|h| asks(h)).collect();
@@ -444,21 +457,18 @@ mod tests {
     #[test]
     fn run_states_decide_and_the_unaskable_count_only_while_alive() {
         use crate::run_state::Answer;
-        let grace = Duration::from_millis(200);
         let state = |s: &str| Answer::State(s.into());
-        assert!(runs_vm(|| state("running"), || true, grace));
-        assert!(runs_vm(|| state("paused"), || true, grace));
-        assert!(!runs_vm(|| state("inmigrate"), || true, grace));
-        assert!(!runs_vm(|| state("postmigrate"), || true, grace));
-        assert!(runs_vm(|| Answer::NoAnswer, || true, grace), "a hung QEMU");
+        let old = || false;
+        assert!(runs_vm(|| state("running"), || true, old));
+        assert!(runs_vm(|| state("paused"), || true, old));
+        assert!(!runs_vm(|| state("inmigrate"), || true, old));
+        assert!(!runs_vm(|| state("postmigrate"), || true, old));
+        assert!(runs_vm(|| Answer::NoAnswer, || true, old), "a hung QEMU");
+        assert!(!runs_vm(|| Answer::NoAnswer, || false, old), "a dying QEMU");
+        assert!(!runs_vm(|| Answer::NotListening, || false, || true));
         assert!(
-            !runs_vm(|| Answer::NoAnswer, || false, grace),
-            "a dying QEMU"
-        );
-        assert!(!runs_vm(|| Answer::NotListening, || false, grace));
-        assert!(
-            runs_vm(|| Answer::NotListening, || true, grace),
-            "never listening: counted after the grace"
+            runs_vm(|| Answer::NotListening, || true, old),
+            "an old QEMU with no socket counts"
         );
         // Starting: not listening at first, then an incoming migration's state.
         let mut answers = vec![
@@ -466,7 +476,32 @@ mod tests {
             Answer::NotListening,
             Answer::NotListening,
         ];
-        assert!(!runs_vm(|| answers.pop().unwrap(), || true, grace));
+        assert!(!runs_vm(|| answers.pop().unwrap(), || true, || true));
+        // Starting, then old enough without a socket: counts.
+        let asked = std::cell::Cell::new(0);
+        assert!(runs_vm(
+            || {
+                asked.set(asked.get() + 1);
+                Answer::NotListening
+            },
+            || true,
+            || asked.get() < 3
+        ));
+        assert_eq!(asked.get(), 3);
+    }
+
+    #[test]
+    fn a_process_has_an_age() {
+        let me = age(std::process::id()).unwrap();
+        assert!(me < Duration::from_secs(3600), "{me:?}");
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        assert!(age(child.id()).unwrap() <= me + Duration::from_secs(1));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(age(child.id()), None);
     }
 
     #[test]
