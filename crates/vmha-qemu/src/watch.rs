@@ -10,8 +10,10 @@
 //! died since its check, or its `pid_file`/`process` is wrong: the engine tells them apart). It then waits, the cheapest way the
 //! guest offers: util-linux `waitpid --count 1` (≥ 2.38, no CPU while waiting) when present,
 //! then a loop of shell builtins — `read -t TICK` on a private fifo opened read-write (no fork;
-//! busybox ash, bash) or `sleep TICK` (a fork per tick, e.g. dash) — re-reading each
-//! `/proc/PID/stat` per tick. When a process is gone (no stat, a zombie, another start time)
+//! busybox ash, bash) or `sleep TICK` (a fork per tick, e.g. dash) — that per tick only tests
+//! that each `/proc/PID` exists (a process that died and was reaped: the common case, seen
+//! within a tick) and re-reads each `/proc/PID/stat` once per second ([`FULL_CHECK`]: a zombie
+//! nobody reaps, a reused pid). When a process is gone (no stat, a zombie, another start time)
 //! it prints `gone INDEX` and exits 0. One watcher per VM: a new one kills the previous one
 //! (its pid kept in `/run/vmha-watch.pid` — `$VMHA_WATCH_DIR` instead of `/run` if set, `/tmp`
 //! if that is not writable — and checked to be a watcher before the kill).
@@ -33,7 +35,7 @@ pub const WATCH_OUTPUT_CAP: usize = 1024;
 pub const WATCH_REPLY_LINE: usize = 16 << 10;
 
 /// The watcher program; its arguments come from [`watch_request`].
-pub const PROGRAM: &str = r#"M="vmha-watch $1"; tick=$2; shift 2
+pub const PROGRAM: &str = r#"M="vmha-watch $1"; tick=$2; every=$3; shift 3
 d=${VMHA_WATCH_DIR:-/run}; [ -w "$d" ] || d=/tmp; pf=$d/vmha-watch.pid
 if read -r old <"$pf" 2>/dev/null; then
 	case "$old" in '' | *[!0-9]*) ;; *)
@@ -84,16 +86,33 @@ if command -v waitpid >/dev/null 2>&1 && waitpid --help 2>&1 | grep -q -- --coun
 	waitpid --count 1 $pids >/dev/null 2>&1
 	check
 fi
+quick() {
+	for q in $pids; do [ -d "/proc/$q" ] || check; done
+}
+t=0
+tock() {
+	t=$((t + 1))
+	if [ "$t" -ge "$every" ]; then t=0; check; else quick; fi
+}
 if mkfifo "$fifo" 2>/dev/null && { read -t 0.01 _w <>"$fifo"; [ $? -ne 2 ]; } 2>/dev/null; then
-	while :; do check; read -t "$tick" _w <>"$fifo"; done
+	while :; do tock; read -t "$tick" _w <>"$fifo"; done
 fi
 rm -f "$fifo"
-while :; do check; sleep "$tick"; done
+while :; do tock; sleep "$tick"; done
 "#;
 
 /// A fresh random nonce for a watcher's answer lines.
 pub fn nonce() -> u64 {
     crate::qga::random_id()
+}
+
+/// How often the loop re-reads every process's `stat` (zombie, start time), in ticks between
+/// which it only checks that `/proc/PID` is there (one `stat` call per process, no parsing).
+const FULL_CHECK: Duration = Duration::from_secs(1);
+
+/// Ticks between two full checks ([`FULL_CHECK`]), at least 1.
+fn full_check_every(tick: Duration) -> u128 {
+    (FULL_CHECK.as_millis() / tick.as_millis().max(1)).max(1)
 }
 
 /// Seconds for the guest's `read -t`/`sleep`, with millisecond precision.
@@ -118,6 +137,7 @@ pub fn watch_request(
         MARK.to_string(),
         nonce.to_string(),
         seconds(tick),
+        full_check_every(tick).to_string(),
     ];
     for t in targets {
         let (kind, value) = match &t.process {
@@ -228,7 +248,7 @@ mod tests {
         assert_eq!(r.argv[2], PROGRAM);
         assert_eq!(
             &r.argv[3..],
-            ["vmha-watch", "3", "0.100", "f", "/x/$(reboot)'"]
+            ["vmha-watch", "3", "0.100", "10", "f", "/x/$(reboot)'"]
         );
         assert_eq!(r.output_cap, WATCH_OUTPUT_CAP);
     }
@@ -321,6 +341,46 @@ mod tests {
             assert!(report.not_found.is_empty());
             other.kill().unwrap();
             other.wait().unwrap();
+        }
+    }
+
+    #[test]
+    fn full_checks_come_once_a_second() {
+        assert_eq!(full_check_every(Duration::from_millis(100)), 10);
+        assert_eq!(full_check_every(Duration::from_millis(20)), 50);
+        assert_eq!(full_check_every(Duration::from_secs(5)), 1);
+    }
+
+    /// A process that died but nobody reaps (a zombie: `/proc/PID` still there) is seen by the
+    /// full check within a second.
+    #[test]
+    fn a_zombie_is_gone_too() {
+        let dir = tempfile::tempdir().unwrap();
+        for shell in shells() {
+            let mut app = Command::new("sleep").arg("30").spawn().unwrap();
+            let pid_file = dir.path().join("app.pid");
+            std::fs::write(&pid_file, format!("{}\n", app.id())).unwrap();
+            let targets = vec![target(
+                "app",
+                ProcessRef::PidFile(pid_file.display().to_string()),
+            )];
+            let mut watcher = spawn_watcher(shell, dir.path(), &targets, 12);
+            let head = until_armed(&mut watcher);
+            // Killed, not waited for: a zombie until the end of the test.
+            app.kill().unwrap();
+            let (code, stdout) = finish(watcher, head);
+            let report = parse_watch(
+                &targets,
+                12,
+                &output(ExitStatus::Code(code.unwrap()), &stdout),
+            );
+            assert_eq!(
+                report.end,
+                WatchEnd::Gone(Name::new("app").unwrap()),
+                "{shell}: {}",
+                String::from_utf8_lossy(&stdout)
+            );
+            app.wait().unwrap();
         }
     }
 
