@@ -10,10 +10,10 @@
 //! died since its check, or its `pid_file`/`process` is wrong: the engine tells them apart). It then waits, the cheapest way the
 //! guest offers: util-linux `waitpid --count 1` (≥ 2.38, no CPU while waiting) when present,
 //! then a loop of shell builtins — `read -t TICK` on a private fifo opened read-write (no fork;
-//! busybox ash, bash) or `sleep TICK` (a fork per tick, e.g. dash) — that per tick only tests
-//! that each `/proc/PID` exists (a process that died and was reaped: the common case, seen
-//! within a tick) and re-reads each `/proc/PID/stat` once per second ([`FULL_CHECK`]: a zombie
-//! nobody reaps, a reused pid). When a process is gone (no stat, a zombie, another start time)
+//! busybox ash, bash) or `sleep TICK` (a fork per tick, e.g. dash) — that per tick reads each
+//! `/proc/PID/stat` and only matches its state against a pattern (gone or a zombie: seen within
+//! a tick; no field splitting), and once per second ([`FULL_CHECK`]) splits it to compare the
+//! start time too (a reused pid). When a process is gone (no stat, a zombie, another start time)
 //! it prints `gone INDEX` and exits 0. One watcher per VM: a new one kills the previous one
 //! (its pid kept in `/run/vmha-watch.pid` — `$VMHA_WATCH_DIR` instead of `/run` if set, `/tmp`
 //! if that is not writable — and checked to be a watcher before the kill).
@@ -87,7 +87,10 @@ if command -v waitpid >/dev/null 2>&1 && waitpid --help 2>&1 | grep -q -- --coun
 	check
 fi
 quick() {
-	for q in $pids; do [ -d "/proc/$q" ] || check; done
+	for q in $pids; do
+		l=; read -r l <"/proc/$q/stat" 2>/dev/null
+		case "$l" in *") "[!ZXx]" "*) ;; *) check ;; esac
+	done
 }
 t=0
 tock() {
@@ -106,8 +109,8 @@ pub fn nonce() -> u64 {
     crate::qga::random_id()
 }
 
-/// How often the loop re-reads every process's `stat` (zombie, start time), in ticks between
-/// which it only checks that `/proc/PID` is there (one `stat` call per process, no parsing).
+/// How often the loop compares every process's start time (a reused pid); between, each tick
+/// only matches the state in its `stat` (gone, zombie).
 const FULL_CHECK: Duration = Duration::from_secs(1);
 
 /// Ticks between two full checks ([`FULL_CHECK`]), at least 1.
