@@ -305,8 +305,10 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn watcher_exits_when_the_process_dies_and_names_it() {
+    /// A watcher of `app` and `other` (sleeping processes) under each shell: armed while they
+    /// live, it ends once `app` is killed — `reaped` or left a zombie (`/proc/PID` still
+    /// there) — and its answer names `app`.
+    fn ends_when_the_app_dies(reaped: bool) {
         let dir = tempfile::tempdir().unwrap();
         for shell in shells() {
             let mut app = Command::new("sleep").arg("30").spawn().unwrap();
@@ -323,12 +325,12 @@ mod tests {
                 target("app", ProcessRef::PidFile(pid_file.display().to_string())),
             ];
             let mut watcher = spawn_watcher(shell, dir.path(), &targets, 11);
-            // Armed while the app lives; it ends once the app is killed (and reaped, so its
-            // stat is gone): its answer names it.
             let head = until_armed(&mut watcher);
             assert!(head.ends_with(b"vmha-watch 11 armed\n"), "{shell}");
             app.kill().unwrap();
-            app.wait().unwrap();
+            if reaped {
+                app.wait().unwrap();
+            }
             let (code, stdout) = finish(watcher, head);
             let report = parse_watch(
                 &targets,
@@ -342,9 +344,20 @@ mod tests {
                 String::from_utf8_lossy(&stdout)
             );
             assert!(report.not_found.is_empty());
+            app.wait().unwrap();
             other.kill().unwrap();
             other.wait().unwrap();
         }
+    }
+
+    #[test]
+    fn watcher_exits_when_the_process_dies_and_names_it() {
+        ends_when_the_app_dies(true);
+    }
+
+    #[test]
+    fn a_zombie_is_gone_too() {
+        ends_when_the_app_dies(false);
     }
 
     #[test]
@@ -352,39 +365,6 @@ mod tests {
         assert_eq!(full_check_every(Duration::from_millis(100)), 10);
         assert_eq!(full_check_every(Duration::from_millis(20)), 50);
         assert_eq!(full_check_every(Duration::from_secs(5)), 1);
-    }
-
-    /// A process that died but nobody reaps (a zombie: `/proc/PID` still there) is seen by the
-    /// full check within a second.
-    #[test]
-    fn a_zombie_is_gone_too() {
-        let dir = tempfile::tempdir().unwrap();
-        for shell in shells() {
-            let mut app = Command::new("sleep").arg("30").spawn().unwrap();
-            let pid_file = dir.path().join("app.pid");
-            std::fs::write(&pid_file, format!("{}\n", app.id())).unwrap();
-            let targets = vec![target(
-                "app",
-                ProcessRef::PidFile(pid_file.display().to_string()),
-            )];
-            let mut watcher = spawn_watcher(shell, dir.path(), &targets, 12);
-            let head = until_armed(&mut watcher);
-            // Killed, not waited for: a zombie until the end of the test.
-            app.kill().unwrap();
-            let (code, stdout) = finish(watcher, head);
-            let report = parse_watch(
-                &targets,
-                12,
-                &output(ExitStatus::Code(code.unwrap()), &stdout),
-            );
-            assert_eq!(
-                report.end,
-                WatchEnd::Gone(Name::new("app").unwrap()),
-                "{shell}: {}",
-                String::from_utf8_lossy(&stdout)
-            );
-            app.wait().unwrap();
-        }
     }
 
     #[test]
