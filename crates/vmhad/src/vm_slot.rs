@@ -124,6 +124,9 @@ pub struct VmSlot {
     watch_generation: AtomicU64,
     /// Set when the daemon stops its VMs on exit: a start still in flight must not launch.
     closing: AtomicBool,
+    /// The slot has looked for a QEMU left running (adoption) or launched one. Before, it has
+    /// no handle but knows nothing: a safety poll then reports nothing (not "gone").
+    looked: AtomicBool,
     tx: HostInputs,
     fence: Arc<Fence>,
 }
@@ -142,6 +145,7 @@ impl VmSlot {
             generation: AtomicU64::new(0),
             watch_generation: AtomicU64::new(0),
             closing: AtomicBool::new(false),
+            looked: AtomicBool::new(false),
             tx,
             fence,
         })
@@ -178,6 +182,7 @@ impl VmSlot {
             tokio::spawn(pump(Arc::clone(self), generation, qmp, events));
         }
         *slot = Some(vm);
+        self.looked.store(true, Ordering::SeqCst);
     }
 
     /// Reattaches to a QEMU left running by an earlier daemon and reports what it found, as
@@ -197,6 +202,7 @@ impl VmSlot {
                     VmObservation::Gone
                 }
             };
+        self.looked.store(true, Ordering::SeqCst);
         drop(guard);
         self.send(HostInput::VmObserved {
             vm: self.name.clone(),
@@ -409,12 +415,17 @@ impl VmSlot {
     /// observation is queued while the slot is locked, so it can never overtake the result
     /// of a later start: a stale "gone" about a dead QEMU cannot land after its successor runs.
     /// A slot busy with a start/stop/kill (or an earlier poll) is skipped: polls never queue
-    /// up behind a hung QEMU, nor delay a kill.
+    /// up behind a hung QEMU, nor delay a kill. So is one that has not looked for a running
+    /// QEMU yet (adoption not begun): its lack of a handle would read as "gone".
     pub async fn poll_status(&self) {
         let Ok(guard) = self.qemu.try_lock() else {
             tracing::debug!(vm = %self.name, "slot busy: safety poll skipped");
             return;
         };
+        if !self.looked.load(Ordering::SeqCst) {
+            tracing::debug!(vm = %self.name, "not adopted yet: safety poll skipped");
+            return;
+        }
         let kind = match guard.as_ref() {
             Some(vm) => vm.status().await,
             None => VmObservation::Gone,
@@ -621,9 +632,30 @@ kernel = "/nonexistent/vmlinuz"
 
     /// Safety polls must not queue up behind a long start/stop/kill holding the slot: with a
     /// hung QEMU they would pile up without bound and delay a fencing kill behind them.
+    /// A daemon restarted next to its running VM: a safety poll that comes before the slot
+    /// has looked for that VM must not report it gone (the engine would restart it).
+    #[tokio::test]
+    async fn no_safety_poll_before_adoption() {
+        let (slot, mut rx, _dir) = slot();
+        slot.poll_status().await;
+        assert!(rx.try_recv().is_err(), "a poll before adoption reported");
+        // Nothing to adopt here: adoption says so, and polls report from then on.
+        Arc::clone(&slot).adopt().await;
+        let Some(Msg::Host(HostInput::VmObserved { kind, .. })) = rx.recv().await else {
+            panic!("expected adoption's observation");
+        };
+        assert_eq!(kind, VmObservation::Gone);
+        slot.poll_status().await;
+        assert!(matches!(
+            rx.recv().await,
+            Some(Msg::Host(HostInput::VmObserved { .. }))
+        ));
+    }
+
     #[tokio::test]
     async fn safety_polls_do_not_queue_behind_a_busy_slot() {
         let (slot, mut rx, _dir) = slot();
+        slot.looked.store(true, Ordering::SeqCst);
         let busy = slot.qemu.lock().await;
         let polls: Vec<_> = (0..3)
             .map(|_| {
