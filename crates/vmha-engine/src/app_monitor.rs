@@ -98,7 +98,11 @@ pub(crate) struct AppMonitor {
     /// Start commands that ran and failed in a row while `restarting` (sets the backoff).
     failed_starts: u32,
     pub next_probe: Timestamp,
+    /// The start or stop in flight (set with [`AppMonitor::begin`]).
     pub op: Option<AppOp>,
+    /// The last start or stop issued: a probe sent before it ran its check before the command
+    /// changed the app, so its outcome says nothing about the app now.
+    last_op: Option<ActionId>,
     /// A start wanted once everything it requires is online.
     pub pending: Option<StartWhy>,
     pub reason: String,
@@ -137,6 +141,7 @@ impl AppMonitor {
             failed_starts: 0,
             next_probe: now,
             op: None,
+            last_op: None,
             pending: None,
             reason: "not probed yet".to_string(),
             dirty: Dirty::default(),
@@ -220,6 +225,22 @@ impl AppMonitor {
     /// Probed in the next batch when due: no operation in flight, no start pending.
     pub fn probe_eligible(&self) -> bool {
         self.op.is_none() && self.pending.is_none()
+    }
+
+    /// Issues `op` (a start or stop just sent to the guest) for this app.
+    pub fn begin(&mut self, op: AppOp) {
+        let (AppOp::Start(id, _) | AppOp::Stop(id, _)) = op;
+        self.op = Some(op);
+        self.last_op = Some(id);
+    }
+
+    /// Whether the outcome of `probe` tells this app's state now: nothing is in flight or
+    /// pending, and no start or stop was issued after the probe was sent (its check may have
+    /// run before that command changed the app — a check that saw an app an admin stopped a
+    /// moment later would clear the offline flag, one that missed an app just started would
+    /// count a failure).
+    pub fn answered_by(&self, probe: ActionId) -> bool {
+        self.probe_eligible() && self.last_op.is_none_or(|op| op < probe)
     }
 
     /// Forgets the probes without a usable answer counted so far.

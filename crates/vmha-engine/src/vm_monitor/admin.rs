@@ -170,7 +170,7 @@ impl VmMonitor {
             },
             "stopped by admin",
         );
-        self.apps[i].op = Some(AppOp::Stop(id, StopWhy::Admin));
+        self.apps[i].begin(AppOp::Stop(id, StopWhy::Admin));
         self.set_app(out, i, AppState::Stopping, "stopping (admin)");
         Ok(())
     }

@@ -233,7 +233,7 @@ impl VmMonitor {
             let Some(i) = self.apps.iter().position(|a| &a.name == name) else {
                 continue;
             };
-            if !probe.apps.contains(&i) || !self.apps[i].probe_eligible() {
+            if !probe.apps.contains(&i) || !self.apps[i].answered_by(probe.id) {
                 continue;
             }
             let before = self.apps[i].state;

@@ -55,7 +55,7 @@ impl VmMonitor {
                             self.intent_text()
                         ),
                     );
-                    self.apps[i].op = Some(AppOp::Stop(id, StopWhy::Plan));
+                    self.apps[i].begin(AppOp::Stop(id, StopWhy::Plan));
                     self.set_app(out, i, AppState::Stopping, "stopping before the VM stops");
                 }
             }
@@ -169,7 +169,7 @@ impl VmMonitor {
             },
             reason.clone(),
         );
-        self.apps[i].op = Some(AppOp::Start(id, why));
+        self.apps[i].begin(AppOp::Start(id, why));
         self.note_app(out, i, to, &reason);
     }
 
