@@ -50,8 +50,8 @@ pub struct ProbeCheck {
 pub enum Unreadable {
     /// The guest's answer held no valid status line for this check (garbled or cut output).
     Missing,
-    /// The guest has no `timeout` command, so the check could not be run under its timeout.
-    NoTimeoutCommand,
+    /// The guest has no `sleep` command, so the check could not be run under its timeout.
+    NoSleepCommand,
     /// The check's argv is empty or holds a NUL byte: it was not run.
     InvalidArgv,
 }
@@ -60,7 +60,7 @@ impl fmt::Display for Unreadable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Unreadable::Missing => "no status line for this check in the guest's answer",
-            Unreadable::NoTimeoutCommand => "the guest has no timeout command",
+            Unreadable::NoSleepCommand => "the guest has no sleep command",
             Unreadable::InvalidArgv => "invalid check argv",
         })
     }

@@ -1,18 +1,22 @@
 //! Batched app probes: every check of one VM in ONE guest round trip.
 //!
 //! [`QgaClient::probe`] runs a single `guest-exec` of `/bin/sh -c <program>` in which every
-//! check runs in parallel under the guest's `timeout` (busybox or coreutils), with stdin, stdout
-//! and stderr on `/dev/null`, and the shell prints one status line per check. The cost per VM per
-//! period is one exec plus its status polls, whatever the number of checks; in the guest, each
-//! check costs two processes (`timeout` and the check: the shell starts `timeout` as a plain
-//! background job and collects each status with `wait PID`, no subshell per check).
+//! check runs in parallel as a plain background job (stdin, stdout and stderr on `/dev/null`)
+//! and the shell prints one status line per check, collected with `wait PID` (no subshell per
+//! check). The cost per VM per period is one exec plus its status polls, whatever the number
+//! of checks; in the guest, each check costs its own process and nothing more, and each probe
+//! one timer per distinct check timeout: a subshell running `sleep` that, if it is not
+//! cancelled first, sends `TERM` to every check of its timeout still running — and to their
+//! descendants, found in `/proc/PID/task/PID/children` (all with builtins: a timed-out check
+//! script does not leave its children behind). Running `timeout` per check instead cost twice
+//! the guest's CPU (an exec per check). The timer sends `TERM` only to a pid that
+//! `/proc/PID/stat` shows is still a child of the probe's shell (never to a reused pid); in a
+//! guest without `/proc` it sends it to the check's pid as `timeout` would.
 //!
-//! Exit status mapping (shell convention): `0` → running; `124` (coreutils) or `143` (busybox,
-//! killed by the `TERM` of `timeout`) → timed out; `129..=192` → killed by signal `status − 128`;
-//! anything else → not running with that code. So a check that dies of `SIGTERM` by itself is
-//! reported as timed out, and one that exits with a code above 128 as a signal death. A check
-//! that ignores `SIGTERM` holds the whole probe until the exec deadline (busybox `timeout` has
-//! no kill-after), which then fails the probe as a whole.
+//! Exit status mapping (shell convention): `0` → running; `124` → timed out (the shell reports
+//! that for a check that died of the timer's `TERM`); `129..=192` → killed by signal
+//! `status − 128`; anything else → not running with that code. A check that ignores `SIGTERM`
+//! holds the whole probe until the exec deadline, which then fails the probe as a whole.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -50,7 +54,7 @@ fn shell_quote(arg: &str) -> String {
     out
 }
 
-/// Seconds for `timeout`, with millisecond precision and no exponent.
+/// Seconds for `sleep`, with millisecond precision and no exponent.
 fn seconds(d: Duration) -> String {
     let d = d.max(MIN_TIMEOUT);
     let ms = d.as_millis();
@@ -61,31 +65,87 @@ fn seconds(d: Duration) -> String {
     }
 }
 
+/// Whole seconds for a `sleep` without fractions (old busybox builds), rounded up.
+fn whole_seconds(d: Duration) -> u128 {
+    d.max(MIN_TIMEOUT).as_millis().div_ceil(1000)
+}
+
 fn valid_argv(argv: &[String]) -> bool {
     !argv.is_empty() && argv.iter().all(|a| !a.contains('\0'))
 }
 
+/// The timer's functions, builtins only. `vk PARENT PID...` sends `TERM` to each PID that
+/// `/proc` shows running as a child of PARENT (every PID when `/proc` is not mounted), with its
+/// descendants; `vt PID` reads PID's children before it sends `TERM` to it (they are
+/// reparented once it dies), then does the same for each child.
+const TIMER_FNS: &str = "\
+vt() { c=; read -r c </proc/$1/task/$1/children; kill -TERM $1; for d in $c; do vt $d; done; }
+vk() { vq=$1; shift; for q; do
+if [ -d /proc/$vq ]; then read -r l </proc/$q/stat || continue; s=${l##*) }; st=${s%% *}; s=${s#* }
+[ \"$st\" != Z ] && [ \"${s%% *}\" = \"$vq\" ] || continue; fi; vt $q; done; }
+";
+
 /// Builds the shell program for `checks`; status lines carry `nonce` so nothing else can forge
 /// them by accident.
 pub fn build_program(checks: &[ProbeCheck], nonce: u64) -> String {
+    // Nothing reads the shell's stderr (its "Terminated" notes on timed-out checks).
     let mut p = format!(
-        "command -v timeout >/dev/null 2>&1 || {{ echo '{MARK} {nonce} none'; exit 0; }}\n"
+        "exec 2>/dev/null\ncommand -v sleep >/dev/null || {{ echo '{MARK} {nonce} none'; exit 0; }}\n"
     );
-    let mut started = Vec::new();
+    // The checks that run, grouped by timeout: one timer per group.
+    let mut groups: Vec<(Duration, Vec<usize>)> = Vec::new();
     for (i, check) in checks.iter().enumerate() {
         if !valid_argv(&check.argv) {
             continue;
         }
         let argv: Vec<String> = check.argv.iter().map(|a| shell_quote(a)).collect();
         p.push_str(&format!(
-            "timeout -s TERM {} {} </dev/null >/dev/null 2>&1 & p{i}=$!\n",
-            seconds(check.timeout),
+            "{} </dev/null >/dev/null 2>&1 & p{i}=$!\n",
             argv.join(" ")
         ));
-        started.push(i);
+        let timeout = check.timeout.max(MIN_TIMEOUT);
+        match groups.iter_mut().find(|(t, _)| *t == timeout) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((timeout, vec![i])),
+        }
     }
-    for i in started {
-        p.push_str(&format!("wait $p{i}; echo \"{MARK} {nonce} {i} $?\"\n"));
+    if groups.is_empty() {
+        return p;
+    }
+    p.push_str(TIMER_FNS);
+    for (g, (timeout, members)) in groups.iter().enumerate() {
+        let pids: Vec<String> = members.iter().map(|i| format!("$p{i}")).collect();
+        // Exit 0: it fired. Stopped by the shell's TERM (143, its `sleep` with it): the
+        // checks ended in time. A `sleep` without fractions fails at once: whole seconds. The
+        // trap only notes the TERM (traps run between commands): a TERM before `w` is set is
+        // seen before waiting. Its `sleep` gets `KILL`: a `TERM` between fork and exec is lost.
+        p.push_str(&format!(
+            "(x=; trap x=1 TERM; sleep {} & w=$!; [ -n \"$x\" ] || wait $w; r=$?\n\
+             if [ -z \"$x\" ] && [ $r != 0 ]; then sleep {} & w=$!; [ -n \"$x\" ] || wait $w; r=$?; fi\n\
+             [ -n \"$x\" ] && {{ kill -9 $w; exit 143; }}; [ $r = 0 ] || exit 1\n\
+             trap '' TERM; [ -n \"$x\" ] && exit 143; vk $$ {}; exit 0) \
+             </dev/null >/dev/null 2>&1 & k{g}=$!\n",
+            seconds(*timeout),
+            whole_seconds(*timeout),
+            pids.join(" ")
+        ));
+    }
+    for (g, (_, members)) in groups.iter().enumerate() {
+        for i in members {
+            p.push_str(&format!("wait $p{i}; s{i}=$?\n"));
+        }
+        // A check that died of the fired timer's TERM timed out.
+        let fired: Vec<String> = members
+            .iter()
+            .map(|i| format!("[ $s{i} = 143 ] && s{i}=124;"))
+            .collect();
+        p.push_str(&format!(
+            "kill $k{g} 2>/dev/null; wait $k{g} && {{ {} }}\n",
+            fired.join(" ")
+        ));
+        for i in members {
+            p.push_str(&format!("echo \"{MARK} {nonce} {i} $s{i}\"\n"));
+        }
     }
     p
 }
@@ -93,7 +153,7 @@ pub fn build_program(checks: &[ProbeCheck], nonce: u64) -> String {
 fn classify(status: u32) -> ProbeOutcome {
     match status {
         0 => ProbeOutcome::Running,
-        124 | 143 => ProbeOutcome::TimedOut,
+        124 => ProbeOutcome::TimedOut,
         129..=192 => ProbeOutcome::NotRunning(ExitStatus::Signal((status - 128) as i32)),
         code => ProbeOutcome::NotRunning(ExitStatus::Code(code.min(255) as i32)),
     }
@@ -124,7 +184,7 @@ pub fn parse_output(checks: &[ProbeCheck], nonce: u64, stdout: &[u8]) -> Vec<(Na
         };
         if index == "none" && status.is_none() {
             for r in results.iter_mut().filter(|r| r.is_none()) {
-                *r = Some(ProbeOutcome::Unreadable(Unreadable::NoTimeoutCommand));
+                *r = Some(ProbeOutcome::Unreadable(Unreadable::NoSleepCommand));
             }
             continue;
         }
@@ -278,12 +338,12 @@ mod tests {
     }
 
     #[test]
-    fn no_timeout_command_marks_all_unknown() {
+    fn no_sleep_command_marks_all_unknown() {
         let checks = vec![check("a", &["true"])];
         let got = parse_output(&checks, 1, b"vmha-probe 1 none\n");
         assert_eq!(
             got[0].1,
-            ProbeOutcome::Unreadable(Unreadable::NoTimeoutCommand)
+            ProbeOutcome::Unreadable(Unreadable::NoSleepCommand)
         );
     }
 
@@ -292,9 +352,112 @@ mod tests {
         let checks = vec![check("a", &["true"]), check("b", &[]), check("c", &["a b"])];
         let p = build_program(&checks, 3);
         assert_eq!(p.matches(" & p").count(), 2);
-        assert!(p.contains("timeout -s TERM 1 'a b' </dev/null >/dev/null 2>&1 & p2=$!\n"));
-        assert!(!p.contains('('), "no subshell per check:\n{p}");
-        assert!(p.ends_with("wait $p2; echo \"vmha-probe 3 2 $?\"\n"), "{p}");
+        assert!(
+            p.contains("\n'a b' </dev/null >/dev/null 2>&1 & p2=$!\n"),
+            "{p}"
+        );
+        assert_eq!(p.matches(" & k").count(), 1, "one timer per timeout:\n{p}");
+        assert!(p.ends_with("echo \"vmha-probe 3 2 $s2\"\n"), "{p}");
+    }
+
+    #[test]
+    fn one_timer_per_distinct_timeout() {
+        let checks = vec![
+            check("a", &["true"]),
+            ProbeCheck {
+                timeout: Duration::from_millis(300),
+                ..check("b", &["true"])
+            },
+            check("c", &["true"]),
+        ];
+        let p = build_program(&checks, 3);
+        assert_eq!(p.matches(" & k").count(), 2, "{p}");
+        assert!(p.contains("exit 143; vk $$ $p0 $p2; exit 0)"), "{p}");
+        assert!(p.contains("sleep 0.300 & w=$!;"), "{p}");
+        assert!(p.contains("then sleep 1 & w=$!;"), "{p}");
+    }
+
+    /// Runs `checks` under the host's sh (dash) and busybox's ash with its own applets, as in
+    /// the test guest (busybox-static is a test dependency); returns the outcomes per shell.
+    fn run_under_shells(checks: &[ProbeCheck]) -> Vec<(String, Vec<ProbeOutcome>)> {
+        let busybox = tempfile::tempdir().unwrap();
+        for applet in ["sh", "true", "false", "sleep", "kill"] {
+            std::os::unix::fs::symlink("/bin/busybox", busybox.path().join(applet)).unwrap();
+        }
+        let shells = [
+            (Path::new("/bin/sh").to_path_buf(), None),
+            (busybox.path().join("sh"), Some(busybox.path())),
+        ];
+        shells
+            .into_iter()
+            .map(|(shell, path)| {
+                let mut cmd = std::process::Command::new(&shell);
+                cmd.arg("-c").arg(build_program(checks, 42));
+                if let Some(dir) = path {
+                    cmd.env("PATH", dir);
+                }
+                let out = cmd.output().unwrap();
+                let got = outcomes(checks, 42, &out.stdout);
+                (shell.display().to_string(), got)
+            })
+            .collect()
+    }
+
+    /// Whether `pid` runs (exists and is no zombie: the sandbox's init may reap late).
+    fn running(pid: &str) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+    }
+
+    #[test]
+    fn a_timed_out_check_leaves_no_descendants() {
+        let dir = tempfile::tempdir().unwrap();
+        let pids = dir.path().join("pids");
+        let script = format!(
+            "sleep 30 & echo $! >>{0}; sh -c 'sleep 30 & echo $! >>{0}; wait' & wait",
+            pids.display()
+        );
+        let checks = vec![
+            ProbeCheck {
+                timeout: Duration::from_millis(300),
+                ..check("h", &["sh", "-c", &script])
+            },
+            check("t", &["true"]),
+        ];
+        for (shell, got) in run_under_shells(&checks) {
+            assert_eq!(
+                got,
+                vec![ProbeOutcome::TimedOut, ProbeOutcome::Running],
+                "under {shell}"
+            );
+        }
+        // Two shells, each check started two sleeps.
+        let started = std::fs::read_to_string(&pids).unwrap();
+        assert_eq!(started.lines().count(), 4, "{started}");
+        let left: Vec<&str> = started.lines().filter(|p| running(p)).collect();
+        assert!(left.is_empty(), "left running: {left:?}");
+    }
+
+    #[test]
+    fn a_probe_that_ends_in_time_leaves_no_timer_behind() {
+        let checks = vec![ProbeCheck {
+            timeout: Duration::from_millis(7_321),
+            ..check("t", &["true"])
+        }];
+        for (shell, got) in run_under_shells(&checks) {
+            assert_eq!(got, vec![ProbeOutcome::Running], "under {shell}");
+        }
+        let timers: Vec<String> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| {
+                let pid = e.ok()?.file_name().into_string().ok()?;
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                (cmdline.ends_with(b"sleep\x007.321\x00") && running(&pid)).then_some(pid)
+            })
+            .collect();
+        assert!(timers.is_empty(), "timers left sleeping: {timers:?}");
     }
 
     #[test]
@@ -308,25 +471,10 @@ mod tests {
                 timeout: Duration::from_millis(200),
                 ..check("s", &["sleep", "5"])
             },
+            // Dying of TERM by itself is a signal death, not a timeout.
+            check("e", &["sh", "-c", "kill -TERM $$"]),
         ];
-        // The host's sh (dash), and busybox's ash with its own applets as in the test guest
-        // (busybox-static is a test dependency).
-        let busybox = tempfile::tempdir().unwrap();
-        for applet in ["sh", "timeout", "true", "false", "sleep"] {
-            std::os::unix::fs::symlink("/bin/busybox", busybox.path().join(applet)).unwrap();
-        }
-        let shells = [
-            (Path::new("/bin/sh").to_path_buf(), None),
-            (busybox.path().join("sh"), Some(busybox.path())),
-        ];
-        for (shell, path) in shells {
-            let mut cmd = std::process::Command::new(&shell);
-            cmd.arg("-c").arg(build_program(&checks, 42));
-            if let Some(dir) = path {
-                cmd.env("PATH", dir);
-            }
-            let out = cmd.output().unwrap();
-            let got = outcomes(&checks, 42, &out.stdout);
+        for (shell, got) in run_under_shells(&checks) {
             assert_eq!(
                 got,
                 vec![
@@ -335,9 +483,9 @@ mod tests {
                     ProbeOutcome::NotRunning(ExitStatus::Code(3)),
                     ProbeOutcome::NotRunning(ExitStatus::Signal(9)),
                     ProbeOutcome::TimedOut,
+                    ProbeOutcome::NotRunning(ExitStatus::Signal(15)),
                 ],
-                "under {}",
-                shell.display()
+                "under {shell}"
             );
         }
     }
