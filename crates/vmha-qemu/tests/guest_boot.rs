@@ -130,6 +130,50 @@ async fn booted_guest_probes_apps_and_stops_gracefully() {
         ]
     );
 
+    // A hung check (a script looping on `sleep 1`) times out, and neither it nor its `sleep`
+    // is left running in the guest.
+    let hung = qga
+        .exec(&ExecRequest::new(["/opt/demo/app", "hang", "web"]))
+        .await
+        .unwrap();
+    assert_eq!(hung.status, ExitStatus::Code(0));
+    let checks: Vec<ProbeCheck> = app_checks()
+        .into_iter()
+        .map(|c| ProbeCheck {
+            timeout: Duration::from_millis(1500),
+            ..c
+        })
+        .collect();
+    let got: Vec<ProbeOutcome> = qga
+        .probe(&checks, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, o)| o)
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ProbeOutcome::TimedOut,
+            ProbeOutcome::NotRunning(ExitStatus::Code(3))
+        ]
+    );
+    let left = qga
+        .exec(&ExecRequest::new([
+            "/bin/sh",
+            "-c",
+            "for s in /proc/[0-9]*/stat; do read -r l <$s && case $l in \
+             *') Z '*) ;; *'(app) '*|*'(sleep) '*) echo $l;; esac; done",
+        ]))
+        .await
+        .unwrap();
+    let left = String::from_utf8_lossy(&left.stdout).to_string();
+    // Only the demo apps' own processes may remain (none is named `app` or `sleep`).
+    assert_eq!(left, "", "the timed-out check left processes behind");
+    qga.exec(&ExecRequest::new(["/opt/demo/app", "fix", "web"]))
+        .await
+        .unwrap();
+
     let outcome = vm.stop(Duration::from_secs(60)).await.unwrap();
     assert_eq!(outcome, StopOutcome::GuestAgent);
     let mut seen = Vec::new();
