@@ -364,21 +364,31 @@ fn markdown(args: &BenchArgs, steps: &[Step]) -> String {
          QEMUs' CPU; probe latency p50/p99 interpolated from the window's share of vmhad's \
          `vmha_probe_duration_seconds` histogram (buckets 5 ms × 2ⁿ); missed probe deadlines = \
          the probes short of schedule per VM (fewer than ⌊window / interval⌋ − 1 probes in the \
-         window, summed); store writes = `vmha_store_duration_seconds_count` in the window, per \
+         window, summed); CPU per check = the CPU of the window over the checks run in it \
+         (probes × {APPS}); store writes = `vmha_store_duration_seconds_count` in the window, per \
          second, beside the state changes (events) per second. Targets at N = 500: vmhad ≤ 10 % \
          of one core, ≤ 100 MB RSS, no missed deadlines, store writes ∝ state changes. The \
          machine's 2 cores are shared by vmhad, every agent, the checks and the fake QEMUs. Raw: \
          `bench/scale.csv`.\n\n\
-         | N VMs | startup | vmhad CPU | vmhad RSS | agents CPU | fake QEMUs CPU | probes | errors | probe p50 | probe p99 | missed deadlines | store writes/s | state changes/s |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         | N VMs | startup | vmhad CPU | vmhad RSS | agents CPU | fake QEMUs CPU | probes | errors | vmhad per check | agents per check | probe p50 | probe p99 | missed deadlines | store writes/s | state changes/s |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         settle = 2 * INTERVAL_S,
         window = args.window,
     );
     let opt = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.0} ms"));
+    // CPU % of one core over the window → ms per check run in it.
+    let per_check = |cpu: f64, s: &Step| {
+        let checks = s.probes * APPS as f64;
+        if checks > 0.0 {
+            format!("{:.3} ms", cpu / 100.0 * s.window_s * 1000.0 / checks)
+        } else {
+            "—".to_string()
+        }
+    };
     for s in steps {
         let _ = writeln!(
             md,
-            "| {} | {:.0} s | {:.1} % | {:.0} MiB | {:.1} % | {:.1} % | {} | {} | {} | {} | {} | {:.2} | {:.2} |",
+            "| {} | {:.0} s | {:.1} % | {:.0} MiB | {:.1} % | {:.1} % | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} |",
             s.n,
             s.startup_s,
             s.vmhad_cpu,
@@ -387,6 +397,8 @@ fn markdown(args: &BenchArgs, steps: &[Step]) -> String {
             s.fake_cpu,
             s.probes,
             s.probe_errors,
+            per_check(s.vmhad_cpu, s),
+            per_check(s.agent_cpu, s),
             opt(s.p50_ms),
             opt(s.p99_ms),
             s.missed,
