@@ -49,11 +49,30 @@ fn machine() -> Vec<(&'static str, String)> {
         ("/dev/kvm", kvm.to_string()),
         ("QEMU", first_line("qemu-system-x86_64", &["--version"])),
         ("qemu-ga (host)", first_line("qemu-ga", &["--version"])),
-        (
-            "vmha commit",
-            first_line("git", &["describe", "--always", "--dirty"]),
-        ),
+        ("vmha commit", commit()),
     ]
+}
+
+/// The commit measured, `-dirty` when files outside `docs/` (which this command writes while
+/// it runs) differ from it.
+fn commit() -> String {
+    let head = first_line("git", &["rev-parse", "--short", "HEAD"]);
+    let changed = first_line(
+        "git",
+        &[
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            ":(exclude)docs",
+        ],
+    );
+    if changed == "?" {
+        head
+    } else {
+        format!("{head}-dirty")
+    }
 }
 
 /// The whole document.
