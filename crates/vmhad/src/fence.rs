@@ -9,7 +9,8 @@
 //! paths: no lock of a VM slot, no async runtime, no store call can hold it up. It finds each
 //! VM's QEMU by its command line (the VM's QMP socket path) and SIGKILLs it; while fenced it
 //! keeps killing whatever QEMU of those VMs appears (a start already under way), until a
-//! lease is held again.
+//! lease is held again. Not fenced, it sleeps until the deadline (an idle host's fence costs
+//! next to nothing), woken early by whatever changes what it must do.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -18,8 +19,13 @@ use std::time::{Duration, Instant};
 
 use vmha_qemu::VmPaths;
 
-/// How often the fence thread checks the deadline (and, fenced, looks for QEMUs to kill).
+/// How often the fenced thread looks for QEMUs of its VMs to kill (a start already under way).
 const TICK: Duration = Duration::from_millis(20);
+/// How often the thread feeds a hardware watchdog (whose timeout is at least 2 s).
+const FEED: Duration = Duration::from_millis(250);
+/// The longest the thread sleeps otherwise (it wakes at the deadline itself, and at once when
+/// the watchdog is attached, the lease is held again or vmhad stops).
+const IDLE: Duration = Duration::from_secs(1);
 
 /// When a host fences itself.
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +64,10 @@ pub struct Fence {
     core_seen_ms: AtomicU64,
     /// The hardware watchdog, when configured.
     watchdog: std::sync::Mutex<Option<crate::watchdog::Watchdog>>,
+    /// The fence thread, once spawned (woken early by [`Fence::wake`]).
+    thread: std::sync::OnceLock<std::thread::Thread>,
+    /// How many times the thread has looked (woken up).
+    looks: AtomicU64,
 }
 
 impl Fence {
@@ -84,6 +94,8 @@ impl Fence {
             killed: AtomicU64::new(0),
             core_seen_ms: AtomicU64::new(0),
             watchdog: std::sync::Mutex::new(None),
+            thread: std::sync::OnceLock::new(),
+            looks: AtomicU64::new(0),
         })
     }
 
@@ -91,11 +103,12 @@ impl Fence {
         u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// A renewal sent at `sent` was acknowledged: the deadline moves to `sent + fence_after`.
-    /// Does not lift a fence (see [`Fence::rearm`]).
+    /// A renewal sent at `sent` was acknowledged: the deadline moves to `sent + fence_after`
+    /// (the fence guard hears of it at once). Does not lift a fence (see [`Fence::rearm`]).
     pub fn renewed(&self, sent: Instant) {
         self.renewal_sent_ms
             .fetch_max(self.ms(sent), Ordering::SeqCst);
+        self.tell_guard();
     }
 
     /// A lease is held again (its grant or first renewal was sent at `sent`): VMs may run.
@@ -106,6 +119,7 @@ impl Fence {
         if self.fenced.swap(false, Ordering::SeqCst) {
             tracing::warn!("lease held again: fence lifted, VMs may be started again");
         }
+        self.wake();
     }
 
     /// The lease ended while the fence had not fired (the machine was suspended and the
@@ -118,6 +132,8 @@ impl Fence {
             tracing::error!("host lease ended before the fence fired: killing this host's VMs");
         }
         self.kill_all();
+        // Fenced: the thread keeps killing what appears.
+        self.wake();
     }
 
     /// Writes the last acknowledged renewal to the fence guard (if any, and if new).
@@ -143,6 +159,7 @@ impl Fence {
         if let Ok(mut w) = self.watchdog.lock() {
             *w = Some(watchdog);
         }
+        self.wake();
     }
 
     /// Whether the hardware watchdog may be fed now.
@@ -185,6 +202,12 @@ impl Fence {
     #[cfg(test)]
     pub fn killed(&self) -> u64 {
         self.killed.load(Ordering::Relaxed)
+    }
+
+    /// How many times the fence thread has woken up so far.
+    #[cfg(test)]
+    pub fn looks(&self) -> u64 {
+        self.looks.load(Ordering::Relaxed)
     }
 
     /// Replaces the VMs this host may run (after a configuration change).
@@ -245,18 +268,29 @@ impl Fence {
         {
             w.disarm();
         }
+        self.wake();
+    }
+
+    /// Wakes the fence thread (if spawned) to look at the state now.
+    fn wake(&self) {
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
     }
 
     /// Starts the fence thread.
     pub fn spawn(self: &Arc<Self>) -> std::io::Result<JoinHandle<()>> {
         let fence = Arc::clone(self);
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("vmhad-fence".into())
-            .spawn(move || fence.run())
+            .spawn(move || fence.run())?;
+        let _ = self.thread.set(handle.thread().clone());
+        Ok(handle)
     }
 
     fn run(&self) {
         while !self.stop.load(Ordering::SeqCst) {
+            self.looks.fetch_add(1, Ordering::Relaxed);
             let now = Instant::now();
             if !self.fenced() && self.overdue(now) {
                 self.fenced.store(true, Ordering::SeqCst);
@@ -268,15 +302,36 @@ impl Fence {
             if self.fenced() {
                 self.kill_all();
             }
-            self.tell_guard();
+            let mut nap = self.nap(now);
             if let Ok(mut w) = self.watchdog.lock()
                 && let Some(dog) = w.as_mut()
-                && self.may_feed(now, dog.timeout())
             {
-                dog.feed();
+                if self.may_feed(now, dog.timeout()) {
+                    dog.feed();
+                }
+                nap = nap.min(FEED);
             }
-            std::thread::sleep(TICK);
+            // Woken early by `wake`; a spurious wake-up only looks again.
+            std::thread::park_timeout(nap);
         }
+    }
+
+    /// How long the thread may sleep after looking at `now`: fenced, a [`TICK`]; armed,
+    /// until the deadline (a renewal only moves it later), at most [`IDLE`].
+    fn nap(&self, now: Instant) -> Duration {
+        if self.fenced() {
+            return TICK;
+        }
+        if !self.armed {
+            return IDLE;
+        }
+        let deadline = self
+            .renewal_sent_ms
+            .load(Ordering::SeqCst)
+            .saturating_add(u64::try_from(self.fence_after.as_millis()).unwrap_or(u64::MAX));
+        let left = Duration::from_millis(deadline.saturating_sub(self.ms(now)));
+        // Milliseconds are rounded down: one more, so it wakes past the deadline, not before.
+        (left + Duration::from_millis(1)).min(IDLE)
     }
 
     fn kill_all(&self) {
@@ -445,6 +500,26 @@ mod tests {
         let fence = Fence::new(FenceRule::Never, Vec::new());
         std::thread::sleep(Duration::from_millis(5));
         assert!(fence.may_run());
+    }
+
+    #[test]
+    fn an_idle_fence_thread_sleeps_and_stops_when_told() {
+        // Unarmed (embedded store): it looks once and sleeps; shutdown wakes it to stop.
+        let fence = Fence::new(FenceRule::Never, Vec::new());
+        let thread = fence.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        fence.shutdown();
+        thread.join().unwrap();
+        assert!(fence.looks() <= 2, "woke {} times", fence.looks());
+        // Armed with a deadline far off: it sleeps too (a renewal does not wake it).
+        let fence = Fence::new(rule(60_000), Vec::new());
+        let thread = fence.spawn().unwrap();
+        fence.renewed(Instant::now());
+        std::thread::sleep(Duration::from_millis(300));
+        fence.shutdown();
+        thread.join().unwrap();
+        assert!(fence.looks() <= 2, "woke {} times", fence.looks());
+        assert!(!fence.fenced());
     }
 
     #[test]
