@@ -30,8 +30,11 @@ use std::time::Duration;
 /// The command-line flag that runs vmhad as a fence guard.
 pub const FLAG: &str = "--fence-guard";
 
-/// How often the guard checks its deadlines.
+/// How often the guard kills again while it fences (a start that was under way).
 const TICK: Duration = Duration::from_millis(20);
+/// The longest the guard sleeps otherwise: it wakes at its deadline, and at once on every line
+/// from vmhad and when vmhad's end of the pipe closes.
+const IDLE: Duration = Duration::from_secs(1);
 
 /// Milliseconds of the system-wide monotonic clock (the same clock in every process).
 pub fn monotonic_ms() -> u64 {
@@ -109,6 +112,7 @@ pub fn run() -> ExitCode {
     {
         let heard = Arc::clone(&heard);
         let closed = Arc::clone(&closed);
+        let guard = std::thread::current();
         let reader = std::thread::Builder::new()
             .name("guard-stdin".into())
             .spawn(move || {
@@ -117,15 +121,16 @@ pub fn run() -> ExitCode {
                     if let Ok(mut w) = heard.lock() {
                         w.hear(&line);
                     }
+                    guard.unpark();
                 }
                 closed.store(true, Ordering::SeqCst);
+                guard.unpark();
             });
         if reader.is_err() {
             return ExitCode::FAILURE;
         }
     }
     loop {
-        std::thread::sleep(TICK);
         let gone = closed.load(Ordering::SeqCst);
         let Ok(w) = heard.lock().map(|w| w.clone()) else {
             return ExitCode::FAILURE;
@@ -149,9 +154,17 @@ pub fn run() -> ExitCode {
             }
             return ExitCode::SUCCESS;
         }
-        if w.hung_deadline().is_some_and(|d| now >= d) {
-            kill_all(&w.vms);
-        }
+        let nap = match w.hung_deadline() {
+            Some(d) if now >= d => {
+                kill_all(&w.vms);
+                TICK
+            }
+            // Milliseconds: one more, so it wakes past the deadline.
+            Some(d) => Duration::from_millis(d - now + 1).min(IDLE),
+            None => IDLE,
+        };
+        // Woken early by the reader; a spurious wake-up only looks again.
+        std::thread::park_timeout(nap);
     }
 }
 
