@@ -150,6 +150,14 @@ impl Host {
         self.agent.poll_action().expect("the command's action")
     }
 
+    /// The guest ran `action` (a start or stop) successfully.
+    fn succeeded(&mut self, action: &HostAction) {
+        self.input(HostInput::ActionResult {
+            id: action.id,
+            result: Ok(()),
+        });
+    }
+
     fn app(&self, app: &str) -> vmha_engine::AppStatus {
         let vm = self.agent.status().vms.into_iter().next().unwrap();
         vm.apps
@@ -199,10 +207,7 @@ fn a_probe_sent_before_an_admin_stop_does_not_undo_it() {
         "{stop:?}"
     );
     h.advance(50);
-    h.input(HostInput::ActionResult {
-        id: stop.id,
-        result: Ok(()),
-    });
+    h.succeeded(&stop);
     assert_eq!(h.state("worker"), AppState::Offline);
     // The probe's check ran before the stop: it saw worker running.
     h.advance(30);
@@ -237,10 +242,7 @@ fn a_probe_sent_before_an_admin_start_does_not_count_a_failure() {
         vm: name("shop"),
         app: name("worker"),
     });
-    h.input(HostInput::ActionResult {
-        id: stop.id,
-        result: Ok(()),
-    });
+    h.succeeded(&stop);
     let probe = h.next_probe();
     let start = h.command(AdminCommand::AppStart {
         vm: name("shop"),
@@ -250,10 +252,7 @@ fn a_probe_sent_before_an_admin_start_does_not_count_a_failure() {
         matches!(start.kind, HostActionKind::StartApp { .. }),
         "{start:?}"
     );
-    h.input(HostInput::ActionResult {
-        id: start.id,
-        result: Ok(()),
-    });
+    h.succeeded(&start);
     // The probe's check ran before the start: it saw worker down.
     h.input(probe_result(
         &probe,
