@@ -835,6 +835,27 @@ impl Inner {
         })
     }
 
+    /// [`Inner::keep_alive`] when it needs no disk and no wait: the file is open and healthy,
+    /// the state lock is free and no lease has expired (deleting an expired lease's keys is a
+    /// commit). `None`: renew on the blocking pool instead. A renewal is a change in memory
+    /// only, so taking it here saves the blocking pool's thread hand-off on every keepalive.
+    fn try_keep_alive(&self, now: Instant, id: LeaseId) -> Option<Result<Duration, StoreError>> {
+        if self.broken.load(Ordering::Acquire) || self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut state = self.state.try_lock().ok()?;
+        if state.leases.values().any(|l| l.deadline <= now) {
+            return None;
+        }
+        Some(match state.leases.get_mut(&id) {
+            Some(entry) => {
+                entry.deadline = now + entry.ttl;
+                Ok(entry.ttl)
+            }
+            None => Err(StoreError::LeaseExpired { lease: id }),
+        })
+    }
+
     fn revoke(&self, now: Instant, id: LeaseId) -> Result<(), StoreError> {
         self.write_with(|db, state| {
             reap(db, state, now)?;
@@ -1141,6 +1162,9 @@ impl ClusterStore for EmbeddedStore {
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
         let now = Instant::now();
+        if let Some(renewed) = self.handle.inner.try_keep_alive(now, lease) {
+            return renewed;
+        }
         self.blocking(move |inner| inner.keep_alive(now, lease))
             .await
     }
@@ -1221,5 +1245,44 @@ mod tests {
         let again = EmbeddedStore::open(&path).expect("the file is free again");
         assert!(matches!(background.read_key("/k"), Err(StoreError::Io(_))));
         drop(again);
+    }
+
+    /// Renewals taken without the blocking pool behave as the others: a live lease is renewed;
+    /// while another lease has expired, its keys are still deleted first; an unknown or ended
+    /// lease is `LeaseExpired`; a closed store renews nothing.
+    #[tokio::test]
+    async fn renewals_without_the_blocking_pool_keep_the_lease_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+        let kept = store.grant(Duration::from_secs(600)).await.unwrap();
+        let short = store.grant(Duration::from_secs(300)).await.unwrap();
+        store
+            .put("/short", b"x".to_vec(), Some(short.id))
+            .await
+            .unwrap();
+        let inner = Arc::clone(&store.handle.inner);
+        let now = Instant::now();
+        assert!(matches!(inner.try_keep_alive(now, kept.id), Some(Ok(ttl)) if ttl == kept.ttl));
+        assert!(inner.deadline(kept.id).unwrap() >= now + kept.ttl);
+        assert!(matches!(
+            inner.try_keep_alive(now, LeaseId(i64::MAX)),
+            Some(Err(StoreError::LeaseExpired { .. }))
+        ));
+        // Past the short lease's deadline, before its timer reaped it: the fast path steps
+        // aside and the renewal deletes the expired lease's keys before renewing.
+        let later = now + Duration::from_secs(400);
+        assert!(inner.try_keep_alive(later, kept.id).is_none());
+        inner.keep_alive(later, kept.id).unwrap();
+        assert!(store.list("/short").await.unwrap().kvs.is_empty());
+        assert!(matches!(
+            store.keep_alive(short.id).await,
+            Err(StoreError::LeaseExpired { .. })
+        ));
+        // Busy (a commit holds the state lock): the blocking pool takes it.
+        let held = inner.state.lock().unwrap();
+        assert!(inner.try_keep_alive(Instant::now(), kept.id).is_none());
+        drop(held);
+        inner.closed.store(true, Ordering::Release);
+        assert!(inner.try_keep_alive(Instant::now(), kept.id).is_none());
     }
 }
