@@ -8,13 +8,17 @@
 //!   [`VmObservation`]s on a tokio channel; the caller's status poll is the safety net.
 //! - [`agent`]: the guest channel through libvirt's agent passthrough
 //!   (`virDomainQemuAgentCommand`): ping, `guest-info`, `guest-exec` and the batched probe,
-//!   with the QEMU driver's program building and reply parsing (`vmha_qemu`), its caps and
+//!   with the QEMU driver's program building and typed reply parsing (`vmha_qemu`), its caps,
 //!   its errors ([`vmha_qemu::QgaError`]), every call bounded in time.
+//! - `channel`: the QEMU driver's hostile-guest rules on that passthrough: request ids, reply
+//!   caps and byte budget, typed parsing off the runtime workers, a byte rate per domain and
+//!   a backoff after [`vmha_qemu::QgaError::Hostile`].
 //!
 //! Every libvirt call blocks, so each runs on tokio's blocking pool under a timeout: a hung
 //! libvirtd stalls the VM whose call it is, never the caller's runtime.
 
 pub mod agent;
+mod channel;
 pub mod domain;
 pub mod events;
 

@@ -163,3 +163,33 @@ fn unreadable_file_is_an_io_error() {
     assert_eq!(err.kind(), ErrorKind::Io);
     assert!(err.diagnostic().is_none());
 }
+
+/// A build without the libvirt driver refuses a libvirt VM at its `driver` line, with the way
+/// to get a build that has it, and accepts everything else (CI builds with the driver, so the
+/// refusal is tested here, not through the binaries).
+#[test]
+fn a_driver_this_build_lacks_is_refused_at_its_line_with_a_hint() {
+    let without = vmha_model::Drivers { libvirt: false };
+    let text = "[cluster]\nname = \"c\"\n[[host]]\nname = \"h\"\n\
+                [[vm]]\nname = \"q\"\nhosts = [\"h\"]\n[vm.qemu]\ndisk = \"/q\"\n\
+                [[vm]]\nname = \"l\"\nhosts = [\"h\"]\ndriver = \"libvirt\"\n";
+    let err = Config::from_toml_str_for(text, "c.toml", without).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
+    let d = err.diagnostic().unwrap();
+    assert_eq!((d.file.as_str(), d.line), ("c.toml", 13), "{err}");
+    assert_eq!(d.source_line, "driver = \"libvirt\"");
+    assert!(
+        d.message.contains("VM `l`") && d.message.contains("this build does not include"),
+        "{}",
+        d.message
+    );
+    let hint = d.hint.as_deref().unwrap();
+    assert!(
+        hint.contains("--features libvirt") && hint.contains("driver = \"qemu\""),
+        "{hint}"
+    );
+    // The same file is valid for a build with the driver, and the qemu VM alone for one without.
+    Config::from_toml_str_for(text, "c.toml", vmha_model::Drivers::ALL).unwrap();
+    let qemu_only = &text[..text.rfind("[[vm]]").unwrap()];
+    Config::from_toml_str_for(qemu_only, "c.toml", without).unwrap();
+}

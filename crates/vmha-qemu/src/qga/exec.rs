@@ -65,11 +65,14 @@ pub struct ExecOutput {
     pub stderr_truncated: bool,
 }
 
-/// The `return` of `guest-exec`.
-#[derive(Deserialize)]
-struct Started {
+/// The `return` of `guest-exec`, parsed by `serde`: the guest pid, checked to be in
+/// `1..=i32::MAX` (anything else fails to parse). Public for drivers that carry agent commands
+/// themselves (libvirt).
+#[derive(Debug, Deserialize)]
+pub struct ExecStarted {
+    /// The guest pid.
     #[serde(deserialize_with = "pid")]
-    pid: i64,
+    pub pid: i64,
 }
 
 /// A guest pid: `1..=i32::MAX`, anything else is malformed.
@@ -82,9 +85,11 @@ fn pid<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
     }
 }
 
-/// The `return` of `guest-exec-status`.
-#[derive(Deserialize)]
-struct Status {
+/// The `return` of `guest-exec-status`, parsed by `serde` (unknown members skipped unread);
+/// [`ExecStatus::into_output`] checks and caps it. Public for drivers that carry agent
+/// commands themselves (libvirt).
+#[derive(Debug, Deserialize)]
+pub struct ExecStatus {
     exited: bool,
     exitcode: Option<i64>,
     signal: Option<i64>,
@@ -166,7 +171,7 @@ impl QgaClient {
             Some(arguments),
             self.bounded(deadline),
             SMALL_LINE,
-            |s: Started| Ok(s.pid),
+            |s: ExecStarted| Ok(s.pid),
         )
         .await
         .map_err(exec_blocked)
@@ -184,7 +189,7 @@ impl QgaClient {
             Some(json!({"pid": pid})),
             self.bounded(deadline),
             request.max_reply_line,
-            move |s: Status| exec_output(s, cap),
+            move |s: ExecStatus| s.into_output(cap),
         )
         .await
         .map_err(exec_blocked)
@@ -195,23 +200,6 @@ impl QgaClient {
             .call_timeout
             .min(deadline.saturating_duration_since(Instant::now()))
     }
-}
-
-/// Parses the `return` of `guest-exec`: the guest pid, checked to be in `1..=i32::MAX`. `Err`
-/// holds a safe description. For drivers that carry agent commands themselves (libvirt).
-pub fn exec_started(value: serde_json::Value) -> Result<i64, String> {
-    serde_json::from_value::<Started>(value)
-        .map(|s| s.pid)
-        .map_err(|e| crate::guest_text::guest_text(&e.to_string()))
-}
-
-/// Parses the `return` of `guest-exec-status` exactly as [`QgaClient::exec`] does: `Ok(None)`
-/// while the process runs, its checked, capped result once it exited. `Err` holds a safe
-/// description. For drivers that carry agent commands themselves (libvirt).
-pub fn exec_status(value: serde_json::Value, cap: usize) -> Result<Option<ExecOutput>, String> {
-    let status = serde_json::from_value::<Status>(value)
-        .map_err(|e| crate::guest_text::guest_text(&e.to_string()))?;
-    exec_output(status, cap)
 }
 
 /// What an error of `guest-exec`/`guest-exec-status` means: a missing or disabled command is
@@ -229,8 +217,18 @@ pub fn exec_blocked(e: QgaError) -> QgaError {
     }
 }
 
+impl ExecStatus {
+    /// The result as [`QgaClient::exec`] returns it: `Ok(None)` while the process runs, else
+    /// its status and output (each at most `cap` bytes). An exit code outside `0..=255`, a
+    /// signal outside `1..=64`, neither of them, or output that is not base64 is `Err`, with a
+    /// safe description.
+    pub fn into_output(self, cap: usize) -> Result<Option<ExecOutput>, String> {
+        exec_output(self, cap)
+    }
+}
+
 /// The result of a `guest-exec-status` reply: `None` while the process runs.
-fn exec_output(status: Status, cap: usize) -> Result<Option<ExecOutput>, String> {
+fn exec_output(status: ExecStatus, cap: usize) -> Result<Option<ExecOutput>, String> {
     if !status.exited {
         return Ok(None);
     }
@@ -273,37 +271,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use serde_json::Value;
-
-    /// The public parsers (for drivers that carry agent commands themselves) check the same.
-    #[test]
-    fn public_parsers_check_pids_statuses_and_caps() {
-        assert_eq!(exec_started(json!({"pid": 42})), Ok(42));
-        for bad in [
-            json!({"pid": 0}),
-            json!({"pid": -1}),
-            json!({"pid": 1u64 << 40}),
-            json!({}),
-        ] {
-            assert!(exec_started(bad.clone()).is_err(), "{bad}");
-        }
-        assert_eq!(exec_status(json!({"exited": false}), 10), Ok(None));
-        let out = exec_status(
-            json!({"exited": true, "exitcode": 0, "out-data": B64.encode("0123456789abc")}),
-            10,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!((out.stdout.len(), out.stdout_truncated), (10, true));
-        for bad in [
-            json!({"exited": true, "exitcode": 300}),
-            json!({"exited": true, "signal": 99}),
-            json!({"exited": true}),
-            json!({"exited": "yes"}),
-            json!({"exited": true, "exitcode": 0, "out-data": "!!"}),
-        ] {
-            assert!(exec_status(bad.clone(), 10).is_err(), "{bad}");
-        }
-    }
 
     fn status(v: Value, cap: usize) -> Result<Option<ExecOutput>, String> {
         exec_output(serde_json::from_value(v).map_err(|e| e.to_string())?, cap)
@@ -358,12 +325,12 @@ mod tests {
             json!({"pid": "7"}),
         ] {
             assert!(
-                serde_json::from_value::<Started>(bad.clone()).is_err(),
+                serde_json::from_value::<ExecStarted>(bad.clone()).is_err(),
                 "{bad}"
             );
         }
         assert_eq!(
-            serde_json::from_value::<Started>(json!({"pid": 42}))
+            serde_json::from_value::<ExecStarted>(json!({"pid": 42}))
                 .unwrap()
                 .pid,
             42

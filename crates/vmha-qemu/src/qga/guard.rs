@@ -1,13 +1,16 @@
 //! What a guest may cost the host: a rate limit on the bytes it sends, and the backoff after it
-//! was found hostile.
+//! was found hostile. One pair per guest channel, whatever carries it (the QGA socket, or
+//! libvirt's agent passthrough).
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::QgaConfig;
+
 /// Token bucket over the bytes read from one guest channel (it survives reconnects).
 #[derive(Debug)]
-pub(crate) struct Rate {
+pub struct Rate {
     capacity: f64,
     per_sec: f64,
     tokens: f64,
@@ -16,7 +19,7 @@ pub(crate) struct Rate {
 
 impl Rate {
     /// A bucket of `burst` bytes refilled at `per_sec` bytes per second, full.
-    pub(crate) fn new(burst: u64, per_sec: u64) -> Self {
+    pub fn new(burst: u64, per_sec: u64) -> Self {
         Self {
             capacity: burst as f64,
             per_sec: per_sec as f64,
@@ -25,9 +28,16 @@ impl Rate {
         }
     }
 
+    /// The bucket of one guest channel with `config`: `config.byte_rate` sustained, bursts up
+    /// to twice `config.max_line` plus 1 MiB.
+    pub fn for_channel(config: &QgaConfig) -> Self {
+        let burst = (config.max_line as u64).saturating_mul(2) + (1 << 20);
+        Self::new(burst, config.byte_rate)
+    }
+
     /// Takes `bytes` from the bucket; `false` if that overdraws it (the guest sends more than
     /// it may). An overdrawn bucket stays overdrawn until it refills.
-    pub(crate) fn take(&mut self, bytes: u64) -> bool {
+    pub fn take(&mut self, bytes: u64) -> bool {
         let now = Instant::now();
         let refill = now.duration_since(self.last).as_secs_f64() * self.per_sec;
         self.last = now;
@@ -38,7 +48,7 @@ impl Rate {
 
 /// Exponential backoff after a guest was found hostile: no reconnect until it expires.
 #[derive(Debug)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     initial: Duration,
     max: Duration,
     next: Duration,
@@ -48,7 +58,7 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     /// Starts at `initial`, doubling up to `max` while the guest stays hostile.
-    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
+    pub fn new(initial: Duration, max: Duration) -> Self {
         Self {
             initial,
             max,
@@ -57,8 +67,14 @@ impl Backoff {
         }
     }
 
+    /// The backoff of one guest channel with `config`: from `config.hostile_backoff`,
+    /// doubling up to 64 times that.
+    pub fn for_channel(config: &QgaConfig) -> Self {
+        Self::new(config.hostile_backoff, config.hostile_backoff * 64)
+    }
+
     /// Records a hostile episode with its (safe) reason; returns how long reconnecting waits.
-    pub(crate) fn hostile(&mut self, reason: String) -> Duration {
+    pub fn hostile(&mut self, reason: String) -> Duration {
         let wait = self.next;
         self.until = Some((Instant::now() + wait, reason));
         self.next = (self.next * 2).min(self.max);
@@ -66,14 +82,14 @@ impl Backoff {
     }
 
     /// The reason and remaining wait while backing off, else `None`.
-    pub(crate) fn active(&self) -> Option<(&str, Duration)> {
+    pub fn active(&self) -> Option<(&str, Duration)> {
         let (until, reason) = self.until.as_ref()?;
         let left = until.saturating_duration_since(Instant::now());
         (!left.is_zero()).then_some((reason.as_str(), left))
     }
 
     /// A call succeeded: the next hostile episode starts again at the initial backoff.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.next = self.initial;
         self.until = None;
     }

@@ -26,9 +26,9 @@
 //! that timeout and never affects another VM's client.
 
 mod exec;
-pub use exec::{ExecOutput, ExecRequest, exec_blocked, exec_started, exec_status};
-mod guard;
-mod wire;
+pub use exec::{ExecOutput, ExecRequest, ExecStarted, ExecStatus, exec_blocked};
+pub mod guard;
+pub mod wire;
 
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
@@ -50,11 +50,12 @@ use guard::{Backoff, Rate};
 use wire::{GuestText, Reply, SYNC_LINE_MAX, describe, is_sync_reply, parse_reply};
 
 /// Line cap of a reply without payload (`guest-ping`, `guest-exec`).
-const SMALL_LINE: usize = 4 << 10;
+pub const SMALL_LINE: usize = 4 << 10;
 /// Line cap of `guest-info` and of [`QgaClient::call`].
-const INFO_LINE: usize = 64 << 10;
-/// Bytes a read may take beyond its line cap (a few short stray lines).
-const SLACK: u64 = 64 << 10;
+pub const INFO_LINE: usize = 64 << 10;
+/// Bytes a read may take beyond its line cap (a few short stray lines); a guest that sends
+/// more than the cap plus this while one reply is awaited is [`QgaError::Hostile`].
+pub const SLACK: u64 = 64 << 10;
 /// Replies longer than this are parsed on a blocking thread.
 const INLINE_PARSE: usize = 64 << 10;
 
@@ -295,11 +296,10 @@ pub(crate) fn random_id() -> u64 {
 impl QgaClient {
     /// A client for the agent socket at `path`. Does not connect until the first call.
     pub fn new(path: impl Into<PathBuf>, config: QgaConfig) -> Self {
-        let burst = (config.max_line as u64).saturating_mul(2) + (1 << 20);
         let channel = Channel {
             conn: None,
-            rate: Rate::new(burst, config.byte_rate),
-            backoff: Backoff::new(config.hostile_backoff, config.hostile_backoff * 64),
+            rate: Rate::for_channel(&config),
+            backoff: Backoff::for_channel(&config),
         };
         Self {
             path: path.into(),
@@ -407,7 +407,7 @@ impl QgaClient {
                 command: command.to_owned(),
                 detail,
             };
-            match parse(line, id, convert).await.map_err(malformed)? {
+            match parse_typed(line, id, convert).await.map_err(malformed)? {
                 Reply::Return(value) => {
                     conn.synced = true;
                     Ok(value)
@@ -546,9 +546,12 @@ impl QgaClient {
     }
 }
 
-/// Parses a reply line for request `id` and converts its `return`; a long line is parsed on a
-/// blocking thread so that no runtime worker is held up. `Err` is a safe description.
-async fn parse<T, R, F>(line: Vec<u8>, id: u64, convert: F) -> Result<Reply<R>, String>
+/// Parses a reply line for request `id` as [`wire::parse_reply`] does and converts its
+/// `return` with `convert`; a line longer than 64 KiB is parsed on a blocking thread so that no
+/// runtime worker is held up, and dropped before `convert` runs. `Err` is a safe description
+/// (capped, no control or format characters). Also used by drivers that carry agent commands
+/// themselves (libvirt).
+pub async fn parse_typed<T, R, F>(line: Vec<u8>, id: u64, convert: F) -> Result<Reply<R>, String>
 where
     T: DeserializeOwned + Send + 'static,
     R: Send + 'static,

@@ -79,7 +79,7 @@ struct Wire<T> {
 
 /// What a reply line says, once parsed.
 #[derive(Debug)]
-pub(crate) enum Reply<T> {
+pub enum Reply<T> {
     /// A success with this request's id.
     Return(T),
     /// An error with this request's id.
@@ -91,11 +91,10 @@ pub(crate) enum Reply<T> {
     },
 }
 
-/// Parses one reply line for the request `expected`. `Err` holds a safe, capped description.
-pub(crate) fn parse_reply<T: DeserializeOwned>(
-    line: &[u8],
-    expected: u64,
-) -> Result<Reply<T>, String> {
+/// Parses one reply line for the request `expected` straight into `T` (no `serde_json::Value`,
+/// nesting limited to 128): only a reply carrying `expected` as its id answers it. `Err` holds
+/// a safe, capped description (no control or format characters).
+pub fn parse_reply<T: DeserializeOwned>(line: &[u8], expected: u64) -> Result<Reply<T>, String> {
     let wire: Wire<T> = serde_json::from_slice(line).map_err(|e| guest_text(&e.to_string()))?;
     match &wire.id {
         Some(n) if n.as_u64() == Some(expected) => {}
