@@ -678,6 +678,22 @@ fn cli_admin_commands(h: &mut Vmhad, run: &dyn Fn(&[&str]) -> Output) {
     ok(&["unfreeze", VM, "--json"]);
     wait_vm(h, "unfrozen", |v| v["frozen"] == false);
 
+    // clear: the VM's restart budget (two VM restarts so far) reset, apps re-armed.
+    let before = h.vm_status(VM);
+    assert!(
+        before["vm_restarts_in_window"].as_u64().unwrap() > 0,
+        "{before}"
+    );
+    ok(&["clear", VM, "--json"]);
+    wait_vm(h, "the budgets reset", |v| {
+        v["vm_restarts_in_window"] == 0
+            && v["apps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|a| a["restarts_in_window"] == 0 && a["state"] == "online")
+    });
+
     // Run-time settings: priority, policy with its tie rule, the app's and the VM's budgets.
     ok(&["set", "priority", &worker, "7", "--json"]);
     ok(&[
@@ -738,22 +754,6 @@ fn cli_admin_commands(h: &mut Vmhad, run: &dyn Fn(&[&str]) -> Output) {
     h.wait_for(m, &worker, "offline", "online");
     assert_eq!(h.app_status(VM, "worker")["offline"], Value::Null);
     assert_eq!(h.app(VM, "check", "worker"), 0);
-
-    // clear: the VM's restart budget (two VM restarts so far) reset, apps re-armed.
-    let before = h.vm_status(VM);
-    assert!(
-        before["vm_restarts_in_window"].as_u64().unwrap() > 0,
-        "{before}"
-    );
-    ok(&["clear", VM, "--json"]);
-    wait_vm(h, "the budgets reset", |v| {
-        v["vm_restarts_in_window"] == 0
-            && v["apps"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|a| a["restarts_in_window"] == 0 && a["state"] == "online")
-    });
 
     // guest exec --json: the command's output and exit code, passed through.
     let out = json(
