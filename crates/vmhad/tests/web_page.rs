@@ -299,8 +299,8 @@ fn the_page_shows_the_cluster_live_and_acts_behind_a_confirmation() {
         &format!(
             "!document.getElementById('explain-section').hidden && \
              [...document.querySelectorAll('#explain ol.decisions li')].some(li => \
-               li.querySelector('strong').textContent === 'no-action' && \
-               li.querySelector('.reason').textContent === {})",
+               li.querySelector('strong')?.textContent === 'no-action' && \
+               li.querySelector('.reason')?.textContent === {})",
             json!(arithmetic)
         ),
         wait,
