@@ -300,7 +300,7 @@ fn the_page_shows_the_cluster_live_and_acts_behind_a_confirmation() {
             "!document.getElementById('explain-section').hidden && \
              [...document.querySelectorAll('#explain ol.decisions li')].some(li => \
                li.querySelector('strong')?.textContent === 'no-action' && \
-               li.querySelector('.reason')?.textContent === {})",
+               li.querySelector('.reason')?.textContent === 'app worker faulted; ' + {})",
             json!(arithmetic)
         ),
         wait,
@@ -315,7 +315,11 @@ fn the_page_shows_the_cluster_live_and_acts_behind_a_confirmation() {
         .unwrap()
         .clone();
     assert_eq!(last["verdict"], "no-action", "{explain}");
-    assert_eq!(last["reason"], arithmetic, "{explain}");
+    assert_eq!(
+        last["reason"],
+        format!("app worker faulted; {arithmetic}"),
+        "{explain}"
+    );
     b.wait(
         "worker shows faulted",
         &format!("{} === 'faulted'", app_state("worker")),
