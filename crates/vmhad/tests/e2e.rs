@@ -634,6 +634,7 @@ fn app_of<'a>(vm: &'a Value, app: &str) -> &'a Value {
 /// several hosts: the cluster tests.)
 fn cli_admin_commands(h: &mut Vmhad, run: &dyn Fn(&[&str]) -> Output) {
     let json = |args: &[&str], code: i32| -> Value {
+        println!("vmha {}", args.join(" "));
         let out = run(args);
         assert_eq!(
             out.status.code(),
