@@ -49,6 +49,9 @@ else
 	step "the Debian package: skipped (needs root)"
 fi
 
+# Artifacts of an earlier run must not pass for this run's (checked at the end).
+rm -f "${CARGO_TARGET_DIR:-target}"/artifacts/web-page*.png
+
 if cargo nextest --version >/dev/null 2>&1; then
 	step "cargo test --workspace --doc"
 	cargo test --workspace --doc "${FEATURES[@]}"
@@ -58,3 +61,14 @@ else
 	step "cargo test --workspace ${FEATURES[*]}"
 	cargo test --workspace "${FEATURES[@]}"
 fi
+
+# The browser test saves screenshots as artifacts: they must exist; their paths are printed.
+artifacts=${CARGO_TARGET_DIR:-target}/artifacts
+step "test artifacts in $artifacts"
+for f in web-page.png web-page-phone.png; do
+	if [[ ! -s $artifacts/$f ]]; then
+		echo "missing test artifact: $artifacts/$f (written by vmhad's web_page test)" >&2
+		exit 1
+	fi
+	echo "$artifacts/$f"
+done

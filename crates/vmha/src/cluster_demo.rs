@@ -14,6 +14,8 @@ use serde_json::json;
 use vmha_testbed::{DoubleRunChecker, Testbed};
 
 use crate::client::Client;
+use crate::narrate::{figures_json, say};
+use crate::output::print_json;
 
 const HOSTS: [&str; 3] = ["kvm1", "kvm2", "kvm3"];
 const VMS: [&str; 2] = ["shop", "blog"];
@@ -103,7 +105,7 @@ impl Cluster {
                 let text = v["text"].as_str().unwrap_or("");
                 // Time is ms since the epoch: show the reason line without it.
                 let text = text.split_once(' ').map_or(text, |(_, rest)| rest);
-                println!("    │ {text}");
+                say!("    │ {text}");
             }
         }
     }
@@ -163,7 +165,7 @@ impl Cluster {
 
     fn figure(&mut self, name: &str, d: Duration) {
         let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        println!("    ⏱  {name}: {ms} ms");
+        say!("    ⏱  {name}: {ms} ms");
         match self.figures.iter_mut().find(|(n, _)| n == name) {
             Some((_, s)) => s.push(ms),
             None => self.figures.push((name.to_string(), vec![ms])),
@@ -215,7 +217,7 @@ impl Cluster {
     /// Kills the host running `vm` and times the failover.
     fn host_loss(&mut self, vm: &str) -> anyhow::Result<()> {
         let owner = self.online_owner(vm)?;
-        println!("  ✖ killing {owner} (every process in its namespace, its etcd member too)");
+        say!("  ✖ killing {owner} (every process in its namespace, its etcd member too)");
         let t0 = Instant::now();
         self.bed.kill_host(&owner)?;
         let new =
@@ -235,7 +237,7 @@ impl Cluster {
     /// Cuts the host running `vm` off the network and times the fence and the failover.
     fn host_cut(&mut self, vm: &str) -> anyhow::Result<()> {
         let owner = self.online_owner(vm)?;
-        println!("  ✂ cutting {owner} off the network (its link down)");
+        say!("  ✂ cutting {owner} off the network (its link down)");
         let t0 = Instant::now();
         self.bed.cut(&owner)?;
         self.wait(
@@ -247,7 +249,7 @@ impl Cluster {
         let new =
             self.started_elsewhere(vm, &owner, t0, "host cut off → VM started on another host")?;
         self.bed.restore(&owner)?;
-        println!("  ⟳ {owner} reconnected");
+        say!("  ⟳ {owner} reconnected");
         self.wait(
             &format!("{vm} online on {new}"),
             Duration::from_secs(180),
@@ -274,20 +276,31 @@ pub struct Outcome {
 }
 
 /// Runs the cluster demo with the vmhad binary `vmhad`, the test guest in `guest`, `rounds`
-/// repetitions of the failure drills.
-pub fn run(vmhad: &Path, guest: &Path, rounds: u32) -> anyhow::Result<ExitCode> {
+/// repetitions of the failure drills; with `json`, prints the figures and the double-run
+/// checker's counts as JSON on stdout (the narration went to stderr).
+pub fn run(vmhad: &Path, guest: &Path, rounds: u32, json: bool) -> anyhow::Result<ExitCode> {
     let outcome = drive(vmhad, guest, rounds, true)?;
-    println!("\n━━ Figures (median of {rounds} run(s); ttl {TTL}, fence_margin {FENCE_MARGIN})");
+    if json {
+        print_json(&json!({
+            "demo": "cluster",
+            "rounds": rounds,
+            "figures": figures_json(&outcome.figures),
+            "double_runs": outcome.double_runs,
+            "checks": outcome.checks,
+        }))?;
+    }
+    say!("\n━━ Figures (median of {rounds} run(s); ttl {TTL}, fence_margin {FENCE_MARGIN})");
     for (name, samples) in &outcome.figures {
-        println!(
+        say!(
             "  {name}: median {} ms (samples {:?})",
             median(samples),
             samples
         );
     }
-    println!(
+    say!(
         "  double runs: {} in {} samples of every VM on every host (every 100 ms)",
-        outcome.double_runs, outcome.checks
+        outcome.double_runs,
+        outcome.checks
     );
     if outcome.double_runs > 0 {
         bail!("a VM ran on two hosts ({} samples)", outcome.double_runs);
@@ -311,17 +324,17 @@ pub fn drive(
     })?;
     let vmhad = std::fs::canonicalize(vmhad)
         .with_context(|| format!("{}: build vmhad first", vmhad.display()))?;
-    println!("vmha demo --cluster — three hosts (network namespaces), a 3-member etcd, two VMs");
+    say!("vmha demo --cluster — three hosts (network namespaces), a 3-member etcd, two VMs");
     let bed = Testbed::new(&HOSTS, 3).context("building the hosts (needs root)")?;
     let config_path = bed.dir().join("vmha.toml");
     std::fs::write(&config_path, config(&bed, &guest))?;
     vmha_model::Config::from_file(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!(
+    say!(
         "  config: {} (ttl {TTL}, fence_margin {FENCE_MARGIN})",
         config_path.display()
     );
     for h in HOSTS {
-        println!("  {h}: {} (etcd member and vmhad)", bed.addr(h));
+        say!("  {h}: {} (etcd member and vmhad)", bed.addr(h));
     }
     let hosts: Vec<(String, PathBuf)> = HOSTS
         .iter()
@@ -339,7 +352,7 @@ pub fn drive(
         c.start(h)?;
     }
 
-    println!("\n━━ 1. The controller is elected and places both VMs");
+    say!("\n━━ 1. The controller is elected and places both VMs");
     for vm in VMS {
         let host = c.placed(vm)?;
         c.wait(&format!("{vm} online"), Duration::from_secs(180), |c| {
@@ -352,7 +365,7 @@ pub fn drive(
         .ok()
         .and_then(|s| s["leader"].as_str().map(str::to_string))
         .unwrap_or_default();
-    println!(
+    say!(
         "  shop runs on {}, blog on {}; the controller runs on {leader}",
         c.running_on("shop").join(","),
         c.running_on("blog").join(",")
@@ -360,16 +373,16 @@ pub fn drive(
 
     for round in 1..=rounds {
         if rounds > 1 {
-            println!("\n━━ round {round}/{rounds}");
+            say!("\n━━ round {round}/{rounds}");
         }
-        println!("\n━━ 2. A host dies: its lease expires, the controller fails the VM over");
+        say!("\n━━ 2. A host dies: its lease expires, the controller fails the VM over");
         c.host_loss("shop")?;
-        println!("\n━━ 3. A host loses the network: it fences itself before its lease can expire");
+        say!("\n━━ 3. A host loses the network: it fences itself before its lease can expire");
         c.host_cut("shop")?;
     }
 
     if maintenance {
-        println!("\n━━ 4. Maintenance: drain a host, then blog fails back to its preferred host");
+        say!("\n━━ 4. Maintenance: drain a host, then blog fails back to its preferred host");
         let blog_host = c.placed("blog")?;
         c.client(HOSTS[0]).post(
             "/v1/commands",

@@ -11,6 +11,8 @@ use serde_json::{Value, json};
 
 use crate::harness::local::{demo_app, guest_vm, one_host};
 use crate::harness::{self, Ev, Local, now_ms};
+use crate::narrate::{self, figures_json, say};
+use crate::output::print_json;
 
 /// Arguments of `vmha demo`.
 #[derive(Debug, clap::Args)]
@@ -32,6 +34,11 @@ pub struct DemoArgs {
     /// killed, a host cut off, a host drained — failover narrated and timed (needs root).
     #[arg(long)]
     cluster: bool,
+    /// Narrate on stderr and print on stdout only a JSON summary of what was measured: each
+    /// figure's samples and median (ms), and for the single-host demo vmhad's idle CPU and RSS
+    /// (the cluster demo: the double-run checker's samples).
+    #[arg(long)]
+    json: bool,
 }
 
 struct Demo {
@@ -48,7 +55,7 @@ impl Demo {
         mut pred: impl FnMut(&Ev) -> bool,
     ) -> anyhow::Result<Ev> {
         self.local.wait(what, timeout, |ev| {
-            println!("    │ {}", short(ev));
+            say!("    │ {}", short(ev));
             pred(ev)
         })
     }
@@ -65,7 +72,7 @@ impl Demo {
             .events
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
         {
-            println!("    │ {}", short(&ev));
+            say!("    │ {}", short(&ev));
             if forbidden(&ev) {
                 bail!("unexpected: {}", ev.text);
             }
@@ -100,7 +107,7 @@ impl Demo {
     }
 
     fn figure(&mut self, name: &str, ms: u64) {
-        println!("    ⏱  {name}: {ms} ms");
+        say!("    ⏱  {name}: {ms} ms");
         match self.figures.iter_mut().find(|(n, _)| n == name) {
             Some((_, samples)) => samples.push(ms),
             None => self.figures.push((name.to_string(), vec![ms])),
@@ -153,7 +160,7 @@ fn short(ev: &Ev) -> String {
 }
 
 fn step(n: u32, title: &str) {
-    println!("\n━━ {n}. {title}");
+    say!("\n━━ {n}. {title}");
 }
 
 fn config(guest: &Path, dir: &Path) -> String {
@@ -195,8 +202,11 @@ fn config(guest: &Path, dir: &Path) -> String {
 
 /// Runs the demo.
 pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
+    if args.json {
+        narrate::to_stderr();
+    }
     if args.cluster {
-        return crate::cluster_demo::run(&args.vmhad, &args.guest, args.rounds);
+        return crate::cluster_demo::run(&args.vmhad, &args.guest, args.rounds, args.json);
     }
     let started = Instant::now();
     for f in ["vmlinux", "initrd.img"] {
@@ -216,12 +226,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         &config(&guest, &args.workdir),
         Duration::from_secs(20),
     )?;
-    println!("vmha demo — one host, embedded store, two VMs under TCG");
-    println!("  config:  {}", local.config.display());
-    println!("  shop:    db (priority 100) ← web (50) ← worker (10), policy highest-priority");
-    println!("  billing: ledger (80), reports (20), policy weighted");
+    say!("vmha demo — one host, embedded store, two VMs under TCG");
+    say!("  config:  {}", local.config.display());
+    say!("  shop:    db (priority 100) ← web (50) ← worker (10), policy highest-priority");
+    say!("  billing: ledger (80), reports (20), policy weighted");
     let pid = local.daemon.pid();
-    println!("  vmhad:   pid {pid} (log {})", local.log.display());
+    say!("  vmhad:   pid {pid} (log {})", local.log.display());
     let mut demo = Demo {
         local,
         figures: Vec::new(),
@@ -245,7 +255,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     );
     let shop_pid = demo.qemu_pid("shop")?;
     demo.app_kill_drill("shop", "web")?;
-    println!(
+    say!(
         "    the VM was not touched: QEMU pid {} → {}",
         shop_pid,
         demo.qemu_pid("shop")?
@@ -263,12 +273,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     demo.expect_quiet(Duration::from_secs(3), |e| e.is_vm("shop"))?;
     let explain = demo.local.client.get("/v1/vms/shop/explain")?;
     if let Some(d) = explain["vm"]["decisions"].as_array().and_then(|d| d.last()) {
-        println!(
+        say!(
             "    decision agent: {}",
             d["reason"].as_str().unwrap_or_default()
         );
     }
-    println!(
+    say!(
         "    shop stays online (QEMU pid {}); worker stays faulted until `vmha clear`",
         demo.qemu_pid("shop")?
     );
@@ -290,7 +300,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         "top app fails for good → VM restarted, apps online",
         back.time.saturating_sub(t),
     );
-    println!(
+    say!(
         "    new QEMU pid {} (was {shop_pid}); /run was reset by the reboot, so nothing is broken any more",
         demo.qemu_pid("shop")?
     );
@@ -310,7 +320,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     demo.expect_quiet(Duration::from_secs(4), |e| {
         e.is_app("shop", "web") && e.to != "offline" || e.is_vm("shop")
     })?;
-    println!(
+    say!(
         "    web is {} — no restart, no VM action",
         demo.app_state("shop", "web")?
     );
@@ -337,9 +347,19 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
 
     step(7, "vmhad at rest");
     let (cpu, rss) = harness::usage(pid, Duration::from_secs(5))?;
-    println!("    vmhad: {cpu:.1}% of one core over 5 s idle, RSS {rss} MiB");
+    say!("    vmhad: {cpu:.1}% of one core over 5 s idle, RSS {rss} MiB");
 
-    println!(
+    if args.json {
+        print_json(&json!({
+            "demo": "host",
+            "rounds": args.rounds,
+            "seconds": started.elapsed().as_secs(),
+            "figures": figures_json(&demo.figures),
+            "vmhad_idle_cpu_percent": cpu,
+            "vmhad_rss_mib": rss,
+        }))?;
+    }
+    say!(
         "\n━━ summary (this run, {} s in all)",
         started.elapsed().as_secs()
     );
@@ -348,19 +368,19 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         sorted.sort_unstable();
         let median = sorted[sorted.len() / 2];
         if let [_] = sorted.as_slice() {
-            println!("  {name:<52} {median:>6} ms");
+            say!("  {name:<52} {median:>6} ms");
         } else {
             let (min, max) = (sorted[0], sorted[sorted.len() - 1]);
             let n = sorted.len();
-            println!("  {name:<52} {median:>6} ms  (median of {n}, min {min}, max {max})");
+            say!("  {name:<52} {median:>6} ms  (median of {n}, min {min}, max {max})");
         }
     }
-    println!(
+    say!(
         "  {:<52} {cpu:>6.1} %",
         "vmhad CPU while idle (2 VMs, 5 apps probed every 1 s)"
     );
-    println!("  {:<52} {rss:>6} MiB", "vmhad RSS");
-    println!("\nstopping vmhad and its VMs…");
+    say!("  {:<52} {rss:>6} MiB", "vmhad RSS");
+    say!("\nstopping vmhad and its VMs…");
     drop(demo);
     Ok(std::process::ExitCode::SUCCESS)
 }

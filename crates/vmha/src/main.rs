@@ -3,7 +3,7 @@
 //!
 //! Modules form a tree: `main` → the command groups (`config_cmd`, `daemon_cmd` → `admin_cmd`,
 //! `events_cmd`, `guest_cmd`, `status_cmd`; `demo`; `bench`; `simulate_cmd`) → the shared leaves (`api_args`,
-//! `client`, `harness`, `output`, `render`, `report`), which import no command module
+//! `client`, `harness`, `narrate`, `output`, `render`, `report`), which import no command module
 //! (`bench` reuses `cluster_demo`'s drills). `gen_docs` (man pages
 //! and completions, `vmha --gen-docs DIR`) reads the clap definitions of `main` only.
 
@@ -23,6 +23,7 @@ mod events_cmd;
 mod gen_docs;
 mod guest_cmd;
 mod harness;
+mod narrate;
 mod output;
 mod render;
 mod report;

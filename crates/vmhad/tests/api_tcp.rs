@@ -18,8 +18,14 @@ use serde_json::{Value, json};
 
 /// Starts a vmhad without VMs serving TCP (TLS if `tls`), once its start is committed.
 fn started(tls: bool) -> (Vmhad, Tcp) {
+    started_logging(tls, "debug")
+}
+
+/// [`started`], vmhad logging at `level` (`VMHA_LOG`) to its log file.
+fn started_logging(tls: bool, level: &str) -> (Vmhad, Tcp) {
     let mut h = Vmhad::new(&[]);
     let api = tcp::enable(&h, tls);
+    h.env.push(("VMHA_LOG".to_string(), level.to_string()));
     h.start();
     h.wait_for_event(0, "host kvm1 → up", |e| {
         e.object == "host:kvm1" && e.to == "up"
@@ -62,11 +68,51 @@ fn refused(r: &tcp::Response, status: u16, code: &str) {
 
 const MAINTENANCE_ON: &str = r#"{"command":"host-maintenance","host":"kvm1","on":true}"#;
 
+/// A wrong token that looks like a secret (a typo of one would be one).
+const WRONG: &str = "wrong-secret-for-tests-0123456789";
+
+/// No secret sent so far (valid, wrong, near-miss) is in vmhad's log, which does log the
+/// refusals, by token name.
+fn no_secret_logged(h: &Vmhad) {
+    let log = h.log_tail(usize::MAX);
+    assert!(
+        log.contains("read-only API token refused") && log.contains("viewer"),
+        "the log does not show the refusals: is it at debug level?\n{log}"
+    );
+    for secret in [
+        ADMIN,
+        READER,
+        WRONG,
+        &ADMIN[1..],
+        &READER[..READER.len() - 1],
+    ] {
+        assert!(!log.contains(secret), "a secret is in the log: {secret}");
+    }
+    // Nor any 12-character piece of one (e.g. logged cut or quoted).
+    for secret in [ADMIN, READER, WRONG] {
+        for piece in secret.as_bytes().windows(12) {
+            let piece = std::str::from_utf8(piece).unwrap();
+            assert!(
+                !log.contains(piece),
+                "part of a secret is in the log: {piece}"
+            );
+        }
+    }
+}
+
 fn tokens_decide_who_may_do_what(h: &mut Vmhad, api: &Tcp) {
     let before = snapshot(h);
     // No token, a wrong one, a wrong scheme: 401 with a challenge, for data and admin alike,
     // and for routes that do not exist (nothing is told without a token).
-    for token in [None, Some("nope"), Some(&ADMIN[1..]), Some("")] {
+    let near_miss = &READER[..READER.len() - 1];
+    for token in [
+        None,
+        Some("nope"),
+        Some(&ADMIN[1..]),
+        Some(near_miss),
+        Some(WRONG),
+        Some(""),
+    ] {
         for (method, path, body) in [
             ("GET", "/v1/status", None),
             ("GET", "/v1/events?limit=1", None),
@@ -135,11 +181,14 @@ fn tokens_decide_who_may_do_what(h: &mut Vmhad, api: &Tcp) {
     });
 }
 
+/// Plain TCP, vmhad logging everything (`VMHA_LOG=trace`, its dependencies too): after valid,
+/// wrong and read-only-on-admin tokens, no secret is in its log.
 #[test]
 fn tokens_on_plain_tcp() {
     let _lock = common::vm_test_lock();
-    let (mut h, api) = started(false);
+    let (mut h, api) = started_logging(false, "trace");
     tokens_decide_who_may_do_what(&mut h, &api);
+    no_secret_logged(&h);
 }
 
 #[test]
@@ -148,6 +197,7 @@ fn tls_serves_the_same_api_and_refuses_plain_http() {
     let (mut h, api) = started(true);
     assert!(api.url().starts_with("https://"));
     tokens_decide_who_may_do_what(&mut h, &api);
+    no_secret_logged(&h);
     // Plain HTTP on the TLS port gets no answer: the handshake fails and the connection closes.
     let mut plain = std::net::TcpStream::connect(&api.addr).unwrap();
     plain
@@ -244,6 +294,22 @@ fn bad_input_over_tcp_gets_json_errors_and_changes_nothing() {
     );
     slow.write_all(head.as_bytes()).unwrap();
     refused(&tcp::read_response(&mut slow), 408, "request-timeout");
+    // A slow head: part of a request head, then nothing: the connection is closed once the
+    // head timeout (5 s) passes, nothing served (the read timeout of 60 s is a hang guard).
+    let mut slow_head = api.connect().unwrap();
+    slow_head
+        .write_all(
+            format!("GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    let mut got = Vec::new();
+    let read = std::io::Read::read_to_end(&mut slow_head, &mut got);
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        read.is_ok() && (got.is_empty() || got.starts_with("HTTP/1.1 408")),
+        "a slow head was not closed: {read:?} {got}"
+    );
     // Garbage instead of HTTP.
     refused(&api.raw(b"HELLO\r\n\r\n"), 400, "malformed-http");
     assert_unchanged(&h, &before);
@@ -288,6 +354,11 @@ fn the_openapi_document_lists_every_route_and_no_other() {
     .unwrap();
     assert_eq!(doc, in_repo, "served document is not docs/openapi.json");
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    // The page's files are served too, without a token: the description says so.
+    let description = doc["info"]["description"].as_str().unwrap();
+    for path in ["`GET /`", "`GET /web/app.js`", "`GET /web/style.css`"] {
+        assert!(description.contains(path), "{path} not in {description}");
+    }
     let mut documented = BTreeSet::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         for method in item.as_object().unwrap().keys() {

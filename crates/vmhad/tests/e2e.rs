@@ -500,8 +500,9 @@ fn app_and_vm_failures() {
 
 /// The `vmha` CLI against this vmhad over HTTPS with its tokens: the read-only token reads
 /// (status, explain, events) and is refused an admin command (exit 4, nothing changes), no
-/// token is refused (exit 4); the admin token stops and starts an app in the guest. `/metrics`
-/// on TCP needs a token, the read-only one suffices.
+/// token is refused (exit 4); the admin token stops and starts an app in the guest, then runs
+/// the other admin commands ([`cli_admin_commands`]). `/metrics` on TCP needs a token, the
+/// read-only one suffices.
 fn cli_over_https(h: &mut Vmhad, api: &tcp::Tcp) {
     let vmha = std::path::Path::new(env!("CARGO_BIN_EXE_vmhad")).with_file_name("vmha");
     assert!(
@@ -585,6 +586,8 @@ fn cli_over_https(h: &mut Vmhad, api: &tcp::Tcp) {
     h.wait_for(m, &worker, "*", "online");
     assert_eq!(h.app(VM, "check", "worker"), 0);
 
+    cli_admin_commands(h, &|args: &[&str]| run(Some(ADMIN), args));
+
     // /metrics on TCP: 401 without a token, served to the read-only one.
     assert_eq!(api.request("GET", "/metrics", None, None).status, 401);
     let r = api.request("GET", "/metrics", Some(READER), None);
@@ -595,6 +598,209 @@ fn cli_over_https(h: &mut Vmhad, api: &tcp::Tcp) {
         "{}",
         r.body
     );
+}
+
+/// Waits (at most [`common::WAIT`]) until `done` holds of the VM's status on this host; returns
+/// that status.
+fn wait_vm(h: &mut Vmhad, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let vm = h.vm_status(VM);
+        if done(&vm) {
+            return vm;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {vm}\n{}",
+            h.log_tail(40)
+        );
+        h.assert_running();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The app named `app` in a VM status.
+fn app_of<'a>(vm: &'a Value, app: &str) -> &'a Value {
+    vm["apps"]
+        .as_array()
+        .and_then(|apps| apps.iter().find(|a| a["name"] == app))
+        .unwrap_or_else(|| panic!("no app {app} in {vm}"))
+}
+
+/// The admin commands of SPEC §4.7 through the CLI over HTTPS with the admin token (`vmha` run
+/// by `run`), each with `--json` and its answer parsed; the state each leaves is read back
+/// through the socket: explain, freeze/unfreeze, set priority/policy/budgets, app
+/// offline/online, clear, guest exec, vm restart, vm stop and vm start. (`vm move` needs
+/// several hosts: the cluster tests.)
+fn cli_admin_commands(h: &mut Vmhad, run: &dyn Fn(&[&str]) -> Output) {
+    let json = |args: &[&str], code: i32| -> Value {
+        println!("vmha {}", args.join(" "));
+        let out = run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "vmha {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "vmha {args:?}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    };
+    let ok = |args: &[&str]| {
+        let answer = json(args, 0);
+        assert_eq!(answer["ok"], true, "vmha {args:?}: {answer}");
+    };
+    let worker = format!("{VM}/worker");
+
+    // explain --json: the VM, its decisions (the VM restart decided for db, with its
+    // arithmetic) as the socket says.
+    let remote = json(&["explain", VM, "--json"], 0);
+    let local = h.get(&format!("/v1/vms/{VM}/explain")).1;
+    assert_eq!(remote["vm"]["name"], VM, "{remote}");
+    assert_eq!(remote["vm"]["decisions"], local["vm"]["decisions"]);
+    let decisions = remote["vm"]["decisions"].as_array().unwrap();
+    assert!(
+        decisions
+            .iter()
+            .any(|d| d["verdict"] == "restart-vm"
+                && d["reason"].as_str().is_some_and(|r| !r.is_empty())),
+        "{remote}"
+    );
+    assert!(remote["events"].as_array().is_some_and(|e| !e.is_empty()));
+
+    // freeze, then unfreeze.
+    ok(&["freeze", VM, "--json"]);
+    wait_vm(h, "frozen", |v| v["frozen"] == true);
+    let explained = json(&["explain", VM, "--json"], 0);
+    assert_eq!(explained["vm"]["frozen"], true, "{explained}");
+    ok(&["unfreeze", VM, "--json"]);
+    wait_vm(h, "unfrozen", |v| v["frozen"] == false);
+
+    // clear: the VM's restart budget (two VM restarts so far) reset, apps re-armed.
+    let before = h.vm_status(VM);
+    assert!(
+        before["vm_restarts_in_window"].as_u64().unwrap() > 0,
+        "{before}"
+    );
+    ok(&["clear", VM, "--json"]);
+    wait_vm(h, "the budgets reset", |v| {
+        v["vm_restarts_in_window"] == 0
+            && v["apps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|a| a["restarts_in_window"] == 0 && a["state"] == "online")
+    });
+
+    // Run-time settings: priority, policy with its tie rule, the app's and the VM's budgets.
+    ok(&["set", "priority", &worker, "7", "--json"]);
+    ok(&[
+        "set",
+        "policy",
+        VM,
+        "weighted",
+        "--tie",
+        "no-action",
+        "--json",
+    ]);
+    ok(&[
+        "set",
+        "app-budget",
+        &worker,
+        "--limit",
+        "4",
+        "--window",
+        "15m",
+        "--json",
+    ]);
+    ok(&[
+        "set",
+        "vm-budget",
+        VM,
+        "--limit",
+        "6",
+        "--window",
+        "1h",
+        "--json",
+    ]);
+    let vm = wait_vm(h, "the settings applied", |v| {
+        let w = app_of(v, "worker");
+        w["priority"] == 7
+            && v["policy"] == "weighted"
+            && v["tie"] == "no-action"
+            && w["restart_limit"] == 4
+            && w["restart_window_ms"] == 900_000
+            && v["vm_restart_limit"] == 6
+            && v["vm_restart_window_ms"] == 3_600_000
+    });
+    assert_eq!(app_of(&vm, "web")["priority"], 50, "another app changed");
+    // A setting outside its range is a usage error: exit 2, nothing sent.
+    let out = run(&["set", "priority", &worker, "0", "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(app_of(&h.vm_status(VM), "worker")["priority"], 7);
+
+    // app offline (sticky) then online: the flag set and cleared, worker online throughout.
+    let m = h.mark();
+    ok(&["app", "offline", &worker, "--no-auto-clear", "--json"]);
+    h.wait_for(m, &worker, "online", "offline");
+    assert_eq!(
+        h.app_status(VM, "worker")["offline"],
+        json!({"auto_clear": false})
+    );
+    let m = h.mark();
+    ok(&["app", "online", &worker, "--json"]);
+    h.wait_for(m, &worker, "offline", "online");
+    assert_eq!(h.app_status(VM, "worker")["offline"], Value::Null);
+    assert_eq!(h.app(VM, "check", "worker"), 0);
+
+    // guest exec --json: the command's output and exit code, passed through.
+    let out = json(
+        &[
+            "guest",
+            "exec",
+            VM,
+            "--json",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo from-the-guest; exit 3",
+        ],
+        3,
+    );
+    assert_eq!(out["exit"], 3, "{out}");
+    assert_eq!(out["stdout"], "from-the-guest\n", "{out}");
+
+    // vm restart: the VM restarted on the host (a new QEMU), apps in order.
+    let pid = h.qemu_pid(VM);
+    let m = h.mark();
+    ok(&["vm", "restart", VM, "--json"]);
+    let (i, _) = h.wait_for(m, VM, "online", "restarting");
+    check_start_order(h, i, "restarting");
+    let restarted = h.qemu_pid(VM);
+    assert_ne!(restarted, pid, "vm restart: the same QEMU");
+    assert_eq!(h.qemu_processes(VM), vec![restarted]);
+
+    // vm stop: apps stopped, then the VM; it stays stopped (desired stop).
+    let m = h.mark();
+    ok(&["vm", "stop", VM, "--json"]);
+    h.wait_for(m, VM, "*", "offline");
+    let vm = wait_vm(h, "desired stop", |v| v["desired"] == "stop");
+    assert_eq!(vm["state"], "offline", "{vm}");
+    assert!(!alive(restarted), "QEMU {restarted} still runs");
+    assert!(h.qemu_processes(VM).is_empty(), "a QEMU runs");
+    let status = json(&["status", "--json"], 0);
+    assert_eq!(status["agent"]["vms"][0]["state"], "offline", "{status}");
+
+    // vm start: a new QEMU, apps in order, desired run.
+    let m = h.mark();
+    ok(&["vm", "start", VM, "--json"]);
+    let (i, _) = h.wait_for(m, VM, "*", "starting");
+    check_start_order(h, i, "starting");
+    assert_eq!(h.vm_status(VM)["desired"], "run");
+    assert_eq!(h.qemu_processes(VM).len(), 1);
 }
 
 /// Scenario 10: requests vmhad must refuse without changing anything.
