@@ -1253,7 +1253,7 @@ mod tests {
     #[tokio::test]
     async fn renewals_without_the_blocking_pool_keep_the_lease_rules() {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+        let store = EmbeddedStore::open(dir.path().join("store.redb")).unwrap();
         let kept = store.grant(Duration::from_secs(600)).await.unwrap();
         let short = store.grant(Duration::from_secs(300)).await.unwrap();
         store
