@@ -6,6 +6,8 @@
 # usage: packaging/build-deb.sh [OUTDIR]     (default: dist/ in the repository, whose older
 #                                            vmha_*.deb it replaces; honours
 #                                            CARGO_TARGET_DIR) — prints the .deb's path last
+# VMHA_DEB_VERSION=V overrides the package version (default: the workspace's, from Cargo.toml),
+# e.g. to build a newer package of the same tree for an upgrade test.
 set -euo pipefail
 
 out=$(realpath -m "${1:-$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../dist}")
@@ -21,7 +23,7 @@ cargo build --release --locked -p vmhad -p vmha
 rm -f "$out"/vmha_*.deb # an older build would make `dpkg -i dist/vmha_*.deb` ambiguous
 bin=$target/release
 
-version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
+version=${VMHA_DEB_VERSION:-$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)}
 [[ -n $version ]] || {
 	log "no version in Cargo.toml"
 	exit 1

@@ -12,7 +12,7 @@ PACKAGES=(
 	busybox-static linux-image-amd64 cpio        # the test guest image
 	etcd-server                                  # the multi-host cluster store
 	chromium                                     # the web page's headless-browser test
-	systemd                                      # the package test: systemd-analyze, systemd-tmpfiles
+	systemd jq                                   # the package test: systemd-analyze, systemd-tmpfiles; jq
 	libvirt-dev libvirt-daemon-system            # the libvirt driver (build, and its tests' libvirtd)
 )
 # Edition 2024 needs Rust 1.85; the workspace's rust-version says the same.

@@ -2,8 +2,10 @@
 # The Debian package, end to end, as root on this machine (systemd need not be PID 1): follows
 # the README's "Install from the package" section as written (its marked code blocks are run
 # verbatim), then checks what was installed, `systemd-analyze verify`s the unit, runs the
-# installed vmhad with the default configuration and asks it with the installed vmha, upgrades
-# over it (configuration and state kept), removes (state kept) and purges it (state gone).
+# installed vmhad with the default configuration and asks it with the installed vmha, checks the
+# unit's hardening with `systemd-analyze security --offline` against docs/packaging.md, upgrades
+# to a newer build (the edited configuration and the state kept), removes (state kept) and
+# purges it (state gone, and every file the package listed, and the unit's enablement).
 #
 # Never leaves the package installed; a package or a vmhad left by an earlier, interrupted run
 # is removed first. Runs one at a time (a lock), as it installs system-wide.
@@ -13,6 +15,9 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 
 PIDFILE=/tmp/vmha-package-test.vmhad.pid
+NEXT=/tmp/vmha-package-test.next
+UNIT=/usr/lib/systemd/system/vmhad.service
+WANTS=/etc/systemd/system/multi-user.target.wants/vmhad.service
 step() { printf '\n==> package: %s\n' "$*" >&2; }
 fail() {
 	echo "test-package: FAILED: $*" >&2
@@ -46,6 +51,7 @@ purge_package() {
 cleanup() {
 	stop_our_vmhad
 	purge_package
+	rm -rf "$NEXT"
 }
 trap cleanup EXIT
 
@@ -90,12 +96,46 @@ grep -qx /etc/vmha/vmha.toml /var/lib/dpkg/info/vmha.conffiles || fail "vmha.tom
 zcat /usr/share/man/man1/vmha.1.gz | grep -q 'status' || fail "vmha.1 does not list status"
 dpkg-query -W -f='${Depends}\n' vmha | grep -q 'qemu-system-x86, qemu-guest-agent' ||
 	fail "Depends lacks qemu"
+# Enabled as debhelper does on a first install (not started: no VM configured yet).
+enabled() { [[ -L $WANTS && $(readlink -f "$WANTS") == "$(readlink -f "$UNIT")" ]]; }
+enabled || fail "vmhad.service not enabled ($WANTS)"
 
 step "systemd-analyze verify"
 # It also looks up the unit's man pages (Documentation=), with `man` when there is one.
 man=(--man=no)
 command -v man >/dev/null && man=()
-systemd-analyze verify "${man[@]}" /usr/lib/systemd/system/vmhad.service
+systemd-analyze verify "${man[@]}" "$UNIT"
+
+step "hardening: systemd-analyze security --offline, against docs/packaging.md"
+# The exposure systemd computes stays at most what it is with the options of the table (7.7, a
+# ceiling: dropping a light option may not move it). Each option the table sets is in the unit
+# as written and systemd reads it as set (ProtectSystem=full: "very limited write access");
+# each option the table leaves out on purpose is not in the unit.
+systemd-analyze security --offline=true --threshold=77 "$UNIT" >/dev/null ||
+	fail "the unit's exposure rose above 7.7: $(systemd-analyze security --offline=true "$UNIT" | tail -n1)"
+security=$(systemd-analyze security --offline=true --json=short "$UNIT")
+table=$(awk '/^### Hardening/ { f = 1; next } /^##/ { f = 0 } f && /^\| `/' docs/packaging.md)
+mapfile -t set_options < <(grep -E '^\|[^|]*\| yes \|' <<<"$table" | cut -d'|' -f2 | grep -o '`[A-Za-z]*=[^`]*`' | tr -d '`')
+mapfile -t unset_options < <(grep -E '\| \*\*no\*\* \|' <<<"$table" | cut -d'|' -f2 | grep -o '`[A-Za-z]*`' | tr -d '`')
+((${#set_options[@]} >= 13 && ${#unset_options[@]} >= 7)) ||
+	fail "docs/packaging.md's hardening table not found (set: ${set_options[*]}; unset: ${unset_options[*]})"
+for option in "${set_options[@]}"; do
+	name=${option%%=*}
+	grep -qx "$option" "$UNIT" || fail "$option (docs/packaging.md) is not in the unit"
+	entry=$(jq -c --arg n "$name=" '.[] | select(.name == $n)' <<<"$security")
+	case $option in
+	ProtectSystem=full)
+		[[ $(jq -r .description <<<"$entry") == *"very limited write access"* ]] ||
+			fail "systemd does not read $option as set: $entry"
+		;;
+	*) [[ $(jq -r .set <<<"$entry") == true ]] || fail "systemd does not read $option as set: $entry" ;;
+	esac
+	echo "  $option: set" >&2
+done
+for name in "${unset_options[@]}"; do
+	! grep -q "^$name=" "$UNIT" || fail "$name is set in the unit, docs/packaging.md says it must not be"
+	echo "  $name: not set" >&2
+done
 
 step "README: run vmhad in the foreground, ask it with vmha"
 # The block's `vmhad … &` line runs in the background of this test (it records the pid); the
@@ -127,18 +167,37 @@ stop_our_vmhad
 wait "$runner" || fail "the installed vmhad exited with $? on SIGTERM"
 grep -q 'leaving VMs running' /tmp/vmha-package-test.vmhad.log || fail "vmhad did not stop cleanly"
 
-step "upgrade over it: configuration and state kept"
+step "upgrade to a newer version: the edited configuration and the state kept"
 [[ -f /var/lib/vmha/store.redb ]] || fail "no embedded store after a run"
+old_version=$(dpkg-query -W -f='${Version}' vmha)
+new_version=$old_version+upgrade1
+rm -rf "$NEXT"
+VMHA_DEB_VERSION=$new_version packaging/build-deb.sh "$NEXT" >&2
 echo "# changed by the operator" >>/etc/vmha/vmha.toml
-dpkg -i dist/vmha_*.deb >&2
+state=$(md5sum </var/lib/vmha/store.redb)
+# No --force-conf*: the package's conffile did not change, so dpkg keeps the operator's
+# version without asking (stdin closed: a question would fail the test, not hang it).
+dpkg -i "$NEXT"/vmha_"$new_version"_*.deb </dev/null >&2
+[[ $(dpkg-query -W -f='${Version}' vmha) == "$new_version" ]] ||
+	fail "still $(dpkg-query -W -f='${Version}' vmha) after the upgrade to $new_version"
 grep -q '^# changed by the operator$' /etc/vmha/vmha.toml || fail "upgrade replaced the configuration"
-[[ -f /var/lib/vmha/store.redb ]] || fail "upgrade removed the state"
+for f in /etc/vmha/vmha.toml.dpkg-dist /etc/vmha/vmha.toml.dpkg-new /etc/vmha/vmha.toml.dpkg-old; do
+	[[ ! -e $f ]] || fail "upgrade left $f"
+done
+dpkg-query -W -f='${Conffiles}\n' vmha | grep -q '^ /etc/vmha/vmha.toml [0-9a-f]\{32\}$' ||
+	fail "vmha.toml no longer a conffile after the upgrade"
+[[ $(md5sum </var/lib/vmha/store.redb) == "$state" ]] || fail "upgrade changed the state"
+enabled || fail "upgrade dropped the unit's enablement"
 vmha config validate /etc/vmha/vmha.toml
+rm -rf "$NEXT"
 
 step "README: remove, then purge"
 block=$(readme_block remove)
 grep -qx 'dpkg -r vmha' <<<"$block" && grep -qx 'dpkg -P vmha' <<<"$block" ||
 	fail "the remove block does not say dpkg -r vmha, then dpkg -P vmha"
+# What the package installed, for the leftover check after the purge.
+mapfile -t listed < <(dpkg -L vmha)
+((${#listed[@]} > 20)) || fail "dpkg -L vmha lists only ${#listed[@]} paths"
 echo "+ dpkg -r vmha" >&2
 dpkg -r vmha >&2
 [[ ! -e /usr/bin/vmhad ]] || fail "vmhad still installed after dpkg -r"
@@ -149,5 +208,16 @@ dpkg -P vmha >&2
 [[ ! -e /etc/vmha/vmha.toml ]] || fail "purge left the configuration"
 [[ ! -e /var/lib/vmha ]] || fail "purge left the state"
 ! dpkg-query -W vmha >/dev/null 2>&1 || fail "vmha still known to dpkg after purge"
+# Nothing left of what the package listed but directories other packages own too.
+for path in "${listed[@]}"; do
+	[[ $path == /. ]] && continue
+	[[ -e $path || -L $path ]] || continue
+	if [[ -d $path && ! -L $path ]] && dpkg -S "$path" >/dev/null 2>&1; then
+		continue
+	fi
+	fail "purge left $path"
+done
+[[ ! -e $WANTS && ! -L $WANTS ]] || fail "purge left $WANTS"
+[[ ! -L /etc/systemd/system/vmhad.service ]] || fail "purge left the unit masked"
 
 echo "test-package: 1 passed, 0 failed"

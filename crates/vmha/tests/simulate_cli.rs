@@ -2,7 +2,8 @@
 //! event log as the engine's scenario 75 (the same config and script, played by the scenario
 //! tests); bad scripts are refused before anything runs (exit 2, naming the line); a snapshot
 //! read from vmhad (a one-shot stand-in here; the real vmhad is in vmhad's `simulate` test)
-//! in which a VM runs on two hosts fires a safety check (exit 3).
+//! in which a VM runs on two hosts fires a safety check (exit 3); the what-if sessions shown in
+//! README.md and docs/simulate.md are run and print what they show.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::io::Write as _;
@@ -109,6 +110,89 @@ fn the_example_what_if_prints_the_scenarios_event_log() {
         tables.ends_with("safety checks: no violation\n"),
         "{tables}"
     );
+}
+
+/// The fenced blocks of `doc` that are shell sessions running `vmha simulate`.
+fn simulate_sessions(doc: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut block: Option<String> = None;
+    for line in doc.lines() {
+        if line.starts_with("```") {
+            match block.take() {
+                Some(b) => blocks.push(b),
+                None => block = Some(String::new()),
+            }
+        } else if let Some(b) = block.as_mut() {
+            b.push_str(line);
+            b.push('\n');
+        }
+    }
+    blocks
+        .into_iter()
+        .filter(|b| b.lines().any(|l| l.starts_with("$ vmha simulate")))
+        .collect()
+}
+
+/// The commands of a session (`$ ` lines, continued after a trailing `\`), each with the
+/// output shown after it.
+fn session_steps(block: &str) -> Vec<(String, String)> {
+    let mut steps: Vec<(String, String)> = Vec::new();
+    let mut continued = false;
+    for line in block.lines() {
+        if let Some(command) = line.strip_prefix("$ ") {
+            steps.push((format!("{command}\n"), String::new()));
+        } else if continued {
+            steps.last_mut().unwrap().0.push_str(&format!("{line}\n"));
+        } else {
+            steps.last_mut().unwrap().1.push_str(&format!("{line}\n"));
+        }
+        continued = line.ends_with('\\');
+    }
+    steps
+}
+
+/// Runs a session shown in a doc, from a directory that looks like a clone (its `examples`),
+/// with this build's `vmha` first in `PATH`: every command prints exactly what the doc shows
+/// after it; `cat FILE` of a file not there writes the lines shown into it (the doc's script).
+fn run_session(doc: &str, block: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(root().join("examples"), dir.path().join("examples")).unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_vmha")).parent().unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    for (command, shown) in session_steps(block) {
+        if let Some(file) = command.trim().strip_prefix("cat ")
+            && !file.contains(' ')
+            && !dir.path().join(file).exists()
+        {
+            std::fs::write(dir.path().join(file), &shown).unwrap();
+            continue;
+        }
+        let out = Command::new("sh")
+            .args(["-c", &command])
+            .current_dir(dir.path())
+            .env("PATH", &path)
+            .env_remove("VMHA_SOCKET")
+            .output()
+            .unwrap();
+        assert_eq!(
+            text(&out.stdout),
+            shown,
+            "{doc}: `{}` printed otherwise than shown (stderr: {})",
+            command.trim(),
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_what_if_sessions_in_the_docs_print_what_they_show() {
+    for (doc, sessions) in [("README.md", 1), ("docs/simulate.md", 2)] {
+        let blocks = simulate_sessions(&read(doc));
+        assert_eq!(blocks.len(), sessions, "{doc}: {blocks:?}");
+        for block in blocks {
+            run_session(doc, &block);
+        }
+    }
 }
 
 #[test]

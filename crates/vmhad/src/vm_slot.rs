@@ -188,6 +188,8 @@ impl VmSlot {
     /// Reattaches to a QEMU left running by an earlier daemon and reports what it found, as
     /// it is (running, paused with its reason, unresponsive, or gone).
     pub async fn adopt(self: &Arc<Self>) {
+        #[cfg(debug_assertions)]
+        test_hold_adoption().await;
         let mut guard = self.qemu.lock().await;
         let observation =
             match QemuVm::adopt(&self.runtime_dir, self.name.as_str(), &self.driver).await {
@@ -589,6 +591,19 @@ async fn pump(
         .await;
         if gone {
             return;
+        }
+    }
+}
+
+/// Test hook, in debug builds only: while the file named by `$VMHAD_TEST_HOLD_ADOPTION` exists,
+/// adoptions wait before they look for their VM (as behind a slow QMP socket), so that tests
+/// can see `READY=1` wait for every adoption.
+#[cfg(debug_assertions)]
+async fn test_hold_adoption() {
+    if let Some(file) = std::env::var_os("VMHAD_TEST_HOLD_ADOPTION") {
+        let file = std::path::PathBuf::from(file);
+        while file.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 }

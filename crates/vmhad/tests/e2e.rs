@@ -25,9 +25,9 @@ fn boot() -> Vmhad {
 }
 
 /// [`boot`], with `prepare` run on the daemon before it starts (e.g. to add its TCP API).
-fn boot_with(prepare: impl FnOnce(&Vmhad)) -> Vmhad {
+fn boot_with(prepare: impl FnOnce(&mut Vmhad)) -> Vmhad {
     let mut h = Vmhad::new(&[VM]);
-    prepare(&h);
+    prepare(&mut h);
     let t0 = now_ms();
     h.start();
     let (i, online) = h.wait_for(0, VM, "starting", "online");
@@ -913,6 +913,26 @@ fn bad_api_requests(h: &Vmhad) {
     );
 }
 
+/// `--stop-vms-on-exit`: on SIGTERM vmhad shuts its VM down and exits 0 only once the QEMU
+/// process is gone (without the flag the VM survives: [`daemon_restarts`]).
+#[test]
+fn stop_vms_on_exit_stops_the_vm_before_vmhad_exits() {
+    let _lock = vm_test_lock();
+    let mut h = boot_with(|h| h.args.push("--stop-vms-on-exit".to_string()));
+    let pid = h.qemu_pid(VM);
+    assert!(alive(pid));
+    let status = h.signal_and_wait(Signal::SIGTERM);
+    assert!(
+        status.success(),
+        "vmhad exit status after SIGTERM: {status}"
+    );
+    assert!(!alive(pid), "the VM's QEMU survived vmhad's exit");
+    assert_eq!(h.qemu_processes(VM), Vec::<i32>::new());
+    let log = h.log_tail(200);
+    assert!(!log.contains("stopping on exit failed"), "{log}");
+    assert!(!log.contains("leaving VMs running"), "{log}");
+}
+
 /// Scenarios 6, 7, 8: a daemon restart adopts the running VM, admin flags survive it, and a
 /// daemon SIGKILLed in the middle of a VM restart resumes safely.
 #[test]
@@ -1388,11 +1408,11 @@ fn a_paused_vm_is_adopted() {
     assert_no_vm_start(&h, m);
 }
 
-/// Under systemd (a fake `NOTIFY_SOCKET` here), a restarted vmhad says `READY=1` with the VM
-/// left running adopted: asked right then, it knows the VM online, with the same QEMU, and
-/// started none. (A single adoption is quick and ends before the API is up anyway: the daemon's
-/// explicit wait for every adoption before `READY=1` matters with many or slow QMP sockets,
-/// which this test does not make.)
+/// Under systemd (a fake `NOTIFY_SOCKET` here), a restarted vmhad says `READY=1` only once
+/// the VM left running is adopted. The adoption is held (debug-build hook
+/// `VMHAD_TEST_HOLD_ADOPTION`, as behind a slow QMP socket) while the API already answers: no
+/// `READY=1` has come then, and the VM is not known online; once released, `READY=1` comes
+/// and, asked right then, vmhad knows the VM online, with the same QEMU, and started none.
 #[test]
 fn a_restarted_vmhad_is_ready_with_its_running_vm_adopted() {
     use std::os::unix::net::UnixDatagram;
@@ -1402,13 +1422,36 @@ fn a_restarted_vmhad_is_ready_with_its_running_vm_adopted() {
     assert!(h.signal_and_wait(Signal::SIGTERM).success());
     let socket = h.config.with_file_name("notify.sock");
     let systemd = UnixDatagram::bind(&socket).unwrap();
+    let hold = h.config.with_file_name("hold-adoption");
+    std::fs::write(&hold, "").unwrap();
+    h.env = vec![
+        ("NOTIFY_SOCKET".into(), socket.display().to_string()),
+        (
+            "VMHAD_TEST_HOLD_ADOPTION".into(),
+            hold.display().to_string(),
+        ),
+    ];
+    let m = h.mark();
+    // Returns once the API answers and its event stream is followed.
+    h.start();
+    let vm = h.vm_status(VM);
+    assert_ne!(vm["state"], "online", "adopted despite the hold: {vm}");
+    systemd.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 256];
+    match systemd.recv(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        got => panic!(
+            "notified before the VM was adopted: {:?}",
+            got.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+        ),
+    }
+    assert!(!h.log_tail(200).contains("adopted running VM"));
+
+    std::fs::remove_file(&hold).unwrap();
+    systemd.set_nonblocking(false).unwrap();
     systemd
         .set_read_timeout(Some(std::time::Duration::from_secs(60)))
         .unwrap();
-    h.env = vec![("NOTIFY_SOCKET".into(), socket.display().to_string())];
-    let m = h.mark();
-    h.start();
-    let mut buf = [0u8; 256];
     let n = systemd.recv(&mut buf).expect("no READY=1 within 60 s");
     assert_eq!(&buf[..n], b"READY=1\nSTATUS=running");
     let log = h.log_tail(200);

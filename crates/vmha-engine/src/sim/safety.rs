@@ -146,3 +146,120 @@ impl Sim {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use vmha_model::Config;
+
+    use crate::ids::ActionId;
+
+    use super::*;
+
+    /// The shipped example cluster, started and settled: db01 (postgres, then pgbouncer which
+    /// requires it) online on kvm1.
+    fn settled() -> Sim {
+        let text = include_str!("../../../../examples/three-hosts-etcd.toml");
+        let config = Arc::new(Config::from_toml_str(text, "three-hosts-etcd.toml").unwrap());
+        let mut sim = Sim::new(config).unwrap();
+        sim.run_script("+5s tick\n").unwrap();
+        assert_eq!(sim.running_on("db01"), vec![Name::new("kvm1").unwrap()]);
+        assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+        sim
+    }
+
+    fn action(kind: HostActionKind, reason: &str) -> HostAction {
+        HostAction {
+            id: ActionId(9999),
+            kind,
+            reason: reason.to_string(),
+        }
+    }
+
+    fn db01() -> Name {
+        Name::new("db01").unwrap()
+    }
+
+    #[test]
+    fn an_action_on_a_frozen_group_is_a_violation_probes_and_self_fencing_are_not() {
+        let mut sim = settled();
+        let kvm1 = sim.host_idx(&Name::new("kvm1").unwrap()).unwrap();
+        let stop = action(
+            HostActionKind::StopVm {
+                vm: db01(),
+                timeout: Duration::from_secs(60),
+            },
+            "crafted",
+        );
+        // Not frozen yet: stopping it is no breach.
+        sim.check_action(kvm1, &stop);
+        assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+
+        sim.run_script("+0 admin freeze db01\n+1s tick\n").unwrap();
+        assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+        let ping = action(
+            HostActionKind::PingGuest {
+                vm: db01(),
+                timeout: Duration::from_secs(1),
+                check_exec: false,
+            },
+            "crafted",
+        );
+        sim.check_action(kvm1, &ping);
+        let fence = action(
+            HostActionKind::KillVm { vm: db01() },
+            "self-fencing: lease lost",
+        );
+        sim.check_action(kvm1, &fence);
+        assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+
+        sim.check_action(kvm1, &stop);
+        let at = sim.now();
+        assert_eq!(
+            sim.violations(),
+            [format!(
+                "{at} kvm1 acted on frozen db01: StopVm {{ vm: Name(\"db01\"), timeout: 60s }}"
+            )]
+        );
+    }
+
+    #[test]
+    fn an_app_started_before_what_it_requires_is_online_is_a_violation() {
+        let config = Arc::new(
+            Config::from_toml_str(
+                include_str!("../../../../examples/three-hosts-etcd.toml"),
+                "three-hosts-etcd.toml",
+            )
+            .unwrap(),
+        );
+        // At 0 db01 is starting on kvm1: postgres is not online yet.
+        let mut sim = Sim::new(config).unwrap();
+        let kvm1 = sim.host_idx(&Name::new("kvm1").unwrap()).unwrap();
+        let start = |app: &str| {
+            action(
+                HostActionKind::StartApp {
+                    vm: db01(),
+                    app: Name::new(app).unwrap(),
+                    argv: vec!["true".to_string()],
+                },
+                "crafted",
+            )
+        };
+        sim.check_action(kvm1, &start("postgres"));
+        assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+        sim.check_action(kvm1, &start("pgbouncer"));
+        assert_eq!(
+            sim.violations(),
+            ["0 db01/pgbouncer started while postgres is not online"]
+        );
+
+        // Once postgres is online, starting pgbouncer is in order.
+        let mut sim = settled();
+        sim.check_action(kvm1, &start("pgbouncer"));
+        assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+    }
+}

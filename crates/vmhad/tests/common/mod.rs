@@ -349,6 +349,8 @@ pub struct Vmhad {
     follower: Option<std::thread::JoinHandle<()>>,
     /// Extra environment variables of vmhad (`NOTIFY_SOCKET`, …).
     pub env: Vec<(String, String)>,
+    /// Extra command-line arguments of vmhad (`--stop-vms-on-exit`, …).
+    pub args: Vec<String>,
 }
 
 impl Vmhad {
@@ -372,6 +374,7 @@ impl Vmhad {
             events: Events::default(),
             follower: None,
             env: Vec::new(),
+            args: Vec::new(),
         }
     }
 
@@ -396,6 +399,7 @@ impl Vmhad {
             .arg(&self.state)
             .arg("--runtime-dir")
             .arg(&self.run)
+            .args(&self.args)
             .env("VMHA_LOG", "debug")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
