@@ -196,16 +196,9 @@ fn stats(info: &Value) -> MigrationStats {
     }
 }
 
+/// A QMP answer as it may appear in an error: capped, no control or format characters.
 fn truncate(v: &Value) -> String {
-    let mut s = v.to_string();
-    if s.len() > 200 {
-        let mut cut = 200;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-    s
+    crate::guest_text::guest_text(&v.to_string())
 }
 
 #[cfg(test)]
@@ -229,6 +222,17 @@ mod tests {
             None
         );
         assert_eq!(listening_port(&json!({})), None);
+    }
+
+    #[test]
+    fn an_answer_in_an_error_is_capped_and_printable() {
+        let info = json!({"status": format!("\u{202e}\u{2028}{}", "y".repeat(5000))});
+        let shown = truncate(&info);
+        assert!(
+            !shown.chars().any(crate::guest_text::is_unsafe),
+            "{shown:?}"
+        );
+        assert!(shown.chars().count() <= crate::guest_text::MAX_GUEST_TEXT + 1);
     }
 
     #[test]

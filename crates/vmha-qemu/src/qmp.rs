@@ -230,6 +230,16 @@ impl RunStatus {
     }
 }
 
+/// The answer of `query-status` typed; a wrong shape is [`QmpError::BadReply`] whose detail
+/// (serde's message, which may quote the peer's text) is capped and free of control and format
+/// characters, as every peer string in an error is.
+fn run_status(value: Value) -> Result<RunStatus, QmpError> {
+    serde_json::from_value(value).map_err(|e| QmpError::BadReply {
+        command: "query-status".into(),
+        detail: crate::guest_text::guest_text(&e.to_string()),
+    })
+}
+
 /// QEMU's run state (`qapi/run-state.json`) of a VM whose vCPUs are stopped, as a
 /// [`PauseReason`].
 pub fn pause_reason(status: &str) -> PauseReason {
@@ -394,11 +404,7 @@ impl QmpClient {
 
     /// `query-status`: whether the vCPUs run and the QEMU run state.
     pub async fn query_status(&self) -> Result<RunStatus, QmpError> {
-        let value = self.execute("query-status", None).await?;
-        serde_json::from_value(value).map_err(|e| QmpError::BadReply {
-            command: "query-status".into(),
-            detail: e.to_string(),
-        })
+        run_status(self.execute("query-status", None).await?)
     }
 
     /// `cont`: resumes the vCPUs.
@@ -512,6 +518,26 @@ fn deliver(tx: &mpsc::Sender<QmpEvent>, event: QmpEvent, dropped: &mut u64) {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_bad_query_status_detail_is_safe_and_capped() {
+        let hostile = format!("\u{202e}\u{1b}[2J{}", "x".repeat(10_000));
+        let err = run_status(json!({"running": hostile, "status": "running"})).unwrap_err();
+        let QmpError::BadReply { detail, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert!(detail.contains("invalid type"), "{detail}");
+        let shown = err.to_string();
+        assert!(
+            !shown.chars().any(crate::guest_text::is_unsafe),
+            "{shown:?}"
+        );
+        assert!(
+            shown.chars().count() < crate::guest_text::MAX_GUEST_TEXT + 60,
+            "{shown}"
+        );
+        assert!(run_status(json!({"running": true, "status": "running"})).is_ok());
+    }
 
     #[test]
     fn types_known_events_and_falls_back() {

@@ -1,26 +1,53 @@
 //! The QGA client against hostile fake agents, driven with vmhad's timeouts (an 800 ms ping
-//! while the channel is not known up, `info` and probes within the client's 5 s): each
-//! misbehaviour is a typed error for that channel only, the NEXT call on the same client gets
-//! its own correct answer (or, for a guest disconnected as hostile, the backoff, then a fresh
-//! connection), nothing the guest sends reaches an error unsanitised, and an honest agent
-//! beside it keeps answering throughout. Memory is measured in `hostile_memory.rs` (its own
-//! process).
+//! while the channel is not known up, `info` and probes within the client's 5 s), one hostile
+//! behaviour per case. Every case is run by [`hostile_case`], which checks the same four things
+//! for each:
+//!
+//! 1. the outcome: the misbehaviour is a typed error for that channel only, and nothing the
+//!    guest sends reaches an error unsanitised (each case's own assertions);
+//! 2. the next calls on the same client are correct: a ping, `guest-info` with the agent's
+//!    fresh answer and a probe whose checks all run (for a guest disconnected as hostile: after
+//!    the backoff, on a fresh connection);
+//! 3. memory: the peak resident set of this process (VmHWM, reset before the case) grows by at
+//!    most [`MEMORY_BOUND`] while the case runs;
+//! 4. an honest agent beside it (an honest VM's channel in the same runtime) keeps answering:
+//!    its probes, run back to back throughout, all succeed with every check running, each
+//!    within its own bound (check timeout + slack, what the client promises). How fast they
+//!    are is for `benches/qga_hostile.rs`; no speed is asserted here.
+//!
+//! Cases run one at a time (a process-wide lock; under nextest each test is its own process
+//! anyway), so no case's allocations disturb another's memory figure. `hostile_memory.rs`
+//! measures four hostile VMs at once.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
 
-use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use common::fake_agent::{Answer, Script, honest, line, reply, serve, zeros};
+use common::fake_agent::{
+    Answer, honest, honest_prober, line, reply, reset_hwm, serve, vm_hwm, zeros,
+};
 use serde_json::{Value, json};
 use vmha_qemu::guest_text::{MAX_GUEST_TEXT, is_unsafe};
 use vmha_qemu::{ExecRequest, ProbeCheck, ProbeOutcome, QgaClient, QgaConfig, QgaError};
 
 /// vmhad's ping timeout while the guest channel is not known up.
 const PING: Duration = Duration::from_millis(800);
+/// vmhad's slack on a probe (channel round trips beyond the longest check timeout).
+const SLACK: Duration = Duration::from_secs(2);
+/// The honest neighbour's check timeout.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// What one hostile case may add to this process's peak resident memory. Generous on purpose:
+/// the fake agents run in this process too (some copy a few MiB per answer), and so do the
+/// runtime's blocking threads; the client's own promise is a small multiple of its 4 MiB line
+/// cap per VM (the issue's goal: at most 16 MB per hostile VM). Before the fixes one 4 MiB
+/// `[0,0,…]` line cost 65–78 MB, so the bound still catches that kind of regression.
+const MEMORY_BOUND: u64 = 16 << 20;
+
+/// Cases measure this process's memory: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 fn config() -> QgaConfig {
     QgaConfig {
@@ -29,17 +56,14 @@ fn config() -> QgaConfig {
     }
 }
 
-/// A client for a fake agent running `script` for its first `bad` requests, honest after;
-/// the agent's socket lives in the returned temp dir (keep it for as long as the client).
-fn agent(
+/// An agent that runs `script` for its first `bad` requests (numbered across connections, syncs
+/// not counted), and answers honestly (probes included) after.
+fn first(
     bad: usize,
     script: impl Fn(&Value) -> Answer + Send + Sync + 'static,
-) -> (tempfile::TempDir, QgaClient) {
-    let dir = tempfile::tempdir().unwrap();
-    let script: Arc<Script> =
-        Arc::new(move |n, req| if n < bad { script(req) } else { honest(req) });
-    let qga = QgaClient::new(serve(&dir, "hostile.sock", script), config());
-    (dir, qga)
+) -> impl Fn(usize, &Value) -> Answer + Send + Sync + 'static {
+    let honest = honest_prober();
+    move |n, req| if n < bad { script(req) } else { honest(req) }
 }
 
 /// An app `name` whose check is `true`, with check `timeout`.
@@ -51,56 +75,35 @@ fn true_check(name: &str, timeout: Duration) -> ProbeCheck {
     }
 }
 
-/// An exec of `/bin/true` through `qga` fails as malformed, and the channel answers a ping
-/// right after.
-async fn exec_is_malformed(qga: &QgaClient) {
-    let err = qga
-        .exec(&ExecRequest::new(["/bin/true"]))
+/// The checks of a probe: two apps whose checks pass.
+fn checks() -> Vec<ProbeCheck> {
+    vec![
+        true_check("db", CHECK_TIMEOUT),
+        true_check("web", CHECK_TIMEOUT),
+    ]
+}
+
+/// A probe of [`checks`] through `qga`, which must end within what the client promises (the
+/// longest check timeout + slack).
+async fn probe(qga: &QgaClient) -> Result<Vec<(vmha_model::Name, ProbeOutcome)>, QgaError> {
+    let checks = checks();
+    let out = tokio::time::timeout(CHECK_TIMEOUT + SLACK, qga.probe(&checks, SLACK))
         .await
-        .unwrap_err();
-    assert!(matches!(err, QgaError::Malformed { .. }), "{err:?}");
-    qga.ping_within(PING).await.unwrap();
+        .expect("a probe outlived its own bound");
+    out.map_err(|vmha_qemu::ProbeError::Channel(e)| e)
 }
 
-/// The channel error a probe of `checks` (with `slack`) must end with.
-async fn probe_error(qga: &QgaClient, checks: &[ProbeCheck], slack: Duration) -> QgaError {
-    let vmha_qemu::ProbeError::Channel(err) = qga.probe(checks, slack).await.unwrap_err();
-    err
+/// A probe's answer has every check of [`checks`] running.
+fn assert_all_running(out: &[(vmha_model::Name, ProbeOutcome)]) {
+    assert_eq!(out.len(), checks().len(), "{out:?}");
+    for (app, outcome) in out {
+        assert_eq!(*outcome, ProbeOutcome::Running, "{app}");
+    }
 }
 
-/// Runs `hostile` while an honest agent next to it is pinged (800 ms) in a loop; every one of
-/// those pings must succeed.
-async fn beside_an_honest_agent<T>(hostile: impl Future<Output = T>) -> T {
-    let dir = tempfile::tempdir().unwrap();
-    let honest_agent = QgaClient::new(
-        serve(&dir, "honest.sock", Arc::new(|_, req: &Value| honest(req))),
-        config(),
-    );
-    let done = AtomicBool::new(false);
-    let neighbour = async {
-        let mut n = 0;
-        while !done.load(Ordering::SeqCst) || n == 0 {
-            honest_agent.ping_within(PING).await.unwrap();
-            n += 1;
-            tokio::task::yield_now().await;
-        }
-        n
-    };
-    let hostile = async {
-        let out = hostile.await;
-        done.store(true, Ordering::SeqCst);
-        out
-    };
-    let (out, pings) = tokio::join!(hostile, neighbour);
-    assert!(pings > 0);
-    out
-}
-
-fn assert_safe(text: &str) {
-    assert!(
-        !text.chars().any(is_unsafe),
-        "unsafe characters in {text:?}"
-    );
+/// A probe through `qga` succeeds in its bound with every check running.
+async fn probe_runs(qga: &QgaClient) {
+    assert_all_running(&probe(qga).await.unwrap());
 }
 
 /// Calls until the client answers something other than its hostile backoff (the backoff is
@@ -118,10 +121,97 @@ async fn after_backoff<T>(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_reply_is_never_taken_for_the_next_calls() {
+/// Runs one hostile case: an agent with `script` (request number, request → answer), the
+/// case's own `outcome` assertions on a client of it, then the four checks of this file's
+/// header. `script` should hold its payloads already (they are allocated before the memory
+/// baseline, as a guest's bytes cost vmhad nothing until they arrive).
+fn hostile_case(
+    name: &str,
+    script: impl Fn(usize, &Value) -> Answer + Send + Sync + 'static,
+    outcome: impl AsyncFnOnce(&QgaClient),
+) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // As vmhad: a multi-thread runtime with two workers.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let neighbour = QgaClient::new(serve(&dir, "honest.sock", Arc::new({
+            let honest = honest_prober();
+            move |_, req: &Value| honest(req)
+        })), config());
+        let qga = QgaClient::new(serve(&dir, "hostile.sock", Arc::new(script)), config());
+        // Warm up the runtime, the allocator and the neighbour's channel.
+        probe_runs(&neighbour).await;
+        reset_hwm();
+        let base = vm_hwm();
+
+        let done = AtomicBool::new(false);
+        let hostile = async {
+            outcome(&qga).await;
+            // The next calls on the same client get their own, correct answers (a guest found
+            // hostile first sits out its backoff, which lasts while it stays over its rate).
+            after_backoff(async || qga.ping_within(PING).await)
+                .await
+                .unwrap();
+            let info = after_backoff(async || qga.info_within(PING).await).await;
+            assert_eq!(info.unwrap().version, "fresh");
+            assert_all_running(&after_backoff(async || probe(&qga).await).await.unwrap());
+            done.store(true, Ordering::SeqCst);
+        };
+        let honest = async {
+            let (mut probes, mut slowest) = (0, Duration::ZERO);
+            while !done.load(Ordering::SeqCst) || probes == 0 {
+                let t = Instant::now();
+                probe_runs(&neighbour).await;
+                slowest = slowest.max(t.elapsed());
+                probes += 1;
+            }
+            (probes, slowest)
+        };
+        let ((), (probes, slowest)) = tokio::join!(hostile, honest);
+        let grew = vm_hwm().saturating_sub(base);
+        println!(
+            "{name}: peak memory +{} kB; the honest neighbour ran {probes} probes, slowest {slowest:?}",
+            grew / 1024
+        );
+        assert!(
+            grew <= MEMORY_BOUND,
+            "{name}: peak memory grew by {} kB",
+            grew / 1024
+        );
+    });
+}
+
+/// An exec of `/bin/true` through `qga` fails as malformed.
+async fn exec_is_malformed(qga: &QgaClient) {
+    let err = qga
+        .exec(&ExecRequest::new(["/bin/true"]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, QgaError::Malformed { .. }), "{err:?}");
+}
+
+/// The channel error a probe of `checks` (with `slack`) must end with.
+async fn probe_error(qga: &QgaClient, checks: &[ProbeCheck], slack: Duration) -> QgaError {
+    let vmha_qemu::ProbeError::Channel(err) = qga.probe(checks, slack).await.unwrap_err();
+    err
+}
+
+fn assert_safe(text: &str) {
+    assert!(
+        !text.chars().any(is_unsafe),
+        "unsafe characters in {text:?}"
+    );
+}
+
+#[test]
+fn a_late_reply_is_never_taken_for_the_next_calls() {
     // The first guest-info is answered 1.2 s late, with a version that gives it away.
-    let (_dir, qga) = agent(2, |req| {
+    let script = first(2, |req| {
         if req["execute"] != "guest-info" {
             return honest(req);
         }
@@ -131,23 +221,20 @@ async fn a_late_reply_is_never_taken_for_the_next_calls() {
         };
         Answer::Late(Duration::from_millis(1200), b)
     });
-    beside_an_honest_agent(async {
+    hostile_case("late reply", script, async |qga| {
         qga.ping_within(PING).await.unwrap();
         // vmhad's way: the call is dropped by the caller's timeout, not the client's.
         let dropped = tokio::time::timeout(PING, qga.info()).await;
         assert!(dropped.is_err(), "{dropped:?}");
         // The next ping starts while the stale reply is still due: it must get its own.
         qga.ping_within(PING * 2).await.unwrap();
-        let info = qga.info_within(PING).await.unwrap();
-        assert_eq!(info.version, "fresh");
-    })
-    .await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reply_without_id_answers_nothing() {
-    let (_dir, qga) = agent(3, |_| Answer::Bytes(line(r#"{"return": {}}"#)));
-    beside_an_honest_agent(async {
+#[test]
+fn a_reply_without_id_answers_nothing() {
+    let script = first(3, |_| Answer::Bytes(line(r#"{"return": {}}"#)));
+    hostile_case("id-less replies", script, async |qga| {
         for _ in 0..3 {
             let err = qga.ping_within(PING).await.unwrap_err();
             assert!(
@@ -155,13 +242,11 @@ async fn a_reply_without_id_answers_nothing() {
                 "{err:?}"
             );
         }
-        qga.ping_within(PING).await.unwrap();
-    })
-    .await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stale_flood_fails_one_call_and_is_discarded_by_the_resync() {
+#[test]
+fn a_stale_flood_fails_one_call_and_is_discarded_by_the_resync() {
     let mut flood = Vec::new();
     for i in 0..20_000 {
         flood.extend_from_slice(
@@ -170,31 +255,26 @@ async fn a_stale_flood_fails_one_call_and_is_discarded_by_the_resync() {
         flood.extend_from_slice(b"{\"return\": {}}\n");
     }
     let flood = Arc::new(flood);
-    let (_dir, qga) = agent(1, move |req| {
+    let script = first(1, move |req| {
         let Answer::Bytes(own) = reply(req, json!({})) else {
             unreachable!()
         };
-        let mut bytes = (*flood).clone();
-        bytes.extend_from_slice(&own);
-        Answer::Bytes(Arc::new(bytes))
+        Answer::Chunks(vec![flood.clone(), own])
     });
-    beside_an_honest_agent(async {
+    hostile_case("stale flood", script, async |qga| {
         let err = qga.ping_within(PING).await.unwrap_err();
         assert!(
             matches!(&err, QgaError::WrongId { got, .. } if got == "1000000"),
             "{err:?}"
         );
-        qga.ping_within(PING).await.unwrap();
-        qga.info_within(PING).await.unwrap();
-    })
-    .await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_amplifying_line_is_refused_and_skipped() {
+#[test]
+fn an_amplifying_line_is_refused_and_skipped() {
     let huge = zeros(4 << 20);
-    let (_dir, qga) = agent(2, move |_| Answer::Bytes(huge.clone()));
-    beside_an_honest_agent(async {
+    let script = first(2, move |_| Answer::Bytes(huge.clone()));
+    hostile_case("amplifying lines", script, async |qga| {
         assert!(matches!(
             qga.ping_within(PING).await,
             Err(QgaError::LineTooLong { max: 4096 })
@@ -203,16 +283,50 @@ async fn an_amplifying_line_is_refused_and_skipped() {
             qga.info_within(PING).await,
             Err(QgaError::LineTooLong { max: 65536 })
         ));
-        qga.ping_within(PING).await.unwrap();
-        assert_eq!(qga.info_within(PING).await.unwrap().version, "fresh");
-    })
-    .await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_endless_stream_is_cut_off_as_hostile_then_retried() {
-    let (_dir, qga) = agent(1, |_| Answer::Endless);
-    beside_an_honest_agent(async {
+#[test]
+fn an_oversized_exec_result_within_the_cap_is_parsed_in_bounded_memory() {
+    // A valid exit status padded with a `[0,0,…]` member to just under the 4 MiB cap: kept,
+    // parsed (the padding skipped without allocating), its output capped.
+    let mut pad =
+        br#"{"return": {"exited": true, "exitcode": 0, "out-data": "aGk=", "pad": "#.to_vec();
+    pad.extend_from_slice(&zeros((4 << 20) - 300)[..(4 << 20) - 301]);
+    let pad = Arc::new(pad);
+    let script = first(2, move |req| match req["execute"].as_str() {
+        Some("guest-exec") => reply(req, json!({"pid": 9})),
+        _ => Answer::Chunks(vec![
+            pad.clone(),
+            Arc::new(format!("}}, \"id\": {}}}\n", req["id"]).into_bytes()),
+        ]),
+    });
+    hostile_case("oversized exec result", script, async |qga| {
+        let out = qga
+            .exec(&ExecRequest::new(["/bin/echo", "hi"]))
+            .await
+            .unwrap();
+        assert_eq!(out.stdout, b"hi");
+    });
+}
+
+#[test]
+fn a_probe_refuses_an_oversized_status_line() {
+    let huge = zeros(1 << 20);
+    let script = first(2, move |req| match req["execute"].as_str() {
+        Some("guest-exec") => reply(req, json!({"pid": 5})),
+        _ => Answer::Bytes(huge.clone()),
+    });
+    hostile_case("oversized probe status", script, async |qga| {
+        let err = probe_error(qga, &checks(), SLACK).await;
+        assert!(matches!(err, QgaError::LineTooLong { .. }), "{err:?}");
+    });
+}
+
+#[test]
+fn an_endless_stream_is_cut_off_as_hostile_then_retried() {
+    let script = first(1, |_| Answer::Endless);
+    hostile_case("endless stream", script, async |qga| {
         // The call itself stops at its line cap; the resync of the next one at its budget.
         assert!(matches!(
             qga.ping_within(PING).await,
@@ -225,33 +339,34 @@ async fn an_endless_stream_is_cut_off_as_hostile_then_retried() {
         assert!(reason.contains("bytes"), "{reason}");
         assert!(!retry_in.is_zero());
         assert!(err.to_string().contains("hostile"));
-        // Backed off: no reconnect yet.
+        // Backed off: no reconnect yet (the harness's next calls wait for the backoff).
         assert!(matches!(
             qga.ping_within(PING).await,
             Err(QgaError::Hostile { .. })
         ));
-        // After the backoff, a fresh connection (honest now) works.
-        after_backoff(async || qga.ping_within(PING).await)
-            .await
-            .unwrap();
-    })
-    .await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_guest_flooding_lines_is_rate_limited() {
+#[test]
+fn a_guest_flooding_lines_is_rate_limited() {
     // Each answer: ~2 MiB of stray short lines, then the correct reply; cheap per call, but
-    // far above the rate limit when it goes on.
+    // far above the rate limit when it goes on. Honest once it has been found hostile.
     let strays = Arc::new(b"{}\n".repeat(700_000));
-    let (_dir, qga) = agent(usize::MAX, move |req| {
-        let Answer::Bytes(own) = honest(req) else {
-            unreachable!()
-        };
-        let mut bytes = (*strays).clone();
-        bytes.extend_from_slice(&own);
-        Answer::Bytes(Arc::new(bytes))
-    });
-    beside_an_honest_agent(async {
+    let found = Arc::new(AtomicBool::new(false));
+    let script = {
+        let found = found.clone();
+        let honest = honest_prober();
+        move |_, req: &Value| {
+            if found.load(Ordering::SeqCst) {
+                return honest(req);
+            }
+            let Answer::Bytes(own) = reply(req, json!({})) else {
+                unreachable!()
+            };
+            Answer::Chunks(vec![strays.clone(), own])
+        }
+    };
+    hostile_case("line flood", script, async |qga| {
         let mut hostile = None;
         for _ in 0..20 {
             match qga.ping_within(PING).await {
@@ -266,18 +381,18 @@ async fn a_guest_flooding_lines_is_rate_limited() {
         }
         let hostile = hostile.expect("never found hostile");
         assert_safe(&hostile.to_string());
-    })
-    .await;
+        found.store(true, Ordering::SeqCst);
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn format_characters_never_reach_an_error() {
+#[test]
+fn format_characters_never_reach_an_error() {
     let hostile_text = format!(
         "\\u202eevil\\u2028FAKE LOG\\u2029\\u200b\\ufeff\\u001b[2J\\u0007{}",
         "x".repeat(1500)
     );
     let text = hostile_text.clone();
-    let (_dir, qga) = agent(3, move |req| match req["execute"].as_str() {
+    let script = first(3, move |req| match req["execute"].as_str() {
         Some("guest-ping") => Answer::Bytes(line(format!(
             r#"{{"error": {{"class": "Generic{text}", "desc": "{text}"}}, "id": {}}}"#,
             req["id"]
@@ -290,7 +405,7 @@ async fn format_characters_never_reach_an_error() {
             req["id"]
         ))),
     });
-    beside_an_honest_agent(async {
+    hostile_case("format characters", script, async |qga| {
         let remote = qga.ping_within(PING).await.unwrap_err();
         let QgaError::Remote { error, .. } = &remote else {
             panic!("{remote:?}");
@@ -312,96 +427,77 @@ async fn format_characters_never_reach_an_error() {
             matches!(wrong_type, QgaError::Malformed { .. }),
             "{wrong_type:?}"
         );
-        assert_eq!(qga.info_within(PING).await.unwrap().version, "fresh");
-    })
-    .await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bad_pid_or_exit_status_is_malformed() {
+#[test]
+fn a_bad_pid_is_malformed() {
     for bad in [
         json!({"pid": -1}),
         json!({"pid": 0}),
         json!({"pid": 1_i64 << 40}),
         json!({"pid": "12"}),
     ] {
-        let (_dir, qga) = agent(1, move |req| reply(req, bad.clone()));
-        beside_an_honest_agent(async {
-            exec_is_malformed(&qga).await;
-            assert_eq!(
-                qga.exec(&ExecRequest::new(["/bin/true"]))
-                    .await
-                    .unwrap()
-                    .status,
-                vmha_qemu::ExitStatus::Code(0)
-            );
-        })
-        .await;
+        let name = format!("bad pid {bad}");
+        let script = first(1, move |req| reply(req, bad.clone()));
+        hostile_case(&name, script, async |qga| {
+            exec_is_malformed(qga).await;
+            let out = qga.exec(&ExecRequest::new(["/bin/true"])).await.unwrap();
+            assert_eq!(out.status, vmha_qemu::ExitStatus::Code(0));
+        });
     }
+}
+
+#[test]
+fn a_bad_exit_status_is_malformed() {
     for bad in [
         json!({"exited": true, "exitcode": -1}),
         json!({"exited": true, "exitcode": 70000}),
         json!({"exited": true, "signal": 99}),
     ] {
-        let (_dir, qga) = agent(2, move |req| {
+        let name = format!("bad exit status {bad}");
+        let script = first(2, move |req| {
             if req["execute"] == "guest-exec" {
                 reply(req, json!({"pid": 9}))
             } else {
                 reply(req, bad.clone())
             }
         });
-        beside_an_honest_agent(async {
-            exec_is_malformed(&qga).await;
-        })
-        .await;
+        hostile_case(&name, script, async |qga| exec_is_malformed(qga).await);
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_never_ending_exec_ends_at_its_deadline() {
-    let (_dir, qga) = agent(usize::MAX, |req| match req["execute"].as_str() {
-        Some("guest-exec") => reply(req, json!({"pid": 42})),
-        Some("guest-exec-status") => reply(req, json!({"exited": false})),
+#[test]
+fn a_never_ending_exec_ends_at_its_deadline() {
+    // Its first exec (pid 42) never ends; everything else is honest.
+    let honest = honest_prober();
+    let script = move |n, req: &Value| match req["execute"].as_str() {
+        Some("guest-exec") if n == 0 => reply(req, json!({"pid": 42})),
+        Some("guest-exec-status") if req["arguments"]["pid"] == 42 => {
+            reply(req, json!({"exited": false}))
+        }
         _ => honest(req),
-    });
-    let check = true_check("app", Duration::from_millis(200));
-    beside_an_honest_agent(async {
-        let err = probe_error(&qga, &[check], Duration::from_millis(300)).await;
+    };
+    hostile_case("never-ending exec", script, async |qga| {
+        let check = true_check("app", Duration::from_millis(200));
+        let err = probe_error(qga, &[check], Duration::from_millis(300)).await;
         assert!(matches!(err, QgaError::ExecDeadline { pid: 42 }), "{err:?}");
-        qga.ping_within(PING).await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_probe_refuses_an_oversized_status_line() {
-    let huge = zeros(1 << 20);
-    let (_dir, qga) = agent(2, move |req| match req["execute"].as_str() {
-        Some("guest-exec") => reply(req, json!({"pid": 5})),
-        _ => Answer::Bytes(huge.clone()),
     });
-    let check = true_check("app", Duration::from_secs(1));
-    beside_an_honest_agent(async {
-        let err = probe_error(&qga, std::slice::from_ref(&check), Duration::from_secs(2)).await;
-        assert!(matches!(err, QgaError::LineTooLong { .. }), "{err:?}");
-        // The honest fake's output has no status line for this probe's nonce: unreadable, but
-        // the channel answers.
-        let out = qga.probe(&[check], Duration::from_secs(2)).await.unwrap();
-        assert!(matches!(out[0].1, ProbeOutcome::Unreadable(_)));
-    })
-    .await;
 }
 
-#[tokio::test]
-async fn a_silent_agent_is_a_timeout_and_does_not_hold_up_a_healthy_one() {
-    let (_dir, qga) = agent(usize::MAX, |_| Answer::Nothing);
-    beside_an_honest_agent(async {
-        assert!(matches!(
-            qga.ping_within(PING).await,
-            Err(QgaError::Timeout { .. })
-        ));
-    })
-    .await;
+#[test]
+fn a_silent_agent_is_a_timeout_and_does_not_hold_up_a_healthy_one() {
+    // Silent for its first two requests, then answering again (the fake answers every resync):
+    // the next call resynchronises and gets its own reply.
+    let script = first(2, |_| Answer::Nothing);
+    hostile_case("silent agent", script, async |qga| {
+        for _ in 0..2 {
+            assert!(matches!(
+                qga.ping_within(PING).await,
+                Err(QgaError::Timeout { .. })
+            ));
+        }
+    });
 }
 
 #[tokio::test]
@@ -416,7 +512,13 @@ async fn a_real_probe_is_not_held_up_by_a_silent_agent() {
     let Some(agent_proc) = common::host_agent() else {
         return;
     };
-    let (_dir, hostile) = agent(usize::MAX, |_| Answer::Nothing);
+    let dir = tempfile::tempdir().unwrap();
+    let silent = serve(
+        &dir,
+        "silent.sock",
+        Arc::new(|_, _: &Value| Answer::Nothing),
+    );
+    let hostile = QgaClient::new(silent, config());
     let healthy = QgaClient::new(&agent_proc.sock, QgaConfig::default());
     let checks = vec![true_check("ok", Duration::from_secs(2))];
     let hostile_call = hostile.ping();

@@ -619,6 +619,8 @@ async fn resync(conn: &mut Conn, budget: u64) -> Result<(), QgaError> {
             Ok(line) if is_sync_reply(&line, id) => return Ok(()),
             Ok(line) => {
                 tracing::debug!(len = line.len(), line = %describe(&line), "discarded a line while resynchronising");
+                // A flood of short lines is many lines per read: let other VMs' tasks run.
+                tokio::task::consume_budget().await;
             }
             Err(QgaError::LineTooLong { .. }) => {}
             Err(e) => return Err(e),

@@ -5,9 +5,10 @@
 //! send back. Requests of one connection are handled in order, as qemu-ga does.
 #![allow(clippy::unwrap_used, dead_code, missing_docs)]
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -49,6 +50,50 @@ pub fn honest(req: &Value) -> Answer {
         Some("guest-exec") => reply(req, json!({"pid": 7})),
         Some("guest-exec-status") => reply(req, json!({"exited": true, "exitcode": 0})),
         _ => reply(req, json!({})),
+    }
+}
+
+/// An honest agent that also answers vmha's probes as a guest whose checks all pass: a
+/// `guest-exec` of the probe's shell program gets a fresh pid whose `guest-exec-status` prints
+/// status 0 for every check the program reports on (the program's `echo "vmha-probe N I $sI"`
+/// lines); everything else is [`honest`].
+pub fn honest_prober() -> impl Fn(&Value) -> Answer + Send + Sync + 'static {
+    let outputs: Mutex<HashMap<i64, Vec<u8>>> = Mutex::new(HashMap::new());
+    let next_pid = AtomicI64::new(100);
+    move |req| match req["execute"].as_str() {
+        Some("guest-exec") => {
+            let Some(program) = req["arguments"]["arg"][1].as_str() else {
+                return honest(req);
+            };
+            let mut out = Vec::new();
+            for l in program.lines() {
+                let Some(rest) = l.strip_prefix("echo \"vmha-probe ") else {
+                    continue;
+                };
+                let words: Vec<&str> = rest.split(' ').collect();
+                if let [nonce, index, _] = words.as_slice() {
+                    out.extend_from_slice(format!("vmha-probe {nonce} {index} 0\n").as_bytes());
+                }
+            }
+            let pid = next_pid.fetch_add(1, Ordering::SeqCst);
+            outputs.lock().unwrap().insert(pid, out);
+            reply(req, json!({"pid": pid}))
+        }
+        Some("guest-exec-status") => {
+            let pid = req["arguments"]["pid"].as_i64().unwrap_or_default();
+            match outputs.lock().unwrap().remove(&pid) {
+                Some(out) => {
+                    use base64::Engine as _;
+                    let data = base64::engine::general_purpose::STANDARD.encode(out);
+                    reply(
+                        req,
+                        json!({"exited": true, "exitcode": 0, "out-data": data}),
+                    )
+                }
+                None => honest(req),
+            }
+        }
+        _ => honest(req),
     }
 }
 
@@ -133,6 +178,12 @@ pub fn serve(dir: &tempfile::TempDir, name: &str, script: Arc<Script>) -> PathBu
         }
     });
     path
+}
+
+/// Resets this process's VmHWM to its current resident set (Linux ≥ 4.0), so that the next
+/// [`vm_hwm`] is the peak since now.
+pub fn reset_hwm() {
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
 }
 
 /// VmHWM (peak resident memory) of this process, in bytes.

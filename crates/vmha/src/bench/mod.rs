@@ -1,8 +1,9 @@
 //! `vmha bench` (hidden; run it through `scripts/bench.sh`): the project's figures from one
-//! command. Five sections, each in its own module — detection and recovery on real TCG VMs
+//! command. Six sections, each in its own module — detection and recovery on real TCG VMs
 //! ([`detect`]), the cost of watching many VMs through the fake QEMU ([`scale`]), failover and
 //! self-fencing on the multi-host test bed ([`failover`]), the controller in simulation
-//! ([`sim`]), app failure detection and its cost with the VM's watch on and off ([`watch`]) —
+//! ([`sim`]), app failure detection and its cost with the VM's watch on and off ([`watch`]),
+//! the guest channel next to hostile guests ([`hostile`]) —
 //! then `BENCHMARKS.md` is written from what was measured ([`report`]), with the raw samples as
 //! CSV files beside it.
 
@@ -14,6 +15,7 @@ use anyhow::Context;
 
 mod detect;
 mod failover;
+mod hostile;
 mod report;
 mod scale;
 mod sim;
@@ -34,6 +36,9 @@ pub enum Section {
     /// App kills with the VM's watch on and off, and what checking and watching cost (real
     /// TCG VMs).
     Watch,
+    /// An honest VM's probe next to hostile guest agents, before and after the guest channel's
+    /// hardening (vmha-qemu's `qga_hostile` bench).
+    Hostile,
 }
 
 /// Arguments of `vmha bench`.
@@ -92,6 +97,10 @@ pub struct BenchArgs {
     /// Rounds of the failover section (each: a host killed, a host cut off).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
     failover_runs: u32,
+    /// The commit whose QGA client the hostile section compares with this tree's (`none`: this
+    /// tree only). Default: the last commit before the guest channel's hardening (issue 10).
+    #[arg(long, default_value = "daeae6e")]
+    hostile_before: String,
 }
 
 impl BenchArgs {
@@ -119,6 +128,7 @@ impl BenchArgs {
                 Section::Failover,
                 Section::Sim,
                 Section::Watch,
+                Section::Hostile,
             ];
         }
         self
@@ -156,6 +166,7 @@ impl Section {
             Section::Failover => "failover",
             Section::Sim => "sim",
             Section::Watch => "watch",
+            Section::Hostile => "hostile",
         }
     }
 }
@@ -218,6 +229,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             Section::Watch,
             "app failure detection with the watch on and off (real TCG VMs)",
         ),
+        (
+            Section::Hostile,
+            "the guest channel next to hostile guests (qga_hostile bench)",
+        ),
     ];
     let mut sections = Vec::new();
     for (section, title) in all {
@@ -232,6 +247,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 Section::Failover => failover::run(&args, &raw),
                 Section::Sim => sim::run(&raw),
                 Section::Watch => watch::run(&args, &raw),
+                Section::Hostile => hostile::run(&args, &raw),
             }?;
             markdown.push_str(&format!(
                 "\nLoad average (1 min) at the start and end of this section: {load_before} → {} \

@@ -55,7 +55,7 @@ fn machine() -> Vec<(&'static str, String)> {
 
 /// The commit measured, `-dirty` when files outside `docs/` (which this command writes while
 /// it runs) differ from it.
-fn commit() -> String {
+pub(super) fn commit() -> String {
     let head = first_line("git", &["rev-parse", "--short", "HEAD"]);
     let changed = first_line(
         "git",
