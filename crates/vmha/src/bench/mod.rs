@@ -150,12 +150,15 @@ impl BenchArgs {
     }
 }
 
-/// What one section produced: its Markdown and how long it took.
+/// What one section produced: its Markdown, how long it took and the commit it measured.
 pub struct Done {
     /// The section's Markdown (heading, method, tables).
     pub markdown: String,
     /// How long the section ran.
     pub took: Duration,
+    /// The commit measured ([`report::commit`] when it ran; `?` for a section kept from a run
+    /// that did not record it).
+    pub commit: String,
 }
 
 impl Section {
@@ -179,15 +182,17 @@ fn load_average() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// The first line of a kept section file: how long it took.
+/// The first line of a kept section file: how long it took, then the commit it measured.
 const TOOK: &str = "<!-- took (s): ";
+const COMMIT: &str = "; commit: ";
 
 impl Done {
     /// The section as kept in `bench/<section>.md`.
     fn to_file(&self) -> String {
         format!(
-            "{TOOK}{:.1} -->\n{}",
+            "{TOOK}{:.1}{COMMIT}{} -->\n{}",
             self.took.as_secs_f64(),
+            self.commit,
             self.markdown
         )
     }
@@ -195,14 +200,12 @@ impl Done {
     /// A kept section; `None` if `text` is not one.
     fn from_file(text: &str) -> Option<Done> {
         let (first, markdown) = text.split_once('\n')?;
-        let secs: f64 = first
-            .strip_prefix(TOOK)?
-            .strip_suffix(" -->")?
-            .parse()
-            .ok()?;
+        let fields = first.strip_prefix(TOOK)?.strip_suffix(" -->")?;
+        let (secs, commit) = fields.split_once(COMMIT).unwrap_or((fields, "?"));
         Some(Done {
             markdown: markdown.to_string(),
-            took: Duration::try_from_secs_f64(secs).ok()?,
+            took: Duration::try_from_secs_f64(secs.parse().ok()?).ok()?,
+            commit: commit.to_string(),
         })
     }
 }
@@ -258,6 +261,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             let done = Done {
                 markdown,
                 took: t0.elapsed(),
+                commit: report::commit(),
             };
             std::fs::write(&kept, done.to_file())?;
             sections.push(done);
@@ -291,10 +295,15 @@ mod tests {
         let done = Done {
             markdown: "## 1. x\n\n| a |\n".into(),
             took: Duration::from_millis(61_500),
+            commit: "e4c5c3f-dirty".into(),
         };
         let back = Done::from_file(&done.to_file()).unwrap();
         assert_eq!(back.markdown, done.markdown);
         assert_eq!(back.took, done.took);
+        assert_eq!(back.commit, done.commit);
         assert!(Done::from_file("## 1. typed by hand\n").is_none());
+        // Kept by a run that did not record its commit: unknown, not this run's.
+        let old = Done::from_file("<!-- took (s): 2.0 -->\n## 1. x\n").unwrap();
+        assert_eq!((old.commit.as_str(), old.took.as_secs()), ("?", 2));
     }
 }

@@ -49,7 +49,6 @@ fn machine() -> Vec<(&'static str, String)> {
         ("/dev/kvm", kvm.to_string()),
         ("QEMU", first_line("qemu-system-x86_64", &["--version"])),
         ("qemu-ga (host)", first_line("qemu-ga", &["--version"])),
-        ("vmha commit", commit()),
     ]
 }
 
@@ -110,7 +109,8 @@ pub fn document(args: &BenchArgs, wall_start_ms: u64, sections: &[Done]) -> Stri
         args.vmhad.display(),
         took.as_secs().div_ceil(60)
     );
-    md.push_str("| section | took |\n|---|---|\n");
+    // Sections kept from earlier runs (`--only`) measured the commit of their own run.
+    md.push_str("| section | vmha commit measured | took |\n|---|---|---|\n");
     for s in sections {
         let title = s
             .markdown
@@ -118,7 +118,12 @@ pub fn document(args: &BenchArgs, wall_start_ms: u64, sections: &[Done]) -> Stri
             .next()
             .unwrap_or_default()
             .trim_start_matches("## ");
-        let _ = writeln!(md, "| {title} | {:.1} min |", s.took.as_secs_f64() / 60.0);
+        let _ = writeln!(
+            md,
+            "| {title} | {} | {:.1} min |",
+            s.commit,
+            s.took.as_secs_f64() / 60.0
+        );
     }
     md.push('\n');
     for s in sections {
