@@ -47,7 +47,7 @@ use tokio::time::Instant;
 use crate::framing::{FrameError, Framer};
 use crate::reply::RemoteError;
 use guard::{Backoff, Rate};
-use wire::{GuestText, Reply, SYNC_LINE_MAX, describe, is_sync_reply, parse_reply};
+use wire::{GuestText, Reply, SYNC_LINE_MAX, SyncReply, describe, parse_reply};
 
 /// Line cap of a reply without payload (`guest-ping`, `guest-exec`).
 pub const SMALL_LINE: usize = 4 << 10;
@@ -614,9 +614,10 @@ async fn resync(conn: &mut Conn, budget: u64) -> Result<(), QgaError> {
         .map_err(QgaError::Write)?;
     conn.framer.set_max_line(SYNC_LINE_MAX);
     conn.allow(budget);
+    let sync = SyncReply::new(id);
     loop {
         match read_line(conn, "guest-sync-delimited").await {
-            Ok(line) if is_sync_reply(&line, id) => return Ok(()),
+            Ok(line) if sync.is(&line) => return Ok(()),
             Ok(line) => {
                 tracing::debug!(len = line.len(), line = %describe(&line), "discarded a line while resynchronising");
                 // A flood of short lines is many lines per read: let other VMs' tasks run.

@@ -120,19 +120,37 @@ pub fn parse_reply<T: DeserializeOwned>(line: &[u8], expected: u64) -> Result<Re
 /// some spacing); longer lines are discarded during a resync without being looked at.
 pub(crate) const SYNC_LINE_MAX: usize = 96;
 
-/// True if `line` is the reply to `guest-sync-delimited` with `id`. Lines longer than
-/// [`SYNC_LINE_MAX`] are not parsed at all.
-pub(crate) fn is_sync_reply(line: &[u8], id: u64) -> bool {
-    #[derive(Deserialize)]
-    struct Sync {
-        #[serde(rename = "return")]
-        ret: u64,
+/// Recognises the reply to one `guest-sync-delimited` among the lines a resync discards, at
+/// little cost per line: lines longer than [`SYNC_LINE_MAX`] or without the id's digits are not
+/// parsed at all.
+pub(crate) struct SyncReply {
+    id: u64,
+    digits: String,
+}
+
+impl SyncReply {
+    /// The matcher for the sync request with `id`.
+    pub(crate) fn new(id: u64) -> Self {
+        SyncReply {
+            id,
+            digits: id.to_string(),
+        }
     }
-    // Cheap test first: a stray line rarely holds the id's digits.
-    let digits = id.to_string();
-    line.len() <= SYNC_LINE_MAX
-        && line.windows(digits.len()).any(|w| w == digits.as_bytes())
-        && serde_json::from_slice::<Sync>(line).is_ok_and(|s| s.ret == id)
+
+    /// True if `line` is the reply to the sync request.
+    pub(crate) fn is(&self, line: &[u8]) -> bool {
+        #[derive(Deserialize)]
+        struct Sync {
+            #[serde(rename = "return")]
+            ret: u64,
+        }
+        // Cheap test first: a stray line rarely holds the id's digits.
+        line.len() <= SYNC_LINE_MAX
+            && line
+                .windows(self.digits.len())
+                .any(|w| w == self.digits.as_bytes())
+            && serde_json::from_slice::<Sync>(line).is_ok_and(|s| s.ret == self.id)
+    }
 }
 
 /// A short, safe description of a line that was not what was expected (for debug logs).
@@ -176,11 +194,12 @@ mod tests {
 
     #[test]
     fn sync_reply_recognised_only_short_and_exact() {
-        assert!(is_sync_reply(br#"{"return": 12345}"#, 12345));
-        assert!(!is_sync_reply(br#"{"return": 12346}"#, 12345));
+        let sync = SyncReply::new(12345);
+        assert!(sync.is(br#"{"return": 12345}"#));
+        assert!(!sync.is(br#"{"return": 12346}"#));
         let mut long = br#"{"return": 12345"#.to_vec();
         long.extend(std::iter::repeat_n(b' ', 200));
         long.push(b'}');
-        assert!(!is_sync_reply(&long, 12345));
+        assert!(!sync.is(&long));
     }
 }
