@@ -208,11 +208,24 @@ pub fn parse_output(checks: &[ProbeCheck], nonce: u64, stdout: &[u8]) -> Vec<(Na
         .collect()
 }
 
-/// The first status poll of a probe: three quarters of how long the last one took (so a
-/// steady guest is asked about once or twice per probe), within 2..=500 ms; `None` while
-/// nothing is known.
+/// The first status poll of a probe: three quarters of the estimated probe duration
+/// ([`next_estimate`]; so a steady guest is asked about once or twice per probe), within
+/// 2..=500 ms; `None` while nothing is known.
 fn first_poll(last_ms: u64) -> Option<Duration> {
     (last_ms > 0).then(|| Duration::from_millis((last_ms.saturating_mul(3) / 4).clamp(2, 500)))
+}
+
+/// The probe duration the next first poll is timed from, after a probe that took `took_ms`:
+/// down at once, up at most twice the previous estimate per probe. One probe held up (a
+/// stalled agent, a busy host) must not delay the first poll of the next ones — with the plain
+/// last duration, a 5 s stall made the next ten probes wait 500, 400, 300… ms before their
+/// first poll — while a guest whose checks really got slower is followed within a few probes.
+fn next_estimate(previous_ms: u64, took_ms: u64) -> u64 {
+    if previous_ms == 0 {
+        took_ms
+    } else {
+        took_ms.min(previous_ms.saturating_mul(2))
+    }
 }
 
 impl QgaClient {
@@ -230,7 +243,9 @@ impl QgaClient {
         let started = std::time::Instant::now();
         let output = self.exec(&request).await?;
         let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.probe_ms.store(took, Ordering::Relaxed);
+        let previous = self.probe_ms.load(Ordering::Relaxed);
+        self.probe_ms
+            .store(next_estimate(previous, took), Ordering::Relaxed);
         Ok(parse_output(checks, nonce, &output.stdout))
     }
 }
@@ -302,6 +317,22 @@ mod tests {
         assert_eq!(first_poll(1), Some(Duration::from_millis(2)));
         assert_eq!(first_poll(200), Some(Duration::from_millis(150)));
         assert_eq!(first_poll(u64::MAX / 2), Some(Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn one_slow_probe_does_not_delay_the_next_first_polls() {
+        assert_eq!(next_estimate(0, 12), 12);
+        // A 5 s stall raises the estimate to twice the last one only, and the next normal
+        // probe brings it back at once.
+        assert_eq!(next_estimate(12, 5000), 24);
+        assert_eq!(next_estimate(24, 11), 11);
+        // Checks that really got slower: followed by doubling.
+        let mut e = 12;
+        for _ in 0..4 {
+            e = next_estimate(e, 150);
+        }
+        assert_eq!(e, 150);
+        assert_eq!(next_estimate(u64::MAX, u64::MAX), u64::MAX);
     }
 
     #[test]

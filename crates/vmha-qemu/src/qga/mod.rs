@@ -266,8 +266,9 @@ pub struct QgaClient {
     config: QgaConfig,
     channel: Mutex<Channel>,
     next_id: AtomicU64,
-    /// How long the last probe ran in the guest as seen from here (ms; 0 = not known yet):
-    /// the next probe's first status poll is timed from it.
+    /// How long a probe runs in the guest as seen from here (ms; 0 = not known yet): the last
+    /// probe's duration, raised by at most ×2 per probe; the next first status poll is timed
+    /// from it.
     pub(crate) probe_ms: AtomicU64,
 }
 
