@@ -22,24 +22,16 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use vmha_qemu::qga::guard::{Backoff, Rate};
+use vmha_qemu::qga::guard::Limits;
 use vmha_qemu::qga::wire::Reply;
 use vmha_qemu::qga::{SLACK, parse_typed};
 use vmha_qemu::{QgaConfig, QgaError};
-
-/// What a domain's guest may cost the host, across its calls.
-struct Limits {
-    rate: Rate,
-    backoff: Backoff,
-}
 
 /// The guest channel of one domain, whatever carries its requests: ids, reply caps, typed
 /// parsing, the byte rate and the hostile backoff.
 pub(crate) struct Channel {
     /// The domain, for logs.
     domain: String,
-    /// Sustained bytes per second allowed (for the rate-limit reason).
-    byte_rate: u64,
     limits: Mutex<Limits>,
     next_id: AtomicU64,
 }
@@ -49,11 +41,7 @@ impl Channel {
     pub(crate) fn new(domain: &str, config: &QgaConfig) -> Channel {
         Channel {
             domain: domain.to_owned(),
-            byte_rate: config.byte_rate,
-            limits: Mutex::new(Limits {
-                rate: Rate::for_channel(config),
-                backoff: Backoff::for_channel(config),
-            }),
+            limits: Mutex::new(Limits::for_channel(config)),
             next_id: AtomicU64::new(1),
         }
     }
@@ -105,30 +93,8 @@ impl Channel {
     /// Charges a reply of `bytes` to the rate limit and applies the call's outcome: a guest
     /// over its rate or budget is backed off from, a success resets the backoff.
     fn finish<R>(&self, bytes: u64, mut result: Result<R, QgaError>) -> Result<R, QgaError> {
-        let mut limits = self.lock();
-        if !limits.rate.take(bytes) && limits.backoff.active().is_none() {
-            let reason = format!(
-                "sent more than {} bytes/s on average (rate limit)",
-                self.byte_rate
-            );
-            if result.is_ok() {
-                // The answer itself was valid; the next call finds the guest backed off.
-                let retry_in = limits.backoff.hostile(reason.clone());
-                tracing::warn!(domain = %self.domain, %reason, ?retry_in, "guest agent marked hostile");
-                return result;
-            }
-            result = Err(QgaError::Hostile {
-                reason,
-                retry_in: Duration::ZERO,
-            });
-        }
-        match &mut result {
-            Ok(_) => limits.backoff.reset(),
-            Err(QgaError::Hostile { reason, retry_in }) if retry_in.is_zero() => {
-                *retry_in = limits.backoff.hostile(reason.clone());
-                tracing::warn!(domain = %self.domain, %reason, retry_in = ?*retry_in, "guest agent marked hostile");
-            }
-            Err(_) => {}
+        if let Some((reason, retry_in)) = self.lock().settle(bytes, &mut result) {
+            tracing::warn!(domain = %self.domain, %reason, ?retry_in, "guest agent marked hostile");
         }
         result
     }

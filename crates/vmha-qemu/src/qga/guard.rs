@@ -6,7 +6,69 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::QgaConfig;
+use super::{QgaConfig, QgaError};
+
+/// A guest channel's [`Rate`] and [`Backoff`], and the one rule that joins them after each
+/// call ([`Limits::settle`]), shared by every driver's channel.
+#[derive(Debug)]
+pub struct Limits {
+    /// The byte rate of the guest's replies.
+    pub rate: Rate,
+    /// The backoff after the guest was found hostile.
+    pub backoff: Backoff,
+    /// Sustained bytes per second allowed (named in the rate-limit reason).
+    byte_rate: u64,
+}
+
+impl Limits {
+    /// The limits of one guest channel, from `config`.
+    pub fn for_channel(config: &QgaConfig) -> Self {
+        Limits {
+            rate: Rate::for_channel(config),
+            backoff: Backoff::for_channel(config),
+            byte_rate: config.byte_rate,
+        }
+    }
+
+    /// Charges the `used` bytes of a finished call to the rate and applies the call's outcome.
+    /// Over the rate (and not already backing off): a valid answer is kept but the guest is
+    /// backed off from for the next call; an error becomes [`QgaError::Hostile`]. A
+    /// `Hostile` error found by the call itself (`retry_in` zero) starts the backoff and gets
+    /// its `retry_in`; a success resets the backoff. Returns the reason and the backoff when
+    /// this call marked the guest hostile (the caller drops its connection and says so).
+    pub fn settle<R>(
+        &mut self,
+        used: u64,
+        result: &mut Result<R, QgaError>,
+    ) -> Option<(String, Duration)> {
+        if !self.rate.take(used) && self.backoff.active().is_none() {
+            let reason = format!(
+                "sent more than {} bytes/s on average (rate limit)",
+                self.byte_rate
+            );
+            if result.is_ok() {
+                // The answer itself was valid; the next call finds the guest backed off.
+                let retry_in = self.backoff.hostile(reason.clone());
+                return Some((reason, retry_in));
+            }
+            *result = Err(QgaError::Hostile {
+                reason,
+                retry_in: Duration::ZERO,
+            });
+        }
+        match result {
+            Ok(_) => {
+                self.backoff.reset();
+                None
+            }
+            Err(QgaError::Hostile { reason, retry_in }) if retry_in.is_zero() => {
+                *retry_in = self.backoff.hostile(reason.clone());
+                Some((reason.clone(), *retry_in))
+            }
+            Err(_) => None,
+        }
+    }
+}
 
 /// Token bucket over the bytes read from one guest channel (it survives reconnects).
 #[derive(Debug)]
@@ -106,6 +168,49 @@ mod tests {
         assert!(!r.take(200));
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(r.take(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settle_joins_rate_and_backoff_as_both_drivers_need() {
+        let config = QgaConfig {
+            byte_rate: 1000,
+            max_line: 100,
+            hostile_backoff: Duration::from_secs(1),
+            ..QgaConfig::default()
+        };
+        let mut limits = Limits::for_channel(&config);
+        let mut ok: Result<(), QgaError> = Ok(());
+        assert!(limits.settle(10, &mut ok).is_none());
+        // Over the rate with a valid answer: kept, the next call finds the guest backed off.
+        // The burst is twice the line cap plus 1 MiB; this overdraws it by a few hundred bytes.
+        let marked = limits.settle((1 << 20) + 500, &mut ok);
+        assert!(ok.is_ok());
+        assert_eq!(marked.map(|m| m.1), Some(Duration::from_secs(1)));
+        assert!(limits.backoff.active().is_some());
+        // A hostile guest found by the call itself: the backoff starts (doubled now).
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let mut hostile: Result<(), QgaError> = Err(QgaError::Hostile {
+            reason: "endless".into(),
+            retry_in: Duration::ZERO,
+        });
+        let marked = limits.settle(0, &mut hostile);
+        assert_eq!(marked, Some(("endless".to_owned(), Duration::from_secs(2))));
+        assert!(
+            matches!(hostile, Err(QgaError::Hostile { retry_in, .. }) if retry_in == Duration::from_secs(2))
+        );
+        // Other errors change nothing; a success resets the backoff.
+        let mut other: Result<(), QgaError> = Err(QgaError::Disconnected);
+        assert!(limits.settle(0, &mut other).is_none());
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(limits.settle(0, &mut ok).is_none());
+        let mut again: Result<(), QgaError> = Err(QgaError::Hostile {
+            reason: "x".into(),
+            retry_in: Duration::ZERO,
+        });
+        assert_eq!(
+            limits.settle(0, &mut again).map(|m| m.1),
+            Some(Duration::from_secs(1))
+        );
     }
 
     #[tokio::test(start_paused = true)]

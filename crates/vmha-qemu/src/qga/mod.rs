@@ -46,7 +46,7 @@ use tokio::time::Instant;
 
 use crate::framing::{FrameError, Framer};
 use crate::reply::RemoteError;
-use guard::{Backoff, Rate};
+use guard::Limits;
 use wire::{GuestText, Reply, SYNC_LINE_MAX, SyncReply, describe, parse_reply};
 
 /// Line cap of a reply without payload (`guest-ping`, `guest-exec`).
@@ -255,8 +255,7 @@ impl Conn {
 /// The channel state behind the client's lock.
 struct Channel {
     conn: Option<Conn>,
-    rate: Rate,
-    backoff: Backoff,
+    limits: Limits,
 }
 
 /// The guest channel of one VM. Methods take `&self`; calls are serialised internally.
@@ -299,8 +298,7 @@ impl QgaClient {
     pub fn new(path: impl Into<PathBuf>, config: QgaConfig) -> Self {
         let channel = Channel {
             conn: None,
-            rate: Rate::for_channel(&config),
-            backoff: Backoff::for_channel(&config),
+            limits: Limits::for_channel(&config),
         };
         Self {
             path: path.into(),
@@ -449,7 +447,7 @@ impl QgaClient {
     /// Connects if needed (not while backing off from a hostile guest) and resynchronises if
     /// needed; returns the ready connection.
     async fn ready<'a>(&self, channel: &'a mut Channel) -> Result<&'a mut Conn, QgaError> {
-        if let Some((reason, left)) = channel.backoff.active() {
+        if let Some((reason, left)) = channel.limits.backoff.active() {
             return Err(QgaError::Hostile {
                 reason: reason.to_owned(),
                 retry_in: left,
@@ -507,33 +505,12 @@ impl QgaClient {
             })
         });
         let used = channel.conn.as_mut().map_or(0, Conn::take_used);
-        if !channel.rate.take(used) && channel.backoff.active().is_none() {
-            let reason = format!(
-                "sent more than {} bytes/s on average (rate limit)",
-                self.config.byte_rate
-            );
-            if result.is_ok() {
-                // The answer itself was valid; the next call finds the guest backed off.
-                channel.conn = None;
-                let retry_in = channel.backoff.hostile(reason.clone());
-                tracing::warn!(path = %self.path.display(), %reason, ?retry_in, "guest agent disconnected as hostile");
-                return result;
-            }
-            result = Err(QgaError::Hostile {
-                reason,
-                retry_in: Duration::ZERO,
-            });
+        if let Some((reason, retry_in)) = channel.limits.settle(used, &mut result) {
+            channel.conn = None;
+            tracing::warn!(path = %self.path.display(), %reason, ?retry_in, "guest agent disconnected as hostile");
         }
-        match &mut result {
-            Ok(_) => channel.backoff.reset(),
-            Err(QgaError::Remote { .. }) => {}
-            Err(QgaError::Hostile { reason, retry_in }) => {
-                if retry_in.is_zero() {
-                    channel.conn = None;
-                    *retry_in = channel.backoff.hostile(reason.clone());
-                    tracing::warn!(path = %self.path.display(), %reason, retry_in = ?*retry_in, "guest agent disconnected as hostile");
-                }
-            }
+        match &result {
+            Ok(_) | Err(QgaError::Remote { .. } | QgaError::Hostile { .. }) => {}
             Err(QgaError::Disconnected | QgaError::Write(_) | QgaError::Connect { .. }) => {
                 channel.conn = None;
             }
