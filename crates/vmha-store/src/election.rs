@@ -15,8 +15,8 @@
 use std::time::Duration;
 
 use crate::store::{
-    CasOutcome, ClusterStore, Expect, KeyValue, Leader, LeaseId, Mutation, StoreError, WatchEvent,
-    WatchStream,
+    CasOutcome, ClusterStore, Expect, KeyValue, Leader, LeaseId, Mutation, Revision, StoreError,
+    WatchEvent, WatchStream,
 };
 
 /// Pause before re-listing after a campaign's watch failed, so that a store whose watches keep
@@ -26,7 +26,9 @@ const REWATCH_PAUSE: Duration = Duration::from_millis(100);
 /// How often `resign` reads the key again after its delete failed with `Unavailable`.
 const RESIGN_RETRIES: u32 = 2;
 
-fn prefix(election: &str) -> String {
+/// The prefix under which `election`'s candidates keep their keys: any change of candidacy (and
+/// so of leadership) is a change under it.
+pub fn candidates_prefix(election: &str) -> String {
     format!("{election}/")
 }
 
@@ -52,7 +54,7 @@ pub async fn campaign<S: ClusterStore>(
     if election.is_empty() {
         return Err(StoreError::InvalidArgument("empty election name".into()));
     }
-    let prefix = prefix(election);
+    let prefix = candidates_prefix(election);
     let key = format!("{prefix}{lease}");
     // Creates the candidate key, or resumes a candidacy with the same lease: a put keeps the key's
     // create revision, hence its place. Unconditional, so a store may re-send it after an attempt
@@ -101,13 +103,23 @@ pub async fn leader<S: ClusterStore>(
     store: &S,
     election: &str,
 ) -> Result<Option<Leader>, StoreError> {
-    let listing = store.list(&prefix(election)).await?;
-    Ok(listing
+    Ok(leader_at(store, election).await?.0)
+}
+
+/// The leader of `election` (as [`leader`]) and the revision it was read at: a watch of
+/// [`candidates_prefix`] from that revision + 1 sees every later change of leadership.
+pub async fn leader_at<S: ClusterStore>(
+    store: &S,
+    election: &str,
+) -> Result<(Option<Leader>, Revision), StoreError> {
+    let listing = store.list(&candidates_prefix(election)).await?;
+    let leader = listing
         .kvs
         .into_iter()
         .filter(|kv| kv.lease.is_some())
         .min_by_key(|kv| kv.create_revision)
-        .and_then(|kv| as_leader(election, kv)))
+        .and_then(|kv| as_leader(election, kv));
+    Ok((leader, listing.revision))
 }
 
 /// Deletes the leader's key if it is still the same term; see [`ClusterStore::resign`].

@@ -121,28 +121,103 @@ async fn wait_lost<S: ClusterStore>(
     }
 }
 
-/// Tells the core which host leads, whenever that changes (checked every second).
+/// How long the observer trusts its watch without reading the election again: a missed event
+/// or a watch that broke silently hides a change of leader for at most this long.
+const OBSERVE_SAFETY: Duration = Duration::from_secs(10);
+/// Pause after a failed read or watch, so that a failing store is not hammered.
+const OBSERVE_RETRY: Duration = Duration::from_secs(1);
+
+/// Tells the core which host leads, whenever that changes: read at start, again as soon as
+/// anything changes under the election's candidates (a watch), and at least every
+/// [`OBSERVE_SAFETY`]. An idle cluster costs one watch per host, not a read per second.
 pub async fn observe<S: ClusterStore>(store: S, election: String, inbox: Inbox) {
+    let candidates = vmha_store::election::candidates_prefix(&election);
     let mut last: Option<Option<Name>> = None;
     loop {
-        let now = match store.leader(&election).await {
-            Ok(l) => Some(
-                l.and_then(|l| String::from_utf8(l.value).ok())
-                    .and_then(|s| Name::new(&s).ok()),
-            ),
+        let from = match vmha_store::election::leader_at(&store, &election).await {
+            Ok((leader, revision)) => {
+                let now = leader
+                    .and_then(|l| String::from_utf8(l.value).ok())
+                    .and_then(|s| Name::new(&s).ok());
+                if last.as_ref() != Some(&now) {
+                    if !inbox.send(Msg::Leader(now.clone())).await {
+                        return;
+                    }
+                    last = Some(now);
+                }
+                Some(revision.saturating_add(1))
+            }
             Err(e) => {
                 tracing::debug!("reading the controller election: {e}");
                 None
             }
         };
-        if let Some(now) = now
-            && last.as_ref() != Some(&now)
-        {
-            if !inbox.send(Msg::Leader(now.clone())).await {
+        let changed = async {
+            let Some(from) = from else {
+                tokio::time::sleep(OBSERVE_RETRY).await;
                 return;
+            };
+            let failed = match store.watch(&candidates, from).await {
+                Ok(mut watch) => watch.next().await.is_err(),
+                Err(_) => true,
+            };
+            if failed {
+                tokio::time::sleep(OBSERVE_RETRY).await;
             }
-            last = Some(now);
+        };
+        // Whatever ended the wait (a change, a failure, the safety period), read again.
+        let _ = tokio::time::timeout(OBSERVE_SAFETY, changed).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use vmha_store::EmbeddedStore;
+
+    async fn next_leader(rx: &mut tokio::sync::mpsc::Receiver<Msg>) -> Option<Name> {
+        match rx.recv().await {
+            Some(Msg::Leader(leader)) => leader,
+            _ => panic!("expected a Leader message"),
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    /// A change of leader reaches the core as it happens (through the watch): on the paused
+    /// clock no time passes between the change and the message, where polling would have
+    /// waited for its next read.
+    #[tokio::test(start_paused = true)]
+    async fn the_observer_reports_each_change_of_leader_as_it_happens() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path().join("store.redb")).unwrap();
+        let (inbox, mut rx) = crate::inbox::channel();
+        tokio::spawn(observe(store.clone(), "vmha/election".into(), inbox));
+        assert_eq!(next_leader(&mut rx).await, None);
+
+        let a = store.grant(Duration::from_secs(600)).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let leader = store
+            .campaign("vmha/election", b"kvm1".to_vec(), a.id)
+            .await
+            .unwrap();
+        assert_eq!(next_leader(&mut rx).await, Some(Name::new("kvm1").unwrap()));
+
+        let b = store.grant(Duration::from_secs(600)).await.unwrap();
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .campaign("vmha/election", b"kvm2".to_vec(), b.id)
+                    .await
+            }
+        });
+        store.resign(&leader).await.unwrap();
+        assert_eq!(next_leader(&mut rx).await, Some(Name::new("kvm2").unwrap()));
+        assert!(waiting.await.unwrap().is_ok());
+        assert!(
+            started.elapsed() < OBSERVE_RETRY,
+            "the changes were seen by polling, after {:?}",
+            started.elapsed()
+        );
     }
 }
