@@ -32,6 +32,8 @@ use crate::slots::Slots;
 const SAFETY_POLL: Duration = Duration::from_secs(5);
 /// The longest one store transaction of a commit may take before the commit counts as failed.
 const TXN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How soon a configuration the engine was busy for is tried again.
+const RECONFIGURE_RETRY: Duration = Duration::from_secs(1);
 
 /// Milliseconds since the Unix epoch: the engine's clock.
 pub fn now() -> Timestamp {
@@ -101,6 +103,7 @@ impl<S: ClusterStore> Core<S> {
             }
             let wake = self.node.poll_timeout();
             let accepting = self.node.accepting_inputs();
+            let reconfigure_pending = self.config_state.pending.is_some();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
@@ -121,6 +124,8 @@ impl<S: ClusterStore> Core<S> {
                 },
                 () = sleep_until(wake) => self.node.handle_timeout(now()),
                 _ = heartbeat.tick() => {}
+                // A configuration the engine was too busy for is tried again soon.
+                () = tokio::time::sleep(RECONFIGURE_RETRY), if reconfigure_pending => {}
                 _ = safety.tick() => {
                     self.poll_slots();
                 }

@@ -158,16 +158,18 @@ async fn run_with<S: ClusterStore>(
     if margin.is_some() {
         spawn_guard(&fence, &dirs.state)?;
     }
+    let mut hardware_watchdog = false;
     if let Some(h) = config.host(host.as_str())
         && let Some(path) = &h.watchdog
     {
         let dog = crate::watchdog::Watchdog::open(path, h.watchdog_timeout)?;
         fence.attach_watchdog(dog);
+        hardware_watchdog = true;
     }
 
     let notifier = Arc::new(crate::sd_notify::Notifier::from_env());
     let watchdog = crate::sd_notify::watchdog_interval();
-    let beat = crate::sd_notify::CoreBeat::new(watchdog);
+    let beat = crate::sd_notify::CoreBeat::new(watchdog, hardware_watchdog);
     let (inbox, rx) = inbox::channel();
     let mut node = Node::new(
         Arc::clone(&config),

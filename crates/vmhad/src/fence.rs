@@ -26,6 +26,9 @@ const FEED: Duration = Duration::from_millis(250);
 /// The longest the thread sleeps otherwise (it wakes at the deadline itself, and at once when
 /// the watchdog is attached, the lease is held again or vmhad stops).
 const IDLE: Duration = Duration::from_secs(1);
+/// The longest an unarmed fence (the embedded store: it never fires) sleeps: whatever could
+/// give it work (a watchdog attached, vmhad stopping) wakes it.
+const UNARMED_IDLE: Duration = Duration::from_secs(3600);
 
 /// When a host fences itself.
 #[derive(Debug, Clone, Copy)]
@@ -317,13 +320,14 @@ impl Fence {
     }
 
     /// How long the thread may sleep after looking at `now`: fenced, a [`TICK`]; armed,
-    /// until the deadline (a renewal only moves it later), at most [`IDLE`].
+    /// until the deadline (a renewal only moves it later), at most [`IDLE`]; unarmed,
+    /// [`UNARMED_IDLE`].
     fn nap(&self, now: Instant) -> Duration {
         if self.fenced() {
             return TICK;
         }
         if !self.armed {
-            return IDLE;
+            return UNARMED_IDLE;
         }
         let deadline = self
             .renewal_sent_ms
@@ -500,6 +504,9 @@ mod tests {
         let fence = Fence::new(FenceRule::Never, Vec::new());
         std::thread::sleep(Duration::from_millis(5));
         assert!(fence.may_run());
+        // Nothing to watch for: it sleeps until woken (the hourly look is a safety net).
+        assert_eq!(fence.nap(Instant::now()), UNARMED_IDLE);
+        assert!(fence.nap(Instant::now()) > IDLE);
     }
 
     #[test]

@@ -129,6 +129,9 @@ fn interval_for(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Durati
     (usec > 0).then(|| Duration::from_micros(usec))
 }
 
+/// The heartbeat of a core no watchdog watches.
+pub const UNWATCHED: Duration = Duration::from_secs(60);
+
 /// The core loop's turn counter: the core calls [`CoreBeat::turn`] every turn (at least every
 /// [`CoreBeat::period`]), the watchdog thread reads it.
 #[derive(Debug)]
@@ -138,13 +141,17 @@ pub struct CoreBeat {
 }
 
 impl CoreBeat {
-    /// The longest the core may go without a turn: a second, or a quarter of the watchdog
-    /// interval when that is shorter (so a live core turns between two checks, which are half
-    /// an interval apart).
-    pub fn new(watchdog: Option<Duration>) -> Arc<CoreBeat> {
-        let period = watchdog.map_or(Duration::from_secs(1), |w| {
-            (w / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
-        });
+    /// The longest the core may go without a turn: a second, or a quarter of systemd's
+    /// `watchdog` interval when that is shorter (so a live core turns between two checks, which
+    /// are half an interval apart). With no watchdog at all — neither systemd's nor a hardware
+    /// one (`hardware`) — nothing reads the turns and the core turns only when it has work (a
+    /// heartbeat every [`UNWATCHED`], so an idle host is not woken every second for nothing).
+    pub fn new(watchdog: Option<Duration>, hardware: bool) -> Arc<CoreBeat> {
+        let period = match watchdog {
+            Some(w) => (w / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+            None if hardware => Duration::from_secs(1),
+            None => UNWATCHED,
+        };
         Arc::new(CoreBeat {
             turns: AtomicU64::new(0),
             period,
@@ -311,15 +318,18 @@ mod tests {
 
     #[test]
     fn the_core_turns_at_least_four_times_per_watchdog_interval() {
-        assert_eq!(CoreBeat::new(None).period(), Duration::from_secs(1));
-        assert_eq!(
-            CoreBeat::new(Some(Duration::from_secs(30))).period(),
-            Duration::from_secs(1)
-        );
-        assert_eq!(
-            CoreBeat::new(Some(Duration::from_secs(2))).period(),
-            Duration::from_millis(500)
-        );
+        assert_eq!(CoreBeat::new(None, true).period(), Duration::from_secs(1));
+        assert_eq!(CoreBeat::new(None, false).period(), UNWATCHED);
+        for hardware in [false, true] {
+            assert_eq!(
+                CoreBeat::new(Some(Duration::from_secs(30)), hardware).period(),
+                Duration::from_secs(1)
+            );
+            assert_eq!(
+                CoreBeat::new(Some(Duration::from_secs(2)), hardware).period(),
+                Duration::from_millis(500)
+            );
+        }
     }
 
     #[test]
@@ -329,7 +339,7 @@ mod tests {
         let listener = UnixDatagram::bind(&path).unwrap();
         listener.set_nonblocking(true).unwrap();
         let notifier = Arc::new(Notifier::to(path.to_str().unwrap()).unwrap());
-        let beat = CoreBeat::new(None);
+        let beat = CoreBeat::new(None, false);
         let mut pinger = Pinger::new(notifier, Arc::clone(&beat));
         let mut buf = [0u8; 64];
         let mut pings = || {
@@ -361,7 +371,7 @@ mod tests {
         let path = dir.path().join("notify");
         let listener = UnixDatagram::bind(&path).unwrap();
         let notifier = Arc::new(Notifier::to(path.to_str().unwrap()).unwrap());
-        let beat = CoreBeat::new(None);
+        let beat = CoreBeat::new(None, false);
         spawn_watchdog(notifier, Duration::from_millis(40), Arc::clone(&beat)).unwrap();
         std::thread::spawn(move || {
             loop {
