@@ -109,19 +109,29 @@ impl QgaClient {
     /// the process, so its result is the one returned. A pid outside `1..=i32::MAX`, an exit
     /// code outside `0..=255` or a signal outside `1..=64` is [`QgaError::Malformed`].
     pub async fn exec(&self, request: &ExecRequest) -> Result<ExecOutput, QgaError> {
+        Ok(self.exec_polled(request).await?.0)
+    }
+
+    /// [`QgaClient::exec`], with the number of `guest-exec-status` polls it took (at least 1).
+    pub(crate) async fn exec_polled(
+        &self,
+        request: &ExecRequest,
+    ) -> Result<(ExecOutput, u32), QgaError> {
         let deadline = Instant::now() + request.deadline;
         let pid = self.spawn_until(request, deadline).await?;
         let mut interval = request.first_poll.unwrap_or(self.config.poll_initial);
         // With a first poll timed by the caller, later polls start from a quarter of it.
         let mut first = request.first_poll.is_some();
+        let mut polls = 0u32;
         loop {
             tokio::time::sleep(interval.min(deadline.saturating_duration_since(Instant::now())))
                 .await;
             if Instant::now() >= deadline {
                 return Err(QgaError::ExecDeadline { pid });
             }
+            polls = polls.saturating_add(1);
             if let Some(output) = self.status_until(pid, request, deadline).await? {
-                return Ok(output);
+                return Ok((output, polls));
             }
             interval = if std::mem::take(&mut first) {
                 (interval / 4).max(self.config.poll_initial)

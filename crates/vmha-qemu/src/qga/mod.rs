@@ -265,10 +265,9 @@ pub struct QgaClient {
     config: QgaConfig,
     channel: Mutex<Channel>,
     next_id: AtomicU64,
-    /// How long a probe runs in the guest as seen from here (ms; 0 = not known yet): the last
-    /// probe's duration, raised by at most ×2 per probe; the next first status poll is timed
-    /// from it.
-    pub(crate) probe_ms: AtomicU64,
+    /// When the next probe's first status poll comes, in µs after its exec (0 = not known
+    /// yet); see `probe::next_first_poll`.
+    pub(crate) first_poll_us: AtomicU64,
 }
 
 impl std::fmt::Debug for Channel {
@@ -304,7 +303,7 @@ impl QgaClient {
             path: path.into(),
             config,
             channel: Mutex::new(channel),
-            probe_ms: AtomicU64::new(0),
+            first_poll_us: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
         }
     }
