@@ -9,11 +9,13 @@
 //! it cannot find is reported (`none INDEX`) and the watcher ends at once (the app may have
 //! died since its check, or its `pid_file`/`process` is wrong: the engine tells them apart). It then waits, the cheapest way the
 //! guest offers: util-linux `waitpid --count 1` (≥ 2.38, no CPU while waiting) when present,
-//! then a loop of shell builtins — `read -t TICK` on a private fifo opened read-write (no fork;
-//! busybox ash, bash) or `sleep TICK` (a fork per tick, e.g. dash) — that per tick reads each
-//! `/proc/PID/stat` and only matches its state against a pattern (gone or a zombie: seen within
-//! a tick; no field splitting), and once per second ([`FULL_CHECK`]) splits it to compare the
-//! start time too (a reused pid). When a process is gone (no stat, a zombie, another start time)
+//! then a loop of shell builtins — `read -t TICK` on a private fifo held open read-write (no
+//! fork; busybox ash, bash) or `sleep TICK` (a fork per tick, e.g. dash) — that per tick sends
+//! signal 0 to all the pids at once (one builtin: a process gone is seen within a tick), and
+//! once per second ([`FULL_CHECK`]) reads each `/proc/PID/stat` to compare the start time too
+//! (a reused pid) and the state (a zombie, which signal 0 still reaches: seen within a second).
+//! On the TCG test guest a tick that read each app's `stat` cost about 3.7 ms of guest CPU with
+//! three apps; signal 0 with the fifo kept open, about 1 ms. When a process is gone (no stat, a zombie, another start time)
 //! it prints `gone INDEX` and exits 0. One watcher per VM: a new one kills the previous one
 //! (its pid kept in `/run/vmha-watch.pid` — `$VMHA_WATCH_DIR` instead of `/run` if set, `/tmp`
 //! if that is not writable — and checked to be a watcher before the kill).
@@ -86,19 +88,14 @@ if command -v waitpid >/dev/null 2>&1 && waitpid --help 2>&1 | grep -q -- --coun
 	waitpid --count 1 $pids >/dev/null 2>&1
 	check
 fi
-quick() {
-	for q in $pids; do
-		l=; read -r l <"/proc/$q/stat" 2>/dev/null
-		case "$l" in *") "[!ZXx]" "*) ;; *) check ;; esac
-	done
-}
+exec 2>/dev/null
 t=0
 tock() {
 	t=$((t + 1))
-	if [ "$t" -ge "$every" ]; then t=0; check; else quick; fi
+	if [ "$t" -ge "$every" ]; then t=0; check; else kill -0 $pids || check; fi
 }
-if mkfifo "$fifo" 2>/dev/null && { read -t 0.01 _w <>"$fifo"; [ $? -ne 2 ]; } 2>/dev/null; then
-	while :; do tock; read -t "$tick" _w <>"$fifo"; done
+if mkfifo "$fifo" && exec 3<>"$fifo" && { read -t 0.01 _w <&3; [ $? -ne 2 ]; }; then
+	while :; do tock; read -t "$tick" _w <&3; done
 fi
 rm -f "$fifo"
 while :; do tock; sleep "$tick"; done
