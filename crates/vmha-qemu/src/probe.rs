@@ -90,7 +90,8 @@ if [ -d /proc/$vq ]; then read -r l </proc/$q/stat || continue; s=${l##*) }; st=
 pub fn build_program(checks: &[ProbeCheck], nonce: u64) -> String {
     // Nothing reads the shell's stderr (its "Terminated" notes on timed-out checks).
     let mut p = format!(
-        "exec 2>/dev/null\ncommand -v sleep >/dev/null || {{ echo '{MARK} {nonce} none'; exit 0; }}\n"
+        "exec 2>/dev/null\ncommand -v sleep >/dev/null || {{ echo '{MARK} {nonce} none'; exit 0; }}\n\
+         read -r vt0 _ </proc/uptime\n"
     );
     // The checks that run, grouped by timeout: one timer per group.
     let mut groups: Vec<(Duration, Vec<usize>)> = Vec::new();
@@ -147,7 +148,46 @@ pub fn build_program(checks: &[ProbeCheck], nonce: u64) -> String {
             p.push_str(&format!("echo \"{MARK} {nonce} {i} $s{i}\"\n"));
         }
     }
+    // How long it ran in the guest, for the next probe's first status poll (`parse_took`).
+    p.push_str(&format!(
+        "read -r vt1 _ </proc/uptime && echo \"{MARK} {nonce} took $vt0 $vt1\"\n"
+    ));
     p
+}
+
+/// A `/proc/uptime` reading (`SECONDS.CC`) in centiseconds.
+fn uptime_cs(text: &str) -> Option<u64> {
+    let (whole, cs) = text.split_once('.')?;
+    let digits = |t: &str, max: usize| {
+        !t.is_empty() && t.len() <= max && t.bytes().all(|b| b.is_ascii_digit())
+    };
+    if !digits(whole, 12) || !digits(cs, 2) {
+        return None;
+    }
+    let cs: u64 = format!("{cs:0<2}").parse().ok()?;
+    whole.parse::<u64>().ok()?.checked_mul(100)?.checked_add(cs)
+}
+
+/// How long the probe ran in the guest: its `took` line (two `/proc/uptime` readings, 10 ms
+/// resolution), at most a minute; `None` without a well-formed line for this nonce (a guest
+/// without `/proc`, or one that lies: it can only move its own probes' first poll, within
+/// bounds). Total over arbitrary bytes.
+pub fn parse_took(nonce: u64, stdout: &[u8]) -> Option<Duration> {
+    let nonce = nonce.to_string();
+    stdout.split(|&b| b == b'\n').find_map(|line| {
+        let line = std::str::from_utf8(line).ok()?;
+        let mut words = line.split(' ');
+        if words.next() != Some(MARK) || words.next() != Some(nonce.as_str()) {
+            return None;
+        }
+        let (Some("took"), Some(t0), Some(t1), None) =
+            (words.next(), words.next(), words.next(), words.next())
+        else {
+            return None;
+        };
+        let cs = uptime_cs(t1)?.checked_sub(uptime_cs(t0)?)?;
+        (cs <= 6_000).then(|| Duration::from_millis(cs * 10))
+    })
 }
 
 fn classify(status: u32) -> ProbeOutcome {
@@ -211,10 +251,29 @@ pub fn parse_output(checks: &[ProbeCheck], nonce: u64, stdout: &[u8]) -> Vec<(Na
 /// Bounds of a probe's first status poll, µs.
 const FIRST_POLL_US: std::ops::RangeInclusive<u64> = 2_000..=500_000;
 
-/// When the next probe's first status poll comes (µs after its exec), after a probe whose first
-/// poll came `first_us` after its exec (0: none was timed yet), that took `took_us` and needed
-/// `polls` status polls. It tracks the probe's duration from above, so that most probes are
-/// read with ONE poll (each poll costs the guest an agent round trip, and vmhad a wake-up):
+/// Added to the probe's duration in the guest for the next first status poll: the uptime's
+/// 10 ms resolution, the shell's start-up after the agent's reply, the agent seeing the exit.
+const GUEST_MARGIN_US: u64 = 15_000;
+
+/// When the next probe's first status poll comes (µs after its exec), when the guest told how
+/// long this probe ran (`guest_us`, [`parse_took`]) and the one before (`previous_us`, 0 if it
+/// did not): the longer of the two plus [`GUEST_MARGIN_US`], within [`FIRST_POLL_US`]. Checks
+/// that got slower are followed at once, faster ones by the next probe but one (two samples
+/// cover the usual spread), so most probes are read with ONE status poll (each poll costs the
+/// guest an agent round trip, and vmhad a wake-up) and not much later than they end. An agent
+/// held up outside the shell (a stall) does not move it.
+fn first_poll_from_guest(guest_us: u64, previous_us: u64) -> u64 {
+    guest_us
+        .max(previous_us)
+        .saturating_add(GUEST_MARGIN_US)
+        .clamp(*FIRST_POLL_US.start(), *FIRST_POLL_US.end())
+}
+
+/// When the next probe's first status poll comes (µs after its exec) for a guest that does not
+/// tell how long its probes run (no `/proc/uptime`), after a probe whose first poll came
+/// `first_us` after its exec (0: none was timed yet), that took `took_us` and needed `polls`
+/// status polls. It tracks the probe's duration from above, so that most probes are read with
+/// one poll:
 /// - not known yet: three quarters of this probe's duration;
 /// - the probe had ended at its first poll: 3 % sooner;
 /// - it had not: 25 % later.
@@ -250,8 +309,16 @@ impl QgaClient {
         let started = std::time::Instant::now();
         let (output, polls) = self.exec_polled(&request).await?;
         let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.first_poll_us
-            .store(next_first_poll(first_us, took_us, polls), Ordering::Relaxed);
+        let guest_us = parse_took(nonce, &output.stdout)
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let previous_us = self
+            .probe_guest_us
+            .swap(guest_us.unwrap_or(0), Ordering::Relaxed);
+        let next = match guest_us {
+            Some(guest_us) => first_poll_from_guest(guest_us, previous_us),
+            None => next_first_poll(first_us, took_us, polls),
+        };
+        self.first_poll_us.store(next, Ordering::Relaxed);
         Ok(parse_output(checks, nonce, &output.stdout))
     }
 }
@@ -315,6 +382,52 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(String::from_utf8(out.stdout).unwrap(), arg);
+    }
+
+    #[test]
+    fn the_guest_tells_how_long_the_probe_ran() {
+        let out = b"vmha-probe 5 0 0\nvmha-probe 5 took 100.25 100.31\n";
+        assert_eq!(parse_took(5, out), Some(Duration::from_millis(60)));
+        assert_eq!(parse_took(6, out), None);
+        for bad in [
+            "vmha-probe 5 took 100.31 100.25",
+            "vmha-probe 5 took 1.5e3 1.6e3",
+            "vmha-probe 5 took -1.00 2.00",
+            "vmha-probe 5 took 1.00 2.00 3.00",
+            "vmha-probe 5 took 1.00",
+            "vmha-probe 5 took 1.00 9999.00",
+            "vmha-probe 5 took 99999999999999.00 99999999999999.01",
+            "vmha-probe 5 took . .",
+            "vmha-probe 5 took 1.001 1.002",
+        ] {
+            assert_eq!(parse_took(5, bad.as_bytes()), None, "{bad}");
+        }
+        assert_eq!(
+            parse_took(5, b"vmha-probe 5 took 7.5 8.0"),
+            Some(Duration::from_millis(500))
+        );
+        // A real shell writes it, and it does not disturb the status lines.
+        let checks = vec![check("t", &["true"])];
+        for (shell, got) in run_under_shells(&checks) {
+            assert_eq!(got, vec![ProbeOutcome::Running], "{shell}");
+        }
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(build_program(&checks, 42))
+            .output()
+            .unwrap();
+        assert!(parse_took(42, &out.stdout).is_some_and(|d| d < Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn the_guest_duration_times_the_next_first_poll() {
+        // The longer of the last two, plus the margin.
+        assert_eq!(first_poll_from_guest(60_000, 0), 75_000);
+        assert_eq!(first_poll_from_guest(40_000, 60_000), 75_000);
+        assert_eq!(first_poll_from_guest(90_000, 60_000), 105_000);
+        // Within bounds, whatever the guest says.
+        assert_eq!(first_poll_from_guest(u64::MAX, 0), 500_000);
+        assert_eq!(first_poll_from_guest(0, 0), 15_000);
     }
 
     #[test]
@@ -414,7 +527,8 @@ mod tests {
             "{p}"
         );
         assert_eq!(p.matches(" & k").count(), 1, "one timer per timeout:\n{p}");
-        assert!(p.ends_with("echo \"vmha-probe 3 2 $s2\"\n"), "{p}");
+        assert!(p.contains("echo \"vmha-probe 3 2 $s2\"\n"), "{p}");
+        assert!(p.ends_with("echo \"vmha-probe 3 took $vt0 $vt1\"\n"), "{p}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use vmha_qemu::framing::{Frame, Framer};
-use vmha_qemu::probe::parse_output;
+use vmha_qemu::probe::{parse_output, parse_took};
 use vmha_qemu::reply::{Message, parse_line};
 use vmha_qemu::{ProbeCheck, QmpEvent};
 
@@ -74,5 +74,12 @@ proptest! {
             .collect();
         let outcomes = parse_output(&checks, nonce, &out);
         prop_assert_eq!(outcomes.len(), n);
+        // The guest's own account of the probe's duration: total, and never over a minute.
+        let mut took = out.clone();
+        took.extend_from_slice(format!("\nvmha-probe {nonce} took ").as_bytes());
+        took.extend_from_slice(&out);
+        for stdout in [&out, &took] {
+            prop_assert!(parse_took(nonce, stdout).is_none_or(|d| d <= Duration::from_secs(60)));
+        }
     }
 }

@@ -268,6 +268,8 @@ pub struct QgaClient {
     /// When the next probe's first status poll comes, in µs after its exec (0 = not known
     /// yet); see `probe::next_first_poll`.
     pub(crate) first_poll_us: AtomicU64,
+    /// How long the last probe ran in the guest as it told, in µs (0 = it did not).
+    pub(crate) probe_guest_us: AtomicU64,
 }
 
 impl std::fmt::Debug for Channel {
@@ -304,6 +306,7 @@ impl QgaClient {
             config,
             channel: Mutex::new(channel),
             first_poll_us: AtomicU64::new(0),
+            probe_guest_us: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
         }
     }
