@@ -10,12 +10,15 @@
 //! died since its check, or its `pid_file`/`process` is wrong: the engine tells them apart). It then waits, the cheapest way the
 //! guest offers: util-linux `waitpid --count 1` (≥ 2.38, no CPU while waiting) when present,
 //! then a loop of shell builtins — `read -t TICK` on a private fifo held open read-write (no
-//! fork; busybox ash, bash) or `sleep TICK` (a fork per tick, e.g. dash) — that per tick sends
-//! signal 0 to all the pids at once (one builtin: a process gone is seen within a tick), and
-//! once per second ([`FULL_CHECK`]) reads each `/proc/PID/stat` to compare the start time too
-//! (a reused pid) and the state (a zombie, which signal 0 still reaches: seen within a second).
-//! On the TCG test guest a tick that read each app's `stat` cost about 3.7 ms of guest CPU with
-//! three apps; signal 0 with the fifo kept open, about 1 ms. When a process is gone (no stat, a zombie, another start time)
+//! fork; busybox ash, bash) or `sleep TICK` (a fork per tick, e.g. dash) — that per tick tests
+//! that each process's `/proc/PID/exe` still resolves (one `stat` each: it does not once the
+//! process is gone or a zombie, so either is seen within a tick, even where init reaps orphans
+//! a second late, as busybox's does), or, for a process whose `exe` could not be resolved at
+//! start (another user's, under an agent that is not root), sends it signal 0 (a zombie is then
+//! seen within a second); and once per second ([`FULL_CHECK`]) reads each `/proc/PID/stat` to
+//! compare the start time too (a reused pid). On the TCG test guest a tick that read each
+//! app's `stat` cost about 3.7 ms of guest CPU with three apps (`read` takes a byte per system
+//! call); the `exe` tests with the fifo kept open cost about a third of that. When a process is gone (no stat, a zombie, another start time)
 //! it prints `gone INDEX` and exits 0. One watcher per VM: a new one kills the previous one
 //! (its pid kept in `/run/vmha-watch.pid` — `$VMHA_WATCH_DIR` instead of `/run` if set, `/tmp`
 //! if that is not writable — and checked to be a watcher before the kill).
@@ -82,6 +85,11 @@ check() {
 		i=$((i + 1))
 	done
 }
+# Sorted before the first check: a process that dies after it is seen by the tick's exe test.
+exes=; others=
+for q in $pids; do
+	if [ -e "/proc/$q/exe" ]; then exes="$exes $q"; else others="$others $q"; fi
+done
 check
 echo "$M armed"
 if command -v waitpid >/dev/null 2>&1 && waitpid --help 2>&1 | grep -q -- --count; then
@@ -89,10 +97,14 @@ if command -v waitpid >/dev/null 2>&1 && waitpid --help 2>&1 | grep -q -- --coun
 	check
 fi
 exec 2>/dev/null
+quick() {
+	for q in $exes; do [ -e "/proc/$q/exe" ] || { check; return; }; done
+	[ -z "$others" ] || kill -0 $others || check
+}
 t=0
 tock() {
 	t=$((t + 1))
-	if [ "$t" -ge "$every" ]; then t=0; check; else kill -0 $pids || check; fi
+	if [ "$t" -ge "$every" ]; then t=0; check; else quick; fi
 }
 if mkfifo "$fifo" && exec 3<>"$fifo" && { read -t 0.01 _w <&3; [ $? -ne 2 ]; }; then
 	while :; do tock; read -t "$tick" _w <&3; done
@@ -260,7 +272,21 @@ mod tests {
         targets: &[WatchTarget],
         nonce: u64,
     ) -> Child {
-        let r = watch_request(targets, nonce, Duration::from_millis(20), Duration::ZERO);
+        spawn_watcher_every(shell, dir, targets, nonce, None)
+    }
+
+    /// [`spawn_watcher`], with `every` ticks between full checks instead of a second's worth.
+    fn spawn_watcher_every(
+        shell: &str,
+        dir: &std::path::Path,
+        targets: &[WatchTarget],
+        nonce: u64,
+        every: Option<u32>,
+    ) -> Child {
+        let mut r = watch_request(targets, nonce, Duration::from_millis(20), Duration::ZERO);
+        if let Some(every) = every {
+            r.argv[6] = every.to_string();
+        }
         let mut cmd = Command::new(shell);
         if shell.ends_with("busybox") {
             cmd.arg("sh");
@@ -304,7 +330,7 @@ mod tests {
 
     /// A watcher of `app` and `other` (sleeping processes) under each shell: armed while they
     /// live, it ends once `app` is killed — `reaped` or left a zombie (`/proc/PID` still
-    /// there) — and its answer names `app`.
+    /// there) — seen by a tick, not only by the full check, and its answer names `app`.
     fn ends_when_the_app_dies(reaped: bool) {
         let dir = tempfile::tempdir().unwrap();
         for shell in shells() {
@@ -321,12 +347,23 @@ mod tests {
                 ),
                 target("app", ProcessRef::PidFile(pid_file.display().to_string())),
             ];
-            let mut watcher = spawn_watcher(shell, dir.path(), &targets, 11);
+            // No full check for a long while: the tick alone must see the app gone.
+            let mut watcher = spawn_watcher_every(shell, dir.path(), &targets, 11, Some(1_000_000));
             let head = until_armed(&mut watcher);
             assert!(head.ends_with(b"vmha-watch 11 armed\n"), "{shell}");
             app.kill().unwrap();
             if reaped {
                 app.wait().unwrap();
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while watcher.try_wait().unwrap().is_none() {
+                if std::time::Instant::now() > deadline {
+                    watcher.kill().unwrap();
+                    panic!(
+                        "{shell}: the watcher's tick did not see the app gone (reaped: {reaped})"
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
             let (code, stdout) = finish(watcher, head);
             let report = parse_watch(
