@@ -1,0 +1,245 @@
+//! A watcher that said an app was gone is replaced only once the probe it brought forward has
+//! answered: a watcher started at once would only find the dead process, and would compete with
+//! that probe for the guest channel and the guest's CPU on the detection's critical path. A
+//! probe that fails does not keep the watch off.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::sync::Arc;
+
+use vmha_engine::{
+    ActionError, Desired, HostAction, HostActionKind, HostAgent, HostInput, OwnerRecord,
+    ProbeOutcome, Record, Timestamp, VmObservation, WatchEnd, WatchReport,
+};
+use vmha_model::{AppState, Config, ExitStatus, Name};
+
+const CONFIG: &str = r#"
+[cluster]
+name = "c"
+
+[[host]]
+name = "kvm1"
+
+[[vm]]
+name = "shop"
+hosts = ["kvm1"]
+[vm.qemu]
+memory_mb = 256
+disk = "/shop.qcow2"
+[[vm.app]]
+name = "db"
+interval = "1h"
+check = ["check", "db"]
+start = ["start", "db"]
+stop = ["stop", "db"]
+pid_file = "/run/db.pid"
+[[vm.app]]
+name = "worker"
+interval = "1h"
+check = ["check", "worker"]
+start = ["start", "worker"]
+stop = ["stop", "worker"]
+pid_file = "/run/worker.pid"
+"#;
+
+fn name(s: &str) -> Name {
+    Name::new(s).unwrap()
+}
+
+/// A host agent running `shop`, its actions answered by hand, at time `now`.
+struct Host {
+    agent: HostAgent,
+    now: u64,
+    /// Whether the guest's worker runs (what probes answer).
+    worker_up: bool,
+}
+
+impl Host {
+    fn new() -> Host {
+        let config = Arc::new(Config::from_toml_str(CONFIG, "c.toml").unwrap());
+        let agent = HostAgent::new(config, name("kvm1"), None, Timestamp(0)).unwrap();
+        let mut h = Host {
+            agent,
+            now: 0,
+            worker_up: true,
+        };
+        h.input(HostInput::Lease { live: true });
+        h.agent.handle_record(
+            Timestamp(0),
+            &Record::Owner {
+                vm: name("shop"),
+                record: Some(OwnerRecord {
+                    owner: Some(name("kvm1")),
+                    desired: Desired::Run,
+                    move_to: None,
+                    parked: false,
+                    migrate: None,
+                }),
+                revision: 1,
+            },
+        );
+        h.input(HostInput::VmObserved {
+            vm: name("shop"),
+            kind: VmObservation::Stopped { by_guest: false },
+        });
+        h
+    }
+
+    fn input(&mut self, input: HostInput) {
+        self.agent.handle_input(Timestamp(self.now), input);
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.now += ms;
+        if self
+            .agent
+            .poll_timeout()
+            .is_some_and(|t| t <= Timestamp(self.now))
+        {
+            self.agent.handle_timeout(Timestamp(self.now));
+        }
+    }
+
+    /// The probe's answer as the guest stands.
+    fn probe_result(&self, probe: &HostAction) -> HostInput {
+        let HostActionKind::Probe { vm, checks } = &probe.kind else {
+            panic!("not a probe: {probe:?}");
+        };
+        let outcomes = checks
+            .iter()
+            .map(|c| {
+                let up = c.app.as_str() != "worker" || self.worker_up;
+                let o = if up {
+                    ProbeOutcome::Running
+                } else {
+                    ProbeOutcome::NotRunning(ExitStatus::Code(3))
+                };
+                (c.app.clone(), o)
+            })
+            .collect();
+        HostInput::ProbeResult {
+            id: probe.id,
+            vm: vm.clone(),
+            outcomes,
+        }
+    }
+
+    /// Runs for `ms`, answering every action but watches (returned, unanswered) and, when
+    /// `hold_probes`, probes (returned, unanswered).
+    fn run(&mut self, ms: u64, hold_probes: bool) -> Vec<HostAction> {
+        let mut held = Vec::new();
+        for _ in 0..ms / 100 {
+            while let Some(a) = self.agent.poll_action() {
+                match &a.kind {
+                    HostActionKind::Watch { .. } => held.push(a),
+                    HostActionKind::Probe { .. } if hold_probes => held.push(a),
+                    HostActionKind::Probe { .. } => {
+                        let r = self.probe_result(&a);
+                        self.input(r);
+                    }
+                    HostActionKind::StartVm { vm } => {
+                        let vm = vm.clone();
+                        self.input(HostInput::ActionResult {
+                            id: a.id,
+                            result: Ok(()),
+                        });
+                        self.input(HostInput::VmObserved {
+                            vm,
+                            kind: VmObservation::Running,
+                        });
+                    }
+                    HostActionKind::StartApp { app, .. } => {
+                        if app.as_str() == "worker" {
+                            self.worker_up = true;
+                        }
+                        self.input(HostInput::ActionResult {
+                            id: a.id,
+                            result: Ok(()),
+                        });
+                    }
+                    _ => self.input(HostInput::ActionResult {
+                        id: a.id,
+                        result: Ok(()),
+                    }),
+                }
+            }
+            self.advance(100);
+        }
+        held
+    }
+
+    fn state(&self, app: &str) -> AppState {
+        let vm = self.agent.status().vms.into_iter().next().unwrap();
+        vm.apps
+            .into_iter()
+            .find(|a| a.name.as_str() == app)
+            .unwrap()
+            .state
+    }
+
+    /// Brings shop online and returns its watcher.
+    fn watched() -> (Host, HostAction) {
+        let mut h = Host::new();
+        let held = h.run(5_000, false);
+        assert_eq!(h.state("worker"), AppState::Online);
+        let [watch] = <[HostAction; 1]>::try_from(held).unwrap();
+        (h, watch)
+    }
+
+    /// The watcher says worker is gone (it was killed in the guest).
+    fn worker_killed(&mut self, watch: &HostAction) {
+        self.worker_up = false;
+        self.input(HostInput::WatchResult {
+            id: watch.id,
+            vm: name("shop"),
+            report: WatchReport {
+                end: WatchEnd::Gone(name("worker")),
+                not_found: Vec::new(),
+            },
+        });
+    }
+}
+
+fn kinds(actions: &[HostAction]) -> Vec<&'static str> {
+    actions
+        .iter()
+        .map(|a| match a.kind {
+            HostActionKind::Watch { .. } => "watch",
+            HostActionKind::Probe { .. } => "probe",
+            _ => "other",
+        })
+        .collect()
+}
+
+#[test]
+fn the_watcher_is_replaced_after_the_probe_it_brought_forward_answered() {
+    let (mut h, watch) = Host::watched();
+    h.worker_killed(&watch);
+    // The probe goes out at once; no watcher while it runs, however long it takes.
+    let held = h.run(10_000, true);
+    assert_eq!(kinds(&held), ["probe"], "{held:?}");
+    let r = h.probe_result(&held[0]);
+    h.input(r);
+    // It found worker down: worker is restarted, and then watched again.
+    let held = h.run(5_000, false);
+    assert_eq!(h.state("worker"), AppState::Online);
+    assert_eq!(kinds(&held), ["watch"], "{held:?}");
+}
+
+#[test]
+fn a_failed_probe_frees_the_watch() {
+    let (mut h, watch) = Host::watched();
+    h.worker_killed(&watch);
+    let held = h.run(1_000, true);
+    assert_eq!(kinds(&held), ["probe"], "{held:?}");
+    h.worker_up = true;
+    h.input(HostInput::ActionResult {
+        id: held[0].id,
+        result: Err(ActionError::GuestUnreachable {
+            detail: "agent timed out".into(),
+        }),
+    });
+    // The guest answers again: a watcher is started again, not only after the next interval
+    // probe an hour later.
+    let held = h.run(60_000, false);
+    assert!(kinds(&held).contains(&"watch"), "{held:?}");
+}
