@@ -42,9 +42,9 @@ pub const WATCH_REPLY_LINE: usize = 16 << 10;
 /// The watcher program; its arguments come from [`watch_request`].
 pub const PROGRAM: &str = r#"M="vmha-watch $1"; tick=$2; every=$3; shift 3
 d=${VMHA_WATCH_DIR:-/run}; [ -w "$d" ] || d=/tmp; pf=$d/vmha-watch.pid
-if read -r old <"$pf" 2>/dev/null; then
+if read -r old 2>/dev/null <"$pf"; then
 	case "$old" in '' | *[!0-9]*) ;; *)
-		if [ "$old" != $$ ] && cl=$(tr '\0' ' ' <"/proc/$old/cmdline" 2>/dev/null); then
+		if [ "$old" != $$ ] && cl=$(tr '\0' ' ' 2>/dev/null <"/proc/$old/cmdline"); then
 			case "$cl" in *vmha-watch*) kill "$old" 2>/dev/null ;; esac
 		fi ;;
 	esac
@@ -54,7 +54,7 @@ fifo=${pf%.pid}.$$.fifo
 trap 'rm -f "$fifo"' EXIT
 trap 'exit 143' TERM INT HUP
 st() {
-	l=; read -r l <"/proc/$1/stat" 2>/dev/null || return 1
+	l=; read -r l 2>/dev/null <"/proc/$1/stat" || return 1
 	l=${l##*) }; set -- $l
 	case "$1" in Z | X | x | '') return 1 ;; esac
 	s=${20}
@@ -63,7 +63,7 @@ n=0; pids=; missing=
 while [ $# -ge 2 ]; do
 	p=
 	case "$1" in
-	f) read -r p <"$2" 2>/dev/null ;;
+	f) read -r p 2>/dev/null <"$2" ;;
 	p) p=$(pidof -s "$2" 2>/dev/null) ;;
 	esac
 	case "$p" in '' | *[!0-9]*) p= ;; esac

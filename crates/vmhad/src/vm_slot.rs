@@ -483,8 +483,9 @@ impl VmSlot {
         let mine = self.watch_generation.fetch_add(1, Ordering::SeqCst) + 1;
         let qga = self.guest()?;
         let nonce = vmha_qemu::watch::nonce();
-        // The guest re-reads the processes' stat twice per poll period.
-        let tick = (period / 2).max(Duration::from_millis(50));
+        // The guest looks at the processes three times per poll period: a death waits a third
+        // of a period on average before the watcher has ended, then half a period for the poll.
+        let tick = (period / 3).max(Duration::from_millis(50));
         let request = vmha_qemu::watch::watch_request(targets, nonce, tick, WATCH_CALL_DEADLINE);
         crate::guest_io::COUNTERS.watcher();
         let pid = qga
