@@ -5,13 +5,14 @@
 //! the offline flag, the next probe found the app down and restarted it).
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::sync::Arc;
+mod common;
+use common::name;
 
 use vmha_engine::{
-    AdminCommand, Desired, HostAction, HostActionKind, HostAgent, HostInput, OwnerRecord,
-    ProbeOutcome, Record, Timestamp, VmObservation,
+    AdminCommand, HostAction, HostActionKind, HostAgent, HostInput, ProbeOutcome, Timestamp,
+    VmObservation,
 };
-use vmha_model::{AppState, Config, ExitStatus, Name};
+use vmha_model::{AppState, ExitStatus};
 
 const CONFIG: &str = r#"
 [cluster]
@@ -40,10 +41,6 @@ start = ["start", "worker"]
 stop = ["stop", "worker"]
 "#;
 
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
-
 /// A host agent whose VM `shop` runs with both apps online, at time `now`; actions answered.
 struct Host {
     agent: HostAgent,
@@ -52,29 +49,10 @@ struct Host {
 
 impl Host {
     fn running() -> Host {
-        let config = Arc::new(Config::from_toml_str(CONFIG, "c.toml").unwrap());
-        let agent = HostAgent::new(config, name("kvm1"), None, Timestamp(0)).unwrap();
-        let mut h = Host { agent, now: 0 };
-        h.agent
-            .handle_input(Timestamp(0), HostInput::Lease { live: true });
-        h.agent.handle_record(
-            Timestamp(0),
-            &Record::Owner {
-                vm: name("shop"),
-                record: Some(OwnerRecord {
-                    owner: Some(name("kvm1")),
-                    desired: Desired::Run,
-                    move_to: None,
-                    parked: false,
-                    migrate: None,
-                }),
-                revision: 1,
-            },
-        );
-        h.input(HostInput::VmObserved {
-            vm: name("shop"),
-            kind: VmObservation::Stopped { by_guest: false },
-        });
+        let mut h = Host {
+            agent: common::owning_agent(CONFIG, "shop"),
+            now: 0,
+        };
         // Answer everything (probes: running) until both apps are online.
         for _ in 0..50 {
             while let Some(a) = h.agent.poll_action() {
@@ -93,14 +71,7 @@ impl Host {
     }
 
     fn advance(&mut self, ms: u64) {
-        self.now += ms;
-        if self
-            .agent
-            .poll_timeout()
-            .is_some_and(|t| t <= Timestamp(self.now))
-        {
-            self.agent.handle_timeout(Timestamp(self.now));
-        }
+        common::advance(&mut self.agent, &mut self.now, ms);
     }
 
     /// Answers `a`: a probe with db running and worker as `worker`, everything else `Ok`.
@@ -159,11 +130,7 @@ impl Host {
     }
 
     fn app(&self, app: &str) -> vmha_engine::AppStatus {
-        let vm = self.agent.status().vms.into_iter().next().unwrap();
-        vm.apps
-            .into_iter()
-            .find(|a| a.name.as_str() == app)
-            .unwrap()
+        common::app_status(&self.agent, app)
     }
 
     fn state(&self, app: &str) -> AppState {

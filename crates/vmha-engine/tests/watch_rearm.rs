@@ -4,13 +4,14 @@
 //! probe that fails does not keep the watch off.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::sync::Arc;
+mod common;
+use common::name;
 
 use vmha_engine::{
-    ActionError, Desired, HostAction, HostActionKind, HostAgent, HostInput, OwnerRecord,
-    ProbeOutcome, Record, Timestamp, VmObservation, WatchEnd, WatchReport,
+    ActionError, HostAction, HostActionKind, HostAgent, HostInput, ProbeOutcome, Timestamp,
+    VmObservation, WatchEnd, WatchReport,
 };
-use vmha_model::{AppState, Config, ExitStatus, Name};
+use vmha_model::{AppState, ExitStatus};
 
 const CONFIG: &str = r#"
 [cluster]
@@ -41,10 +42,6 @@ stop = ["stop", "worker"]
 pid_file = "/run/worker.pid"
 "#;
 
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
-
 /// A host agent running `shop`, its actions answered by hand, at time `now`.
 struct Host {
     agent: HostAgent,
@@ -55,33 +52,11 @@ struct Host {
 
 impl Host {
     fn new() -> Host {
-        let config = Arc::new(Config::from_toml_str(CONFIG, "c.toml").unwrap());
-        let agent = HostAgent::new(config, name("kvm1"), None, Timestamp(0)).unwrap();
-        let mut h = Host {
-            agent,
+        Host {
+            agent: common::owning_agent(CONFIG, "shop"),
             now: 0,
             worker_up: true,
-        };
-        h.input(HostInput::Lease { live: true });
-        h.agent.handle_record(
-            Timestamp(0),
-            &Record::Owner {
-                vm: name("shop"),
-                record: Some(OwnerRecord {
-                    owner: Some(name("kvm1")),
-                    desired: Desired::Run,
-                    move_to: None,
-                    parked: false,
-                    migrate: None,
-                }),
-                revision: 1,
-            },
-        );
-        h.input(HostInput::VmObserved {
-            vm: name("shop"),
-            kind: VmObservation::Stopped { by_guest: false },
-        });
-        h
+        }
     }
 
     fn input(&mut self, input: HostInput) {
@@ -89,14 +64,7 @@ impl Host {
     }
 
     fn advance(&mut self, ms: u64) {
-        self.now += ms;
-        if self
-            .agent
-            .poll_timeout()
-            .is_some_and(|t| t <= Timestamp(self.now))
-        {
-            self.agent.handle_timeout(Timestamp(self.now));
-        }
+        common::advance(&mut self.agent, &mut self.now, ms);
     }
 
     /// The probe's answer as the guest stands.
@@ -168,12 +136,7 @@ impl Host {
     }
 
     fn state(&self, app: &str) -> AppState {
-        let vm = self.agent.status().vms.into_iter().next().unwrap();
-        vm.apps
-            .into_iter()
-            .find(|a| a.name.as_str() == app)
-            .unwrap()
-            .state
+        common::app_status(&self.agent, app).state
     }
 
     /// Brings shop online and returns its watcher.
