@@ -118,10 +118,13 @@ pub fn build_program(checks: &[ProbeCheck], nonce: u64) -> String {
         let pids: Vec<String> = members.iter().map(|i| format!("$p{i}")).collect();
         // Exit 0: it fired. Stopped by the shell's TERM (143, its `sleep` with it): the
         // checks ended in time. A `sleep` without fractions fails at once: whole seconds. The
-        // trap only notes the TERM (traps run between commands): a TERM before `w` is set is
-        // seen before waiting. Its `sleep` gets `KILL`: a `TERM` between fork and exec is lost.
+        // trap notes the TERM (traps run between commands) and kills the `sleep` once `w` is
+        // set: a TERM before that is seen before waiting, one between that test and `wait`
+        // ends the `sleep` it would wait for (without the kill, about one cancel in a thousand
+        // held the probe for the whole timeout). `KILL`: a `TERM` between fork and exec is lost.
         p.push_str(&format!(
-            "(x=; trap x=1 TERM; sleep {} & w=$!; [ -n \"$x\" ] || wait $w; r=$?\n\
+            "(x=; w=; trap 'x=1; [ -z \"$w\" ] || kill -9 $w' TERM; \
+             sleep {} & w=$!; [ -n \"$x\" ] || wait $w; r=$?\n\
              if [ -z \"$x\" ] && [ $r != 0 ]; then sleep {} & w=$!; [ -n \"$x\" ] || wait $w; r=$?; fi\n\
              [ -n \"$x\" ] && {{ kill -9 $w; exit 143; }}; [ $r = 0 ] || exit 1\n\
              trap '' TERM; [ -n \"$x\" ] && exit 143; vk $$ {}; exit 0) \
@@ -629,6 +632,53 @@ mod tests {
             })
             .collect();
         assert!(timers.is_empty(), "timers left sleeping: {timers:?}");
+    }
+
+    /// The timer of a probe whose checks end while it starts up is cancelled at once, wherever
+    /// the cancel lands: its body (no `vk`: it must not fire) run as a shell of its own gets
+    /// `TERM` at random points of its first milliseconds, under dash and busybox's ash. Before
+    /// the trap killed the `sleep`, about one cancel in a thousand landed between the test of
+    /// `x` and `wait`, and the timer (the probe with it) waited out its whole timeout.
+    #[test]
+    fn a_timer_cancelled_while_it_starts_ends_at_once() {
+        let checks = vec![ProbeCheck {
+            timeout: Duration::from_secs(30),
+            ..check("t", &["true"])
+        }];
+        let program = build_program(&checks, 1);
+        let start = program.find("(x=").unwrap() + 1;
+        let end = start + program[start..].find(") </dev/null").unwrap();
+        let body = program[start..end].replace("vk $$ $p0;", "");
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for shell in [&["/bin/sh"][..], &["busybox", "sh"][..]] {
+            for _ in 0..2_000 {
+                let mut timer = std::process::Command::new(shell[0])
+                    .args(&shell[1..])
+                    .arg("-c")
+                    .arg(&body)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap();
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let delay = Duration::from_micros((state >> 33) % 2_000);
+                let spin = std::time::Instant::now();
+                while spin.elapsed() < delay {
+                    std::hint::spin_loop();
+                }
+                let pid = nix::unistd::Pid::from_raw(i32::try_from(timer.id()).unwrap());
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+                let cancelled = std::time::Instant::now();
+                timer.wait().unwrap();
+                assert!(
+                    cancelled.elapsed() < Duration::from_secs(10),
+                    "{shell:?}: the timer waited out its sleep after a TERM {delay:?} into it"
+                );
+            }
+        }
     }
 
     #[test]
