@@ -29,6 +29,32 @@ pub const KEEP_ENV: &str = "VMHA_TESTKIT_KEEP";
 /// How long members may take to become healthy.
 const START_PATIENCE: Duration = Duration::from_secs(30);
 
+/// How long [`EtcdServer::freeze`] waits for every thread of a member to stop.
+const FREEZE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Whether every thread of `pid` is stopped (state `T` or `t` in `/proc/PID/task/TID/stat`);
+/// false when they cannot be read.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut any = false;
+    for task in tasks {
+        let Ok(task) = task else { return false };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            return false;
+        };
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        if !matches!(state, Some('T' | 't')) {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
+
 /// How many times start-up is tried with fresh ports (another process may take a port between
 /// picking it and etcd binding it).
 const START_ATTEMPTS: usize = 5;
@@ -277,9 +303,24 @@ impl EtcdServer {
     }
 
     /// Freezes member `i` (SIGSTOP): its connections stay open but nothing answers, as when the
-    /// network to it is cut. [`EtcdServer::thaw`] resumes it; dropping the server kills it anyway.
+    /// network to it is cut. Returns once every thread of the member is stopped: the kernel
+    /// stops a multi-threaded process only once the thread it picked runs, and until then the
+    /// others still answer (under load, a request sent right after `kill` was served about one
+    /// time in ten). [`EtcdServer::thaw`] resumes it; dropping the server kills it anyway.
     pub fn freeze(&mut self, i: usize) -> Result<(), TestkitError> {
-        self.signal(i, "-STOP")
+        self.signal(i, "-STOP")?;
+        let pid = self.members[i].child.as_ref().map_or(0, Child::id);
+        let deadline = Instant::now() + FREEZE_PATIENCE;
+        while !all_threads_stopped(pid) {
+            if Instant::now() >= deadline {
+                return Err(TestkitError::Start(format!(
+                    "member {} was not stopped {FREEZE_PATIENCE:?} after SIGSTOP",
+                    self.members[i].name
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// Resumes member `i` after [`EtcdServer::freeze`] (SIGCONT).
