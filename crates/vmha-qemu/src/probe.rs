@@ -585,6 +585,20 @@ mod tests {
         })
     }
 
+    /// The pids `pids()` lists that still run after a grace period: a process killed by a
+    /// signal dies only once it is scheduled, which takes a while on a loaded machine (the
+    /// probe itself does not wait for its checks' descendants).
+    fn still_running(pids: impl Fn() -> Vec<String>) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left: Vec<String> = pids().into_iter().filter(|p| running(p)).collect();
+            if left.is_empty() || std::time::Instant::now() >= deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     #[test]
     fn a_timed_out_check_leaves_no_descendants() {
         let dir = tempfile::tempdir().unwrap();
@@ -610,7 +624,7 @@ mod tests {
         // Two shells, each check started two sleeps.
         let started = std::fs::read_to_string(&pids).unwrap();
         assert_eq!(started.lines().count(), 4, "{started}");
-        let left: Vec<&str> = started.lines().filter(|p| running(p)).collect();
+        let left = still_running(|| started.lines().map(str::to_owned).collect());
         assert!(left.is_empty(), "left running: {left:?}");
     }
 
@@ -623,14 +637,16 @@ mod tests {
         for (shell, got) in run_under_shells(&checks) {
             assert_eq!(got, vec![ProbeOutcome::Running], "under {shell}");
         }
-        let timers: Vec<String> = std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(|e| {
-                let pid = e.ok()?.file_name().into_string().ok()?;
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-                (cmdline.ends_with(b"sleep\x007.321\x00") && running(&pid)).then_some(pid)
-            })
-            .collect();
+        let timers = still_running(|| {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .filter_map(|e| {
+                    let pid = e.ok()?.file_name().into_string().ok()?;
+                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                    cmdline.ends_with(b"sleep\x007.321\x00").then_some(pid)
+                })
+                .collect()
+        });
         assert!(timers.is_empty(), "timers left sleeping: {timers:?}");
     }
 
