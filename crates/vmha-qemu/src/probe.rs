@@ -4,19 +4,29 @@
 //! check runs in parallel as a plain background job (stdin, stdout and stderr on `/dev/null`)
 //! and the shell prints one status line per check, collected with `wait PID` (no subshell per
 //! check). The cost per VM per period is one exec plus its status polls, whatever the number
-//! of checks; in the guest, each check costs its own process and nothing more, and each probe
-//! one timer per distinct check timeout: a subshell running `sleep` that, if it is not
-//! cancelled first, sends `TERM` to every check of its timeout still running — and to their
-//! descendants, found in `/proc/PID/task/PID/children` (all with builtins: a timed-out check
-//! script does not leave its children behind). Running `timeout` per check instead cost twice
-//! the guest's CPU (an exec per check). The timer sends `TERM` only to a pid that
-//! `/proc/PID/stat` shows is still a child of the probe's shell (never to a reused pid); in a
-//! guest without `/proc` it sends it to the check's pid as `timeout` would.
+//! of checks; in the guest, each check costs its own process and nothing more.
+//!
+//! A check that outlasts its timeout gets `TERM`, and so do its descendants, found in
+//! `/proc/PID/task/PID/children` (all with builtins: a timed-out check script does not leave
+//! its children behind). Who sends it:
+//! - **vmhad**, once the guest showed it has those `/proc` files and when every check has the
+//!   same timeout (the usual case): if the probe still runs when the timeout has passed, vmhad
+//!   runs a second, short `guest-exec` (the killer) that ends the probe's children. A probe
+//!   that ends in time starts no process beyond its checks: on a TCG guest the in-guest timers
+//!   cost about a third of a probe of three checks.
+//! - **a timer in the guest** otherwise (the first probe, guests without those files, checks
+//!   with different timeouts, the libvirt driver's [`probe_request`]): one per distinct check
+//!   timeout, a subshell running `sleep` that, if it is not cancelled first, ends every check
+//!   of its timeout still running. Running `timeout` per check instead cost twice the guest's
+//!   CPU (an exec per check). The timer sends `TERM` only to a pid that `/proc/PID/stat` shows
+//!   is still a child of the probe's shell (never to a reused pid); in a guest without `/proc`
+//!   it sends it to the check's pid as `timeout` would.
 //!
 //! Exit status mapping (shell convention): `0` → running; `124` → timed out (the shell reports
-//! that for a check that died of the timer's `TERM`); `129..=192` → killed by signal
-//! `status − 128`; anything else → not running with that code. A check that ignores `SIGTERM`
-//! holds the whole probe until the exec deadline, which then fails the probe as a whole.
+//! that for a check that died of the timer's `TERM`; for vmhad's, a check whose pid the killer
+//! reports); `129..=192` → killed by signal `status − 128`; anything else → not running with
+//! that code. A check that ignores `SIGTERM` holds the whole probe until the exec deadline,
+//! which then fails the probe as a whole.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -74,26 +84,34 @@ fn valid_argv(argv: &[String]) -> bool {
     !argv.is_empty() && argv.iter().all(|a| !a.contains('\0'))
 }
 
-/// The timer's functions, builtins only. `vk PARENT PID...` sends `TERM` to each PID that
-/// `/proc` shows running as a child of PARENT (every PID when `/proc` is not mounted), with its
-/// descendants; `vt PID` reads PID's children before it sends `TERM` to it (they are
-/// reparented once it dies), then does the same for each child.
-const TIMER_FNS: &str = "\
-vt() { c=; read -r c </proc/$1/task/$1/children; kill -TERM $1; for d in $c; do vt $d; done; }
+/// `vt PID` reads PID's children before it sends `TERM` to it (they are reparented once it
+/// dies), then does the same for each child: builtins only.
+const VT_FN: &str = "vt() { c=; read -r c </proc/$1/task/$1/children; kill -TERM $1; for d in $c; do vt $d; done; }\n";
+
+/// The in-guest timer's other function, builtins only. `vk PARENT PID...` sends `TERM` to each
+/// PID that `/proc` shows running as a child of PARENT (every PID when `/proc` is not mounted),
+/// with its descendants ([`VT_FN`]).
+const VK_FN: &str = "\
 vk() { vq=$1; shift; for q; do
 if [ -d /proc/$vq ]; then read -r l </proc/$q/stat || continue; s=${l##*) }; st=${s%% *}; s=${s#* }
 [ \"$st\" != Z ] && [ \"${s%% *}\" = \"$vq\" ] || continue; fi; vt $q; done; }
 ";
 
-/// Builds the shell program for `checks`; status lines carry `nonce` so nothing else can forge
-/// them by accident.
-pub fn build_program(checks: &[ProbeCheck], nonce: u64) -> String {
+/// The start of every probe program and one background job per valid check (`p{i}` holds
+/// its pid); returns the program so far and the valid checks' indexes grouped by timeout.
+fn launch(
+    checks: &[ProbeCheck],
+    nonce: u64,
+    needs_sleep: bool,
+) -> (String, Vec<(Duration, Vec<usize>)>) {
     // Nothing reads the shell's stderr (its "Terminated" notes on timed-out checks).
-    let mut p = format!(
-        "exec 2>/dev/null\ncommand -v sleep >/dev/null || {{ echo '{MARK} {nonce} none'; exit 0; }}\n\
-         read -r vt0 _ </proc/uptime\n"
-    );
-    // The checks that run, grouped by timeout: one timer per group.
+    let mut p = String::from("exec 2>/dev/null\n");
+    if needs_sleep {
+        p.push_str(&format!(
+            "command -v sleep >/dev/null || {{ echo '{MARK} {nonce} none'; exit 0; }}\n"
+        ));
+    }
+    p.push_str("read -r vt0 _ </proc/uptime\n");
     let mut groups: Vec<(Duration, Vec<usize>)> = Vec::new();
     for (i, check) in checks.iter().enumerate() {
         if !valid_argv(&check.argv) {
@@ -110,10 +128,28 @@ pub fn build_program(checks: &[ProbeCheck], nonce: u64) -> String {
             None => groups.push((timeout, vec![i])),
         }
     }
+    (p, groups)
+}
+
+/// The end of every probe program: how long it ran in the guest (`parse_took`, for the next
+/// probe's first status poll) and whether the guest shows a process's children in `/proc`
+/// (`kids`: the next probe can be timed by vmhad, [`host_timeout`]).
+fn finish(p: &mut String, nonce: u64) {
+    p.push_str(&format!(
+        "read -r vt1 _ </proc/uptime && echo \"{MARK} {nonce} took $vt0 $vt1\"\n\
+         [ -r /proc/$$/task/$$/children ] && echo \"{MARK} {nonce} kids\"\n"
+    ));
+}
+
+/// Builds the shell program for `checks`, timed out by timers in the guest;
+/// status lines carry `nonce` so nothing else can forge them by accident.
+pub fn build_program(checks: &[ProbeCheck], nonce: u64) -> String {
+    let (mut p, groups) = launch(checks, nonce, true);
     if groups.is_empty() {
         return p;
     }
-    p.push_str(TIMER_FNS);
+    p.push_str(VT_FN);
+    p.push_str(VK_FN);
     for (g, (timeout, members)) in groups.iter().enumerate() {
         let pids: Vec<String> = members.iter().map(|i| format!("$p{i}")).collect();
         // Exit 0: it fired. Stopped by the shell's TERM (143, its `sleep` with it): the
@@ -151,11 +187,41 @@ pub fn build_program(checks: &[ProbeCheck], nonce: u64) -> String {
             p.push_str(&format!("echo \"{MARK} {nonce} {i} $s{i}\"\n"));
         }
     }
-    // How long it ran in the guest, for the next probe's first status poll (`parse_took`).
-    p.push_str(&format!(
-        "read -r vt1 _ </proc/uptime && echo \"{MARK} {nonce} took $vt0 $vt1\"\n"
-    ));
+    finish(&mut p, nonce);
     p
+}
+
+/// Builds the shell program for `checks` when vmhad times them out ([`host_timeout`]): no
+/// timer in the guest, and each check's pid on a line of its own (`parse_pids`), so that the
+/// checks the [`killer`] ended are told from ones that died of a `TERM` of their own.
+fn build_host_timed_program(checks: &[ProbeCheck], nonce: u64) -> String {
+    let (mut p, groups) = launch(checks, nonce, false);
+    for (_, members) in &groups {
+        for i in members {
+            p.push_str(&format!(
+                "wait $p{i}; s{i}=$?\necho \"{MARK} {nonce} {i} $s{i}\"\n\
+                 echo \"{MARK} {nonce} pid {i} $p{i}\"\n"
+            ));
+        }
+    }
+    finish(&mut p, nonce);
+    p
+}
+
+/// The killer of a probe timed by vmhad, run as `sh -c KILLER vmha-kill NONCE PID`: it sends
+/// `TERM` to every child of PID (the probe's checks) with their descendants ([`VT_FN`]) and
+/// prints `vmha-probe NONCE killed CHILD` for each, builtins only; it does nothing unless PID
+/// runs (no zombie) as a child of its own parent, the agent. The agent starts processes only
+/// for vmhad's requests, which one VM's client sends one at a time, so a PID reused since the
+/// probe ended is not the agent's child (`pid_max` forks would have to happen in between).
+fn killer() -> String {
+    format!(
+        "exec 2>/dev/null\n{VT_FN}\
+         read -r l </proc/$2/stat || exit 0\n\
+         s=${{l##*) }}; [ \"${{s%% *}}\" != Z ] || exit 0; s=${{s#* }}; [ \"${{s%% *}}\" = \"$PPID\" ] || exit 0\n\
+         c=; read -r c </proc/$2/task/$2/children\n\
+         for k in $c; do echo \"{MARK} $1 killed $k\"; vt $k; done\n"
+    )
 }
 
 /// A `/proc/uptime` reading (`SECONDS.CC`) in centiseconds.
@@ -176,13 +242,7 @@ fn uptime_cs(text: &str) -> Option<u64> {
 /// without `/proc`, or one that lies: it can only move its own probes' first poll, within
 /// bounds). Total over arbitrary bytes.
 pub fn parse_took(nonce: u64, stdout: &[u8]) -> Option<Duration> {
-    let nonce = nonce.to_string();
-    stdout.split(|&b| b == b'\n').find_map(|line| {
-        let line = std::str::from_utf8(line).ok()?;
-        let mut words = line.split(' ');
-        if words.next() != Some(MARK) || words.next() != Some(nonce.as_str()) {
-            return None;
-        }
+    marked(nonce, stdout).find_map(|mut words| {
         let (Some("took"), Some(t0), Some(t1), None) =
             (words.next(), words.next(), words.next(), words.next())
         else {
@@ -191,6 +251,97 @@ pub fn parse_took(nonce: u64, stdout: &[u8]) -> Option<Duration> {
         let cs = uptime_cs(t1)?.checked_sub(uptime_cs(t0)?)?;
         (cs <= 6_000).then(|| Duration::from_millis(cs * 10))
     })
+}
+
+/// The words after `vmha-probe NONCE` of each line of `stdout` that starts so (a line that is
+/// not UTF-8 is skipped). Total over arbitrary bytes.
+fn marked(nonce: u64, stdout: &[u8]) -> impl Iterator<Item = std::str::Split<'_, char>> {
+    let nonce = nonce.to_string();
+    stdout.split(|&b| b == b'\n').filter_map(move |line| {
+        let mut words = std::str::from_utf8(line).ok()?.split(' ');
+        (words.next() == Some(MARK) && words.next() == Some(nonce.as_str())).then_some(words)
+    })
+}
+
+/// Whether the probe's guest shows a process's children in `/proc` (its `kids` line).
+fn parse_kids(nonce: u64, stdout: &[u8]) -> bool {
+    marked(nonce, stdout).any(|mut words| words.next() == Some("kids") && words.next().is_none())
+}
+
+/// A guest pid as the probe or the killer printed it: `1..=i32::MAX`, digits only.
+fn guest_pid(word: &str) -> Option<u32> {
+    if word.is_empty() || word.len() > 10 || !word.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    word.parse::<u32>()
+        .ok()
+        .filter(|pid| (1..=i32::MAX as u32).contains(pid))
+}
+
+/// The pid of each of `count` checks as a probe timed by vmhad printed them (`pid I PID`
+/// lines; the first per index wins). Total over arbitrary bytes.
+fn parse_pids(nonce: u64, count: usize, stdout: &[u8]) -> Vec<Option<u32>> {
+    let mut pids = vec![None; count];
+    for mut words in marked(nonce, stdout) {
+        let (Some("pid"), Some(index), Some(pid), None) =
+            (words.next(), words.next(), words.next(), words.next())
+        else {
+            continue;
+        };
+        if let (Ok(index), Some(pid)) = (index.parse::<usize>(), guest_pid(pid))
+            && let Some(slot @ None) = pids.get_mut(index)
+        {
+            *slot = Some(pid);
+        }
+    }
+    pids
+}
+
+/// The pids the [`killer`] sent `TERM` to (its `killed PID` lines). Total over arbitrary
+/// bytes; as many as its capped output holds.
+fn parse_killed(nonce: u64, stdout: &[u8]) -> Vec<u32> {
+    marked(nonce, stdout)
+        .filter_map(
+            |mut words| match (words.next(), words.next(), words.next()) {
+                (Some("killed"), Some(pid), None) => guest_pid(pid),
+                _ => None,
+            },
+        )
+        .collect()
+}
+
+/// A check of a probe timed by vmhad that died of `TERM` (status 143) timed out if the killer
+/// sent it that `TERM` (its pid is among `killed`); one that died of a `TERM` of its own did not.
+fn timed_out_by_killer(
+    outcomes: &mut [(Name, ProbeOutcome)],
+    pids: &[Option<u32>],
+    killed: &[u32],
+) {
+    for ((_, outcome), pid) in outcomes.iter_mut().zip(pids) {
+        if *outcome == ProbeOutcome::NotRunning(ExitStatus::Signal(15))
+            && pid.is_some_and(|pid| killed.contains(&pid))
+        {
+            *outcome = ProbeOutcome::TimedOut;
+        }
+    }
+}
+
+/// The one timeout of `checks` when vmhad times them out itself, else `None` (a timer in the
+/// guest per distinct timeout): when the last probe's guest showed a process's children in
+/// `/proc` (`kids`, which the [`killer`] needs) and every valid check has the same timeout
+/// (the usual case; the killer cannot tell groups apart). A probe timed by vmhad starts no
+/// process in the guest beyond its checks; its timers cost a TCG guest about a third of a
+/// probe of three checks.
+fn host_timeout(kids: bool, checks: &[ProbeCheck]) -> Option<Duration> {
+    if !kids {
+        return None;
+    }
+    let mut timeouts = checks
+        .iter()
+        .filter(|c| valid_argv(&c.argv))
+        .map(|c| c.timeout.max(MIN_TIMEOUT));
+    let first = timeouts.next()?;
+    timeouts.all(|t| t == first).then_some(first)
 }
 
 fn classify(status: u32) -> ProbeOutcome {
@@ -213,15 +364,7 @@ pub fn parse_output(checks: &[ProbeCheck], nonce: u64, stdout: &[u8]) -> Vec<(Na
             (!valid_argv(&c.argv)).then_some(ProbeOutcome::Unreadable(Unreadable::InvalidArgv))
         })
         .collect();
-    let nonce = nonce.to_string();
-    for line in stdout.split(|&b| b == b'\n') {
-        let Ok(line) = std::str::from_utf8(line) else {
-            continue;
-        };
-        let mut words = line.split(' ');
-        if words.next() != Some(MARK) || words.next() != Some(nonce.as_str()) {
-            continue;
-        }
+    for mut words in marked(nonce, stdout) {
         let (Some(index), status, None) = (words.next(), words.next(), words.next()) else {
             continue;
         };
@@ -300,17 +443,29 @@ impl QgaClient {
     /// Runs every check in ONE `guest-exec` and returns one outcome per check, with its app,
     /// in order. The whole probe is bounded by the longest check timeout plus `slack` (channel
     /// round trips); a channel failure fails the probe, a per-check problem only that check's
-    /// outcome.
+    /// outcome. Checks that outlast their timeout get `TERM` with their descendants, from a
+    /// timer in the guest or, once the guest showed what that needs, from vmhad
+    /// ([`host_timeout`]: then the probe starts no process beyond its checks).
     pub async fn probe(
         &self,
         checks: &[ProbeCheck],
         slack: Duration,
     ) -> Result<Vec<(Name, ProbeOutcome)>, ProbeError> {
-        let (mut request, nonce) = probe_request(checks, slack);
+        let host = host_timeout(self.proc_children.load(Ordering::Relaxed), checks);
+        let nonce = crate::qga::random_id();
+        let mut request = match host {
+            Some(_) => exec_request(checks, slack, build_host_timed_program(checks, nonce), 128),
+            None => exec_request(checks, slack, build_program(checks, nonce), 64),
+        };
         let first_us = self.first_poll_us.load(Ordering::Relaxed);
         request.first_poll = (first_us > 0).then(|| Duration::from_micros(first_us));
         let started = std::time::Instant::now();
-        let (output, polls) = self.exec_polled(&request).await?;
+        let alarm = host.map(|timeout| {
+            (timeout, move |pid| {
+                self.kill_checks(nonce, pid, checks.len(), slack)
+            })
+        });
+        let (output, polls, killed) = self.exec_polled(&request, alarm).await?;
         let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let guest_us = parse_took(nonce, &output.stdout)
             .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
@@ -322,28 +477,71 @@ impl QgaClient {
             None => next_first_poll(first_us, took_us, polls),
         };
         self.first_poll_us.store(next, Ordering::Relaxed);
-        Ok(parse_output(checks, nonce, &output.stdout))
+        self.proc_children
+            .store(parse_kids(nonce, &output.stdout), Ordering::Relaxed);
+        let mut outcomes = parse_output(checks, nonce, &output.stdout);
+        if let Some(killed) = killed {
+            let pids = parse_pids(nonce, checks.len(), &output.stdout);
+            timed_out_by_killer(&mut outcomes, &pids, &killed);
+        }
+        Ok(outcomes)
+    }
+
+    /// Runs the [`killer`] of the probe `pid` (a probe timed by vmhad whose checks outlast
+    /// their timeout) within `deadline`; returns the pids it sent `TERM` to.
+    async fn kill_checks(
+        &self,
+        nonce: u64,
+        pid: i64,
+        checks: usize,
+        deadline: Duration,
+    ) -> Result<Vec<u32>, QgaError> {
+        let mut request = ExecRequest::new([
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            killer(),
+            "vmha-kill".to_owned(),
+            nonce.to_string(),
+            pid.to_string(),
+        ]);
+        request.deadline = deadline;
+        request.output_cap = 64 + checks * 64;
+        request.max_reply_line = PROBE_REPLY_LINE;
+        let output = self.exec(&request).await?;
+        Ok(parse_killed(nonce, &output.stdout))
     }
 }
 
-/// The one `guest-exec` that runs every check (see [`build_program`]) and the nonce its status
-/// lines carry (for [`parse_output`]): bounded by the longest check timeout plus `slack`, with
-/// output and reply line capped to what the status lines need. Every driver's probe is this
-/// request.
+/// The one `guest-exec` that runs every check, timed by timers in the guest (see
+/// [`build_program`]), and the nonce its status lines carry (for [`parse_output`]): bounded by
+/// the longest check timeout plus `slack`, with output and reply line capped to what the
+/// status lines need. The probe of drivers that carry agent commands themselves (libvirt).
 pub fn probe_request(checks: &[ProbeCheck], slack: Duration) -> (ExecRequest, u64) {
     let nonce = crate::qga::random_id();
+    let request = exec_request(checks, slack, build_program(checks, nonce), 64);
+    (request, nonce)
+}
+
+/// The `guest-exec` of a probe `program`: bounded by the longest check timeout plus `slack`,
+/// its output capped to 128 bytes plus `per_check` a check (what its lines need).
+fn exec_request(
+    checks: &[ProbeCheck],
+    slack: Duration,
+    program: String,
+    per_check: usize,
+) -> ExecRequest {
     let longest = checks
         .iter()
         .map(|c| c.timeout.max(MIN_TIMEOUT))
         .max()
         .unwrap_or_default();
-    let mut request = ExecRequest::new(["/bin/sh", "-c", &build_program(checks, nonce)]);
+    let mut request = ExecRequest::new(["/bin/sh".to_owned(), "-c".to_owned(), program]);
     request.deadline = longest + slack;
-    request.output_cap = 64 + checks.len() * 64;
+    request.output_cap = 128 + checks.len() * per_check;
     // Its output is a few short status lines: a bigger reply can only come from a hostile
     // guest, and is refused before it costs memory.
     request.max_reply_line = PROBE_REPLY_LINE;
-    (request, nonce)
+    request
 }
 
 #[cfg(test)]
@@ -531,7 +729,8 @@ mod tests {
         );
         assert_eq!(p.matches(" & k").count(), 1, "one timer per timeout:\n{p}");
         assert!(p.contains("echo \"vmha-probe 3 2 $s2\"\n"), "{p}");
-        assert!(p.ends_with("echo \"vmha-probe 3 took $vt0 $vt1\"\n"), "{p}");
+        assert!(p.contains("echo \"vmha-probe 3 took $vt0 $vt1\"\n"), "{p}");
+        assert!(p.ends_with("echo \"vmha-probe 3 kids\"\n"), "{p}");
     }
 
     #[test]
@@ -551,26 +750,51 @@ mod tests {
         assert!(p.contains("then sleep 1 & w=$!;"), "{p}");
     }
 
-    /// Runs `checks` under the host's sh (dash) and busybox's ash with its own applets, as in
-    /// the test guest (busybox-static is a test dependency); returns the outcomes per shell.
-    fn run_under_shells(checks: &[ProbeCheck]) -> Vec<(String, Vec<ProbeOutcome>)> {
+    /// The host's sh (dash) and busybox's ash with its own applets, as in the test guest
+    /// (busybox-static is a test dependency): each shell and the `PATH` it runs with. The
+    /// directory holds busybox's applets.
+    fn shells() -> (
+        tempfile::TempDir,
+        Vec<(std::path::PathBuf, Option<std::path::PathBuf>)>,
+    ) {
         let busybox = tempfile::tempdir().unwrap();
         for applet in ["sh", "true", "false", "sleep", "kill"] {
             std::os::unix::fs::symlink("/bin/busybox", busybox.path().join(applet)).unwrap();
         }
-        let shells = [
+        let shells = vec![
             (Path::new("/bin/sh").to_path_buf(), None),
-            (busybox.path().join("sh"), Some(busybox.path())),
+            (
+                busybox.path().join("sh"),
+                Some(busybox.path().to_path_buf()),
+            ),
         ];
+        (busybox, shells)
+    }
+
+    /// `shell -c program args...`, with `path` as its `PATH` if given.
+    fn sh(
+        shell: &Path,
+        path: Option<&Path>,
+        program: &str,
+        args: &[&str],
+    ) -> std::process::Command {
+        let mut cmd = std::process::Command::new(shell);
+        cmd.arg("-c").arg(program).args(args);
+        if let Some(dir) = path {
+            cmd.env("PATH", dir);
+        }
+        cmd
+    }
+
+    /// Runs `checks` under [`shells`]; returns the outcomes per shell.
+    fn run_under_shells(checks: &[ProbeCheck]) -> Vec<(String, Vec<ProbeOutcome>)> {
+        let (_dir, shells) = shells();
         shells
             .into_iter()
             .map(|(shell, path)| {
-                let mut cmd = std::process::Command::new(&shell);
-                cmd.arg("-c").arg(build_program(checks, 42));
-                if let Some(dir) = path {
-                    cmd.env("PATH", dir);
-                }
-                let out = cmd.output().unwrap();
+                let out = sh(&shell, path.as_deref(), &build_program(checks, 42), &[])
+                    .output()
+                    .unwrap();
                 let got = outcomes(checks, 42, &out.stdout);
                 (shell.display().to_string(), got)
             })
@@ -724,6 +948,235 @@ mod tests {
                 ],
                 "under {shell}"
             );
+        }
+    }
+
+    #[test]
+    fn vmhad_times_the_checks_when_the_guest_shows_children_and_they_share_a_timeout() {
+        let short = ProbeCheck {
+            timeout: Duration::from_millis(300),
+            ..check("s", &["true"])
+        };
+        let same = vec![
+            check("a", &["true"]),
+            check("b", &["false"]),
+            check("x", &[]),
+        ];
+        assert_eq!(host_timeout(true, &same), Some(Duration::from_secs(1)));
+        assert_eq!(host_timeout(false, &same), None);
+        let mixed = vec![check("a", &["true"]), short.clone()];
+        assert_eq!(host_timeout(true, &mixed), None);
+        // A check without a valid argv runs nothing and is no group.
+        let tiny = ProbeCheck {
+            timeout: Duration::ZERO,
+            ..check("x", &[])
+        };
+        assert_eq!(
+            host_timeout(true, &[short, tiny]),
+            Some(Duration::from_millis(300))
+        );
+        assert_eq!(host_timeout(true, &[check("x", &[])]), None);
+        assert_eq!(host_timeout(true, &[]), None);
+    }
+
+    #[test]
+    fn a_probe_timed_by_vmhad_starts_no_timer_and_prints_each_checks_pid() {
+        let checks = vec![
+            check("a", &["true"]),
+            check("b", &[]),
+            check("c", &["false"]),
+        ];
+        let p = build_host_timed_program(&checks, 3);
+        assert_eq!(p.matches(" & p").count(), 2, "{p}");
+        assert!(!p.contains("sleep") && !p.contains(" & k"), "{p}");
+        assert!(p.contains("echo \"vmha-probe 3 pid 2 $p2\"\n"), "{p}");
+        let (_dir, shells) = shells();
+        for (shell, path) in shells {
+            let out = sh(&shell, path.as_deref(), &p, &[]).output().unwrap();
+            assert_eq!(
+                outcomes(&checks, 3, &out.stdout),
+                vec![
+                    ProbeOutcome::Running,
+                    ProbeOutcome::Unreadable(Unreadable::InvalidArgv),
+                    ProbeOutcome::NotRunning(ExitStatus::Code(1)),
+                ],
+                "{shell:?}"
+            );
+            let pids = parse_pids(3, checks.len(), &out.stdout);
+            assert!(
+                pids[0].is_some() && pids[1].is_none() && pids[2].is_some(),
+                "{pids:?}"
+            );
+            assert!(parse_kids(3, &out.stdout), "{shell:?}");
+            assert!(parse_took(3, &out.stdout).is_some(), "{shell:?}");
+        }
+    }
+
+    /// A probe timed by vmhad with a hung check, run by the shell `shell`: the killer, run
+    /// beside it as the agent would (a child of the same parent), ends the hung check and its
+    /// descendants; that check timed out, the others keep their outcome, and one that died of
+    /// its own `TERM` did not time out. Returns the pids the hung check started.
+    fn kill_a_hung_check(shell: &Path, path: Option<&Path>, pids: &Path) -> Vec<String> {
+        let script = format!(
+            "sleep 30 & echo $! >>{0}; sh -c 'sleep 30 & echo $! >>{0}; wait' & wait",
+            pids.display()
+        );
+        let checks = vec![
+            check("h", &["sh", "-c", &script]),
+            check("t", &["true"]),
+            check("e", &["sh", "-c", "kill -TERM $$"]),
+        ];
+        let before = std::fs::read_to_string(pids)
+            .unwrap_or_default()
+            .lines()
+            .count();
+        let probe = sh(shell, path, &build_host_timed_program(&checks, 9), &[])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(pids)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            < before + 2
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the hung check did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let probe_pid = probe.id().to_string();
+        let killer_out = sh(shell, path, &killer(), &["vmha-kill", "9", &probe_pid])
+            .output()
+            .unwrap();
+        let killed = parse_killed(9, &killer_out.stdout);
+        assert_eq!(
+            killed.len(),
+            1,
+            "only the hung check still ran: {killer_out:?}"
+        );
+        let out = probe.wait_with_output().unwrap();
+        let mut got = parse_output(&checks, 9, &out.stdout);
+        timed_out_by_killer(&mut got, &parse_pids(9, checks.len(), &out.stdout), &killed);
+        let got: Vec<ProbeOutcome> = got.into_iter().map(|(_, o)| o).collect();
+        assert_eq!(
+            got,
+            vec![
+                ProbeOutcome::TimedOut,
+                ProbeOutcome::Running,
+                ProbeOutcome::NotRunning(ExitStatus::Signal(15)),
+            ],
+            "{shell:?}"
+        );
+        std::fs::read_to_string(pids)
+            .unwrap()
+            .lines()
+            .skip(before)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn the_killer_ends_the_hung_checks_of_a_probe_with_their_descendants() {
+        let dir = tempfile::tempdir().unwrap();
+        let pids = dir.path().join("pids");
+        let (_bin, shells) = shells();
+        for (shell, path) in shells {
+            let started = kill_a_hung_check(&shell, path.as_deref(), &pids);
+            assert_eq!(started.len(), 2, "{started:?}");
+            let left = still_running(|| started.clone());
+            assert!(left.is_empty(), "{shell:?} left running: {left:?}");
+        }
+    }
+
+    #[test]
+    fn the_killer_leaves_a_process_that_is_not_its_parents_child_alone() {
+        // A grandchild of this test (its parent is a shell), and init.
+        let mut parent = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(parent.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let grandchild = line.trim().to_owned();
+        let (_dir, shells) = shells();
+        for (shell, path) in shells {
+            for pid in [grandchild.as_str(), "1", "0", "99999999"] {
+                let out = sh(&shell, path.as_deref(), &killer(), &["vmha-kill", "5", pid])
+                    .output()
+                    .unwrap();
+                assert_eq!(
+                    parse_killed(5, &out.stdout),
+                    Vec::<u32>::new(),
+                    "{shell:?} {pid}"
+                );
+            }
+            assert!(running(&grandchild), "{shell:?} killed a stranger's child");
+        }
+        let _ = parent.kill();
+        let _ = std::process::Command::new("kill").arg(&grandchild).status();
+        let _ = parent.wait();
+    }
+
+    #[test]
+    fn pid_and_killed_lines_are_read_strictly() {
+        let out = b"vmha-probe 4 pid 0 17\nvmha-probe 4 pid 0 18\nvmha-probe 4 pid 1 +5\n\
+                    vmha-probe 4 pid 2 0\nvmha-probe 4 pid 3 2147483648\nvmha-probe 5 pid 4 9\n\
+                    vmha-probe 4 pid 9 9\nvmha-probe 4 pid 4 12 x\nvmha-probe 4 pid 4 12\n\xff\n";
+        assert_eq!(
+            parse_pids(4, 5, out),
+            vec![Some(17), None, None, None, Some(12)]
+        );
+        let killer_out = b"vmha-probe 4 killed 17\nvmha-probe 4 killed -1\nvmha-probe 3 killed 8\n\
+                           vmha-probe 4 killed 9 9\nvmha-probe 4 killed 2147483647\n";
+        assert_eq!(parse_killed(4, killer_out), vec![17, 2147483647]);
+        assert!(parse_kids(4, b"x\nvmha-probe 4 kids\n"));
+        assert!(!parse_kids(4, b"vmha-probe 4 kids x\nvmha-probe 5 kids\n"));
+        // Only a check that died of TERM and whose pid the killer ended timed out.
+        let name = |n: &str| Name::new(n).unwrap();
+        let term = ProbeOutcome::NotRunning(ExitStatus::Signal(15));
+        let mut got = vec![
+            (name("a"), term),
+            (name("b"), term),
+            (name("c"), ProbeOutcome::Running),
+            (name("d"), term),
+        ];
+        timed_out_by_killer(&mut got, &[Some(17), Some(18), Some(19), None], &[17, 19]);
+        let got: Vec<ProbeOutcome> = got.into_iter().map(|(_, o)| o).collect();
+        assert_eq!(
+            got,
+            vec![ProbeOutcome::TimedOut, term, ProbeOutcome::Running, term]
+        );
+    }
+
+    proptest::proptest! {
+        /// Arbitrary bytes, and lines that look almost right, never make the readers of a
+        /// probe timed by vmhad panic: one pid slot per check, at most one killed pid a line.
+        #[test]
+        fn the_readers_of_pids_and_kills_are_total(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            lines in proptest::collection::vec(
+                "vmha-probe 4 (pid|killed|kids)( [0-9+-]{0,12}){0,3}", 0..16),
+            count in 0usize..8,
+        ) {
+            let mut out = raw;
+            for line in &lines {
+                out.push(b'\n');
+                out.extend_from_slice(line.as_bytes());
+            }
+            let pids = parse_pids(4, count, &out);
+            proptest::prop_assert_eq!(pids.len(), count);
+            proptest::prop_assert!(pids.iter().flatten().all(|p| (1..=i32::MAX as u32).contains(p)));
+            let killed = parse_killed(4, &out);
+            proptest::prop_assert!(killed.len() <= out.split(|&b| b == b'\n').count());
+            let _ = parse_kids(4, &out);
         }
     }
 }

@@ -116,6 +116,65 @@ async fn batched_probe_of_five_checks() {
     );
 }
 
+/// The pids of the processes whose command line is `argv` (NUL-separated, as in `/proc`).
+fn processes(argv: &[u8]) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let pid = e.ok()?.file_name().into_string().ok()?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let zombie = stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, r)| r.starts_with('Z'));
+            (cmdline == argv && !zombie).then_some(pid)
+        })
+        .collect()
+}
+
+/// The first probe times its checks with a timer in the guest; once the guest showed
+/// `/proc/PID/task/PID/children`, vmhad times them: a hung check still times out and is
+/// ended, and no timer runs in the guest.
+#[tokio::test]
+async fn once_the_guest_shows_children_vmhad_times_the_checks_out() {
+    let Some(agent) = common::host_agent() else {
+        return;
+    };
+    let qga = client(&agent);
+    let check = |name: &str, argv: &[&str]| ProbeCheck {
+        app: vmha_model::Name::new(name).unwrap(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        timeout: Duration::from_millis(1_237),
+    };
+    let checks = vec![check("ok", &["true"]), check("hung", &["sleep", "10.5"])];
+    let timer = b"sleep\x001.237\x00";
+    for round in 0..3 {
+        let (out, timers) = tokio::join!(qga.probe(&checks, Duration::from_secs(5)), async {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            processes(timer)
+        });
+        let got: Vec<ProbeOutcome> = out.unwrap().into_iter().map(|(_, o)| o).collect();
+        assert_eq!(
+            got,
+            vec![ProbeOutcome::Running, ProbeOutcome::TimedOut],
+            "round {round}"
+        );
+        assert_eq!(
+            timers.is_empty(),
+            round > 0,
+            "round {round}: timers {timers:?}"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !processes(b"sleep\x0010.5\x00").is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the hung check runs on"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 /// Runs `call` against the agent stalled (SIGSTOP, its reply comes late), then checks that the
 /// next call resynchronises and gets its own reply, not the stale one.
 async fn after_a_stalled_call<T>(

@@ -103,35 +103,59 @@ pub struct ExecStatus {
     err_truncated: bool,
 }
 
+/// The alarm of a plain [`QgaClient::exec`]: none.
+type NoAlarm = fn(i64) -> std::future::Ready<Result<(), QgaError>>;
+
 impl QgaClient {
     /// Runs a program in the guest (`guest-exec` with captured output), then polls
     /// `guest-exec-status` until it exits or the deadline passes. The first exited reply reaps
     /// the process, so its result is the one returned. A pid outside `1..=i32::MAX`, an exit
     /// code outside `0..=255` or a signal outside `1..=64` is [`QgaError::Malformed`].
     pub async fn exec(&self, request: &ExecRequest) -> Result<ExecOutput, QgaError> {
-        Ok(self.exec_polled(request).await?.0)
+        Ok(self
+            .exec_polled(request, None::<(Duration, NoAlarm)>)
+            .await?
+            .0)
     }
 
-    /// [`QgaClient::exec`], with the number of `guest-exec-status` polls it took (at least 1).
-    pub(crate) async fn exec_polled(
+    /// [`QgaClient::exec`], with the number of `guest-exec-status` polls it took (at least 1)
+    /// and what `alarm` returned: if the program still runs `after` its start (the agent's
+    /// reply), `alarm` runs once with its pid (a probe's checks timed out by vmhad) and the
+    /// program is polled at once after it. An error of `alarm` ends the call.
+    pub(crate) async fn exec_polled<T, A, F>(
         &self,
         request: &ExecRequest,
-    ) -> Result<(ExecOutput, u32), QgaError> {
+        alarm: Option<(Duration, A)>,
+    ) -> Result<(ExecOutput, u32, Option<T>), QgaError>
+    where
+        A: FnOnce(i64) -> F,
+        F: std::future::Future<Output = Result<T, QgaError>>,
+    {
         let deadline = Instant::now() + request.deadline;
         let pid = self.spawn_until(request, deadline).await?;
+        let mut alarm = alarm.map(|(after, run)| (Instant::now() + after, run));
+        let mut rang = None;
         let mut interval = request.first_poll.unwrap_or(self.config.poll_initial);
         // With a first poll timed by the caller, later polls start from a quarter of it.
         let mut first = request.first_poll.is_some();
         let mut polls = 0u32;
         loop {
-            tokio::time::sleep(interval.min(deadline.saturating_duration_since(Instant::now())))
-                .await;
+            let mut wake = (Instant::now() + interval).min(deadline);
+            if let Some((at, _)) = &alarm {
+                wake = wake.min(*at);
+            }
+            tokio::time::sleep_until(wake).await;
             if Instant::now() >= deadline {
                 return Err(QgaError::ExecDeadline { pid });
             }
+            if alarm.as_ref().is_some_and(|(at, _)| Instant::now() >= *at)
+                && let Some((_, run)) = alarm.take()
+            {
+                rang = Some(run(pid).await?);
+            }
             polls = polls.saturating_add(1);
             if let Some(output) = self.status_until(pid, request, deadline).await? {
-                return Ok((output, polls));
+                return Ok((output, polls, rang));
             }
             interval = if std::mem::take(&mut first) {
                 (interval / 4).max(self.config.poll_initial)

@@ -32,7 +32,7 @@ pub mod wire;
 
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::de::{DeserializeOwned, IgnoredAny};
@@ -270,6 +270,9 @@ pub struct QgaClient {
     pub(crate) first_poll_us: AtomicU64,
     /// How long the last probe ran in the guest as it told, in µs (0 = it did not).
     pub(crate) probe_guest_us: AtomicU64,
+    /// Whether the last probe's guest showed a process's children in `/proc`: the next
+    /// probe's checks can be timed out by vmhad (see `probe::host_timeout`).
+    pub(crate) proc_children: AtomicBool,
 }
 
 impl std::fmt::Debug for Channel {
@@ -307,6 +310,7 @@ impl QgaClient {
             channel: Mutex::new(channel),
             first_poll_us: AtomicU64::new(0),
             probe_guest_us: AtomicU64::new(0),
+            proc_children: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
         }
     }
