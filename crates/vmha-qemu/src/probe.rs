@@ -394,6 +394,11 @@ pub fn parse_output(checks: &[ProbeCheck], nonce: u64, stdout: &[u8]) -> Vec<(Na
         .collect()
 }
 
+/// Added to the checks' timeout when vmhad times them ([`host_timeout`]): its clock starts at
+/// the agent's reply to the exec, the checks a little later, once the shell has started (a
+/// timer in the guest starts after them).
+const HOST_TIMER_MARGIN: Duration = Duration::from_millis(50);
+
 /// Bounds of a probe's first status poll, µs.
 const FIRST_POLL_US: std::ops::RangeInclusive<u64> = 2_000..=500_000;
 
@@ -461,7 +466,7 @@ impl QgaClient {
         request.first_poll = (first_us > 0).then(|| Duration::from_micros(first_us));
         let started = std::time::Instant::now();
         let alarm = host.map(|timeout| {
-            (timeout, move |pid| {
+            (timeout + HOST_TIMER_MARGIN, move |pid| {
                 self.kill_checks(nonce, pid, checks.len(), slack)
             })
         });
