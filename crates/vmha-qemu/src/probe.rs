@@ -13,7 +13,7 @@
 //!   same timeout (the usual case): if the probe still runs when the timeout has passed, vmhad
 //!   runs a second, short `guest-exec` (the killer) that ends the probe's children. A probe
 //!   that ends in time starts no process beyond its checks: on a TCG guest the in-guest timers
-//!   cost about a third of a probe of three checks.
+//!   cost about a quarter of the guest CPU of a probe of three checks.
 //! - **a timer in the guest** otherwise (the first probe, guests without those files, checks
 //!   with different timeouts, the libvirt driver's [`probe_request`]): one per distinct check
 //!   timeout, a subshell running `sleep` that, if it is not cancelled first, ends every check
@@ -330,8 +330,8 @@ fn timed_out_by_killer(
 /// guest per distinct timeout): when the last probe's guest showed a process's children in
 /// `/proc` (`kids`, which the [`killer`] needs) and every valid check has the same timeout
 /// (the usual case; the killer cannot tell groups apart). A probe timed by vmhad starts no
-/// process in the guest beyond its checks; its timers cost a TCG guest about a third of a
-/// probe of three checks.
+/// process in the guest beyond its checks; in-guest timers cost a TCG guest about a quarter of
+/// the CPU of a probe of three checks.
 fn host_timeout(kids: bool, checks: &[ProbeCheck]) -> Option<Duration> {
     if !kids {
         return None;
