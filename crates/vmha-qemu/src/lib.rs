@@ -45,6 +45,7 @@
 //!   exceeds them is [`QgaError::Hostile`]); `ping`, `info`, `exec`, `shutdown`.
 //! - [`probe`]: [`QgaClient::probe`] — all app checks of a VM in one `guest-exec`.
 //! - [`vm`]: [`QemuVm`] — launch (own process group), adopt, status, stop, kill, events.
+//! - [`timer`]: sleeps that wake the runtime once (a `timerfd`), not twice (tokio's wheel).
 //! - [`framing`], [`reply`]: the byte-level line framer and the total reply parser.
 //! - [`guest_text`]: guest strings made safe for errors, logs, events and API answers.
 
@@ -55,6 +56,7 @@ pub mod probe;
 pub mod qga;
 pub mod qmp;
 pub mod reply;
+pub mod timer;
 pub mod vm;
 pub mod watch;
 

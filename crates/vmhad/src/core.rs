@@ -9,12 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use vmha_api::{SnapshotView, StatusView};
 use vmha_engine::sim::{ClusterSnapshot, GuestSnapshot};
 use vmha_engine::{
     CommandError, CommandOrigin, Commit, Effects, Node, NodeInput, Persist, Timestamp,
 };
 use vmha_model::{Config, Name};
+use vmha_qemu::timer::Timer;
 use vmha_store::layout::Layout;
 use vmha_store::{ClusterStore, Compare, TxnOutcome};
 
@@ -89,19 +91,33 @@ impl<S: ClusterStore> Core<S> {
     /// flight and answers what it committed. Callers still waiting get no answer (their request
     /// ends with "vmhad is shutting down": nothing of theirs was changed).
     pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>, mut shutdown: watch::Receiver<bool>) {
-        let mut safety = tokio::time::interval(SAFETY_POLL);
-        let mut heartbeat = tokio::time::interval(self.beat.period());
+        // One timer for the engine's wake-up, the heartbeat and the safety poll: the core
+        // wakes once per deadline (see `vmha_qemu::timer`).
+        let mut timer = Timer::new();
+        let mut next_safety = Instant::now();
         let mut in_flight: Option<InFlight> = None;
         loop {
             #[cfg(debug_assertions)]
             crate::sd_notify::test_hang_point();
             self.fence.core_alive();
             self.beat.turn();
+            if Instant::now() >= next_safety {
+                self.poll_slots();
+                next_safety = Instant::now() + SAFETY_POLL;
+            }
             self.pump(&mut in_flight);
             if in_flight.is_none() && self.try_reconfigure() {
                 self.pump(&mut in_flight);
             }
             let wake = self.node.poll_timeout();
+            // The heartbeat: the core turns at least once per period, even with nothing to do.
+            let mut sleep = self
+                .beat
+                .period()
+                .min(next_safety.saturating_duration_since(Instant::now()));
+            if let Some(t) = wake {
+                sleep = sleep.min(Duration::from_millis(t.0.saturating_sub(now().0)));
+            }
             let accepting = self.node.accepting_inputs();
             let reconfigure_pending = self.config_state.pending.is_some();
             tokio::select! {
@@ -122,13 +138,14 @@ impl<S: ClusterStore> Core<S> {
                     Some(msg) => self.handle(msg),
                     None => break,
                 },
-                () = sleep_until(wake) => self.node.handle_timeout(now()),
-                _ = heartbeat.tick() => {}
+                () = timer.sleep(sleep) => {
+                    let t = now();
+                    if wake.is_some_and(|w| t >= w) {
+                        self.node.handle_timeout(t);
+                    }
+                }
                 // A configuration the engine was too busy for is tried again soon.
                 () = tokio::time::sleep(RECONFIGURE_RETRY), if reconfigure_pending => {}
-                _ = safety.tick() => {
-                    self.poll_slots();
-                }
             }
         }
         tracing::info!("core stopping: finishing the commit in flight");
@@ -400,16 +417,6 @@ impl<S: ClusterStore> Core<S> {
             agent: status.agent,
             cluster_view: status.controller,
             guest_io: crate::guest_io::COUNTERS.view(),
-        }
-    }
-}
-
-async fn sleep_until(wake: Option<Timestamp>) {
-    match wake {
-        None => std::future::pending().await,
-        Some(t) => {
-            let ms = t.0.saturating_sub(now().0);
-            tokio::time::sleep(Duration::from_millis(ms)).await;
         }
     }
 }

@@ -492,8 +492,9 @@ impl VmSlot {
             .exec_spawn(&request)
             .await
             .map_err(|e| crate::guest::failed(&self.name, e))?;
+        let mut timer = vmha_qemu::timer::Timer::new();
         loop {
-            tokio::time::sleep(period).await;
+            timer.sleep(period).await;
             crate::guest_io::COUNTERS.watch_poll();
             let status = qga
                 .exec_status(pid, &request)

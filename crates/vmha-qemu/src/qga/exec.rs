@@ -139,12 +139,15 @@ impl QgaClient {
         // With a first poll timed by the caller, later polls start from a quarter of it.
         let mut first = request.first_poll.is_some();
         let mut polls = 0u32;
+        let mut timer = crate::timer::Timer::new();
         loop {
             let mut wake = (Instant::now() + interval).min(deadline);
             if let Some((at, _)) = &alarm {
                 wake = wake.min(*at);
             }
-            tokio::time::sleep_until(wake).await;
+            timer
+                .sleep(wake.saturating_duration_since(Instant::now()))
+                .await;
             if Instant::now() >= deadline {
                 return Err(QgaError::ExecDeadline { pid });
             }
