@@ -26,6 +26,7 @@
 //! that timeout and never affects another VM's client.
 
 mod exec;
+mod socket;
 pub use exec::{ExecOutput, ExecRequest, ExecStarted, ExecStatus, exec_blocked};
 pub mod guard;
 pub mod wire;
@@ -38,15 +39,14 @@ use std::time::Duration;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
-use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::BufReader;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::framing::{FrameError, Framer};
 use crate::reply::RemoteError;
 use guard::Limits;
+use socket::ChannelSocket;
 use wire::{GuestText, Reply, SYNC_LINE_MAX, SyncReply, describe, parse_reply};
 
 /// Line cap of a reply without payload (`guest-ping`, `guest-exec`).
@@ -223,8 +223,8 @@ fn guest_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 }
 
 struct Conn {
-    reader: BufReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    /// The socket, read through a buffer and written directly (`io.get_ref().write_all`).
+    io: BufReader<ChannelSocket>,
     framer: Framer,
     synced: bool,
     /// Bytes the current read may still take.
@@ -461,21 +461,21 @@ impl QgaClient {
         }
         let slot = &mut channel.conn;
         if slot.is_none() {
-            let stream =
-                tokio::time::timeout(self.config.connect_timeout, UnixStream::connect(&self.path))
-                    .await
-                    .map_err(|_| QgaError::Connect {
-                        path: self.path.display().to_string(),
-                        source: std::io::ErrorKind::TimedOut.into(),
-                    })?
-                    .map_err(|source| QgaError::Connect {
-                        path: self.path.display().to_string(),
-                        source,
-                    })?;
-            let (read, writer) = stream.into_split();
+            let stream = tokio::time::timeout(
+                self.config.connect_timeout,
+                ChannelSocket::connect(&self.path),
+            )
+            .await
+            .map_err(|_| QgaError::Connect {
+                path: self.path.display().to_string(),
+                source: std::io::ErrorKind::TimedOut.into(),
+            })?
+            .map_err(|source| QgaError::Connect {
+                path: self.path.display().to_string(),
+                source,
+            })?;
             *slot = Some(Conn {
-                reader: BufReader::new(read),
-                writer,
+                io: BufReader::new(stream),
                 framer: Framer::new(SYNC_LINE_MAX, true),
                 synced: false,
                 budget: 0,
@@ -562,14 +562,18 @@ where
 async fn send(conn: &mut Conn, request: &Value) -> Result<(), QgaError> {
     let mut bytes = request.to_string().into_bytes();
     bytes.push(b'\n');
-    conn.writer.write_all(&bytes).await.map_err(QgaError::Write)
+    conn.io
+        .get_ref()
+        .write_all(&bytes)
+        .await
+        .map_err(QgaError::Write)
 }
 
 /// Reads one line within the connection's budget and its framer's cap.
 async fn read_line(conn: &mut Conn, what: &str) -> Result<Vec<u8>, QgaError> {
     let max = conn.framer.max_line();
     conn.framer
-        .next_line_within(&mut conn.reader, &mut conn.budget)
+        .next_line_within(&mut conn.io, &mut conn.budget)
         .await
         .map_err(|e| match e {
             FrameError::LineTooLong { .. } => QgaError::LineTooLong { max },
@@ -592,7 +596,8 @@ async fn resync(conn: &mut Conn, budget: u64) -> Result<(), QgaError> {
             .as_bytes(),
     );
     bytes.push(b'\n');
-    conn.writer
+    conn.io
+        .get_ref()
         .write_all(&bytes)
         .await
         .map_err(QgaError::Write)?;
