@@ -77,16 +77,28 @@ fn wait_counter(h: &mut Vmhad, name: &str, at_least: u64) -> u64 {
     }
 }
 
-/// The pid of the guest's current watcher (from its pid file).
-fn watcher_pid(h: &Vmhad) -> String {
-    let out = h.exec(VM, &["/bin/cat", "/run/vmha-watch.pid"]);
-    let text = out["stdout"]
-        .as_str()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    assert!(!text.is_empty(), "no watcher pid file: {out}");
-    text
+/// The pid of the guest's current watcher, from its pid file, once the file names a pid other
+/// than `not`. vmhad counts a watcher when it starts it; the watcher writes the file a moment
+/// later, so right after the count the file may be missing or still name the one before.
+fn watcher_pid(h: &Vmhad, not: Option<&str>) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = h.exec(VM, &["/bin/cat", "/run/vmha-watch.pid"]);
+        let text = out["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let is_pid = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+        if is_pid && not != Some(text.as_str()) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the watcher pid file still reads {text:?} (not wanted: {not:?}): {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -134,25 +146,12 @@ fn a_killed_watcher_is_started_again_without_an_app_event() {
     config(&h, "1h", true);
     boot(&mut h);
     let watchers = wait_counter(&mut h, "watchers", 1);
-    let first = watcher_pid(&h);
+    let first = watcher_pid(&h, None);
     let mark = h.mark();
     let out = h.exec(VM, &["/bin/sh", "-c", &format!("kill -9 {first}")]);
     assert_eq!(out["exit"].as_i64(), Some(0), "{out}");
     wait_counter(&mut h, "watchers", watchers + 1);
-    // The counter moves when vmhad starts the watcher; the watcher writes its pid file a moment
-    // later, so the file may still name the killed one for a while.
-    let deadline = Instant::now() + WAIT;
-    let second = loop {
-        let pid = watcher_pid(&h);
-        if pid != first {
-            break pid;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the watcher was not replaced: the pid file still names {first}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let second = watcher_pid(&h, Some(&first));
     let alive = h.exec(VM, &["/bin/sh", "-c", &format!("kill -0 {second}")]);
     assert_eq!(
         alive["exit"].as_i64(),
