@@ -110,14 +110,18 @@ mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
-    #[tokio::test]
-    async fn carries_bytes_both_ways_and_waits_for_room_when_the_peer_does_not_read() {
+    /// A connected client and its peer (the agent's end); the directory holds the socket.
+    async fn pair() -> (ChannelSocket, tokio::net::UnixStream, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         let (client, accepted) = tokio::join!(ChannelSocket::connect(&path), listener.accept());
-        let mut client = client.unwrap();
-        let (mut peer, _) = accepted.unwrap();
+        (client.unwrap(), accepted.unwrap().0, dir)
+    }
+
+    #[tokio::test]
+    async fn carries_bytes_both_ways_and_waits_for_room_when_the_peer_does_not_read() {
+        let (mut client, mut peer, _dir) = pair().await;
         // Far more than the socket buffer: the write must wait for the peer to read.
         let big = vec![7u8; 4 << 20];
         let reader = tokio::spawn(async move {
@@ -138,12 +142,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_peer_is_an_error_not_a_signal() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s");
-        let listener = tokio::net::UnixListener::bind(&path).unwrap();
-        let (client, accepted) = tokio::join!(ChannelSocket::connect(&path), listener.accept());
-        let mut client = client.unwrap();
-        drop(accepted.unwrap());
+        let (mut client, peer, _dir) = pair().await;
+        drop(peer);
         let mut byte = [0u8; 1];
         assert_eq!(client.read(&mut byte).await.unwrap(), 0, "end of stream");
         assert!(client.write_all(b"x\n").await.is_err());
