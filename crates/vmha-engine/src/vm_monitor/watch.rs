@@ -1,16 +1,18 @@
 //! The watch (SPEC §4.1, issue 14): one long-running watcher per VM in the guest waits on the
-//! processes of the apps that name one and ends the moment one is gone; the VM's apps are then
-//! checked at once through their normal check (the check stays the truth, the watch only
-//! brings it forward).
+//! processes of the apps that name one and ends the moment one is gone; that app is then
+//! checked at once through its normal check (the check stays the truth, the watch only brings
+//! it forward).
 //!
 //! The engine decides when a watcher runs and what its end means; the driver runs it:
 //! - armed while the VM is monitored, the guest channel answers, no probe and no app start or
 //!   stop is in flight and at least one app naming its process is `online`; armed again (a new
 //!   watcher replaces the old one) whenever that set of apps changes — so an app restarted by
 //!   vmha is watched again with its new pid;
-//! - `gone` → every app probed now; the watcher is armed again after that probe (if that probe
-//!   finds every app running, the `gone` was wrong: armed again only after the backoff below,
-//!   so a hostile guest cannot make vmha probe in a loop);
+//! - `gone APP` → that app probed now, alone (its check is all its detection waits for; other
+//!   apps keep their schedule, and the next watcher finds any other dead process at once); the
+//!   watcher is armed again after that probe (if it finds the app running, the `gone` was
+//!   wrong: armed again only after the backoff below, so a hostile guest cannot make vmha
+//!   probe in a loop);
 //! - ended otherwise (killed in the guest, unreadable, the channel failed) → no app event;
 //!   armed again after [`WATCH_RETRY_MS`], doubling per such end in a row up to
 //!   [`WATCH_RETRY_CAP_MS`];
@@ -158,10 +160,19 @@ impl VmMonitor {
             );
         }
         match &report.end {
-            WatchEnd::Gone(_) => {
+            WatchEnd::Gone(name) => {
                 self.watch.fired = true;
-                for a in &mut self.apps {
-                    a.next_probe = a.next_probe.min(out.now);
+                // The app named, alone: its check is all the detection waits for. A name that
+                // is not one of the watched apps (a confused guest) brings them all forward.
+                let named = apps
+                    .iter()
+                    .copied()
+                    .find(|&i| self.apps.get(i).is_some_and(|a| &a.name == name));
+                let due: Vec<usize> = named.map_or(apps, |i| vec![i]);
+                for i in due {
+                    if let Some(a) = self.apps.get_mut(i) {
+                        a.next_probe = a.next_probe.min(out.now);
+                    }
                 }
             }
             WatchEnd::NotFound => self.watch.ended = 0,
