@@ -64,8 +64,11 @@ pub struct GuestIoView {
     pub checks: u64,
     /// Watchers started (one long-running `guest-exec` each).
     pub watchers: u64,
-    /// `guest-exec-status` polls of watchers.
+    /// `guest-exec-status` polls of watchers (those after a ring included).
     pub watch_polls: u64,
+    /// "Ended" rings of watchers on their VM's doorbell, each followed by a poll at once.
+    #[serde(default)]
+    pub watch_rings: u64,
 }
 
 impl StatusView {

@@ -45,10 +45,13 @@
 //!   exceeds them is [`QgaError::Hostile`]); `ping`, `info`, `exec`, `shutdown`.
 //! - [`probe`]: [`QgaClient::probe`] — all app checks of a VM in one `guest-exec`.
 //! - [`vm`]: [`QemuVm`] — launch (own process group), adopt, status, stop, kill, events.
+//! - [`doorbell`]: [`doorbell::Doorbell`] — the watcher rings vmhad through a second
+//!   virtio-serial port instead of waiting to be polled.
 //! - [`timer`]: sleeps that wake the runtime once (a `timerfd`), not twice (tokio's wheel).
 //! - [`framing`], [`reply`]: the byte-level line framer and the total reply parser.
 //! - [`guest_text`]: guest strings made safe for errors, logs, events and API answers.
 
+pub mod doorbell;
 pub mod framing;
 pub mod guest_text;
 pub mod migration;

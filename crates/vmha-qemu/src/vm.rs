@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use vmha_model::{ExitStatus, VmObservation};
 
+use crate::doorbell::{Bell, Doorbell};
 use crate::qga::{QgaClient, QgaConfig};
 use crate::qmp::{QmpClient, QmpConfig, QmpError, QmpEvent};
 
@@ -147,6 +148,8 @@ pub struct VmPaths {
     pub observe: PathBuf,
     /// The guest agent socket.
     pub qga: PathBuf,
+    /// The watch doorbell's socket (see [`crate::doorbell`]).
+    pub bell: PathBuf,
     /// QEMU's pidfile.
     pub pidfile: PathBuf,
     /// The serial console log.
@@ -174,12 +177,13 @@ impl VmPaths {
             qmp: dir.join("qmp.sock"),
             observe: dir.join("observe.sock"),
             qga: dir.join("qga.sock"),
+            bell: dir.join("bell.sock"),
             pidfile: dir.join("qemu.pid"),
             console_log: dir.join("console.log"),
             qemu_log: dir.join("qemu.log"),
             dir,
         };
-        for sock in [&paths.qmp, &paths.observe, &paths.qga] {
+        for sock in [&paths.qmp, &paths.observe, &paths.qga, &paths.bell] {
             if sock.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(VmError::PathTooLong(sock.clone()));
             }
@@ -234,7 +238,8 @@ fn cpu_has_hardware_virtualisation(cpuinfo: &str) -> bool {
 
 /// The QEMU arguments for `spec` (without the binary). Mirrors `scripts/run-guest.sh`:
 /// `-nodefaults -display none`, serial console to a file, a virtio-serial guest agent port
-/// named `org.qemu.guest_agent.0`, a dedicated QMP socket and a pidfile.
+/// named `org.qemu.guest_agent.0`, a dedicated QMP socket and a pidfile; and, beyond that
+/// script, the watch doorbell's port ([`crate::doorbell::PORT_NAME`]).
 pub fn qemu_args(spec: &LaunchSpec, paths: &VmPaths) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |a: &str| args.push(OsString::from(a));
@@ -292,6 +297,19 @@ pub fn qemu_args(spec: &LaunchSpec, paths: &VmPaths) -> Vec<OsString> {
     args.push(chardev);
     args.push("-device".into());
     args.push("virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into());
+    let mut bell = OsString::from("socket,path=");
+    bell.push(opt_escape(&paths.bell));
+    bell.push(",server=on,wait=off,id=vmhabell0");
+    args.push("-chardev".into());
+    args.push(bell);
+    args.push("-device".into());
+    args.push(
+        format!(
+            "virtserialport,chardev=vmhabell0,name={}",
+            crate::doorbell::PORT_NAME
+        )
+        .into(),
+    );
     let mut qmp = OsString::from("unix:");
     qmp.push(opt_escape(&paths.qmp));
     qmp.push(",server=on,wait=off");
@@ -402,6 +420,7 @@ pub struct QemuVm {
     pid: u32,
     qmp: QmpClient,
     qga: Arc<QgaClient>,
+    doorbell: Doorbell,
     events: Option<mpsc::Receiver<VmEvent>>,
     dead: watch::Receiver<bool>,
     kill_child: Option<oneshot::Sender<()>>,
@@ -428,7 +447,13 @@ impl QemuVm {
         {
             return Err(VmError::AlreadyRunning(spec.name.clone()));
         }
-        for stale in [&paths.qmp, &paths.observe, &paths.qga, &paths.pidfile] {
+        for stale in [
+            &paths.qmp,
+            &paths.observe,
+            &paths.qga,
+            &paths.bell,
+            &paths.pidfile,
+        ] {
             // A stale file from a dead QEMU; absence is fine.
             let _ = std::fs::remove_file(stale);
         }
@@ -485,6 +510,7 @@ impl QemuVm {
         Ok(Self {
             name: spec.name.clone(),
             qga: Arc::new(QgaClient::new(&paths.qga, config.qga.clone())),
+            doorbell: Doorbell::open(&paths.bell),
             paths,
             pid,
             qmp,
@@ -529,6 +555,7 @@ impl QemuVm {
         Ok(Self {
             name: name.to_owned(),
             qga: Arc::new(QgaClient::new(&paths.qga, config.qga.clone())),
+            doorbell: Doorbell::open(&paths.bell),
             paths,
             pid,
             qmp,
@@ -561,6 +588,11 @@ impl QemuVm {
     /// The guest channel, shareable with an app-monitor task.
     pub fn qga(&self) -> Arc<QgaClient> {
         Arc::clone(&self.qga)
+    }
+
+    /// The watch doorbell's rings from now on (one handle per watcher).
+    pub fn bell(&self) -> Bell {
+        self.doorbell.bell()
     }
 
     /// Takes the event stream (once; `None` afterwards). It carries QMP events, then
@@ -867,6 +899,8 @@ mod tests {
             "-drive file=/shared/a,,b.qcow2,format=qcow2,cache=none,if=virtio",
             "-device virtio-serial-pci -chardev socket,path=/run/vmha/vm1/qga.sock,server=on,wait=off,id=qga0",
             "-device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            "-chardev socket,path=/run/vmha/vm1/bell.sock,server=on,wait=off,id=vmhabell0",
+            "-device virtserialport,chardev=vmhabell0,name=org.vmha.watch.0",
             "-qmp unix:/run/vmha/vm1/qmp.sock,server=on,wait=off",
             "-qmp unix:/run/vmha/vm1/observe.sock,server=on,wait=off",
             "-pidfile /run/vmha/vm1/qemu.pid -S",

@@ -23,6 +23,15 @@
 //! (its pid kept in `/run/vmha-watch.pid` — `$VMHA_WATCH_DIR` instead of `/run` if set, `/tmp`
 //! if that is not writable — and checked to be a watcher before the kill).
 //!
+//! Where the VM has the watch doorbell (a virtio-serial port named
+//! [`crate::doorbell::PORT_NAME`], found at `/dev/virtio-ports/` or through
+//! `/sys/class/virtio-ports/*/name`; `$VMHA_WATCH_BELL` instead if set), the watcher also rings
+//! it: `a` once armed, `g` when it ends with news (gone, not found), each written by a
+//! background job with no tie to the agent's pipes, so a write that blocks (vmhad not
+//! connected) never holds the watcher's exit; a job that cannot open the port (the guest
+//! lets one writer at a time, e.g. the `a` job still at work) tries once more 100 ms later. vmhad then asks for its status at once instead
+//! of at its next poll (see [`crate::doorbell`]).
+//!
 //! Its answer is untrusted: only well-formed lines with this watcher's nonce and a valid index
 //! count, the first `gone` wins, and anything else (killed, other exit, no line) is
 //! [`WatchEnd::Ended`]: no news about the apps.
@@ -53,6 +62,22 @@ echo $$ >"$pf" 2>/dev/null
 fifo=${pf%.pid}.$$.fifo
 trap 'rm -f "$fifo"' EXIT
 trap 'exit 143' TERM INT HUP
+bell=${VMHA_WATCH_BELL:-/dev/virtio-ports/org.vmha.watch.0}
+if ! [ -e "$bell" ]; then
+	bell=
+	for f in /sys/class/virtio-ports/*/name; do
+		if read -r bn 2>/dev/null <"$f" && [ "$bn" = org.vmha.watch.0 ]; then
+			f=${f%/name}; bell=/dev/${f##*/}; break
+		fi
+	done
+	[ -c "$bell" ] || bell=
+fi
+ring() {
+	[ -z "$bell" ] || {
+		(echo "$1" >>"$bell" || { sleep 0.1; echo "$1" >>"$bell"; }) </dev/null >/dev/null 2>&1 &
+	}
+}
+end() { ring g; exit 0; }
 st() {
 	l=; read -r l 2>/dev/null <"/proc/$1/stat" || return 1
 	l=${l##*) }; set -- $l
@@ -74,13 +99,13 @@ while [ $# -ge 2 ]; do
 	fi
 	n=$((n + 1)); shift 2
 done
-[ -z "$missing" ] || exit 0
+[ -z "$missing" ] || end
 check() {
 	i=0
 	while [ $i -lt $n ]; do
 		eval "p=\$p$i; w=\$s$i"
 		if [ -n "$p" ] && { ! st "$p" || [ "$s" != "$w" ]; }; then
-			echo "$M gone $i"; exit 0
+			echo "$M gone $i"; end
 		fi
 		i=$((i + 1))
 	done
@@ -92,6 +117,7 @@ for q in $pids; do
 done
 check
 echo "$M armed"
+ring a
 if command -v waitpid >/dev/null 2>&1 && waitpid --help 2>&1 | grep -q -- --count; then
 	waitpid --count 1 $pids >/dev/null 2>&1
 	check
@@ -291,8 +317,11 @@ mod tests {
         if shell.ends_with("busybox") {
             cmd.arg("sh");
         }
+        // The doorbell: a plain file here, fresh for each watcher.
+        std::fs::write(dir.join("bell"), b"").unwrap();
         cmd.args(&r.argv[1..])
             .env("VMHA_WATCH_DIR", dir)
+            .env("VMHA_WATCH_BELL", dir.join("bell"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -319,6 +348,24 @@ mod tests {
         let out = child.wait_with_output().unwrap();
         head.extend_from_slice(&out.stdout);
         (out.status.code(), head)
+    }
+
+    /// Waits until the watcher's doorbell (a file in `dir`) holds `want`: the rings are
+    /// written by background jobs, which may lag the watcher's exit.
+    fn wait_rings(dir: &std::path::Path, want: &str, shell: &str) {
+        let bell = dir.join("bell");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let rings = std::fs::read_to_string(&bell).unwrap();
+            if rings == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{shell}: rings {rings:?}, not {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn shells() -> Vec<&'static str> {
@@ -378,6 +425,7 @@ mod tests {
                 String::from_utf8_lossy(&stdout)
             );
             assert!(report.not_found.is_empty());
+            wait_rings(dir.path(), "a\ng\n", shell);
             app.wait().unwrap();
             other.kill().unwrap();
             other.wait().unwrap();
@@ -392,6 +440,13 @@ mod tests {
     #[test]
     fn a_zombie_is_gone_too() {
         ends_when_the_app_dies(false);
+    }
+
+    #[test]
+    fn the_program_looks_for_the_doorbell_by_its_port_name() {
+        let port = crate::doorbell::PORT_NAME;
+        assert!(PROGRAM.contains(&format!("/dev/virtio-ports/{port}}}")));
+        assert!(PROGRAM.contains(&format!("[ \"$bn\" = {port} ]")));
     }
 
     #[test]
@@ -422,6 +477,8 @@ mod tests {
             );
             assert_eq!(report.end, WatchEnd::NotFound, "{shell}");
             assert_eq!(report.not_found, vec![Name::new("x").unwrap()]);
+            // Not armed, but ended with news: rung once.
+            wait_rings(dir.path(), "g\n", shell);
             sleeper.kill().unwrap();
             sleeper.wait().unwrap();
         }

@@ -1,4 +1,4 @@
-//! Counters of the work done through guest agents (probes, checks, watchers, watcher polls),
+//! Counters of the work done through guest agents (probes, checks, watchers, watcher polls, doorbell rings),
 //! shown in `GET /v1/status` under `guest_io`: what one can count to see the cost of
 //! monitoring (one guest-exec per probe, whatever the number of checks in it).
 
@@ -12,6 +12,7 @@ pub static COUNTERS: GuestIo = GuestIo(Mutex::new(GuestIoView {
     checks: 0,
     watchers: 0,
     watch_polls: 0,
+    watch_rings: 0,
 }));
 
 /// Monotonic counters, updated together (a view never shows a probe without its checks).
@@ -46,6 +47,11 @@ impl GuestIo {
     /// One `guest-exec-status` of a watcher was sent.
     pub fn watch_poll(&self) {
         self.update(|v| v.watch_polls = v.watch_polls.saturating_add(1));
+    }
+
+    /// A watcher rang the doorbell "ended" (and was asked for its status at once).
+    pub fn watch_ring(&self) {
+        self.update(|v| v.watch_rings = v.watch_rings.saturating_add(1));
     }
 
     /// The counters as `GET /v1/status` shows them.

@@ -14,11 +14,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 use vmha_api::GuestOutput;
 use vmha_engine::{
     ActionError, HostInput, ProbeCheck, ProbeOutcome, VmObservation, WatchReport, WatchTarget,
 };
 use vmha_model::{Accel, Driver, Name, Vm};
+use vmha_qemu::doorbell::{Bell, Ring};
 use vmha_qemu::{DriverConfig, LaunchSpec, QemuVm, QgaClient, QmpClient, VmEvent};
 
 use crate::fence::Fence;
@@ -107,6 +109,18 @@ impl From<SlotError> for ActionError {
 const EXIT_GRACE: Duration = Duration::from_secs(10);
 /// Bound on each call of a watcher (its start, each status poll).
 const WATCH_CALL_DEADLINE: Duration = Duration::from_secs(5);
+/// How often a watcher that can ring the doorbell is still polled (a ring lost, e.g. a guest
+/// that let the port to another writer): its end is noticed within this, at worst.
+const BELL_SAFETY_POLL: Duration = Duration::from_secs(2);
+/// When a watcher's status is asked again after an "ended" ring found it still running.
+const RING_RETRY: Duration = Duration::from_millis(50);
+
+/// The ways into a running QEMU's guest: its agent channel and its watch doorbell.
+#[derive(Clone)]
+struct GuestLink {
+    qga: Arc<QgaClient>,
+    bell: Bell,
+}
 
 /// One VM of this host.
 pub struct VmSlot {
@@ -116,8 +130,8 @@ pub struct VmSlot {
     runtime_dir: PathBuf,
     driver: DriverConfig,
     qemu: Mutex<Option<QemuVm>>,
-    qga: std::sync::Mutex<Option<Arc<QgaClient>>>,
-    /// Bumped on every launch/adopt (under the `qga` lock, together with the new client) so
+    qga: std::sync::Mutex<Option<GuestLink>>,
+    /// Bumped on every launch/adopt (under the `qga` lock, together with the new link) so
     /// the pump of an earlier QEMU falls silent.
     generation: AtomicU64,
     /// Bumped by every watcher started: an older one stops polling.
@@ -164,15 +178,22 @@ impl VmSlot {
         let _ = self.tx.send(input).await;
     }
 
-    fn qga(&self) -> Option<Arc<QgaClient>> {
+    fn link(&self) -> Option<GuestLink> {
         self.qga.lock().ok().and_then(|g| g.clone())
+    }
+
+    fn qga(&self) -> Option<Arc<QgaClient>> {
+        self.link().map(|l| l.qga)
     }
 
     /// Installs a launched or adopted QEMU and starts pumping its events.
     fn install(self: &Arc<Self>, slot: &mut Option<QemuVm>, mut vm: QemuVm) {
         let generation = match self.qga.lock() {
             Ok(mut g) => {
-                *g = Some(vm.qga());
+                *g = Some(GuestLink {
+                    qga: vm.qga(),
+                    bell: vm.bell(),
+                });
                 self.generation.fetch_add(1, Ordering::SeqCst) + 1
             }
             Err(_) => self.generation.fetch_add(1, Ordering::SeqCst) + 1,
@@ -472,19 +493,27 @@ impl VmSlot {
     }
 
     /// Runs the VM's watcher for `targets` (replacing any earlier one, in the guest and here)
-    /// and polls its `guest-exec-status` every `period` until it ends; its answer as
-    /// `vmha_qemu::watch` reads it (untrusted, capped). A watcher replaced by a newer one
-    /// ends with [`ActionError::GuestUnreachable`] (the engine ignores it).
+    /// and asks for its `guest-exec-status` until it ends; its answer as `vmha_qemu::watch`
+    /// reads it (untrusted, capped). It asks every `period` until the watcher rings the VM's
+    /// doorbell "armed", then every [`BELL_SAFETY_POLL`] (at least `period`), and at once when
+    /// it rings "ended" (once more [`RING_RETRY`] later if the agent has not seen the exit
+    /// yet). A watcher replaced by a newer one ends with [`ActionError::GuestUnreachable`]
+    /// (the engine ignores it).
     pub async fn watch(
         &self,
         targets: &[WatchTarget],
         period: Duration,
     ) -> Result<WatchReport, ActionError> {
         let mine = self.watch_generation.fetch_add(1, Ordering::SeqCst) + 1;
-        let qga = self.guest()?;
+        let link = self
+            .link()
+            .ok_or_else(|| ActionError::from(SlotError::NoGuest(self.name.clone())))?;
+        let qga = link.qga;
+        // This watcher's rings only, not an earlier one's.
+        let mut bell = link.bell.later();
         let nonce = vmha_qemu::watch::nonce();
         // The guest looks at the processes three times per poll period: a death waits a third
-        // of a period on average before the watcher has ended, then half a period for the poll.
+        // of a period on average before the watcher has ended.
         let tick = (period / 3).max(Duration::from_millis(50));
         let request = vmha_qemu::watch::watch_request(targets, nonce, tick, WATCH_CALL_DEADLINE);
         crate::guest_io::COUNTERS.watcher();
@@ -493,8 +522,21 @@ impl VmSlot {
             .await
             .map_err(|e| crate::guest::failed(&self.name, e))?;
         let mut timer = vmha_qemu::timer::Timer::new();
+        let mut next_poll = Instant::now() + period;
         loop {
-            timer.sleep(period).await;
+            let wait = next_poll.saturating_duration_since(Instant::now());
+            let ring = tokio::select! {
+                () = timer.sleep(wait) => None,
+                ring = bell.ring() => Some(ring),
+            };
+            if ring == Some(Ring::Armed) {
+                // It can ring: the next poll is only a safety net.
+                next_poll = next_poll.max(Instant::now() + period.max(BELL_SAFETY_POLL));
+                continue;
+            }
+            if ring == Some(Ring::Ended) {
+                crate::guest_io::COUNTERS.watch_ring();
+            }
             crate::guest_io::COUNTERS.watch_poll();
             let status = qga
                 .exec_status(pid, &request)
@@ -510,6 +552,15 @@ impl VmSlot {
                     detail: "replaced by a newer watcher".into(),
                 });
             }
+            let after = if ring.is_some() {
+                // Rung before the agent saw the exit (or a guest ringing for nothing).
+                RING_RETRY
+            } else if bell.armed() {
+                period.max(BELL_SAFETY_POLL)
+            } else {
+                period
+            };
+            next_poll = Instant::now() + after;
         }
     }
 

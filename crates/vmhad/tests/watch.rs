@@ -1,6 +1,6 @@
 //! The watch and batched probes with the real TCG test guest (issue 14): a killed app is
-//! detected through the watch (its interval is an hour, so nothing else can see it) and
-//! restarted, then watched again with its new pid; a watcher killed in the guest is started
+//! detected through the watch (its interval is an hour, so nothing else can see it), the
+//! watcher ringing the VM's doorbell, and restarted, then watched again with its new pid; a watcher killed in the guest is started
 //! again with no app event; three apps at the same interval cost one guest-exec per probe.
 //!
 //! Counts come from `guest_io` in `GET /v1/status`. Tests wait for states, never for time.
@@ -110,9 +110,13 @@ fn a_killed_app_is_detected_through_the_watch_restarted_and_watched_again() {
     wait_counter(&mut h, "watchers", 1);
     for round in 1..=2 {
         let mark = h.mark();
+        let rings = counter(&h, "watch_rings");
         let t = now_ms();
         assert_eq!(h.app(VM, "kill", "web"), 0);
         let (i, detected) = h.wait_for(mark, &format!("{VM}/web"), "online", "restarting");
+        // The watcher rang its end on the VM's doorbell: vmhad asked at once, not at a poll.
+        let rung = counter(&h, "watch_rings");
+        assert!(rung > rings, "round {round}: no ring ({rings} → {rung})");
         assert!(
             detected.reason.starts_with("check exited 3"),
             "{}",
@@ -186,4 +190,45 @@ fn three_apps_at_the_same_interval_cost_one_guest_exec_per_probe() {
     assert!(p >= 10);
     assert_eq!(c, 3 * p, "{p} probes carried {c} checks: {before} → {io}");
     assert_eq!(io["watchers"].as_u64(), Some(0), "watch = false: {io}");
+}
+
+/// A guest that writes its doorbell without pause (a hostile or broken guest) makes vmhad ask
+/// about its watcher at most twice per doorbell gap (100 ms: the poll at the ring and one
+/// retry), and the watch still works.
+#[test]
+fn a_guest_flooding_its_doorbell_gets_bounded_polls_and_the_watch_still_works() {
+    const GAP_MS: u64 = 100;
+    let _lock = vm_test_lock();
+    let mut h = Vmhad::new(&[VM]);
+    config(&h, "1h", true);
+    boot(&mut h);
+    wait_counter(&mut h, "watchers", 1);
+    // Holds the port (one writer at a time): the watcher's own rings fail while it floods.
+    let flood = r#"for f in /sys/class/virtio-ports/*/name; do
+        read -r n <"$f"; [ "$n" = org.vmha.watch.0 ] && { f=${f%/name}; port=/dev/${f##*/}; }
+    done
+    [ -c "$port" ] || exit 9
+    (while :; do echo gaggle; done) >"$port" </dev/null 2>&1 &
+    echo $! >/run/flood.pid"#;
+    let out = h.exec(VM, &["/bin/sh", "-c", flood]);
+    assert_eq!(out["exit"].as_i64(), Some(0), "{out}");
+    let start = Instant::now();
+    let polls = counter(&h, "watch_polls");
+    let rings = counter(&h, "watch_rings");
+    std::thread::sleep(Duration::from_secs(3));
+    let (polls, rings) = (
+        counter(&h, "watch_polls") - polls,
+        counter(&h, "watch_rings") - rings,
+    );
+    let gaps = u64::try_from(start.elapsed().as_millis()).unwrap() / GAP_MS + 2;
+    assert!(rings >= 5, "the flood did not ring: {rings} rings");
+    assert!(
+        polls <= 2 * gaps,
+        "{polls} polls ({rings} rings) in {gaps} gaps of {GAP_MS} ms"
+    );
+    let mark = h.mark();
+    assert_eq!(h.app(VM, "kill", "worker"), 0);
+    h.wait_for(mark, &format!("{VM}/worker"), "online", "restarting");
+    let out = h.exec(VM, &["/bin/sh", "-c", "kill $(cat /run/flood.pid)"]);
+    assert_eq!(out["exit"].as_i64(), Some(0), "{out}");
 }
