@@ -444,6 +444,32 @@ fn next_first_poll(first_us: u64, took_us: u64, polls: u32) -> u64 {
     next.clamp(*FIRST_POLL_US.start(), *FIRST_POLL_US.end())
 }
 
+/// Probes are timed apart by their number of checks, up to this many (a larger probe counts as
+/// this many): on a guest with few CPUs a probe's checks share them, so one check alone (an app
+/// its watcher saw die, an app just started) ends well before the VM's usual batch, and its
+/// first status poll must not wait for the batch's time.
+pub(crate) const PROBE_SIZES: usize = 4;
+
+/// The timing slot of a probe of `checks` checks.
+fn size_slot(checks: usize) -> usize {
+    checks.clamp(1, PROBE_SIZES) - 1
+}
+
+/// The first status poll (µs after the exec, 0 = not known) of a probe in slot `size`, from
+/// the slots' times `known`: its own, else the nearest smaller size's (a smaller probe ends
+/// sooner: an early first poll costs one more poll, a late one costs detection time), else
+/// none (polls from `poll_initial`, doubling).
+fn first_poll_for(known: &[u64; PROBE_SIZES], size: usize) -> u64 {
+    known
+        .get(..=size)
+        .unwrap_or(known)
+        .iter()
+        .rev()
+        .copied()
+        .find(|&us| us > 0)
+        .unwrap_or(0)
+}
+
 impl QgaClient {
     /// Runs every check in ONE `guest-exec` and returns one outcome per check, with its app,
     /// in order. The whole probe is bounded by the longest check timeout plus `slack` (channel
@@ -462,7 +488,12 @@ impl QgaClient {
             Some(_) => exec_request(checks, slack, build_host_timed_program(checks, nonce), 128),
             None => exec_request(checks, slack, build_program(checks, nonce), 64),
         };
-        let first_us = self.first_poll_us.load(Ordering::Relaxed);
+        let size = size_slot(checks.len());
+        let known = self
+            .first_poll_us
+            .each_ref()
+            .map(|a| a.load(Ordering::Relaxed));
+        let first_us = first_poll_for(&known, size);
         request.first_poll = (first_us > 0).then(|| Duration::from_micros(first_us));
         let started = std::time::Instant::now();
         let alarm = host.map(|timeout| {
@@ -474,14 +505,12 @@ impl QgaClient {
         let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let guest_us = parse_took(nonce, &output.stdout)
             .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-        let previous_us = self
-            .probe_guest_us
-            .swap(guest_us.unwrap_or(0), Ordering::Relaxed);
+        let previous_us = self.probe_guest_us[size].swap(guest_us.unwrap_or(0), Ordering::Relaxed);
         let next = match guest_us {
             Some(guest_us) => first_poll_from_guest(guest_us, previous_us),
             None => next_first_poll(first_us, took_us, polls),
         };
-        self.first_poll_us.store(next, Ordering::Relaxed);
+        self.first_poll_us[size].store(next, Ordering::Relaxed);
         self.proc_children
             .store(parse_kids(nonce, &output.stdout), Ordering::Relaxed);
         let mut outcomes = parse_output(checks, nonce, &output.stdout);
@@ -623,6 +652,21 @@ mod tests {
             .output()
             .unwrap();
         assert!(parse_took(42, &out.stdout).is_some_and(|d| d < Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn each_probe_size_has_its_own_first_poll() {
+        assert_eq!(size_slot(0), 0);
+        assert_eq!(size_slot(1), 0);
+        assert_eq!(size_slot(3), 2);
+        assert_eq!(size_slot(50), PROBE_SIZES - 1);
+        let known = [40_000, 0, 90_000, 0];
+        assert_eq!(first_poll_for(&known, 2), 90_000);
+        assert_eq!(first_poll_for(&known, 0), 40_000);
+        // Not timed yet: the nearest smaller size's time, never a larger one's.
+        assert_eq!(first_poll_for(&known, 1), 40_000);
+        assert_eq!(first_poll_for(&known, 3), 90_000);
+        assert_eq!(first_poll_for(&[0, 0, 90_000, 0], 0), 0);
     }
 
     #[test]

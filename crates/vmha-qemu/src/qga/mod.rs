@@ -266,10 +266,11 @@ pub struct QgaClient {
     channel: Mutex<Channel>,
     next_id: AtomicU64,
     /// When the next probe's first status poll comes, in µs after its exec (0 = not known
-    /// yet); see `probe::next_first_poll`.
-    pub(crate) first_poll_us: AtomicU64,
-    /// How long the last probe ran in the guest as it told, in µs (0 = it did not).
-    pub(crate) probe_guest_us: AtomicU64,
+    /// yet), per probe size (`probe::size_slot`); see `probe::next_first_poll`.
+    pub(crate) first_poll_us: [AtomicU64; crate::probe::PROBE_SIZES],
+    /// How long the last probe of each size ran in the guest as it told, in µs (0 = it did
+    /// not).
+    pub(crate) probe_guest_us: [AtomicU64; crate::probe::PROBE_SIZES],
     /// Whether the last probe's guest showed a process's children in `/proc`: the next
     /// probe's checks can be timed out by vmhad (see `probe::host_timeout`).
     pub(crate) proc_children: AtomicBool,
@@ -308,8 +309,8 @@ impl QgaClient {
             path: path.into(),
             config,
             channel: Mutex::new(channel),
-            first_poll_us: AtomicU64::new(0),
-            probe_guest_us: AtomicU64::new(0),
+            first_poll_us: Default::default(),
+            probe_guest_us: Default::default(),
             proc_children: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
         }
