@@ -18,12 +18,15 @@ SELF=$(readlink -f "${BASH_SOURCE[0]}")
 SCRIPTS=$(dirname "$SELF")
 REPO=$(dirname "$SCRIPTS")
 GUEST=$SCRIPTS/guest
-PACKAGES=(qemu-guest-agent busybox-static linux-image-amd64 cpio)
+PACKAGES=(qemu-guest-agent busybox-static linux-image-amd64 cpio procps)
 QGA=/usr/sbin/qemu-ga
 BUSYBOX=/bin/busybox
 # GNU coreutils timeout (Essential in Debian) replaces busybox's applet so a
 # timed-out probe looks as on ordinary guests: exit 124 (busybox: signal 15).
 GNU_TIMEOUT=/usr/bin/timeout
+# procps pidwait: vmha's watcher waits on the apps' processes with it (no CPU while
+# waiting) where a guest has it, as Debian 12 guests do.
+PIDWAIT=/usr/bin/pidwait
 BASE_CMDLINE="console=ttyS0 quiet"
 
 log() { echo "build-guest-image: $*" >&2; }
@@ -79,7 +82,8 @@ MODDIR=/lib/modules/$KVER
 
 # Shared libraries of qemu-ga, dynamic loader included (absolute paths).
 [ -x "$GNU_TIMEOUT" ] && "$GNU_TIMEOUT" --version 2>/dev/null | grep -q coreutils || GNU_TIMEOUT=
-QGA_LIBS=$(ldd "$QGA" ${GNU_TIMEOUT:+"$GNU_TIMEOUT"} |
+[ -x "$PIDWAIT" ] || die "$PIDWAIT missing (is procps installed?)"
+QGA_LIBS=$(ldd "$QGA" ${GNU_TIMEOUT:+"$GNU_TIMEOUT"} "$PIDWAIT" |
 	awk '{for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i}' | grep -v ':$' | sort -u)
 [ -n "$QGA_LIBS" ] || die "ldd $QGA found no libraries"
 grep -q 'ld-linux' <<<"$QGA_LIBS" || die "ldd $QGA did not name the dynamic loader"
@@ -142,6 +146,7 @@ input_files() {
 	echo "$BUSYBOX"
 	echo "$QGA"
 	[ -z "$GNU_TIMEOUT" ] || echo "$GNU_TIMEOUT"
+	echo "$PIDWAIT"
 	echo "$QGA_LIBS"
 	local m
 	for m in "${MODS[@]}"; do echo "$MODDIR/$m"; done
@@ -228,13 +233,16 @@ cp "$BUSYBOX" bin/busybox
 done
 ln -sf /bin/busybox init
 
-# qemu-ga (and GNU timeout) with every shared library, at the paths ldd names.
+# qemu-ga (and GNU timeout, pidwait) with every shared library, at the paths ldd names.
 mkdir -p "$(dirname "${QGA#/}")"
 cp "$QGA" "${QGA#/}"
 if [ -n "$GNU_TIMEOUT" ]; then
 	rm -f "${GNU_TIMEOUT#/}"
 	cp "$GNU_TIMEOUT" "${GNU_TIMEOUT#/}"
 fi
+mkdir -p "$(dirname "${PIDWAIT#/}")"
+rm -f "${PIDWAIT#/}"
+cp "$PIDWAIT" "${PIDWAIT#/}"
 while read -r lib; do
 	mkdir -p "$(dirname "${lib#/}")"
 	cp -L "$lib" "${lib#/}"
@@ -268,7 +276,7 @@ echo "$STAMP" >etc/vmha/stamp
 
 # Sanity: the things PID 1 and the agent need are there.
 for f in init bin/sh sbin/init etc/inittab etc/init.d/rcS usr/sbin/qemu-ga \
-	usr/local/sbin/qga-start sbin/shutdown opt/demo/app; do
+	usr/local/sbin/qga-start sbin/shutdown opt/demo/app "${PIDWAIT#/}"; do
 	[ -e "$f" ] || die "image lacks /$f"
 done
 [ -s etc/vmha/modules ] || [ ${#MODS[@]} -eq 0 ] || die "module list empty"
@@ -295,6 +303,7 @@ echo "$BASE_CMDLINE" >"$WORK/cmdline"
 	echo "builtin=${BUILTIN[*]:-}"
 	echo "skipped-optional=${SKIPPED[*]:-}"
 	echo "gnu-timeout=${GNU_TIMEOUT:-no (busybox applet)}"
+	echo "pidwait=$PIDWAIT"
 	echo "libs=$(tr '\n' ' ' <<<"$QGA_LIBS")"
 	echo "initrd-bytes=$(stat -c %s "$WORK/initrd.img")"
 	if [ -n "$HAVE_VMLINUX" ]; then echo "vmlinux=yes (PVH boot)"; else echo "vmlinux=no"; fi

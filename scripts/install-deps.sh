@@ -9,7 +9,7 @@ PACKAGES=(
 	build-essential pkg-config protobuf-compiler # build
 	curl ca-certificates                         # rustup, when no Rust is installed
 	qemu-system-x86 qemu-guest-agent             # the qemu driver and the test guest's agent
-	busybox-static linux-image-amd64 cpio        # the test guest image
+	busybox-static linux-image-amd64 cpio procps # the test guest image
 	etcd-server                                  # the multi-host cluster store
 	chromium                                     # the web page's headless-browser test
 	systemd jq                                   # the package test: systemd-analyze, systemd-tmpfiles; jq

@@ -8,8 +8,12 @@
 //! start time (field 22 of `/proc/PID/stat`), so a reused pid is not taken for the app; a target
 //! it cannot find is reported (`none INDEX`) and the watcher ends at once (the app may have
 //! died since its check, or its `pid_file`/`process` is wrong: the engine tells them apart). It then waits, the cheapest way the
-//! guest offers: util-linux `waitpid --count 1` (≥ 2.38, no CPU while waiting) when present,
-//! then a loop of shell builtins — `read -t TICK` on a private fifo held open read-write (no
+//! guest offers: util-linux `waitpid --count 1` (≥ 2.38, no CPU while waiting) when present;
+//! else procps `pidwait` (≥ 3.3.17: Debian 12, Ubuntu 22.04, RHEL 9; no CPU while waiting),
+//! one per process in a background job that writes a line to a private fifo when its
+//! `pidwait` ends, while the watcher blocks reading the fifo (the jobs and their `pidwait`s
+//! are killed when the watcher ends; a `pidwait` that ends with every process still there —
+//! a kernel without `pidfd_open` — leaves the watcher to the loop); else a loop of shell builtins — `read -t TICK` on a private fifo held open read-write (no
 //! fork; busybox ash, bash) or `sleep TICK` (a fork per tick, e.g. dash) — that per tick tests
 //! that each process's `/proc/PID/exe` still resolves (one `stat` each: it does not once the
 //! process is gone or a zombie, so either is seen within a tick, even where init reaps orphans
@@ -19,7 +23,8 @@
 //! compare the start time too (a reused pid). On the TCG test guest a tick that read each
 //! app's `stat` cost about 3.7 ms of guest CPU with three apps (`read` takes a byte per system
 //! call); the `exe` tests with the fifo kept open cost about a third of that. When a process is gone (no stat, a zombie, another start time)
-//! it prints `gone INDEX` and exits 0. One watcher per VM: a new one kills the previous one
+//! it prints `gone INDEX` and exits 0. `$VMHA_WATCH_WAIT=loop` skips `waitpid` and `pidwait`
+//! (tests of the loop on hosts that have them). One watcher per VM: a new one kills the previous one
 //! (its pid kept in `/run/vmha-watch.pid` — `$VMHA_WATCH_DIR` instead of `/run` if set, `/tmp`
 //! if that is not writable — and checked to be a watcher before the kill).
 //!
@@ -60,7 +65,8 @@ if read -r old 2>/dev/null <"$pf"; then
 fi
 echo $$ >"$pf" 2>/dev/null
 fifo=${pf%.pid}.$$.fifo
-trap 'rm -f "$fifo"' EXIT
+waiters=
+trap 'rm -f "$fifo" "$fifo".*; [ -z "$waiters" ] || kill $waiters 2>/dev/null' EXIT
 trap 'exit 143' TERM INT HUP
 bell=${VMHA_WATCH_BELL:-/dev/virtio-ports/org.vmha.watch.0}
 if ! [ -e "$bell" ]; then
@@ -118,9 +124,24 @@ done
 check
 echo "$M armed"
 ring a
-if command -v waitpid >/dev/null 2>&1 && waitpid --help 2>&1 | grep -q -- --count; then
+waits=${VMHA_WATCH_WAIT:-any}
+if [ "$waits" = any ] && command -v waitpid >/dev/null 2>&1 && waitpid --help 2>&1 | grep -q -- --count; then
 	waitpid --count 1 $pids >/dev/null 2>&1
 	check
+fi
+if [ "$waits" = any ] && command -v pidwait >/dev/null 2>&1 && mkfifo "$fifo" && exec 3<>"$fifo"; then
+	i=0
+	for q in $pids; do
+		echo "$q" >"$fifo.$i"
+		(w=; trap '[ -z "$w" ] || kill $w 2>/dev/null; exit 0' TERM
+			pidwait -F "$fifo.$i" >/dev/null 2>&1 &
+			w=$!; wait $w; echo w >&3) </dev/null >/dev/null 2>&1 &
+		waiters="$waiters $!"; i=$((i + 1))
+	done
+	check
+	read -r _w <&3
+	check
+	kill $waiters 2>/dev/null; waiters=
 fi
 exec 2>/dev/null
 quick() {
@@ -132,7 +153,7 @@ tock() {
 	t=$((t + 1))
 	if [ "$t" -ge "$every" ]; then t=0; check; else quick; fi
 }
-if mkfifo "$fifo" && exec 3<>"$fifo" && { read -t 0.01 _w <&3; [ $? -ne 2 ]; }; then
+if { [ -p "$fifo" ] || mkfifo "$fifo"; } && exec 3<>"$fifo" && { read -t 0.01 _w <&3; [ $? -ne 2 ]; }; then
 	while :; do tock; read -t "$tick" _w <&3; done
 fi
 rm -f "$fifo"
@@ -298,16 +319,18 @@ mod tests {
         targets: &[WatchTarget],
         nonce: u64,
     ) -> Child {
-        spawn_watcher_every(shell, dir, targets, nonce, None)
+        spawn_watcher_every(shell, dir, targets, nonce, None, "any")
     }
 
-    /// [`spawn_watcher`], with `every` ticks between full checks instead of a second's worth.
+    /// [`spawn_watcher`], with `every` ticks between full checks instead of a second's worth,
+    /// and `$VMHA_WATCH_WAIT` = `wait` (`loop`: the tick loop even where `pidwait` exists).
     fn spawn_watcher_every(
         shell: &str,
         dir: &std::path::Path,
         targets: &[WatchTarget],
         nonce: u64,
         every: Option<u32>,
+        wait: &str,
     ) -> Child {
         let mut r = watch_request(targets, nonce, Duration::from_millis(20), Duration::ZERO);
         if let Some(every) = every {
@@ -322,6 +345,7 @@ mod tests {
         cmd.args(&r.argv[1..])
             .env("VMHA_WATCH_DIR", dir)
             .env("VMHA_WATCH_BELL", dir.join("bell"))
+            .env("VMHA_WATCH_WAIT", wait)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -375,12 +399,63 @@ mod tests {
             .collect()
     }
 
-    /// A watcher of `app` and `other` (sleeping processes) under each shell: armed while they
-    /// live, it ends once `app` is killed — `reaped` or left a zombie (`/proc/PID` still
-    /// there) — seen by a tick, not only by the full check, and its answer names `app`.
+    /// Pids of the `pidwait`s of the watchers whose files are in `dir`.
+    fn pidwaits(dir: &std::path::Path) -> Vec<u32> {
+        pidwaits_of(dir, "")
+    }
+
+    /// Pids of the `pidwait`s of the watchers whose files are in `dir` and whose file names
+    /// go on with `watcher` (`""`: any).
+    fn pidwaits_of(dir: &std::path::Path, watcher: &str) -> Vec<u32> {
+        let needle = format!("pidwait\0-F\0{}/vmha-watch.{watcher}", dir.display());
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+            })
+            .collect()
+    }
+
+    /// Waits (5 s at most) until `dir`'s watchers have `want` `pidwait`s running or not.
+    fn wait_pidwaits(dir: &std::path::Path, want: bool, what: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while pidwaits(dir).is_empty() == want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: pidwaits {:?}",
+                pidwaits(dir)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The ways to wait to test: the tick loop, and `pidwait` where the host has it.
+    fn waits() -> Vec<&'static str> {
+        let pidwait = Command::new("pidwait")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if pidwait {
+            vec!["loop", "any"]
+        } else {
+            vec!["loop"]
+        }
+    }
+
+    /// A watcher of `app` and `other` (sleeping processes) under each shell and way to wait:
+    /// armed while they live, it ends once `app` is killed — `reaped` or left a zombie
+    /// (`/proc/PID` still there) — seen by a tick (not only by the full check) or by
+    /// `pidwait`, and its answer names `app`; `other`'s `pidwait` does not outlive it.
     fn ends_when_the_app_dies(reaped: bool) {
         let dir = tempfile::tempdir().unwrap();
-        for shell in shells() {
+        for (shell, wait) in shells()
+            .into_iter()
+            .flat_map(|sh| waits().into_iter().map(move |w| (sh, w)))
+        {
+            let shell_wait = format!("{shell} ({wait})");
+            let shell = shell_wait.as_str();
             let mut app = Command::new("sleep").arg("30").spawn().unwrap();
             let pid_file = dir.path().join("app.pid");
             std::fs::write(&pid_file, format!("{}\n", app.id())).unwrap();
@@ -395,9 +470,14 @@ mod tests {
                 target("app", ProcessRef::PidFile(pid_file.display().to_string())),
             ];
             // No full check for a long while: the tick alone must see the app gone.
-            let mut watcher = spawn_watcher_every(shell, dir.path(), &targets, 11, Some(1_000_000));
+            let sh = shell.split(' ').next().unwrap();
+            let mut watcher =
+                spawn_watcher_every(sh, dir.path(), &targets, 11, Some(1_000_000), wait);
             let head = until_armed(&mut watcher);
             assert!(head.ends_with(b"vmha-watch 11 armed\n"), "{shell}");
+            if wait == "any" {
+                wait_pidwaits(dir.path(), true, shell);
+            }
             app.kill().unwrap();
             if reaped {
                 app.wait().unwrap();
@@ -426,6 +506,7 @@ mod tests {
             );
             assert!(report.not_found.is_empty());
             wait_rings(dir.path(), "a\ng\n", shell);
+            wait_pidwaits(dir.path(), false, shell);
             app.wait().unwrap();
             other.kill().unwrap();
             other.wait().unwrap();
@@ -497,6 +578,7 @@ mod tests {
         let mut first = spawn_watcher("/bin/sh", dir.path(), &targets, 1);
         let head = until_armed(&mut first);
         let mut second = spawn_watcher("/bin/sh", dir.path(), &targets, 2);
+        let (first_id, second_id) = (format!("{}.", first.id()), format!("{}.", second.id()));
         let (code, stdout) = finish(first, head);
         let report = parse_watch(
             &targets,
@@ -505,10 +587,28 @@ mod tests {
         );
         assert!(matches!(report.end, WatchEnd::Ended(_)), "{report:?}");
         let head = until_armed(&mut second);
+        let pidwait = waits().contains(&"any");
+        if pidwait {
+            // The first watcher's pidwait went with it: only the second's waits.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let first = pidwaits_of(dir.path(), &first_id);
+                let second = pidwaits_of(dir.path(), &second_id);
+                if first.is_empty() && second.len() == 1 {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "first {first:?}, second {second:?}"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         app.kill().unwrap();
         app.wait().unwrap();
         let (_, stdout) = finish(second, head);
         let report = parse_watch(&targets, 2, &output(ExitStatus::Code(0), &stdout));
         assert_eq!(report.end, WatchEnd::Gone(Name::new("app").unwrap()));
+        wait_pidwaits(dir.path(), false, "after the second watcher");
     }
 }

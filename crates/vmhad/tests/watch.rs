@@ -1,6 +1,6 @@
 //! The watch and batched probes with the real TCG test guest (issue 14): a killed app is
 //! detected through the watch (its interval is an hour, so nothing else can see it), the
-//! watcher ringing the VM's doorbell, and restarted, then watched again with its new pid; a watcher killed in the guest is started
+//! watcher waiting with the guest's `pidwait` and ringing the VM's doorbell, and restarted, then watched again with its new pid; a watcher killed in the guest is started
 //! again with no app event; three apps at the same interval cost one guest-exec per probe.
 //!
 //! Counts come from `guest_io` in `GET /v1/status`. Tests wait for states, never for time.
@@ -109,6 +109,15 @@ fn a_killed_app_is_detected_through_the_watch_restarted_and_watched_again() {
     boot(&mut h);
     wait_counter(&mut h, "watchers", 1);
     for round in 1..=2 {
+        // The test guest has procps `pidwait`: the watcher waits with it (no tick loop).
+        let deadline = Instant::now() + WAIT;
+        while h.exec(VM, &["/bin/pidof", "pidwait"])["exit"].as_i64() != Some(0) {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no pidwait in the guest"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let mark = h.mark();
         let rings = counter(&h, "watch_rings");
         let t = now_ms();
