@@ -66,7 +66,8 @@ pub struct GuestIoView {
     pub watchers: u64,
     /// `guest-exec-status` polls of watchers (those after a ring included).
     pub watch_polls: u64,
-    /// "Ended" rings of watchers on their VM's doorbell, each followed by a poll at once.
+    /// "Ended" rings of watchers on their VM's doorbell (the first of a watcher's is followed
+    /// by a poll at once).
     #[serde(default)]
     pub watch_rings: u64,
 }

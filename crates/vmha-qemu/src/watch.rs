@@ -129,20 +129,6 @@ if [ "$waits" = any ] && command -v waitpid >/dev/null 2>&1 && waitpid --help 2>
 	waitpid --count 1 $pids >/dev/null 2>&1
 	check
 fi
-if [ "$waits" = any ] && command -v pidwait >/dev/null 2>&1 && mkfifo "$fifo" && exec 3<>"$fifo"; then
-	i=0
-	for q in $pids; do
-		echo "$q" >"$fifo.$i"
-		(w=; trap '[ -z "$w" ] || kill $w 2>/dev/null; exit 0' TERM
-			pidwait -F "$fifo.$i" >/dev/null 2>&1 &
-			w=$!; wait $w; echo w >&3) </dev/null >/dev/null 2>&1 &
-		waiters="$waiters $!"; i=$((i + 1))
-	done
-	check
-	read -r _w <&3
-	check
-	kill $waiters 2>/dev/null; waiters=
-fi
 exec 2>/dev/null
 quick() {
 	for q in $exes; do [ -e "/proc/$q/exe" ] || { check; return; }; done
@@ -153,6 +139,28 @@ tock() {
 	t=$((t + 1))
 	if [ "$t" -ge "$every" ]; then t=0; check; else quick; fi
 }
+if [ "$waits" = any ] && command -v pidwait >/dev/null 2>&1 && mkfifo "$fifo" && exec 3<>"$fifo"; then
+	i=0
+	for q in $pids; do
+		echo "$q" >"$fifo.$i"
+		(w=; trap '[ -z "$w" ] || kill $w 2>/dev/null; exit 0' TERM
+			pidwait -F "$fifo.$i" >/dev/null 2>&1 &
+			w=$!; wait $w; echo w >&3) </dev/null >/dev/null 2>&1 &
+		waiters="$waiters $!"; i=$((i + 1))
+	done
+	check
+	# A pidwait takes a moment to start (its libraries load: half a second under TCG): ticks
+	# cover that time, where the shell has `read -t`.
+	warm=$((2 * every)); _w=
+	if { read -t 0.01 _w <&3; [ $? -ne 2 ]; }; then
+		while [ "$warm" -gt 0 ] && [ -z "$_w" ]; do
+			tock; read -t "$tick" _w <&3 || _w=; warm=$((warm - 1))
+		done
+	fi
+	[ -n "$_w" ] || read -r _w <&3
+	check
+	kill $waiters 2>/dev/null; waiters=
+fi
 if { [ -p "$fifo" ] || mkfifo "$fifo"; } && exec 3<>"$fifo" && { read -t 0.01 _w <&3; [ $? -ne 2 ]; }; then
 	while :; do tock; read -t "$tick" _w <&3; done
 fi
@@ -332,6 +340,20 @@ mod tests {
         every: Option<u32>,
         wait: &str,
     ) -> Child {
+        watcher_command(shell, dir, targets, nonce, every, wait)
+            .spawn()
+            .unwrap()
+    }
+
+    /// The command of [`spawn_watcher_every`], not started yet.
+    fn watcher_command(
+        shell: &str,
+        dir: &std::path::Path,
+        targets: &[WatchTarget],
+        nonce: u64,
+        every: Option<u32>,
+        wait: &str,
+    ) -> Command {
         let mut r = watch_request(targets, nonce, Duration::from_millis(20), Duration::ZERO);
         if let Some(every) = every {
             r.argv[6] = every.to_string();
@@ -347,9 +369,8 @@ mod tests {
             .env("VMHA_WATCH_BELL", dir.join("bell"))
             .env("VMHA_WATCH_WAIT", wait)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+            .stderr(Stdio::null());
+        cmd
     }
 
     /// Reads the watcher's stdout up to its `armed` line; returns the lines read so far.
@@ -469,14 +490,17 @@ mod tests {
                 ),
                 target("app", ProcessRef::PidFile(pid_file.display().to_string())),
             ];
-            // No full check for a long while: the tick alone must see the app gone.
             let sh = shell.split(' ').next().unwrap();
-            let mut watcher =
-                spawn_watcher_every(sh, dir.path(), &targets, 11, Some(1_000_000), wait);
+            // The loop: no full check for a long while, the tick alone must see the app gone.
+            // pidwait: a full check per tick, so the ticks that cover pidwait's start are over
+            // after two (40 ms).
+            let every = if wait == "loop" { 1_000_000 } else { 1 };
+            let mut watcher = spawn_watcher_every(sh, dir.path(), &targets, 11, Some(every), wait);
             let head = until_armed(&mut watcher);
             assert!(head.ends_with(b"vmha-watch 11 armed\n"), "{shell}");
             if wait == "any" {
                 wait_pidwaits(dir.path(), true, shell);
+                std::thread::sleep(Duration::from_millis(300));
             }
             app.kill().unwrap();
             if reaped {
@@ -486,9 +510,7 @@ mod tests {
             while watcher.try_wait().unwrap().is_none() {
                 if std::time::Instant::now() > deadline {
                     watcher.kill().unwrap();
-                    panic!(
-                        "{shell}: the watcher's tick did not see the app gone (reaped: {reaped})"
-                    );
+                    panic!("{shell}: the watcher did not see the app gone (reaped: {reaped})");
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -510,6 +532,67 @@ mod tests {
             app.wait().unwrap();
             other.kill().unwrap();
             other.wait().unwrap();
+        }
+    }
+
+    /// While its `pidwait`s start (a slow guest loads their libraries), the watcher ticks: a
+    /// `pidwait` that never gets going (here one that only sleeps) does not hide a death in
+    /// that time, under the shells with `read -t`.
+    #[test]
+    fn ticks_cover_the_time_pidwait_takes_to_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let fake = bin.join("pidwait");
+        let started = dir.path().join("started");
+        std::fs::write(
+            &fake,
+            format!("#!/bin/sh\necho >>{}\nexec sleep 60\n", started.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+        for shell in shells().into_iter().filter(|s| s.ends_with("busybox")) {
+            let mut app = Command::new("sleep").arg("30").spawn().unwrap();
+            let pid_file = dir.path().join("app.pid");
+            std::fs::write(&pid_file, format!("{}\n", app.id())).unwrap();
+            let targets = vec![target(
+                "app",
+                ProcessRef::PidFile(pid_file.display().to_string()),
+            )];
+            let mut watcher = watcher_command(shell, dir.path(), &targets, 4, None, "any")
+                .env("PATH", &path)
+                .spawn()
+                .unwrap();
+            let head = until_armed(&mut watcher);
+            // The death comes once the fake pidwait runs, so only a tick can see it.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !started.exists() {
+                assert!(std::time::Instant::now() < deadline, "{shell}: no pidwait");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::fs::remove_file(&started).unwrap();
+            app.kill().unwrap();
+            app.wait().unwrap();
+            while watcher.try_wait().unwrap().is_none() {
+                if std::time::Instant::now() > deadline {
+                    watcher.kill().unwrap();
+                    panic!("{shell}: no tick saw the app gone while pidwait started");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let (code, stdout) = finish(watcher, head);
+            let report = parse_watch(
+                &targets,
+                4,
+                &output(ExitStatus::Code(code.unwrap()), &stdout),
+            );
+            assert_eq!(
+                report.end,
+                WatchEnd::Gone(Name::new("app").unwrap()),
+                "{shell}"
+            );
         }
     }
 

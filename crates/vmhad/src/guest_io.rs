@@ -49,7 +49,8 @@ impl GuestIo {
         self.update(|v| v.watch_polls = v.watch_polls.saturating_add(1));
     }
 
-    /// A watcher rang the doorbell "ended" (and was asked for its status at once).
+    /// A watcher rang the doorbell "ended" (the first time, it is asked for its status at
+    /// once).
     pub fn watch_ring(&self) {
         self.update(|v| v.watch_rings = v.watch_rings.saturating_add(1));
     }

@@ -112,8 +112,18 @@ const WATCH_CALL_DEADLINE: Duration = Duration::from_secs(5);
 /// How often a watcher that can ring the doorbell is still polled (a ring lost, e.g. a guest
 /// that let the port to another writer): its end is noticed within this, at worst.
 const BELL_SAFETY_POLL: Duration = Duration::from_secs(2);
-/// When a watcher's status is asked again after an "ended" ring found it still running.
-const RING_RETRY: Duration = Duration::from_millis(50);
+/// When a watcher's status is asked again after an "ended" ring found it still running (the
+/// ring can beat the agent to the watcher's exit, by long on a busy guest), each after the one
+/// before; then every watch period until it has ended.
+const RING_RETRIES: [Duration; 5] = [
+    Duration::from_millis(10),
+    Duration::from_millis(20),
+    Duration::from_millis(40),
+    Duration::from_millis(80),
+    Duration::from_millis(160),
+];
+/// Polls every watch period after [`RING_RETRIES`] before an "ended" ring is forgotten.
+const RING_FOLLOW: usize = 10;
 
 /// The ways into a running QEMU's guest: its agent channel and its watch doorbell.
 #[derive(Clone)]
@@ -495,9 +505,10 @@ impl VmSlot {
     /// Runs the VM's watcher for `targets` (replacing any earlier one, in the guest and here)
     /// and asks for its `guest-exec-status` until it ends; its answer as `vmha_qemu::watch`
     /// reads it (untrusted, capped). It asks every `period` until the watcher rings the VM's
-    /// doorbell "armed", then every [`BELL_SAFETY_POLL`] (at least `period`), and at once when
-    /// it rings "ended" (once more [`RING_RETRY`] later if the agent has not seen the exit
-    /// yet). A watcher replaced by a newer one ends with [`ActionError::GuestUnreachable`]
+    /// doorbell "armed", then every [`BELL_SAFETY_POLL`] (at least `period`); at once when it
+    /// rings "ended", then after [`RING_RETRIES`] and [`RING_FOLLOW`] times every `period`
+    /// (rings meanwhile change nothing: a guest ringing without pause gets about one poll per
+    /// `period`, as one without a doorbell). A watcher replaced by a newer one ends with [`ActionError::GuestUnreachable`]
     /// (the engine ignores it).
     pub async fn watch(
         &self,
@@ -523,19 +534,32 @@ impl VmSlot {
             .map_err(|e| crate::guest::failed(&self.name, e))?;
         let mut timer = vmha_qemu::timer::Timer::new();
         let mut next_poll = Instant::now() + period;
+        // Since an "ended" ring: the polls made after it (`None`: no such ring yet).
+        let mut since_end: Option<usize> = None;
         loop {
             let wait = next_poll.saturating_duration_since(Instant::now());
             let ring = tokio::select! {
                 () = timer.sleep(wait) => None,
                 ring = bell.ring() => Some(ring),
             };
-            if ring == Some(Ring::Armed) {
-                // It can ring: the next poll is only a safety net.
-                next_poll = next_poll.max(Instant::now() + period.max(BELL_SAFETY_POLL));
-                continue;
-            }
-            if ring == Some(Ring::Ended) {
-                crate::guest_io::COUNTERS.watch_ring();
+            match ring {
+                Some(Ring::Armed) if since_end.is_none() => {
+                    // It can ring: the next poll is only a safety net.
+                    next_poll = next_poll.max(Instant::now() + period.max(BELL_SAFETY_POLL));
+                    continue;
+                }
+                Some(Ring::Ended) if since_end.is_none() => {
+                    crate::guest_io::COUNTERS.watch_ring();
+                    since_end = Some(0);
+                }
+                // Rings once an end was rung change nothing: the polls already follow it.
+                Some(ring) => {
+                    if ring == Ring::Ended {
+                        crate::guest_io::COUNTERS.watch_ring();
+                    }
+                    continue;
+                }
+                None => {}
             }
             crate::guest_io::COUNTERS.watch_poll();
             let status = qga
@@ -552,13 +576,15 @@ impl VmSlot {
                     detail: "replaced by a newer watcher".into(),
                 });
             }
-            let after = if ring.is_some() {
-                // Rung before the agent saw the exit (or a guest ringing for nothing).
-                RING_RETRY
-            } else if bell.armed() {
-                period.max(BELL_SAFETY_POLL)
-            } else {
-                period
+            // Rung before the agent saw the exit (a busy guest), or for nothing (a confused or
+            // hostile guest, a late ring of an earlier watcher): soon, backing off to
+            // `period`, for a while; then the ring is forgotten.
+            let follow = since_end.filter(|&n| n < RING_RETRIES.len() + RING_FOLLOW);
+            since_end = follow.map(|n| n + 1);
+            let after = match follow {
+                Some(n) => RING_RETRIES.get(n).copied().unwrap_or(period).min(period),
+                None if bell.armed() => period.max(BELL_SAFETY_POLL),
+                None => period,
             };
             next_poll = Instant::now() + after;
         }
