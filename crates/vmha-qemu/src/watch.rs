@@ -1,41 +1,50 @@
 //! The watcher: one long-running `guest-exec` per VM that exits the moment a watched app's
-//! process is gone, so vmhad only polls `guest-exec-status` of one pid (no process started in
-//! the guest per poll) and checks the VM's apps at once when it ends.
+//! process is gone, so vmhad only asks about one pid (no process started in the guest per
+//! question), is rung when it ends, and checks the app it names at once.
 //!
 //! The program is POSIX `sh` with no agent installed in the guest. Targets come as arguments
 //! (never spliced into the program text): `kind value` pairs, `f PATH` for a pid file, `p NAME`
 //! for a process name (`pidof -s`). At start it resolves each pid once and keeps the process's
 //! start time (field 22 of `/proc/PID/stat`), so a reused pid is not taken for the app; a target
 //! it cannot find is reported (`none INDEX`) and the watcher ends at once (the app may have
-//! died since its check, or its `pid_file`/`process` is wrong: the engine tells them apart). It then waits, the cheapest way the
-//! guest offers: util-linux `waitpid --count 1` (≥ 2.38, no CPU while waiting) when present;
-//! else procps `pidwait` (≥ 3.3.17: Debian 12, Ubuntu 22.04, RHEL 9; no CPU while waiting),
-//! one per process in a background job that writes a line to a private fifo when its
-//! `pidwait` ends, while the watcher blocks reading the fifo (the jobs and their `pidwait`s
-//! are killed when the watcher ends; a `pidwait` that ends with every process still there —
-//! a kernel without `pidfd_open` — leaves the watcher to the loop); else a loop of shell builtins — `read -t TICK` on a private fifo held open read-write (no
-//! fork; busybox ash, bash) or `sleep TICK` (a fork per tick, e.g. dash) — that per tick tests
-//! that each process's `/proc/PID/exe` still resolves (one `stat` each: it does not once the
-//! process is gone or a zombie, so either is seen within a tick, even where init reaps orphans
-//! a second late, as busybox's does), or, for a process whose `exe` could not be resolved at
-//! start (another user's, under an agent that is not root), sends it signal 0 (a zombie is then
-//! seen within a second); and once per second ([`FULL_CHECK`]) reads each `/proc/PID/stat` to
-//! compare the start time too (a reused pid). On the TCG test guest a tick that read each
-//! app's `stat` cost about 3.7 ms of guest CPU with three apps (`read` takes a byte per system
-//! call); the `exe` tests with the fifo kept open cost about a third of that. When a process is gone (no stat, a zombie, another start time)
-//! it prints `gone INDEX` and exits 0. `$VMHA_WATCH_WAIT=loop` skips `waitpid` and `pidwait`
-//! (tests of the loop on hosts that have them). One watcher per VM: a new one kills the previous one
-//! (its pid kept in `/run/vmha-watch.pid` — `$VMHA_WATCH_DIR` instead of `/run` if set, `/tmp`
-//! if that is not writable — and checked to be a watcher before the kill).
+//! died since its check, or its `pid_file`/`process` is wrong: the engine tells them apart).
+//!
+//! It then waits, the cheapest way the guest offers:
+//! - util-linux `waitpid --count 1` (≥ 2.38, no CPU while waiting) when present;
+//! - else procps `pidwait` (≥ 3.3.17: Debian 12, Ubuntu 22.04, RHEL 9; no CPU while waiting),
+//!   one per process in a background job that writes a line to a private fifo when its
+//!   `pidwait` ends, while the watcher blocks reading the fifo. For the first two seconds
+//!   ([`FULL_CHECK`] twice) it ticks as the loop below does, where the shell has `read -t`: a
+//!   `pidwait` takes a moment to start (its libraries load; about half a second on the TCG
+//!   test guest). The jobs and their `pidwait`s are killed when the watcher ends. A `pidwait`
+//!   that ends with every process still there (a kernel without `pidfd_open`) leaves the
+//!   watcher to the loop;
+//! - else a loop of shell builtins — `read -t TICK` on a private fifo held open read-write (no
+//!   fork; busybox ash, bash) or `sleep TICK` (a fork per tick, e.g. dash) — that per tick
+//!   tests that each process's `/proc/PID/exe` still resolves (one `stat` each: it does not
+//!   once the process is gone or a zombie, so either is seen within a tick, even where init
+//!   reaps orphans a second late, as busybox's does), or, for a process whose `exe` could not
+//!   be resolved at start (another user's, under an agent that is not root), sends it signal 0
+//!   (a zombie is then seen within a second); and once per second ([`FULL_CHECK`]) reads each
+//!   `/proc/PID/stat` to compare the start time too (a reused pid). On the TCG test guest a
+//!   tick that read each app's `stat` cost about 3.7 ms of guest CPU with three apps (`read`
+//!   takes a byte per system call); the `exe` tests with the fifo kept open cost about a
+//!   third of that.
+//!
+//! When a process is gone (no stat, a zombie, another start time) it prints `gone INDEX` and
+//! exits 0. `$VMHA_WATCH_WAIT=loop` skips `waitpid` and `pidwait` (tests of the loop on hosts
+//! that have them). One watcher per VM: a new one kills the previous one (its pid kept in
+//! `/run/vmha-watch.pid` — `$VMHA_WATCH_DIR` instead of `/run` if set, `/tmp` if that is not
+//! writable — and checked to be a watcher before the kill).
 //!
 //! Where the VM has the watch doorbell (a virtio-serial port named
 //! [`crate::doorbell::PORT_NAME`], found at `/dev/virtio-ports/` or through
 //! `/sys/class/virtio-ports/*/name`; `$VMHA_WATCH_BELL` instead if set), the watcher also rings
 //! it: `a` once armed, `g` when it ends with news (gone, not found), each written by a
 //! background job with no tie to the agent's pipes, so a write that blocks (vmhad not
-//! connected) never holds the watcher's exit; a job that cannot open the port (the guest
-//! lets one writer at a time, e.g. the `a` job still at work) tries once more 100 ms later. vmhad then asks for its status at once instead
-//! of at its next poll (see [`crate::doorbell`]).
+//! connected) never holds the watcher's exit; a job that cannot open the port (the guest lets
+//! one writer at a time, e.g. the `a` job still at work) tries once more 100 ms later. vmhad
+//! then asks for its status at once instead of at its next poll (see [`crate::doorbell`]).
 //!
 //! Its answer is untrusted: only well-formed lines with this watcher's nonce and a valid index
 //! count, the first `gone` wins, and anything else (killed, other exit, no line) is

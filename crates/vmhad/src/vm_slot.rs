@@ -508,8 +508,8 @@ impl VmSlot {
     /// doorbell "armed", then every [`BELL_SAFETY_POLL`] (at least `period`); at once when it
     /// rings "ended", then after [`RING_RETRIES`] and [`RING_FOLLOW`] times every `period`
     /// (rings meanwhile change nothing: a guest ringing without pause gets about one poll per
-    /// `period`, as one without a doorbell). A watcher replaced by a newer one ends with [`ActionError::GuestUnreachable`]
-    /// (the engine ignores it).
+    /// `period`, as one without a doorbell). A watcher replaced by a newer one ends with
+    /// [`ActionError::GuestUnreachable`] (the engine ignores it).
     pub async fn watch(
         &self,
         targets: &[WatchTarget],
