@@ -290,25 +290,12 @@ pub fn qemu_args(spec: &LaunchSpec, paths: &VmPaths) -> Vec<OsString> {
     }
     args.push("-device".into());
     args.push("virtio-serial-pci".into());
-    let mut chardev = OsString::from("socket,path=");
-    chardev.push(opt_escape(&paths.qga));
-    chardev.push(",server=on,wait=off,id=qga0");
-    args.push("-chardev".into());
-    args.push(chardev);
-    args.push("-device".into());
-    args.push("virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into());
-    let mut bell = OsString::from("socket,path=");
-    bell.push(opt_escape(&paths.bell));
-    bell.push(",server=on,wait=off,id=vmhabell0");
-    args.push("-chardev".into());
-    args.push(bell);
-    args.push("-device".into());
-    args.push(
-        format!(
-            "virtserialport,chardev=vmhabell0,name={}",
-            crate::doorbell::PORT_NAME
-        )
-        .into(),
+    serial_port(&mut args, &paths.qga, "qga0", "org.qemu.guest_agent.0");
+    serial_port(
+        &mut args,
+        &paths.bell,
+        "vmhabell0",
+        crate::doorbell::PORT_NAME,
     );
     let mut qmp = OsString::from("unix:");
     qmp.push(opt_escape(&paths.qmp));
@@ -324,6 +311,18 @@ pub fn qemu_args(spec: &LaunchSpec, paths: &VmPaths) -> Vec<OsString> {
     args.push(paths.pidfile.clone().into());
     args.extend(spec.extra_args.iter().map(OsString::from));
     args
+}
+
+/// Adds a virtio-serial port named `name` whose host side QEMU serves on the Unix socket
+/// `path` (chardev `id`; not waiting for a client).
+fn serial_port(args: &mut Vec<OsString>, path: &Path, id: &str, name: &str) {
+    let mut chardev = OsString::from("socket,path=");
+    chardev.push(opt_escape(path));
+    chardev.push(format!(",server=on,wait=off,id={id}"));
+    args.push("-chardev".into());
+    args.push(chardev);
+    args.push("-device".into());
+    args.push(format!("virtserialport,chardev={id},name={name}").into());
 }
 
 /// Tunables of the driver.

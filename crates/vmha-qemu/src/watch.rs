@@ -336,25 +336,14 @@ mod tests {
         targets: &[WatchTarget],
         nonce: u64,
     ) -> Child {
-        spawn_watcher_every(shell, dir, targets, nonce, None, "any")
-    }
-
-    /// [`spawn_watcher`], with `every` ticks between full checks instead of a second's worth,
-    /// and `$VMHA_WATCH_WAIT` = `wait` (`loop`: the tick loop even where `pidwait` exists).
-    fn spawn_watcher_every(
-        shell: &str,
-        dir: &std::path::Path,
-        targets: &[WatchTarget],
-        nonce: u64,
-        every: Option<u32>,
-        wait: &str,
-    ) -> Child {
-        watcher_command(shell, dir, targets, nonce, every, wait)
+        watcher_command(shell, dir, targets, nonce, None, "any")
             .spawn()
             .unwrap()
     }
 
-    /// The command of [`spawn_watcher_every`], not started yet.
+    /// The command of a watcher like [`spawn_watcher`]'s, not started yet, with `every` ticks
+    /// between full checks (`None`: a second's worth) and `$VMHA_WATCH_WAIT` = `wait`
+    /// (`loop`: the tick loop even where `pidwait` exists).
     fn watcher_command(
         shell: &str,
         dir: &std::path::Path,
@@ -397,11 +386,48 @@ mod tests {
         seen
     }
 
+    /// Waits until `deadline` for the watcher to end (kills it and fails with `what` if it does
+    /// not) and reads its answer (`head` = its stdout read before, `nonce` its nonce).
+    fn answer(
+        mut watcher: Child,
+        head: Vec<u8>,
+        targets: &[WatchTarget],
+        nonce: u64,
+        deadline: std::time::Instant,
+        what: &str,
+    ) -> WatchReport {
+        while watcher.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                watcher.kill().unwrap();
+                panic!("{what}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (code, stdout) = finish(watcher, head);
+        let report = parse_watch(
+            targets,
+            nonce,
+            &output(ExitStatus::Code(code.unwrap()), &stdout),
+        );
+        // Shown with a failing assertion on the report.
+        eprintln!("the watcher's answer: {}", String::from_utf8_lossy(&stdout));
+        report
+    }
+
     /// Waits for the watcher and returns all its stdout (`head` = what was read before).
     fn finish(child: Child, mut head: Vec<u8>) -> (Option<i32>, Vec<u8>) {
         let out = child.wait_with_output().unwrap();
         head.extend_from_slice(&out.stdout);
         (out.status.code(), head)
+    }
+
+    /// A sleeping process standing for app `name`, and its watch target (a pid file in `dir`).
+    fn sleeping_app(dir: &std::path::Path, name: &str) -> (Child, WatchTarget) {
+        let app = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid_file = dir.join(format!("{name}.pid"));
+        std::fs::write(&pid_file, format!("{}\n", app.id())).unwrap();
+        let t = target(name, ProcessRef::PidFile(pid_file.display().to_string()));
+        (app, t)
     }
 
     /// Waits until the watcher's doorbell (a file in `dir`) holds `want`: the rings are
@@ -486,25 +512,17 @@ mod tests {
         {
             let shell_wait = format!("{shell} ({wait})");
             let shell = shell_wait.as_str();
-            let mut app = Command::new("sleep").arg("30").spawn().unwrap();
-            let pid_file = dir.path().join("app.pid");
-            std::fs::write(&pid_file, format!("{}\n", app.id())).unwrap();
-            let mut other = Command::new("sleep").arg("30").spawn().unwrap();
-            let other_file = dir.path().join("other.pid");
-            std::fs::write(&other_file, format!("{}\n", other.id())).unwrap();
-            let targets = vec![
-                target(
-                    "other",
-                    ProcessRef::PidFile(other_file.display().to_string()),
-                ),
-                target("app", ProcessRef::PidFile(pid_file.display().to_string())),
-            ];
+            let (mut app, app_target) = sleeping_app(dir.path(), "app");
+            let (mut other, other_target) = sleeping_app(dir.path(), "other");
+            let targets = vec![other_target, app_target];
             let sh = shell.split(' ').next().unwrap();
             // The loop: no full check for a long while, the tick alone must see the app gone.
             // pidwait: a full check per tick, so the ticks that cover pidwait's start are over
             // after two (40 ms).
             let every = if wait == "loop" { 1_000_000 } else { 1 };
-            let mut watcher = spawn_watcher_every(sh, dir.path(), &targets, 11, Some(every), wait);
+            let mut watcher = watcher_command(sh, dir.path(), &targets, 11, Some(every), wait)
+                .spawn()
+                .unwrap();
             let head = until_armed(&mut watcher);
             assert!(head.ends_with(b"vmha-watch 11 armed\n"), "{shell}");
             if wait == "any" {
@@ -516,24 +534,12 @@ mod tests {
                 app.wait().unwrap();
             }
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            while watcher.try_wait().unwrap().is_none() {
-                if std::time::Instant::now() > deadline {
-                    watcher.kill().unwrap();
-                    panic!("{shell}: the watcher did not see the app gone (reaped: {reaped})");
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let (code, stdout) = finish(watcher, head);
-            let report = parse_watch(
-                &targets,
-                11,
-                &output(ExitStatus::Code(code.unwrap()), &stdout),
-            );
+            let what = format!("{shell}: the watcher did not see the app gone (reaped: {reaped})");
+            let report = answer(watcher, head, &targets, 11, deadline, &what);
             assert_eq!(
                 report.end,
                 WatchEnd::Gone(Name::new("app").unwrap()),
-                "{shell}: {}",
-                String::from_utf8_lossy(&stdout)
+                "{shell}"
             );
             assert!(report.not_found.is_empty());
             wait_rings(dir.path(), "a\ng\n", shell);
@@ -563,13 +569,8 @@ mod tests {
             .unwrap();
         let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
         for shell in shells().into_iter().filter(|s| s.ends_with("busybox")) {
-            let mut app = Command::new("sleep").arg("30").spawn().unwrap();
-            let pid_file = dir.path().join("app.pid");
-            std::fs::write(&pid_file, format!("{}\n", app.id())).unwrap();
-            let targets = vec![target(
-                "app",
-                ProcessRef::PidFile(pid_file.display().to_string()),
-            )];
+            let (mut app, app_target) = sleeping_app(dir.path(), "app");
+            let targets = vec![app_target];
             let mut watcher = watcher_command(shell, dir.path(), &targets, 4, None, "any")
                 .env("PATH", &path)
                 .spawn()
@@ -584,19 +585,8 @@ mod tests {
             std::fs::remove_file(&started).unwrap();
             app.kill().unwrap();
             app.wait().unwrap();
-            while watcher.try_wait().unwrap().is_none() {
-                if std::time::Instant::now() > deadline {
-                    watcher.kill().unwrap();
-                    panic!("{shell}: no tick saw the app gone while pidwait started");
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let (code, stdout) = finish(watcher, head);
-            let report = parse_watch(
-                &targets,
-                4,
-                &output(ExitStatus::Code(code.unwrap()), &stdout),
-            );
+            let what = format!("{shell}: no tick saw the app gone while pidwait started");
+            let report = answer(watcher, head, &targets, 4, deadline, &what);
             assert_eq!(
                 report.end,
                 WatchEnd::Gone(Name::new("app").unwrap()),
@@ -633,13 +623,8 @@ mod tests {
     fn a_target_not_found_ends_the_watcher_at_once() {
         let dir = tempfile::tempdir().unwrap();
         for shell in shells() {
-            let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
-            let file = dir.path().join("me.pid");
-            std::fs::write(&file, format!("{}\n", sleeper.id())).unwrap();
-            let targets = vec![
-                target("me", ProcessRef::PidFile(file.display().to_string())),
-                target("x", ProcessRef::Name("no-such-proc-xy".into())),
-            ];
+            let (mut sleeper, me) = sleeping_app(dir.path(), "me");
+            let targets = vec![me, target("x", ProcessRef::Name("no-such-proc-xy".into()))];
             let out = spawn_watcher(shell, dir.path(), &targets, 5)
                 .wait_with_output()
                 .unwrap();
@@ -660,13 +645,8 @@ mod tests {
     #[test]
     fn a_new_watcher_replaces_the_previous_one() {
         let dir = tempfile::tempdir().unwrap();
-        let mut app = Command::new("sleep").arg("30").spawn().unwrap();
-        let pid_file = dir.path().join("app.pid");
-        std::fs::write(&pid_file, format!("{}\n", app.id())).unwrap();
-        let targets = vec![target(
-            "app",
-            ProcessRef::PidFile(pid_file.display().to_string()),
-        )];
+        let (mut app, app_target) = sleeping_app(dir.path(), "app");
+        let targets = vec![app_target];
         let mut first = spawn_watcher("/bin/sh", dir.path(), &targets, 1);
         let head = until_armed(&mut first);
         let mut second = spawn_watcher("/bin/sh", dir.path(), &targets, 2);
