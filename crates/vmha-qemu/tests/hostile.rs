@@ -130,6 +130,17 @@ fn hostile_case(
     script: impl Fn(usize, &Value) -> Answer + Send + Sync + 'static,
     outcome: impl AsyncFnOnce(&QgaClient),
 ) {
+    hostile_case_with(name, config(), script, outcome);
+}
+
+/// [`hostile_case`] with the hostile agent's client configured by `hostile_config` (the
+/// honest neighbour keeps [`config`]).
+fn hostile_case_with(
+    name: &str,
+    hostile_config: QgaConfig,
+    script: impl Fn(usize, &Value) -> Answer + Send + Sync + 'static,
+    outcome: impl AsyncFnOnce(&QgaClient),
+) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // As vmhad: a multi-thread runtime with two workers.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -143,7 +154,10 @@ fn hostile_case(
             let honest = honest_prober();
             move |_, req: &Value| honest(req)
         })), config());
-        let qga = QgaClient::new(serve(&dir, "hostile.sock", Arc::new(script)), config());
+        let qga = QgaClient::new(
+            serve(&dir, "hostile.sock", Arc::new(script)),
+            hostile_config,
+        );
         // Warm up the runtime, the allocator and the neighbour's channel.
         probe_runs(&neighbour).await;
         reset_hwm();
@@ -366,9 +380,17 @@ fn a_guest_flooding_lines_is_rate_limited() {
             Answer::Chunks(vec![strays.clone(), own])
         }
     };
-    hostile_case("line flood", script, async |qga| {
+    // The bucket drains only as fast as the client reads the strays: at most 2 MiB a second
+    // in a debug build, less on a busy machine, so the test's rate is a quarter of the default
+    // and the pings go on until the guest is found hostile (the burst, 9 MiB, is the default).
+    let rate = QgaConfig {
+        byte_rate: 256 << 10,
+        ..config()
+    };
+    hostile_case_with("line flood", rate, script, async |qga| {
         let mut hostile = None;
-        for _ in 0..20 {
+        let give_up = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < give_up {
             match qga.ping_within(PING).await {
                 Err(e @ QgaError::Hostile { .. }) => {
                     hostile = Some(e);
