@@ -10,7 +10,8 @@
 //! writes without pause fills the socket, QEMU stops taking its bytes, and vmhad wakes for it
 //! at most once per [`MIN_GAP`].
 //!
-//! A QEMU started without the port (by an older vmhad, or the libvirt driver) has no socket:
+//! A QEMU started by an older vmhad gets the port hot-plugged when this driver adopts it
+//! ([`crate::vm::QemuVm::adopt`]). A QEMU without the port (the libvirt driver's) has no socket:
 //! the doorbell then never rings and is closed, and the watcher is polled as before.
 
 use std::path::{Path, PathBuf};

@@ -294,7 +294,7 @@ pub fn qemu_args(spec: &LaunchSpec, paths: &VmPaths) -> Vec<OsString> {
     serial_port(
         &mut args,
         &paths.bell,
-        "vmhabell0",
+        BELL_CHARDEV,
         crate::doorbell::PORT_NAME,
     );
     let mut qmp = OsString::from("unix:");
@@ -323,6 +323,73 @@ fn serial_port(args: &mut Vec<OsString>, path: &Path, id: &str, name: &str) {
     args.push(chardev);
     args.push("-device".into());
     args.push(format!("virtserialport,chardev={id},name={name}").into());
+}
+
+/// The chardev id of the doorbell's port ([`crate::doorbell`]), on QEMU's command line or
+/// hot-plugged by [`plug_doorbell`].
+const BELL_CHARDEV: &str = "vmhabell0";
+
+/// What [`plug_doorbell`] found or did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DoorbellPort {
+    /// QEMU has the port already (launched with it, or plugged by an earlier adoption).
+    Present,
+    /// The port was hot-plugged now.
+    Plugged,
+    /// QEMU waits for an incoming migration: its devices must stay those of the source.
+    Incoming,
+}
+
+/// Gives a running QEMU the doorbell's port if it lacks it (a QEMU launched by a vmhad from
+/// before the doorbell): `chardev-add` of the socket at `path`, then `device_add` of the
+/// `virtserialport`, which the guest sees as a hot-plugged port. A QEMU launched by this
+/// driver gets the same port number (the next after the agent's) on its command line, so the
+/// two can live-migrate to each other. A QEMU waiting for an incoming migration is left as it
+/// is. A `device_add` that fails (QEMU refuses hot-plug while it migrates) removes the chardev
+/// again, so a later adoption tries anew.
+async fn plug_doorbell(qmp: &QmpClient, path: &Path) -> Result<DoorbellPort, QmpError> {
+    #[derive(serde::Deserialize)]
+    struct Chardev {
+        label: String,
+    }
+    let chardevs = qmp.execute("query-chardev", None).await?;
+    let chardevs: Vec<Chardev> =
+        serde_json::from_value(chardevs).map_err(|e| QmpError::BadReply {
+            command: "query-chardev".into(),
+            detail: crate::guest_text::guest_text(&e.to_string()),
+        })?;
+    if chardevs.iter().any(|c| c.label == BELL_CHARDEV) {
+        return Ok(DoorbellPort::Present);
+    }
+    if qmp.query_status().await?.status == "inmigrate" {
+        return Ok(DoorbellPort::Incoming);
+    }
+    let backend = serde_json::json!({
+        "type": "socket",
+        "data": {
+            "addr": {"type": "unix", "data": {"path": path.to_string_lossy()}},
+            "server": true,
+            "wait": false,
+        },
+    });
+    qmp.execute(
+        "chardev-add",
+        Some(serde_json::json!({"id": BELL_CHARDEV, "backend": backend})),
+    )
+    .await?;
+    let device = serde_json::json!({
+        "driver": "virtserialport",
+        "chardev": BELL_CHARDEV,
+        "name": crate::doorbell::PORT_NAME,
+    });
+    if let Err(e) = qmp.execute("device_add", Some(device)).await {
+        let remove = serde_json::json!({"id": BELL_CHARDEV});
+        if let Err(undo) = qmp.execute("chardev-remove", Some(remove)).await {
+            tracing::warn!(error = %undo, "removing the doorbell's chardev after a failed device_add");
+        }
+        return Err(e);
+    }
+    Ok(DoorbellPort::Plugged)
 }
 
 /// Tunables of the driver.
@@ -521,7 +588,9 @@ impl QemuVm {
 
     /// Reattaches to a running VM from its QMP socket and pidfile. The pidfile's process must
     /// name this VM's QMP socket on its command line (guards against pid reuse). Death is then
-    /// signalled by the QMP socket closing.
+    /// signalled by the QMP socket closing. A QEMU without the watch doorbell's port gets it
+    /// hot-plugged (see `plug_doorbell`); if that fails the VM is adopted all the same, without
+    /// a doorbell (logged).
     pub async fn adopt(
         runtime_dir: &Path,
         name: &str,
@@ -548,6 +617,18 @@ impl QemuVm {
                 Err(e) => return Err(e.into()),
             }
         };
+        match plug_doorbell(&qmp, &paths.bell).await {
+            Ok(DoorbellPort::Present) => {}
+            Ok(DoorbellPort::Plugged) => {
+                tracing::info!(vm = %name, "adopted QEMU had no watch doorbell: hot-plugged its port");
+            }
+            Ok(DoorbellPort::Incoming) => {
+                tracing::info!(vm = %name, "adopted QEMU waits for a migration: its devices stay as they are (no watch doorbell)");
+            }
+            Err(e) => {
+                tracing::warn!(vm = %name, error = %e, "could not give the adopted QEMU the watch doorbell; its watcher is polled every watch_period");
+            }
+        }
         let (tx, rx) = mpsc::channel(64);
         let (dead_tx, dead_rx) = watch::channel(false);
         tokio::spawn(forward(qmp_events, tx, Some(dead_tx)));

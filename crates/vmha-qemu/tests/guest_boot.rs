@@ -1,16 +1,22 @@
 //! A fully booted test guest under TCG (image from scripts/build-guest-image.sh): the agent
 //! answers, the batched probe sees the demo apps, a killed app shows as not running, a graceful
-//! stop shows up as SHUTDOWN{guest: true}, and kill -9 of an adopted QEMU shows up as Gone.
+//! stop shows up as SHUTDOWN{guest: true}, kill -9 of an adopted QEMU shows up as Gone, and a
+//! QEMU launched without the watch doorbell gets it when adopted and migrates to a new one.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
 
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use vmha_qemu::doorbell::Ring;
+use vmha_qemu::migration::{listen_incoming, send};
+use vmha_qemu::vm::qemu_args;
 use vmha_qemu::{
-    Accel, DriverConfig, ExecRequest, ExitStatus, LaunchSpec, ProbeCheck, ProbeOutcome, QemuVm,
-    QgaClient, QmpEvent, StopOutcome, VmEvent, VmObservation,
+    Accel, DriverConfig, ExecRequest, ExitStatus, LaunchSpec, MigrationLimits, ProbeCheck,
+    ProbeOutcome, QemuVm, QgaClient, QmpEvent, StopOutcome, VmEvent, VmObservation, VmPaths,
 };
 
 fn repo_root() -> PathBuf {
@@ -233,4 +239,116 @@ async fn killed_qemu_of_adopted_guest_shows_up_as_gone() {
         }
     }
     assert!(vm.is_gone());
+}
+
+/// QEMU's arguments for `spec` as a vmhad from before the watch doorbell wrote them: today's
+/// without the doorbell's chardev and port.
+fn args_before_the_doorbell(spec: &LaunchSpec, paths: &VmPaths) -> Vec<OsString> {
+    let args = qemu_args(spec, paths);
+    let mut old = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let bell = args
+            .get(i + 1)
+            .is_some_and(|v| v.to_string_lossy().contains("vmhabell0"));
+        if bell {
+            i += 2;
+        } else {
+            old.push(args[i].clone());
+            i += 1;
+        }
+    }
+    assert_eq!(old.len() + 4, args.len(), "the doorbell's chardev and port");
+    old
+}
+
+/// The guest writes `a` to the doorbell's port, found by name as the watcher finds it.
+async fn ring_from_guest(qga: &QgaClient) {
+    let rung = qga
+        .exec(&ExecRequest::new([
+            "/bin/sh",
+            "-c",
+            "for d in /sys/class/virtio-ports/*; do read -r n <$d/name; \
+             [ \"$n\" = org.vmha.watch.0 ] && printf a >/dev/${d##*/} && exit 0; \
+             done; exit 1",
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(
+        rung.status,
+        ExitStatus::Code(0),
+        "the guest has no doorbell port"
+    );
+}
+
+/// A rolling upgrade: a QEMU launched without the doorbell (by an older vmhad), adopted by
+/// this driver, gets the port hot-plugged (the running guest sees it and can ring), and then
+/// live-migrates to a QEMU launched today, where the guest's port rings the new doorbell.
+/// Without the hot-plug the target has a port the source lacks: it cannot load the stream
+/// and never runs (checked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopted_qemu_from_before_the_doorbell_gets_it_and_migrates_to_a_new_host() {
+    if !common::have("qemu-system-x86_64") {
+        return;
+    }
+    let image = guest_image();
+    // Three TCG guests may boot at once beside this one: a guest exec can take seconds.
+    let mut config = config();
+    config.qga.call_timeout = Duration::from_secs(10);
+    let (old_dir, new_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let spec = guest_spec(&image, "g3");
+    let paths = VmPaths::new(old_dir.path(), "g3").unwrap();
+    std::fs::create_dir_all(&paths.dir).unwrap();
+    let _old = common::ChildGuard(
+        std::process::Command::new("qemu-system-x86_64")
+            .args(args_before_the_doorbell(&spec, &paths))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    // The guest runs before the upgraded driver adopts its QEMU: the port is hot-plugged.
+    let qga = QgaClient::new(&paths.qga, config.qga.clone());
+    wait_for_agent(&qga).await;
+    drop(qga);
+
+    let source = QemuVm::adopt(old_dir.path(), "g3", &config).await.unwrap();
+    let chardevs = source.qmp().execute("query-chardev", None).await.unwrap();
+    assert!(chardevs.to_string().contains("vmhabell0"), "{chardevs}");
+    let mut bell = source.bell();
+    ring_from_guest(&source.qga()).await;
+    let ring = tokio::time::timeout(Duration::from_secs(10), bell.ring()).await;
+    assert_eq!(ring.expect("no ring on the hot-plugged port"), Ring::Armed);
+    // Adopting again leaves the port as it is.
+    drop(source);
+    let source = QemuVm::adopt(old_dir.path(), "g3", &config).await.unwrap();
+
+    let incoming = LaunchSpec {
+        extra_args: vec!["-incoming".into(), "defer".into()],
+        ..spec
+    };
+    let target = QemuVm::launch(&incoming, new_dir.path(), &config)
+        .await
+        .unwrap();
+    let _new_guard = common::PidGuard(target.pid());
+    let uri = listen_incoming(target.qmp(), "127.0.0.1").await.unwrap();
+    send(source.qmp(), &uri, MigrationLimits::default())
+        .await
+        .expect("migration from the adopted QEMU to today's");
+    let start = Instant::now();
+    while target.status().await != VmObservation::Running {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "target never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut bell = target.bell();
+    ring_from_guest(&target.qga()).await;
+    let ring = tokio::time::timeout(Duration::from_secs(10), bell.ring()).await;
+    assert_eq!(
+        ring.expect("no ring on the migrated guest's port"),
+        Ring::Armed
+    );
 }

@@ -1,7 +1,9 @@
 //! `vmha-fake-qemu`: a stand-in for `qemu-system-x86_64`, for benchmarks and tests only. It takes
 //! QEMU's command line as vmhad's driver writes it (`-qmp unix:…`, `-chardev socket,path=…`,
 //! `-pidfile …`), answers QMP on the VM's QMP socket (greeting, `qmp_capabilities`,
-//! `query-status` → running; `system_powerdown` and `quit` end it with a `SHUTDOWN` event), and
+//! `query-status` → running, `query-chardev` → the `-chardev` ids of its command line, which it
+//! does not serve but the agent's; `chardev-add` and `device_add` refused; `system_powerdown`
+//! and `quit` end it with a `SHUTDOWN` event), and
 //! runs a real `qemu-ga` on the host in unix-listen mode on the VM's guest-agent socket (its pid in `qga.pid` beside it), so the
 //! guest channel and the app checks are real. Every RPC but ping, sync, info and exec is blocked
 //! in that agent (a `guest-shutdown` must never reach the host). The agent ends with the fake
@@ -35,6 +37,8 @@ struct Paths {
     qmp: Option<PathBuf>,
     qga: Option<PathBuf>,
     pidfile: Option<PathBuf>,
+    /// The ids of every `-chardev`, for `query-chardev`.
+    chardevs: Vec<String>,
 }
 
 /// The value of `key` in a QEMU `a=b,c=d` option (`,,` is an escaped comma).
@@ -63,8 +67,12 @@ fn parse_args(args: &[OsString]) -> Paths {
                 let path = path.split(',').next().unwrap_or_default();
                 paths.qmp = Some(PathBuf::from(path.replace('\u{0}', ",")));
             }
-            "-chardev" if pair[1].contains("id=qga0") => {
-                paths.qga = option_value(&pair[1], "path").map(PathBuf::from);
+            "-chardev" => {
+                let id = option_value(&pair[1], "id").unwrap_or_default();
+                if id == "qga0" {
+                    paths.qga = option_value(&pair[1], "path").map(PathBuf::from);
+                }
+                paths.chardevs.push(id);
             }
             "-pidfile" => paths.pidfile = Some(PathBuf::from(&pair[1])),
             _ => {}
@@ -112,8 +120,9 @@ fn start_agent(socket: &Path, dir: &Path) -> anyhow::Result<Child> {
         .context("starting qemu-ga (through util-linux setpriv)")
 }
 
-/// The answer to one QMP command line; `true` when QEMU should end after it.
-fn answer(line: &str) -> (Value, bool) {
+/// The answer to one QMP command line of a fake QEMU with `chardevs`; `true` when QEMU should
+/// end after it.
+fn answer(line: &str, chardevs: &[String]) -> (Value, bool) {
     let Ok(request) = serde_json::from_str::<Value>(line) else {
         return (
             json!({"error": {"class": "GenericError", "desc": "bad JSON"}}),
@@ -127,6 +136,18 @@ fn answer(line: &str) -> (Value, bool) {
             json!({"status": "running", "running": true, "singlestep": false}),
             false,
         ),
+        "query-chardev" => (
+            chardevs
+                .iter()
+                .map(|id| json!({"label": id, "filename": "fake", "frontend-open": false}))
+                .collect(),
+            false,
+        ),
+        "chardev-add" | "device_add" => {
+            let desc = format!("{command} is not supported by vmha-fake-qemu");
+            let error = json!({"error": {"class": "GenericError", "desc": desc}, "id": id});
+            return (error, false);
+        }
         "system_powerdown" | "quit" => (json!({}), true),
         _ => (json!({}), false),
     };
@@ -134,7 +155,7 @@ fn answer(line: &str) -> (Value, bool) {
 }
 
 /// Serves one QMP client until it leaves; `true` when it asked QEMU to end.
-fn serve(stream: UnixStream) -> bool {
+fn serve(stream: UnixStream, chardevs: &[String]) -> bool {
     let Ok(reader) = stream.try_clone() else {
         return false;
     };
@@ -146,7 +167,7 @@ fn serve(stream: UnixStream) -> bool {
     }
     for line in BufReader::new(reader).lines() {
         let Ok(line) = line else { return false };
-        let (reply, end) = answer(&line);
+        let (reply, end) = answer(&line, chardevs);
         if writeln!(writer, "{reply}").is_err() {
             return false;
         }
@@ -172,6 +193,7 @@ fn run() -> anyhow::Result<()> {
     // qemu-ga writes its pidfile only when it daemonizes: the benchmark finds it here.
     std::fs::write(dir.join("qga.pid"), format!("{}\n", agent.id()))?;
     let agent = Arc::new(Mutex::new(agent));
+    let chardevs = Arc::new(paths.chardevs);
     if let Some(pidfile) = &paths.pidfile {
         std::fs::write(pidfile, format!("{}\n", std::process::id()))?;
     }
@@ -181,8 +203,9 @@ fn run() -> anyhow::Result<()> {
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let agent = Arc::clone(&agent);
+        let chardevs = Arc::clone(&chardevs);
         std::thread::spawn(move || {
-            if serve(stream) {
+            if serve(stream, &chardevs) {
                 if let Ok(mut child) = agent.lock() {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -212,6 +235,7 @@ mod tests {
 
     #[test]
     fn answers_status_and_ends_on_quit_only() {
+        let answer = |line| answer(line, &[]);
         let (r, end) = answer(r#"{"execute":"query-status","id":3}"#);
         assert_eq!(r["return"]["running"], true);
         assert_eq!(r["id"], 3);
@@ -220,5 +244,31 @@ mod tests {
         assert!(answer(r#"{"execute":"system_powerdown"}"#).1);
         assert!(!answer(r#"{"execute":"cont"}"#).1);
         assert!(answer("{nope").0.get("error").is_some());
+    }
+
+    #[test]
+    fn lists_its_command_line_chardevs_and_refuses_hot_plug() {
+        let args: Vec<OsString> = [
+            "-chardev",
+            "socket,path=/r/vm/qga.sock,server=on,wait=off,id=qga0",
+            "-chardev",
+            "socket,path=/r/vm/bell.sock,server=on,wait=off,id=vmhabell0",
+        ]
+        .map(OsString::from)
+        .to_vec();
+        let paths = parse_args(&args);
+        assert_eq!(paths.qga, Some(PathBuf::from("/r/vm/qga.sock")));
+        let (r, _) = answer(r#"{"execute":"query-chardev","id":1}"#, &paths.chardevs);
+        let labels: Vec<&str> = r["return"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["label"].as_str().unwrap())
+            .collect();
+        assert_eq!(labels, ["qga0", "vmhabell0"]);
+        let (r, end) = answer(r#"{"execute":"device_add","id":2}"#, &paths.chardevs);
+        assert_eq!(r["error"]["class"], "GenericError");
+        assert_eq!(r["id"], 2);
+        assert!(!end);
     }
 }
