@@ -38,6 +38,7 @@ mod metrics;
 mod sd_notify;
 mod slots;
 mod vm_slot;
+mod watch_polls;
 mod watchdog;
 
 use std::path::PathBuf;

@@ -25,6 +25,7 @@ use vmha_qemu::{DriverConfig, LaunchSpec, QemuVm, QgaClient, QmpClient, VmEvent}
 
 use crate::fence::Fence;
 use crate::inbox::HostInputs;
+use crate::watch_polls::WatchPolls;
 
 /// Why a driver operation failed (reported to the engine as the action's error text).
 #[derive(Debug, thiserror::Error)]
@@ -109,22 +110,6 @@ impl From<SlotError> for ActionError {
 const EXIT_GRACE: Duration = Duration::from_secs(10);
 /// Bound on each call of a watcher (its start, each status poll).
 const WATCH_CALL_DEADLINE: Duration = Duration::from_secs(5);
-/// How often a watcher that can ring the doorbell is still polled (a ring lost, e.g. a guest
-/// that let the port to another writer): its end is noticed within this, at worst.
-const BELL_SAFETY_POLL: Duration = Duration::from_secs(2);
-/// When a watcher's status is asked again after an "ended" ring found it still running (the
-/// ring can beat the agent to the watcher's exit, by long on a busy guest), each after the one
-/// before; then every watch period until it has ended.
-const RING_RETRIES: [Duration; 5] = [
-    Duration::from_millis(10),
-    Duration::from_millis(20),
-    Duration::from_millis(40),
-    Duration::from_millis(80),
-    Duration::from_millis(160),
-];
-/// Polls every watch period after [`RING_RETRIES`] before an "ended" ring is forgotten.
-const RING_FOLLOW: usize = 10;
-
 /// The ways into a running QEMU's guest: its agent channel and its watch doorbell.
 #[derive(Clone)]
 struct GuestLink {
@@ -504,11 +489,8 @@ impl VmSlot {
 
     /// Runs the VM's watcher for `targets` (replacing any earlier one, in the guest and here)
     /// and asks for its `guest-exec-status` until it ends; its answer as `vmha_qemu::watch`
-    /// reads it (untrusted, capped). It asks every `period` until the watcher rings the VM's
-    /// doorbell "armed", then every [`BELL_SAFETY_POLL`] (at least `period`); at once when it
-    /// rings "ended", then after [`RING_RETRIES`] and [`RING_FOLLOW`] times every `period`
-    /// (rings meanwhile change nothing: a guest ringing without pause gets about one poll per
-    /// `period`, as one without a doorbell). A watcher replaced by a newer one ends with
+    /// reads it (untrusted, capped). It asks when [`WatchPolls`] says, from `period` and the
+    /// VM's doorbell rings. A watcher replaced by a newer one ends with
     /// [`ActionError::GuestUnreachable`] (the engine ignores it).
     pub async fn watch(
         &self,
@@ -533,33 +515,20 @@ impl VmSlot {
             .await
             .map_err(|e| crate::guest::failed(&self.name, e))?;
         let mut timer = vmha_qemu::timer::Timer::new();
-        let mut next_poll = Instant::now() + period;
-        // Since an "ended" ring: the polls made after it (`None`: no such ring yet).
-        let mut since_end: Option<usize> = None;
+        let mut polls = WatchPolls::new(Instant::now(), period);
         loop {
-            let wait = next_poll.saturating_duration_since(Instant::now());
+            let wait = polls.next_poll().saturating_duration_since(Instant::now());
             let ring = tokio::select! {
                 () = timer.sleep(wait) => None,
                 ring = bell.ring() => Some(ring),
             };
-            match ring {
-                Some(Ring::Armed) if since_end.is_none() => {
-                    // It can ring: the next poll is only a safety net.
-                    next_poll = next_poll.max(Instant::now() + period.max(BELL_SAFETY_POLL));
-                    continue;
-                }
-                Some(Ring::Ended) if since_end.is_none() => {
+            if let Some(ring) = ring {
+                if ring == Ring::Ended {
                     crate::guest_io::COUNTERS.watch_ring();
-                    since_end = Some(0);
                 }
-                // Rings once an end was rung change nothing: the polls already follow it.
-                Some(ring) => {
-                    if ring == Ring::Ended {
-                        crate::guest_io::COUNTERS.watch_ring();
-                    }
+                if !polls.ring(Instant::now(), ring) {
                     continue;
                 }
-                None => {}
             }
             crate::guest_io::COUNTERS.watch_poll();
             let status = qga
@@ -577,16 +546,8 @@ impl VmSlot {
                 });
             }
             // Rung before the agent saw the exit (a busy guest), or for nothing (a confused or
-            // hostile guest, a late ring of an earlier watcher): soon, backing off to
-            // `period`, for a while; then the ring is forgotten.
-            let follow = since_end.filter(|&n| n < RING_RETRIES.len() + RING_FOLLOW);
-            since_end = follow.map(|n| n + 1);
-            let after = match follow {
-                Some(n) => RING_RETRIES.get(n).copied().unwrap_or(period).min(period),
-                None if bell.armed() => period.max(BELL_SAFETY_POLL),
-                None => period,
-            };
-            next_poll = Instant::now() + after;
+            // hostile guest, a late ring of an earlier watcher), or not rung at all.
+            polls.still_running(Instant::now(), bell.armed());
         }
     }
 
