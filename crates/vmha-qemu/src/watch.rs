@@ -148,7 +148,13 @@ tock() {
 	t=$((t + 1))
 	if [ "$t" -ge "$every" ]; then t=0; check; else quick; fi
 }
-if [ "$waits" = any ] && command -v pidwait >/dev/null 2>&1 && mkfifo "$fifo" && exec 3<>"$fifo"; then
+# A private fifo held open read-write (fd 3), and whether the shell can wait on it for a
+# while (`read -t`: busybox ash, bash; dash says it has no such option, status 2).
+fd3=; rt=
+if mkfifo "$fifo" && exec 3<>"$fifo"; then
+	fd3=1; _w=; { read -t 0.01 _w <&3; [ $? -ne 2 ]; } && rt=1
+fi
+if [ "$waits" = any ] && [ -n "$fd3" ] && command -v pidwait >/dev/null 2>&1; then
 	i=0
 	for q in $pids; do
 		echo "$q" >"$fifo.$i"
@@ -161,7 +167,7 @@ if [ "$waits" = any ] && command -v pidwait >/dev/null 2>&1 && mkfifo "$fifo" &&
 	# A pidwait takes a moment to start (its libraries load: half a second under TCG): ticks
 	# cover that time, where the shell has `read -t`.
 	warm=$((2 * every)); _w=
-	if { read -t 0.01 _w <&3; [ $? -ne 2 ]; }; then
+	if [ -n "$rt" ]; then
 		while [ "$warm" -gt 0 ] && [ -z "$_w" ]; do
 			tock; read -t "$tick" _w <&3 || _w=; warm=$((warm - 1))
 		done
@@ -170,7 +176,7 @@ if [ "$waits" = any ] && command -v pidwait >/dev/null 2>&1 && mkfifo "$fifo" &&
 	check
 	kill $waiters 2>/dev/null; waiters=
 fi
-if { [ -p "$fifo" ] || mkfifo "$fifo"; } && exec 3<>"$fifo" && { read -t 0.01 _w <&3; [ $? -ne 2 ]; }; then
+if [ -n "$rt" ]; then
 	while :; do tock; read -t "$tick" _w <&3; done
 fi
 rm -f "$fifo"
