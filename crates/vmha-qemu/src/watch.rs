@@ -16,8 +16,9 @@
 //!   `pidwait` ends, while the watcher blocks reading the fifo. For the first two seconds
 //!   ([`FULL_CHECK`] twice) it ticks as the loop below does, where the shell has `read -t`: a
 //!   `pidwait` takes a moment to start (its libraries load; about half a second on the TCG
-//!   test guest). The jobs and their `pidwait`s are killed when the watcher ends. A `pidwait`
-//!   that ends with every process still there (a kernel without `pidfd_open`) leaves the
+//!   test guest). The jobs and their `pidwait`s are killed when the watcher ends (and, for a
+//!   watcher killed with `SIGKILL`, whose exit trap did not run, by the next watcher, from the
+//!   list of jobs it left beside its fifo). A `pidwait` that ends with every process still there (a kernel without `pidfd_open`) leaves the
 //!   watcher to the loop;
 //! - else a loop of shell builtins — `read -t TICK` on a private fifo held open read-write (no
 //!   fork; busybox ash, bash) or `sleep TICK` (a fork per tick, e.g. dash) — that per tick
@@ -65,10 +66,17 @@ pub const WATCH_REPLY_LINE: usize = 16 << 10;
 /// The watcher program; its arguments come from [`watch_request`].
 pub const PROGRAM: &str = r#"M="vmha-watch $1"; tick=$2; every=$3; shift 3
 d=${VMHA_WATCH_DIR:-/run}; [ -w "$d" ] || d=/tmp; pf=$d/vmha-watch.pid
+ours() {
+	cl=$(tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline") && case "$cl" in *vmha-watch*) ;; *) false ;; esac
+}
 if read -r old 2>/dev/null <"$pf"; then
 	case "$old" in '' | *[!0-9]*) ;; *)
-		if [ "$old" != $$ ] && cl=$(tr '\0' ' ' 2>/dev/null <"/proc/$old/cmdline"); then
-			case "$cl" in *vmha-watch*) kill "$old" 2>/dev/null ;; esac
+		if [ "$old" = $$ ]; then :
+		elif ours "$old"; then kill "$old" 2>/dev/null
+		elif read -r jobs 2>/dev/null <"$d/vmha-watch.$old.fifo.jobs"; then
+			# It died without its exit trap (SIGKILL): end its pidwait jobs, remove its files.
+			for j in $jobs; do ! ours "$j" || kill "$j" 2>/dev/null; done
+			rm -f "$d/vmha-watch.$old.fifo" "$d/vmha-watch.$old.fifo".*
 		fi ;;
 	esac
 fi
@@ -163,6 +171,7 @@ if [ "$waits" = any ] && [ -n "$fd3" ] && command -v pidwait >/dev/null 2>&1; th
 			w=$!; wait $w; echo w >&3) </dev/null >/dev/null 2>&1 &
 		waiters="$waiters $!"; i=$((i + 1))
 	done
+	echo "$waiters" >"$fifo.jobs"
 	check
 	# A pidwait takes a moment to start (its libraries load: half a second under TCG): ticks
 	# cover that time, where the shell has `read -t`.
@@ -646,6 +655,62 @@ mod tests {
             sleeper.kill().unwrap();
             sleeper.wait().unwrap();
         }
+    }
+
+    /// A watcher killed with `SIGKILL` runs no exit trap: its `pidwait`s outlive it. The next
+    /// watcher ends them and removes the dead one's files.
+    #[test]
+    fn the_next_watcher_cleans_up_after_one_killed_with_sigkill() {
+        if !waits().contains(&"any") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (mut app, app_target) = sleeping_app(dir.path(), "app");
+        let targets = vec![app_target];
+        // The files and `pidwait`s of the watcher whose file names go on with `id`.
+        let left = |id: &str| -> (Vec<u32>, Vec<String>) {
+            let files = std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|f| f.starts_with(&format!("vmha-watch.{id}")))
+                .collect();
+            (pidwaits_of(dir.path(), id), files)
+        };
+        for shell in shells() {
+            let mut first = spawn_watcher(shell, dir.path(), &targets, 1);
+            let first_id = format!("{}.", first.id());
+            let head = until_armed(&mut first);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            // Its job list written, its pidwait running.
+            while left(&first_id).0.is_empty() || left(&first_id).1.len() < 3 {
+                assert!(std::time::Instant::now() < deadline, "{shell}: no pidwait");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            first.kill().unwrap();
+            let _ = finish(first, head);
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(!left(&first_id).0.is_empty(), "{shell}: the premise");
+
+            let mut second = spawn_watcher(shell, dir.path(), &targets, 2);
+            let second_id = format!("{}.", second.id());
+            let head = until_armed(&mut second);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while left(&first_id) != (vec![], vec![]) {
+                let now = std::time::Instant::now();
+                assert!(now < deadline, "{shell}: left behind {:?}", left(&first_id));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // The second ends normally (its exit trap cleans up after it).
+            Command::new("kill")
+                .arg(second.id().to_string())
+                .status()
+                .unwrap();
+            let _ = finish(second, head);
+            wait_pidwaits(dir.path(), false, shell);
+            assert_eq!(left(&second_id).1, Vec::<String>::new(), "{shell}");
+        }
+        app.kill().unwrap();
+        app.wait().unwrap();
     }
 
     #[test]
