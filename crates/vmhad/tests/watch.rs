@@ -1,7 +1,9 @@
 //! The watch and batched probes with the real TCG test guest (issue 14): a killed app is
 //! detected through the watch (its interval is an hour, so nothing else can see it), the
-//! watcher waiting with the guest's `pidwait` and ringing the VM's doorbell, and restarted, then watched again with its new pid; a watcher killed in the guest is started
-//! again with no app event; three apps at the same interval cost one guest-exec per probe.
+//! watcher waiting with the guest's `pidwait` and ringing the VM's doorbell, and restarted,
+//! then watched again with its new pid; a watcher killed in the guest (SIGKILL) is started
+//! again with no app event, and the new one ends the old one's `pidwait`s; three apps at the
+//! same interval cost one guest-exec per probe.
 //!
 //! Counts come from `guest_io` in `GET /v1/status`. Tests wait for states, never for time.
 
@@ -101,6 +103,32 @@ fn watcher_pid(h: &Vmhad, not: Option<&str>) -> String {
     }
 }
 
+/// Waits until the guest runs `want` `pidwait`s of the watcher with pid `watcher` (found by
+/// the fifo files on their command lines).
+fn wait_pidwaits_of(h: &Vmhad, watcher: &str, want: usize) {
+    let script = format!(
+        "for p in $(pidof pidwait); do tr '\\0' ' ' </proc/$p/cmdline; echo; done \
+         | grep -c 'vmha-watch.{watcher}.fifo'"
+    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = h.exec(VM, &["/bin/sh", "-c", &script]);
+        let n = out["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        if n == want.to_string() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "watcher {watcher}: {n:?} pidwaits, not {want}: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn a_killed_app_is_detected_through_the_watch_restarted_and_watched_again() {
     let _lock = vm_test_lock();
@@ -160,6 +188,8 @@ fn a_killed_watcher_is_started_again_without_an_app_event() {
     boot(&mut h);
     let watchers = wait_counter(&mut h, "watchers", 1);
     let first = watcher_pid(&h, None);
+    // Killed with SIGKILL once its pidwaits (one per app) run: they outlive it.
+    wait_pidwaits_of(&h, &first, 3);
     let mark = h.mark();
     let out = h.exec(VM, &["/bin/sh", "-c", &format!("kill -9 {first}")]);
     assert_eq!(out["exit"].as_i64(), Some(0), "{out}");
@@ -171,6 +201,8 @@ fn a_killed_watcher_is_started_again_without_an_app_event() {
         Some(0),
         "new watcher {second}: {alive}"
     );
+    // The new watcher ended the killed one's pidwaits.
+    wait_pidwaits_of(&h, &first, 0);
     let events = h.since(mark);
     assert!(
         events.is_empty(),
