@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 
-step() { printf '\n==> %s\n' "$*" >&2; }
+# Each step says when it started (UTC), so a run's log shows where its time went.
+step() { printf '\n==> [%s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 step "dependencies"
 ./scripts/install-deps.sh
@@ -72,3 +73,4 @@ for f in web-page.png web-page-phone.png; do
 	fi
 	echo "$artifacts/$f"
 done
+step "done"
