@@ -18,8 +18,8 @@
 //!   `pidwait` takes a moment to start (its libraries load; about half a second on the TCG
 //!   test guest). The jobs and their `pidwait`s are killed when the watcher ends (and, for a
 //!   watcher killed with `SIGKILL`, whose exit trap did not run, by the next watcher, from the
-//!   list of jobs it left beside its fifo). A `pidwait` that ends with every process still there (a kernel without `pidfd_open`) leaves the
-//!   watcher to the loop;
+//!   list of jobs it left beside its fifo). A `pidwait` that ends with every process still
+//!   there (a kernel without `pidfd_open`) leaves the watcher to the loop;
 //! - else a loop of shell builtins — `read -t TICK` on a private fifo held open read-write (no
 //!   fork; busybox ash, bash) or `sleep TICK` (a fork per tick, e.g. dash) — that per tick
 //!   tests that each process's `/proc/PID/exe` still resolves (one `stat` each: it does not
