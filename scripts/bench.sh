@@ -30,8 +30,9 @@ target=${CARGO_TARGET_DIR:-target}
 
 extra=()
 if $smoke; then
-	step "build (debug)"
-	cargo build -p vmha -p vmhad
+	# The test suite's build (scripts/test.sh runs this smoke run): built once for both.
+	step "build (debug, as the tests: cargo test --workspace --no-run --features libvirt)"
+	cargo test --workspace --no-run --features libvirt
 	bin=$target/debug
 	extra=(--out "$target/bench-smoke" --workdir /tmp/vmha-bench-smoke)
 else

@@ -30,8 +30,15 @@ step "cargo clippy --workspace --all-targets -- -D warnings (without, then with 
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy --workspace --all-targets "${FEATURES[@]}" -- -D warnings
 
+# One debug build of the tests and binaries, with every driver: the steps below run these
+# binaries, and the doc tests and the tests reuse the build (a build with other features or
+# targets would compile the shared dependencies again).
+target=${CARGO_TARGET_DIR:-target}
+step "cargo test --workspace --no-run ${FEATURES[*]}"
+cargo test --workspace --no-run "${FEATURES[@]}"
+
 step "example configurations"
-cargo run --quiet -p vmha "${FEATURES[@]}" -- config validate examples/*.toml
+"$target/debug/vmha" config validate examples/*.toml
 
 # The benchmark code must not rot: a smoke run (tiny N, 2 runs; boots VMs and a test bed, as
 # root only), written to $CARGO_TARGET_DIR/bench-smoke/. No timing is asserted.
@@ -51,7 +58,7 @@ else
 fi
 
 # Artifacts of an earlier run must not pass for this run's (checked at the end).
-rm -f "${CARGO_TARGET_DIR:-target}"/artifacts/web-page*.png
+rm -f "$target"/artifacts/web-page*.png
 
 if cargo nextest --version >/dev/null 2>&1; then
 	step "cargo test --workspace --doc"
@@ -60,11 +67,11 @@ if cargo nextest --version >/dev/null 2>&1; then
 	cargo nextest run --workspace "${FEATURES[@]}"
 else
 	step "cargo test --workspace ${FEATURES[*]}"
-	cargo test --workspace "${FEATURES[@]}"
+	cargo test --workspace --no-fail-fast "${FEATURES[@]}"
 fi
 
 # The browser test saves screenshots as artifacts: they must exist; their paths are printed.
-artifacts=${CARGO_TARGET_DIR:-target}/artifacts
+artifacts=$target/artifacts
 step "test artifacts in $artifacts"
 for f in web-page.png web-page-phone.png; do
 	if [[ ! -s $artifacts/$f ]]; then
