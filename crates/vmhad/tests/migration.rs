@@ -31,7 +31,21 @@ const APPS: [&str; 3] = ["db", "web", "worker"];
 fn cluster() -> Cluster {
     let c = Cluster::new(&[VM], &[vm(VM, &["kvm1", "kvm2"], "migrate = true")]);
     c.wait("shop online on kvm1", BOOT, || c.online_on("kvm1", VM));
+    // The controller moves live only a VM it has seen online on its owner; a move asked
+    // before kvm1's report reached it is a cold move (stop on kvm1, start on kvm2).
+    c.wait("the controller seeing shop online", BOOT, || {
+        controller_state(&c).is_some_and(|s| s == "online")
+    });
     c
+}
+
+/// The state of `shop` as the controller sees it (asked of the leader, as kvm3 knows it).
+fn controller_state(c: &Cluster) -> Option<String> {
+    let leader = c.leader("kvm3")?;
+    let status = c.try_status(&leader)?;
+    status["cluster_view"]["vms"][0]["state"]
+        .as_str()
+        .map(str::to_string)
 }
 
 /// What the guest says about itself: seconds since it booted, and its apps' pids.
