@@ -34,18 +34,17 @@ fn cluster() -> Cluster {
     // The controller moves live only a VM it has seen online on its owner; a move asked
     // before kvm1's report reached it is a cold move (stop on kvm1, start on kvm2).
     c.wait("the controller seeing shop online", BOOT, || {
-        controller_state(&c).is_some_and(|s| s == "online")
+        controller_view(&c).is_some_and(|v| v["state"] == "online")
     });
     c
 }
 
-/// The state of `shop` as the controller sees it (asked of the leader, as kvm3 knows it).
-fn controller_state(c: &Cluster) -> Option<String> {
+/// `shop` as the controller sees it: its entry in the leader's cluster view (the leader as
+/// kvm3 knows it).
+fn controller_view(c: &Cluster) -> Option<Value> {
     let leader = c.leader("kvm3")?;
-    let status = c.try_status(&leader)?;
-    status["cluster_view"]["vms"][0]["state"]
-        .as_str()
-        .map(str::to_string)
+    let mut status = c.try_status(&leader)?;
+    Some(status["cluster_view"]["vms"][0].take())
 }
 
 /// What the guest says about itself: seconds since it booted, and its apps' pids.
@@ -126,17 +125,13 @@ fn wait_sending(c: &Cluster, host: &str) {
     });
 }
 
-/// Whether the controller's ownership record of `shop` still carries a migration (asked of
-/// the leader, as kvm3 knows it).
+/// Whether the controller's ownership record of `shop` still carries a migration (true while
+/// the controller cannot be asked).
 fn migrating(c: &Cluster) -> bool {
-    let Some(leader) = c.leader("kvm3") else {
-        return true;
-    };
-    let Some(status) = c.try_status(&leader) else {
-        return true;
-    };
-    let record = &status["cluster_view"]["vms"][0]["record"];
-    record.is_null() || !record["migrate"].is_null()
+    controller_view(c).is_none_or(|v| {
+        let record = &v["record"];
+        record.is_null() || !record["migrate"].is_null()
+    })
 }
 
 /// Events of the cluster about `shop` since the `skip` first ones.
