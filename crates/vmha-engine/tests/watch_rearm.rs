@@ -1,7 +1,8 @@
 //! A watcher that said an app was gone is replaced only once the probe it brought forward has
 //! answered: a watcher started at once would only find the dead process, and would compete with
 //! that probe for the guest channel and the guest's CPU on the detection's critical path. A
-//! probe that fails does not keep the watch off.
+//! probe that fails does not keep the watch off. A watcher that ran the app's check itself
+//! needs no probe: its outcome counts as the probe's would.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -148,8 +149,9 @@ impl Host {
         (h, watch)
     }
 
-    /// The watcher says worker is gone (it was killed in the guest).
-    fn worker_killed(&mut self, watch: &HostAction) {
+    /// The watcher says worker is gone (it was killed in the guest), with the outcome of the
+    /// check it ran then (`None`: it ran none).
+    fn worker_killed(&mut self, watch: &HostAction, checked: Option<ProbeOutcome>) {
         self.worker_up = false;
         self.input(HostInput::WatchResult {
             id: watch.id,
@@ -157,6 +159,7 @@ impl Host {
             report: WatchReport {
                 end: WatchEnd::Gone(name("worker")),
                 not_found: Vec::new(),
+                checked,
             },
         });
     }
@@ -176,7 +179,7 @@ fn kinds(actions: &[HostAction]) -> Vec<&'static str> {
 #[test]
 fn the_watcher_is_replaced_after_the_probe_it_brought_forward_answered() {
     let (mut h, watch) = Host::watched();
-    h.worker_killed(&watch);
+    h.worker_killed(&watch, None);
     // The probe goes out at once; no watcher while it runs, however long it takes.
     let held = h.run(10_000, true);
     assert_eq!(kinds(&held), ["probe"], "{held:?}");
@@ -191,7 +194,7 @@ fn the_watcher_is_replaced_after_the_probe_it_brought_forward_answered() {
 #[test]
 fn a_failed_probe_frees_the_watch() {
     let (mut h, watch) = Host::watched();
-    h.worker_killed(&watch);
+    h.worker_killed(&watch, None);
     let held = h.run(1_000, true);
     assert_eq!(kinds(&held), ["probe"], "{held:?}");
     h.worker_up = true;
@@ -205,4 +208,39 @@ fn a_failed_probe_frees_the_watch() {
     // probe an hour later.
     let held = h.run(60_000, false);
     assert!(kinds(&held).contains(&"watch"), "{held:?}");
+}
+
+#[test]
+fn the_watchers_own_check_fails_the_app_without_a_probe() {
+    let (mut h, watch) = Host::watched();
+    h.worker_killed(&watch, Some(ProbeOutcome::NotRunning(ExitStatus::Code(3))));
+    // Restarted at once on the watcher's check: no probe, and then watched again.
+    let worker = common::app_status(&h.agent, "worker");
+    assert_eq!(worker.state, AppState::Restarting, "{worker:?}");
+    assert_eq!(worker.restarts_in_window, 1, "{worker:?}");
+    assert!(worker.reason.contains("checked by the watch"), "{worker:?}");
+    let held = h.run(5_000, false);
+    assert_eq!(h.state("worker"), AppState::Online);
+    assert_eq!(kinds(&held), ["watch"], "{held:?}");
+}
+
+#[test]
+fn a_watcher_whose_check_passes_is_rearmed_only_after_a_backoff() {
+    let (mut h, watch) = Host::watched();
+    h.worker_up = true;
+    h.input(HostInput::WatchResult {
+        id: watch.id,
+        vm: name("shop"),
+        report: WatchReport {
+            end: WatchEnd::Gone(name("worker")),
+            not_found: Vec::new(),
+            checked: Some(ProbeOutcome::Running),
+        },
+    });
+    assert_eq!(h.state("worker"), AppState::Online);
+    // A guest that says "gone" while the check passes cannot make vmha re-arm in a loop.
+    let held = h.run(900, true);
+    assert!(held.is_empty(), "{held:?}");
+    let held = h.run(500, true);
+    assert_eq!(kinds(&held), ["watch"], "{held:?}");
 }

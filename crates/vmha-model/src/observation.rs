@@ -182,6 +182,13 @@ pub struct WatchTarget {
     pub app: Name,
     /// Its process.
     pub process: ProcessRef,
+    /// Its `check` argv, which the watcher runs the moment the process is gone (empty: none,
+    /// the app is then checked by a probe).
+    #[serde(default)]
+    pub check: Vec<String>,
+    /// Its check's `timeout`: the watcher stops the check after this long.
+    #[serde(default)]
+    pub timeout: Duration,
 }
 
 /// How a watcher ended, as the guest's answer says (untrusted: it only brings a check forward).
@@ -205,4 +212,9 @@ pub struct WatchReport {
     pub end: WatchEnd,
     /// Apps whose process could not be found when it started (left to interval checks).
     pub not_found: Vec<Name>,
+    /// With [`WatchEnd::Gone`]: the outcome of that app's check, which the watcher ran the
+    /// moment it saw the process gone (`None`: it did not, or its answer was not readable;
+    /// the app is then probed at once).
+    #[serde(default)]
+    pub checked: Option<ProbeOutcome>,
 }

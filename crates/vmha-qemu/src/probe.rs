@@ -64,8 +64,18 @@ fn shell_quote(arg: &str) -> String {
     out
 }
 
+/// The check `argv` as one shell command line (each argument quoted), if it is a valid one.
+pub(crate) fn command_line(argv: &[String]) -> Option<String> {
+    valid_argv(argv).then(|| {
+        argv.iter()
+            .map(|a| shell_quote(a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    })
+}
+
 /// Seconds for `sleep`, with millisecond precision and no exponent.
-fn seconds(d: Duration) -> String {
+pub(crate) fn seconds(d: Duration) -> String {
     let d = d.max(MIN_TIMEOUT);
     let ms = d.as_millis();
     if ms % 1000 == 0 {
@@ -76,7 +86,7 @@ fn seconds(d: Duration) -> String {
 }
 
 /// Whole seconds for a `sleep` without fractions (old busybox builds), rounded up.
-fn whole_seconds(d: Duration) -> u128 {
+pub(crate) fn whole_seconds(d: Duration) -> u128 {
     d.max(MIN_TIMEOUT).as_millis().div_ceil(1000)
 }
 
@@ -86,12 +96,12 @@ fn valid_argv(argv: &[String]) -> bool {
 
 /// `vt PID` reads PID's children before it sends `TERM` to it (they are reparented once it
 /// dies), then does the same for each child: builtins only.
-const VT_FN: &str = "vt() { c=; read -r c </proc/$1/task/$1/children; kill -TERM $1; for d in $c; do vt $d; done; }\n";
+pub(crate) const VT_FN: &str = "vt() { c=; read -r c </proc/$1/task/$1/children; kill -TERM $1; for d in $c; do vt $d; done; }\n";
 
 /// The in-guest timer's other function, builtins only. `vk PARENT PID...` sends `TERM` to each
 /// PID that `/proc` shows running as a child of PARENT (every PID when `/proc` is not mounted),
 /// with its descendants ([`VT_FN`]).
-const VK_FN: &str = "\
+pub(crate) const VK_FN: &str = "\
 vk() { vq=$1; shift; for q; do
 if [ -d /proc/$vq ]; then read -r l </proc/$q/stat || continue; s=${l##*) }; st=${s%% *}; s=${s#* }
 [ \"$st\" != Z ] && [ \"${s%% *}\" = \"$vq\" ] || continue; fi; vt $q; done; }
@@ -114,14 +124,10 @@ fn launch(
     p.push_str("read -r vt0 _ </proc/uptime\n");
     let mut groups: Vec<(Duration, Vec<usize>)> = Vec::new();
     for (i, check) in checks.iter().enumerate() {
-        if !valid_argv(&check.argv) {
+        let Some(command) = command_line(&check.argv) else {
             continue;
-        }
-        let argv: Vec<String> = check.argv.iter().map(|a| shell_quote(a)).collect();
-        p.push_str(&format!(
-            "{} </dev/null >/dev/null 2>&1 & p{i}=$!\n",
-            argv.join(" ")
-        ));
+        };
+        p.push_str(&format!("{command} </dev/null >/dev/null 2>&1 & p{i}=$!\n"));
         let timeout = check.timeout.max(MIN_TIMEOUT);
         match groups.iter_mut().find(|(t, _)| *t == timeout) {
             Some((_, members)) => members.push(i),
@@ -344,7 +350,8 @@ fn host_timeout(kids: bool, checks: &[ProbeCheck]) -> Option<Duration> {
     timeouts.all(|t| t == first).then_some(first)
 }
 
-fn classify(status: u32) -> ProbeOutcome {
+/// The outcome a check's exit status (shell convention) means.
+pub(crate) fn classify(status: u32) -> ProbeOutcome {
     match status {
         0 => ProbeOutcome::Running,
         124 => ProbeOutcome::TimedOut,

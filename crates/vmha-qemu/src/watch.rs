@@ -3,7 +3,7 @@
 //! question), is rung when it ends, and checks the app it names at once.
 //!
 //! The program is POSIX `sh` with no agent installed in the guest. Targets come as arguments
-//! (never spliced into the program text): `kind value` pairs, `f PATH` for a pid file, `p NAME`
+//! (never spliced into the program text): `kind value …`, `f PATH` for a pid file, `p NAME`
 //! for a process name (`pidof -s`). At start it resolves each pid once and keeps the process's
 //! start time (field 22 of `/proc/PID/stat`), so a reused pid is not taken for the app; a target
 //! it cannot find is reported (`none INDEX`) and the watcher ends at once (the app may have
@@ -32,8 +32,11 @@
 //!   takes a byte per system call); the `exe` tests with the fifo kept open cost about a
 //!   third of that.
 //!
-//! When a process is gone (no stat, a zombie, another start time) it prints `gone INDEX` and
-//! exits 0. `$VMHA_WATCH_WAIT=loop` skips `waitpid` and `pidwait` (tests of the loop on hosts
+//! When a process is gone (no stat, a zombie, another start time) it runs that app's `check`
+//! at once (a background job, with the probe's in-guest timer: `TERM` to the check and its
+//! descendants once its timeout has passed, whole seconds where `sleep` takes no fractions),
+//! prints `gone INDEX STATUS` (124: timed out; `gone INDEX` alone for a target without a valid
+//! check or a guest without `sleep`) and exits 0: the app's detection then waits for no probe. `$VMHA_WATCH_WAIT=loop` skips `waitpid` and `pidwait` (tests of the loop on hosts
 //! that have them). One watcher per VM: a new one kills the previous one (its pid kept in
 //! `/run/vmha-watch.pid` — `$VMHA_WATCH_DIR` instead of `/run` if set, `/tmp` if that is not
 //! writable — and checked to be a watcher before the kill).
@@ -48,12 +51,15 @@
 //! then asks for its status at once instead of at its next poll (see [`crate::doorbell`]).
 //!
 //! Its answer is untrusted: only well-formed lines with this watcher's nonce and a valid index
-//! count, the first `gone` wins, and anything else (killed, other exit, no line) is
-//! [`WatchEnd::Ended`]: no news about the apps.
+//! count, the first `gone` wins (its status counts only if a shell can give it: 0–255, read as
+//! a probe's), and anything else (killed, other exit, no line) is [`WatchEnd::Ended`]: no news
+//! about the apps. Targets come as five arguments each: `kind value timeout whole-seconds
+//! check`, the check quoted for the shell by vmhad as the probe's are.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use vmha_model::{ExitStatus, Name, ProcessRef, WatchEnd, WatchReport, WatchTarget};
+use vmha_model::{ExitStatus, Name, ProbeOutcome, ProcessRef, WatchEnd, WatchReport, WatchTarget};
 
 use crate::qga::{ExecOutput, ExecRequest};
 
@@ -63,8 +69,14 @@ pub const WATCH_OUTPUT_CAP: usize = 1024;
 /// Longest `guest-exec-status` reply line accepted while watching.
 pub const WATCH_REPLY_LINE: usize = 16 << 10;
 
-/// The watcher program; its arguments come from [`watch_request`].
-pub const PROGRAM: &str = r#"M="vmha-watch $1"; tick=$2; every=$3; shift 3
+/// The watcher program; its arguments come from [`watch_request`]. It starts with the probe's
+/// functions that end a timed-out check with its descendants (only a child of the watcher:
+/// never a reused pid).
+pub static PROGRAM: LazyLock<String> =
+    LazyLock::new(|| format!("{}{}{BODY}", crate::probe::VT_FN, crate::probe::VK_FN));
+
+/// The watcher program after the probe's functions.
+const BODY: &str = r#"M="vmha-watch $1"; tick=$2; every=$3; shift 3
 d=${VMHA_WATCH_DIR:-/run}; [ -w "$d" ] || d=/tmp; pf=$d/vmha-watch.pid
 ours() {
 	cl=$(tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline") && case "$cl" in *vmha-watch*) ;; *) false ;; esac
@@ -108,7 +120,7 @@ st() {
 	s=${20}
 }
 n=0; pids=; missing=
-while [ $# -ge 2 ]; do
+while [ $# -ge 5 ]; do
 	p=
 	case "$1" in
 	f) read -r p 2>/dev/null <"$2" ;;
@@ -120,15 +132,30 @@ while [ $# -ge 2 ]; do
 	else
 		eval "p$n="; echo "$M none $n"; missing=1
 	fi
-	n=$((n + 1)); shift 2
+	# The app's check (quoted by vmhad) and its timeout, in seconds and in whole seconds.
+	eval "c$n=\$5; t$n=\$3; u$n=\$4"
+	n=$((n + 1)); shift 5
 done
 [ -z "$missing" ] || end
+# verdict I: the process of target I is gone. Its check runs at once, stopped (with its
+# descendants) by a timer once its timeout has passed; its exit status is the answer (124:
+# timed out). A `sleep` without fractions fails at once: whole seconds then.
+verdict() {
+	eval "cc=\$c$1; ct=\$t$1; cu=\$u$1"
+	if [ -z "$cc" ] || ! command -v sleep >/dev/null; then echo "$M gone $1"; return; fi
+	eval "$cc" </dev/null >/dev/null 2>&1 & cp=$!
+	(sleep "$ct" || sleep "$cu"; trap '' TERM; vk $$ $cp; exit 0) </dev/null >/dev/null 2>&1 &
+	ck=$!
+	wait $cp; cs=$?
+	kill $ck 2>/dev/null; wait $ck && cs=124
+	echo "$M gone $1 $cs"
+}
 check() {
 	i=0
 	while [ $i -lt $n ]; do
 		eval "p=\$p$i; w=\$s$i"
 		if [ -n "$p" ] && { ! st "$p" || [ "$s" != "$w" ]; }; then
-			echo "$M gone $i"; end
+			verdict $i; end
 		fi
 		i=$((i + 1))
 	done
@@ -224,7 +251,7 @@ pub fn watch_request(
     let mut argv = vec![
         "/bin/sh".to_string(),
         "-c".to_string(),
-        PROGRAM.to_string(),
+        PROGRAM.clone(),
         MARK.to_string(),
         nonce.to_string(),
         seconds(tick),
@@ -237,6 +264,9 @@ pub fn watch_request(
         };
         argv.push(kind.to_string());
         argv.push(value.clone());
+        argv.push(crate::probe::seconds(t.timeout));
+        argv.push(crate::probe::whole_seconds(t.timeout).to_string());
+        argv.push(crate::probe::command_line(&t.check).unwrap_or_default());
     }
     let mut request = ExecRequest::new(argv);
     request.deadline = deadline;
@@ -249,7 +279,7 @@ pub fn watch_request(
 pub fn parse_watch(targets: &[WatchTarget], nonce: u64, output: &ExecOutput) -> WatchReport {
     let nonce = nonce.to_string();
     let mut not_found: Vec<Name> = Vec::new();
-    let mut gone: Option<Name> = None;
+    let mut gone: Option<(Name, Option<ProbeOutcome>)> = None;
     for line in output.stdout.split(|&b| b == b'\n') {
         let Ok(line) = std::str::from_utf8(line) else {
             continue;
@@ -258,27 +288,42 @@ pub fn parse_watch(targets: &[WatchTarget], nonce: u64, output: &ExecOutput) -> 
         if words.next() != Some(MARK) || words.next() != Some(nonce.as_str()) {
             continue;
         }
-        let (Some(what), Some(index), None) = (words.next(), words.next(), words.next()) else {
+        let (Some(what), Some(index), status, None) =
+            (words.next(), words.next(), words.next(), words.next())
+        else {
             continue;
         };
         let Some(target) = index.parse::<usize>().ok().and_then(|i| targets.get(i)) else {
             continue;
         };
-        match what {
-            "none" if !not_found.contains(&target.app) => not_found.push(target.app.clone()),
-            "gone" if gone.is_none() => gone = Some(target.app.clone()),
+        match (what, status) {
+            ("none", None) if !not_found.contains(&target.app) => {
+                not_found.push(target.app.clone());
+            }
+            ("gone", status) if gone.is_none() => {
+                // Only a status a shell can give (0-255) is an outcome; else the app is probed.
+                let checked = status
+                    .and_then(|s| s.parse::<u8>().ok())
+                    .map(|s| crate::probe::classify(u32::from(s)));
+                gone = Some((target.app.clone(), checked));
+            }
             _ => {}
         }
     }
+    let checked = gone.as_ref().and_then(|(_, c)| *c);
     let end = match (gone, output.status) {
-        (Some(app), _) => WatchEnd::Gone(app),
+        (Some((app, _)), _) => WatchEnd::Gone(app),
         (None, ExitStatus::Code(0)) if !not_found.is_empty() => WatchEnd::NotFound,
         (None, ExitStatus::Signal(sig)) => {
             WatchEnd::Ended(format!("watcher killed by signal {sig}"))
         }
         (None, ExitStatus::Code(code)) => WatchEnd::Ended(format!("watcher exited {code}")),
     };
-    WatchReport { end, not_found }
+    WatchReport {
+        end,
+        not_found,
+        checked,
+    }
 }
 
 #[cfg(test)]
@@ -287,10 +332,13 @@ mod tests {
     use super::*;
     use std::process::{Child, Command, Stdio};
 
+    /// A target whose check fails with status 3 (its timeout 5 s).
     fn target(app: &str, process: ProcessRef) -> WatchTarget {
         WatchTarget {
             app: Name::new(app).unwrap(),
             process,
+            check: vec!["sh".into(), "-c".into(), "exit 3".into()],
+            timeout: Duration::from_secs(5),
         }
     }
 
@@ -318,6 +366,22 @@ mod tests {
         let r = parse_watch(&t, 7, &out);
         assert_eq!(r.end, WatchEnd::Gone(Name::new("b").unwrap()));
         assert_eq!(r.not_found, vec![Name::new("a").unwrap()]);
+        assert_eq!(r.checked, None, "no status: the app is probed");
+        // The status of the check the watcher ran, when it is one a shell can give.
+        for (status, checked) in [
+            ("0", Some(ProbeOutcome::Running)),
+            ("3", Some(ProbeOutcome::NotRunning(ExitStatus::Code(3)))),
+            ("124", Some(ProbeOutcome::TimedOut)),
+            ("137", Some(ProbeOutcome::NotRunning(ExitStatus::Signal(9)))),
+            ("256", None),
+            ("-1", None),
+            ("x", None),
+        ] {
+            let line = format!("vmha-watch 7 gone 1 {status}\nvmha-watch 7 gone 0 0\n");
+            let r = parse_watch(&t, 7, &output(ExitStatus::Code(0), line.as_bytes()));
+            assert_eq!(r.end, WatchEnd::Gone(Name::new("b").unwrap()), "{status}");
+            assert_eq!(r.checked, checked, "{status}");
+        }
         // Killed, or no line at all: no news about the apps.
         let r = parse_watch(&t, 7, &output(ExitStatus::Signal(9), b""));
         assert_eq!(r.end, WatchEnd::Ended("watcher killed by signal 9".into()));
@@ -336,10 +400,20 @@ mod tests {
     fn arguments_carry_the_targets_never_the_program() {
         let t = vec![target("a", ProcessRef::PidFile("/x/$(reboot)'".into()))];
         let r = watch_request(&t, 3, Duration::from_millis(100), Duration::from_secs(5));
-        assert_eq!(r.argv[2], PROGRAM);
+        assert_eq!(r.argv[2], *PROGRAM);
         assert_eq!(
             &r.argv[3..],
-            ["vmha-watch", "3", "0.100", "10", "f", "/x/$(reboot)'"]
+            [
+                "vmha-watch",
+                "3",
+                "0.100",
+                "10",
+                "f",
+                "/x/$(reboot)'",
+                "5",
+                "5",
+                "'sh' '-c' 'exit 3'"
+            ]
         );
         assert_eq!(r.output_cap, WATCH_OUTPUT_CAP);
     }
@@ -556,6 +630,9 @@ mod tests {
                 WatchEnd::Gone(Name::new("app").unwrap()),
                 "{shell}"
             );
+            // It ran the app's check at once.
+            let failed = ProbeOutcome::NotRunning(ExitStatus::Code(3));
+            assert_eq!(report.checked, Some(failed), "{shell}");
             assert!(report.not_found.is_empty());
             wait_rings(dir.path(), "a\ng\n", shell);
             wait_pidwaits(dir.path(), false, shell);
@@ -607,6 +684,51 @@ mod tests {
                 WatchEnd::Gone(Name::new("app").unwrap()),
                 "{shell}"
             );
+        }
+    }
+
+    /// The check the watcher runs when the process is gone is stopped at its timeout, with its
+    /// descendants, and counts as timed out; a target without a check is left to a probe.
+    #[test]
+    fn the_watchers_check_is_timed_out_and_a_target_without_one_is_probed() {
+        let dir = tempfile::tempdir().unwrap();
+        // The check's child: a `sleep` of a length nothing else uses.
+        let child = "sleep 59.4317";
+        for shell in shells() {
+            for hang in [true, false] {
+                let (mut app, mut app_target) = sleeping_app(dir.path(), "app");
+                app_target.timeout = Duration::from_millis(300);
+                app_target.check = if hang {
+                    // The check's child must go with it.
+                    vec!["sh".into(), "-c".into(), format!("{child} & wait")]
+                } else {
+                    Vec::new()
+                };
+                let targets = vec![app_target];
+                let mut watcher = spawn_watcher(shell, dir.path(), &targets, 6);
+                let head = until_armed(&mut watcher);
+                app.kill().unwrap();
+                app.wait().unwrap();
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                let what = format!("{shell}: the watcher did not end (hang: {hang})");
+                let report = answer(watcher, head, &targets, 6, deadline, &what);
+                assert_eq!(report.end, WatchEnd::Gone(Name::new("app").unwrap()));
+                let want = hang.then_some(ProbeOutcome::TimedOut);
+                assert_eq!(report.checked, want, "{shell} (hang: {hang})");
+                let needle = child.replace(' ', "\0");
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while std::fs::read_dir("/proc").unwrap().any(|e| {
+                    let pid = e.unwrap().file_name();
+                    std::fs::read(format!("/proc/{}/cmdline", pid.to_string_lossy()))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+                }) {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{shell}: the timed-out check's child outlived it"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
         }
     }
 

@@ -691,18 +691,10 @@ impl Sim {
                     self.host_input(h, HostInput::ActionResult { id, result });
                     return;
                 }
-                let guest = self.guests.get(&vm);
                 let outcomes = checks
                     .into_iter()
                     .map(|c| {
-                        let m = guest.and_then(|g| g.apps.get(&c.app));
-                        let o = match m {
-                            Some(m) if m.hang => ProbeOutcome::TimedOut,
-                            Some(m) if m.garbled => ProbeOutcome::Unreadable(Unreadable::Missing),
-                            Some(m) if m.running => ProbeOutcome::Running,
-                            Some(m) => ProbeOutcome::NotRunning(ExitStatus::Code(m.exit)),
-                            None => ProbeOutcome::NotRunning(ExitStatus::Code(127)),
-                        };
+                        let o = self.check_outcome(&vm, &c.app);
                         (c.app, o)
                     })
                     .collect();
@@ -747,6 +739,7 @@ impl Sim {
                     let report = crate::WatchReport {
                         end: crate::WatchEnd::NotFound,
                         not_found,
+                        checked: None,
                     };
                     self.host_input(h, HostInput::WatchResult { id, vm, report });
                 }
@@ -1010,16 +1003,35 @@ impl Sim {
         self.guests.get_mut(vm).and_then(|g| g.apps.get_mut(app))
     }
 
-    /// The watchers waiting on `app` of `vm` end: its process is gone.
+    /// What `app`'s check says in `vm`'s guest now.
+    fn check_outcome(&self, vm: &Name, app: &Name) -> ProbeOutcome {
+        match self.guests.get(vm).and_then(|g| g.apps.get(app)) {
+            Some(m) if m.hang => ProbeOutcome::TimedOut,
+            Some(m) if m.garbled => ProbeOutcome::Unreadable(Unreadable::Missing),
+            Some(m) if m.running => ProbeOutcome::Running,
+            Some(m) => ProbeOutcome::NotRunning(ExitStatus::Code(m.exit)),
+            None => ProbeOutcome::NotRunning(ExitStatus::Code(127)),
+        }
+    }
+
+    /// The watchers waiting on `app` of `vm` end: its process is gone, and, as the real
+    /// watcher, they run its check at once and report its outcome.
     fn watched_app_gone(&mut self, vm: &Name, app: &Name) {
-        self.end_watchers(vm, |apps| {
+        let checked = Some(self.check_outcome(vm, app));
+        self.end_watchers(vm, checked, |apps| {
             apps.contains(app)
                 .then(|| crate::WatchEnd::Gone(app.clone()))
         });
     }
 
-    /// Ends the watchers of `vm` for which `end` says how.
-    fn end_watchers(&mut self, vm: &Name, end: impl Fn(&[Name]) -> Option<crate::WatchEnd>) {
+    /// Ends the watchers of `vm` for which `end` says how (`checked`: the outcome of the
+    /// gone app's check).
+    fn end_watchers(
+        &mut self,
+        vm: &Name,
+        checked: Option<ProbeOutcome>,
+        end: impl Fn(&[Name]) -> Option<crate::WatchEnd>,
+    ) {
         let keys: Vec<(usize, Name)> = self
             .watchers
             .iter()
@@ -1036,6 +1048,7 @@ impl Sim {
             let report = crate::WatchReport {
                 end,
                 not_found: Vec::new(),
+                checked,
             };
             let vm = key.1.clone();
             self.host_input(key.0, HostInput::WatchResult { id, vm, report });
@@ -1057,7 +1070,7 @@ impl Sim {
             }
             SimCommand::WatchKill { vm } => {
                 let ended = crate::WatchEnd::Ended("watcher killed by signal 9".into());
-                self.end_watchers(&vm, |_| Some(ended.clone()));
+                self.end_watchers(&vm, None, |_| Some(ended.clone()));
             }
             SimCommand::AppRecover { vm, app } => {
                 let up = self.hosts.iter().any(|h| h.guest_up.contains(&vm));

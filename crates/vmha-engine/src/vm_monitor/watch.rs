@@ -1,18 +1,21 @@
 //! The watch (SPEC §4.1, issue 14): one long-running watcher per VM in the guest waits on the
-//! processes of the apps that name one and ends the moment one is gone; that app is then
-//! checked at once through its normal check (the check stays the truth, the watch only brings
-//! it forward).
+//! processes of the apps that name one and ends the moment one is gone, running that app's
+//! normal check at once (the check stays the truth, the watch only brings it forward).
 //!
 //! The engine decides when a watcher runs and what its end means; the driver runs it:
 //! - armed while the VM is monitored, the guest channel answers, no probe and no app start or
 //!   stop is in flight and at least one app naming its process is `online`; armed again (a new
 //!   watcher replaces the old one) whenever that set of apps changes — so an app restarted by
 //!   vmha is watched again with its new pid;
-//! - `gone APP` → that app probed now, alone (its check is all its detection waits for; other
-//!   apps keep their schedule, and the next watcher finds any other dead process at once); the
-//!   watcher is armed again after that probe (if it finds the app running, the `gone` was
-//!   wrong: armed again only after the backoff below, so a hostile guest cannot make vmha
-//!   probe in a loop);
+//! - `gone APP` with the outcome of APP's check, which the watcher ran the moment it saw the
+//!   process gone → that outcome counts as a probe's (no probe: the detection waits for nothing
+//!   more), unless APP was started or stopped since the watcher was armed;
+//! - `gone APP` without it → that app probed now, alone (its check is all its detection waits
+//!   for; other apps keep their schedule, and the next watcher finds any other dead process at
+//!   once);
+//! - either way the watcher is armed again once the app's check has answered (if it finds the
+//!   app running, the `gone` was wrong: armed again only after the backoff below, so a hostile
+//!   guest cannot make vmha probe or re-arm in a loop);
 //! - ended otherwise (killed in the guest, unreadable, the channel failed) → no app event;
 //!   armed again after [`WATCH_RETRY_MS`], doubling per such end in a row up to
 //!   [`WATCH_RETRY_CAP_MS`];
@@ -106,6 +109,8 @@ impl VmMonitor {
                 process_of(&self.apps[i]).map(|process| WatchTarget {
                     app: self.apps[i].name.clone(),
                     process,
+                    check: self.apps[i].cfg.check.clone(),
+                    timeout: self.apps[i].cfg.timeout,
                 })
             })
             .collect();
@@ -168,6 +173,12 @@ impl VmMonitor {
                     .iter()
                     .copied()
                     .find(|&i| self.apps.get(i).is_some_and(|a| &a.name == name));
+                if let (Some(i), Some(outcome)) = (named, &report.checked)
+                    && self.apps[i].answered_by(id)
+                {
+                    self.watch_checked(out, i, outcome);
+                    return;
+                }
                 let due: Vec<usize> = named.map_or(apps, |i| vec![i]);
                 for i in due {
                     if let Some(a) = self.apps.get_mut(i) {
@@ -178,6 +189,26 @@ impl VmMonitor {
             WatchEnd::NotFound => self.watch.ended = 0,
             WatchEnd::Ended(_) => self.watch_ended(out.now),
         }
+    }
+
+    /// The watcher ran app `i`'s check the moment it saw its process gone: the outcome counts
+    /// as a probe's (the check stays the truth; it just ran sooner). An app found running
+    /// (the `gone` was wrong, or the app is back under another pid) gets the backoff of
+    /// [`Self::after_watch_probe`], so a guest cannot make vmha re-arm in a loop.
+    fn watch_checked(&mut self, out: &mut Out<'_>, i: usize, outcome: &ProbeOutcome) {
+        let before = self.apps[i].state;
+        let (observed, change) = self.apps[i].observe(out.now, *outcome);
+        let mut changed = self.app_event(out, i, change);
+        if let Observed::Failed(cause) = observed {
+            self.app_failed(
+                out,
+                i,
+                format!("{cause}: checked by the watch as its process ended"),
+            );
+        }
+        changed |= self.apps[i].state != before;
+        self.after_watch_probe(out.now, *outcome != ProbeOutcome::Running);
+        self.after_app_changes(out, changed);
     }
 
     /// The watcher's action failed: the guest refuses it (watch off, with an event) or the
