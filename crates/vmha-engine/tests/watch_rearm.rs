@@ -244,3 +244,41 @@ fn a_watcher_whose_check_passes_is_rearmed_only_after_a_backoff() {
     let held = h.run(500, true);
     assert_eq!(kinds(&held), ["watch"], "{held:?}");
 }
+
+/// A probe that sees the death first restarts the app; the watcher's report of that death,
+/// coming after, is old news: it neither probes again nor holds the next watcher back as a
+/// false alarm would (before, each such race cost a backoff of 1 s, doubling, and the next
+/// kills went unwatched).
+#[test]
+fn a_late_gone_for_an_app_already_restarted_is_no_false_alarm() {
+    let (mut h, watch) = Host::watched();
+    h.worker_up = false;
+    // The interval probe finds worker down before the watcher's report.
+    let probe = loop {
+        let held = h.run(100, true);
+        if let Some(p) = held
+            .into_iter()
+            .find(|a| kinds(std::slice::from_ref(a)) == ["probe"])
+        {
+            break p;
+        }
+        assert!(h.now < 3_600_000 * 2, "no interval probe");
+    };
+    let r = h.probe_result(&probe);
+    h.input(r);
+    assert_eq!(h.state("worker"), AppState::Restarting);
+    h.input(HostInput::WatchResult {
+        id: watch.id,
+        vm: name("shop"),
+        report: WatchReport {
+            end: WatchEnd::Gone(name("worker")),
+            not_found: Vec::new(),
+            checked: Some(ProbeOutcome::NotRunning(ExitStatus::Code(3))),
+        },
+    });
+    // Restarted once, online again, and watched again at once: no backoff.
+    let held = h.run(500, false);
+    assert_eq!(h.state("worker"), AppState::Online);
+    assert_eq!(common::app_status(&h.agent, "worker").restarts_in_window, 1);
+    assert_eq!(kinds(&held), ["watch"], "{held:?}");
+}

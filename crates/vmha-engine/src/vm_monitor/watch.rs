@@ -9,7 +9,10 @@
 //!   vmha is watched again with its new pid;
 //! - `gone APP` with the outcome of APP's check, which the watcher ran the moment it saw the
 //!   process gone → that outcome counts as a probe's (no probe: the detection waits for nothing
-//!   more), unless APP was started or stopped since the watcher was armed;
+//!   more);
+//! - `gone APP` for an app started or stopped since the watcher was armed (a probe saw the
+//!   death first, and vmha is restarting it) → nothing: old news, not a false alarm (no
+//!   backoff);
 //! - `gone APP` without it → that app probed now, alone (its check is all its detection waits
 //!   for; other apps keep their schedule, and the next watcher finds any other dead process at
 //!   once);
@@ -166,16 +169,22 @@ impl VmMonitor {
         }
         match &report.end {
             WatchEnd::Gone(name) => {
-                self.watch.fired = true;
                 // The app named, alone: its check is all the detection waits for. A name that
                 // is not one of the watched apps (a confused guest) brings them all forward.
                 let named = apps
                     .iter()
                     .copied()
                     .find(|&i| self.apps.get(i).is_some_and(|a| &a.name == name));
-                if let (Some(i), Some(outcome)) = (named, &report.checked)
-                    && self.apps[i].answered_by(id)
+                if let Some(i) = named
+                    && !self.apps[i].answered_by(id)
                 {
+                    // Started or stopped since the watcher was armed (a probe saw the death
+                    // first, or an admin acted): old news, and no false alarm either. The
+                    // next watcher comes when the apps settle, with no backoff.
+                    return;
+                }
+                self.watch.fired = true;
+                if let (Some(i), Some(outcome)) = (named, &report.checked) {
                     self.watch_checked(out, i, outcome);
                     return;
                 }
