@@ -47,8 +47,11 @@
 //! it: `a` once armed, `g` when it ends with news (gone, not found), each written by a
 //! background job with no tie to the agent's pipes, so a write that blocks (vmhad not
 //! connected) never holds the watcher's exit; a job that cannot open the port (the guest lets
-//! one writer at a time, e.g. the `a` job still at work) tries once more 100 ms later. vmhad
-//! then asks for its status at once instead of at its next poll (see [`crate::doorbell`]).
+//! one writer at a time, e.g. the `a` job still at work) tries once more 100 ms later. The
+//! `g` job first waits, where the watcher has its fifo, until the watcher has exited (a few
+//! 2 ms `read -t`s on the fifo, 100 ms at most), and the watcher leaves the removal of its
+//! files to a job of its own: vmhad asks for its status the moment it is rung, instead of at
+//! its next poll (see [`crate::doorbell`]), and finds it ended.
 //!
 //! Its answer is untrusted: only well-formed lines with this watcher's nonce and a valid index
 //! count, the first `gone` wins (its status counts only if a shell can give it: 0–255, read as
@@ -95,7 +98,8 @@ fi
 echo $$ >"$pf" 2>/dev/null
 fifo=${pf%.pid}.$$.fifo
 waiters=
-trap 'rm -f "$fifo" "$fifo".*; [ -z "$waiters" ] || kill $waiters 2>/dev/null' EXIT
+cleanup() { rm -f "$fifo" "$fifo".*; [ -z "$waiters" ] || kill $waiters 2>/dev/null; }
+trap cleanup EXIT
 trap 'exit 143' TERM INT HUP
 bell=${VMHA_WATCH_BELL:-/dev/virtio-ports/org.vmha.watch.0}
 if ! [ -e "$bell" ]; then
@@ -107,12 +111,27 @@ if ! [ -e "$bell" ]; then
 	done
 	[ -c "$bell" ] || bell=
 fi
+# ring BYTE [after]: with `after` (and the fifo, for `read -t`), the job first waits until
+# the watcher is gone (at most 50 short waits), so that vmhad's status poll, sent the moment
+# the ring comes, finds it ended.
 ring() {
 	[ -z "$bell" ] || {
-		(echo "$1" >>"$bell" || { sleep 0.1; echo "$1" >>"$bell"; }) </dev/null >/dev/null 2>&1 &
+		(if [ -n "$2" ] && [ -n "$fd3" ]; then
+			k=0
+			while [ -e "/proc/$$/exe" ] && [ $k -lt 50 ]; do read -t 0.002 _x <&3; k=$((k + 1)); done
+		fi
+		echo "$1" >>"$bell" || { sleep 0.1; echo "$1" >>"$bell"; }) </dev/null >/dev/null 2>&1 &
 	}
 }
-end() { ring g; exit 0; }
+# With news: its jobs end, the ring waits for its exit, and its files are removed by a job of
+# their own (nothing left on the way to its exit but forks).
+end() {
+	trap - EXIT
+	[ -z "$waiters" ] || kill $waiters 2>/dev/null
+	ring g after
+	if [ -e "$fifo" ]; then rm -f "$fifo" "$fifo".* </dev/null >/dev/null 2>&1 & fi
+	exit 0
+}
 st() {
 	l=; read -r l 2>/dev/null <"/proc/$1/stat" || return 1
 	l=${l##*) }; set -- $l
@@ -151,6 +170,18 @@ verdict() {
 	echo "$M gone $1 $cs"
 }
 check() {
+	# First the processes whose exe is gone (one stat each: a dead one is found at once),
+	# then every process's stat (a zombie, a reused pid).
+	i=0
+	while [ $i -lt $n ]; do
+		eval "p=\$p$i; w=\$s$i"
+		case " $exes " in *" $p "*)
+			if ! [ -e "/proc/$p/exe" ] && { ! st "$p" || [ "$s" != "$w" ]; }; then
+				verdict $i; end
+			fi ;;
+		esac
+		i=$((i + 1))
+	done
 	i=0
 	while [ $i -lt $n ]; do
 		eval "p=\$p$i; w=\$s$i"
@@ -537,6 +568,27 @@ mod tests {
         }
     }
 
+    /// Waits (5 s at most) until no watcher's file is left in `dir` but the pid file (an
+    /// ended watcher's files are removed by a job of their own).
+    fn wait_files_removed(dir: &std::path::Path, what: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let left: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|f| f.starts_with("vmha-watch.") && f != "vmha-watch.pid")
+                .collect();
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: left {left:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn shells() -> Vec<&'static str> {
         ["/bin/sh", "/bin/busybox", "/usr/bin/busybox"]
             .into_iter()
@@ -636,6 +688,7 @@ mod tests {
             assert!(report.not_found.is_empty());
             wait_rings(dir.path(), "a\ng\n", shell);
             wait_pidwaits(dir.path(), false, shell);
+            wait_files_removed(dir.path(), shell);
             app.wait().unwrap();
             other.kill().unwrap();
             other.wait().unwrap();
