@@ -98,6 +98,36 @@ pub fn probe_count(text: &str, vm: &str) -> u64 {
         .sum()
 }
 
+/// The mark the app kill writes to the guest's kernel log just before the kill: printed at
+/// once on the serial console (`console.log`, a plain file on the host), whose growth the
+/// bench watches.
+const KILL_MARK: &str = "vmha-bench-kill";
+
+/// Watches `console` (a VM's serial console log, `len` bytes long before the kill) for
+/// [`KILL_MARK`], every millisecond for at most 10 s; the host time (ms) it was first seen.
+fn watch_console(console: PathBuf, len: u64) -> std::thread::JoinHandle<Option<u64>> {
+    std::thread::spawn(move || {
+        use std::io::{Read as _, Seek as _};
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut tail = Vec::new();
+        while Instant::now() < deadline {
+            let grown = std::fs::metadata(&console).is_ok_and(|m| m.len() > len);
+            if grown && let Ok(mut f) = std::fs::File::open(&console) {
+                let seen = now_ms();
+                tail.clear();
+                if f.seek(std::io::SeekFrom::Start(len)).is_ok()
+                    && f.read_to_end(&mut tail).is_ok()
+                    && String::from_utf8_lossy(&tail).contains(KILL_MARK)
+                {
+                    return Some(seen);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        None
+    })
+}
+
 /// vmhad running the VM [`VM`] at one app interval, with the failures the sections inject.
 pub struct Bench {
     /// vmhad and its events.
@@ -198,15 +228,38 @@ impl Bench {
         bail!("no new QEMU for {VM} within 60 s")
     }
 
-    /// Kills the app (`/opt/demo/app kill`) `phase` of an interval after a probe finished;
-    /// returns the kill's guest exec round trip, and the times from the kill to its failure
-    /// event (detected) and to its `online` event (running again).
+    /// Kills the app (`kill -KILL` of the pid in its pid file) `phase` of an interval after a
+    /// probe finished;
+    /// returns the kill's guest exec round trip, and the times from the kill's exec to its
+    /// failure event (detected) and to its `online` event (running again), and from the kill
+    /// in the guest (its [`KILL_MARK`] on the serial console, written just before it) to its
+    /// failure event.
     pub fn app_kill(&self, phase: f64) -> anyhow::Result<Vec<(&'static str, u64)>> {
         self.next_probe()?;
         self.sleep_phase(phase);
+        let console = self.local.run_dir.join(VM).join("console.log");
+        let len = std::fs::metadata(&console)
+            .with_context(|| format!("{}", console.display()))?
+            .len();
+        let marked = watch_console(console, len);
+        // Builtins only: the mark, then at once the kill. The kernel prints a message of level
+        // 2 on the console before the write to /dev/kmsg returns: the mark is in the file
+        // before the kill.
+        let kill = format!(
+            "read -r p </run/demo/\"$1\".pid && echo '<2>{KILL_MARK}' >/dev/kmsg && kill -KILL \"$p\""
+        );
         let t0 = now_ms();
-        harness::guest_exec(&self.local.client, VM, &["/opt/demo/app", "kill", self.app])?;
+        harness::guest_exec(
+            &self.local.client,
+            VM,
+            &["/bin/sh", "-c", &kill, "sh", self.app],
+        )?;
         let sent = now_ms();
+        let killed = marked
+            .join()
+            .ok()
+            .flatten()
+            .context("the kill's mark never reached the serial console")?;
         let vm_app = |e: &Ev| e.is_app(VM, self.app);
         let detected = self.wait("app failure seen", Duration::from_secs(30), |e| {
             vm_app(e) && e.from == "online"
@@ -218,6 +271,10 @@ impl Bench {
             ("kill's guest exec round trip", sent.saturating_sub(t0)),
             ("detected", detected.time.saturating_sub(t0)),
             ("running again", back.time.saturating_sub(t0)),
+            (
+                "detected, from the kill's mark on the console",
+                detected.time.saturating_sub(killed),
+            ),
         ])
     }
 
@@ -340,11 +397,15 @@ fn markdown(args: &BenchArgs, samples: &[Sample]) -> String {
          every {poll} ms), sleeps a random fraction (seeded, seed {seed}) of the interval, then \
          injects the failure. Times run from the injection to the event vmhad records (its \
          event time, same clock).\n\n\
-         - **app killed**: `/opt/demo/app kill {APP}` through vmhad's guest exec — the kill goes \
+         - **app killed**: `kill -KILL` of the pid in `/run/demo/{APP}.pid` (shell builtins) \
+           through vmhad's guest exec — the kill goes \
            through the same guest channel as the probes, so it waits for a probe in flight and \
            the next probe waits for it; the time starts when the exec is sent (its round trip is \
            listed: the kill happens within it). Detected = the app leaves `online`; running \
-           again = back to `online`.\n\
+           again = back to `online`. \"Detected, from the kill's mark on the console\" starts at \
+           the kill itself: the exec writes a mark to the guest's kernel log just before it, which \
+           the kernel prints on the serial console (a file on the host, watched every ms) before \
+           the write returns, so that figure is never shorter than the truth.\n\
          - **QEMU killed**: `kill -9` of QEMU's pid on the host. Detected = the VM leaves \
            `online` (QMP socket closed / child exited); new QEMU = its pidfile names a new live \
            process (polled every {poll} ms); online again = the VM is `online` (its app started).\n\

@@ -219,8 +219,9 @@ fn markdown(args: &BenchArgs, kills: &[Kill], cpu: &[Cpu]) -> String {
          (`watch_period` 200 ms, the default; the two configurations differ in nothing else). \
          Each run waits until VM and apps are online, waits for the next probe to finish (as in \
          section 1), sleeps a random fraction (seeded, seed {seed}) of the interval, then kills \
-         `{KILLED}` (`/opt/demo/app kill {KILLED}` through vmhad's guest exec; the time starts \
-         when the exec is sent, its round trip is listed). Detected = `{KILLED}` leaves `online` \
+         `{KILLED}` (`kill -KILL` of the pid in `/run/demo/{KILLED}.pid`, shell builtins, \
+         through vmhad's guest exec; the time starts \
+         when the exec is sent, its round trip is listed; \"detected, from the kill's mark on the console\" starts at the kill itself, as in section 1). Detected = `{KILLED}` leaves `online` \
          (with the watch on, the watcher in the guest sees the process gone and vmhad checks at \
          once; off, the next interval check finds it); running again = back to `online` \
          (vmhad's event times, same clock).\n",
