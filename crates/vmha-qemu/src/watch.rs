@@ -36,8 +36,9 @@
 //! at once (a background job, with the probe's in-guest timer: `TERM` to the check and its
 //! descendants once its timeout has passed, whole seconds where `sleep` takes no fractions),
 //! prints `gone INDEX STATUS` (124: timed out; `gone INDEX` alone for a target without a valid
-//! check or a guest without `sleep`) and exits 0: the app's detection then waits for no probe. `$VMHA_WATCH_WAIT=loop` skips `waitpid` and `pidwait` (tests of the loop on hosts
-//! that have them). One watcher per VM: a new one kills the previous one (its pid kept in
+//! check or a guest without `sleep`) and exits 0: the app's detection then waits for no probe.
+//! `$VMHA_WATCH_WAIT=loop` skips `waitpid` and `pidwait` (tests of the loop on hosts that have
+//! them). One watcher per VM: a new one kills the previous one (its pid kept in
 //! `/run/vmha-watch.pid` — `$VMHA_WATCH_DIR` instead of `/run` if set, `/tmp` if that is not
 //! writable — and checked to be a watcher before the kill).
 //!

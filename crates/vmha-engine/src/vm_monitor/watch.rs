@@ -10,15 +10,15 @@
 //! - `gone APP` with the outcome of APP's check, which the watcher ran the moment it saw the
 //!   process gone → that outcome counts as a probe's (no probe: the detection waits for nothing
 //!   more);
-//! - `gone APP` for an app started or stopped since the watcher was armed (a probe saw the
-//!   death first, and vmha is restarting it) → nothing: old news, not a false alarm (no
-//!   backoff);
-//! - `gone APP` without it → that app probed now, alone (its check is all its detection waits
-//!   for; other apps keep their schedule, and the next watcher finds any other dead process at
-//!   once);
+//! - `gone APP` without that outcome → that app probed now, alone (its check is all its
+//!   detection waits for; other apps keep their schedule, and the next watcher finds any other
+//!   dead process at once);
 //! - either way the watcher is armed again once the app's check has answered (if it finds the
 //!   app running, the `gone` was wrong: armed again only after the backoff below, so a hostile
 //!   guest cannot make vmha probe or re-arm in a loop);
+//! - `gone APP` for an app started or stopped since the watcher was armed (a probe saw the
+//!   death first, and vmha is restarting it), or not checked now → nothing: old news, not a
+//!   false alarm (no backoff);
 //! - ended otherwise (killed in the guest, unreadable, the channel failed) → no app event;
 //!   armed again after [`WATCH_RETRY_MS`], doubling per such end in a row up to
 //!   [`WATCH_RETRY_CAP_MS`];
@@ -179,8 +179,8 @@ impl VmMonitor {
                     && !self.apps[i].answered_by(id)
                 {
                     // Started or stopped since the watcher was armed (a probe saw the death
-                    // first, or an admin acted): old news, and no false alarm either. The
-                    // next watcher comes when the apps settle, with no backoff.
+                    // first, or an admin acted), or not checked now: old news, and no false
+                    // alarm either. The next watcher comes when the apps settle, no backoff.
                     return;
                 }
                 self.watch.fired = true;
