@@ -153,6 +153,11 @@ impl Host {
     /// check it ran then (`None`: it ran none).
     fn worker_killed(&mut self, watch: &HostAction, checked: Option<ProbeOutcome>) {
         self.worker_up = false;
+        self.worker_gone(watch, checked);
+    }
+
+    /// The watcher says worker is gone, with the outcome of the check it ran then.
+    fn worker_gone(&mut self, watch: &HostAction, checked: Option<ProbeOutcome>) {
         self.input(HostInput::WatchResult {
             id: watch.id,
             vm: name("shop"),
@@ -162,6 +167,13 @@ impl Host {
                 checked,
             },
         });
+    }
+
+    /// Within `ms`, worker is online again and a watcher is started (nothing else held).
+    fn online_and_watched_again(&mut self, ms: u64) {
+        let held = self.run(ms, false);
+        assert_eq!(self.state("worker"), AppState::Online);
+        assert_eq!(kinds(&held), ["watch"], "{held:?}");
     }
 }
 
@@ -186,9 +198,7 @@ fn the_watcher_is_replaced_after_the_probe_it_brought_forward_answered() {
     let r = h.probe_result(&held[0]);
     h.input(r);
     // It found worker down: worker is restarted, and then watched again.
-    let held = h.run(5_000, false);
-    assert_eq!(h.state("worker"), AppState::Online);
-    assert_eq!(kinds(&held), ["watch"], "{held:?}");
+    h.online_and_watched_again(5_000);
 }
 
 #[test]
@@ -219,24 +229,13 @@ fn the_watchers_own_check_fails_the_app_without_a_probe() {
     assert_eq!(worker.state, AppState::Restarting, "{worker:?}");
     assert_eq!(worker.restarts_in_window, 1, "{worker:?}");
     assert!(worker.reason.contains("checked by the watch"), "{worker:?}");
-    let held = h.run(5_000, false);
-    assert_eq!(h.state("worker"), AppState::Online);
-    assert_eq!(kinds(&held), ["watch"], "{held:?}");
+    h.online_and_watched_again(5_000);
 }
 
 #[test]
 fn a_watcher_whose_check_passes_is_rearmed_only_after_a_backoff() {
     let (mut h, watch) = Host::watched();
-    h.worker_up = true;
-    h.input(HostInput::WatchResult {
-        id: watch.id,
-        vm: name("shop"),
-        report: WatchReport {
-            end: WatchEnd::Gone(name("worker")),
-            not_found: Vec::new(),
-            checked: Some(ProbeOutcome::Running),
-        },
-    });
+    h.worker_gone(&watch, Some(ProbeOutcome::Running));
     assert_eq!(h.state("worker"), AppState::Online);
     // A guest that says "gone" while the check passes cannot make vmha re-arm in a loop.
     let held = h.run(900, true);
@@ -267,18 +266,8 @@ fn a_late_gone_for_an_app_already_restarted_is_no_false_alarm() {
     let r = h.probe_result(&probe);
     h.input(r);
     assert_eq!(h.state("worker"), AppState::Restarting);
-    h.input(HostInput::WatchResult {
-        id: watch.id,
-        vm: name("shop"),
-        report: WatchReport {
-            end: WatchEnd::Gone(name("worker")),
-            not_found: Vec::new(),
-            checked: Some(ProbeOutcome::NotRunning(ExitStatus::Code(3))),
-        },
-    });
+    h.worker_gone(&watch, Some(ProbeOutcome::NotRunning(ExitStatus::Code(3))));
     // Restarted once, online again, and watched again at once: no backoff.
-    let held = h.run(500, false);
-    assert_eq!(h.state("worker"), AppState::Online);
+    h.online_and_watched_again(500);
     assert_eq!(common::app_status(&h.agent, "worker").restarts_in_window, 1);
-    assert_eq!(kinds(&held), ["watch"], "{held:?}");
 }
