@@ -164,8 +164,12 @@ verdict() {
 	eval "cc=\$c$1; ct=\$t$1; cu=\$u$1"
 	if [ -z "$cc" ] || ! command -v sleep >/dev/null; then echo "$M gone $1"; return; fi
 	eval "$cc" </dev/null >/dev/null 2>&1 & cp=$!
+	# The timer is forked with TERM at its default: a TERM that comes before the child has
+	# reset the watcher's trap would be lost (dash), and the timer would then fire.
+	trap - TERM
 	(sleep "$ct" || sleep "$cu"; trap '' TERM; vk $$ $cp; exit 0) </dev/null >/dev/null 2>&1 &
 	ck=$!
+	trap 'exit 143' TERM
 	wait $cp; cs=$?
 	kill $ck 2>/dev/null; wait $ck && cs=124
 	echo "$M gone $1 $cs"
