@@ -229,11 +229,10 @@ impl Bench {
     }
 
     /// Kills the app (`kill -KILL` of the pid in its pid file) `phase` of an interval after a
-    /// probe finished;
-    /// returns the kill's guest exec round trip, and the times from the kill's exec to its
-    /// failure event (detected) and to its `online` event (running again), and from the kill
-    /// in the guest (its [`KILL_MARK`] on the serial console, written just before it) to its
-    /// failure event.
+    /// probe finished; returns the kill's guest exec round trip, the times from the kill's exec
+    /// to its failure event (detected) and to its `online` event (running again), and the time
+    /// from the kill in the guest (its [`KILL_MARK`] on the serial console, written just before
+    /// it) to its failure event.
     pub fn app_kill(&self, phase: f64) -> anyhow::Result<Vec<(&'static str, u64)>> {
         self.next_probe()?;
         self.sleep_phase(phase);
@@ -404,8 +403,9 @@ fn markdown(args: &BenchArgs, samples: &[Sample]) -> String {
            listed: the kill happens within it). Detected = the app leaves `online`; running \
            again = back to `online`. \"Detected, from the kill's mark on the console\" starts at \
            the kill itself: the exec writes a mark to the guest's kernel log just before it, which \
-           the kernel prints on the serial console (a file on the host, watched every ms) before \
-           the write returns, so that figure is never shorter than the truth.\n\
+           the kernel prints on the serial console (a file on the host, polled every ms) before \
+           the write returns, so that figure leaves out the kill's exec and is at most about a \
+           ms short.\n\
          - **QEMU killed**: `kill -9` of QEMU's pid on the host. Detected = the VM leaves \
            `online` (QMP socket closed / child exited); new QEMU = its pidfile names a new live \
            process (polled every {poll} ms); online again = the VM is `online` (its app started).\n\

@@ -220,10 +220,14 @@ fn markdown(args: &BenchArgs, kills: &[Kill], cpu: &[Cpu]) -> String {
          Each run waits until VM and apps are online, waits for the next probe to finish (as in \
          section 1), sleeps a random fraction (seeded, seed {seed}) of the interval, then kills \
          `{KILLED}` (`kill -KILL` of the pid in `/run/demo/{KILLED}.pid`, shell builtins, \
-         through vmhad's guest exec; the time starts \
-         when the exec is sent, its round trip is listed; \"detected, from the kill's mark on the console\" starts at the kill itself, as in section 1). Detected = `{KILLED}` leaves `online` \
-         (with the watch on, the watcher in the guest sees the process gone and vmhad checks at \
-         once; off, the next interval check finds it); running again = back to `online` \
+         through vmhad's guest exec; the time starts when the exec is sent, its round trip is \
+         listed; \"detected, from the kill's mark on the console\" starts at the kill itself: \
+         the exec writes a mark to the guest's kernel log just before the kill, which the \
+         kernel prints on the serial console, a file on the host, before the write returns; \
+         the bench polls that file every ms, so that figure leaves out the kill's exec and is \
+         at most about a ms short). Detected = `{KILLED}` leaves `online` (with the watch on, \
+         the watcher in the guest sees the process gone and runs its check at once; off, the \
+         next interval check finds it); running again = back to `online` \
          (vmhad's event times, same clock).\n",
         apps = APPS.map(|a| format!("`{a}`")).join(", "),
         intervals = args
