@@ -292,8 +292,15 @@ impl VmMonitor {
         );
     }
 
-    /// The incoming QEMU died or stopped before completing: forgotten, reported failed.
+    /// The VM was seen stopped or gone here: an incoming QEMU that had started waiting died
+    /// or stopped before completing; it is forgotten, reported failed. While it is still being
+    /// prepared, such an observation says nothing about it: the daemon's safety poll may have
+    /// found the slot empty just before the preparation took it (the preparation's own
+    /// answer tells whether it runs).
     pub(super) fn incoming_lost(&mut self) {
+        if matches!(self.incoming, Some(Incoming::Preparing(_))) {
+            return;
+        }
         if self.incoming.take().is_some() {
             self.migration_note = Some(MigrationNote::Failed {
                 why: "incoming QEMU exited before the migration completed".to_string(),
