@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use vmha_api::{SnapshotView, StatusView};
 use vmha_engine::sim::{ClusterSnapshot, GuestSnapshot};
 use vmha_engine::{
-    CommandError, CommandOrigin, Commit, Effects, Node, NodeInput, Persist, Timestamp,
+    CommandError, CommandOrigin, Commit, Effects, Node, NodeInput, Persist, Record, Timestamp,
 };
 use vmha_model::{Config, Name};
 use vmha_qemu::timer::Timer;
@@ -320,6 +320,11 @@ impl<S: ClusterStore> Core<S> {
                 self.node.handle(t, NodeInput::Host(input));
             }
             Msg::Records { records, full } => {
+                for r in &records {
+                    if let Record::Owner { .. } | Record::Host { .. } = r {
+                        tracing::debug!(full, "record {r:?}");
+                    }
+                }
                 self.node.handle(t, NodeInput::Records { records, full });
             }
             Msg::Requests { new, gone } => {

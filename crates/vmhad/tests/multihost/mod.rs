@@ -300,11 +300,27 @@ impl Cluster {
             .collect()
     }
 
-    /// Every vmhad log of `host` so far (for failure messages).
+    /// The last lines of `host`'s vmhad log above debug level (for failure messages: the
+    /// debug lines of periodic probes would crowd out the transitions).
     pub fn logs(&self, host: &str) -> String {
-        self.daemons
-            .get(host)
-            .map(|p| p.log_tail(60))
+        let Some(p) = self.daemons.get(host) else {
+            return String::new();
+        };
+        let log = p.log_tail(usize::MAX);
+        let lines: Vec<&str> = log.lines().filter(|l| !l.contains(" DEBUG ")).collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    /// The cluster's events as the first host that answers has them (for failure messages).
+    fn any_events(&self) -> Vec<String> {
+        self.hosts
+            .iter()
+            .filter(|h| self.try_status(h).is_some())
+            .filter_map(|h| {
+                // A panic while panicking would abort the test binary.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.events(h, 200))).ok()
+            })
+            .find(|e| !e.is_empty())
             .unwrap_or_default()
     }
 }
@@ -316,6 +332,7 @@ impl Drop for Cluster {
             for h in &self.hosts {
                 eprintln!("--- vmhad on {h} ---\n{}", self.logs(h));
             }
+            eprintln!("--- cluster events ---\n{}", self.any_events().join("\n"));
         }
     }
 }
