@@ -2,6 +2,7 @@
 //! as systemd's own) hears `READY=1` after start, `WATCHDOG=1` pings while the core loop runs
 //! and none while it hangs (the debug-build hook `VMHAD_TEST_HANG_CORE` blocks the core loop
 //! only, not the process), `RELOADING=1` then `READY=1` around SIGHUP, `STOPPING=1` on SIGTERM.
+//! Its log, journald's input, is plain text.
 
 #![allow(clippy::unwrap_used)]
 
@@ -128,4 +129,16 @@ fn without_notify_socket_a_watchdog_interval_alone_changes_nothing() {
     h.env = vec![("WATCHDOG_USEC".into(), "400000".into())];
     h.start();
     assert!(h.signal_and_wait(Signal::SIGTERM).success());
+}
+
+/// Under systemd vmhad's stderr goes to journald, not a terminal (here: a file): plain text,
+/// no colour codes for `journalctl` to show as `[34mDEBUG[0m`.
+#[test]
+fn a_log_that_is_not_a_terminal_gets_plain_text() {
+    let mut h = Vmhad::new(&[]);
+    h.start();
+    assert!(h.signal_and_wait(Signal::SIGTERM).success());
+    let log = h.log_tail(1000);
+    assert!(log.contains("vmhad running"), "{log}");
+    assert!(!log.contains('\u{1b}'), "escape codes in the log:\n{log}");
 }
