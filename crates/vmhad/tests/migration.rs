@@ -44,7 +44,14 @@ fn cluster() -> Cluster {
 fn controller_view(c: &Cluster) -> Option<Value> {
     let leader = c.leader("kvm3")?;
     let mut status = c.try_status(&leader)?;
-    Some(status["cluster_view"]["vms"][0].take())
+    // No view while the leader has just changed (`[0]` of a null would panic).
+    Some(
+        status
+            .get_mut("cluster_view")?
+            .get_mut("vms")?
+            .get_mut(0)?
+            .take(),
+    )
 }
 
 /// What the guest says about itself: seconds since it booted, and its apps' pids.
