@@ -136,13 +136,24 @@ name = "kvm1"
 // ---------------------------------------------------------------------------------------------
 // HTTP/1.0 over the Unix socket
 
-/// One HTTP/1.0 request; returns the status code and the body.
+/// One HTTP/1.0 request; returns the status code and the body (panics if it cannot be made).
 pub fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut stream = open(socket, method, path, body).expect("API request");
-    let status = read_head(&mut stream).expect("API response head");
+    try_http(socket, method, path, body).expect("API request")
+}
+
+/// One HTTP/1.0 request; the status code and the body, or why there is none (a daemon not
+/// listening, or gone mid-answer).
+pub fn try_http(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = open(socket, method, path, body)?;
+    let status = read_head(&mut stream)?;
     let mut text = String::new();
-    stream.read_to_string(&mut text).expect("API response body");
-    (status, text)
+    stream.read_to_string(&mut text)?;
+    Ok((status, text))
 }
 
 fn open(

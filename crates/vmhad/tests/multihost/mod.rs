@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use vmha_testbed::{DoubleRunChecker, Proc, Signal, Testbed};
 
-use crate::common::{guest_image, http};
+use crate::common::{guest_image, http, try_http};
 
 /// Lease TTL of these clusters: it must outlast an etcd leader election (~1–2 s with a 1 s
 /// election timeout), during which no renewal succeeds, by the fencing margin.
@@ -191,8 +191,7 @@ impl Cluster {
         if !socket.exists() {
             return None;
         }
-        let result = std::panic::catch_unwind(|| http(&socket, "GET", "/v1/status", None));
-        match result {
+        match try_http(&socket, "GET", "/v1/status", None) {
             Ok((200, body)) => serde_json::from_str(&body).ok(),
             _ => None,
         }
@@ -288,16 +287,18 @@ impl Cluster {
 
     /// Events of the whole cluster (read from `host`), oldest first, as text lines.
     pub fn events(&self, host: &str, limit: usize) -> Vec<String> {
-        let (_, body) = http(
-            &self.socket(host),
-            "GET",
-            &format!("/v1/events?limit={limit}"),
-            None,
-        );
-        body.lines()
+        self.try_events(host, limit).expect("GET /v1/events")
+    }
+
+    /// [`Cluster::events`], or why there are none (the daemon does not answer).
+    fn try_events(&self, host: &str, limit: usize) -> std::io::Result<Vec<String>> {
+        let path = format!("/v1/events?limit={limit}");
+        let (_, body) = try_http(&self.socket(host), "GET", &path, None)?;
+        Ok(body
+            .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter_map(|v| v["text"].as_str().map(str::to_string))
-            .collect()
+            .collect())
     }
 
     /// The last lines of `host`'s vmhad log above debug level (for failure messages: the
@@ -315,11 +316,7 @@ impl Cluster {
     fn any_events(&self) -> Vec<String> {
         self.hosts
             .iter()
-            .filter(|h| self.try_status(h).is_some())
-            .filter_map(|h| {
-                // A panic while panicking would abort the test binary.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.events(h, 200))).ok()
-            })
+            .filter_map(|h| self.try_events(h, 200).ok())
             .find(|e| !e.is_empty())
             .unwrap_or_default()
     }
