@@ -307,7 +307,7 @@ impl Cluster {
         let Some(p) = self.daemons.get(host) else {
             return String::new();
         };
-        let log = p.log_tail(usize::MAX);
+        let log = p.log();
         let lines: Vec<&str> = log.lines().filter(|l| !l.contains(" DEBUG ")).collect();
         lines[lines.len().saturating_sub(60)..].join("\n")
     }
