@@ -16,6 +16,7 @@ use anyhow::Context;
 mod detect;
 mod failover;
 mod hostile;
+mod probe_cost;
 mod report;
 mod scale;
 mod sim;

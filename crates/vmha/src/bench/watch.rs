@@ -1,7 +1,8 @@
 //! The watch (issue 14) on one host with a real TCG VM: an app killed at a random phase of the
 //! probe cycle (seeded) → detected and → running again, with the VM's watch on and off, at app
 //! intervals of 1 s and 10 s; and what it costs: vmhad's and QEMU's CPU per check with the watch
-//! on, off, and with checks every 200 ms instead.
+//! on, off, and with checks every 200 ms instead; and the floor under those checks (the idle
+//! guest, probes whose checks exec nothing: [`super::probe_cost`]).
 //!
 //! The runs are those of the detection section ([`Bench`]), on a VM whose three apps name their
 //! pid file; the configurations of a case pair differ in `watch` only.
@@ -15,6 +16,7 @@ use serde_json::Value;
 
 use super::BenchArgs;
 use super::detect::{Bench, VM, guest_dir};
+use super::probe_cost;
 use super::stats::{Rng, ms_row};
 use crate::harness::cpu_ticks;
 use crate::harness::local::{demo_app, guest_vm, interval_ms, one_host};
@@ -24,11 +26,39 @@ const APPS: [&str; 3] = ["a1", "a2", "a3"];
 /// The one killed.
 const KILLED: &str = "a2";
 /// Quiet time after start-up before the CPU window.
-const SETTLE: Duration = Duration::from_secs(5);
+pub(super) const SETTLE: Duration = Duration::from_secs(5);
 /// The app interval of the "check often instead" case, seconds.
 const OFTEN_S: f64 = 0.2;
 
-fn config(guest: &Path, dir: &Path, interval: f64, watch: bool) -> String {
+/// What the apps' checks run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Checks {
+    /// `/opt/demo/app check NAME` for each of [`APPS`]: a busybox `sh` script, exec'd.
+    Demo,
+    /// The shell builtin `true` for the first N of [`APPS`] (the others not configured): the
+    /// probe's shell forks for each, nothing is exec'd.
+    Builtin(usize),
+}
+
+impl Checks {
+    /// How many apps (checks per probe).
+    pub(super) fn apps(self) -> usize {
+        match self {
+            Checks::Demo => APPS.len(),
+            Checks::Builtin(n) => n.min(APPS.len()),
+        }
+    }
+
+    /// The table's words for it.
+    fn label(self) -> String {
+        match self {
+            Checks::Demo => format!("{} × demo", APPS.len()),
+            Checks::Builtin(n) => format!("{n} × `true`"),
+        }
+    }
+}
+
+fn config(guest: &Path, dir: &Path, interval: f64, watch: bool, checks: Checks) -> String {
     let mut parts = vec![
         one_host("bench", "vmha bench", dir),
         guest_vm(
@@ -38,12 +68,19 @@ fn config(guest: &Path, dir: &Path, interval: f64, watch: bool) -> String {
             &format!("vm_restart_limit = 100\nboot_timeout = \"120s\"\nwatch = {watch}\n"),
         ),
     ];
-    for app in APPS {
-        parts.push(demo_app(
+    for app in &APPS[..checks.apps()] {
+        let demo = demo_app(
             app,
             &interval_ms(interval),
             &format!("restart_limit = 1000\npid_file = \"/run/demo/{app}.pid\"\n"),
-        ));
+        );
+        parts.push(match checks {
+            Checks::Demo => demo,
+            Checks::Builtin(_) => demo.replace(
+                &format!("check = [\"/opt/demo/app\", \"check\", \"{app}\"]"),
+                "check = [\"true\"]",
+            ),
+        });
     }
     parts.concat()
 }
@@ -60,17 +97,18 @@ struct Kill {
 
 /// What one case cost over the CPU window.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Cpu {
-    interval: f64,
-    watch: bool,
-    window_s: f64,
+pub(super) struct Cpu {
+    pub(super) interval: f64,
+    pub(super) watch: bool,
+    pub(super) checks: Checks,
+    pub(super) window_s: f64,
     /// vmhad's CPU time, ms.
-    vmhad_ms: f64,
+    pub(super) vmhad_ms: f64,
     /// QEMU's CPU time, ms.
-    qemu_ms: f64,
+    pub(super) qemu_ms: f64,
     /// vmhad's `guest_io` counters over the window: checks, probes (guest execs), watchers
     /// started, watcher polls.
-    io: [u64; 4],
+    pub(super) io: [u64; 4],
 }
 
 fn on_off(watch: bool) -> &'static str {
@@ -78,7 +116,13 @@ fn on_off(watch: bool) -> &'static str {
 }
 
 /// vmhad's and QEMU's CPU and vmhad's guest I/O counters over `window`.
-fn measure(bench: &Bench, interval: f64, watch: bool, window: Duration) -> anyhow::Result<Cpu> {
+pub(super) fn measure(
+    bench: &Bench,
+    interval: f64,
+    watch: bool,
+    checks: Checks,
+    window: Duration,
+) -> anyhow::Result<Cpu> {
     let local = &bench.local;
     let qemu = local.qemu_pid(VM)?;
     let io = |s: &Value| {
@@ -102,6 +146,7 @@ fn measure(bench: &Bench, interval: f64, watch: bool, window: Duration) -> anyho
     Ok(Cpu {
         interval,
         watch,
+        checks,
         window_s: t0.elapsed().as_secs_f64(),
         vmhad_ms: v1.saturating_sub(v0) as f64 * 10.0,
         qemu_ms: q1.saturating_sub(q0) as f64 * 10.0,
@@ -133,13 +178,19 @@ pub fn run(args: &BenchArgs, raw: &Path) -> anyhow::Result<String> {
         let bench = Bench::start(
             args,
             &dir,
-            &config(&guest, &dir, interval, watch),
+            &config(&guest, &dir, interval, watch, Checks::Demo),
             interval,
             KILLED,
         )?;
         bench.settle().with_context(|| label.clone())?;
         std::thread::sleep(SETTLE);
-        let c = measure(&bench, interval, watch, Duration::from_secs(args.window))?;
+        let c = measure(
+            &bench,
+            interval,
+            watch,
+            Checks::Demo,
+            Duration::from_secs(args.window),
+        )?;
         println!(
             "    {} checks in {} guest execs, {} watchers, {} watcher polls; vmhad {:.0} ms, QEMU {:.0} ms",
             c.io[0], c.io[1], c.io[2], c.io[3], c.vmhad_ms, c.qemu_ms
@@ -166,8 +217,19 @@ pub fn run(args: &BenchArgs, raw: &Path) -> anyhow::Result<String> {
             }));
         }
     }
+    println!("  the probe's floor: the idle guest, then checks that exec nothing");
+    let floor = probe_cost::run(args, |dir, interval, checks| {
+        config(&guest, dir, interval, false, checks)
+    })?;
+    let demo = cpu
+        .iter()
+        .find(|c| (c.interval, c.watch, c.checks) == (1.0, false, Checks::Demo))
+        .copied();
+    cpu.extend(probe_cost::cpu_rows(&floor).map(|c| *c));
     write_csv(raw, &kills, &cpu)?;
-    Ok(markdown(args, &kills, &cpu))
+    let mut md = markdown(args, &kills, &cpu);
+    md.push_str(&probe_cost::markdown(&floor, demo.as_ref()));
+    Ok(md)
 }
 
 fn write_csv(raw: &Path, kills: &[Kill], cpu: &[Cpu]) -> anyhow::Result<()> {
@@ -187,14 +249,18 @@ fn write_csv(raw: &Path, kills: &[Kill], cpu: &[Cpu]) -> anyhow::Result<()> {
     let path = raw.join("watch.csv");
     std::fs::write(&path, csv).with_context(|| format!("writing {}", path.display()))?;
     let mut csv = String::from(
-        "interval_s,watch,window_s,checks,guest_execs,watchers,watcher_polls,vmhad_cpu_ms,qemu_cpu_ms\n",
+        "interval_s,watch,check_kind,window_s,checks,guest_execs,watchers,watcher_polls,vmhad_cpu_ms,qemu_cpu_ms\n",
     );
     for c in cpu {
         let _ = writeln!(
             csv,
-            "{},{},{:.1},{},{},{},{},{:.0},{:.0}",
+            "{},{},{},{:.1},{},{},{},{},{:.0},{:.0}",
             c.interval,
             on_off(c.watch),
+            match c.checks {
+                Checks::Demo => "demo".to_owned(),
+                Checks::Builtin(n) => format!("builtin-{n}"),
+            },
             c.window_s,
             c.io[0],
             c.io[1],
@@ -285,31 +351,39 @@ fn markdown(args: &BenchArgs, kills: &[Kill], cpu: &[Cpu]) -> String {
          kills), vmhad's and the VM's QEMU's CPU time (utime + stime from /proc/PID/stat) over a \
          window of {window} s, with the checks, guest execs (one per probe of the VM's due \
          apps), watchers started and watcher polls (`guest-exec-status`) in it, from vmhad's \
-         `guest_io` counters (`GET /v1/status`); per check = CPU time / checks. The last case \
-         checks every {often} ms with the watch off: checking often instead of watching. QEMU's \
-         CPU includes the guest's (the checks, the watcher, the idle guest under TCG). Raw: \
+         `guest_io` counters (`GET /v1/status`); per check = CPU time / checks. The case at \
+         {often} ms checks that often with the watch off: checking often instead of watching. \
+         The last three (the watch off) measure the floor under the checks: the idle guest \
+         (apps checked once an hour), and probes whose checks are the shell builtin `true` \
+         (the probe's shell forks for each; nothing is exec'd). QEMU's CPU includes the \
+         guest's (the checks, the watcher, the idle guest under TCG). Raw: \
          `bench/watch-cpu.csv`.\n\n\
-         | interval | watch | checks | guest execs | watchers | watcher polls | vmhad CPU | vmhad per check | QEMU CPU | QEMU per check | QEMU, % of a core |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|",
+         | interval | watch | each probe | checks | guest execs | watchers | watcher polls | vmhad CPU | vmhad per check | QEMU CPU | QEMU per check | QEMU, % of a core |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|",
         settle = SETTLE.as_secs(),
         window = args.window,
         often = (OFTEN_S * 1000.0).round(),
     );
     for c in cpu {
-        let per = c.io[0].max(1) as f64;
+        // No check in the window (the idle guest): nothing to divide by.
+        let per = |ms: f64, digits: usize| match c.io[0] {
+            0 => "—".to_owned(),
+            n => format!("{:.digits$} ms", ms / n as f64),
+        };
         let _ = writeln!(
             md,
-            "| {} s | {} | {} | {} | {} | {} | {:.0} ms | {:.3} ms | {:.0} ms | {:.1} ms | {:.1} % |",
+            "| {} s | {} | {} | {} | {} | {} | {} | {:.0} ms | {} | {:.0} ms | {} | {:.1} % |",
             c.interval,
             on_off(c.watch),
+            c.checks.label(),
             c.io[0],
             c.io[1],
             c.io[2],
             c.io[3],
             c.vmhad_ms,
-            c.vmhad_ms / per,
+            per(c.vmhad_ms, 3),
             c.qemu_ms,
-            c.qemu_ms / per,
+            per(c.qemu_ms, 1),
             c.qemu_ms / (c.window_s * 10.0)
         );
     }
@@ -337,8 +411,8 @@ mod tests {
     #[test]
     fn the_cases_differ_in_the_watch_only_and_are_valid() {
         let dir = Path::new("/tmp/w");
-        let on = config(Path::new("/g"), dir, 10.0, true);
-        let off = config(Path::new("/g"), dir, 10.0, false);
+        let on = config(Path::new("/g"), dir, 10.0, true, Checks::Demo);
+        let off = config(Path::new("/g"), dir, 10.0, false, Checks::Demo);
         for text in [&on, &off] {
             let c = vmha_model::Config::from_toml_str(text, "w.toml").unwrap();
             assert_eq!(c.vms[0].apps.len(), 3);
@@ -356,6 +430,27 @@ mod tests {
                 .watch
         );
         assert_eq!(on.replace("watch = true", "watch = false"), off);
+    }
+
+    #[test]
+    fn builtin_checks_replace_the_demo_check_and_nothing_else() {
+        let dir = Path::new("/tmp/w");
+        let text = config(Path::new("/g"), dir, 1.0, false, Checks::Builtin(1));
+        let c = vmha_model::Config::from_toml_str(&text, "w.toml").unwrap();
+        let apps = &c.vms[0].apps;
+        assert_eq!(apps.len(), 1);
+        assert_eq!(apps[0].check, vec!["true".to_owned()]);
+        assert_eq!(apps[0].start[0], "/opt/demo/app");
+        let three = config(Path::new("/g"), dir, 1.0, false, Checks::Builtin(3));
+        let demo = config(Path::new("/g"), dir, 1.0, false, Checks::Demo);
+        let restored = APPS.iter().fold(three, |t, app| {
+            t.replacen(
+                "check = [\"true\"]",
+                &format!("check = [\"/opt/demo/app\", \"check\", \"{app}\"]"),
+                1,
+            )
+        });
+        assert_eq!(restored, demo);
     }
 
     #[test]
@@ -378,6 +473,7 @@ mod tests {
         let cpu = [Cpu {
             interval: 0.2,
             watch: false,
+            checks: Checks::Demo,
             window_s: 60.0,
             vmhad_ms: 600.0,
             qemu_ms: 6_000.0,
@@ -398,7 +494,7 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("| 0.2 s | off | 900 | 300 | 0 | 0 | 600 ms | 0.667 ms | 6000 ms | 6.7 ms | 10.0 % |"),
+            md.contains("| 0.2 s | off | 3 × demo | 900 | 300 | 0 | 0 | 600 ms | 0.667 ms | 6000 ms | 6.7 ms | 10.0 % |"),
             "{md}"
         );
         assert!(
