@@ -215,18 +215,21 @@ fn build_host_timed_program(checks: &[ProbeCheck], nonce: u64) -> String {
 }
 
 /// The killer of a probe timed by vmhad, run as `sh -c KILLER vmha-kill NONCE PID`: it sends
-/// `TERM` to every child of PID (the probe's checks) with their descendants ([`VT_FN`]) and
-/// prints `vmha-probe NONCE killed CHILD` for each, builtins only; it does nothing unless PID
-/// runs (no zombie) as a child of its own parent, the agent. The agent starts processes only
-/// for vmhad's requests, which one VM's client sends one at a time, so a PID reused since the
-/// probe ended is not the agent's child (`pid_max` forks would have to happen in between).
+/// `TERM` to every child of PID (the probe's checks) that still runs, with its descendants
+/// ([`VT_FN`]), and prints `vmha-probe NONCE killed CHILD` for each, builtins only; a check
+/// that has ended (a zombie the probe has not reaped yet) keeps its own status and is not
+/// named. It does nothing unless PID runs (no zombie) as a child of its own parent, the
+/// agent. The agent starts processes only for vmhad's requests, which one VM's client sends
+/// one at a time, so a PID reused since the probe ended is not the agent's child (`pid_max`
+/// forks would have to happen in between).
 fn killer() -> String {
     format!(
         "exec 2>/dev/null\n{VT_FN}\
          read -r l </proc/$2/stat || exit 0\n\
          s=${{l##*) }}; [ \"${{s%% *}}\" != Z ] || exit 0; s=${{s#* }}; [ \"${{s%% *}}\" = \"$PPID\" ] || exit 0\n\
          c=; read -r c </proc/$2/task/$2/children\n\
-         for k in $c; do echo \"{MARK} $1 killed $k\"; vt $k; done\n"
+         for k in $c; do read -r l </proc/$k/stat || continue; s=${{l##*) }}; [ \"${{s%% *}}\" != Z ] || continue\n\
+         echo \"{MARK} $1 killed $k\"; vt $k; done\n"
     )
 }
 
@@ -865,6 +868,15 @@ mod tests {
         })
     }
 
+    /// How many children of `pid` run (zombies not counted).
+    fn running_children(pid: &str) -> usize {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter(|child| running(child))
+            .count()
+    }
+
     /// The pids `pids()` lists that still run after a grace period: a process killed by a
     /// signal dies only once it is scheduled, which takes a while on a loaded machine (the
     /// probe itself does not wait for its checks' descendants).
@@ -1104,6 +1116,15 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         let probe_pid = probe.id().to_string();
+        // The quick checks end on their own before the timeout (a killer running while one of
+        // them still ran would rightly end it too).
+        while running_children(&probe_pid) > 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the quick checks did not end"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let killer_out = sh(shell, path, &killer(), &["vmha-kill", "9", &probe_pid])
             .output()
             .unwrap();
@@ -1144,6 +1165,44 @@ mod tests {
             assert_eq!(started.len(), 2, "{started:?}");
             let left = still_running(|| started.clone());
             assert!(left.is_empty(), "{shell:?} left running: {left:?}");
+        }
+    }
+
+    #[test]
+    fn the_killer_names_and_ends_only_the_checks_that_still_run() {
+        // A "probe" (`sleep`, which never reaps) with an ended check (a zombie) and a hung
+        // one, and the killer beside it as a child of the same parent; the program prints
+        // `ended PID` and `hung PID` once it sees both.
+        let (_dir, shells) = shells();
+        for (shell, path) in shells {
+            let program = format!(
+                "sh -c 'true & sleep 30 & exec sleep 30' & p=$!\n\
+                 i=0; while [ $i -lt 500 ]; do c=; read -r c </proc/$p/task/$p/children\n\
+                 e=; h=; for k in $c; do read -r l </proc/$k/stat; s=${{l##*) }}\n\
+                 if [ \"${{s%% *}}\" = Z ]; then e=$k; else h=$k; fi; done\n\
+                 [ -n \"$e\" ] && [ -n \"$h\" ] && break; sleep 0.01; i=$((i+1)); done\n\
+                 echo \"ended $e\"; echo \"hung $h\"; sh -c {} vmha-kill 6 $p; kill $p",
+                shell_quote(&killer())
+            );
+            let out = sh(&shell, path.as_deref(), &program, &[]).output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let pid = |what: &str| {
+                stdout
+                    .lines()
+                    .find_map(|l| l.strip_prefix(what)?.strip_prefix(' ')?.parse::<u32>().ok())
+            };
+            let (Some(_), Some(hung)) = (pid("ended"), pid("hung")) else {
+                panic!("{shell:?}: no ended and hung check: {stdout}");
+            };
+            assert_eq!(
+                parse_killed(6, &out.stdout),
+                vec![hung],
+                "{shell:?} named the ended check or missed the hung one: {stdout}"
+            );
+            assert!(
+                still_running(|| vec![hung.to_string()]).is_empty(),
+                "{shell:?}"
+            );
         }
     }
 
