@@ -787,7 +787,6 @@ fn log_tail(path: &Path) -> String {
     String::from_utf8_lossy(&text[start..]).trim().to_owned()
 }
 
-/// Reads the pidfile and checks that the process's command line names this VM's QMP socket.
 /// Live (not zombie) processes other than this one whose command line names this VM's QMP
 /// socket: its QEMU, whoever started it and however far its start-up got.
 pub fn qemu_processes(paths: &VmPaths) -> Vec<u32> {
@@ -850,6 +849,7 @@ pub async fn kill_strays(
     Ok(strays.len())
 }
 
+/// Reads the pidfile and checks that the process's command line names this VM's QMP socket.
 fn verified_pid(paths: &VmPaths) -> Result<u32, VmError> {
     let err = |detail: String| VmError::Pid {
         path: paths.pidfile.clone(),

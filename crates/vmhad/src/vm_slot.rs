@@ -207,19 +207,25 @@ impl VmSlot {
         #[cfg(debug_assertions)]
         test_hold_adoption().await;
         let mut guard = self.qemu.lock().await;
-        let observation =
-            match QemuVm::adopt(&self.runtime_dir, self.name.as_str(), &self.driver).await {
-                Ok(vm) => {
-                    let obs = vm.status().await;
-                    tracing::info!(vm = %self.name, pid = vm.pid(), "adopted running VM: {obs:?}");
-                    self.install(&mut guard, vm);
-                    obs
-                }
-                Err(e) => {
+        let observation = match QemuVm::adopt(&self.runtime_dir, self.name.as_str(), &self.driver)
+            .await
+        {
+            Ok(vm) => {
+                let obs = vm.status().await;
+                tracing::info!(vm = %self.name, pid = vm.pid(), "adopted running VM: {obs:?}");
+                self.install(&mut guard, vm);
+                obs
+            }
+            Err(e) => {
+                let observation = self.without_handle();
+                if observation == VmObservation::Gone {
                     tracing::debug!(vm = %self.name, "nothing to adopt: {e}");
-                    VmObservation::Gone
+                } else {
+                    tracing::warn!(vm = %self.name, "a QEMU of this VM runs but cannot be adopted ({e}): taken as running, unresponsive");
                 }
-            };
+                observation
+            }
+        };
         self.looked.store(true, Ordering::SeqCst);
         drop(guard);
         self.send(HostInput::VmObserved {
@@ -268,6 +274,21 @@ impl VmSlot {
             }
             Err(vmha_qemu::VmError::AlreadyRunning(_)) if self.reattach(&mut guard).await => Ok(()),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// What the slot sees of its VM while it holds no handle on a QEMU: `Gone`, unless a QEMU
+    /// of this VM runs all the same (one that could not be adopted, e.g. stopped by a signal or
+    /// stuck so that its QMP socket never greets): that one is `Unresponsive`, so that the VM
+    /// monitor takes it as running (never starting a second QEMU, nor letting the controller
+    /// start the VM elsewhere) until it is killed.
+    fn without_handle(&self) -> VmObservation {
+        let runs = vmha_qemu::VmPaths::new(&self.runtime_dir, self.name.as_str())
+            .is_ok_and(|paths| !vmha_qemu::qemu_processes(&paths).is_empty());
+        if runs {
+            VmObservation::Unresponsive
+        } else {
+            VmObservation::Gone
         }
     }
 
@@ -393,7 +414,8 @@ impl VmSlot {
         Ok(())
     }
 
-    /// Stops the VM gracefully, forcing after `timeout`; `Ok` once QEMU is gone.
+    /// Stops the VM gracefully, forcing after `timeout`; `Ok` once QEMU is gone. A QEMU of
+    /// this VM that cannot be adopted (its QMP socket does not answer) is killed.
     pub async fn stop(self: &Arc<Self>, timeout: Duration) -> Result<(), SlotError> {
         let mut guard = self.qemu.lock().await;
         self.reattach(&mut guard).await;
@@ -402,6 +424,12 @@ impl VmSlot {
             tracing::info!(vm = %self.name, ?how, "VM stopped");
         }
         *guard = None;
+        // A QEMU of this VM that could not be adopted cannot be asked to stop: it is killed.
+        let strays =
+            vmha_qemu::kill_strays(&self.runtime_dir, self.name.as_str(), EXIT_GRACE).await?;
+        if strays > 0 {
+            tracing::warn!(vm = %self.name, strays, "killed QEMU processes of this VM that could not be adopted (no graceful stop without QMP)");
+        }
         Ok(())
     }
 
@@ -446,7 +474,7 @@ impl VmSlot {
         }
         let kind = match guard.as_ref() {
             Some(vm) => vm.status().await,
-            None => VmObservation::Gone,
+            None => self.without_handle(),
         };
         self.send(HostInput::VmObserved {
             vm: self.name.clone(),
@@ -685,8 +713,6 @@ kernel = "/nonexistent/vmlinuz"
         (slot, rx, dir)
     }
 
-    /// Safety polls must not queue up behind a long start/stop/kill holding the slot: with a
-    /// hung QEMU they would pile up without bound and delay a fencing kill behind them.
     /// A daemon restarted next to its running VM: a safety poll that comes before the slot
     /// has looked for that VM must not report it gone (the engine would restart it).
     #[tokio::test]
@@ -707,6 +733,8 @@ kernel = "/nonexistent/vmlinuz"
         ));
     }
 
+    /// Safety polls must not queue up behind a long start/stop/kill holding the slot: with a
+    /// hung QEMU they would pile up without bound and delay a fencing kill behind them.
     #[tokio::test]
     async fn safety_polls_do_not_queue_behind_a_busy_slot() {
         let (slot, mut rx, _dir) = slot();

@@ -1408,6 +1408,75 @@ fn a_paused_vm_is_adopted() {
     assert_no_vm_start(&h, m);
 }
 
+/// A QEMU that cannot be adopted is not taken for gone: with the VM's QEMU stopped by
+/// `SIGSTOP` while vmhad restarts (as stuck on its storage: its QMP socket never greets), the
+/// new vmhad starts no second QEMU beside it (nor tries to); the VM counts as running with
+/// its guest lost, so `on_guest_loss = restart-vm` kills that QEMU and starts the VM again.
+#[test]
+fn a_qemu_that_cannot_be_adopted_is_killed_before_the_vm_starts_again() {
+    let _lock = vm_test_lock();
+    let mut h = boot();
+    let pid0 = h.qemu_pid(VM);
+    assert!(h.signal_and_wait(Signal::SIGTERM).success());
+    kill(Pid::from_raw(pid0), Signal::SIGSTOP).unwrap();
+    let m = h.mark();
+    h.start();
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(150);
+    loop {
+        let qemus = h.qemu_processes(VM);
+        assert!(
+            qemus.len() <= 1,
+            "two QEMUs of {VM}: {qemus:?}\n{}",
+            h.events_text(m)
+        );
+        if seen.last() != Some(&qemus) {
+            seen.push(qemus.clone());
+        }
+        if qemus.first().is_some_and(|&p| p != pid0) && h.vm_status(VM)["state"] == "online" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VM did not come back online with a new QEMU: {seen:?}\n{}",
+            h.events_text(m)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let events = h.events_text(m);
+    println!("QEMUs seen: {seen:?}\nevents after the restart:\n{events}");
+    assert!(!alive(pid0), "the stopped QEMU was left behind");
+    assert_eq!(seen.first(), Some(&vec![pid0]), "{seen:?}");
+    let log = h.log_tail(2000);
+    assert!(
+        !log.contains("is already running"),
+        "vmhad tried to start a second QEMU:\n{log}"
+    );
+    // Taken as running, said so, then restarted for the guest's loss: never a start beside it.
+    let evs = h.since(m);
+    let vm_evs: Vec<&Ev> = evs
+        .iter()
+        .filter(|e| e.object == VM && e.origin != "controller")
+        .collect();
+    let first = vm_evs.first().map(|e| e.text.as_str()).unwrap_or_default();
+    assert!(
+        first.contains("→ online") && first.contains("does not answer"),
+        "{events}"
+    );
+    assert!(
+        vm_evs
+            .iter()
+            .any(|e| e.to == "restarting" && e.text.contains("on_guest_loss = restart-vm")),
+        "{events}"
+    );
+    assert!(!vm_evs.iter().any(|e| e.to == "starting"), "{events}");
+    for app in ["db", "web", "worker"] {
+        if h.app_status(VM, app)["state"] != "online" {
+            h.wait_for(m, &format!("{VM}/{app}"), "*", "online");
+        }
+    }
+}
+
 /// Under systemd (a fake `NOTIFY_SOCKET` here), a restarted vmhad says `READY=1` only once
 /// the VM left running is adopted. The adoption is held (debug-build hook
 /// `VMHAD_TEST_HOLD_ADOPTION`, as behind a slow QMP socket) while the API already answers: no

@@ -65,6 +65,7 @@ impl VmMonitor {
     }
 
     pub fn on_observed(&mut self, out: &mut Out<'_>, kind: VmObservation) {
+        self.unresponsive = kind == VmObservation::Unresponsive;
         match kind {
             VmObservation::Running | VmObservation::Resumed => {
                 self.found_running(out);

@@ -216,6 +216,9 @@ pub(crate) struct VmMonitor {
     clear_seen: u64,
     /// The VM ran here when the previous run of the daemon last persisted its state.
     restored_running: bool,
+    /// The latest observation of QEMU was `Unresponsive` (taken as running, not known to be):
+    /// said so in the reason when such a VM is adopted.
+    unresponsive: bool,
     /// Run-time settings were applied from the store (or changed here) at least once.
     settings_known: bool,
     /// What changed in persisted data (host-local state, settings) since it was handed out.
@@ -295,6 +298,7 @@ impl VmMonitor {
             restored_restart: false,
             clear_seen: 0,
             restored_running: false,
+            unresponsive: false,
             settings_known: false,
             dirty: Dirty::default(),
         };

@@ -94,6 +94,12 @@ impl VmMonitor {
                             "resuming the restart in progress",
                         );
                         self.begin(out, Intent::Restart, &[Step::WaitGuest, Step::StartApps]);
+                    } else if self.unresponsive {
+                        self.adopt(
+                            out,
+                            "a QEMU of this VM runs here but does not answer: taken as running \
+                             (never started twice) until the guest channel decides",
+                        );
                     } else {
                         self.adopt(out, "VM already running here: adopted");
                     }
