@@ -372,9 +372,12 @@ impl Sim {
         let memory = self.config.host(name.as_str()).and_then(|c| c.memory_mb);
         self.host_input(h, HostInput::Lease { live: true });
         for vm in self.hosts[h].vms.clone() {
-            // Adoption reports the VM as it is: paused with its reason, running, or gone.
+            // Adoption reports the VM as it is: paused with its reason, running, unresponsive
+            // (a QEMU that runs but cannot be adopted), or gone.
             let kind = if self.hosts[h].running.contains(&vm) {
-                match self.guests.get(&vm).and_then(|g| g.paused) {
+                let guest = self.guests.get(&vm);
+                match guest.and_then(|g| g.paused) {
+                    _ if guest.is_some_and(|g| g.qemu_hung) => VmObservation::Unresponsive,
                     Some(reason) => VmObservation::Paused { reason },
                     None => VmObservation::Running,
                 }
@@ -651,7 +654,7 @@ impl Sim {
             && !self
                 .guests
                 .get(vm)
-                .is_some_and(|g| g.hung || g.paused.is_some())
+                .is_some_and(|g| g.hung || g.qemu_hung || g.paused.is_some())
     }
 
     /// How the guest agent of `vm` on host `h` answers a guest-exec: refused when it is out of
@@ -1138,6 +1141,12 @@ impl Sim {
                             self.hosts[h].guest_up.insert(vm.clone());
                         }
                     }
+                }
+            }
+            SimCommand::QemuHang { vm } => {
+                // The daemon finds out by its next ping or probe, or at adoption.
+                if let Some(g) = self.guests.get_mut(&vm) {
+                    g.qemu_hung = true;
                 }
             }
             SimCommand::VmPause { vm, reason } => {

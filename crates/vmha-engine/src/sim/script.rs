@@ -123,6 +123,13 @@ pub enum SimCommand {
         /// Hanging.
         on: bool,
     },
+    /// The VM's QEMU stops answering for good (stopped by a signal, or stuck on its storage):
+    /// its QMP socket never greets and its guest agent is silent until it is killed; a daemon
+    /// restarted meanwhile cannot adopt it and observes it `Unresponsive`.
+    QemuHang {
+        /// VM.
+        vm: Name,
+    },
     /// The guest agent floods its channel, so the driver disconnects it as hostile (`on`), or
     /// behaves again.
     GuestHostile {
@@ -325,6 +332,7 @@ fn unknown_name(config: &Config, cmd: &SimCommand) -> Option<String> {
         | S::VmPause { vm: v, .. }
         | S::VmResume { vm: v }
         | S::GuestHang { vm: v, .. }
+        | S::QemuHang { vm: v }
         | S::GuestHostile { vm: v, .. }
         | S::BootHang { vm: v, .. }
         | S::ExecBlocked { vm: v, .. }
@@ -432,6 +440,7 @@ fn parse_command(w: &[&str]) -> Result<SimCommand, String> {
             vm: vm(1)?,
             on: false,
         },
+        "qemu-hang" => SimCommand::QemuHang { vm: vm(1)? },
         "guest-hostile" => SimCommand::GuestHostile {
             vm: vm(1)?,
             on: true,

@@ -142,7 +142,7 @@ impl Sim {
                 guests.push(GuestSnapshot {
                     host: h.name.clone(),
                     vm: vm.clone(),
-                    guest_up: h.guest_up.contains(vm) && !g.hung,
+                    guest_up: h.guest_up.contains(vm) && !g.hung && !g.qemu_hung,
                     paused: g.paused,
                     apps_down: g
                         .apps

@@ -46,6 +46,8 @@ pub(super) struct GuestModel {
     pub apps: BTreeMap<Name, AppModel>,
     /// The guest agent does not answer.
     pub hung: bool,
+    /// QEMU itself does not answer (QMP and the guest agent are silent) until it is killed.
+    pub qemu_hung: bool,
     /// Booting never brings the guest agent up.
     pub boot_hang: bool,
     /// The guest agent refuses `guest-exec` (its configuration blocks it).
@@ -84,10 +86,12 @@ impl GuestModel {
         self.apps.values_mut().for_each(|m| m.running = false);
     }
 
-    /// A fresh boot: apps down, a hung guest agent is gone with the old guest, the vCPUs run.
+    /// A fresh boot: apps down, a hung guest agent or QEMU is gone with the old guest, the
+    /// vCPUs run.
     pub fn fresh_boot(&mut self) {
         self.apps_down();
         self.hung = false;
+        self.qemu_hung = false;
         self.paused = None;
     }
 }
