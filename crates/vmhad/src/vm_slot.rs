@@ -281,10 +281,12 @@ impl VmSlot {
     /// of this VM runs all the same (one that could not be adopted, e.g. stopped by a signal or
     /// stuck so that its QMP socket never greets): that one is `Unresponsive`, so that the VM
     /// monitor takes it as running (never starting a second QEMU, nor letting the controller
-    /// start the VM elsewhere) until it is killed.
+    /// start the VM elsewhere) until it is killed. Every safety poll of a VM not running here
+    /// asks this, so `/proc` is scanned only when the VM's QMP socket file is there (a QEMU
+    /// of it creates it first thing; a stuck one keeps it).
     fn without_handle(&self) -> VmObservation {
         let runs = vmha_qemu::VmPaths::new(&self.runtime_dir, self.name.as_str())
-            .is_ok_and(|paths| !vmha_qemu::qemu_processes(&paths).is_empty());
+            .is_ok_and(|paths| paths.qmp.exists() && !vmha_qemu::qemu_processes(&paths).is_empty());
         if runs {
             VmObservation::Unresponsive
         } else {
@@ -425,12 +427,7 @@ impl VmSlot {
         }
         *guard = None;
         // A QEMU of this VM that could not be adopted cannot be asked to stop: it is killed.
-        let strays =
-            vmha_qemu::kill_strays(&self.runtime_dir, self.name.as_str(), EXIT_GRACE).await?;
-        if strays > 0 {
-            tracing::warn!(vm = %self.name, strays, "killed QEMU processes of this VM that could not be adopted (no graceful stop without QMP)");
-        }
-        Ok(())
+        self.kill_strays().await
     }
 
     /// Stops the VM as the daemon exits (`--stop-vms-on-exit`): a start still in flight or
@@ -449,6 +446,12 @@ impl VmSlot {
         }
         *guard = None;
         // Also any QEMU of this VM without a handle (launched by a daemon that died).
+        self.kill_strays().await
+    }
+
+    /// Kills every QEMU of this VM that the slot holds no handle on (launched by a daemon that
+    /// died, or one that could not be adopted); `Ok` once they are gone.
+    async fn kill_strays(&self) -> Result<(), SlotError> {
         let strays =
             vmha_qemu::kill_strays(&self.runtime_dir, self.name.as_str(), EXIT_GRACE).await?;
         if strays > 0 {
