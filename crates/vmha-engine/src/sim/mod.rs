@@ -375,11 +375,13 @@ impl Sim {
             // Adoption reports the VM as it is: paused with its reason, running, unresponsive
             // (a QEMU that runs but cannot be adopted), or gone.
             let kind = if self.hosts[h].running.contains(&vm) {
-                let guest = self.guests.get(&vm);
-                match guest.and_then(|g| g.paused) {
-                    _ if guest.is_some_and(|g| g.qemu_hung) => VmObservation::Unresponsive,
-                    Some(reason) => VmObservation::Paused { reason },
-                    None => VmObservation::Running,
+                match self.guests.get(&vm) {
+                    Some(g) if g.qemu_hung => VmObservation::Unresponsive,
+                    Some(GuestModel {
+                        paused: Some(reason),
+                        ..
+                    }) => VmObservation::Paused { reason: *reason },
+                    _ => VmObservation::Running,
                 }
             } else {
                 VmObservation::Gone
