@@ -161,7 +161,11 @@ fn command(budget_safe: bool) -> impl Strategy<Value = SimCommand> {
         2 => (vm.clone(), 0usize..3).prop_map(|(vm, k)| SimCommand::VmCrash {
             vm, kind: [CrashKind::Panic, CrashKind::Shutdown, CrashKind::Gone][k] }),
         1 => (vm.clone(), any::<bool>()).prop_map(|(vm, on)| SimCommand::GuestHang { vm, on }),
-        1 => vm.clone().prop_map(|vm| SimCommand::QemuHang { vm }),
+        1 => (vm.clone(), any::<bool>()).prop_map(|(vm, hang)| if hang {
+            SimCommand::QemuHang { vm }
+        } else {
+            SimCommand::QemuResume { vm }
+        }),
         1 => (vm.clone(), any::<bool>()).prop_map(|(vm, on)| SimCommand::ExecBlocked { vm, on }),
         1 => (vm.clone(), app.clone(), any::<bool>()).prop_map(|(vm, app, on)| SimCommand::AppGarble { vm, app, on }),
         1 => (vm.clone(), 0usize..4).prop_map(|(vm, r)| SimCommand::VmPause {

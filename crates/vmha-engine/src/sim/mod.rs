@@ -1151,6 +1151,20 @@ impl Sim {
                     g.qemu_hung = true;
                 }
             }
+            SimCommand::QemuResume { vm } => {
+                // The daemon's next safety poll adopts it (observed as it is: running).
+                if let Some(g) = self.guests.get_mut(&vm)
+                    && std::mem::take(&mut g.qemu_hung)
+                {
+                    for h in 0..self.hosts.len() {
+                        if self.hosts[h].running.contains(&vm) {
+                            let kind = VmObservation::Running;
+                            let vm = vm.clone();
+                            self.host_input(h, HostInput::VmObserved { vm, kind });
+                        }
+                    }
+                }
+            }
             SimCommand::VmPause { vm, reason } => {
                 for h in 0..self.hosts.len() {
                     if self.hosts[h].running.contains(&vm) {

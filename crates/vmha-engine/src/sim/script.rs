@@ -130,6 +130,12 @@ pub enum SimCommand {
         /// VM.
         vm: Name,
     },
+    /// The VM's hung QEMU answers again (resumed by `SIGCONT`, its storage back): the
+    /// daemon's next safety poll adopts it and observes it running; its guest agent answers.
+    QemuResume {
+        /// VM.
+        vm: Name,
+    },
     /// The guest agent floods its channel, so the driver disconnects it as hostile (`on`), or
     /// behaves again.
     GuestHostile {
@@ -333,6 +339,7 @@ fn unknown_name(config: &Config, cmd: &SimCommand) -> Option<String> {
         | S::VmResume { vm: v }
         | S::GuestHang { vm: v, .. }
         | S::QemuHang { vm: v }
+        | S::QemuResume { vm: v }
         | S::GuestHostile { vm: v, .. }
         | S::BootHang { vm: v, .. }
         | S::ExecBlocked { vm: v, .. }
@@ -441,6 +448,7 @@ fn parse_command(w: &[&str]) -> Result<SimCommand, String> {
             on: false,
         },
         "qemu-hang" => SimCommand::QemuHang { vm: vm(1)? },
+        "qemu-resume" => SimCommand::QemuResume { vm: vm(1)? },
         "guest-hostile" => SimCommand::GuestHostile {
             vm: vm(1)?,
             on: true,

@@ -66,8 +66,13 @@ impl VmMonitor {
 
     pub fn on_observed(&mut self, out: &mut Out<'_>, kind: VmObservation) {
         self.unresponsive = kind == VmObservation::Unresponsive;
+        // Any other observation ends "taken as running while it did not answer".
+        let answers_again = !self.unresponsive && std::mem::take(&mut self.adopted_unanswered);
         match kind {
             VmObservation::Running | VmObservation::Resumed => {
+                if answers_again && self.run == Run::Running && self.plan.is_none() {
+                    self.answers_again(out);
+                }
                 self.found_running(out);
                 self.resume(out);
                 self.incoming_arrived(out);
@@ -162,6 +167,17 @@ impl VmMonitor {
                 }
             }
         }
+    }
+
+    /// A QEMU adopted as running while it did not answer (`Unresponsive`) answers again, adopted
+    /// by the daemon after all: said so, as an event of the VM in the state it keeps (the reason it was
+    /// taken as running with is no longer true); nothing else changes.
+    fn answers_again(&mut self, out: &mut Out<'_>) {
+        let reason = "its QEMU answers again: adopted";
+        let state = self.state.as_str();
+        out.event(ObjectRef::Vm(self.name.clone()), state, state, reason);
+        self.last_report = None;
+        self.report(out, reason);
     }
 
     /// The VM's QEMU is there: a VM not known to run here (not observed yet, or believed

@@ -219,6 +219,10 @@ pub(crate) struct VmMonitor {
     /// The latest observation of QEMU was `Unresponsive` (taken as running, not known to be):
     /// said so in the reason when such a VM is adopted.
     unresponsive: bool,
+    /// The VM was adopted as running while its QEMU did not answer (that adoption's reason
+    /// says so), and no other observation came since: a `Running` one is said as the QEMU
+    /// answering again.
+    adopted_unanswered: bool,
     /// Run-time settings were applied from the store (or changed here) at least once.
     settings_known: bool,
     /// What changed in persisted data (host-local state, settings) since it was handed out.
@@ -299,6 +303,7 @@ impl VmMonitor {
             clear_seen: 0,
             restored_running: false,
             unresponsive: false,
+            adopted_unanswered: false,
             settings_known: false,
             dirty: Dirty::default(),
         };

@@ -95,6 +95,7 @@ impl VmMonitor {
                         );
                         self.begin(out, Intent::Restart, &[Step::WaitGuest, Step::StartApps]);
                     } else if self.unresponsive {
+                        self.adopted_unanswered = true;
                         self.adopt(
                             out,
                             "a QEMU of this VM runs here but does not answer: taken as running \
