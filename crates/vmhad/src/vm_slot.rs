@@ -464,10 +464,14 @@ impl VmSlot {
     /// observation is queued while the slot is locked, so it can never overtake the result
     /// of a later start: a stale "gone" about a dead QEMU cannot land after its successor runs.
     /// A slot busy with a start/stop/kill (or an earlier poll) is skipped: polls never queue
-    /// up behind a hung QEMU, nor delay a kill. So is one that has not looked for a running
-    /// QEMU yet (adoption not begun): its lack of a handle would read as "gone".
-    pub async fn poll_status(&self) {
-        let Ok(guard) = self.qemu.try_lock() else {
+    /// up behind a hung QEMU, nor delay a kill by more than one adoption try. So is one that has
+    /// not looked for a running QEMU yet (adoption not begun): its lack of a handle would read
+    /// as "gone". A QEMU of this VM that runs without a handle (it could not be adopted) is
+    /// tried again ([`VmSlot::adopt_again`]): one that answers again (resumed by
+    /// `SIGCONT`, its storage back) is adopted and observed as it is, so its VM is not
+    /// restarted for a guest channel that nobody listened to.
+    pub async fn poll_status(self: &Arc<Self>) {
+        let Ok(mut guard) = self.qemu.try_lock() else {
             tracing::debug!(vm = %self.name, "slot busy: safety poll skipped");
             return;
         };
@@ -477,7 +481,10 @@ impl VmSlot {
         }
         let kind = match guard.as_ref() {
             Some(vm) => vm.status().await,
-            None => self.without_handle(),
+            None => match self.without_handle() {
+                VmObservation::Unresponsive => self.adopt_again(&mut guard).await,
+                gone => gone,
+            },
         };
         self.send(HostInput::VmObserved {
             vm: self.name.clone(),
@@ -485,6 +492,29 @@ impl VmSlot {
         })
         .await;
         drop(guard);
+    }
+
+    /// Tries once more to adopt this VM's QEMU that runs without a handle; what the slot then
+    /// sees: the adopted QEMU's status, else `Unresponsive` again. The try waits for no QEMU
+    /// still starting, so a QEMU still stopped costs one QMP greeting timeout (2 s), and it is
+    /// never cancelled half-way (a doorbell half plugged would stay so).
+    async fn adopt_again(self: &Arc<Self>, slot: &mut Option<QemuVm>) -> VmObservation {
+        let config = vmha_qemu::DriverConfig {
+            startup_timeout: Duration::ZERO,
+            ..self.driver.clone()
+        };
+        match QemuVm::adopt(&self.runtime_dir, self.name.as_str(), &config).await {
+            Ok(vm) => {
+                let obs = vm.status().await;
+                tracing::warn!(vm = %self.name, pid = vm.pid(), "a QEMU of this VM that did not answer does again: adopted ({obs:?})");
+                self.install(slot, vm);
+                obs
+            }
+            Err(e) => {
+                tracing::debug!(vm = %self.name, "its QEMU still cannot be adopted: {e}");
+                VmObservation::Unresponsive
+            }
+        }
     }
 
     fn guest(&self) -> Result<Arc<QgaClient>, ActionError> {

@@ -1477,6 +1477,54 @@ fn a_qemu_that_cannot_be_adopted_is_killed_before_the_vm_starts_again() {
     }
 }
 
+/// A QEMU that could not be adopted and then answers again is adopted, not restarted: vmhad
+/// restarts while the VM's QEMU is stopped by `SIGSTOP` (taken as running, unresponsive);
+/// `SIGCONT` follows at once. A safety poll adopts it (the VM says its QEMU answers again) and,
+/// past the guest channel's timeout (15 s), the same QEMU still runs, the VM was never
+/// restarted, and its apps are online.
+#[test]
+fn a_qemu_that_answers_again_is_adopted_and_not_restarted() {
+    let _lock = vm_test_lock();
+    let mut h = boot();
+    let pid0 = h.qemu_pid(VM);
+    assert!(h.signal_and_wait(Signal::SIGTERM).success());
+    kill(Pid::from_raw(pid0), Signal::SIGSTOP).unwrap();
+    let m = h.mark();
+    h.start();
+    let (i, first) = h.wait_for_event(m, "the VM taken as running, unresponsive", |e| {
+        e.object == VM && e.origin != "controller"
+    });
+    assert!(
+        first.to == "online" && first.text.contains("does not answer"),
+        "{}",
+        h.events_text(m)
+    );
+    kill(Pid::from_raw(pid0), Signal::SIGCONT).unwrap();
+    h.wait_for_event(i + 1, "its QEMU answers again", |e| {
+        e.object == VM && e.text.contains("its QEMU answers again: adopted")
+    });
+    for app in ["db", "web", "worker"] {
+        if h.app_status(VM, app)["state"] != "online" {
+            h.wait_for(i, &format!("{VM}/{app}"), "*", "online");
+        }
+    }
+    // Past guest_timeout (15 s) from the adoption: the same QEMU, never restarted.
+    std::thread::sleep(std::time::Duration::from_secs(16));
+    let events = h.events_text(m);
+    assert_eq!(h.qemu_processes(VM), vec![pid0], "{events}");
+    assert_no_vm_start(&h, m);
+    let vm_evs: Vec<Ev> = h
+        .since(m)
+        .into_iter()
+        .filter(|e| e.object == VM && e.from != e.to)
+        .collect();
+    assert!(
+        vm_evs.iter().all(|e| e.to == "online"),
+        "the VM changed state: {events}"
+    );
+    assert_eq!(h.vm_status(VM)["state"], "online");
+}
+
 /// Under systemd (a fake `NOTIFY_SOCKET` here), a restarted vmhad says `READY=1` only once
 /// the VM left running is adopted. The adoption is held (debug-build hook
 /// `VMHAD_TEST_HOLD_ADOPTION`, as behind a slow QMP socket) while the API already answers: no
