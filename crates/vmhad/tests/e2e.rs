@@ -1408,6 +1408,18 @@ fn a_paused_vm_is_adopted() {
     assert_no_vm_start(&h, m);
 }
 
+/// A booted VM whose vmhad restarts while the VM's QEMU is stopped by `SIGSTOP` (its QMP
+/// socket never greets): the new vmhad, that QEMU's pid, and the event mark before the restart.
+fn restarted_with_qemu_stopped() -> (Vmhad, i32, usize) {
+    let mut h = boot();
+    let pid0 = h.qemu_pid(VM);
+    assert!(h.signal_and_wait(Signal::SIGTERM).success());
+    kill(Pid::from_raw(pid0), Signal::SIGSTOP).unwrap();
+    let m = h.mark();
+    h.start();
+    (h, pid0, m)
+}
+
 /// A QEMU that cannot be adopted is not taken for gone: with the VM's QEMU stopped by
 /// `SIGSTOP` while vmhad restarts (as stuck on its storage: its QMP socket never greets), the
 /// new vmhad starts no second QEMU beside it (nor tries to); the VM counts as running with
@@ -1415,12 +1427,7 @@ fn a_paused_vm_is_adopted() {
 #[test]
 fn a_qemu_that_cannot_be_adopted_is_killed_before_the_vm_starts_again() {
     let _lock = vm_test_lock();
-    let mut h = boot();
-    let pid0 = h.qemu_pid(VM);
-    assert!(h.signal_and_wait(Signal::SIGTERM).success());
-    kill(Pid::from_raw(pid0), Signal::SIGSTOP).unwrap();
-    let m = h.mark();
-    h.start();
+    let (mut h, pid0, m) = restarted_with_qemu_stopped();
     let mut seen = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(150);
     loop {
@@ -1485,12 +1492,7 @@ fn a_qemu_that_cannot_be_adopted_is_killed_before_the_vm_starts_again() {
 #[test]
 fn a_qemu_that_answers_again_is_adopted_and_not_restarted() {
     let _lock = vm_test_lock();
-    let mut h = boot();
-    let pid0 = h.qemu_pid(VM);
-    assert!(h.signal_and_wait(Signal::SIGTERM).success());
-    kill(Pid::from_raw(pid0), Signal::SIGSTOP).unwrap();
-    let m = h.mark();
-    h.start();
+    let (mut h, pid0, m) = restarted_with_qemu_stopped();
     let (i, first) = h.wait_for_event(m, "the VM taken as running, unresponsive", |e| {
         e.object == VM && e.origin != "controller"
     });
