@@ -123,9 +123,10 @@ pub enum SimCommand {
         /// Hanging.
         on: bool,
     },
-    /// The VM's QEMU stops answering for good (stopped by a signal, or stuck on its storage):
-    /// its QMP socket never greets and its guest agent is silent until it is killed; a daemon
-    /// restarted meanwhile cannot adopt it and observes it `Unresponsive`.
+    /// The VM's QEMU stops answering (stopped by a signal, or stuck on its storage): its QMP
+    /// socket never greets and its guest agent is silent until it is killed or resumed
+    /// ([`SimCommand::QemuResume`]); a daemon restarted meanwhile cannot adopt it and observes
+    /// it `Unresponsive`.
     QemuHang {
         /// VM.
         vm: Name,
