@@ -169,9 +169,9 @@ impl VmMonitor {
         }
     }
 
-    /// A QEMU adopted as running while it did not answer (`Unresponsive`) answers again, adopted
-    /// by the daemon after all: said so, as an event of the VM in the state it keeps (the reason it was
-    /// taken as running with is no longer true); nothing else changes.
+    /// A QEMU adopted as running while it did not answer (`Unresponsive`) answers again,
+    /// adopted by the daemon after all: said so, as an event of the VM in the state it keeps
+    /// (the reason it was taken as running with is no longer true); nothing else changes.
     fn answers_again(&mut self, out: &mut Out<'_>) {
         let reason = "its QEMU answers again: adopted";
         let state = self.state.as_str();
