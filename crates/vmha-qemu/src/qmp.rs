@@ -230,12 +230,20 @@ impl RunStatus {
     }
 }
 
-/// The answer of `query-status` typed; a wrong shape is [`QmpError::BadReply`] whose detail
-/// (serde's message, which may quote the peer's text) is capped and free of control and format
-/// characters, as every peer string in an error is.
+/// The answer of `query-status` typed (see [`typed_reply`]).
 fn run_status(value: Value) -> Result<RunStatus, QmpError> {
+    typed_reply(value, "query-status")
+}
+
+/// `value`, the answer to `command`, as a `T`; a wrong shape is [`QmpError::BadReply`] whose
+/// detail (serde's message, which may quote the peer's text) is capped and free of control and
+/// format characters, as every peer string in an error is.
+pub(crate) fn typed_reply<T: serde::de::DeserializeOwned>(
+    value: Value,
+    command: &str,
+) -> Result<T, QmpError> {
     serde_json::from_value(value).map_err(|e| QmpError::BadReply {
-        command: "query-status".into(),
+        command: command.into(),
         detail: crate::guest_text::guest_text(&e.to_string()),
     })
 }

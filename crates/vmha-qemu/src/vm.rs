@@ -21,7 +21,7 @@ use vmha_model::{ExitStatus, VmObservation};
 
 use crate::doorbell::{Bell, Doorbell};
 use crate::qga::{QgaClient, QgaConfig};
-use crate::qmp::{QmpClient, QmpConfig, QmpError, QmpEvent};
+use crate::qmp::{QmpClient, QmpConfig, QmpError, QmpEvent, typed_reply};
 
 /// Errors of the VM driver.
 #[derive(Debug, thiserror::Error)]
@@ -345,38 +345,40 @@ enum DoorbellPort {
 /// `virtserialport`, which the guest sees as a hot-plugged port. A QEMU launched by this
 /// driver gets the same port number (the next after the agent's) on its command line, so the
 /// two can live-migrate to each other. A QEMU waiting for an incoming migration is left as it
-/// is. A `device_add` that fails (QEMU refuses hot-plug while it migrates) removes the chardev
-/// again, so a later adoption tries anew.
+/// is. The port counts as present only when a `virtserialport` is bound to the doorbell's
+/// chardev ([`bell_port_bound`]): a chardev left without its port (an earlier adoption
+/// cancelled between the two commands) gets its port now. A `device_add` that fails (QEMU
+/// refuses hot-plug while it migrates) removes the chardev again, so a later adoption tries
+/// anew.
 async fn plug_doorbell(qmp: &QmpClient, path: &Path) -> Result<DoorbellPort, QmpError> {
     #[derive(serde::Deserialize)]
     struct Chardev {
         label: String,
     }
-    let chardevs = qmp.execute("query-chardev", None).await?;
     let chardevs: Vec<Chardev> =
-        serde_json::from_value(chardevs).map_err(|e| QmpError::BadReply {
-            command: "query-chardev".into(),
-            detail: crate::guest_text::guest_text(&e.to_string()),
-        })?;
-    if chardevs.iter().any(|c| c.label == BELL_CHARDEV) {
+        typed_reply(qmp.execute("query-chardev", None).await?, "query-chardev")?;
+    let has_chardev = chardevs.iter().any(|c| c.label == BELL_CHARDEV);
+    if has_chardev && bell_port_bound(qmp).await? {
         return Ok(DoorbellPort::Present);
     }
     if qmp.query_status().await?.status == "inmigrate" {
         return Ok(DoorbellPort::Incoming);
     }
-    let backend = serde_json::json!({
-        "type": "socket",
-        "data": {
-            "addr": {"type": "unix", "data": {"path": path.to_string_lossy()}},
-            "server": true,
-            "wait": false,
-        },
-    });
-    qmp.execute(
-        "chardev-add",
-        Some(serde_json::json!({"id": BELL_CHARDEV, "backend": backend})),
-    )
-    .await?;
+    if !has_chardev {
+        let backend = serde_json::json!({
+            "type": "socket",
+            "data": {
+                "addr": {"type": "unix", "data": {"path": path.to_string_lossy()}},
+                "server": true,
+                "wait": false,
+            },
+        });
+        qmp.execute(
+            "chardev-add",
+            Some(serde_json::json!({"id": BELL_CHARDEV, "backend": backend})),
+        )
+        .await?;
+    }
     let device = serde_json::json!({
         "driver": "virtserialport",
         "chardev": BELL_CHARDEV,
@@ -390,6 +392,39 @@ async fn plug_doorbell(qmp: &QmpClient, path: &Path) -> Result<DoorbellPort, Qmp
         return Err(e);
     }
     Ok(DoorbellPort::Plugged)
+}
+
+/// Whether a `virtserialport` of this QEMU is bound to the doorbell's chardev: the QOM
+/// children of `/machine/peripheral-anon` (devices without an id, as this driver adds them)
+/// and `/machine/peripheral` (with one) of type `virtserialport`, each asked for its
+/// `chardev` (`qom-list`, `qom-get`).
+async fn bell_port_bound(qmp: &QmpClient) -> Result<bool, QmpError> {
+    #[derive(serde::Deserialize)]
+    struct Child {
+        name: String,
+        #[serde(rename = "type")]
+        kind: String,
+    }
+    for parent in ["/machine/peripheral-anon", "/machine/peripheral"] {
+        let args = serde_json::json!({"path": parent});
+        let children: Vec<Child> =
+            typed_reply(qmp.execute("qom-list", Some(args)).await?, "qom-list")?;
+        for child in children
+            .iter()
+            .filter(|c| c.kind == "child<virtserialport>")
+        {
+            let args = serde_json::json!({
+                "path": format!("{parent}/{}", child.name),
+                "property": "chardev",
+            });
+            let chardev: String =
+                typed_reply(qmp.execute("qom-get", Some(args)).await?, "qom-get")?;
+            if chardev == BELL_CHARDEV {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// Tunables of the driver.

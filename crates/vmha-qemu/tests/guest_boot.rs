@@ -1,7 +1,8 @@
 //! A fully booted test guest under TCG (image from scripts/build-guest-image.sh): the agent
 //! answers, the batched probe sees the demo apps, a killed app shows as not running, a graceful
 //! stop shows up as SHUTDOWN{guest: true}, kill -9 of an adopted QEMU shows up as Gone, and a
-//! QEMU launched without the watch doorbell gets it when adopted and migrates to a new one.
+//! QEMU launched without the watch doorbell gets it when adopted and migrates to a new one, and
+//! a doorbell chardev left without its port gets the port at the next adoption.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -16,7 +17,8 @@ use vmha_qemu::migration::{listen_incoming, send};
 use vmha_qemu::vm::qemu_args;
 use vmha_qemu::{
     Accel, DriverConfig, ExecRequest, ExitStatus, LaunchSpec, MigrationLimits, ProbeCheck,
-    ProbeOutcome, QemuVm, QgaClient, QmpEvent, StopOutcome, VmEvent, VmObservation, VmPaths,
+    ProbeOutcome, QemuVm, QgaClient, QmpClient, QmpEvent, StopOutcome, VmEvent, VmObservation,
+    VmPaths,
 };
 
 fn repo_root() -> PathBuf {
@@ -279,6 +281,74 @@ async fn ring_from_guest(qga: &QgaClient) {
         ExitStatus::Code(0),
         "the guest has no doorbell port"
     );
+}
+
+/// How many `virtserialport`s of this QEMU are bound to the doorbell's chardev.
+async fn bell_ports(qmp: &QmpClient) -> usize {
+    let anon = "/machine/peripheral-anon";
+    let children = qmp
+        .execute("qom-list", Some(serde_json::json!({"path": anon})))
+        .await
+        .unwrap();
+    let mut bound = 0;
+    for child in children.as_array().unwrap() {
+        if child["type"] == "child<virtserialport>" {
+            let path = format!("{anon}/{}", child["name"].as_str().unwrap());
+            let args = serde_json::json!({"path": path, "property": "chardev"});
+            if qmp.execute("qom-get", Some(args)).await.unwrap() == "vmhabell0" {
+                bound += 1;
+            }
+        }
+    }
+    bound
+}
+
+/// An adoption cancelled between its `chardev-add` and its `device_add` leaves the doorbell's
+/// chardev without its port: the next adoption plugs the port (once, however often it
+/// adopts). The QEMU never runs its guest (`-S`): the port is a QEMU matter.
+#[tokio::test]
+async fn a_doorbell_chardev_left_without_its_port_gets_it_at_the_next_adoption() {
+    if !common::have("qemu-system-x86_64") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = guest_spec(&guest_image(), "g4");
+    let paths = VmPaths::new(dir.path(), "g4").unwrap();
+    std::fs::create_dir_all(&paths.dir).unwrap();
+    let _old = common::ChildGuard(
+        std::process::Command::new("qemu-system-x86_64")
+            .args(args_before_the_doorbell(&spec, &paths))
+            .arg("-S")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    let (qmp, _events) = loop {
+        match QmpClient::connect(&paths.qmp, config().qmp).await {
+            Ok(pair) => break pair,
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(20), "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let backend = serde_json::json!({
+        "type": "socket",
+        "data": {
+            "addr": {"type": "unix", "data": {"path": paths.bell.to_string_lossy()}},
+            "server": true,
+            "wait": false,
+        },
+    });
+    let args = serde_json::json!({"id": "vmhabell0", "backend": backend});
+    qmp.execute("chardev-add", Some(args)).await.unwrap();
+    drop(qmp);
+
+    for _ in 0..2 {
+        let vm = QemuVm::adopt(dir.path(), "g4", &config()).await.unwrap();
+        assert_eq!(bell_ports(vm.qmp()).await, 1, "ports bound to the doorbell");
+    }
 }
 
 /// A rolling upgrade: a QEMU launched without the doorbell (by an older vmhad), adopted by
