@@ -35,6 +35,11 @@ pub struct VmStatus {
     /// Why it is paused, when it is.
     #[serde(default)]
     pub pause_reason: Option<crate::PauseReason>,
+    /// Its QEMU did not answer when last asked (it runs, stopped or stuck, for example on its
+    /// storage): the VM is taken as running (never started twice) until its QEMU answers
+    /// again or its guest channel's loss decides; `false` once it answers.
+    #[serde(default)]
+    pub qemu_unresponsive: bool,
     /// Guest channel reachable (`None`: no news since the VM started).
     pub guest_channel_up: Option<bool>,
     /// The guest agent refuses `guest-exec` (its configuration blocks it): apps are not

@@ -372,12 +372,18 @@ fn apps_table(apps: &[AppStatus]) -> String {
     ))
 }
 
-/// The VM state, with `paused` and why when it is held paused.
+/// The VM state, with `paused` and why when it is held paused, and a QEMU that does not
+/// answer.
 fn vm_state(v: &VmStatus) -> String {
-    match (v.paused, v.pause_reason) {
+    let state = match (v.paused, v.pause_reason) {
         (true, Some(why)) => format!("{} (paused: {why})", v.state),
         (true, None) => format!("{} (paused)", v.state),
         (false, _) => v.state.to_string(),
+    };
+    if v.qemu_unresponsive {
+        format!("{state} (QEMU not answering)")
+    } else {
+        state
     }
 }
 
@@ -622,6 +628,36 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("restart budget 3/3 spent in 10m"), "{text}");
+    }
+
+    #[test]
+    fn status_says_when_a_vm_is_paused_or_its_qemu_does_not_answer() {
+        let state_cell = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut json = status_json();
+            edit(&mut json["agent"]["vms"][0]);
+            let s: StatusView = serde_json::from_value(json).unwrap();
+            let text = utc().status(&s);
+            let groups = text.split_once("VM GROUPS OF kvm1\n").unwrap().1;
+            let row = groups.lines().nth(1).unwrap().to_owned();
+            row.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .nth(1)
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(state_cell(&|_| {}), "online");
+        assert_eq!(
+            state_cell(&|vm| vm["qemu_unresponsive"] = true.into()),
+            "online (QEMU not answering)"
+        );
+        assert_eq!(
+            state_cell(&|vm| {
+                vm["paused"] = true.into();
+                vm["pause_reason"] = "admin".into();
+            }),
+            "online (paused: admin)"
+        );
     }
 
     /// The status of a host that runs no controller and may run no VM group: its header only.

@@ -1488,7 +1488,8 @@ fn a_qemu_that_cannot_be_adopted_is_killed_before_the_vm_starts_again() {
 /// restarts while the VM's QEMU is stopped by `SIGSTOP` (taken as running, unresponsive);
 /// `SIGCONT` follows at once. A safety poll adopts it (the VM says its QEMU answers again) and,
 /// past the guest channel's timeout (15 s), the same QEMU still runs, the VM was never
-/// restarted, and its apps are online.
+/// restarted, and its apps are online. Its status says "QEMU not answering" while stopped,
+/// and no longer once adopted.
 #[test]
 fn a_qemu_that_answers_again_is_adopted_and_not_restarted() {
     let _lock = vm_test_lock();
@@ -1501,6 +1502,7 @@ fn a_qemu_that_answers_again_is_adopted_and_not_restarted() {
         "{}",
         h.events_text(m)
     );
+    assert_eq!(h.vm_status(VM)["qemu_unresponsive"], json!(true));
     kill(Pid::from_raw(pid0), Signal::SIGCONT).unwrap();
     h.wait_for_event(i + 1, "its QEMU answers again", |e| {
         e.object == VM && e.text.contains("its QEMU answers again: adopted")
@@ -1524,7 +1526,9 @@ fn a_qemu_that_answers_again_is_adopted_and_not_restarted() {
         vm_evs.iter().all(|e| e.to == "online"),
         "the VM changed state: {events}"
     );
-    assert_eq!(h.vm_status(VM)["state"], "online");
+    let vm = h.vm_status(VM);
+    assert_eq!(vm["state"], "online", "{vm}");
+    assert_eq!(vm["qemu_unresponsive"], json!(false), "{vm}");
 }
 
 /// Under systemd (a fake `NOTIFY_SOCKET` here), a restarted vmhad says `READY=1` only once

@@ -157,6 +157,7 @@ function renderVms() {
     const flags = [];
     if (vm.frozen) flags.push(el("span", "flag", "frozen"));
     if (vm.paused) flags.push(el("span", "flag", "paused"));
+    if (vm.qemu_unresponsive) flags.push(el("span", "flag warn", "QEMU not answering"));
     if (vm.guest_channel_up === false) flags.push(el("span", "flag warn", "guest channel down"));
     card.append(el("h3", null, [el("span", "name", vm.name), badge(vm.state), ...flags]));
     const budget = vm.vm_restarts_in_window + " / " + vm.vm_restart_limit + " in " + window_ms(vm.vm_restart_window_ms);

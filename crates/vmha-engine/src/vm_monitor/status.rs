@@ -12,6 +12,7 @@ impl VmMonitor {
             frozen: self.frozen,
             paused: self.paused.is_some(),
             pause_reason: self.paused.map(|(r, _)| r),
+            qemu_unresponsive: self.unresponsive,
             guest_channel_up: self.guest_up,
             guest_exec_blocked: self.exec_blocked,
             policy: self.policy,
