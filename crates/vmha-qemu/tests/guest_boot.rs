@@ -264,6 +264,26 @@ fn args_before_the_doorbell(spec: &LaunchSpec, paths: &VmPaths) -> Vec<OsString>
     old
 }
 
+/// Starts QEMU as a vmhad from before the watch doorbell did ([`args_before_the_doorbell`],
+/// then `extra`), in its own process group; killed when the guard drops.
+fn launch_before_the_doorbell(
+    spec: &LaunchSpec,
+    paths: &VmPaths,
+    extra: &[&str],
+) -> common::ChildGuard {
+    std::fs::create_dir_all(&paths.dir).unwrap();
+    common::ChildGuard(
+        std::process::Command::new("qemu-system-x86_64")
+            .args(args_before_the_doorbell(spec, paths))
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    )
+}
+
 /// The guest writes `a` to the doorbell's port, found by name as the watcher finds it.
 async fn ring_from_guest(qga: &QgaClient) {
     let rung = qga
@@ -314,17 +334,7 @@ async fn a_doorbell_chardev_left_without_its_port_gets_it_at_the_next_adoption()
     let dir = tempfile::tempdir().unwrap();
     let spec = guest_spec(&guest_image(), "g4");
     let paths = VmPaths::new(dir.path(), "g4").unwrap();
-    std::fs::create_dir_all(&paths.dir).unwrap();
-    let _old = common::ChildGuard(
-        std::process::Command::new("qemu-system-x86_64")
-            .args(args_before_the_doorbell(&spec, &paths))
-            .arg("-S")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .process_group(0)
-            .spawn()
-            .unwrap(),
-    );
+    let _old = launch_before_the_doorbell(&spec, &paths, &["-S"]);
     let start = Instant::now();
     let (qmp, _events) = loop {
         match QmpClient::connect(&paths.qmp, config().qmp).await {
@@ -368,16 +378,7 @@ async fn adopted_qemu_from_before_the_doorbell_gets_it_and_migrates_to_a_new_hos
     let (old_dir, new_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let spec = guest_spec(&image, "g3");
     let paths = VmPaths::new(old_dir.path(), "g3").unwrap();
-    std::fs::create_dir_all(&paths.dir).unwrap();
-    let _old = common::ChildGuard(
-        std::process::Command::new("qemu-system-x86_64")
-            .args(args_before_the_doorbell(&spec, &paths))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .process_group(0)
-            .spawn()
-            .unwrap(),
-    );
+    let _old = launch_before_the_doorbell(&spec, &paths, &[]);
     // The guest runs before the upgraded driver adopts its QEMU: the port is hot-plugged.
     let qga = QgaClient::new(&paths.qga, config.qga.clone());
     wait_for_agent(&qga).await;

@@ -602,15 +602,8 @@ mod tests {
         assert!(text.contains("kvm3  unknown"), "{text}");
         assert!(text.contains("kvm1  up           2048/4096 MiB"), "{text}");
         assert!(text.contains("faulted on kvm2 at 00:00:01.000"), "{text}");
-        let groups = text.split_once("VM GROUPS OF kvm1\n").unwrap().1;
-        let vm_row = groups.lines().nth(1).unwrap();
-        let cells: Vec<&str> = vm_row
-            .split("  ")
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .collect();
         assert_eq!(
-            cells,
+            vm_row_cells(&text),
             [
                 "shop",
                 "online",
@@ -630,21 +623,25 @@ mod tests {
         assert!(text.contains("restart budget 3/3 spent in 10m"), "{text}");
     }
 
+    /// The cells of the first row of kvm1's VM groups table in a `status` text.
+    fn vm_row_cells(text: &str) -> Vec<String> {
+        let groups = text.split_once("VM GROUPS OF kvm1\n").unwrap().1;
+        let vm_row = groups.lines().nth(1).unwrap();
+        vm_row
+            .split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
     #[test]
     fn status_says_when_a_vm_is_paused_or_its_qemu_does_not_answer() {
         let state_cell = |edit: &dyn Fn(&mut serde_json::Value)| {
             let mut json = status_json();
             edit(&mut json["agent"]["vms"][0]);
             let s: StatusView = serde_json::from_value(json).unwrap();
-            let text = utc().status(&s);
-            let groups = text.split_once("VM GROUPS OF kvm1\n").unwrap().1;
-            let row = groups.lines().nth(1).unwrap().to_owned();
-            row.split("  ")
-                .map(str::trim)
-                .filter(|c| !c.is_empty())
-                .nth(1)
-                .unwrap()
-                .to_owned()
+            vm_row_cells(&utc().status(&s))[1].clone()
         };
         assert_eq!(state_cell(&|_| {}), "online");
         assert_eq!(
